@@ -1,0 +1,89 @@
+"""The GAM block, exactly as the paper's official code defines it.
+
+    h      = LayerNorm1(x)
+    local  = causal depthwise Conv1d(h)               (kernel k, left context k-1)
+    global = softmax(h @ M.T) @ M                      (M: num_memory_slots x C)
+    g_l, g_g = Linear(C, 2C)(h).chunk(2)
+    x      = x + sigmoid(g_l) * local + sigmoid(g_g) * global
+    x      = x + FFN(LayerNorm2(x))                    (C -> 4C -> GELU -> C -> Dropout)
+
+Parameter names (``causal_conv``, ``memory_bank``, ``gate``, ``ffn.0``,
+``ffn.2``, ``ln1``, ``ln2``) are the official ones, so its checkpoints load
+with ``strict=True``.
+
+Note what the memory read is: ``softmax(h_t M^T) M`` uses token t's own
+features and a bank of weights shared by all positions, so it is a per-token
+function (like the FFN). Only the convolution moves information between
+positions: a stack of n_layer blocks sees exactly 1 + n_layer*(k-1) tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gam.config import GAMConfig
+
+
+def feed_forward(n_embd: int, dropout: float) -> nn.Sequential:
+    """The FFN of every block: Linear(C, 4C) -> GELU -> Linear(4C, C) -> Dropout."""
+    return nn.Sequential(
+        nn.Linear(n_embd, 4 * n_embd),
+        nn.GELU(),
+        nn.Linear(4 * n_embd, n_embd),
+        nn.Dropout(dropout),
+    )
+
+
+class GAMBlock(nn.Module):
+    """One GAM block. ``config.variant`` selects the paper's ablations:
+
+    - ``full``: gated fusion of both paths (the paper's model);
+    - ``sum_fusion``: ``local + global``, no gate;
+    - ``global_only``: memory read only (no conv, no gate);
+    - ``local_only``: convolution only (no memory, no gate).
+    """
+
+    def __init__(self, config: GAMConfig):
+        super().__init__()
+        C, k = config.n_embd, config.conv_kernel_size
+        self.variant = config.variant
+        self.has_local = config.variant != "global_only"
+        self.has_global = config.variant != "local_only"
+        self.ln1 = nn.LayerNorm(C)
+        if self.has_local:
+            # padding=k-1 on both sides, then keep the first T outputs: output t
+            # sees inputs t-k+1 .. t only (causal).
+            self.causal_conv = nn.Conv1d(C, C, k, padding=k - 1, groups=C)
+        if self.has_global:
+            self.memory_bank = nn.Parameter(torch.empty(config.num_memory_slots, C))
+            nn.init.xavier_uniform_(self.memory_bank)
+        if config.variant == "full":
+            self.gate = nn.Linear(C, 2 * C)
+        self.ln2 = nn.LayerNorm(C)
+        self.ffn = feed_forward(C, config.dropout)
+
+    def local_context(self, h: torch.Tensor) -> torch.Tensor:
+        T = h.shape[1]
+        return self.causal_conv(h.transpose(1, 2))[:, :, :T].transpose(1, 2)
+
+    def global_context(self, h: torch.Tensor) -> torch.Tensor:
+        weights = F.softmax(h @ self.memory_bank.T, dim=-1)  # (B, T, slots)
+        return weights @ self.memory_bank
+
+    def mix(self, h: torch.Tensor) -> torch.Tensor:
+        """The token-mixing part (what replaces attention), from normalized input h."""
+        if self.variant == "full":
+            g_local, g_global = self.gate(h).chunk(2, dim=-1)
+            return (torch.sigmoid(g_local) * self.local_context(h)
+                    + torch.sigmoid(g_global) * self.global_context(h))
+        if self.variant == "sum_fusion":
+            return self.local_context(h) + self.global_context(h)
+        if self.variant == "global_only":
+            return self.global_context(h)
+        return self.local_context(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mix(self.ln1(x))
+        return x + self.ffn(self.ln2(x))

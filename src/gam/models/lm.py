@@ -1,0 +1,132 @@
+"""The decoder-only language-model shell shared by GAM, Transformer and Mamba.
+
+    token embedding + learned position embedding -> dropout -> n_layer blocks
+    -> final LayerNorm -> head tied to the token embedding
+
+The three models differ only in the block (``config.model``), so a comparison
+between them is a comparison of mixers. With ``config.model="gam"`` this is
+the paper's ``GAM_Model`` with the official parameter names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gam.config import GAMConfig
+
+
+def make_block(config: GAMConfig) -> nn.Module:
+    if config.model == "gam":
+        from gam.layers.gam import GAMBlock
+
+        return GAMBlock(config)
+    if config.model == "transformer":
+        from gam.layers.attention import TransformerBlock
+
+        return TransformerBlock(config)
+    from gam.layers.mamba_block import MambaBlock
+
+    return MambaBlock(config)
+
+
+def check_token_ids(idx: torch.Tensor, vocab_size: int, max_len: int | None, name: str = "idx") -> None:
+    """Raise a ValueError naming the problem instead of a deep torch error."""
+    if not isinstance(idx, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(idx).__name__}")
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer token ids, got dtype {idx.dtype}")
+    if idx.dim() != 2:
+        raise ValueError(f"{name} must have shape (batch, time), got {tuple(idx.shape)}")
+    if idx.shape[0] == 0 or idx.shape[1] == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(idx.shape)}")
+    if max_len is not None and idx.shape[1] > max_len:
+        raise ValueError(
+            f"sequence length {idx.shape[1]} exceeds block_size {max_len} "
+            "(learned positions); crop the input or use pos_embedding='none'"
+        )
+    if torch.compiler.is_compiling():
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds token id {bad} outside [0, {vocab_size}) (vocab_size={vocab_size})")
+
+
+class DecoderLM(nn.Module):
+    """Decoder-only LM; ``forward(idx, targets=None) -> (logits, loss)``."""
+
+    def __init__(self, config: GAMConfig):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.token_embedding = nn.Embedding(config.vocab_size, C)
+        if config.pos_embedding == "learned":
+            self.pos_embedding = nn.Embedding(config.block_size, C)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(make_block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(C)
+        self.head = nn.Linear(C, config.vocab_size, bias=False)
+        # Weight tying as the official code does it: the embedding takes the
+        # head's (nn.Linear-initialized) weight.
+        self.token_embedding.weight = self.head.weight
+
+    def embed(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        x = self.token_embedding(idx)
+        if self.config.pos_embedding == "learned":
+            pos = torch.arange(start_pos, start_pos + idx.shape[1], device=idx.device)
+            x = x + self.pos_embedding(pos)
+        return self.dropout(x)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        check_token_ids(idx, self.config.vocab_size, self.config.max_seq_len)
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+
+# The paper's name for the LM, and ours: with the default config it is GAM.
+GAMModel = DecoderLM
+GAM_Model = DecoderLM
+
+
+def build_model(name: str = "gam", **fields) -> DecoderLM:
+    """Build a language model: ``build_model("transformer", n_layer=4)``.
+
+    ``name`` is one of "gam", "transformer", "mamba"; ``fields`` are
+    :class:`GAMConfig` fields (an unknown field raises ``ConfigError``).
+    """
+    return DecoderLM(GAMConfig(model=name, **fields))
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters, each counted once (the tied head is the embedding).
+
+    ``non_embedding`` leaves out the token and position embeddings (and so the
+    tied head), the usual convention for comparing model sizes.
+    """
+    seen: set[int] = set()
+    total = embedding = 0
+    embedding_ids = set()
+    for name in ("token_embedding", "pos_embedding"):
+        module = getattr(model, name, None)
+        if module is not None:
+            embedding_ids.add(id(module.weight))
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if id(p) in embedding_ids:
+            embedding += p.numel()
+    return {"total": total, "non_embedding": total - embedding, "embedding": embedding}
