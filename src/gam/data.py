@@ -1,0 +1,985 @@
+"""Corpora, BPE tokenizer, token caches and block datasets for GAM experiments.
+
+Follows the data pipeline of "Gated Associative Memory" (arXiv 2509.00605):
+
+* WikiText-2 (``wikitext``/``wikitext-2-raw-v1``) and TinyStories (``roneneldan/TinyStories``),
+  trimmed to the first 50,000 train / 5,000 validation rows;
+* a BPE tokenizer (``tokenizers``: BPE(unk_token="[UNK]"), Whitespace pre-tokenizer,
+  BpeTrainer with specials ["[UNK]", "[PAD]", "[SOS]", "[EOS]"], vocab_size 10,000);
+* every row encoded separately and the ids concatenated in row order (no separator tokens);
+* non-overlapping blocks of ``block_size + 1`` tokens, ``x = block[:-1]``, ``y = block[1:]``.
+
+The one call a trainer needs is :func:`prepare_data`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DataError",
+    "DataWarning",
+    "Corpus",
+    "KNOWN_CORPORA",
+    "SPECIAL_TOKENS",
+    "load_corpus",
+    "train_tokenizer",
+    "get_tokenizer",
+    "tokenizer_hash",
+    "default_cache_dir",
+    "encode_to_file",
+    "load_tokens",
+    "BlockDataset",
+    "epoch_order",
+    "PreparedData",
+    "prepare_data",
+]
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["[UNK]", "[PAD]", "[SOS]", "[EOS]"]
+_FORMAT_VERSION = 1  # bump to invalidate every cached tokenizer / token file
+CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
+
+
+class DataError(ValueError):
+    """A corpus could not be loaded or prepared. The message is one line naming the path/name."""
+
+
+class DataWarning(UserWarning):
+    """Recoverable data problem (undecodable bytes, hub fallback, ignored files)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Corpus
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Corpus:
+    """Raw text rows of one corpus.
+
+    ``source`` says exactly which copy was used (hub / shipped / local path, and row counts).
+    ``test`` is only set when the copy has a test split (WikiText-2, local folders with test files).
+    """
+
+    name: str
+    source: str
+    train: list[str]
+    valid: list[str]
+    test: list[str] | None = None
+    split_rows: tuple[int | None, int | None] = (None, None)
+    fallback_reason: str | None = None
+
+    def split(self, name: str) -> list[str]:
+        rows = {"train": self.train, "valid": self.valid, "test": self.test}.get(name)
+        if rows is None:
+            raise DataError(f"corpus {self.name!r} has no split {name!r}")
+        return rows
+
+    def fingerprint(self, splits: Sequence[str] = ("train", "valid")) -> str:
+        """sha256 over the rows of ``splits`` (length-prefixed, so row boundaries count)."""
+        h = hashlib.sha256()
+        for s in splits:
+            rows = self.split(s) if (s != "test" or self.test is not None) else []
+            h.update(f"<{s}:{len(rows)}>".encode())
+            for r in rows:
+                b = r.encode("utf-8", "surrogatepass")
+                h.update(len(b).to_bytes(8, "little"))
+                h.update(b)
+        return h.hexdigest()
+
+
+# Canonical names and aliases (compared lower-cased).
+KNOWN_CORPORA = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1"),
+    "tinystories": ("roneneldan/TinyStories", None),
+}
+_ALIASES = {
+    "wikitext2": "wikitext2",
+    "wikitext-2": "wikitext2",
+    "wikitext_2": "wikitext2",
+    "wikitext": "wikitext2",
+    "wikitext-2-raw-v1": "wikitext2",
+    "salesforce/wikitext": "wikitext2",
+    "tinystories": "tinystories",
+    "tiny_stories": "tinystories",
+    "tiny-stories": "tinystories",
+    "roneneldan/tinystories": "tinystories",
+}
+
+_EXTENSIONS = (".txt.gz", ".txt", ".jsonl", ".parquet")
+_SPLIT_WORDS = {
+    "train": "train",
+    "training": "train",
+    "valid": "valid",
+    "validation": "valid",
+    "val": "valid",
+    "dev": "valid",
+    "test": "test",
+}
+
+
+def _trim(rows: list[str], limit: int | None) -> list[str]:
+    if limit is None:
+        return rows
+    if limit < 0:
+        raise DataError(f"row limit must be >= 0 or None, got {limit}")
+    return rows[:limit]
+
+
+def _count(kept: list[str], total: int) -> str:
+    return f"{len(kept)}/{total} rows"
+
+
+def load_corpus(
+    name_or_path: str | os.PathLike,
+    split_rows: tuple[int | None, int | None] | None = (50000, 5000),
+    source: str = "auto",
+    *,
+    hub_timeout: float = 3.0,
+    valid_fraction: float = 0.1,
+) -> Corpus:
+    """Load a named corpus ("wikitext2", "tinystories") or a local file/folder.
+
+    ``split_rows``: (train_rows, valid_rows) kept from the start of each split, as the paper
+    (50,000 / 5,000); ``None`` (or a ``None`` entry) keeps everything. The test split is never
+    trimmed. ``source``: "auto" (hub, else the shipped copy), "hub", "shipped"; for a local path
+    "auto" or "local". ``hub_timeout``: seconds allowed for the hub reachability probe.
+
+    Known names win over same-named folders in the working directory; write ``./name`` for
+    the folder. Local files: ``.txt``/``.txt.gz`` (one row per line), ``.jsonl`` (field
+    ``text``), ``.parquet`` (column ``text``), or a folder of them (recursive, sorted). A folder
+    with train/valid(ation)/test files uses them as splits; otherwise, and for a single file,
+    the last ``valid_fraction`` of the rows is held out as validation.
+    """
+    if split_rows is None:
+        split_rows = (None, None)
+    split_rows = (split_rows[0], split_rows[1])
+    if source not in ("auto", "hub", "shipped", "local"):
+        raise DataError(f"unknown source {source!r} (use 'auto', 'hub', 'shipped' or 'local')")
+
+    raw = os.fspath(name_or_path)
+    key = _ALIASES.get(raw.strip().lower())
+    looks_like_path = (
+        os.sep in raw or "/" in raw or raw.startswith((".", "~")) or raw.lower().endswith(_EXTENSIONS)
+        or Path(raw).suffix != ""
+    )
+    if key is not None and not raw.startswith((".", "/", "~")):
+        if source == "local":
+            raise DataError(f"{raw!r}: source='local' needs a path, not a corpus name")
+        return _load_named(key, split_rows, source, hub_timeout)
+
+    path = Path(raw).expanduser()
+    if path.exists():
+        if source in ("hub", "shipped"):
+            raise DataError(f"{path}: source={source!r} only applies to named corpora {sorted(KNOWN_CORPORA)}")
+        return _load_local(path, split_rows, valid_fraction)
+    if looks_like_path:
+        raise DataError(f"{path}: no such file or directory")
+    raise DataError(
+        f"{raw!r}: unknown corpus name (known: {', '.join(sorted(KNOWN_CORPORA))}) and no such path"
+    )
+
+
+# ---- named corpora: hub ---------------------------------------------------------------------
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_offline_env() -> bool:
+    return _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE")
+
+
+def _probe_hub(dataset_id: str, timeout: float) -> tuple[bool, str | None]:
+    """Can the hub be reached within ``timeout`` s? (HEAD request; honours proxy env vars).
+
+    Runs in a daemon thread joined with a hard deadline so that a hanging DNS lookup cannot
+    block. Any HTTP answer (even 4xx/5xx) counts as reachable. Without this probe,
+    ``datasets.load_dataset`` retries for ~25 s before giving up on a machine without network.
+    """
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    url = f"{endpoint}/api/datasets/{dataset_id}"
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            req = urllib.request.Request(url, method="HEAD")
+            with urllib.request.urlopen(req, timeout=timeout):
+                pass
+            result["ok"] = True
+        except urllib.error.HTTPError:
+            result["ok"] = True
+        except Exception as e:  # URLError, socket errors, timeouts, ...
+            result["err"] = f"{type(e).__name__}: {e}"
+
+    th = threading.Thread(target=target, name="gam-hub-probe", daemon=True)
+    th.start()
+    th.join(timeout + 0.5)
+    if result.get("ok"):
+        return True, None
+    return False, result.get("err") or f"no answer from {endpoint} within {timeout:g}s"
+
+
+def _load_hub(key: str, split_rows: tuple[int | None, int | None]) -> Corpus:
+    import datasets  # imported lazily: ~1 s
+
+    path, config = KNOWN_CORPORA[key]
+    # Never trust_remote_code: both datasets are plain parquet on the hub.
+    ds = datasets.load_dataset(path, config)
+    if "train" not in ds or "validation" not in ds:
+        raise DataError(f"hub {path}: expected 'train' and 'validation' splits, got {list(ds)}")
+
+    def rows(split: str, limit: int | None) -> tuple[list[str], int]:
+        d = ds[split]
+        total = len(d)
+        n = total if limit is None else min(limit, total)
+        return [t if t is not None else "" for t in d.select(range(n))["text"]], total
+
+    train, n_tr = rows("train", split_rows[0])
+    valid, n_va = rows("validation", split_rows[1])
+    test = rows("test", None)[0] if "test" in ds else None
+    cfg = f"/{config}" if config else ""
+    src = f"hub: {path}{cfg} (train {_count(train, n_tr)}, validation {_count(valid, n_va)}"
+    src += f", test {len(test)} rows)" if test is not None else ")"
+    return Corpus(key, src, train, valid, test, split_rows)
+
+
+def _load_named(key: str, split_rows, source: str, hub_timeout: float) -> Corpus:
+    if source == "shipped":
+        return _load_shipped(key, split_rows)
+    dataset_id = KNOWN_CORPORA[key][0]
+    offline = _hub_offline_env()
+    reason = None
+    if offline and source == "auto":
+        # Offline mode: load_dataset answers from the local HF cache (or fails) immediately.
+        pass
+    elif not offline:
+        t0 = time.perf_counter()
+        ok, reason = _probe_hub(dataset_id, hub_timeout)
+        if not ok:
+            reason = f"hub unreachable ({reason}; probe took {time.perf_counter() - t0:.2f}s)"
+            if source == "hub":
+                raise DataError(f"{dataset_id}: {reason}")
+    if reason is None:
+        try:
+            return _load_hub(key, split_rows)
+        except DataError:
+            if source == "hub":
+                raise
+            reason = "hub copy has unexpected layout"
+        except Exception as e:  # ConnectionError, OfflineModeIsEnabled, DatasetNotFoundError, ...
+            if source == "hub":
+                raise DataError(f"{dataset_id}: hub load failed: {type(e).__name__}: {e}") from e
+            reason = f"hub load failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        if offline and "offline" not in reason.lower():
+            reason += " [HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set]"
+    corpus = _load_shipped(key, split_rows)
+    corpus.fallback_reason = reason
+    hint = "" if offline else " (set HF_HUB_OFFLINE=1 to use a locally cached hub copy)"
+    warnings.warn(f"{dataset_id}: {reason}; using {corpus.source}{hint}", DataWarning, stacklevel=3)
+    return corpus
+
+
+# ---- named corpora: shipped copies ----------------------------------------------------------
+
+
+def _read_lines(text: str) -> list[str]:
+    """Split text into lines like a line-per-row text file (``\\n``, optional ``\\r``)."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+
+
+def _shipped_text(rel: str) -> str:
+    p = CORPORA_DIR / rel
+    try:
+        data = gzip.decompress(p.read_bytes())
+    except FileNotFoundError:
+        raise DataError(f"{p}: shipped corpus file missing (broken installation?)") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{p}: unreadable shipped corpus file ({type(e).__name__}: {e})") from None
+    return _decode(data, p)
+
+
+_STORY_START = re.compile(r"^(Once upon a time|Once there\b|Once, there\b)")
+
+
+def _tinystories_train_rows(text: str) -> list[str]:
+    # Rows were written as text + "\n"; paragraphs inside a story are separated by "\n\n".
+    pieces = re.split(r"(?<!\n)\n(?!\n)", text)
+    return [p for p in pieces if p.strip()]
+
+
+def _tinystories_valid_rows(text: str) -> list[str]:
+    # Rows and paragraphs are both separated by "\n\n": regroup paragraphs into stories,
+    # starting a new story at each "Once upon a time" / "Once there" paragraph (approximate).
+    stories: list[list[str]] = []
+    for para in text.split("\n\n"):
+        if not para.strip():
+            continue
+        if not stories or _STORY_START.match(para.lstrip()):
+            stories.append([para])
+        else:
+            stories[-1].append(para)
+    return ["\n\n".join(s) for s in stories]
+
+
+def _load_shipped(key: str, split_rows) -> Corpus:
+    if key == "wikitext2":
+        train_all = _read_lines(_shipped_text("wikitext-2/train.txt.gz"))
+        valid_all = _read_lines(_shipped_text("wikitext-2/valid.txt.gz"))
+        test = _read_lines(_shipped_text("wikitext-2/test.txt.gz"))
+        train, valid = _trim(train_all, split_rows[0]), _trim(valid_all, split_rows[1])
+        src = (
+            "shipped: WikiText-2 tokenized release (wikitext-2-v1, rare words as <unk>; not the "
+            f"paper's raw release), train {_count(train, len(train_all))}, "
+            f"valid {_count(valid, len(valid_all))}, test {len(test)} rows"
+        )
+        return Corpus(key, src, train, valid, test, split_rows)
+    if key == "tinystories":
+        train_all = _tinystories_train_rows(
+            _shipped_text("tinystories/TinyStories-train_first1000rows.txt.gz"))
+        valid_all = _tinystories_valid_rows(
+            _shipped_text("tinystories/TinyStories-valid_head.txt.gz"))
+        train, valid = _trim(train_all, split_rows[0]), _trim(valid_all, split_rows[1])
+        src = (
+            "shipped: TinyStories partial sample (roneneldan/TinyStories train rows 0-999 split "
+            "on single newlines; validation head regrouped into ~stories; paper uses 50000/5000 "
+            f"rows), train {_count(train, len(train_all))}, valid {_count(valid, len(valid_all))}"
+        )
+        return Corpus(key, src, train, valid, None, split_rows)
+    raise DataError(f"{key!r}: no shipped copy")  # pragma: no cover
+
+
+# ---- local files ----------------------------------------------------------------------------
+
+
+def _decode(data: bytes, path: Path) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        n = text.count("\ufffd")
+        warnings.warn(
+            f"{path}: not valid UTF-8; {n} undecodable byte sequence(s) replaced with U+FFFD",
+            DataWarning,
+            stacklevel=4,
+        )
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return text
+
+
+def _ext(path: Path) -> str | None:
+    name = path.name.lower()
+    for e in _EXTENSIONS:
+        if name.endswith(e):
+            return e
+    return None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except (PermissionError, IsADirectoryError, OSError) as e:
+        raise DataError(f"{path}: unreadable file ({type(e).__name__}: {e.strerror or e})") from None
+
+
+def _read_file_rows(path: Path) -> list[str]:
+    ext = _ext(path)
+    if ext is None:
+        raise DataError(
+            f"{path}: unknown extension {''.join(path.suffixes) or '(none)'!r} "
+            f"(supported: {', '.join(_EXTENSIONS)})"
+        )
+    if ext == ".txt":
+        return _read_lines(_decode(_read_bytes(path), path))
+    if ext == ".txt.gz":
+        raw = _read_bytes(path)
+        try:
+            data = gzip.decompress(raw)
+        except (OSError, EOFError, ValueError) as e:
+            raise DataError(f"{path}: unreadable gzip file ({type(e).__name__}: {e})") from None
+        return _read_lines(_decode(data, path))
+    if ext == ".jsonl":
+        text = _decode(_read_bytes(path), path)
+        rows = []
+        for i, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {i}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or "text" not in rec:
+                raise DataError(f"{path}: line {i}: record has no 'text' field")
+            t = rec["text"]
+            if t is None:
+                t = ""
+            if not isinstance(t, str):
+                raise DataError(f"{path}: line {i}: 'text' is {type(t).__name__}, not a string")
+            rows.append(t)
+        return rows
+    if ext == ".parquet":
+        return _read_parquet(path)
+    raise AssertionError(ext)  # pragma: no cover
+
+
+def _read_parquet(path: Path) -> list[str]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except PermissionError as e:
+        raise DataError(f"{path}: unreadable file ({e.strerror or e})") from None
+    except Exception as e:  # ArrowInvalid for corrupt files
+        raise DataError(f"{path}: unreadable parquet file ({type(e).__name__}: {e})") from None
+    names = pf.schema_arrow.names
+    if "text" not in names:
+        raise DataError(f"{path}: parquet has no 'text' column (columns: {', '.join(names) or 'none'})")
+    try:
+        col = pf.read(columns=["text"]).column("text")
+    except Exception as e:
+        raise DataError(f"{path}: unreadable parquet file ({type(e).__name__}: {e})") from None
+    typ = col.type
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        try:
+            return [t if t is not None else "" for t in col.to_pylist()]
+        except UnicodeDecodeError:
+            col = col.cast(pa.large_binary())
+            typ = col.type
+    if pa.types.is_binary(typ) or pa.types.is_large_binary(typ):
+        vals = [b if b is not None else b"" for b in col.to_pylist()]
+        joined = b"\n".join(vals)
+        try:
+            joined.decode("utf-8")
+            bad = False
+        except UnicodeDecodeError:
+            bad = True
+        if bad:
+            warnings.warn(
+                f"{path}: not valid UTF-8; undecodable byte sequences replaced with U+FFFD",
+                DataWarning,
+                stacklevel=4,
+            )
+        return [b.decode("utf-8", errors="replace") for b in vals]
+    raise DataError(f"{path}: parquet 'text' column has type {typ}, not string")
+
+
+def _nonempty(rows: Iterable[str]) -> bool:
+    return any(r.strip() for r in rows)
+
+
+def _holdout(rows: list[str], fraction: float, where: Path) -> tuple[list[str], list[str]]:
+    if len(rows) < 2:
+        raise DataError(f"{where}: only {len(rows)} row(s); need >= 2 to hold out a validation split")
+    n_valid = min(len(rows) - 1, max(1, int(math.floor(len(rows) * fraction))))
+    return rows[: len(rows) - n_valid], rows[len(rows) - n_valid:]
+
+
+def _split_of(rel: Path) -> str | None:
+    """train/valid/test from a file's name (tokens split on . _ - space) or its folders."""
+    name = rel.name
+    ext = _ext(rel)
+    stem = name[: len(name) - len(ext)] if ext else name
+    for part in [stem, *reversed(rel.parts[:-1])]:
+        for tok in re.split(r"[._\-\s]+", part.lower()):
+            if tok in _SPLIT_WORDS:
+                return _SPLIT_WORDS[tok]
+    return None
+
+
+def _load_local(path: Path, split_rows, valid_fraction: float) -> Corpus:
+    path = path.resolve()
+    name = path.name
+    for e in _EXTENSIONS:
+        if name.lower().endswith(e):
+            name = name[: -len(e)]
+    held = f"last {valid_fraction:.0%} of rows held out as valid"
+    test = None
+    if path.is_file():
+        rows = _read_file_rows(path)
+        if not _nonempty(rows):
+            raise DataError(f"{path}: empty corpus (no text)")
+        train_all, valid_all = _holdout(rows, valid_fraction, path)
+        how = f"{_ext(path)}; {held}"
+    elif path.is_dir():
+        files = sorted(
+            (p for p in path.rglob("*")
+             if p.is_file() and _ext(p) and not any(s.startswith(".") for s in p.relative_to(path).parts)),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        if not files:
+            raise DataError(f"{path}: empty corpus (no {'/'.join(_EXTENSIONS)} files in folder)")
+        by_split: dict[str | None, list[Path]] = {}
+        for f in files:
+            by_split.setdefault(_split_of(f.relative_to(path)), []).append(f)
+        named = {k: v for k, v in by_split.items() if k is not None}
+        if named:
+            if "train" not in named:
+                raise DataError(f"{path}: folder has {'/'.join(sorted(named))} files but no train file")
+            for f in by_split.get(None, []):
+                warnings.warn(f"{f}: not a train/valid/test file; ignored", DataWarning, stacklevel=3)
+
+            def read(split: str) -> list[str]:
+                out: list[str] = []
+                for f in named.get(split, []):
+                    out.extend(_read_file_rows(f))
+                return out
+
+            train_all = read("train")
+            if not _nonempty(train_all):
+                raise DataError(f"{path}: empty corpus (train files have no text)")
+            if "valid" in named:
+                valid_all = read("valid")
+                if not _nonempty(valid_all):
+                    raise DataError(f"{path}: empty corpus (valid files have no text)")
+                how = "folder splits"
+            else:
+                train_all, valid_all = _holdout(train_all, valid_fraction, path)
+                how = f"folder splits; no valid files, {held} from train"
+            if "test" in named:
+                test = read("test")
+        else:
+            rows = []
+            for f in files:
+                rows.extend(_read_file_rows(f))
+            if not _nonempty(rows):
+                raise DataError(f"{path}: empty corpus (no text in {len(files)} file(s))")
+            train_all, valid_all = _holdout(rows, valid_fraction, path)
+            how = f"{len(files)} file(s) concatenated in sorted order; {held}"
+    else:
+        raise DataError(f"{path}: not a regular file or folder")
+    train, valid = _trim(train_all, split_rows[0]), _trim(valid_all, split_rows[1])
+    if not _nonempty(train):
+        raise DataError(f"{path}: empty corpus (train rows kept after trimming have no text)")
+    src = f"local: {path} ({how}; train {_count(train, len(train_all))}, valid {_count(valid, len(valid_all))}"
+    src += f", test {len(test)} rows)" if test is not None else ")"
+    return Corpus(name, src, train, valid, test, split_rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 10000, *, show_progress: bool = False):
+    """BPE tokenizer exactly as the paper: BPE(unk_token="[UNK]"), Whitespace pre-tokenizer,
+    BpeTrainer(special_tokens=["[UNK]", "[PAD]", "[SOS]", "[EOS]"], vocab_size=vocab_size).
+
+    The resulting ``get_vocab_size()`` can be below ``vocab_size`` on small corpora; the model
+    must use the tokenizer's value.
+    """
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+    from tokenizers.pre_tokenizers import Whitespace
+    from tokenizers.trainers import BpeTrainer
+
+    if vocab_size < len(SPECIAL_TOKENS) + 1:
+        raise DataError(f"vocab_size must be > {len(SPECIAL_TOKENS)}, got {vocab_size}")
+    tok = Tokenizer(BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    trainer = BpeTrainer(special_tokens=list(SPECIAL_TOKENS), vocab_size=vocab_size,
+                         show_progress=show_progress)
+    texts = texts if isinstance(texts, list) else list(texts)
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tok
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Short content hash of a tokenizer (its JSON serialisation)."""
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    """``$GAM_CACHE_DIR`` or ``~/.cache/gam``."""
+    env = os.environ.get("GAM_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gam"
+
+
+def _tokenizer_key(corpus: Corpus, vocab_size: int, splits: Sequence[str]) -> tuple[str, dict]:
+    meta = {
+        "format": _FORMAT_VERSION,
+        "corpus": corpus.name,
+        "source": corpus.source,
+        "split_rows": list(corpus.split_rows),
+        "vocab_size": int(vocab_size),
+        "tokenizer_splits": list(splits),
+        "fingerprint": corpus.fingerprint(splits),
+        "recipe": "BPE(unk=[UNK]) + Whitespace + BpeTrainer(specials=[UNK],[PAD],[SOS],[EOS])",
+    }
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
+    return key, meta
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)[:40] or "corpus"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+
+
+def _unlink_quiet(p) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
+
+
+def _tokenizer_path(corpus: Corpus, vocab_size: int, cache_dir, splits) -> tuple[Path, dict]:
+    key, meta = _tokenizer_key(corpus, vocab_size, splits)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / "tokenizers" / f"{_slug(corpus.name)}-v{vocab_size}-{key}.json", meta
+
+
+def get_tokenizer(
+    corpus: Corpus,
+    vocab_size: int = 10000,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    splits: Sequence[str] = ("train",),
+):
+    """Trained tokenizer for ``corpus``, cached as JSON under ``cache_dir/tokenizers/``.
+
+    The cache key hashes (corpus name, source string, row limits, vocab_size, the tokenizer
+    training splits and a content fingerprint of their rows). ``splits`` defaults to the train
+    split; ``("train", "valid", "test")`` mimics the paper's released script, which trains the
+    tokenizer on every (trimmed) split.
+    """
+    from tokenizers import Tokenizer
+
+    path, meta = _tokenizer_path(corpus, vocab_size, cache_dir, splits)
+    if path.exists():
+        try:
+            tok = Tokenizer.from_file(str(path))
+            log.info("tokenizer cache hit: %s", path)
+            return tok
+        except Exception as e:  # corrupt cache entry: retrain
+            log.warning("ignoring unreadable cached tokenizer %s (%s)", path, e)
+    texts: list[str] = []
+    for s in splits:
+        if s == "test" and corpus.test is None:
+            continue
+        texts.extend(corpus.split(s))
+    if not _nonempty(texts):
+        raise DataError(f"{corpus.name}: empty corpus (no text to train the tokenizer on)")
+    t0 = time.perf_counter()
+    tok = train_tokenizer(texts, vocab_size)
+    log.info("trained tokenizer (vocab %d) on %d rows in %.1fs", tok.get_vocab_size(), len(texts),
+             time.perf_counter() - t0)
+    _atomic_write_bytes(path, tok.to_str().encode("utf-8"))
+    meta = dict(meta, tokenizer_hash=tokenizer_hash(tok), actual_vocab_size=tok.get_vocab_size())
+    _atomic_write_bytes(path.with_suffix(".meta.json"), json.dumps(meta, indent=1).encode())
+    return tok
+
+
+# --------------------------------------------------------------------------------------------
+# Token files
+# --------------------------------------------------------------------------------------------
+
+
+def _sidecar(path: Path) -> Path:
+    return Path(str(path) + ".json")
+
+
+def encode_to_file(tokenizer, texts: Sequence[str], path: str | os.PathLike, *,
+                   batch_size: int = 4096) -> np.ndarray:
+    """Encode ``texts`` once and store the ids as a flat ``.bin`` (+ ``<path>.json`` sidecar).
+
+    As the paper: each row is encoded separately (batch encode) and the ids are concatenated in
+    row order with no separator; empty rows contribute nothing. dtype is uint16 when the vocab
+    has <= 65535 entries, else uint32. Both files are written atomically (temp + os.replace);
+    the sidecar (dtype, count, tokenizer hash) is written last. Returns :func:`load_tokens`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vocab = tokenizer.get_vocab_size()
+    dtype = np.dtype(np.uint16 if vocab <= 65535 else np.uint32)
+    encode = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
+    count = 0
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for i in range(0, len(texts), batch_size):
+                batch = [t for t in texts[i:i + batch_size] if t]
+                if not batch:
+                    continue
+                ids = [e.ids for e in encode(batch)]
+                n = sum(len(x) for x in ids)
+                if n == 0:
+                    continue
+                arr = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=n)
+                arr.tofile(f)
+                count += n
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+    meta = {"format": _FORMAT_VERSION, "dtype": dtype.name, "count": count,
+            "tokenizer_hash": tokenizer_hash(tokenizer), "vocab_size": vocab, "rows": len(texts)}
+    _atomic_write_bytes(_sidecar(path), json.dumps(meta, indent=1).encode())
+    return load_tokens(path)
+
+
+def _read_sidecar(path: Path) -> dict:
+    sc = _sidecar(path)
+    try:
+        meta = json.loads(sc.read_text())
+        np.dtype(meta["dtype"])
+        int(meta["count"])
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing token sidecar {sc.name}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{sc}: unreadable token sidecar ({type(e).__name__}: {e})") from None
+    return meta
+
+
+def load_tokens(path: str | os.PathLike) -> np.ndarray:
+    """Read-only ``np.memmap`` of a token file written by :func:`encode_to_file`
+    (a plain empty array when the file holds no tokens)."""
+    path = Path(path)
+    meta = _read_sidecar(path)
+    dtype, count = np.dtype(meta["dtype"]), int(meta["count"])
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise DataError(f"{path}: unreadable token file ({e.strerror or e})") from None
+    if size != count * dtype.itemsize:
+        raise DataError(f"{path}: token file has {size} bytes, sidecar says {count} x {dtype.name}")
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+
+
+class BlockDataset(Dataset):
+    """Non-overlapping blocks of ``block_size + 1`` tokens, as the paper's ``CustomDataset``.
+
+    Block ``i`` is ``tokens[i*(block_size+1) : (i+1)*(block_size+1)]``; ``__getitem__`` returns
+    ``(x, y) = (block[:-1], block[1:])`` as int64 tensors of length ``block_size``. The trailing
+    ``len(tokens) % (block_size+1)`` tokens are dropped.
+    """
+
+    def __init__(self, tokens, block_size: int, *, name: str = "tokens"):
+        if int(block_size) < 1:
+            raise DataError(f"{name}: block_size must be >= 1, got {block_size}")
+        self.block_size = int(block_size)
+        self.tokens = tokens
+        n = len(tokens)
+        self.n_blocks = n // (self.block_size + 1)
+        if self.n_blocks == 0:
+            raise DataError(
+                f"{name}: corpus has {n} tokens, shorter than one block of "
+                f"block_size+1={self.block_size + 1}"
+            )
+
+    def __len__(self) -> int:
+        return self.n_blocks
+
+    def __getitem__(self, idx):
+        idx = int(idx)
+        if idx < 0:
+            idx += self.n_blocks
+        if not 0 <= idx < self.n_blocks:
+            raise IndexError(f"block index {idx} out of range [0, {self.n_blocks})")
+        L = self.block_size + 1
+        chunk = self.tokens[idx * L:(idx + 1) * L]
+        if isinstance(chunk, torch.Tensor):
+            chunk = chunk.to(torch.int64)
+        else:
+            chunk = torch.from_numpy(np.asarray(chunk).astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+    # Re-open memmaps in worker processes instead of pickling the whole array (spawn start).
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        t = self.tokens
+        if isinstance(t, np.memmap) and getattr(t, "filename", None):
+            state["tokens"] = ("__memmap__", t.filename, t.dtype.str, t.offset, t.shape)
+        return state
+
+    def __setstate__(self, state):
+        t = state.get("tokens")
+        if isinstance(t, tuple) and len(t) == 5 and t[0] == "__memmap__":
+            _, fn, dt, off, shape = t
+            state["tokens"] = np.memmap(fn, dtype=np.dtype(dt), mode="r", offset=off, shape=shape)
+        self.__dict__.update(state)
+
+
+def epoch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
+    """Deterministic permutation of ``range(n_blocks)`` for ``epoch`` (torch.Generator seeded
+    with ``seed + epoch``), so a resumed run can rebuild the exact order and skip consumed
+    batches."""
+    g = torch.Generator()
+    g.manual_seed(int(seed) + int(epoch))
+    return torch.randperm(int(n_blocks), generator=g)
+
+
+# --------------------------------------------------------------------------------------------
+# One-call preparation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedData:
+    """Everything a trainer needs: tokenizer, token arrays, provenance."""
+
+    name: str
+    source: str
+    tokenizer: object
+    vocab_size: int
+    block_size: int
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray | None
+    tokenizer_path: Path | None  # None when the caller passed its own tokenizer
+    tokenizer_hash: str
+    fallback_reason: str | None = None
+    token_paths: dict = field(default_factory=dict)
+
+    def train_dataset(self) -> BlockDataset:
+        return BlockDataset(self.train, self.block_size, name=f"{self.name} train")
+
+    def valid_dataset(self) -> BlockDataset:
+        return BlockDataset(self.valid, self.block_size, name=f"{self.name} valid")
+
+    def test_dataset(self) -> BlockDataset | None:
+        if self.test is None:
+            return None
+        return BlockDataset(self.test, self.block_size, name=f"{self.name} test")
+
+    def describe(self) -> dict:
+        """JSON-able summary (for logs / checkpoints)."""
+        return {
+            "name": self.name, "source": self.source, "vocab_size": self.vocab_size,
+            "block_size": self.block_size, "tokenizer_hash": self.tokenizer_hash,
+            "tokenizer_path": self.tokenizer_path and str(self.tokenizer_path),
+            "fallback_reason": self.fallback_reason,
+            "tokens": {k: int(len(v)) for k, v in
+                       (("train", self.train), ("valid", self.valid), ("test", self.test))
+                       if v is not None},
+        }
+
+
+def _cached_tokens(tokenizer, tok_hash: str, rows: list[str], path: Path) -> np.ndarray:
+    if path.exists() and _sidecar(path).exists():
+        try:
+            meta = _read_sidecar(path)
+            if meta.get("tokenizer_hash") == tok_hash and meta.get("format") == _FORMAT_VERSION:
+                arr = load_tokens(path)
+                log.info("token cache hit: %s", path)
+                return arr
+        except DataError as e:
+            log.warning("re-encoding: %s", e)
+    t0 = time.perf_counter()
+    arr = encode_to_file(tokenizer, rows, path)
+    log.info("encoded %d rows -> %d tokens in %.1fs: %s", len(rows), len(arr),
+             time.perf_counter() - t0, path)
+    return arr
+
+
+def prepare_data(
+    name_or_path: str | os.PathLike,
+    block_size: int,
+    vocab_size: int = 10000,
+    cache_dir: str | os.PathLike | None = None,
+    source: str = "auto",
+    train_rows: int | None = 50000,
+    valid_rows: int | None = 5000,
+    *,
+    tokenizer_splits: Sequence[str] = ("train",),
+    hub_timeout: float = 3.0,
+    tokenizer=None,
+) -> PreparedData:
+    """Load the corpus, get (train or load) the tokenizer, encode (or load) the token files.
+
+    ``tokenizer``: use this tokenizer (e.g. the one saved in a checkpoint) instead of training
+    or loading the cached one; its token files are cached under its content hash.
+
+    Raises :class:`DataError` if the train or valid split is shorter than one block of
+    ``block_size + 1`` tokens. ``PreparedData.vocab_size`` is the tokenizer's actual vocab size.
+    """
+    if int(block_size) < 1:
+        raise DataError(f"block_size must be >= 1, got {block_size}")
+    corpus = load_corpus(name_or_path, (train_rows, valid_rows), source, hub_timeout=hub_timeout)
+    th: str
+    if tokenizer is None:
+        tok = get_tokenizer(corpus, vocab_size, cache_dir, splits=tokenizer_splits)
+        tok_path, _ = _tokenizer_path(corpus, vocab_size, cache_dir, tokenizer_splits)
+        th = tokenizer_hash(tok)
+        tok_dir = tok_path.parent.parent / "tokens" / tok_path.stem
+    else:
+        tok, tok_path, th = tokenizer, None, tokenizer_hash(tokenizer)
+        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        tok_dir = root / "tokens" / f"{_slug(corpus.name)}-given-{th}"
+    arrays: dict[str, np.ndarray | None] = {}
+    paths: dict[str, Path] = {}
+    for split in ("train", "valid", "test"):
+        if split == "test" and corpus.test is None:
+            arrays[split] = None
+            continue
+        rows = corpus.split(split)
+        fp = corpus.fingerprint((split,))[:16]
+        p = tok_dir / f"{split}-{fp}.bin"
+        arrays[split] = _cached_tokens(tok, th, rows, p)
+        paths[split] = p
+    L = int(block_size) + 1
+    for split in ("train", "valid"):
+        n = len(arrays[split])
+        if n < L:
+            raise DataError(
+                f"{corpus.name} {split}: {n} tokens, shorter than one block of block_size+1={L} "
+                f"({corpus.source})"
+            )
+    return PreparedData(
+        name=corpus.name, source=corpus.source, tokenizer=tok, vocab_size=tok.get_vocab_size(),
+        block_size=int(block_size), train=arrays["train"], valid=arrays["valid"],
+        test=arrays["test"], tokenizer_path=tok_path, tokenizer_hash=th,
+        fallback_reason=corpus.fallback_reason, token_paths=paths,
+    )
