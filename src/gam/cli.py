@@ -81,6 +81,123 @@ def cmd_receptive_field(args: argparse.Namespace) -> None:
         print(f"design says: {expected} tokens (1 + n_layer*(k-1) for the paper GAM)")
 
 
+GENERATE_HELP = """\
+Generate text from a training checkpoint folder (model.safetensors, config.json,
+tokenizer.json; a run folder resolves to its latest checkpoint). The prompt is
+prefilled in one parallel pass, then each token costs one cached step and is
+printed as it is decoded.
+
+Context: a model with learned positions (the paper's) sees at most block_size
+tokens. Past that the window slides: each new token is predicted from the last
+block_size tokens, re-prefilled into a fresh cache (what cropping the input
+gives). With pos_embedding="none" there is no limit, and GAM keeps a
+constant-size state (k-1 vectors per layer) however long the text.
+"""
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import warnings
+
+    import torch
+
+    from gam.generation import TextStreamer, check_sampling, encode_prompt, load_pretrained, stream
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    if not args.prompt:
+        raise ValueError("empty prompt: give some text with --prompt")
+    model, tokenizer = load_pretrained(args.dir, device=args.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = encode_prompt(tokenizer, args.prompt)
+    for w in caught:
+        print(f"gam generate: warning: {w.message}", file=sys.stderr)
+    if not ids:
+        raise ValueError(f"empty prompt: the tokenizer gives no tokens for {args.prompt!r}")
+    idx = torch.tensor([ids], dtype=torch.long, device=args.device)
+    streamer = TextStreamer(tokenizer, ids)
+    print(streamer.printed, end="", flush=True)
+    for token in stream(model, idx, args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+        print(streamer.push(int(token[0])), end="", flush=True)
+    print()
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    try:
+        from gam.hf import export
+    except ImportError as err:
+        raise ValueError(f"gam export needs transformers: pip install 'gam[hf]' ({err})") from None
+    out = export(args.dir, args.out)
+    print(f"wrote {out} (load with: import gam.hf; "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> None:
+    from gam.bench.decode import parse_contexts, run
+
+    result = run(args.out, device=args.device, contexts=parse_contexts(args.contexts),
+                 models=[m.strip() for m in args.models.split(",") if m.strip()],
+                 n_embd=args.n_embd, n_layer=args.n_layer, vocab_size=args.vocab_size,
+                 batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                 rounds=args.rounds, threads=args.threads, seed=args.seed)
+    print(result["table"])
+    s = result["summary"]
+    if "gam_longest_over_shortest" in s:
+        print(f"GAM per-token time at {s['longest_context']:,} / at {s['shortest_context']:,} tokens: "
+              f"{s['gam_longest_over_shortest']:.3f}")
+    if "transformer_over_gam_at_longest" in s:
+        print(f"Transformer / GAM per-token time at {s['longest_context']:,} tokens: "
+              f"{s['transformer_over_gam_at_longest']:.2f}x")
+    print(f"wrote {args.out}/decode.md, decode.json, decode.png")
+
+
+def add_generation_parsers(sub: argparse._SubParsersAction) -> None:
+    """``gam generate``, ``gam export`` and the ``gam bench`` group (``bench decode``)."""
+    p = sub.add_parser("generate", help="generate text from a checkpoint folder (streams as it decodes)",
+                       description=GENERATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", help="checkpoint folder (or run folder with a 'latest' file)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="convert a checkpoint folder to a Hugging Face transformers folder")
+    p.add_argument("dir", help="checkpoint folder (or run folder with a 'latest' file)")
+    p.add_argument("out", help="output folder (save_pretrained layout: safetensors, config, tokenizer)")
+    p.set_defaults(func=cmd_export)
+
+    bench = sub.add_parser("bench", help="benchmarks (gam bench decode, ...)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    add_bench_decode_parser(bench_sub)
+
+
+def add_bench_decode_parser(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser(
+        "decode", help="per-token decode latency vs context length: GAM, Transformer (KV cache), Mamba",
+        description="Per-token latency and tokens/s while generating with 256 ... 8192 tokens of "
+                    "context already in the cache, for GAM, the Transformer (KV cache) and Mamba at the "
+                    "same width and depth. All use pos_embedding='none' so contexts past block_size "
+                    "work. Writes decode.md, decode.json and decode.png into --out.")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--out", default="results/bench-decode", help="output folder (default results/bench-decode)")
+    p.add_argument("--contexts", default="256,512,1024,2048,4096,8192", help="comma-separated context lengths")
+    p.add_argument("--models", default="gam,transformer,mamba")
+    p.add_argument("--n-embd", type=int, default=512, help="width (paper: 512)")
+    p.add_argument("--n-layer", type=int, default=6, help="depth (paper: 6)")
+    p.add_argument("--vocab-size", type=int, default=10000)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=16, help="timed steps per context per round")
+    p.add_argument("--rounds", type=int, default=4, help="rounds over all contexts (medians pool them)")
+    p.add_argument("--warmup", type=int, default=4, help="untimed steps per context first")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadiest on a busy machine)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_bench_decode)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gam", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--position", type=int, default=None, help="default: the last position")
     p.set_defaults(func=cmd_receptive_field)
+
+    add_generation_parsers(sub)
 
     from gam import train_cli
 

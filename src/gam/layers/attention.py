@@ -48,6 +48,63 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
 
+    # ------------------------------------------------------------ decoding
+    # KV cache: preallocated (B, n_head, max_seqlen, head_dim) buffers and the
+    # number of filled positions; the buffers double if a sequence outgrows them.
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int,
+                                 dtype: torch.dtype | None = None,
+                                 device: torch.device | str | None = None) -> dict:
+        w = self.qkv.weight
+        shape = (batch_size, self.n_head, max(int(max_seqlen), 1), w.shape[1] // self.n_head)
+        kw = dict(dtype=dtype or w.dtype, device=device or w.device)
+        return {"k": torch.zeros(shape, **kw), "v": torch.zeros(shape, **kw), "length": 0}
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)
+        return tuple(t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+
+    def _append(self, cache: dict, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, T = cache["length"], k.shape[2]
+        end = start + T
+        if end > cache["k"].shape[2]:  # outgrown: double the buffers
+            for name in ("k", "v"):
+                old = cache[name]
+                new = old.new_zeros(*old.shape[:2], max(end, 2 * old.shape[2]), old.shape[3])
+                new[:, :, :start] = old[:, :, :start]
+                cache[name] = new
+        cache["k"][:, :, start:end] = k
+        cache["v"][:, :, start:end] = v
+        cache["length"] = end
+        return cache["k"][:, :, :end], cache["v"][:, :, :end]
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        if self.attn_impl == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])
+        if causal:
+            T = q.shape[2]
+            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return F.softmax(scores, dim=-1) @ v
+
+    def prefill(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """Causal attention over a prompt (B, T, C), writing its keys/values into an empty cache."""
+        B, T, C = x.shape
+        q, k, v = self._heads(x)
+        self._append(cache, k, v)
+        y = self._attend(q, k, v, causal=True).transpose(1, 2).reshape(B, T, C)
+        return self.proj(y)
+
+    def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One token (B, 1, C) attending to every cached position and itself."""
+        B, T, C = x.shape
+        q, k, v = self._heads(x)
+        k, v = self._append(cache, k, v)
+        y = self._attend(q, k, v, causal=False).transpose(1, 2).reshape(B, T, C)
+        return self.proj(y)
+
 
 class TransformerBlock(nn.Module):
     def __init__(self, config: GAMConfig):
@@ -59,4 +116,18 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
+        return x + self.ffn(self.ln2(x))
+
+    # decoding: see CausalSelfAttention and gam.generation
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int,
+                                 dtype: torch.dtype | None = None,
+                                 device: torch.device | str | None = None) -> dict:
+        return self.attn.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, device=device)
+
+    def prefill(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        x = x + self.attn.prefill(self.ln1(x), cache)
+        return x + self.ffn(self.ln2(x))
+
+    def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        x = x + self.attn.step(self.ln1(x), cache)
         return x + self.ffn(self.ln2(x))

@@ -87,3 +87,54 @@ class GAMBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.mix(self.ln1(x))
         return x + self.ffn(self.ln2(x))
+
+    # ------------------------------------------------------------ decoding
+    # Inference-cache contract shared by every block (see gam.generation):
+    # allocate_inference_cache -> prefill(x, cache) over a prompt -> step(x_t, cache).
+    # GAM's state is the last k-1 LayerNorm1 outputs (the conv window); it
+    # does not grow with the context. A dict, so variants can add state.
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int | None = None,
+                                 dtype: torch.dtype | None = None,
+                                 device: torch.device | str | None = None) -> dict:
+        cache: dict = {}
+        if self.has_local:
+            w = self.causal_conv.weight
+            k = self.causal_conv.kernel_size[0]
+            cache["conv_state"] = torch.zeros(batch_size, w.shape[0], k - 1,
+                                              dtype=dtype or w.dtype, device=device or w.device)
+        return cache
+
+    def prefill(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """The parallel forward over a prompt (B, T, C), filling an empty ``cache``."""
+        if self.has_local:
+            state = cache["conv_state"]
+            keep = state.shape[-1]
+            if keep:
+                h = self.ln1(x)[:, -keep:].transpose(1, 2)  # (B, C, <=k-1)
+                state.zero_()
+                state[:, :, keep - h.shape[-1]:] = h
+        return self(x)
+
+    def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One token (B, 1, C) -> (B, 1, C), updating ``cache`` in place."""
+        h = self.ln1(x)
+        local = None
+        if self.has_local:
+            state = cache["conv_state"]
+            window = torch.cat([state, h.transpose(1, 2)], dim=-1)  # (B, C, k)
+            state.copy_(window[:, :, 1:])
+            # the depthwise conv at one position, as a product-sum (no conv kernel launch)
+            local = ((window * self.causal_conv.weight[:, 0]).sum(-1)
+                     + self.causal_conv.bias).unsqueeze(1)  # (B, 1, C)
+        if self.variant == "full":
+            g_local, g_global = self.gate(h).chunk(2, dim=-1)
+            mixed = torch.sigmoid(g_local) * local + torch.sigmoid(g_global) * self.global_context(h)
+        elif self.variant == "sum_fusion":
+            mixed = local + self.global_context(h)
+        elif self.variant == "global_only":
+            mixed = self.global_context(h)
+        else:
+            mixed = local
+        x = x + mixed
+        return x + self.ffn(self.ln2(x))

@@ -34,3 +34,19 @@ class MambaBlock(nn.Module):
         if self.wiring == "standard":
             return x + self.mixer(self.norm(x))
         return self.mixer(x)
+
+    # decoding: the mixer's conv and SSM states (constant size); see gam.generation
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int | None = None,
+                                 dtype: torch.dtype | None = None,
+                                 device: torch.device | str | None = None) -> dict:
+        return self.mixer.allocate_inference_cache(batch_size, dtype=dtype, device=device)
+
+    def prefill(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        if self.wiring == "standard":
+            return x + self.mixer(self.norm(x), cache=cache)
+        return self.mixer(x, cache=cache)
+
+    def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        if self.wiring == "standard":
+            return x + self.mixer.step(self.norm(x), cache)
+        return self.mixer.step(x, cache)

@@ -94,6 +94,33 @@ class DecoderLM(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
+    # ------------------------------------------------------------ decoding (gam.generation)
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int | None = None,
+                                 dtype: torch.dtype | None = None, device=None):
+        """Per-layer decoding state for ``batch_size`` sequences (a ``gam.generation.InferenceCache``)."""
+        from gam.generation import InferenceCache
+
+        return InferenceCache.allocate(self, batch_size, max_seqlen, dtype=dtype, device=device)
+
+    def forward_cached(self, idx: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) for tokens that continue the sequence held in ``cache``:
+        one parallel pass when the cache is empty (prefill), then one step per token."""
+        from gam.generation import forward_cached
+
+        return forward_cached(self, idx, cache, last_only=last_only)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None) -> torch.Tensor:
+        """Prompt (B, T) -> (B, T + max_new_tokens) with the inference cache;
+        ``temperature=0`` is greedy. See ``gam.generation.generate``."""
+        from gam.generation import generate
+
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, seed=seed)
+
 
 # The paper's name for the LM, and ours: with the default config it is GAM.
 GAMModel = DecoderLM

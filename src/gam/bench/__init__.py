@@ -1,0 +1,1 @@
+"""Benchmarks run by ``gam bench <name>`` (one module per benchmark)."""

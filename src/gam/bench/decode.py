@@ -1,0 +1,238 @@
+"""Decode benchmark: per-token latency while generating at growing context lengths.
+
+For each model (GAM, Transformer with a KV cache, Mamba; same width and depth)
+and each context length L, a random prompt of L tokens is prefilled into the
+model's inference cache, then single-token decode steps are timed. All models
+use ``pos_embedding="none"`` so contexts beyond the paper's block_size of 256
+are possible (with learned positions generation would slide a 256-token
+window instead). Steps are timed in rounds that visit every context in turn,
+so a slow-down of the machine hits all contexts alike; the figure reported is
+the median step time after warm-up.
+
+A GAM layer's state is its last k-1 normalized inputs, so its per-token cost
+does not depend on L; a Transformer step reads a KV cache that grows with L.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from gam.models.lm import build_model
+
+DEFAULT_CONTEXTS = (256, 512, 1024, 2048, 4096, 8192)
+MODELS = ("gam", "transformer", "mamba")
+LABELS = {"gam": "GAM", "transformer": "Transformer (KV cache)", "mamba": "Mamba"}
+
+
+def parse_contexts(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--contexts must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"--contexts must be integers >= 1, got {text!r}")
+    return sorted(set(values))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_model(name: str, contexts: Sequence[int], *, n_embd: int, n_layer: int, vocab_size: int,
+                batch_size: int, steps: int, warmup: int, rounds: int, device: torch.device,
+                seed: int = 0, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    torch.manual_seed(seed)
+    fields = dict(n_embd=n_embd, n_layer=n_layer, vocab_size=vocab_size, dropout=0.0,
+                  pos_embedding="none", **(extra or {}))
+    model = build_model(name, **fields).to(device).eval()
+    total = warmup + rounds * steps
+    caches, tokens, prefill_s = {}, {}, {}
+    with torch.no_grad():
+        for L in contexts:
+            prompt = torch.randint(0, vocab_size, (batch_size, L), device=device)
+            cache = model.allocate_inference_cache(batch_size, L + total + 1, device=device)
+            _sync(device)
+            start = time.perf_counter()
+            logits = model.forward_cached(prompt, cache, last_only=True)
+            _sync(device)
+            prefill_s[L] = time.perf_counter() - start
+            caches[L], tokens[L] = cache, logits[:, -1].argmax(-1, keepdim=True)
+
+        def step(L: int) -> float:
+            _sync(device)
+            start = time.perf_counter()
+            logits = model.forward_cached(tokens[L], caches[L], last_only=True)
+            tokens[L] = logits[:, -1].argmax(-1, keepdim=True)
+            _sync(device)
+            return time.perf_counter() - start
+
+        for L in contexts:
+            for _ in range(warmup):
+                step(L)
+        times: dict[int, list[float]] = {L: [] for L in contexts}
+        for _ in range(rounds):
+            for L in contexts:
+                times[L] += [step(L) for _ in range(steps)]
+    rows = []
+    for L in contexts:
+        t = sorted(times[L])
+        median = statistics.median(t)
+        rows.append({
+            "model": name, "context": L, "batch_size": batch_size,
+            "ms_per_token": median * 1e3,
+            "p10_ms": t[len(t) // 10] * 1e3, "p90_ms": t[(9 * len(t)) // 10] * 1e3,
+            "tokens_per_s": batch_size / median,
+            "state_bytes": caches[L].nbytes(),
+            "prefill_s": prefill_s[L],
+            "timed_steps": len(t),
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | context | ms / token (median) | p10–p90 ms | tokens/s | decode state | prefill s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {LABELS.get(r['model'], r['model'])} | {r['context']:,} | {r['ms_per_token']:.2f} | "
+                     f"{r['p10_ms']:.2f}–{r['p90_ms']:.2f} | {r['tokens_per_s']:,.1f} | "
+                     f"{_size(r['state_bytes'])} | {r['prefill_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """GAM's per-token time at the longest vs the shortest context, and vs the Transformer."""
+    by = {(r["model"], r["context"]): r["ms_per_token"] for r in rows}
+    contexts = sorted({r["context"] for r in rows})
+    lo, hi = contexts[0], contexts[-1]
+    out: dict[str, Any] = {"shortest_context": lo, "longest_context": hi}
+    if ("gam", lo) in by and ("gam", hi) in by:
+        out["gam_longest_over_shortest"] = by[("gam", hi)] / by[("gam", lo)]
+    if ("gam", hi) in by and ("transformer", hi) in by:
+        out["transformer_over_gam_at_longest"] = by[("transformer", hi)] / by[("gam", hi)]
+    if ("gam", hi) in by and ("mamba", hi) in by:
+        out["mamba_over_gam_at_longest"] = by[("mamba", hi)] / by[("gam", hi)]
+    return out
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in MODELS:
+        pts = [(r["context"], r["ms_per_token"]) for r in rows if r["model"] == name]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=LABELS[name])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens already in the cache)")
+    ax.set_ylabel("ms per generated token (median)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(out: str | Path | None = None, *, device: str = "cpu", contexts: Sequence[int] = DEFAULT_CONTEXTS,
+        models: Sequence[str] = MODELS, n_embd: int = 512, n_layer: int = 6, vocab_size: int = 10000,
+        batch_size: int = 1, steps: int = 16, warmup: int = 4, rounds: int = 4, threads: int | None = None,
+        seed: int = 0, log=print) -> dict[str, Any]:
+    """Run the benchmark; write ``decode.md``, ``decode.json`` and ``decode.png`` into ``out``."""
+    for name in models:
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r} (use {', '.join(MODELS)})")
+    for label, value in (("steps", steps), ("rounds", rounds), ("batch_size", batch_size),
+                         ("n_embd", n_embd), ("n_layer", n_layer), ("vocab_size", vocab_size)):
+        if value < 1:
+            raise ValueError(f"{label} must be >= 1, got {value}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device available")
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run(out, device, contexts, models, n_embd, n_layer, vocab_size, batch_size, steps,
+                    warmup, rounds, seed, log, dev)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(out, device, contexts, models, n_embd, n_layer, vocab_size, batch_size, steps, warmup,
+         rounds, seed, log, dev) -> dict[str, Any]:
+    contexts = sorted(set(contexts))
+    rows: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    for name in models:
+        extra = {"n_head": 8} if name == "transformer" and n_embd % 8 == 0 else {}
+        if name == "transformer" and not extra:
+            extra = {"n_head": 1}
+        try:
+            log(f"{LABELS[name]}: prefilling {', '.join(map(str, contexts))} tokens, then timing "
+                f"{rounds} x {steps} steps per context ...")
+            rows += bench_model(name, contexts, n_embd=n_embd, n_layer=n_layer, vocab_size=vocab_size,
+                                batch_size=batch_size, steps=steps, warmup=warmup, rounds=rounds,
+                                device=dev, seed=seed, extra=extra)
+        except ImportError as err:  # e.g. a missing optional kernel
+            skipped[name] = str(err)
+            log(f"{LABELS[name]}: skipped ({err})")
+    title = (f"decode on {device} ({platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} threads): width {n_embd}, {n_layer} layers, batch {batch_size}")
+    result = {
+        "benchmark": "decode",
+        "device": device,
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "settings": {"n_embd": n_embd, "n_layer": n_layer, "vocab_size": vocab_size, "batch_size": batch_size,
+                     "steps_per_round": steps, "rounds": rounds, "warmup": warmup, "contexts": contexts,
+                     "pos_embedding": "none", "dtype": "float32"},
+        "results": rows,
+        "summary": summary(rows) if rows else {},
+        "skipped": skipped,
+    }
+    table = markdown_table(rows)
+    result["table"] = table
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "decode.json").write_text(json.dumps(result, indent=2))
+        notes = [f"# Decode benchmark", "", title + ".", "",
+                 "All models use pos_embedding='none' (no block_size limit); per-token time is the median "
+                 "of single-token decode steps after warm-up, with the context already in the cache.", "",
+                 table, ""]
+        s = result["summary"]
+        if "gam_longest_over_shortest" in s:
+            notes.append(f"GAM per-token time at {s['longest_context']:,} tokens / at "
+                         f"{s['shortest_context']:,}: {s['gam_longest_over_shortest']:.3f}")
+        if "transformer_over_gam_at_longest" in s:
+            notes.append(f"Transformer / GAM per-token time at {s['longest_context']:,} tokens: "
+                         f"{s['transformer_over_gam_at_longest']:.2f}x")
+        for name, why in skipped.items():
+            notes.append(f"{LABELS[name]} skipped: {why}")
+        (out / "decode.md").write_text("\n".join(notes) + "\n")
+        if rows:
+            plot(rows, out / "decode.png", title)
+    return result

@@ -1,0 +1,373 @@
+"""Autoregressive generation with per-layer inference caches.
+
+Every block type follows one contract (as mamba-ssm and flash-linear-attention
+do)::
+
+    state = block.allocate_inference_cache(batch_size, max_seqlen, dtype=None, device=None)  # a dict
+    y     = block.prefill(x, state)    # parallel forward over a prompt (B, T, C), fills the state
+    y_t   = block.step(x_t, state)     # one token (B, 1, C), updates the state in place
+
+What the state holds:
+
+- GAM: the last ``k-1`` LayerNorm1 outputs per layer (the causal conv's
+  window), ``(B, C, k-1)``; nothing for ``global_only``. Its size does not
+  depend on the context length, so every token costs the same.
+- Transformer: a KV cache, preallocated ``(B, n_head, max_seqlen, head_dim)``
+  buffers plus a length; grows (doubling) if a sequence outgrows it.
+- Mamba: the mixer's ``conv_state`` and ``ssm_state`` (constant size).
+
+:class:`InferenceCache` gathers the per-layer dicts of a :class:`DecoderLM`
+with the position of the next token. :func:`forward_cached` runs a prefill when
+the cache is empty, else one step per token; :func:`generate` (also
+``DecoderLM.generate``) samples from it.
+
+Positions: with learned positions (the paper) a model never sees a position
+past ``block_size - 1``. Generation past that slides the window: each new token
+is predicted from the last ``block_size`` tokens, re-prefilled into a fresh
+cache, which is what cropping the input to the last ``block_size`` tokens
+gives. With ``pos_embedding="none"`` there is no limit, and GAM keeps its
+constant-size state however long the text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from gam.config import GAMConfig
+from gam.models.lm import DecoderLM, check_token_ids
+
+
+class InferenceCache:
+    """Decoding state of a :class:`DecoderLM`: one dict per block.
+
+    ``position`` is the number of tokens the state holds (the position of the
+    next token); ``seen_tokens`` counts every token fed since allocation
+    (larger than ``position`` once a learned-position window has slid). It is
+    also the cache object the Hugging Face wrapper hands to ``generate()``
+    (``get_seq_length``, ``reorder_cache`` for beam search).
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, layers: list[dict], batch_size: int, max_seqlen: int):
+        self.layers = layers
+        self.batch_size = batch_size
+        self.max_seqlen = max_seqlen
+        self.position = 0
+        self.seen_tokens = 0
+
+    @classmethod
+    def allocate(cls, model: DecoderLM, batch_size: int, max_seqlen: int | None = None,
+                 dtype: torch.dtype | None = None, device=None) -> "InferenceCache":
+        if max_seqlen is None:
+            max_seqlen = model.config.max_seq_len or model.config.block_size
+        layers = [block.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, device=device)
+                  for block in model.blocks]
+        return cls(layers, batch_size, max_seqlen)
+
+    def restart(self, model: DecoderLM) -> None:
+        """Empty the state (fresh buffers), keeping ``seen_tokens``: a window slide."""
+        fresh = InferenceCache.allocate(model, self.batch_size, self.max_seqlen)
+        self.layers, self.position = fresh.layers, 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Select batch rows (beam search)."""
+        for layer in self.layers:
+            for name, value in layer.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    layer[name] = value.index_select(0, beam_idx.to(value.device))
+        self.batch_size = int(beam_idx.numel())
+
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors (a KV cache counts its preallocated buffers)."""
+        return sum(v.numel() * v.element_size() for layer in self.layers
+                   for v in layer.values() if isinstance(v, torch.Tensor))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(layers={len(self.layers)}, batch_size={self.batch_size}, "
+                f"position={self.position}, seen_tokens={self.seen_tokens})")
+
+
+def forward_cached(model: DecoderLM, idx: torch.Tensor, cache: InferenceCache,
+                   last_only: bool = False) -> torch.Tensor:
+    """Logits for tokens ``idx`` (B, T) that continue the sequence in ``cache``.
+
+    An empty cache gets one parallel prefill pass; otherwise the tokens are fed
+    one step at a time. Returns (B, T, V), or (B, 1, V) with ``last_only``.
+    """
+    check_token_ids(idx, model.config.vocab_size, None)
+    B, T = idx.shape
+    if B != cache.batch_size:
+        raise ValueError(f"batch size {B} does not match the cache's {cache.batch_size}")
+    limit = model.config.max_seq_len
+    if limit is not None and cache.position + T > limit:
+        raise ValueError(
+            f"position {cache.position + T - 1} is past block_size {limit} (learned positions): "
+            f"slide the window, i.e. prefill the last {limit} tokens into a fresh cache "
+            "(generate() does this)")
+    if cache.position == 0:
+        x = model.embed(idx, 0)
+        for block, state in zip(model.blocks, cache.layers):
+            x = block.prefill(x, state)
+        if last_only:
+            x = x[:, -1:]
+    else:
+        outs = []
+        for t in range(T):
+            x_t = model.embed(idx[:, t:t + 1], cache.position + t)
+            for block, state in zip(model.blocks, cache.layers):
+                x_t = block.step(x_t, state)
+            outs.append(x_t)
+        x = outs[-1] if last_only else torch.cat(outs, dim=1)
+    cache.position += T
+    cache.seen_tokens += T
+    return model.head(model.ln_f(x))
+
+
+# ---------------------------------------------------------------- sampling
+
+def check_sampling(max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any, seed: Any = None) -> None:
+    """Raise a one-line ValueError for a bad generation setting."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not is_int(top_k) or top_k < 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 or None = off), got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool)
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and not is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V); temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token when the more likely ones already reach top_p (the first always stays)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _prompt(model: DecoderLM, idx: Any) -> torch.Tensor:
+    if isinstance(idx, torch.Tensor) and idx.numel() == 0:
+        raise ValueError("empty prompt: generation needs at least one token")
+    if isinstance(idx, torch.Tensor) and idx.dim() == 1:
+        idx = idx.unsqueeze(0)
+    check_token_ids(idx, model.config.vocab_size, None, name="prompt")
+    return idx
+
+
+def stream(model: DecoderLM, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None,
+           seed: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield each new token (B,) as it is sampled; see :func:`generate`."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    idx = _prompt(model, idx)
+    return _stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed)
+
+
+def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed):
+    if max_new_tokens == 0:
+        return
+    generator = None
+    if seed is not None and temperature > 0:
+        generator = torch.Generator(device=idx.device)
+        generator.manual_seed(seed)
+    limit = model.config.max_seq_len  # None: no limit (pos_embedding="none")
+    B, T = idx.shape
+    was_training = model.training
+    model.eval()
+    try:
+        tokens = idx[:, -limit:] if limit is not None else idx
+        with torch.no_grad():
+            max_seqlen = limit if limit is not None else T + max_new_tokens
+            cache = model.allocate_inference_cache(B, max_seqlen, device=idx.device)
+            logits = forward_cached(model, tokens, cache, last_only=True)[:, -1]
+        for i in range(max_new_tokens):
+            with torch.no_grad():
+                nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            yield nxt
+            if i == max_new_tokens - 1:
+                break
+            with torch.no_grad():
+                if limit is not None and cache.position >= limit:
+                    # the window is full: slide it and re-prefill the last block_size tokens
+                    tokens = torch.cat([tokens, nxt[:, None]], dim=1)[:, -limit:]
+                    cache.restart(model)
+                    logits = forward_cached(model, tokens, cache, last_only=True)[:, -1]
+                else:
+                    if limit is not None:
+                        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                    logits = forward_cached(model, nxt[:, None], cache, last_only=True)[:, -1]
+    finally:
+        model.train(was_training)
+
+
+def generate(model: DecoderLM, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None) -> torch.Tensor:
+    """Extend prompt ``idx`` (B, T) by ``max_new_tokens`` tokens: returns (B, T + max_new_tokens).
+
+    ``temperature=0`` picks the most likely token (greedy); otherwise tokens are
+    sampled from ``softmax(logits / temperature)``, restricted to the ``top_k``
+    most likely (0 or None: all) and to the smallest set whose probability
+    reaches ``top_p`` (nucleus). ``seed`` makes sampling reproducible without
+    touching the global RNG. The prompt is prefilled in one parallel pass, then
+    each token costs one cached step. A 1-D prompt gives a 1-D result.
+    """
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    one_d = isinstance(idx, torch.Tensor) and idx.dim() == 1
+    idx = _prompt(model, idx)
+    new = list(_stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed))
+    out = torch.cat([idx] + [t[:, None].to(idx.dtype) for t in new], dim=1)
+    return out[0] if one_d else out
+
+
+# ---------------------------------------------------------------- checkpoints and text
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder whose ``latest`` file names one."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder")
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path}: not a checkpoint folder (no {name})")
+    return path
+
+
+def read_model_config(ckpt: Path) -> GAMConfig:
+    try:
+        info = json.loads((ckpt / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{ckpt}/config.json: not valid JSON ({err})") from None
+    fields = info.get("model_config", info)  # trainer layout, or bare GAMConfig fields
+    return GAMConfig.from_dict(fields)
+
+
+def load_weights(model: DecoderLM, path: Path) -> None:
+    """Load ``model.safetensors`` strictly; the tied head may be stored once under either name."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+    tied = ("head.weight", "token_embedding.weight")
+    for a, b in (tied, tied[::-1]):
+        if a not in state and b in state:
+            state[a] = state[b]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path}: weights do not fit the config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]})")
+    model.load_state_dict(state, strict=True)
+
+
+def load_tokenizer(ckpt: str | Path):
+    """The ``tokenizers.Tokenizer`` saved with a checkpoint (``tokenizer.json``)."""
+    from tokenizers import Tokenizer
+
+    path = Path(ckpt) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt}: no tokenizer.json in this checkpoint folder "
+                                "(the tokenizer the model was trained with is needed to read text)")
+    return Tokenizer.from_file(str(path))
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
+                    tokenizer: bool = True):
+    """Load a training checkpoint folder: ``(model, tokenizer)`` (tokenizer None if not asked).
+
+    The folder holds ``config.json`` (GAMConfig fields under ``"model_config"``),
+    ``model.safetensors`` and ``tokenizer.json``; a run folder with a ``latest``
+    file resolves to the checkpoint it names. The model is returned in eval mode.
+    """
+    ckpt = resolve_checkpoint(path)
+    config = read_model_config(ckpt)
+    tok = load_tokenizer(ckpt) if tokenizer else None
+    model = DecoderLM(config)
+    load_weights(model, ckpt / "model.safetensors")
+    return model.to(device).eval(), tok
+
+
+def unk_token_of(tokenizer) -> str | None:
+    unk = getattr(tokenizer.model, "unk_token", None)
+    if unk:
+        return unk
+    return "[UNK]" if tokenizer.token_to_id("[UNK]") is not None else None
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text``; characters the tokenizer cannot encode become [UNK], with a warning."""
+    enc = tokenizer.encode(text, add_special_tokens=False)
+    unk = unk_token_of(tokenizer)
+    unk_id = tokenizer.token_to_id(unk) if unk else None
+    pieces = list(zip((s for s, _ in enc.offsets), enc.ids))
+    unknown = [text[s:e] for i, (s, e) in zip(enc.ids, enc.offsets) if unk_id is not None and i == unk_id]
+    # A model without an unk token drops what it cannot encode: put [UNK] there.
+    covered = [False] * len(text)
+    for s, e in enc.offsets:
+        for j in range(s, min(e, len(text))):
+            covered[j] = True
+    dropped = [j for j, ch in enumerate(text) if not covered[j] and not ch.isspace()]
+    if dropped:
+        unknown += [text[j] for j in dropped]
+        if unk_id is not None:
+            pieces = sorted(pieces + [(j, unk_id) for j in dropped], key=lambda p: p[0])
+    if unknown:
+        shown = ", ".join(repr(c) for c in dict.fromkeys(unknown))
+        what = f"became {unk}" if unk_id is not None else "were dropped (the tokenizer has no [UNK])"
+        warnings.warn(f"{len(unknown)} piece(s) of the prompt the tokenizer cannot encode {what}: {shown}",
+                      UserWarning, stacklevel=2)
+    return [i for _, i in pieces]
+
+
+class TextStreamer:
+    """Turn a growing list of token ids into text increments (decode-and-diff)."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int]):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids)
+        self.printed = tokenizer.decode(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return ""
+        common = len(os.path.commonprefix([self.printed, text]))
+        new, self.printed = text[common:], text
+        return new

@@ -1,0 +1,242 @@
+"""Hugging Face ``transformers`` integration (extra ``[hf]``).
+
+``import gam.hf`` registers ``model_type="gam"`` with ``AutoConfig`` and
+``AutoModelForCausalLM``, so a folder written by ``save_pretrained`` (or by
+``gam export``) loads with the Auto classes and no ``trust_remote_code``::
+
+    import gam.hf  # registers the "gam" model type
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained("out/")
+    tok = AutoTokenizer.from_pretrained("out/")
+    ids = tok("the cat", return_tensors="pt").input_ids
+    print(tok.decode(model.generate(ids, max_new_tokens=20, do_sample=False)[0]))
+
+One wrapper serves the three model kinds (``config.model``: gam, transformer,
+mamba): :class:`GAMForCausalLM` holds a :class:`gam.models.lm.DecoderLM` under
+``.model``, so its weights are ``model.<our names>`` in ``model.safetensors``
+(the tied head stored once). ``generate()`` decodes with our per-layer
+:class:`gam.generation.InferenceCache` (passed as ``past_key_values``), so a GAM
+layer keeps k-1 vectors, not a KV cache. Padding (an ``attention_mask`` with
+zeros) is not supported: batch prompts of one length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from gam.config import GAMConfig
+from gam.generation import InferenceCache
+from gam.models.lm import DecoderLM
+
+_GAM_FIELDS = {f.name: f.default for f in dataclasses.fields(GAMConfig)}
+_TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])
+
+
+class GAMHFConfig(PretrainedConfig):
+    """``transformers`` config holding every :class:`GAMConfig` field."""
+
+    model_type = "gam"
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "num_hidden_layers": "n_layer",
+        "num_attention_heads": "n_head",
+    }
+
+    def __init__(self, **kwargs: Any):
+        fields = {name: kwargs.pop(name, default) for name, default in _GAM_FIELDS.items()}
+        gam_config = GAMConfig(**fields)  # validates, one-line ConfigError
+        kwargs.setdefault("tie_word_embeddings", True)
+        super().__init__(**kwargs)
+        for name, value in gam_config.to_dict().items():
+            setattr(self, name, value)
+
+    def to_gam_config(self) -> GAMConfig:
+        return GAMConfig(**{name: getattr(self, name) for name in _GAM_FIELDS})
+
+    @classmethod
+    def from_gam_config(cls, config: GAMConfig, **kwargs: Any) -> "GAMHFConfig":
+        return cls(**config.to_dict(), **kwargs)
+
+
+class GAMForCausalLM(PreTrainedModel, GenerationMixin):
+    """A GAM / Transformer / Mamba :class:`DecoderLM` as a ``transformers`` causal LM."""
+
+    config_class = GAMHFConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _is_stateful = True  # the cache cannot be cropped (no assisted decoding)
+    _no_split_modules = ["GAMBlock", "TransformerBlock", "MambaBlock"]
+    _tied_weights_keys = ({"model.head.weight": "model.token_embedding.weight"}
+                          if _TRANSFORMERS_MAJOR >= 5 else ["model.head.weight"])
+
+    def __init__(self, config: GAMHFConfig):
+        super().__init__(config)
+        self.model = DecoderLM(config.to_gam_config())
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """Keep DecoderLM's own initialization (PyTorch defaults, xavier memory bank, as the paper)."""
+
+    @classmethod
+    def from_gam(cls, model: DecoderLM) -> "GAMForCausalLM":
+        """Wrap a trained :class:`DecoderLM` (its weights are copied)."""
+        hf = cls(GAMHFConfig.from_gam_config(model.config))
+        hf.model.load_state_dict(model.state_dict())
+        return hf.to(next(model.parameters()).device).eval()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not build a DynamicCache: we bring InferenceCache
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.token_embedding
+
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        self.model.token_embedding = value
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.model.head
+
+    def set_output_embeddings(self, value: torch.nn.Module) -> None:
+        self.model.head = value
+
+    def _new_cache(self, input_ids: torch.Tensor) -> InferenceCache:
+        limit = self.model.config.max_seq_len
+        hint = limit if limit is not None else 2 * input_ids.shape[1] + 64  # a KV cache grows if needed
+        return self.model.allocate_inference_cache(input_ids.shape[0], hint, device=input_ids.device)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: InferenceCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits for ``input_ids``; with ``past_key_values`` (an InferenceCache) or
+        ``use_cache=True`` they continue the cached sequence. ``labels`` are
+        shifted inside, as in every ``transformers`` causal LM."""
+        if inputs_embeds is not None or input_ids is None:
+            raise ValueError("GAMForCausalLM takes input_ids (inputs_embeds is not supported)")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("padding is not supported (attention_mask has zeros): "
+                             "give prompts of one length, or one at a time")
+        if past_key_values is not None and not isinstance(past_key_values, InferenceCache):
+            raise ValueError(f"past_key_values must be a gam InferenceCache, got {type(past_key_values).__name__}")
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self._new_cache(input_ids)
+        if cache is not None:
+            logits = self.model.forward_cached(input_ids, cache, last_only=logits_to_keep == 1)
+        else:
+            logits, _ = self.model(input_ids)
+        if logits_to_keep and logits.shape[1] > logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        loss = None
+        if labels is not None:
+            if logits.shape[1] != labels.shape[1]:
+                raise ValueError("labels need logits for every position (logits_to_keep=0)")
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        if return_dict is False:
+            return output.to_tuple()
+        return output
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: InferenceCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool = True,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Feed only the tokens the cache has not seen; slide the window past block_size.
+
+        With learned positions, once the sequence outgrows ``block_size`` the
+        cache restarts and the last ``block_size`` tokens are prefilled, the
+        same as ``DecoderLM.generate`` (and as cropping the input).
+        """
+        limit = self.model.config.max_seq_len
+        inputs: dict[str, Any] = {"attention_mask": attention_mask}
+        if not use_cache:
+            inputs.update(input_ids=input_ids if limit is None else input_ids[:, -limit:], use_cache=False)
+            if attention_mask is not None and limit is not None:
+                inputs["attention_mask"] = attention_mask[:, -limit:]
+            return inputs
+        cache = past_key_values if past_key_values is not None else self._new_cache(input_ids)
+        new = input_ids[:, cache.seen_tokens:]
+        if limit is not None and cache.position + new.shape[1] > limit:
+            cache.restart(self.model)
+            cache.seen_tokens = input_ids.shape[1] - min(limit, input_ids.shape[1])
+            new = input_ids[:, -limit:]
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask[:, -new.shape[1]:]
+        inputs.update(input_ids=new, past_key_values=cache, use_cache=True)
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
+
+    def _reorder_cache(self, past_key_values: InferenceCache, beam_idx: torch.Tensor) -> InferenceCache:
+        past_key_values.reorder_cache(beam_idx)
+        return past_key_values
+
+
+AutoConfig.register("gam", GAMHFConfig, exist_ok=True)
+AutoModelForCausalLM.register(GAMHFConfig, GAMForCausalLM, exist_ok=True)
+
+
+# ---------------------------------------------------------------- tokenizer and export
+
+SPECIAL_TOKENS = {"unk_token": "[UNK]", "pad_token": "[PAD]", "bos_token": "[SOS]", "eos_token": "[EOS]"}
+
+
+def hf_tokenizer(tokenizer):
+    """A ``tokenizers.Tokenizer`` as a ``PreTrainedTokenizerFast`` (the paper's special tokens mapped)."""
+    from transformers import PreTrainedTokenizerFast
+
+    special = {role: tok for role, tok in SPECIAL_TOKENS.items() if tokenizer.token_to_id(tok) is not None}
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    """Convert a training checkpoint folder to a ``save_pretrained`` folder (safetensors + tokenizer)."""
+    from gam.generation import load_pretrained
+
+    model, tokenizer = load_pretrained(checkpoint)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out}: output folder exists and is not empty")
+    hf = GAMForCausalLM.from_gam(model)
+    tok = hf_tokenizer(tokenizer)
+    if tok.pad_token_id is not None:
+        hf.config.pad_token_id = tok.pad_token_id
+        hf.generation_config.pad_token_id = tok.pad_token_id
+    hf.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    # transformers 5 names its fast tokenizer class TokenizersBackend; the 4.x
+    # name loads in both, so the folder works with either major version.
+    tok_config = out / "tokenizer_config.json"
+    if tok_config.is_file():
+        data = json.loads(tok_config.read_text())
+        data["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tok_config.write_text(json.dumps(data, indent=2) + "\n")
+    return out

@@ -1,0 +1,269 @@
+"""Generation: per-layer inference caches, sampling, checkpoints, `gam generate`, decode bench."""
+
+import importlib.util
+import json
+import warnings
+
+import pytest
+import torch
+
+from gam import build_model
+from gam.cli import main
+from gam.generation import InferenceCache, encode_prompt, generate, load_pretrained, sample_next
+
+TINY = dict(vocab_size=61, block_size=16, n_embd=16, n_layer=2, n_head=4,
+            num_memory_slots=8, conv_kernel_size=3, dropout=0.0, d_state=4, expand=2)
+
+HAS_MAMBA = importlib.util.find_spec("gam.layers.mamba") is not None
+needs_mamba = pytest.mark.skipif(not HAS_MAMBA, reason="gam.layers.mamba not available yet")
+
+MODELS = [
+    ("gam", {"variant": "full"}),
+    ("gam", {"variant": "sum_fusion"}),
+    ("gam", {"variant": "global_only"}),
+    ("gam", {"variant": "local_only"}),
+    ("gam", {"conv_kernel_size": 5, "n_layer": 3}),
+    ("gam", {"conv_kernel_size": 1}),
+    ("gam", {"pos_embedding": "none"}),
+    ("transformer", {"attn_impl": "sdpa"}),
+    ("transformer", {"attn_impl": "naive"}),
+    ("transformer", {"pos_embedding": "none"}),
+    pytest.param("mamba", {"mamba_wiring": "standard", "mamba_backend": "torch"}, marks=needs_mamba),
+    pytest.param("mamba", {"mamba_wiring": "paper", "mamba_backend": "torch"}, marks=needs_mamba),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread avoids thread-pool contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(name, **fields):
+    torch.manual_seed(0)
+    return build_model(name, **{**TINY, **fields}).eval()
+
+
+def reference_greedy(model, idx, n):
+    """Greedy decoding with the full forward pass, the input cropped to block_size."""
+    limit = model.config.max_seq_len
+    for _ in range(n):
+        cond = idx if limit is None else idx[:, -limit:]
+        logits, _ = model(cond)
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+# ---------------------------------------------------------------- cached = full forward
+
+@pytest.mark.parametrize("name,fields", MODELS)
+@pytest.mark.parametrize("prompt_len", [1, 5, 7])
+def test_cached_steps_equal_full_forward(name, fields, prompt_len):
+    model = tiny(name, **fields)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.allocate_inference_cache(2, 16)
+        logits = [model.forward_cached(idx[:, :prompt_len], cache)]  # prefill (odd lengths)
+        logits += [model.forward_cached(idx[:, t:t + 1], cache) for t in range(prompt_len, 12)]  # steps
+        logits.append(model.forward_cached(idx[:, 12:], cache))  # several tokens at once on a warm cache
+    assert cache.position == cache.seen_tokens == 16
+    torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name,fields", MODELS)
+def test_greedy_generate_equals_full_forward_decoding_past_block_size(name, fields):
+    model = tiny(name, **fields)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(2))
+    out = model.generate(idx, 20, temperature=0)  # 25 > block_size 16: the window slides
+    assert out.shape == (2, 25)
+    assert torch.equal(out, reference_greedy(model, idx, 20))
+
+
+def test_gam_state_is_constant_size_and_kv_cache_grows():
+    gam = tiny("gam", pos_embedding="none")
+    cache = gam.allocate_inference_cache(1, 4)
+    size = cache.nbytes()
+    assert size == TINY["n_layer"] * TINY["n_embd"] * (TINY["conv_kernel_size"] - 1) * 4
+    with torch.no_grad():
+        gam.forward_cached(torch.zeros(1, 40, dtype=torch.long), cache)
+        for _ in range(5):
+            gam.forward_cached(torch.ones(1, 1, dtype=torch.long), cache)
+    assert cache.nbytes() == size and cache.position == 45
+    tr = tiny("transformer", pos_embedding="none")
+    cache = tr.allocate_inference_cache(1, 4)  # too small: the KV buffers double as needed
+    idx = torch.randint(0, TINY["vocab_size"], (1, 30))
+    with torch.no_grad():
+        got = torch.cat([tr.forward_cached(idx[:, :3], cache)]
+                        + [tr.forward_cached(idx[:, t:t + 1], cache) for t in range(3, 30)], dim=1)
+        torch.testing.assert_close(got, tr(idx)[0], atol=1e-5, rtol=0)
+    assert cache.layers[0]["length"] == 30 and cache.layers[0]["k"].shape[2] >= 30
+
+
+def test_cache_past_block_size_and_batch_mismatch_are_clear_errors():
+    model = tiny("gam")
+    cache = model.allocate_inference_cache(1)
+    with pytest.raises(ValueError, match="block_size 16"):
+        model.forward_cached(torch.zeros(1, 17, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="batch size 2"):
+        model.forward_cached(torch.zeros(2, 3, dtype=torch.long), cache)
+
+
+def test_reorder_cache_selects_rows():
+    model = tiny("transformer")
+    cache = model.allocate_inference_cache(3, 8)
+    with torch.no_grad():
+        model.forward_cached(torch.randint(0, 61, (3, 4)), cache)
+    k = cache.layers[0]["k"].clone()
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    assert torch.equal(cache.layers[0]["k"], k[[2, 2, 0]]) and cache.batch_size == 3
+
+
+# ---------------------------------------------------------------- sampling
+
+def test_sampling_is_reproducible_and_filters_work():
+    model = tiny("gam")
+    idx = torch.randint(0, TINY["vocab_size"], (2, 4), generator=torch.Generator().manual_seed(3))
+    a = model.generate(idx, 10, temperature=1.0, seed=7)
+    b = model.generate(idx, 10, temperature=1.0, seed=7)
+    assert torch.equal(a, b)
+    greedy = model.generate(idx, 10, temperature=0)
+    assert torch.equal(model.generate(idx, 10, temperature=0.8, top_k=1, seed=1), greedy)
+    assert torch.equal(model.generate(idx, 10, temperature=0.8, top_p=1e-6, seed=1), greedy)
+    assert torch.equal(model.generate(idx, 0), idx)
+    assert model.generate(idx[0], 3, temperature=0).shape == (7,)  # 1-D prompt, 1-D result
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    seen = {int(sample_next(logits, 1.0, top_p=0.8, generator=g)) for _ in range(300)}
+    assert seen == {0, 1}
+    seen = {int(sample_next(logits, 1.0, top_k=3, generator=g)) for _ in range(300)}
+    assert seen == {0, 1, 2}
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"idx": torch.zeros(1, 0, dtype=torch.long)}, "empty prompt"),
+    ({"idx": torch.zeros(0, dtype=torch.long)}, "empty prompt"),
+    ({"max_new_tokens": -1}, "max_new_tokens must be an integer >= 0"),
+    ({"temperature": -0.5}, "temperature must be a number >= 0"),
+    ({"top_k": -1}, "top_k must be an integer >= 0"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+    ({"idx": torch.tensor([[1, 99]])}, "token id 99 outside"),
+])
+def test_bad_generation_arguments(kwargs, message):
+    model = tiny("gam")
+    args = {"idx": torch.zeros(1, 3, dtype=torch.long), "max_new_tokens": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generate(model, **args)
+
+
+def test_generate_restores_training_mode():
+    model = tiny("gam").train()
+    model.generate(torch.zeros(1, 2, dtype=torch.long), 2)
+    assert model.training
+
+
+# ---------------------------------------------------------------- checkpoints, text, CLI
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = ["the cat sat on the mat", "a dog ran in the park", "the bird sang a song"] * 4
+    tok.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=80, special_tokens=["[UNK]", "[PAD]", "[SOS]", "[EOS]"], show_progress=False))
+    return tok
+
+
+def make_checkpoint(path, name="gam", tokenizer=True, **fields):
+    """A folder as the trainer writes it: model.safetensors, config.json, tokenizer.json."""
+    from safetensors.torch import save_model
+
+    tok = make_tokenizer()
+    model = tiny(name, **{"vocab_size": tok.get_vocab_size(), **fields})
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"step": 1, "model_config": model.config.to_dict()}))
+    if tokenizer:
+        tok.save(str(path / "tokenizer.json"))
+    return model, tok
+
+
+def test_load_pretrained_round_trip(tmp_path):
+    model, _ = make_checkpoint(tmp_path / "ckpt-000001")
+    (tmp_path / "latest").write_text("ckpt-000001\n")  # a run folder resolves to its latest checkpoint
+    loaded, tok = load_pretrained(tmp_path)
+    idx = torch.randint(0, model.config.vocab_size, (2, 9))
+    assert torch.equal(loaded(idx)[0], model(idx)[0])
+    assert loaded.head.weight is loaded.token_embedding.weight
+    assert tok.get_vocab_size() == model.config.vocab_size
+
+
+def test_unknown_characters_become_unk_with_a_warning():
+    tok = make_tokenizer()
+    with pytest.warns(UserWarning, match="cannot encode became \\[UNK\\]: 'é'"):
+        ids = encode_prompt(tok, "the cat é")
+    assert ids[-1] == tok.token_to_id("[UNK]") and len(ids) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert encode_prompt(tok, "the dog") == tok.encode("the dog").ids
+
+
+def test_cli_generate_streams_text(tmp_path, capsys):
+    model, tok = make_checkpoint(tmp_path)
+    assert main(["generate", str(tmp_path), "--prompt", "the cat ü", "--max-new-tokens", "20",
+                 "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    ids = encode_prompt(tok, "the cat") + [tok.token_to_id("[UNK]")]
+    expected = model.generate(torch.tensor([ids]), 20, temperature=0)[0].tolist()
+    assert out.strip() == tok.decode(expected)
+    assert "warning" in err and "'ü'" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", ""], "empty prompt"),
+    (["--prompt", "cat", "--max-new-tokens", "-1"], "max_new_tokens must be"),
+    (["--prompt", "cat", "--temperature", "-1"], "temperature must be"),
+    (["--prompt", "cat", "--top-k", "-2"], "top_k must be"),
+    (["--prompt", "cat", "--top-p", "0"], "top_p must be in"),
+])
+def test_cli_generate_bad_arguments(tmp_path, capsys, argv, message):
+    make_checkpoint(tmp_path)
+    assert main(["generate", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_generate_without_tokenizer_or_checkpoint(tmp_path, capsys):
+    make_checkpoint(tmp_path / "ck", tokenizer=False)
+    assert main(["generate", str(tmp_path / "ck"), "--prompt", "the cat"]) == 2
+    err = capsys.readouterr().err
+    assert "no tokenizer.json" in err and err.count("\n") == 1
+    assert main(["generate", str(tmp_path / "nope"), "--prompt", "the cat"]) == 2
+    assert "no such checkpoint folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- decode benchmark (smoke)
+
+def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "decode", "--out", str(out), "--contexts", "8,24", "--models", "gam,transformer",
+                 "--n-embd", "16", "--n-layer", "1", "--vocab-size", "32", "--steps", "2", "--rounds", "1",
+                 "--warmup", "1", "--threads", "1"]) == 0
+    data = json.loads((out / "decode.json").read_text())
+    assert [(r["model"], r["context"]) for r in data["results"]] == [
+        ("gam", 8), ("gam", 24), ("transformer", 8), ("transformer", 24)]
+    assert all(r["ms_per_token"] > 0 and r["tokens_per_s"] > 0 for r in data["results"])
+    gam_state = {r["state_bytes"] for r in data["results"] if r["model"] == "gam"}
+    assert len(gam_state) == 1  # constant-size state
+    assert set(data["summary"]) >= {"gam_longest_over_shortest", "transformer_over_gam_at_longest"}
+    table = (out / "decode.md").read_text()
+    assert "| model | context | ms / token (median) |" in table and table.count("| GAM |") == 2
+    assert (out / "decode.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["bench", "decode", "--contexts", "0"]) == 2

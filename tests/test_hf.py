@@ -1,0 +1,128 @@
+"""Hugging Face transformers integration: config, generate(), save/load, export."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from gam import build_model  # noqa: E402
+from gam.cli import main  # noqa: E402
+from gam.generation import InferenceCache, encode_prompt  # noqa: E402
+from gam.hf import GAMForCausalLM, GAMHFConfig  # noqa: E402
+
+TINY = dict(vocab_size=61, block_size=16, n_embd=16, n_layer=2, n_head=4,
+            num_memory_slots=8, conv_kernel_size=3, dropout=0.0, d_state=4, expand=2)
+needs_mamba = pytest.mark.skipif(importlib.util.find_spec("gam.layers.mamba") is None,
+                                 reason="gam.layers.mamba not available yet")
+MODELS = [
+    ("gam", {}),
+    ("gam", {"variant": "global_only"}),
+    ("gam", {"pos_embedding": "none"}),
+    ("transformer", {}),
+    pytest.param("mamba", {"mamba_backend": "torch"}, marks=needs_mamba),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(name, **fields):
+    torch.manual_seed(0)
+    return build_model(name, **{**TINY, **fields}).eval()
+
+
+@pytest.mark.parametrize("name,fields", MODELS)
+def test_hf_greedy_generate_equals_ours(name, fields):
+    model = tiny(name, **fields)
+    hf = GAMForCausalLM.from_gam(model)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(0))
+    ours = model.generate(idx, 20, temperature=0)  # 25 tokens > block_size 16: the window slides
+    theirs = hf.generate(idx, max_new_tokens=20, do_sample=False)
+    assert torch.equal(theirs, ours)
+    # without a cache generate() re-runs the full forward each step: same tokens
+    assert torch.equal(hf.generate(idx, max_new_tokens=20, do_sample=False, use_cache=False), ours)
+
+
+def test_beam_search_and_sampling_run_on_the_cache():
+    hf = GAMForCausalLM.from_gam(tiny("transformer"))
+    idx = torch.randint(0, TINY["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(1))
+    beams = hf.generate(idx, max_new_tokens=8, num_beams=3, do_sample=False)
+    assert torch.equal(beams, hf.generate(idx, max_new_tokens=8, num_beams=3, do_sample=False, use_cache=False))
+    sampled = hf.generate(idx, max_new_tokens=8, do_sample=True, top_k=5, top_p=0.9, num_return_sequences=2)
+    assert sampled.shape == (4, 13)
+
+
+def test_generate_uses_our_cache():
+    hf = GAMForCausalLM.from_gam(tiny("gam"))
+    out = hf.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4, do_sample=False,
+                      return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert isinstance(cache, InferenceCache) and cache.nbytes() == 2 * 16 * 2 * 4  # k-1 vectors per layer
+
+
+@pytest.mark.parametrize("name,fields", MODELS)
+def test_save_and_reload_gives_identical_logits(tmp_path, name, fields):
+    hf = GAMForCausalLM.from_gam(tiny(name, **fields))
+    hf.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert ("model.head.weight" in keys) != ("model.token_embedding.weight" in keys)  # tied: stored once
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gam"
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), GAMHFConfig)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, GAMForCausalLM) and not loaded.training
+    assert loaded.model.head.weight is loaded.model.token_embedding.weight
+    idx = torch.randint(0, TINY["vocab_size"], (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx).logits, hf(idx).logits)
+
+
+def test_labels_give_the_shifted_cross_entropy():
+    model = tiny("gam")
+    hf = GAMForCausalLM.from_gam(model)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 9))
+    with torch.no_grad():
+        out = hf(idx, labels=idx)
+        _, ours = model(idx[:, :-1], targets=idx[:, 1:])
+    torch.testing.assert_close(out.loss, ours)
+
+
+def test_config_validates_fields():
+    cfg = GAMHFConfig(**TINY, variant="sum_fusion")
+    assert cfg.to_gam_config().variant == "sum_fusion" and cfg.hidden_size == 16
+    with pytest.raises(ValueError, match="variant must be one of"):
+        GAMHFConfig(variant="nope")
+
+
+def test_padding_is_refused():
+    hf = GAMForCausalLM.from_gam(tiny("gam"))
+    with pytest.raises(ValueError, match="padding is not supported"):
+        hf(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1]]))
+
+
+def test_export_checkpoint_to_transformers(tmp_path, capsys):
+    from test_generation import make_checkpoint
+
+    model, tok = make_checkpoint(tmp_path / "ckpt")
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = hf_tok("the cat sat", return_tensors="pt").input_ids
+    assert ids[0].tolist() == encode_prompt(tok, "the cat sat")
+    assert hf_tok.unk_token == "[UNK]" and hf_tok.pad_token == "[PAD]"
+    assert torch.equal(hf.generate(ids, max_new_tokens=12, do_sample=False),
+                       model.generate(ids, 12, temperature=0))
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 2  # not empty
+    assert "not empty" in capsys.readouterr().err
