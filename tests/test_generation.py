@@ -1,5 +1,6 @@
 """Generation: per-layer inference caches, sampling, checkpoints, `gam generate`, decode bench."""
 
+import dataclasses
 import importlib.util
 import json
 import warnings
@@ -7,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from gam import build_model
+from gam import GAMConfig, build_model
 from gam.cli import main
 from gam.generation import InferenceCache, encode_prompt, generate, load_pretrained, sample_next
 
@@ -16,6 +17,8 @@ TINY = dict(vocab_size=61, block_size=16, n_embd=16, n_layer=2, n_head=4,
 
 HAS_MAMBA = importlib.util.find_spec("gam.layers.mamba") is not None
 needs_mamba = pytest.mark.skipif(not HAS_MAMBA, reason="gam.layers.mamba not available yet")
+needs_causal_memory = pytest.mark.skipif("memory" not in {f.name for f in dataclasses.fields(GAMConfig)},
+                                         reason="GAM memory='causal' not available yet")
 
 MODELS = [
     ("gam", {"variant": "full"}),
@@ -28,6 +31,8 @@ MODELS = [
     ("transformer", {"attn_impl": "sdpa"}),
     ("transformer", {"attn_impl": "naive"}),
     ("transformer", {"pos_embedding": "none"}),
+    pytest.param("gam", {"memory": "causal"}, marks=needs_causal_memory),
+    pytest.param("gam", {"memory": "causal", "variant": "global_only"}, marks=needs_causal_memory),
     pytest.param("mamba", {"mamba_wiring": "standard", "mamba_backend": "torch"}, marks=needs_mamba),
     pytest.param("mamba", {"mamba_wiring": "paper", "mamba_backend": "torch"}, marks=needs_mamba),
 ]
@@ -206,6 +211,21 @@ def test_load_pretrained_round_trip(tmp_path):
     assert tok.get_vocab_size() == model.config.vocab_size
 
 
+def test_load_pretrained_reads_and_verifies_trainer_checkpoints(tmp_path):
+    from gam.checkpoint import save_checkpoint
+
+    tok = make_tokenizer()
+    model = tiny("gam", vocab_size=tok.get_vocab_size())
+    save_checkpoint(tmp_path, 3, model, {}, tok.to_str())
+    loaded, _ = load_pretrained(tmp_path)
+    idx = torch.randint(0, model.config.vocab_size, (1, 7))
+    assert torch.equal(loaded(idx)[0], model(idx)[0])
+    weights = tmp_path / "ckpt-000003" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        load_pretrained(tmp_path)
+
+
 def test_unknown_characters_become_unk_with_a_warning():
     tok = make_tokenizer()
     with pytest.warns(UserWarning, match="cannot encode became \\[UNK\\]: 'é'"):
@@ -254,7 +274,7 @@ def test_cli_generate_without_tokenizer_or_checkpoint(tmp_path, capsys):
 def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "decode", "--out", str(out), "--contexts", "8,24", "--models", "gam,transformer",
-                 "--n-embd", "16", "--n-layer", "1", "--vocab-size", "32", "--steps", "2", "--rounds", "1",
+                 "--n-embd", "16", "--n-layer", "1", "--vocab-size", "32", "--steps", "2",
                  "--warmup", "1", "--threads", "1"]) == 0
     data = json.loads((out / "decode.json").read_text())
     assert [(r["model"], r["context"]) for r in data["results"]] == [

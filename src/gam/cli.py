@@ -139,7 +139,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> None:
                  models=[m.strip() for m in args.models.split(",") if m.strip()],
                  n_embd=args.n_embd, n_layer=args.n_layer, vocab_size=args.vocab_size,
                  batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-                 rounds=args.rounds, threads=args.threads, seed=args.seed)
+                 threads=args.threads, seed=args.seed)
     print(result["table"])
     s = result["summary"]
     if "gam_longest_over_shortest" in s:
@@ -173,6 +173,7 @@ def add_generation_parsers(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks (gam bench decode, ...)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     add_bench_decode_parser(bench_sub)
+    # more benchmarks: define add_bench_<name>_parser(bench_sub) like the one below and call it here
 
 
 def add_bench_decode_parser(bench_sub: argparse._SubParsersAction) -> None:
@@ -190,8 +191,7 @@ def add_bench_decode_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-layer", type=int, default=6, help="depth (paper: 6)")
     p.add_argument("--vocab-size", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--steps", type=int, default=16, help="timed steps per context per round")
-    p.add_argument("--rounds", type=int, default=4, help="rounds over all contexts (medians pool them)")
+    p.add_argument("--steps", type=int, default=64, help="timed decode steps per context (median reported)")
     p.add_argument("--warmup", type=int, default=4, help="untimed steps per context first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadiest on a busy machine)")
     p.add_argument("--seed", type=int, default=0)

@@ -316,6 +316,10 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
     file resolves to the checkpoint it names. The model is returned in eval mode.
     """
     ckpt = resolve_checkpoint(path)
+    if (ckpt / "manifest.json").is_file():  # the trainer's checkpoints: check every file's sha256
+        from gam.checkpoint import verify
+
+        verify(ckpt)
     config = read_model_config(ckpt)
     tok = load_tokenizer(ckpt) if tokenizer else None
     model = DecoderLM(config)

@@ -5,9 +5,9 @@ and each context length L, a random prompt of L tokens is prefilled into the
 model's inference cache, then single-token decode steps are timed. All models
 use ``pos_embedding="none"`` so contexts beyond the paper's block_size of 256
 are possible (with learned positions generation would slide a 256-token
-window instead). Steps are timed in rounds that visit every context in turn,
-so a slow-down of the machine hits all contexts alike; the figure reported is
-the median step time after warm-up.
+window instead). Steps are timed visiting every context in turn, one step at
+a time, so a slow-down of the machine hits all contexts alike; the figure
+reported is the median step time after warm-up.
 
 A GAM layer's state is its last k-1 normalized inputs, so its per-token cost
 does not depend on L; a Transformer step reads a KV cache that grows with L.
@@ -15,6 +15,7 @@ does not depend on L; a Transformer step reads a KV cache that grows with L.
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import statistics
@@ -47,13 +48,13 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_model(name: str, contexts: Sequence[int], *, n_embd: int, n_layer: int, vocab_size: int,
-                batch_size: int, steps: int, warmup: int, rounds: int, device: torch.device,
+                batch_size: int, steps: int, warmup: int, device: torch.device,
                 seed: int = 0, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     torch.manual_seed(seed)
     fields = dict(n_embd=n_embd, n_layer=n_layer, vocab_size=vocab_size, dropout=0.0,
                   pos_embedding="none", **(extra or {}))
     model = build_model(name, **fields).to(device).eval()
-    total = warmup + rounds * steps
+    total = warmup + steps
     caches, tokens, prefill_s = {}, {}, {}
     with torch.no_grad():
         for L in contexts:
@@ -77,10 +78,18 @@ def bench_model(name: str, contexts: Sequence[int], *, n_embd: int, n_layer: int
         for L in contexts:
             for _ in range(warmup):
                 step(L)
+        # Interleave the contexts step by step, so that whatever else the machine
+        # does at a given moment hits every context alike; no GC pauses inside.
         times: dict[int, list[float]] = {L: [] for L in contexts}
-        for _ in range(rounds):
-            for L in contexts:
-                times[L] += [step(L) for _ in range(steps)]
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for _ in range(steps):
+                for L in contexts:
+                    times[L].append(step(L))
+        finally:
+            if gc_was_enabled:
+                gc.enable()
     rows = []
     for L in contexts:
         t = sorted(times[L])
@@ -155,13 +164,13 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def run(out: str | Path | None = None, *, device: str = "cpu", contexts: Sequence[int] = DEFAULT_CONTEXTS,
         models: Sequence[str] = MODELS, n_embd: int = 512, n_layer: int = 6, vocab_size: int = 10000,
-        batch_size: int = 1, steps: int = 16, warmup: int = 4, rounds: int = 4, threads: int | None = None,
+        batch_size: int = 1, steps: int = 64, warmup: int = 4, threads: int | None = None,
         seed: int = 0, log=print) -> dict[str, Any]:
     """Run the benchmark; write ``decode.md``, ``decode.json`` and ``decode.png`` into ``out``."""
     for name in models:
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r} (use {', '.join(MODELS)})")
-    for label, value in (("steps", steps), ("rounds", rounds), ("batch_size", batch_size),
+    for label, value in (("steps", steps), ("batch_size", batch_size),
                          ("n_embd", n_embd), ("n_layer", n_layer), ("vocab_size", vocab_size)):
         if value < 1:
             raise ValueError(f"{label} must be >= 1, got {value}")
@@ -175,13 +184,13 @@ def run(out: str | Path | None = None, *, device: str = "cpu", contexts: Sequenc
         torch.set_num_threads(threads)
     try:
         return _run(out, device, contexts, models, n_embd, n_layer, vocab_size, batch_size, steps,
-                    warmup, rounds, seed, log, dev)
+                    warmup, seed, log, dev)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run(out, device, contexts, models, n_embd, n_layer, vocab_size, batch_size, steps, warmup,
-         rounds, seed, log, dev) -> dict[str, Any]:
+         seed, log, dev) -> dict[str, Any]:
     contexts = sorted(set(contexts))
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
@@ -191,9 +200,9 @@ def _run(out, device, contexts, models, n_embd, n_layer, vocab_size, batch_size,
             extra = {"n_head": 1}
         try:
             log(f"{LABELS[name]}: prefilling {', '.join(map(str, contexts))} tokens, then timing "
-                f"{rounds} x {steps} steps per context ...")
+                f"{steps} steps per context ...")
             rows += bench_model(name, contexts, n_embd=n_embd, n_layer=n_layer, vocab_size=vocab_size,
-                                batch_size=batch_size, steps=steps, warmup=warmup, rounds=rounds,
+                                batch_size=batch_size, steps=steps, warmup=warmup,
                                 device=dev, seed=seed, extra=extra)
         except ImportError as err:  # e.g. a missing optional kernel
             skipped[name] = str(err)
@@ -207,7 +216,7 @@ def _run(out, device, contexts, models, n_embd, n_layer, vocab_size, batch_size,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "settings": {"n_embd": n_embd, "n_layer": n_layer, "vocab_size": vocab_size, "batch_size": batch_size,
-                     "steps_per_round": steps, "rounds": rounds, "warmup": warmup, "contexts": contexts,
+                     "timed_steps": steps, "warmup": warmup, "contexts": contexts,
                      "pos_embedding": "none", "dtype": "float32"},
         "results": rows,
         "summary": summary(rows) if rows else {},
