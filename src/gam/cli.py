@@ -191,7 +191,7 @@ def add_bench_decode_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-layer", type=int, default=6, help="depth (paper: 6)")
     p.add_argument("--vocab-size", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--steps", type=int, default=64, help="timed decode steps per context (median reported)")
+    p.add_argument("--steps", type=int, default=128, help="timed decode steps per model and context (median reported)")
     p.add_argument("--warmup", type=int, default=4, help="untimed steps per context first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadiest on a busy machine)")
     p.add_argument("--seed", type=int, default=0)

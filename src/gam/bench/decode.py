@@ -5,8 +5,9 @@ and each context length L, a random prompt of L tokens is prefilled into the
 model's inference cache, then single-token decode steps are timed. All models
 use ``pos_embedding="none"`` so contexts beyond the paper's block_size of 256
 are possible (with learned positions generation would slide a 256-token
-window instead). Steps are timed visiting every context in turn, one step at
-a time, so a slow-down of the machine hits all contexts alike; the figure
+window instead). After every prompt is prefilled, steps are timed in sweeps
+that visit every (model, context) pair once, in a fresh random order each
+time, so a slow-down of the machine hits all pairs alike; the figure
 reported is the median step time after warm-up.
 
 A GAM layer's state is its last k-1 normalized inputs, so its per-token cost
@@ -18,6 +19,7 @@ from __future__ import annotations
 import gc
 import json
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -47,60 +49,72 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_model(name: str, contexts: Sequence[int], *, n_embd: int, n_layer: int, vocab_size: int,
-                batch_size: int, steps: int, warmup: int, device: torch.device,
-                seed: int = 0, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    torch.manual_seed(seed)
-    fields = dict(n_embd=n_embd, n_layer=n_layer, vocab_size=vocab_size, dropout=0.0,
-                  pos_embedding="none", **(extra or {}))
-    model = build_model(name, **fields).to(device).eval()
-    total = warmup + steps
-    caches, tokens, prefill_s = {}, {}, {}
-    with torch.no_grad():
-        for L in contexts:
-            prompt = torch.randint(0, vocab_size, (batch_size, L), device=device)
-            cache = model.allocate_inference_cache(batch_size, L + total + 1, device=device)
-            _sync(device)
-            start = time.perf_counter()
-            logits = model.forward_cached(prompt, cache, last_only=True)
-            _sync(device)
-            prefill_s[L] = time.perf_counter() - start
-            caches[L], tokens[L] = cache, logits[:, -1].argmax(-1, keepdim=True)
+class _Runner:
+    """One model with a prefilled cache per context length, stepped one token at a time."""
 
-        def step(L: int) -> float:
-            _sync(device)
+    def __init__(self, name: str, contexts: Sequence[int], *, n_embd: int, n_layer: int, vocab_size: int,
+                 batch_size: int, total_steps: int, device: torch.device, seed: int = 0):
+        torch.manual_seed(seed)
+        extra = {"n_head": max(h for h in (8, 4, 2, 1) if n_embd % h == 0)} if name == "transformer" else {}
+        self.model = build_model(name, n_embd=n_embd, n_layer=n_layer, vocab_size=vocab_size, dropout=0.0,
+                                 pos_embedding="none", **extra).to(device).eval()
+        self.name, self.device, self.batch_size = name, device, batch_size
+        self.caches, self.tokens, self.prefill_s = {}, {}, {}
+        with torch.no_grad():
+            for L in contexts:
+                prompt = torch.randint(0, vocab_size, (batch_size, L), device=device)
+                cache = self.model.allocate_inference_cache(batch_size, L + total_steps + 1, device=device)
+                _sync(device)
+                start = time.perf_counter()
+                logits = self.model.forward_cached(prompt, cache, last_only=True)
+                _sync(device)
+                self.prefill_s[L] = time.perf_counter() - start
+                self.caches[L], self.tokens[L] = cache, logits[:, -1].argmax(-1, keepdim=True)
+
+    def step(self, L: int) -> float:
+        """Decode one token at context L (greedy); return its wall time."""
+        with torch.no_grad():
+            _sync(self.device)
             start = time.perf_counter()
-            logits = model.forward_cached(tokens[L], caches[L], last_only=True)
-            tokens[L] = logits[:, -1].argmax(-1, keepdim=True)
-            _sync(device)
+            logits = self.model.forward_cached(self.tokens[L], self.caches[L], last_only=True)
+            self.tokens[L] = logits[:, -1].argmax(-1, keepdim=True)
+            _sync(self.device)
             return time.perf_counter() - start
 
-        for L in contexts:
-            for _ in range(warmup):
-                step(L)
-        # Interleave the contexts step by step, so that whatever else the machine
-        # does at a given moment hits every context alike; no GC pauses inside.
-        times: dict[int, list[float]] = {L: [] for L in contexts}
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            for _ in range(steps):
-                for L in contexts:
-                    times[L].append(step(L))
-        finally:
-            if gc_was_enabled:
-                gc.enable()
+
+def time_steps(runners: Sequence[_Runner], contexts: Sequence[int], steps: int, warmup: int,
+               seed: int = 0) -> list[dict[str, Any]]:
+    """Median step times. Each sweep visits every (model, context) pair once, one step
+    each, in a fresh random order: whatever else the machine does at a given moment,
+    and whichever model ran just before, hits all pairs alike."""
+    pairs = [(r, L) for r in runners for L in contexts]
+    for r, L in pairs:
+        for _ in range(warmup):
+            r.step(L)
+    times: dict[tuple[str, int], list[float]] = {(r.name, L): [] for r, L in pairs}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # no GC pauses inside timed steps
+    try:
+        rng = random.Random(seed)
+        for _ in range(steps):
+            order = pairs[:]
+            rng.shuffle(order)
+            for r, L in order:
+                times[(r.name, L)].append(r.step(L))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     rows = []
-    for L in contexts:
-        t = sorted(times[L])
+    for r, L in pairs:
+        t = sorted(times[(r.name, L)])
         median = statistics.median(t)
         rows.append({
-            "model": name, "context": L, "batch_size": batch_size,
+            "model": r.name, "context": L, "batch_size": r.batch_size,
             "ms_per_token": median * 1e3,
             "p10_ms": t[len(t) // 10] * 1e3, "p90_ms": t[(9 * len(t)) // 10] * 1e3,
-            "tokens_per_s": batch_size / median,
-            "state_bytes": caches[L].nbytes(),
-            "prefill_s": prefill_s[L],
+            "tokens_per_s": r.batch_size / median,
+            "state_bytes": r.caches[L].nbytes(),
+            "prefill_s": r.prefill_s[L],
             "timed_steps": len(t),
         })
     return rows
@@ -164,7 +178,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def run(out: str | Path | None = None, *, device: str = "cpu", contexts: Sequence[int] = DEFAULT_CONTEXTS,
         models: Sequence[str] = MODELS, n_embd: int = 512, n_layer: int = 6, vocab_size: int = 10000,
-        batch_size: int = 1, steps: int = 64, warmup: int = 4, threads: int | None = None,
+        batch_size: int = 1, steps: int = 128, warmup: int = 4, threads: int | None = None,
         seed: int = 0, log=print) -> dict[str, Any]:
     """Run the benchmark; write ``decode.md``, ``decode.json`` and ``decode.png`` into ``out``."""
     for name in models:
@@ -191,22 +205,20 @@ def run(out: str | Path | None = None, *, device: str = "cpu", contexts: Sequenc
 
 def _run(out, device, contexts, models, n_embd, n_layer, vocab_size, batch_size, steps, warmup,
          seed, log, dev) -> dict[str, Any]:
+    wall_start = time.perf_counter()
     contexts = sorted(set(contexts))
-    rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
+    runners = []
     for name in models:
-        extra = {"n_head": 8} if name == "transformer" and n_embd % 8 == 0 else {}
-        if name == "transformer" and not extra:
-            extra = {"n_head": 1}
         try:
-            log(f"{LABELS[name]}: prefilling {', '.join(map(str, contexts))} tokens, then timing "
-                f"{steps} steps per context ...")
-            rows += bench_model(name, contexts, n_embd=n_embd, n_layer=n_layer, vocab_size=vocab_size,
-                                batch_size=batch_size, steps=steps, warmup=warmup,
-                                device=dev, seed=seed, extra=extra)
+            log(f"{LABELS[name]}: prefilling {', '.join(map(str, contexts))} tokens ...")
+            runners.append(_Runner(name, contexts, n_embd=n_embd, n_layer=n_layer, vocab_size=vocab_size,
+                                   batch_size=batch_size, total_steps=warmup + steps, device=dev, seed=seed))
         except ImportError as err:  # e.g. a missing optional kernel
             skipped[name] = str(err)
             log(f"{LABELS[name]}: skipped ({err})")
+    log(f"timing {steps} decode steps per model and context, interleaved ...")
+    rows = time_steps(runners, contexts, steps, warmup, seed)
     title = (f"decode on {device} ({platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads): width {n_embd}, {n_layer} layers, batch {batch_size}")
     result = {
@@ -221,6 +233,7 @@ def _run(out, device, contexts, models, n_embd, n_layer, vocab_size, batch_size,
         "results": rows,
         "summary": summary(rows) if rows else {},
         "skipped": skipped,
+        "wall_s": time.perf_counter() - wall_start,
     }
     table = markdown_table(rows)
     result["table"] = table
