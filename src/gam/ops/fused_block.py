@@ -1,0 +1,275 @@
+"""The fast path of the GAM block: the same function as the paper's eager code
+(:meth:`gam.layers.gam.GAMBlock.forward_reference`), with fewer passes over
+memory and less kept for backward.
+
+- LayerNorm in fp32, its output cast once to the compute dtype (the autocast
+  dtype, else the input's) and shared by the gate, the convolution and the
+  memory read (the reference casts it three times under autocast).
+- Causal depthwise convolution as k shifted multiply-adds in (B, T, C) layout:
+  no transposes, no padded copy (:class:`CausalDepthwiseConv`).
+- Memory read: :func:`gam.ops.memory_read.memory_read` (chunked, softmax
+  recomputed in backward, not stored).
+- Gated fusion, the convolution and the residual add in one function
+  (:class:`ConvGatedResidual`) that keeps the gate pre-activations and
+  recomputes the convolution output and the sigmoids in backward.
+- FFN as one function that keeps the GELU input only and recomputes the GELU in
+  backward, over chunks of tokens (so the (T, 4C) hidden activations and their
+  gradients exist one chunk at a time); its dropout mask comes from 16 random bits per element (about 8x
+  cheaper than ``bernoulli_`` on CPU), so the drop probability is p rounded to
+  a multiple of 1/65536 (kept values are scaled by 1/(1-p_used): unbiased).
+
+Residual stream, LayerNorm statistics, softmax statistics and all parameter
+gradients stay in fp32; matmuls run in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gam.ops.memory_read import acc_dtype, compute_dtype, memory_read
+
+
+def _no_autocast(device_type: str):
+    return torch.autocast(device_type, enabled=False)
+
+
+# ---------------------------------------------------------------- convolution
+
+def _conv_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    C, k = weight.shape[0], weight.shape[-1]
+    T = h.shape[1]
+    w = weight.reshape(C, k).t().to(h.dtype)  # (k, C); w[k-1] multiplies the current token
+    if bias is not None:
+        out = torch.addcmul(bias.to(h.dtype), h, w[k - 1])
+    else:
+        out = h * w[k - 1]
+    for shift in range(1, min(k, T)):
+        out[:, shift:].addcmul_(h[:, : T - shift], w[k - 1 - shift])
+    return out
+
+
+def _conv_backward(dout: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+                   need_h: bool = True, need_w: bool = True):
+    """Gradients of :func:`_conv_forward` for h, weight (its dtype) and bias (fp32+)."""
+    C, k = weight.shape[0], weight.shape[-1]
+    T = h.shape[1]
+    acc = acc_dtype(h.dtype)
+    w = weight.reshape(C, k).t().to(h.dtype)
+    dh = dw = db = None
+    if need_h:
+        dh = dout * w[k - 1]
+        for shift in range(1, min(k, T)):
+            dh[:, : T - shift].addcmul_(dout[:, shift:], w[k - 1 - shift])
+    if need_w:
+        dw = torch.zeros(k, C, dtype=acc, device=h.device)
+        for shift in range(0, min(k, T)):
+            prod = dout[:, shift:] * h[:, : T - shift]
+            dw[k - 1 - shift] = prod.sum(dim=(0, 1), dtype=acc)
+        dw = dw.t().reshape(weight.shape).to(weight.dtype)
+    if has_bias:
+        db = dout.sum(dim=(0, 1), dtype=acc)
+    return dh, dw, db
+
+
+class CausalDepthwiseConv(torch.autograd.Function):
+    """``out[:, t] = b + sum_j w[:, j] * h[:, t - (k-1) + j]`` on (B, T, C), zero history.
+
+    The same function as ``Conv1d(C, C, k, padding=k-1, groups=C)`` cropped to
+    the first T outputs, computed as k shifted multiply-adds without transposes.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        return _conv_forward(h, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        h, weight = ctx.saved_tensors
+        with _no_autocast(h.device.type):
+            dh, dw, db = _conv_backward(dout.to(h.dtype), h, weight, ctx.has_bias and ctx.needs_input_grad[2],
+                                        ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dh, dw, db
+
+
+def causal_depthwise_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Causal depthwise conv of (B, T, C) ``h`` with Conv1d weights (C, 1, k)."""
+    with _no_autocast(h.device.type):
+        return CausalDepthwiseConv.apply(h, weight, bias)
+
+
+# ---------------------------------------------------------------- gated fusion
+
+class ConvGatedResidual(torch.autograd.Function):
+    """``x + sigmoid(g[..., :C]) * conv(h) + sigmoid(g[..., C:]) * glob`` (the full variant).
+
+    Keeps ``g``, ``h`` (shared with the gate and the memory read) and ``glob``;
+    the convolution output and the sigmoids are recomputed in backward (a few
+    cheap passes) instead of stored. The output has the residual's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, g, h, conv_weight, conv_bias, glob):
+        C = glob.shape[-1]
+        local = _conv_forward(h, conv_weight, conv_bias)
+        out = torch.addcmul(x, torch.sigmoid(g[..., :C]), local)
+        out.addcmul_(torch.sigmoid(g[..., C:]), glob)
+        ctx.save_for_backward(g, h, conv_weight, conv_bias, glob)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        g, h, conv_weight, conv_bias, glob = ctx.saved_tensors
+        with _no_autocast(g.device.type):
+            C = glob.shape[-1]
+            local = _conv_forward(h, conv_weight, conv_bias)          # recomputed
+            sl, sg = torch.sigmoid(g[..., :C]), torch.sigmoid(g[..., C:])
+            dg = torch.empty_like(g)
+            tmp = torch.mul(dout, local, out=local)                   # local no longer needed
+            torch.ops.aten.sigmoid_backward.grad_input(tmp, sl, grad_input=dg[..., :C])
+            torch.mul(dout, glob, out=tmp)
+            torch.ops.aten.sigmoid_backward.grad_input(tmp, sg, grad_input=dg[..., C:])
+            dglob = torch.mul(dout, sg, out=sg)
+            dlocal = torch.mul(dout, sl, out=sl)
+            dh, dw, db = _conv_backward(dlocal, h, conv_weight, conv_bias is not None and ctx.needs_input_grad[4],
+                                        ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+        return dout, dg, dh, dw, db, dglob
+
+
+# ---------------------------------------------------------------- FFN
+
+DROPOUT_BITS = 16
+# Tokens per FFN chunk: 1024 x 4C x 4 bytes = 8 MiB of hidden activations at C = 512.
+FFN_CHUNK = 1024
+
+
+def dropout_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
+    """A keep-mask with P(drop) = p rounded to a multiple of 2**-16, and the scale 1/(1-p_used)."""
+    n = 1
+    for s in shape:
+        n *= s
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2 ** 63), None)
+    r = words.view(torch.int16)[:n].view(shape)
+    drop = round(p * 65536)
+    if drop >= 65536:
+        return torch.zeros(shape, dtype=torch.bool, device=device), 0.0
+    keep = r >= (drop - 32768)
+    return keep, 65536.0 / (65536 - drop)
+
+
+class FFNResidual(torch.autograd.Function):
+    """``x + Dropout(Linear2(GELU(Linear1(h))))`` keeping h and the GELU input only.
+
+    ``h`` is in the compute dtype; weights are cast to it; ``mask`` is a bool
+    keep-mask or None; the output has the residual's dtype. Forward and
+    backward run over chunks of ``chunk`` tokens, so the (tokens, 4C) GELU
+    output and its gradients exist one chunk at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h, w1, b1, w2, b2, mask, scale: float, chunk: int):
+        dtype = h.dtype
+        lead = h.shape[:-1]
+        h2 = h.reshape(-1, h.shape[-1])
+        N = h2.shape[0]
+        W1t, W2t = w1.to(dtype).t(), w2.to(dtype).t()
+        B1, B2 = b1.to(dtype), b2.to(dtype)
+        u = torch.empty(N, W1t.shape[1], dtype=dtype, device=h.device)
+        y = torch.empty(N, W2t.shape[1], dtype=dtype, device=h.device)
+        for s in range(0, N, chunk):
+            e = min(s + chunk, N)
+            torch.addmm(B1, h2[s:e], W1t, out=u[s:e])
+            torch.addmm(B2, F.gelu(u[s:e]), W2t, out=y[s:e])
+        y = y.view(*lead, -1)
+        if mask is not None:
+            out = torch.addcmul(x, y, mask, value=scale)
+        else:
+            out = x + y
+        ctx.save_for_backward(h2, u, w1, w2, mask)
+        ctx.scale = scale
+        ctx.lead = lead
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        h2, u, w1, w2, mask = ctx.saved_tensors
+        with _no_autocast(h2.device.type):
+            dtype = h2.dtype
+            acc = acc_dtype(dtype)
+            W1, W2 = w1.to(dtype), w2.to(dtype)
+            d = dout.reshape(-1, dout.shape[-1])
+            m = mask.reshape(d.shape) if mask is not None else None
+            N = d.shape[0]
+            need_h = ctx.needs_input_grad[1]
+            dh = torch.empty_like(h2) if need_h else None
+            dw1 = dw2 = db1 = db2 = None
+            for s in range(0, N, ctx.chunk):
+                e = min(s + ctx.chunk, N)
+                uc = u[s:e]
+                if m is not None:
+                    dyc = torch.empty(e - s, d.shape[1], dtype=dtype, device=d.device)
+                    torch.mul(d[s:e], m[s:e], out=dyc)
+                    dyc.mul_(ctx.scale)
+                else:
+                    dyc = d[s:e].to(dtype)
+                a = F.gelu(uc)                                    # recomputed
+                part2 = dyc.t() @ a
+                del a
+                du = torch.ops.aten.gelu_backward(dyc @ W2, uc)
+                part1 = du.t() @ h2[s:e]
+                parts = (part1, du.sum(0, dtype=acc), part2, dyc.sum(0, dtype=acc))
+                if need_h:
+                    torch.mm(du, W1, out=dh[s:e])
+                del du
+                if dw1 is None:
+                    dw1, db1, dw2, db2 = (t.to(acc) for t in parts)
+                else:
+                    for total, part in zip((dw1, db1, dw2, db2), parts):
+                        total += part
+        return dout, (dh.view(*ctx.lead, -1) if need_h else None), dw1.to(w1.dtype), db1, dw2.to(w2.dtype), db2, None, None, None
+
+
+# ---------------------------------------------------------------- the block
+
+def gam_block_fast(block, x: torch.Tensor) -> torch.Tensor:
+    """Fast forward of a :class:`gam.layers.gam.GAMBlock` (any variant)."""
+    dtype = compute_dtype(x)
+    device_type = x.device.type
+    with _no_autocast(device_type):
+        h = F.layer_norm(x, block.ln1.normalized_shape, block.ln1.weight, block.ln1.bias,
+                         block.ln1.eps).to(dtype)
+        variant = block.variant
+        local = glob = None
+        if block.has_local and variant != "full":
+            conv = block.causal_conv
+            local = causal_depthwise_conv(h, conv.weight, conv.bias)
+        if block.has_global:
+            glob = memory_read(h, block.memory_bank)
+        if variant == "full":
+            g = F.linear(h, block.gate.weight.to(dtype), block.gate.bias.to(dtype))
+            conv = block.causal_conv
+            x = ConvGatedResidual.apply(x, g, h, conv.weight, conv.bias, glob)
+        elif variant == "sum_fusion":
+            x = x + (local + glob)
+        else:
+            x = x + (glob if local is None else local)
+
+        ln2, lin1, lin2, drop = block.ln2, block.ffn[0], block.ffn[2], block.ffn[3]
+        h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps).to(dtype)
+        mask, scale = None, 1.0
+        if drop.training and drop.p > 0:
+            mask, scale = dropout_mask(x.shape, drop.p, x.device)
+        return FFNResidual.apply(x, h, lin1.weight, lin1.bias, lin2.weight, lin2.bias, mask, scale,
+                                 FFN_CHUNK)
+
+
+def use_fast_path(impl: str, x: torch.Tensor) -> bool:
+    """Whether a block with ``config.gam_impl == impl`` takes the fast path for ``x``."""
+    if impl == "fast":
+        return True
+    if impl == "reference":
+        return False
+    return True
