@@ -18,6 +18,7 @@ from typing import Any
 
 MODELS = ("gam", "transformer", "mamba")
 GAM_VARIANTS = ("full", "sum_fusion", "global_only", "local_only")
+GAM_MEMORIES = ("static", "causal")
 GAM_IMPLS = ("auto", "reference", "fast")
 POS_EMBEDDINGS = ("learned", "none")
 ATTN_IMPLS = ("sdpa", "naive")
@@ -65,6 +66,7 @@ class GAMConfig:
     num_memory_slots: int = 512
     conv_kernel_size: int = 3
     variant: str = "full"  # paper ablations: full | sum_fusion | global_only | local_only
+    memory: str = "static"  # static (paper: fixed bank) | causal (tokens write into the slots)
     gam_impl: str = "auto"  # auto | reference (paper's eager code) | fast (fused ops, same function)
     # Transformer
     attn_impl: str = "sdpa"  # sdpa (fused kernel) | naive (materialized mask, as the paper)
@@ -126,6 +128,9 @@ class GAMConfig:
         )
         choice("pos_embedding", POS_EMBEDDINGS)
         choice("variant", GAM_VARIANTS)
+        choice("memory", GAM_MEMORIES)
+        need(not (self.memory == "causal" and self.variant == "local_only"),
+             "memory='causal' needs the memory path; variant 'local_only' has none")
         choice("gam_impl", GAM_IMPLS)
         choice("attn_impl", ATTN_IMPLS)
         choice("mamba_wiring", MAMBA_WIRINGS)

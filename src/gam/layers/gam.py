@@ -15,6 +15,10 @@ Note what the memory read is: ``softmax(h_t M^T) M`` uses token t's own
 features and a bank of weights shared by all positions, so it is a per-token
 function (like the FFN). Only the convolution moves information between
 positions: a stack of n_layer blocks sees exactly 1 + n_layer*(k-1) tokens.
+
+``memory="causal"`` (opt-in, not the paper) makes the bank the initial content
+of slots that tokens write into (:mod:`gam.layers.causal_memory`); token t
+reads the slots as written up to and including t, so the path is global.
 """
 
 from __future__ import annotations
@@ -59,6 +63,11 @@ class GAMBlock(nn.Module):
         if self.has_global:
             self.memory_bank = nn.Parameter(torch.empty(config.num_memory_slots, C))
             nn.init.xavier_uniform_(self.memory_bank)
+        self.memory = getattr(config, "memory", "static")  # static (paper) | causal
+        if self.memory == "causal":  # new parameters only in this case
+            from gam.layers.causal_memory import CausalMemory
+
+            self.causal_memory = CausalMemory(C, config.num_memory_slots)
         if config.variant == "full":
             self.gate = nn.Linear(C, 2 * C)
         self.ln2 = nn.LayerNorm(C)
@@ -69,7 +78,11 @@ class GAMBlock(nn.Module):
         T = h.shape[1]
         return self.causal_conv(h.transpose(1, 2))[:, :, :T].transpose(1, 2)
 
-    def global_context(self, h: torch.Tensor) -> torch.Tensor:
+    def global_context(self, h: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        if self.memory == "causal":  # slots as written by tokens <= t; a decoding cache holds them
+            if cache is None:
+                return self.causal_memory(h, self.memory_bank)[0]
+            return self.causal_memory.step(h, cache["memory_state"])
         weights = F.softmax(h @ self.memory_bank.T, dim=-1)  # (B, T, slots)
         return weights @ self.memory_bank
 
@@ -88,7 +101,7 @@ class GAMBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from gam.ops.fused_block import gam_block_fast, use_fast_path
 
-        if use_fast_path(self.impl, x):
+        if self.memory == "static" and use_fast_path(self.impl, x):
             return gam_block_fast(self, x)  # same function, fused ops (gam.ops.fused_block)
         return self.forward_reference(x)
 
@@ -112,6 +125,10 @@ class GAMBlock(nn.Module):
             k = self.causal_conv.kernel_size[0]
             cache["conv_state"] = torch.zeros(batch_size, w.shape[0], k - 1,
                                               dtype=dtype or w.dtype, device=device or w.device)
+        if self.memory == "causal":  # the slots, num_memory_slots x C per sequence
+            M = self.memory_bank.detach()
+            cache["memory_state"] = M.to(dtype=dtype or M.dtype, device=device or M.device).expand(
+                batch_size, *M.shape).clone()
         return cache
 
     def prefill(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
@@ -123,6 +140,8 @@ class GAMBlock(nn.Module):
                 h = self.ln1(x)[:, -keep:].transpose(1, 2)  # (B, C, <=k-1)
                 state.zero_()
                 state[:, :, keep - h.shape[-1]:] = h
+        if self.memory == "causal":
+            cache["memory_state"].copy_(self.causal_memory.final_state(self.ln1(x), self.memory_bank))
         return self(x)
 
     def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
@@ -138,11 +157,11 @@ class GAMBlock(nn.Module):
                      + self.causal_conv.bias).unsqueeze(1)  # (B, 1, C)
         if self.variant == "full":
             g_local, g_global = self.gate(h).chunk(2, dim=-1)
-            mixed = torch.sigmoid(g_local) * local + torch.sigmoid(g_global) * self.global_context(h)
+            mixed = torch.sigmoid(g_local) * local + torch.sigmoid(g_global) * self.global_context(h, cache)
         elif self.variant == "sum_fusion":
-            mixed = local + self.global_context(h)
+            mixed = local + self.global_context(h, cache)
         elif self.variant == "global_only":
-            mixed = self.global_context(h)
+            mixed = self.global_context(h, cache)
         else:
             mixed = local
         x = x + mixed
