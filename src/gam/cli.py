@@ -174,6 +174,15 @@ def add_generation_parsers(sub: argparse._SubParsersAction) -> None:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     add_bench_decode_parser(bench_sub)
     # more benchmarks: define add_bench_<name>_parser(bench_sub) like the one below and call it here
+    add_bench_paper_parsers(bench_sub)
+
+
+def add_bench_paper_parsers(bench_sub: argparse._SubParsersAction) -> None:
+    """``gam bench scaling|paper|ablation|report``: the paper's tables (parsers live in gam.bench.*)."""
+    from gam.bench import ablation, paper, report, scaling
+
+    for module in (scaling, paper, ablation, report):
+        module.add_parser(bench_sub)
 
 
 def add_bench_decode_parser(bench_sub: argparse._SubParsersAction) -> None:

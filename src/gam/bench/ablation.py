@@ -1,0 +1,159 @@
+"""Ablation benchmark (the paper's Table 3): the four GAM variants on WikiText-2.
+
+Full GAM (gated fusion of the local convolution and the global memory read),
+Global Only (memory read, no convolution, no gate), Sum Fusion (both paths
+added, no gate) and Local Only (convolution, no memory, no gate), trained the
+same way (same data, steps and seeds; see :mod:`gam.bench.paper`). Table 3
+reports the *best* validation perplexity seen during training, so the runs
+evaluate a few times (``eval_every``) and the table shows the best and the
+final perplexity. Beside ours: the paper's parameter counts and perplexities,
+and our parameter count at the paper's configuration (which matches the
+paper's rounded figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from gam.bench.common import fmt_mean_spread, load_average, markdown_table, parse_name_list, write_results
+from gam.bench.paper import (
+    METRICS, ModelSpec, PaperConfig, _epoch_cell, add_common_training_args, aggregate, config_kwargs,
+    fmt_params, parameter_counts, plot_curves, resolve, setup_lines, train_grid,
+)
+
+NAME = "ablation"
+
+# key -> (spec, gating, local, global); add an entry to ablate another variant.
+VARIANTS: dict[str, tuple[ModelSpec, bool, bool, bool]] = {
+    "full": (ModelSpec("full", "GAM (Full)", "gam", {"variant": "full"}), True, True, True),
+    "global_only": (ModelSpec("global_only", "GAM (Global Only)", "gam", {"variant": "global_only"}),
+                    False, False, True),
+    "sum_fusion": (ModelSpec("sum_fusion", "GAM (Sum Fusion)", "gam", {"variant": "sum_fusion"}),
+                   False, True, True),
+    "local_only": (ModelSpec("local_only", "GAM (Local Only)", "gam", {"variant": "local_only"}),
+                   False, True, False),
+}
+DEFAULT_VARIANTS = ("full", "global_only", "sum_fusion", "local_only")  # the paper's row order
+
+# The paper's Table 3 (WikiText-2; best validation PPL during training).
+PAPER_TABLE3 = {
+    "full": {"params": "22.6 M", "val_ppl": 900.84},
+    "global_only": {"params": "19.4 M", "val_ppl": 905.45},
+    "sum_fusion": {"params": "19.4 M", "val_ppl": 942.59},
+    "local_only": {"params": "17.9 M", "val_ppl": 944.70},
+}
+
+
+def _mark(flag: bool) -> str:
+    return "✓" if flag else "×"
+
+
+def render_table3(variants: list[str], runs: list[dict[str, Any]], paper_counts: dict[str, int]) -> str:
+    headers = ["configuration", "gating", "local", "global", "params", "w/o emb.", "params at paper config",
+               "s / epoch", "tokens/s", "best val PPL", "final val PPL", "paper params", "paper val PPL"]
+    body = []
+    for key in variants:
+        spec, gating, local, glob = VARIANTS[key]
+        rs = [r for r in runs if r["model"] == key]
+        if not rs:
+            continue
+        paper = PAPER_TABLE3.get(key, {})
+        body.append([
+            spec.label, _mark(gating), _mark(local), _mark(glob),
+            fmt_params(rs[0]["params"]), fmt_params(rs[0]["non_embedding_params"]),
+            f"{paper_counts[key]:,}", _epoch_cell(rs), fmt_mean_spread([r["tokens_per_s"] for r in rs], "{:,.0f}"),
+            fmt_mean_spread([r["best_val_ppl"] for r in rs], "{:.2f}"),
+            fmt_mean_spread([r["val_ppl"] for r in rs], "{:.2f}"),
+            paper.get("params", "—"), f"{paper['val_ppl']:.2f}" if "val_ppl" in paper else "—",
+        ])
+    return markdown_table(headers, body, "llll" + "r" * 9)
+
+
+def run(cfg: PaperConfig, variants: list[str], out: str | Path,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train the variants on ``cfg.datasets[0]`` (WikiText-2 by default); write ablation.md/.json/.csv, curves.png."""
+    from gam.bench.common import environment
+    from gam.train import preset as train_preset
+
+    cfg.validate()
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    specs = {k: VARIANTS[k][0] for k in variants}
+    model_fields, train_fields, valid_tokens = resolve(cfg, NAME)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
+    paper_fields = train_preset("paper")[0]
+    paper_counts = {k: parameter_counts("gam", {**paper_fields, **specs[k].fields})["total"] for k in variants}
+    start = time.perf_counter()
+    import torch
+
+    if train_fields.get("threads"):
+        torch.set_num_threads(train_fields["threads"])
+    env = environment(cfg.device)
+    dataset = cfg.datasets[0]
+    log(f"ablation: {', '.join(variants)} on {dataset}; preset {cfg.preset}, {train_fields['precision']} on "
+        f"{cfg.device}, seeds {seeds}")
+    runs, data_info = train_grid([dataset], list(specs.values()), seeds, model_fields, train_fields,
+                                 device=cfg.device, valid_tokens=valid_tokens, data_source=cfg.data_source,
+                                 cache_dir=cfg.cache_dir, runs_dir=cfg.runs_dir, log=log)
+    wall = time.perf_counter() - start
+    env["load_average_end"] = load_average()
+    uni = [r["unigram_ppl"] for r in runs if r.get("unigram_ppl")]
+    data_info[dataset]["unigram_ppl"] = uni[0] if uni else None
+    table = render_table3(variants, runs, paper_counts)
+    evals = train_fields.get("eval_every")
+    lines = ["# Ablations (Table 3): the four GAM variants", "",
+             *setup_lines(cfg, model_fields, train_fields, valid_tokens, data_info, env, wall, seeds),
+             table, "",
+             "Best val PPL: the lowest validation perplexity of the evaluations during training "
+             + (f"(every {evals} steps and at the end; " if evals else "(after each epoch; ")
+             + "the paper's Table 3 metric); final val PPL: at the end of training (Table 1's metric). "
+             "`params at paper config`: our count for the paper's configuration (width 512, 6 layers, "
+             "vocab 10,000, 512 slots), which rounds to the paper's figure.",
+             "The paper's columns are its Table 3 (WikiText-2, T4 GPU, fp32, 5 epochs)."
+             + (" They compare with ours only in direction: the `cpu` preset is a much smaller model trained "
+                "for a few hundred thousand tokens." if cfg.preset == "cpu" else ""), ""]
+    summary = [{"model": k, "label": specs[k].label, "gating": VARIANTS[k][1], "local": VARIANTS[k][2],
+                "global": VARIANTS[k][3], "params": rs[0]["params"],
+                "non_embedding_params": rs[0]["non_embedding_params"], "params_paper_config": paper_counts[k],
+                **aggregate(rs, METRICS), "paper": PAPER_TABLE3.get(k)}
+               for k in variants if (rs := [r for r in runs if r["model"] == k])]
+    raw = {"bench": NAME, "config": cfg, "variants": variants, "model_fields": model_fields,
+           "train_fields": train_fields, "valid_tokens": valid_tokens, "seeds": seeds, "environment": env,
+           "wall_s": wall, "data": data_info, "models": specs, "summary": summary, "rows": runs,
+           "paper_table3": PAPER_TABLE3}
+    csv_rows = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in runs]
+    out = Path(out)
+    paths = write_results(out, NAME, "\n".join(lines), raw, csv_rows)
+    paths.append(plot_curves(runs, specs, out / "curves.png",
+                             f"{cfg.preset} preset, {train_fields['precision']}, {env['device_name']}"))
+    return {"markdown": "\n".join(lines), "table": table, "runs": runs, "summary": summary, "paths": paths,
+            "wall_s": wall}
+
+
+def add_parser(bench_sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from gam.bench.paper import CPU_STEPS
+
+    p = bench_sub.add_parser(
+        "ablation", help="Table 3: the four GAM variants trained on WikiText-2",
+        description="Train the full GAM and its three ablations (Global Only, Sum Fusion, Local Only) on "
+                    "WikiText-2 with the same data, steps and seeds, and tabulate parameters, time per epoch, "
+                    "tokens/s and the best and final validation perplexity beside the paper's Table 3. "
+                    "Writes ablation.md/.json/.csv and curves.png into --out.")
+    add_common_training_args(p, f"{CPU_STEPS['ablation']} steps per run, under 30 minutes on 2 cores")
+    p.add_argument("--dataset", default="wikitext2", help="wikitext2 (the paper's), tinystories or a path")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    p.add_argument("--out", default="results/ablation", help="results folder (default results/ablation)")
+    p.set_defaults(func=cmd, accepts_overrides=True)
+    return p
+
+
+def cmd(args: argparse.Namespace) -> None:
+    cfg = PaperConfig(datasets=(args.dataset,), **config_kwargs(args))
+    result = run(cfg, parse_name_list(args.variants, VARIANTS, "variant"), args.out)
+    print()
+    print(result["table"])
+    print(f"wrote {', '.join(str(p) for p in result['paths'])} in {result['wall_s'] / 60:.1f} min")

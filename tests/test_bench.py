@@ -1,0 +1,221 @@
+"""gam bench scaling / paper / ablation / report on tiny configurations.
+
+Benchmarks are not tests: these only check that each command runs end to end
+(seconds each) and writes a well-formed table and files.
+"""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from gam.bench import common
+from gam.cli import main
+
+PHRASES = ["the cat sat on a mat", "while dogs ran far away", "and birds sang in trees", "by the river"]
+TINY_MODEL = ["--n-embd", "16", "--n-layer", "2", "--n-head", "2", "--num-memory-slots", "8",
+              "--vocab-size", "120", "--block-size", "16", "--d-state", "4", "--expand", "2"]
+TINY_TRAIN = ["--max-steps", "4", "--batch-size", "4", "--valid-tokens", "200", "--warmup-steps", "2",
+              "--eval-batch-size", "8", "--log-every", "1", "--train-rows", "None", "--valid-rows", "None"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    rows = [" ".join(PHRASES[int(i)] for i in torch.randint(0, len(PHRASES), (3,), generator=g)) for _ in range(300)]
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def table_rows(markdown: str, first_cell: str) -> list[list[str]]:
+    """Body rows of the markdown table whose header starts with ``first_cell``."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_cell} |"))
+    assert set(lines[start + 1].replace("|", "").replace("-", "").replace(":", "")) <= {" ", ""}
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    width = lines[start].count("|")
+    assert all(line.count("|") == width for line in lines[start:start + 2 + len(rows)])
+    return rows
+
+
+def check_raw(raw: dict, bench: str) -> None:
+    assert raw["bench"] == bench
+    env = raw["environment"]
+    assert env["packages"]["torch"] and env["device"] == "cpu" and env["device_name"]
+    assert "commit" in env["git"] and env["python"]
+    assert isinstance(raw["config"], dict) and raw["rows"]
+
+
+# ----------------------------------------------------------------------------- common helpers
+
+def test_fit_exponent_and_formatting():
+    xs = [256, 512, 1024, 2048]
+    assert common.fit_exponent(xs, [3 * x ** 2 for x in xs]) == pytest.approx(2.0)
+    assert common.fit_exponent(xs, [5 * x for x in xs]) == pytest.approx(1.0)
+    assert common.fit_exponent([256], [1.0]) is None
+    assert common.fmt_mean_spread([1.0, 3.0]) == "2.00 ± 1.41"
+    assert common.fmt_mean_spread([2.5]) == "2.50"
+    assert common.fmt_mean_spread([]) == "—"
+    assert common.parse_int_list("512, 256,256") == [256, 512]
+    with pytest.raises(ValueError):
+        common.parse_int_list("256,x")
+    table = common.markdown_table(["a", "b"], [[1, 2], ["x", None]])
+    assert table.splitlines() == ["| a | b |", "|---|---:|", "| 1 | 2 |", "| x |  |"]
+
+
+def test_write_results_and_peak_memory(tmp_path):
+    raw = {"bench": "demo", "config": {"x": 1}, "environment": common.environment("cpu"),
+           "rows": [{"a": 1, "b": float("inf")}]}
+    paths = common.write_results(tmp_path / "r", "demo", "# Demo\n", raw, raw["rows"])
+    assert [p.name for p in paths] == ["demo.md", "demo.json", "demo.csv"]
+    back = json.loads((tmp_path / "r" / "demo.json").read_text())
+    assert back["rows"][0]["b"] is None  # non-finite floats become null, the JSON stays valid
+    check_raw(back, "demo")
+    before = common.rss_bytes()
+    assert before and common.peak_rss_bytes() >= before
+    timing = common.time_runs(lambda: sum(range(1000)), "cpu", warmup=1, repeats=3)
+    assert len(timing["times_s"]) == 3 and len(timing["warmup_s"]) == 1 and timing["median_s"] > 0
+
+
+# ----------------------------------------------------------------------------- scaling
+
+@pytest.fixture(scope="module")
+def scaling_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scaling")
+    assert main(["bench", "scaling", "--device", "cpu", "--out", str(out), "--lengths", "16,32",
+                 "--models", "gam,transformer_naive,transformer_sdpa,mamba", "--n-embd", "32", "--n-head", "2",
+                 "--batch-size", "2", "--warmup", "1", "--repeats", "2"]) == 0
+    return out
+
+
+def test_scaling_writes_table_and_files(scaling_dir):
+    for name in ("scaling.md", "scaling.json", "scaling.csv", "compute_time.png", "peak_memory.png"):
+        assert (scaling_dir / name).stat().st_size > 0, name
+    md = (scaling_dir / "scaling.md").read_text()
+    rows = table_rows(md, "T")
+    assert [r[0] for r in rows] == ["16", "32", "**exponent**"]
+    raw = json.loads((scaling_dir / "scaling.json").read_text())
+    check_raw(raw, "scaling")
+    assert raw["config"]["batch_size"] == 2 and raw["config"]["precision"] == "fp32"
+    by = {(r["model"], r["T"]): r for r in raw["rows"]}
+    for model in ("gam", "transformer_naive", "transformer_sdpa"):
+        for T in (16, 32):
+            r = by[(model, T)]
+            assert r["status"] == "ok", r
+            assert r["median_ms"] > 0 and r["peak_mib"] > 0 and len(r["times_ms"]) >= 1
+        assert raw["exponents"][model]["time"] is not None
+    assert by[("mamba", 16)]["status"] in ("ok", "unavailable")  # Mamba may not be installed
+    with open(scaling_dir / "scaling.csv") as f:
+        assert len(list(csv.DictReader(f))) == 8
+
+
+def test_scaling_failures_are_results_not_crashes(tmp_path):
+    from gam.bench.scaling import ScalingConfig, run
+
+    # A memory budget too small for the block: OOM, and larger T are not attempted.
+    oom = run(ScalingConfig(models=("gam",), lengths=(512, 1024), n_embd=32, n_head=2, batch_size=2,
+                            warmup=0, repeats=1, memory_budget_gib=0.001), tmp_path / "oom", log=lambda s: None)
+    assert [r["status"] for r in oom["rows"]] == ["oom", "oom"]
+    assert "OOM" in oom["table"]
+    # A time budget that the first point passes: recorded as over budget.
+    slow = run(ScalingConfig(models=("transformer_naive",), lengths=(64, 128), n_embd=32, n_head=2, batch_size=2,
+                             warmup=0, repeats=1, time_budget_s=1e-6), tmp_path / "time", log=lambda s: None)
+    assert [r["status"] for r in slow["rows"]] == ["time", "time"]
+    assert "> budget" in slow["table"]
+
+
+# ----------------------------------------------------------------------------- paper / ablation
+
+@pytest.fixture(scope="module")
+def paper_dir(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("paper")
+    cache = tmp_path_factory.mktemp("cache")
+    assert main(["bench", "paper", "--device", "cpu", "--out", str(out), "--datasets", str(corpus),
+                 "--seeds", "2", "--cache-dir", str(cache), *TINY_TRAIN, *TINY_MODEL]) == 0
+    return out
+
+
+def test_paper_writes_table_and_files(paper_dir):
+    for name in ("paper.md", "paper.json", "paper.csv", "curves.png"):
+        assert (paper_dir / name).stat().st_size > 0, name
+    md = (paper_dir / "paper.md").read_text()
+    rows = table_rows(md, "dataset")
+    raw = json.loads((paper_dir / "paper.json").read_text())
+    check_raw(raw, "paper")
+    trained = [m for m in ("gam", "transformer", "mamba") if m not in raw["skipped"]]
+    assert {"gam", "transformer"} <= set(trained)
+    assert [r[1] for r in rows] == [raw["models"][m]["label"] for m in trained]
+    assert raw["train_fields"]["precision"] == "fp32" and raw["models"]["transformer"]["fields"]["attn_impl"] == "naive"
+    assert len(raw["rows"]) == 2 * len(trained)  # two seeds each
+    for r in raw["rows"]:
+        assert r["steps"] == 4 and r["tokens"] == 4 * 4 * 16 and r["epoch_s_extrapolated"]
+        assert math.isfinite(r["val_loss"]) and r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-6)
+        assert r["params"] > r["non_embedding_params"] > 0 and r["tokens_per_s"] > 0
+    gam = next(s for s in raw["summary"] if s["model"] == "gam")
+    assert gam["val_loss"]["sd"] is not None and len(gam["val_loss"]["values"]) == 2
+    assert "±" in rows[0][6]  # val loss: mean ± sd over the two seeds
+
+
+def test_paper_fair_mode(corpus, tmp_path):
+    assert main(["bench", "paper", "--fair", "--models", "transformer", "--out", str(tmp_path / "fair"),
+                 "--datasets", str(corpus), "--cache-dir", str(tmp_path / "cache"), *TINY_TRAIN, *TINY_MODEL]) == 0
+    raw = json.loads((tmp_path / "fair" / "paper.json").read_text())
+    assert raw["train_fields"]["precision"] == "bf16"
+    assert raw["models"]["transformer"]["fields"] == {"attn_impl": "sdpa"}
+    assert "SDPA" in (tmp_path / "fair" / "paper.md").read_text()
+
+
+def test_paper_table_has_paper_figures():
+    from gam.bench.paper import PaperConfig, render_table1
+
+    run = {"dataset": "wikitext2", "model": "gam", "params": 22_599_680, "non_embedding_params": 17_348_608,
+           "epoch_s": 100.0, "epoch_s_extrapolated": False, "tokens_per_s": 1000.0, "val_loss": 6.5,
+           "val_ppl": math.exp(6.5)}
+    from gam.bench.paper import MODEL_SPECS
+
+    table = render_table1(PaperConfig(models=("gam",), datasets=("wikitext2",)), [run], {"gam": MODEL_SPECS["gam"](False)})
+    (row,) = table_rows(table, "dataset")
+    assert row[:4] == ["WikiText-2", "GAM", "22.60 M", "17.35 M"]
+    assert row[8:] == ["22.6 M", "117.2", "6.7828", "882.57"]
+
+
+def test_ablation_writes_table_and_files(corpus, tmp_path):
+    out = tmp_path / "ablation"
+    assert main(["bench", "ablation", "--out", str(out), "--dataset", str(corpus), "--cache-dir",
+                 str(tmp_path / "cache"), "--eval-every", "2", *TINY_TRAIN, *TINY_MODEL]) == 0
+    for name in ("ablation.md", "ablation.json", "ablation.csv", "curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = table_rows((out / "ablation.md").read_text(), "configuration")
+    assert [r[0] for r in rows] == ["GAM (Full)", "GAM (Global Only)", "GAM (Sum Fusion)", "GAM (Local Only)"]
+    assert [r[1:4] for r in rows] == [["✓", "✓", "✓"], ["×", "×", "✓"], ["×", "✓", "✓"], ["×", "✓", "×"]]
+    assert [r[6] for r in rows] == ["22,599,680", "19,435,520", "19,447,808", "17,874,944"]
+    assert [r[-1] for r in rows] == ["900.84", "905.45", "942.59", "944.70"]
+    raw = json.loads((out / "ablation.json").read_text())
+    check_raw(raw, "ablation")
+    for r in raw["rows"]:
+        assert len(r["evals"]) == 2 and r["best_val_ppl"] <= r["val_ppl"] + 1e-9
+
+
+# ----------------------------------------------------------------------------- report
+
+def test_report_collects_folders(scaling_dir, paper_dir, tmp_path):
+    out = tmp_path / "report" / "REPORT.md"
+    assert main(["bench", "report", str(scaling_dir), str(paper_dir), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# Benchmark report")
+    assert "## Scaling benchmark" in text and "## Main results (Table 1)" in text
+    assert "compute_time.png" in text and "curves.png" in text
+    summary = table_rows(text, "results")
+    assert [r[1] for r in summary] == ["scaling", "paper"]
+    with pytest.raises(FileNotFoundError):
+        from gam.bench.report import read_folder
+
+        read_folder(tmp_path / "missing")
