@@ -148,6 +148,8 @@ def test_paper_writes_table_and_files(paper_dir):
         assert (paper_dir / name).stat().st_size > 0, name
     md = (paper_dir / "paper.md").read_text()
     rows = table_rows(md, "dataset")
+    assert rows[-1][1] == "*unigram model (token frequencies)*" and float(rows[-1][7]) > 1  # the baseline row
+    rows = rows[:-1]
     raw = json.loads((paper_dir / "paper.json").read_text())
     check_raw(raw, "paper")
     trained = [m for m in ("gam", "transformer", "mamba") if m not in raw["skipped"]]
@@ -194,6 +196,8 @@ def test_ablation_writes_table_and_files(corpus, tmp_path):
     for name in ("ablation.md", "ablation.json", "ablation.csv", "curves.png"):
         assert (out / name).stat().st_size > 0, name
     rows = table_rows((out / "ablation.md").read_text(), "configuration")
+    assert rows[-1][0] == "*unigram model (token frequencies)*"
+    rows = rows[:-1]
     assert [r[0] for r in rows] == ["GAM (Full)", "GAM (Global Only)", "GAM (Sum Fusion)", "GAM (Local Only)"]
     assert [r[1:4] for r in rows] == [["✓", "✓", "✓"], ["×", "×", "✓"], ["×", "✓", "✓"], ["×", "✓", "×"]]
     assert [r[6] for r in rows] == ["22,599,680", "19,435,520", "19,447,808", "17,874,944"]

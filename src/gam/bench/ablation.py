@@ -21,7 +21,7 @@ from typing import Any, Callable
 from gam.bench.common import fmt_mean_spread, load_average, markdown_table, parse_name_list, write_results
 from gam.bench.paper import (
     METRICS, ModelSpec, PaperConfig, _epoch_cell, add_common_training_args, aggregate, config_kwargs,
-    fmt_params, parameter_counts, plot_curves, resolve, setup_lines, train_grid,
+    UNIGRAM_LABEL, fmt_params, parameter_counts, unigram_ppl, plot_curves, resolve, setup_lines, train_grid,
 )
 
 NAME = "ablation"
@@ -69,6 +69,9 @@ def render_table3(variants: list[str], runs: list[dict[str, Any]], paper_counts:
             fmt_mean_spread([r["val_ppl"] for r in rs], "{:.2f}"),
             paper.get("params", "—"), f"{paper['val_ppl']:.2f}" if "val_ppl" in paper else "—",
         ])
+    uni = unigram_ppl(runs)
+    if uni:
+        body.append([UNIGRAM_LABEL, "", "", "", "", "", "", "", "", f"{uni:.2f}", f"{uni:.2f}", "", ""])
     return markdown_table(headers, body, "llll" + "r" * 9)
 
 

@@ -380,7 +380,21 @@ def render_table1(cfg: PaperConfig, runs: list[dict[str, Any]], specs: dict[str,
                 _paper_num(paper.get("params"), "{}"), _paper_num(paper.get("epoch_s"), "{:.1f}"),
                 _paper_num(paper.get("val_loss"), "{:.4f}"), _paper_num(paper.get("val_ppl"), "{:.2f}"),
             ])
+        uni = unigram_ppl(runs, dataset)
+        if uni:
+            body.append([DATASET_LABELS.get(dataset, dataset), UNIGRAM_LABEL, "", "", "", "",
+                         f"{math.log(uni):.4f}", f"{uni:.2f}", "", "", "", ""])
     return markdown_table(headers, body, "ll" + "r" * 10)
+
+
+UNIGRAM_LABEL = "*unigram model (token frequencies)*"
+
+
+def unigram_ppl(runs: list[dict[str, Any]], dataset: str | None = None) -> float | None:
+    """The perplexity of a unigram model fitted on the training tokens, on the same
+    validation tokens (a trained model must beat it to have learned any context)."""
+    values = [r["unigram_ppl"] for r in runs if r.get("unigram_ppl") and (dataset is None or r["dataset"] == dataset)]
+    return values[0] if values else None
 
 
 def setup_lines(cfg: PaperConfig, model_fields: dict[str, Any], train_fields: dict[str, Any],
@@ -410,7 +424,9 @@ def setup_lines(cfg: PaperConfig, model_fields: dict[str, Any], train_fields: di
               "evaluation or checkpointing). `*`: the run was shorter than an epoch, so the time per "
               "epoch is the measured time per step x steps per epoch. Tokens/s: training tokens per "
               "second of that time. Parameters count the tied embedding once; `w/o emb.` leaves out "
-              "the token and position embeddings.", ""]
+              "the token and position embeddings. The unigram row is a model of token frequencies alone "
+              "(fitted on the training tokens, scored on the same validation tokens): a model has learned "
+              "something from context only where it beats that row.", ""]
     return lines
 
 
@@ -496,6 +512,9 @@ def plot_curves(runs: list[dict[str, Any]], specs: dict[str, ModelSpec], path: P
                 if r["evals"]:
                     ax.plot([e["step"] for e in r["evals"]], [e["val_loss"] for e in r["evals"]], "o",
                             color=c, ms=5)
+        uni = unigram_ppl(runs, dataset)
+        if uni:
+            ax.axhline(math.log(uni), color="grey", ls="--", lw=1, label="unigram model (validation)")
         ax.set_title(f"{DATASET_LABELS.get(dataset, dataset)} ({title})", fontsize=8)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (line: train, dots: validation)")
