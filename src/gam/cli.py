@@ -173,6 +173,9 @@ def add_generation_parsers(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks (gam bench decode, ...)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     add_bench_decode_parser(bench_sub)
+    from gam.bench import speed
+
+    speed.add_parser(bench_sub)  # gam bench speed: training throughput, fast path vs reference
     # more benchmarks: define add_bench_<name>_parser(bench_sub) like the one below and call it here
     add_bench_paper_parsers(bench_sub)
 

@@ -39,7 +39,7 @@ def _no_autocast(device_type: str):
 def _conv_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     C, k = weight.shape[0], weight.shape[-1]
     T = h.shape[1]
-    w = weight.reshape(C, k).t().to(h.dtype)  # (k, C); w[k-1] multiplies the current token
+    w = weight.reshape(C, k).t().to(h.dtype).contiguous()  # (k, C); w[k-1]: the current token
     if bias is not None:
         out = torch.addcmul(bias.to(h.dtype), h, w[k - 1])
     else:
@@ -55,7 +55,7 @@ def _conv_backward(dout: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, ha
     C, k = weight.shape[0], weight.shape[-1]
     T = h.shape[1]
     acc = acc_dtype(h.dtype)
-    w = weight.reshape(C, k).t().to(h.dtype)
+    w = weight.reshape(C, k).t().to(h.dtype).contiguous()
     dh = dw = db = None
     if need_h:
         dh = dout * w[k - 1]
@@ -65,10 +65,10 @@ def _conv_backward(dout: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, ha
         dw = torch.zeros(k, C, dtype=acc, device=h.device)
         for shift in range(0, min(k, T)):
             prod = dout[:, shift:] * h[:, : T - shift]
-            dw[k - 1 - shift] = prod.sum(dim=(0, 1), dtype=acc)
+            dw[k - 1 - shift] = prod.sum(dim=(0, 1))  # fp32 accumulation inside
         dw = dw.t().reshape(weight.shape).to(weight.dtype)
     if has_bias:
-        db = dout.sum(dim=(0, 1), dtype=acc)
+        db = dout.sum(dim=(0, 1)).to(acc)
     return dh, dw, db
 
 
@@ -113,26 +113,28 @@ class ConvGatedResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g, h, conv_weight, conv_bias, glob):
         C = glob.shape[-1]
-        local = _conv_forward(h, conv_weight, conv_bias)
-        out = torch.addcmul(x, torch.sigmoid(g[..., :C]), local)
-        out.addcmul_(torch.sigmoid(g[..., C:]), glob)
+        # The mix in the compute dtype (single-dtype ops are vectorized; mixed-dtype
+        # ones are not), then one add into the residual's dtype.
+        mix = _conv_forward(h, conv_weight, conv_bias).mul_(torch.sigmoid(g[..., :C]))
+        mix.addcmul_(torch.sigmoid(g[..., C:]), glob)
         ctx.save_for_backward(g, h, conv_weight, conv_bias, glob)
-        return out
+        return x + mix
 
     @staticmethod
     def backward(ctx, dout):
         g, h, conv_weight, conv_bias, glob = ctx.saved_tensors
         with _no_autocast(g.device.type):
             C = glob.shape[-1]
+            d = dout.to(g.dtype)
             local = _conv_forward(h, conv_weight, conv_bias)          # recomputed
             sl, sg = torch.sigmoid(g[..., :C]), torch.sigmoid(g[..., C:])
             dg = torch.empty_like(g)
-            tmp = torch.mul(dout, local, out=local)                   # local no longer needed
+            tmp = local.mul_(d)                                       # local no longer needed
             torch.ops.aten.sigmoid_backward.grad_input(tmp, sl, grad_input=dg[..., :C])
-            torch.mul(dout, glob, out=tmp)
+            torch.mul(d, glob, out=tmp)
             torch.ops.aten.sigmoid_backward.grad_input(tmp, sg, grad_input=dg[..., C:])
-            dglob = torch.mul(dout, sg, out=sg)
-            dlocal = torch.mul(dout, sl, out=sl)
+            dglob = sg.mul_(d)
+            dlocal = sl.mul_(d)
             dh, dw, db = _conv_backward(dlocal, h, conv_weight, conv_bias is not None and ctx.needs_input_grad[4],
                                         ctx.needs_input_grad[2], ctx.needs_input_grad[3])
         return dout, dg, dh, dw, db, dglob
@@ -162,32 +164,36 @@ def dropout_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
 class FFNResidual(torch.autograd.Function):
     """``x + Dropout(Linear2(GELU(Linear1(h))))`` keeping h and the GELU input only.
 
-    ``h`` is in the compute dtype; weights are cast to it; ``mask`` is a bool
-    keep-mask or None; the output has the residual's dtype. Forward and
-    backward run over chunks of ``chunk`` tokens, so the (tokens, 4C) GELU
-    output and its gradients exist one chunk at a time.
+    ``h`` is in the compute dtype; weights are cast to it (the casts are kept
+    for backward: small); ``keep`` is a bool keep-mask or None and ``scale``
+    1/(1-p); the output has the residual's dtype. Forward and backward run over
+    chunks of ``chunk`` tokens, so the (tokens, 4C) GELU output and its
+    gradients exist one chunk at a time. Every elementwise op has a single
+    dtype (mixed-dtype ops are not vectorized on CPU).
     """
 
     @staticmethod
-    def forward(ctx, x, h, w1, b1, w2, b2, mask, scale: float, chunk: int):
+    def forward(ctx, x, h, w1, b1, w2, b2, keep, scale: float, chunk: int):
         dtype = h.dtype
         lead = h.shape[:-1]
         h2 = h.reshape(-1, h.shape[-1])
         N = h2.shape[0]
-        W1t, W2t = w1.to(dtype).t(), w2.to(dtype).t()
+        W1, W2 = w1.to(dtype), w2.to(dtype)
         B1, B2 = b1.to(dtype), b2.to(dtype)
-        u = torch.empty(N, W1t.shape[1], dtype=dtype, device=h.device)
-        y = torch.empty(N, W2t.shape[1], dtype=dtype, device=h.device)
+        u = torch.empty(N, W1.shape[0], dtype=dtype, device=h.device)
+        y = torch.empty(N, W2.shape[0], dtype=dtype, device=h.device)
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
-            torch.addmm(B1, h2[s:e], W1t, out=u[s:e])
-            torch.addmm(B2, F.gelu(u[s:e]), W2t, out=y[s:e])
+            torch.addmm(B1, h2[s:e], W1.t(), out=u[s:e])
+            torch.addmm(B2, F.gelu(u[s:e]), W2.t(), out=y[s:e])
         y = y.view(*lead, -1)
-        if mask is not None:
-            out = torch.addcmul(x, y, mask, value=scale)
+        if keep is not None:
+            y.mul_(keep.to(dtype))
+            out = torch.add(x, y, alpha=scale)
         else:
             out = x + y
-        ctx.save_for_backward(h2, u, w1, w2, mask)
+        ctx.save_for_backward(h2, u, W1, W2, keep)
+        ctx.dtypes = (w1.dtype, w2.dtype)
         ctx.scale = scale
         ctx.lead = lead
         ctx.chunk = chunk
@@ -195,13 +201,13 @@ class FFNResidual(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        h2, u, w1, w2, mask = ctx.saved_tensors
+        h2, u, W1, W2, keep = ctx.saved_tensors
         with _no_autocast(h2.device.type):
             dtype = h2.dtype
             acc = acc_dtype(dtype)
-            W1, W2 = w1.to(dtype), w2.to(dtype)
             d = dout.reshape(-1, dout.shape[-1])
-            m = mask.reshape(d.shape) if mask is not None else None
+            k = keep.reshape(d.shape) if keep is not None else None
+            W2s = W2 * ctx.scale if k is not None else W2     # dropout's scale, folded in
             N = d.shape[0]
             need_h = ctx.needs_input_grad[1]
             dh = torch.empty_like(h2) if need_h else None
@@ -209,18 +215,18 @@ class FFNResidual(torch.autograd.Function):
             for s in range(0, N, ctx.chunk):
                 e = min(s + ctx.chunk, N)
                 uc = u[s:e]
-                if m is not None:
-                    dyc = torch.empty(e - s, d.shape[1], dtype=dtype, device=d.device)
-                    torch.mul(d[s:e], m[s:e], out=dyc)
-                    dyc.mul_(ctx.scale)
-                else:
+                if k is None:
                     dyc = d[s:e].to(dtype)
+                elif d.dtype == dtype:
+                    dyc = d[s:e] * k[s:e].to(dtype)                # not in place: d is also dx
+                else:
+                    dyc = d[s:e].to(dtype).mul_(k[s:e].to(dtype))
                 a = F.gelu(uc)                                    # recomputed
                 part2 = dyc.t() @ a
                 del a
-                du = torch.ops.aten.gelu_backward(dyc @ W2, uc)
+                du = torch.ops.aten.gelu_backward(dyc @ W2s, uc)
                 part1 = du.t() @ h2[s:e]
-                parts = (part1, du.sum(0, dtype=acc), part2, dyc.sum(0, dtype=acc))
+                parts = (part1, du.sum(0), part2, dyc.sum(0))
                 if need_h:
                     torch.mm(du, W1, out=dh[s:e])
                 del du
@@ -229,7 +235,12 @@ class FFNResidual(torch.autograd.Function):
                 else:
                     for total, part in zip((dw1, db1, dw2, db2), parts):
                         total += part
-        return dout, (dh.view(*ctx.lead, -1) if need_h else None), dw1.to(w1.dtype), db1, dw2.to(w2.dtype), db2, None, None, None
+            if k is not None:
+                dw2.mul_(ctx.scale)
+                db2.mul_(ctx.scale)
+        w1_dtype, w2_dtype = ctx.dtypes
+        return (dout, (dh.view(*ctx.lead, -1) if need_h else None), dw1.to(w1_dtype), db1, dw2.to(w2_dtype),
+                db2, None, None, None)
 
 
 # ---------------------------------------------------------------- the block

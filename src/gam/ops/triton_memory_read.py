@@ -232,7 +232,7 @@ class TritonMemoryRead(torch.autograd.Function):
         warps = cfg.pop("num_warps")
         bn, bs = cfg["BLOCK_N"], cfg["BLOCK_S"]
         slot_blocks = triton.cdiv(S, bs)
-        sms = torch.cuda.get_device_properties(h.device).multi_processor_count
+        sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 8
         segments = max(1, min(triton.cdiv(N, bn), triton.cdiv(2 * sms, slot_blocks)))
         rows_per_seg = triton.cdiv(triton.cdiv(N, segments), bn) * bn
         segments = triton.cdiv(N, rows_per_seg)
