@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from gam.bench.common import (
-    MIB, describe_environment, environment, fit_exponent, load_average, markdown_table, parse_int_list,
+    MIB, describe_environment, median, environment, fit_exponent, load_average, markdown_table, parse_int_list,
     parse_name_list, write_results,
 )
 
@@ -98,6 +98,8 @@ class ScalingConfig:
     warmup: int | None = None  # default: 5 on CUDA (paper), 1 on CPU
     repeats: int | None = None  # default: 20 on CUDA (paper), 3 on CPU
     min_time_s: float | None = None  # more timed runs (up to max_repeats) until they add up to this
+    rounds: int | None = None  # default: 2 on CPU (cheap points measured twice), 1 on CUDA
+    rerun_below_s: float = 20.0  # later rounds repeat the points whose first run took less than this
     max_repeats: int | None = None
     time_budget_s: float | None = None  # per point; default 300 on CUDA, 60 on CPU
     memory_budget_gib: float | None = None  # default: the GPU's memory; CPU min(6, 40% of available)
@@ -116,6 +118,7 @@ class ScalingConfig:
         # CPU: cheap points get more timed runs (a steadier median on a shared machine)
         c.min_time_s = (0.0 if cuda else 3.0) if self.min_time_s is None else self.min_time_s
         c.max_repeats = max(c.repeats, self.max_repeats or (c.repeats if cuda else 15))
+        c.rounds = self.rounds or (1 if cuda else 2)
         c.time_budget_s = self.time_budget_s or (300.0 if cuda else 60.0)
         if self.memory_budget_gib is None and not cuda:
             c.memory_budget_gib = round(min(6.0, 0.4 * _mem_available_gib()), 2)
@@ -135,7 +138,7 @@ class ScalingConfig:
             raise ValueError("precision fp16 (autocast + GradScaler) needs CUDA; use fp32 or bf16 on CPU")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
-        for name in ("batch_size", "repeats", "threads"):
+        for name in ("batch_size", "repeats", "threads", "rounds"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -380,6 +383,26 @@ def sweep(cfg: ScalingConfig, log: Callable[[str], None] = print) -> list[dict[s
                 f"{row['median_ms']:9.1f} ms, {row['peak_mib']:9.1f} MiB peak"
                 + (f"  ({row['process_s']:.0f} s)" if "process_s" in row else "")
                 if row["status"] == "ok" else f"{row['status'].upper()} ({row.get('note', '')})"))
+    for round_ in range(2, (cfg.rounds or 1) + 1):
+        # Later rounds repeat the cheap points (most exposed to a burst of load) in a fresh
+        # process, in reverse order of T on even rounds, and pool their timed runs.
+        lengths = list(reversed(cfg.lengths)) if round_ % 2 == 0 else list(cfg.lengths)
+        for T in lengths:
+            for key in cfg.models:
+                row = next(r for r in done[key] if r["T"] == T)
+                if row["status"] != "ok" or row.get("process_s", 0.0) > cfg.rerun_below_s:
+                    continue
+                again = run_point(specs[key], T, cfg)
+                if again["status"] != "ok":
+                    row.setdefault("later_rounds", []).append({"status": again["status"], "note": again.get("note")})
+                    continue
+                row.setdefault("round_medians_ms", [row["median_ms"]]).append(again["median_ms"])
+                row["times_ms"] = row["times_ms"] + again["times_ms"]
+                row["median_ms"] = median(row["times_ms"])
+                row["peak_mib"] = max(row["peak_mib"], again["peak_mib"])
+                row["rounds"] = len(row["round_medians_ms"])
+                log(f"  round {round_}: {specs[key].label:22s} T={T:>6}: {again['median_ms']:9.1f} ms "
+                    f"(pooled median {row['median_ms']:.1f} ms over {len(row['times_ms'])} runs)")
     return [row for key in cfg.models for row in done[key]]
 
 
@@ -455,6 +478,10 @@ def render_markdown(cfg: ScalingConfig, rows: list[dict[str, Any]], fits: dict[s
            if cfg.max_repeats > cfg.repeats and cfg.min_time_s else "") + f". Memory: {mem_what}. Each point "
         f"in a fresh subprocess; per-point budget {cfg.time_budget_s:.0f} s"
         + (f" and {cfg.memory_budget_gib:g} GiB" if cfg.memory_budget_gib else "") + ". "
+        + (f"Points whose first run took under {cfg.rerun_below_s:g} s were measured again in {cfg.rounds - 1} "
+           "more round(s) (fresh processes, reverse order of T), and their median pools all rounds' timed "
+           "runs. " if cfg.rounds > 1 else "")
+        + f"Lengths run one at a time, all models at each T. "
         f"Whole run: {wall_s / 60:.1f} min.", "",
         render_table(cfg, rows, fits), "",
         "The exponent row is the least-squares slope of log(time) and log(memory) against log(T) over a "
@@ -583,6 +610,8 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="add timed runs (up to --max-repeats) until they add up to this many seconds "
                         "(default 3 on CPU, 0 on CUDA)")
     p.add_argument("--max-repeats", type=int, default=None, help="default 15 on CPU")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="measure the cheap points again in this many rounds in all (default 2 CPU, 1 CUDA)")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout in the blocks (paper: 0.1, training mode)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds per point (default 300 CUDA, 60 CPU)")
     p.add_argument("--memory-budget-gib", type=float, default=None,
@@ -598,7 +627,7 @@ def config_from_args(args: argparse.Namespace) -> ScalingConfig:
         device=args.device, models=tuple(parse_name_list(args.models, block_specs(), "model")),
         lengths=tuple(parse_int_list(args.lengths, "--lengths")), batch_size=args.batch_size,
         n_embd=args.n_embd, n_head=args.n_head, dropout=args.dropout, precision=args.precision,
-        warmup=args.warmup, repeats=args.repeats, min_time_s=args.min_time, max_repeats=args.max_repeats, time_budget_s=args.time_budget, memory_budget_gib=args.memory_budget_gib,
+        warmup=args.warmup, repeats=args.repeats, min_time_s=args.min_time, rounds=args.rounds, max_repeats=args.max_repeats, time_budget_s=args.time_budget, memory_budget_gib=args.memory_budget_gib,
         threads=args.threads, seed=args.seed)
 
 
