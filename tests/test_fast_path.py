@@ -449,7 +449,7 @@ def test_bench_speed_smoke(tmp_path):
 
     from gam.bench import speed
 
-    result = speed.run(tmp_path, batch=2, seq=16, steps=1, rounds=1, warmup=1, memory_seq=32,
+    result = speed.run(tmp_path, batch=2, seq=16, steps=1, rounds=1, warmup=1, memory_seq=32, threads=1,
                        rows=["gam_ref_fp32", "gam_fast_fp32", "gam_fast_bf16", "gam_fast_bf16_ce",
                              "transformer_bf16"],
                        overrides=dict(n_layer=1, n_embd=32, num_memory_slots=32, vocab_size=64, n_head=4),
