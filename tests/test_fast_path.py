@@ -476,3 +476,24 @@ def test_flops_per_token_formula():
     linear = L * (C * 2 * C + 4 * C * C * 2 + 3 * C)  # gate, FFN, depthwise conv weights (no biases)
     expected = 2 * linear + 2 * C * V + 2 * L * 2 * S * C
     assert f["forward"] == expected and f["train"] == 3 * expected
+
+
+def test_triton_self_check_accepts_good_and_rejects_bad_kernels(monkeypatch):
+    """memory_read only uses the Triton kernel after it matched the PyTorch path
+    on a small input (forward and backward); a failing kernel is disabled with a warning."""
+    import gam.ops.memory_read as mr
+    from gam.ops import triton_memory_read as tmr
+
+    monkeypatch.setattr(mr, "_TRITON_CHECKED", {})
+    monkeypatch.setattr(tmr, "memory_read_triton", lambda h, M: memory_read_reference(h, M))
+    assert mr._triton_self_check(torch.device("cpu"), torch.float32, (24, 16))
+
+    def broken(h, M):
+        raise RuntimeError("compilation failed")
+
+    monkeypatch.setattr(tmr, "memory_read_triton", broken)
+    with pytest.warns(RuntimeWarning, match="compilation failed"):
+        assert not mr._triton_self_check(torch.device("cpu"), torch.float32, (40, 16))
+    monkeypatch.setattr(tmr, "memory_read_triton", lambda h, M: memory_read_reference(h, M) * 1.1)
+    with pytest.warns(RuntimeWarning, match="relative errors"):
+        assert not mr._triton_self_check(torch.device("cpu"), torch.float32, (48, 16))

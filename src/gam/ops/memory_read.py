@@ -106,6 +106,45 @@ class MemoryRead(torch.autograd.Function):
         return dh, dM.to(memory_bank.dtype), None
 
 
+_TRITON_CHECKED: dict = {}
+
+
+def _triton_self_check(device: torch.device, dtype: torch.dtype, bank_shape) -> bool:
+    """Once per (device, dtype, bank shape): run the Triton kernels forward and
+    backward on a small input and compare with the PyTorch path. On any error or
+    mismatch, warn and use the PyTorch path for the rest of the process."""
+    key = (str(device), dtype, tuple(bank_shape))
+    if key not in _TRITON_CHECKED:
+        import warnings
+
+        from gam.ops import triton_memory_read
+
+        ok, why = False, ""
+        try:
+            with torch.autocast(device.type, enabled=False), torch.enable_grad():
+                gen = torch.Generator(device=device).manual_seed(0)
+                S, C = bank_shape
+                h = torch.randn(67, C, device=device, generator=gen).to(dtype).requires_grad_()
+                M = (torch.randn(S, C, device=device, generator=gen) * C ** -0.5).requires_grad_()
+                g = torch.randn(67, C, device=device, generator=gen).to(dtype)
+                out = triton_memory_read.memory_read_triton(h, M)
+                got = (out, *torch.autograd.grad(out, [h, M], g))
+                ref = MemoryRead.apply(h, M, 32)
+                want = (ref, *torch.autograd.grad(ref, [h, M], g))
+                tol = 1e-4 if dtype == torch.float32 else 3e-2
+                errs = [((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+                        for a, b in zip(got, want)]
+                ok = all(e < tol for e in errs)
+                why = f"relative errors {errs} over tolerance {tol}"
+        except Exception as err:  # noqa: BLE001 - any failure means: do not use the kernel
+            why = f"{type(err).__name__}: {err}"
+        if not ok:
+            warnings.warn(f"gam: Triton memory-read kernel disabled on {device} {dtype} ({why}); "
+                          "using the PyTorch path", RuntimeWarning, stacklevel=3)
+        _TRITON_CHECKED[key] = ok
+    return _TRITON_CHECKED[key]
+
+
 def memory_read(h: torch.Tensor, memory_bank: torch.Tensor, chunk: int | None = None,
                 backend: str = "auto") -> torch.Tensor:
     """Fused memory read, numerically the reference's ``softmax(h Mᵀ) M``.
@@ -121,7 +160,8 @@ def memory_read(h: torch.Tensor, memory_bank: torch.Tensor, chunk: int | None = 
     if backend != "torch" and h.is_cuda:
         from gam.ops import triton_memory_read
 
-        if triton_memory_read.supports(h2.to(dtype), memory_bank):
+        if triton_memory_read.supports(h2.to(dtype), memory_bank) and (
+                backend == "triton" or _triton_self_check(h.device, dtype, memory_bank.shape)):
             out = triton_memory_read.memory_read_triton(h2.to(dtype), memory_bank)
             return out.view(*shape[:-1], memory_bank.shape[1])
     if backend == "triton":
