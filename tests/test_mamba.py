@@ -7,6 +7,7 @@ import torch
 
 from gam.layers.mamba import Mamba
 from gam.ops.selective_scan import (
+    clear_workspace,
     has_mamba_ssm,
     selective_scan,
     selective_scan_fn,
@@ -94,6 +95,28 @@ def test_fast_scan_without_optional_args():
     # plain call (no last state) returns just y
     out = selective_scan_fn(ins["u"], ins["delta"], ins["A"], ins["B"], ins["C"])
     assert out.shape == ins["u"].shape
+
+
+def test_stacked_scans_share_workspace_correctly():
+    # two scans in a row (as in a 2-layer model): both backwards run after both forwards, and
+    # the second call needs a larger work buffer than the first
+    ins = _inputs(2, 4, 3, 19, seed=3)
+    ins2 = _inputs(2, 4, 3, 19, seed=4)
+
+    def two(fn, **kw):
+        for v in list(ins.values()) + list(ins2.values()):
+            v.grad = None
+        y1 = fn(ins["u"], ins["delta"], ins["A"], ins["B"], ins["C"], ins["D"], delta_softplus=True, **kw)
+        y2 = fn(y1.repeat(1, 2, 1)[:, :4], ins2["delta"], ins2["A"], ins2["B"], ins2["C"], ins2["D"],
+                z=ins2["z"], delta_bias=ins2["delta_bias"], delta_softplus=True, **kw)
+        y2.pow(2).sum().backward()
+        return y2.detach(), ins["u"].grad.clone(), ins["A"].grad.clone(), ins2["B"].grad.clone()
+
+    ref = two(selective_scan_ref)
+    clear_workspace()
+    out = two(selective_scan_fn, chunk_size=4)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_fast_scan_strong_decay_is_finite():

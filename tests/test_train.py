@@ -239,8 +239,13 @@ def test_torchrun_two_processes_match_one(tmp_path, corpus):
     single = subprocess.run([sys.executable, "-m", "gam.cli", *common, "--out", str(tmp_path / "one")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
+    import socket
+
+    with socket.socket() as sock:  # a free port, so parallel test runs don't collide
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                            "--master-port", "29731", "-m", "gam.cli", *common, "--out", str(tmp_path / "two")],
+                            "--master-addr", "127.0.0.1", "--master-port", port, "-m", "gam.cli", *common, "--out", str(tmp_path / "two")],
                            env=env, capture_output=True, text=True, timeout=300)
     assert multi.returncode == 0, multi.stderr[-3000:]
 

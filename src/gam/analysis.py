@@ -57,3 +57,30 @@ def theoretical_receptive_field(n_layer: int, conv_kernel_size: int, variant: st
     if variant == "global_only":
         return 1
     return 1 + n_layer * (conv_kernel_size - 1)
+
+
+def plot_influence(weights: torch.Tensor, position: int, path, title: str = "") -> None:
+    """Bar plot of :func:`influence` (log scale; positions with no influence left empty)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = weights.detach().float().cpu()
+    nonzero = w > 0
+    fig, ax = plt.subplots(figsize=(8, 3))
+    xs = torch.arange(len(w))
+    ax.bar(xs[nonzero].tolist(), w[nonzero].tolist(), width=0.9, color="tab:blue")
+    ax.axvline(position, color="tab:red", lw=1, ls="--", label=f"output position {position}")
+    if nonzero.any():
+        ax.set_yscale("log")
+        first = int(xs[nonzero].min())
+        ax.set_title((title + "\n" if title else "") + f"inputs {first} .. {int(xs[nonzero].max())} "
+                     f"influence it ({int(nonzero.sum())} of {position + 1})", fontsize=9)
+    ax.set_xlim(-0.5, len(w) - 0.5)
+    ax.set_xlabel("input position")
+    ax.set_ylabel("|d logits / d input embedding|")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -68,17 +68,30 @@ def cmd_receptive_field(args: argparse.Namespace) -> None:
               "block_size": max(args.seq_len, 8)}
     if args.model == "gam":
         fields["variant"] = args.variant
+        fields["memory"] = args.memory
     model = build_model(args.model, **fields)
     position = args.seq_len - 1 if args.position is None else args.position
     weights = influence(model, args.seq_len, position)
     nonzero = weights.nonzero().flatten().tolist()
-    print(f"model {args.model}" + (f" ({args.variant})" if args.model == "gam" else "")
+    causal = args.model == "gam" and args.memory == "causal"
+    print(f"model {args.model}" + (f" ({args.variant}{', causal memory' if causal else ''})"
+                                   if args.model == "gam" else "")
           + f", n_layer {args.n_layer}, kernel {args.kernel}, output position {position}")
     print(f"input positions that influence it: {nonzero[0]} .. {nonzero[-1]} "
           f"({len(nonzero)} of {position + 1} possible)")
-    if args.model == "gam":
+    if causal:
+        print("design says: every earlier token (the memory slots carry the whole prefix, with decay)")
+    elif args.model == "gam":
         expected = theoretical_receptive_field(args.n_layer, args.kernel, args.variant)
         print(f"design says: {expected} tokens (1 + n_layer*(k-1) for the paper GAM)")
+    if args.plot:
+        from gam.analysis import plot_influence
+
+        plot_influence(weights, position, args.plot,
+                       title=f"{args.model}{' ' + args.variant if args.model == 'gam' else ''}"
+                             f"{' causal memory' if causal else ''}, n_layer {args.n_layer}, "
+                             f"kernel {args.kernel}: influence on position {position}")
+        print(f"wrote {args.plot}")
 
 
 GENERATE_HELP = """\
@@ -176,6 +189,7 @@ def add_generation_parsers(sub: argparse._SubParsersAction) -> None:
     from gam.bench import speed
 
     speed.add_parser(bench_sub)  # gam bench speed: training throughput, fast path vs reference
+    add_bench_recall_parser(bench_sub)
     # more benchmarks: define add_bench_<name>_parser(bench_sub) like the one below and call it here
     add_bench_paper_parsers(bench_sub)
 
@@ -186,6 +200,44 @@ def add_bench_paper_parsers(bench_sub: argparse._SubParsersAction) -> None:
 
     for module in (scaling, paper, ablation, report):
         module.add_parser(bench_sub)
+
+
+def cmd_bench_recall(args: argparse.Namespace) -> None:
+    from gam.bench.recall import MODELS, SHORT, run
+
+    names = {v: k for k, v in SHORT.items()}
+    models = None
+    if args.models:
+        models = [names.get(m.strip(), m.strip()) for m in args.models.split(",") if m.strip()]
+        unknown = [m for m in models if m not in MODELS]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(SHORT.values())}")
+    result = run(args.out, preset=args.preset, device=args.device, models=models, seed=args.seed,
+                 threads=args.threads, steps=args.steps, jobs=args.jobs)
+    print(result["table"])
+    print(f"{result['meta']['wall_s']:.0f} s; wrote {args.out}/recall.md, recall.json, recall.png")
+
+
+def add_bench_recall_parser(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser(
+        "recall", help="multi-query associative recall (MQAR): does the model recall earlier tokens?",
+        description="Multi-query associative recall in the style of Zoology: key-value pairs, then "
+                    "queries of those keys at power-law distances; accuracy on the answers only. "
+                    "Trains GAM (paper), its ablations, GAM with the causal memory, the Transformer "
+                    "(SDPA) and Mamba over a sweep of sequence length, number of pairs and width, "
+                    "best over a small learning-rate sweep. Writes recall.md, recall.json, recall.png.")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "gpu", "smoke"],
+                   help="cpu: under 30 min on 2 cores; gpu: a larger sweep; smoke: seconds")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--out", default="results/bench-recall", help="output folder (default results/bench-recall)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated: gam, sum_fusion, global_only, local_only, causal, transformer, mamba")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the preset's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="training processes in parallel (default: 2 on CPU, 1 on CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_bench_recall)
 
 
 def add_bench_decode_parser(bench_sub: argparse._SubParsersAction) -> None:
@@ -228,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which input positions influence an output position (autograd)")
     p.add_argument("--model", default="gam", choices=["gam", "transformer", "mamba"])
     p.add_argument("--variant", default="full")
+    p.add_argument("--memory", default="static", choices=["static", "causal"],
+                   help="GAM memory: static (paper) or causal (tokens write into the slots)")
+    p.add_argument("--plot", default=None, metavar="PATH", help="also save the influence per position as a plot")
     p.add_argument("--n-layer", type=int, default=6)
     p.add_argument("--kernel", type=int, default=3)
     p.add_argument("--seq-len", type=int, default=64)

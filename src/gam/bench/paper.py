@@ -82,6 +82,9 @@ def _table1_specs(fair: bool) -> dict[str, ModelSpec]:
 MODEL_SPECS: dict[str, Callable[[bool], ModelSpec]] = {
     key: (lambda fair, key=key: _table1_specs(fair)[key]) for key in ("gam", "transformer", "mamba")
 }
+# Not the paper: GAM with the opt-in causal memory (memory="causal"); --models ...,gam_causal
+MODEL_SPECS["gam_causal"] = lambda fair: ModelSpec("gam_causal", "GAM (causal memory)", "gam", {"memory": "causal"},
+                                                   "opt-in memory='causal': tokens write into the slots")
 DEFAULT_MODELS = ("gam", "transformer", "mamba")
 
 # The paper's Table 1 (T4 GPU, fp32, 5 epochs, batch 32, vocab 10k, context 256).

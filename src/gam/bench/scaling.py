@@ -79,6 +79,8 @@ def block_specs() -> dict[str, BlockSpec]:
     if _gam_fields("fast"):
         specs.append(BlockSpec("gam_fast", "GAM (fast path)", "gam", _gam_fields("fast"),
                                "same function, fused ops (gam_impl='fast')"))
+    specs.append(BlockSpec("gam_causal", "GAM (causal memory)", "gam", {"memory": "causal"},
+                           "opt-in memory='causal' (not the paper): chunked O(T) form, gam.ops.causal_memory"))
     return {s.key: s for s in specs}
 
 

@@ -386,6 +386,9 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     ``chunk_size``/``block_size`` are tuning knobs (defaults: automatic). Works on any device.
     """
     _check_shapes(u, delta, A, B, C)
+    for name, v in (("chunk_size", chunk_size), ("block_size", block_size)):
+        if v is not None and int(v) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
     dtype_in = u.dtype
     with _no_autocast(u.device.type):
         u32 = u.float()
