@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import json
@@ -464,9 +465,8 @@ def test_block_dataset_pickles_memmap_by_path(tmp_path):
     tok = _BigVocabTokenizer()
     arr = D.encode_to_file(tok, ["a"] * 30, tmp_path / "t.bin")
     ds = BlockDataset(arr, 5)
-    blob = pickle.dumps(ds)
-    assert len(blob) < 1000
-    ds2 = pickle.loads(blob)
+    assert len(pickle.dumps(ds)) < 1000  # the memmap travels by path, not by content
+    ds2 = copy.deepcopy(ds)  # the same __getstate__/__setstate__ round trip a DataLoader worker does
     assert len(ds2) == len(ds) and all(torch.equal(ds2[i][0], ds[i][0]) for i in range(len(ds)))
 
 

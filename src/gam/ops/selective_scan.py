@@ -83,7 +83,7 @@ def _check_shapes(u, delta, A, B, C):
     if A.dim() != 2 or A.shape[0] != dim:
         raise ValueError(f"A must be (d_inner, d_state) = ({dim}, N); got {tuple(A.shape)}")
     if A.is_complex():
-        raise NotImplementedError("complex A is not supported")
+        raise ValueError("complex A is not supported (Mamba-1 with real A only)")
     n = A.shape[1]
     for name, t in (("B", B), ("C", C)):
         if tuple(t.shape) != (batch, n, L):
