@@ -331,7 +331,7 @@ def markdown_table(runs: list[dict], models: Sequence[str], rf: int) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], models: Sequence[str], path: Path, title: str) -> None:
+def plot(runs: list[dict], models: Sequence[str], path: Path, title: str, chance: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -345,6 +345,8 @@ def plot(runs: list[dict], models: Sequence[str], path: Path, title: str) -> Non
     for i, m in enumerate(models):
         ys = [best[(m, *s)]["best"]["accuracy"] if (m, *s) in best else 0.0 for s in settings]
         ax.bar([j + (i - (n - 1) / 2) * width for j in range(len(settings))], ys, width, label=m)
+    if chance is not None:
+        ax.axhline(chance, color="gray", lw=1, ls=":", label=f"chance ({chance:.3f})")
     ax.set_xticks(range(len(settings)))
     ax.set_xticklabels([f"T={t}\nP={p}\nd={w}" for t, p, w in settings])
     ax.set_ylabel("MQAR test accuracy")
@@ -387,6 +389,7 @@ def run(out: str | Path | None = None, *, preset: str | Preset = "cpu", device: 
         jobs = 1 if dev.type == "cuda" else min(2, os.cpu_count() or 1)
     jobs = max(1, min(jobs, len(tasks)))
     runs: list[dict] = []
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     start = time.perf_counter()
 
     def report(results: list[dict]) -> None:
@@ -413,8 +416,11 @@ def run(out: str | Path | None = None, *, preset: str | Preset = "cpu", device: 
     wall = time.perf_counter() - start
     table = markdown_table(runs, labels, rf)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_text = (f"load average {load_start[0]:.1f} at start, {load[0]:.1f} at end"
+                 if load and load_start else "load average unknown")
     meta = {"preset": asdict(p), "device": str(dev), "torch": torch.__version__, "jobs": jobs,
-            "threads": (threads or 1) if jobs > 1 else torch.get_num_threads(), "cpu_count": os.cpu_count(), "loadavg_end": load,
+            "threads": (threads or 1) if jobs > 1 else torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "loadavg_start": load_start, "loadavg_end": load,
             "platform": platform.platform(), "wall_s": round(wall, 1), "receptive_field_gam": rf,
             "chance": 1.0 / (p.vocab_size - p.vocab_size // 2),
             "mamba": ("included" if "Mamba" in labels else "left out (this preset or --models)" if HAS_MAMBA
@@ -427,10 +433,10 @@ def run(out: str | Path | None = None, *, preset: str | Preset = "cpu", device: 
                  f"best of lr {', '.join(f'{x:g}' for x in p.lrs)}")
         (out / "recall.md").write_text(f"# MQAR ({title})\n\n{table}\n\n"
                                        f"Chance: {meta['chance']:.4f}. Wall time {wall:.0f} s on {dev} "
-                                       f"({jobs} process(es) x {meta['threads']} thread(s), "
-                                       f"load average at end {load}).\n")
+                                       f"({jobs} process(es) x {meta['threads']} thread(s) on "
+                                       f"{meta['cpu_count']} cores, {load_text}).\n")
         (out / "recall.json").write_text(json.dumps(result, indent=1))
-        plot(runs, labels, out / "recall.png", title)
+        plot(runs, labels, out / "recall.png", title, chance=meta["chance"])
     return result
 
 
