@@ -107,13 +107,17 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
             delta = F.softplus(delta)
         A, B, C = A.float(), B.float(), C.float()
         batch, dim, L = u.shape
-        dA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])                    # (b, d, L, n)
-        dBu = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)       # (b, d, L, n)
+        # time-major (L, b, d, n) so that each step reads contiguous slices; unbind (not
+        # indexing) so that autograd does not build a full-size zero gradient per step
+        dT = delta.permute(2, 0, 1)                                            # (L, b, d)
+        dA = torch.exp(dT.unsqueeze(-1) * A).unbind(0)                         # L x (b, d, n)
+        dBu = ((dT * u.permute(2, 0, 1)).unsqueeze(-1) * B.permute(2, 0, 1).unsqueeze(2)).unbind(0)
+        Cs = C.permute(2, 0, 1).unbind(0)                                      # L x (b, n)
         h = u.new_zeros(batch, dim, A.shape[1])
         ys = []
         for t in range(L):
-            h = dA[:, :, t] * h + dBu[:, :, t]
-            ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
+            h = dA[t] * h + dBu[t]
+            ys.append(torch.einsum("bdn,bn->bd", h, Cs[t]))
         y = torch.stack(ys, dim=-1) if L > 0 else u.new_zeros(batch, dim, 0)
         if D is not None:
             y = y + u * D.float()[:, None]
