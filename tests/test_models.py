@@ -223,6 +223,18 @@ def test_pos_embedding_none_has_no_length_limit():
     assert "pos_embedding.weight" not in model.state_dict()
 
 
+def test_pos_init_std_scales_the_paper_draw_and_nothing_else():
+    torch.manual_seed(0)
+    paper = tiny("gam")
+    torch.manual_seed(0)
+    small = tiny("gam", pos_init_std=0.02)
+    # the default is nn.Embedding's N(0, 1), as the official code
+    assert 0.8 < paper.pos_embedding.weight.std().item() < 1.2
+    for (name, a), (_, b) in zip(paper.state_dict().items(), small.state_dict().items()):
+        want = a * 0.02 if name == "pos_embedding.weight" else a
+        torch.testing.assert_close(b, want, msg=name)
+
+
 def test_dropout_active_only_in_training():
     model = tiny("gam", dropout=0.5)
     idx = torch.randint(0, TINY["vocab_size"], (2, 10))
@@ -259,6 +271,8 @@ def test_bad_token_ids_raise_clear_errors(idx, message):
     ({"model": "rnn"}, "model"),
     ({"pos_embedding": "rope"}, "pos_embedding"),
     ({"dropout": 1.5}, "dropout"),
+    ({"pos_init_std": 0}, "pos_init_std"),
+    ({"pos_init_std": float("nan")}, "pos_init_std"),
     ({"n_layers": 3}, "unknown config field"),
 ])
 def test_bad_config_raises(fields, message):

@@ -62,6 +62,11 @@ class GAMConfig:
     n_head: int = 8  # Transformer only
     dropout: float = 0.1
     pos_embedding: str = "learned"  # "learned" (paper) or "none" (no length limit)
+    # std of the learned positions at init. 1.0 is nn.Embedding's N(0, 1), as the
+    # official code; at small width it drowns the tied token embedding (about
+    # 1/sqrt(3 n_embd) per entry) for the first few hundred steps, so the cpu
+    # preset uses 0.02 (GPT-2's). Scaling the N(0, 1) draw keeps the RNG stream.
+    pos_init_std: float = 1.0
     # GAM
     num_memory_slots: int = 512
     conv_kernel_size: int = 3
@@ -127,6 +132,11 @@ class GAMConfig:
             f"dropout must be in [0, 1), got {self.dropout!r}",
         )
         choice("pos_embedding", POS_EMBEDDINGS)
+        need(
+            isinstance(self.pos_init_std, (int, float)) and not isinstance(self.pos_init_std, bool)
+            and 0.0 < self.pos_init_std < float("inf"),
+            f"pos_init_std must be a positive number, got {self.pos_init_std!r}",
+        )
         choice("variant", GAM_VARIANTS)
         choice("memory", GAM_MEMORIES)
         need(not (self.memory == "causal" and self.variant == "local_only"),

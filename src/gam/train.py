@@ -91,7 +91,7 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         dict(batch_size=32, epochs=5, lr=3e-4, warmup_steps=100),
     ),
     "cpu": (
-        dict(vocab_size=8192, block_size=128, n_embd=192, n_layer=4, n_head=6, dropout=0.0,
+        dict(vocab_size=8192, block_size=128, n_embd=192, n_layer=4, n_head=6, dropout=0.0, pos_init_std=0.02,
              num_memory_slots=128, conv_kernel_size=3, expand=2),
         dict(batch_size=16, epochs=1, max_steps=600, lr=2e-3, warmup_steps=50,
              eval_batch_size=64, precision="bf16", log_every=25, train_rows=None, valid_rows=None),

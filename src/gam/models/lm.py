@@ -63,7 +63,10 @@ class DecoderLM(nn.Module):
         C = config.n_embd
         self.token_embedding = nn.Embedding(config.vocab_size, C)
         if config.pos_embedding == "learned":
-            self.pos_embedding = nn.Embedding(config.block_size, C)
+            self.pos_embedding = nn.Embedding(config.block_size, C)  # N(0, 1), as the official code
+            if config.pos_init_std != 1.0:  # rescale the same draw: the RNG stream stays the paper's
+                with torch.no_grad():
+                    self.pos_embedding.weight.mul_(config.pos_init_std)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(make_block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(C)
