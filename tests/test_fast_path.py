@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from gam import ConfigError, GAMConfig, build_model
 from gam.layers.gam import GAMBlock
-from gam.ops.cross_entropy import linear_cross_entropy, lm_loss
+from gam.ops.cross_entropy import cross_entropy, linear_cross_entropy, lm_loss
 from gam.ops.fused_block import causal_depthwise_conv, dropout_mask, gam_block_fast
 from gam.ops.memory_read import memory_read, memory_read_reference
 
@@ -260,6 +260,63 @@ def test_lm_fast_matches_reference(variant):
     loss_f.backward()
     for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------- cross-entropy
+
+@pytest.mark.parametrize("N,chunk", [(1, 4), (37, 8), (64, 64), (70, 256)])
+def test_cross_entropy_matches_torch_fp64(N, chunk):
+    torch.manual_seed(N)
+    z = torch.randn(N, 41, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 41, (N,))
+    if N > 3:
+        t[::3] = -100  # ignored positions
+    ref = F.cross_entropy(z, t)
+    out = cross_entropy(z, t, chunk=chunk)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(torch.autograd.grad(3.0 * out, z)[0], torch.autograd.grad(3.0 * ref, z)[0])
+
+
+def test_cross_entropy_fp32_and_bf16_logits():
+    torch.manual_seed(0)
+    z32 = torch.randn(2, 50, 300) * 4
+    t = torch.randint(0, 300, (2, 50))
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        z = z32.to(dtype).requires_grad_()
+        ref_z = z.detach().clone().requires_grad_()
+        out = cross_entropy(z, t)
+        ref = F.cross_entropy(ref_z.float().view(-1, 300), t.view(-1))
+        assert out.dtype == torch.float32
+        assert abs(out.item() - ref.item()) < tol
+        (g,) = torch.autograd.grad(out, z)
+        (g_ref,) = torch.autograd.grad(ref, ref_z)
+        assert g.dtype == dtype
+        assert rel_rms(g, g_ref) < tol
+
+
+def test_cross_entropy_all_ignored_is_nan_like_torch():
+    z = torch.randn(4, 7)
+    t = torch.full((4,), -100)
+    assert math.isnan(cross_entropy(z, t).item())
+    assert math.isnan(F.cross_entropy(z, t).item())
+
+
+@pytest.mark.parametrize("model", ["gam", "transformer"])
+def test_shell_loss_is_the_papers_expression(model):
+    """Any gam_impl but reference takes the fused cross-entropy: same loss and grads."""
+    fields = dict(n_layer=1, n_embd=32, num_memory_slots=8, vocab_size=97, block_size=16, dropout=0.0, n_head=4)
+    torch.manual_seed(0)
+    fast = build_model(model, **fields)
+    idx = torch.randint(0, 97, (2, 16))
+    tgt = torch.randint(0, 97, (2, 16))
+    logits, loss = fast(idx, tgt)
+    ref = F.cross_entropy(logits.float().view(-1, 97), tgt.view(-1))
+    torch.testing.assert_close(loss, ref)
+    params = [p for p in fast.parameters()]
+    g = torch.autograd.grad(loss, params, retain_graph=True)
+    g_ref = torch.autograd.grad(ref, params)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- fused head + cross-entropy

@@ -72,7 +72,7 @@ class GAMConfig:
     conv_kernel_size: int = 3
     variant: str = "full"  # paper ablations: full | sum_fusion | global_only | local_only
     memory: str = "static"  # static (paper: fixed bank) | causal (tokens write into the slots)
-    gam_impl: str = "auto"  # auto | reference (paper's eager code) | fast (fused ops, same function)
+    gam_impl: str = "auto"  # auto | reference (paper's eager code, block and loss) | fast (fused ops, same function)
     # Transformer
     attn_impl: str = "sdpa"  # sdpa (fused kernel) | naive (materialized mask, as the paper)
     # Mamba

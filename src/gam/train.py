@@ -351,7 +351,8 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
 
     torch.manual_seed(cfg.seed)
     model = DecoderLM(model_config).to(device)
-    optimizer = make_optimizer(model, cfg, fused=device.type == "cuda")
+    # fused AdamW: one kernel over all parameters (on CPU ~4x faster than foreach)
+    optimizer = make_optimizer(model, cfg, fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
     step = 0
     if state is not None:

@@ -1,4 +1,15 @@
-"""Opt-in fused LM head + cross-entropy that never materializes fp32 logits.
+"""Cross-entropy of an LM's logits, fused: :func:`cross_entropy` (the shell's
+default loss) and the opt-in :func:`linear_cross_entropy` (head + loss, no logits).
+
+:func:`cross_entropy` is ``F.cross_entropy(logits.float(), targets)`` (mean,
+ignore_index -100) as a custom autograd function over chunks of rows: forward
+reads the logits once for the fp32 log-sum-exp and keeps only it; backward
+writes ``softmax - onehot`` once, in the logits' dtype. PyTorch's composite
+makes an fp32 copy of bf16 logits, writes an fp32 log-softmax, zero-fills and
+scatters an fp32 gradient and casts it back: about twice the passes over the
+(tokens, vocab) array. ``gam_impl="reference"`` keeps the paper's expression.
+
+The opt-in fused LM head + cross-entropy never materializes fp32 logits.
 
 ``DecoderLM.forward`` returns logits (the public API), so it computes the loss
 the usual way: ``cross_entropy(head(ln_f(x)).float(), targets)``, which under
@@ -25,6 +36,49 @@ import torch.nn.functional as F
 from gam.ops.memory_read import acc_dtype, compute_dtype
 
 DEFAULT_CHUNK = 256  # tokens per chunk: 256 x 10,000 fp32 scores = 10 MB, in L3
+
+
+class CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (N, V) ``logits`` against (N,) ``targets`` (-100 ignored)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        N = logits.shape[0]
+        acc = acc_dtype(logits.dtype)
+        valid = targets != -100
+        safe = torch.where(valid, targets, 0)
+        lse = torch.empty(N, dtype=acc, device=logits.device)
+        for s in range(0, N, chunk):
+            lse[s:s + chunk] = torch.logsumexp(logits[s:s + chunk].to(acc), dim=-1)
+        picked = logits.gather(1, safe[:, None]).squeeze(1).to(acc)
+        n_valid = valid.sum()
+        # mean over valid rows; no valid row gives nan, as F.cross_entropy does
+        loss = torch.where(valid, lse - picked, 0.0).sum() / n_valid
+        ctx.save_for_backward(logits, safe, valid, lse, n_valid)
+        ctx.chunk = chunk
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        logits, safe, valid, lse, n_valid = ctx.saved_tensors
+        N = logits.shape[0]
+        # d loss / d logits[i] = (softmax(logits[i]) - onehot(target[i])) * g / n_valid on valid rows
+        row_scale = valid.to(lse.dtype) * (grad_loss.to(lse.dtype) / n_valid)
+        dlogits = torch.empty_like(logits)
+        for s in range(0, N, ctx.chunk):
+            e = min(s + ctx.chunk, N)
+            p = logits[s:e].to(lse.dtype).sub_(lse[s:e, None]).exp_().mul_(row_scale[s:e, None])
+            p[torch.arange(e - s, device=p.device), safe[s:e]] -= row_scale[s:e]
+            dlogits[s:e] = p
+        return dlogits, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """``F.cross_entropy(logits.float().view(-1, V), targets.view(-1))``: mean over
+    targets != -100, fp32 arithmetic, gradient in the logits' dtype, fewer passes."""
+    V = logits.shape[-1]
+    with torch.autocast(logits.device.type, enabled=False):
+        return CrossEntropy.apply(logits.reshape(-1, V), targets.reshape(-1), chunk)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
