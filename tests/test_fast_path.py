@@ -319,6 +319,28 @@ def test_shell_loss_is_the_papers_expression(model):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_forward_without_logits_gives_the_same_loss_and_grads(impl):
+    fields = dict(n_layer=1, n_embd=32, num_memory_slots=8, vocab_size=97, block_size=16, dropout=0.0,
+                  gam_impl=impl)
+    torch.manual_seed(0)
+    model = build_model("gam", **fields)
+    idx = torch.randint(0, 97, (2, 16))
+    tgt = torch.randint(0, 97, (2, 16))
+    tgt[0, :5] = -100  # ignored positions, as F.cross_entropy
+    logits, ref = model(idx, tgt)
+    want = F.cross_entropy(logits.float().view(-1, 97), tgt.view(-1))
+    torch.testing.assert_close(ref, want)
+    g_ref = torch.autograd.grad(ref, list(model.parameters()))
+    none, loss = model(idx, tgt, return_logits=False)
+    assert none is None
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    for a, b in zip(torch.autograd.grad(loss, list(model.parameters())), g_ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs targets"):
+        model(idx, return_logits=False)
+
+
 # ---------------------------------------------------------------- fused head + cross-entropy
 
 @pytest.mark.parametrize("N,chunk", [(1, 4), (37, 8), (64, 64), (70, 256)])
@@ -344,12 +366,12 @@ def test_lm_loss_matches_model_loss_fp32_and_bf16():
     tgt = torch.randint(0, 300, (2, 21))
     ref = model(idx, tgt)[1]
     g_ref = torch.autograd.grad(ref, list(model.parameters()))
-    out = lm_loss(model, idx, tgt, chunk=16)
+    out = lm_loss(model, idx, tgt)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(torch.autograd.grad(out, list(model.parameters())), g_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = lm_loss(model, idx, tgt, chunk=16)
+        out = lm_loss(model, idx, tgt)
     assert abs(out.item() - ref.item()) < 2e-2
     for a, b in zip(torch.autograd.grad(out, list(model.parameters())), g_ref):
         assert rel_rms(a, b) < 2e-2
@@ -507,13 +529,13 @@ def test_bench_speed_smoke(tmp_path):
     from gam.bench import speed
 
     result = speed.run(tmp_path, batch=2, seq=16, steps=1, rounds=1, warmup=1, memory_seq=32, threads=1,
-                       rows=["gam_ref_fp32", "gam_fast_fp32", "gam_fast_bf16", "gam_fast_bf16_ce",
+                       rows=["gam_ref_fp32", "gam_fast_fp32", "gam_fast_bf16",
                              "transformer_bf16"],
                        overrides=dict(n_layer=1, n_embd=32, num_memory_slots=32, vocab_size=64, n_head=4),
                        log=lambda *a: None)
     raw = json.loads((tmp_path / "speed.json").read_text())
     keys = [r["key"] for r in raw["rows"]]
-    assert keys == ["gam_ref_fp32", "gam_fast_fp32", "gam_fast_bf16", "gam_fast_bf16_ce", "transformer_bf16"]
+    assert keys == ["gam_ref_fp32", "gam_fast_fp32", "gam_fast_bf16", "transformer_bf16"]
     for r in raw["rows"]:
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] and math.isfinite(r["last_loss"])
     assert raw["rows"][0]["speedup_vs_ref_fp32"] == 1.0

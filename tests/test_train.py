@@ -123,8 +123,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data, monkeypat
     real = train_module.DecoderLM
 
     class Poisoned(real):
-        def forward(self, idx, targets=None):
-            logits, loss = super().forward(idx, targets)
+        def forward(self, idx, targets=None, **kwargs):
+            logits, loss = super().forward(idx, targets, **kwargs)
             if self.training:
                 calls["n"] += 1
                 if calls["n"] > 6:

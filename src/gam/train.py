@@ -448,7 +448,7 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
                     sync = train_model.no_sync()
                 with sync:
                     with autocast_context(cfg.precision, device):
-                        _, loss = train_model(xy[:, :-1], xy[:, 1:])
+                        _, loss = train_model(xy[:, :-1], xy[:, 1:], return_logits=False)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach() / cfg.grad_accum
             if d.world > 1:

@@ -6,11 +6,11 @@ tokens, dropout 0.1 active):
 
 - GAM, the paper's code end to end (``gam_impl="reference"``: eager block,
   ``cross_entropy(logits.float())``, PyTorch's default foreach AdamW) in fp32:
-  the baseline. Every other row takes the library's training step (the shell's
-  fused cross-entropy, fused AdamW, as ``gam train`` runs);
+  the baseline; the same in bf16 autocast. Every other row takes the library's
+  training step, as ``gam train`` runs it: ``model(idx, targets,
+  return_logits=False)`` (head fused into the cross-entropy) and fused AdamW;
 - GAM fast path (``gam_impl="fast"``) in fp32 and in bf16 autocast (fp32 master
-  weights), the reference in bf16 autocast, and the fast path in bf16 with the
-  opt-in fused LM head + cross-entropy (:func:`gam.ops.cross_entropy.lm_loss`);
+  weights);
 - Transformer (SDPA) and Mamba (when ``gam.layers.mamba`` is importable) in fp32 and bf16.
 
 Rows are measured in rounds (every row runs ``--steps`` timed steps per round,
@@ -49,16 +49,15 @@ from pathlib import Path
 from typing import Any
 
 ROWS = (
-    # key, label, model, config fields, precision, fused head/CE
-    ("gam_ref_fp32", "GAM reference (paper code)", "gam", {"gam_impl": "reference"}, "fp32", False),
-    ("gam_fast_fp32", "GAM fast path", "gam", {"gam_impl": "fast"}, "fp32", False),
-    ("gam_ref_bf16", "GAM reference (paper code)", "gam", {"gam_impl": "reference"}, "bf16", False),
-    ("gam_fast_bf16", "GAM fast path", "gam", {"gam_impl": "fast"}, "bf16", False),
-    ("gam_fast_bf16_ce", "GAM fast path + fused head/CE", "gam", {"gam_impl": "fast"}, "bf16", True),
-    ("transformer_fp32", "Transformer (SDPA)", "transformer", {"attn_impl": "sdpa"}, "fp32", False),
-    ("transformer_bf16", "Transformer (SDPA)", "transformer", {"attn_impl": "sdpa"}, "bf16", False),
-    ("mamba_fp32", "Mamba", "mamba", {"mamba_wiring": "standard"}, "fp32", False),
-    ("mamba_bf16", "Mamba", "mamba", {"mamba_wiring": "standard"}, "bf16", False),
+    # key, label, model, config fields, precision
+    ("gam_ref_fp32", "GAM reference (paper code)", "gam", {"gam_impl": "reference"}, "fp32"),
+    ("gam_fast_fp32", "GAM fast path", "gam", {"gam_impl": "fast"}, "fp32"),
+    ("gam_ref_bf16", "GAM reference (paper code)", "gam", {"gam_impl": "reference"}, "bf16"),
+    ("gam_fast_bf16", "GAM fast path", "gam", {"gam_impl": "fast"}, "bf16"),
+    ("transformer_fp32", "Transformer (SDPA)", "transformer", {"attn_impl": "sdpa"}, "fp32"),
+    ("transformer_bf16", "Transformer (SDPA)", "transformer", {"attn_impl": "sdpa"}, "bf16"),
+    ("mamba_fp32", "Mamba", "mamba", {"mamba_wiring": "standard"}, "fp32"),
+    ("mamba_bf16", "Mamba", "mamba", {"mamba_wiring": "standard"}, "bf16"),
 )
 BASELINE = "gam_ref_fp32"
 GOALS = {
@@ -149,12 +148,11 @@ def matmul_peak(precision: str, device, shapes, reps: int = 5, cpu_time: bool = 
 
 # ----------------------------------------------------------------------------- training step
 
-def make_trainer(key: str, model_name: str, fields: dict, precision: str, fused_ce: bool, *,
+def make_trainer(key: str, model_name: str, fields: dict, precision: str, *,
                  device, batch: int, seq: int, seed: int, overrides: dict | None = None):
     import torch
 
     from gam.models.lm import build_model
-    from gam.ops.cross_entropy import lm_loss
 
     torch.manual_seed(seed)
     config = {"block_size": max(seq, 256), "dropout": 0.1, **fields, **(overrides or {})}
@@ -162,7 +160,8 @@ def make_trainer(key: str, model_name: str, fields: dict, precision: str, fused_
     opt_kwargs = dict(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     # Reference rows are the paper's code end to end: its eager block, cross-entropy
     # of fp32 logits and PyTorch's default (foreach) AdamW. Every other row (GAM fast,
-    # Transformer, Mamba) takes the library's training step: fused loss, fused AdamW.
+    # Transformer, Mamba) takes the library's training step: head fused into the loss,
+    # fused AdamW.
     paper_code = model.config.gam_impl == "reference"
     opt = torch.optim.AdamW(model.parameters(), **opt_kwargs, **({} if paper_code else {"fused": True}))
     gen = torch.Generator().manual_seed(seed)
@@ -173,7 +172,7 @@ def make_trainer(key: str, model_name: str, fields: dict, precision: str, fused_
 
     def step() -> float:
         with torch.autocast(dev_type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = lm_loss(model, idx, tgt) if fused_ce else model(idx, tgt)[1]
+            loss = model(idx, tgt, return_logits=paper_code)[1]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -382,8 +381,8 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
     log(f"building {len(specs)} models (batch {batch} x {seq} tokens, device {device}, "
         f"{torch.get_num_threads()} threads, malloc tuned: {malloc_tuned})")
     trainers = {}
-    for key, label, model_name, fields, precision, fused in specs:
-        model, step = make_trainer(key, model_name, fields, precision, fused, device=device,
+    for key, label, model_name, fields, precision in specs:
+        model, step = make_trainer(key, model_name, fields, precision, device=device,
                                    batch=batch, seq=seq, seed=seed, overrides=overrides)
         for _ in range(warmup):
             step()
@@ -415,14 +414,14 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
                  if one_thread else {})
     results = []
     base_tps = None
-    for key, label, model_name, fields, precision, fused in specs:
+    for key, label, model_name, fields, precision in specs:
         model, _ = trainers[key]
         med = statistics.median(times[key])
         tps = batch * seq / med
         fl = flops_per_token(model, seq)
         achieved = fl["train"] * tps / 1e9
         row = {"key": key, "label": label, "model": model_name, "fields": fields, "precision": precision,
-               "fused_head_ce": fused, "median_step_s": med, "step_s": times[key],
+               "paper_code": fields.get("gam_impl") == "reference", "median_step_s": med, "step_s": times[key],
                "cpu_util": statistics.median(c / w for c, w in zip(cpu_times[key], times[key])),
                "tokens_per_s": tps, "train_flops_per_token": fl["train"], "flops_parts_forward": fl["parts_forward"],
                "achieved_gflops": achieved, "matmul_peak_gflops": peaks[precision],
@@ -456,15 +455,13 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
     summary = {}
     if "gam_fast_bf16" in by_key and base_tps:
         summary["fast_bf16_over_ref_fp32"] = by_key["gam_fast_bf16"]["speedup_vs_ref_fp32"]
-    if "gam_fast_bf16_ce" in by_key and base_tps:
-        summary["fast_bf16_ce_over_ref_fp32"] = by_key["gam_fast_bf16_ce"]["speedup_vs_ref_fp32"]
     if "gam_fast_fp32" in by_key and base_tps:
         summary["fast_fp32_over_ref_fp32"] = by_key["gam_fast_fp32"]["speedup_vs_ref_fp32"]
-    for k in ("gam_fast_fp32", "gam_fast_bf16", "gam_fast_bf16_ce"):
+    for k in ("gam_fast_fp32", "gam_fast_bf16"):
         if k in by_key:
             summary[f"mfu_{k}"] = by_key[k]["mfu"]
     if one_thread:
-        for k in ("gam_fast_bf16", "gam_fast_bf16_ce", "gam_fast_fp32"):
+        for k in ("gam_fast_bf16", "gam_fast_fp32"):
             if k in by_key and "speedup_vs_ref_fp32_cpu_time" in by_key[k]:
                 summary[f"cpu_time_{k}_over_ref_fp32"] = by_key[k]["speedup_vs_ref_fp32_cpu_time"]
                 summary[f"cpu_time_mfu_{k}"] = by_key[k]["mfu_cpu_time"]
@@ -539,18 +536,14 @@ def render_markdown(results, peaks, gemm, memory, summary, env, batch, seq, step
         lines += ["", "Against the goals:", ""]
         goal_rows = []
         names = {"fast_bf16_over_ref_fp32": ("fast bf16 / reference fp32 tokens/s", ">= 1.8"),
-                 "fast_bf16_ce_over_ref_fp32": ("fast bf16 + fused CE / reference fp32", "(opt-in)"),
                  "fast_fp32_over_ref_fp32": ("fast fp32 / reference fp32 tokens/s", ">= 1.0"),
                  "mfu_gam_fast_fp32": ("MFU fast fp32", ">= 70%"),
                  "mfu_gam_fast_bf16": ("MFU fast bf16", ">= 70%"),
-                 "mfu_gam_fast_bf16_ce": ("MFU fast bf16 + fused CE", ">= 70%"),
                  "block_memory_fast_over_ref_fp32": ("block peak memory fast / reference (fp32)", "<= 0.8"),
                  "block_memory_fast_over_ref_bf16": ("block peak memory fast / reference (bf16)", "<= 0.8"),
                  "cpu_time_gam_fast_bf16_over_ref_fp32": ("CPU time: fast bf16 / reference fp32", ">= 1.8"),
-                 "cpu_time_gam_fast_bf16_ce_over_ref_fp32": ("CPU time: fast bf16 + fused CE / reference fp32", ""),
                  "cpu_time_gam_fast_fp32_over_ref_fp32": ("CPU time: fast fp32 / reference fp32", ">= 1.0"),
                  "cpu_time_mfu_gam_fast_bf16": ("CPU time: MFU fast bf16", ">= 70%"),
-                 "cpu_time_mfu_gam_fast_bf16_ce": ("CPU time: MFU fast bf16 + fused CE", ">= 70%"),
                  "cpu_time_mfu_gam_fast_fp32": ("CPU time: MFU fast fp32", ">= 70%")}
         for k, v in summary.items():
             name, goal = names.get(k, (k, ""))

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gam.config import GAMConfig
-from gam.ops.cross_entropy import cross_entropy
+from gam.ops.cross_entropy import cross_entropy, linear_cross_entropy
 
 
 def make_block(config: GAMConfig) -> nn.Module:
@@ -84,22 +84,32 @@ class DecoderLM(nn.Module):
         return self.dropout(x)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, return_logits: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits, loss); loss is None without ``targets``. ``return_logits=False``
+        (a training step that needs only the loss) returns (None, loss) and, off the
+        reference path, fuses the head into the loss so that no (tokens, vocab) logits
+        are kept: :func:`gam.ops.cross_entropy.linear_cross_entropy`."""
         check_token_ids(idx, self.config.vocab_size, self.config.max_seq_len)
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False needs targets: there is nothing else to return")
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x)
-        logits = self.head(self.ln_f(x))
+        h = self.ln_f(x)
+        reference = self.config.gam_impl == "reference"
+        if not return_logits and not reference:
+            return None, linear_cross_entropy(h, self.head.weight, targets)
+        logits = self.head(h)
         loss = None
         if targets is not None:
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
-            if self.config.gam_impl == "reference":  # the paper's expression
+            if reference:  # the paper's expression
                 loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
             else:  # the same loss and gradient, fewer passes over the logits
                 loss = cross_entropy(logits, targets)
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     # ------------------------------------------------------------ decoding (gam.generation)
 

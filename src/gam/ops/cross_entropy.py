@@ -1,31 +1,26 @@
-"""Cross-entropy of an LM's logits, fused: :func:`cross_entropy` (the shell's
-default loss) and the opt-in :func:`linear_cross_entropy` (head + loss, no logits).
+"""Cross-entropy of a language model, fused, in two forms.
 
-:func:`cross_entropy` is ``F.cross_entropy(logits.float(), targets)`` (mean,
-ignore_index -100) as a custom autograd function over chunks of rows: forward
-reads the logits once for the fp32 log-sum-exp and keeps only it; backward
-writes ``softmax - onehot`` once, in the logits' dtype. PyTorch's composite
-makes an fp32 copy of bf16 logits, writes an fp32 log-softmax, zero-fills and
-scatters an fp32 gradient and casts it back: about twice the passes over the
-(tokens, vocab) array. ``gam_impl="reference"`` keeps the paper's expression.
+:func:`cross_entropy` (the shell's loss when logits are returned) is
+``F.cross_entropy(logits.float(), targets)`` (mean, ignore_index -100) as a
+custom autograd function over chunks of rows: forward reads the logits once
+(fp32 log-softmax of a chunk, in cache) and keeps nothing new; backward
+recomputes a chunk's softmax and writes ``softmax - onehot`` once, in the
+logits' dtype. PyTorch's composite makes an fp32 copy of bf16 logits, writes an
+fp32 log-softmax, zero-fills and scatters an fp32 gradient and casts it back:
+about twice the passes over the (tokens, vocab) array.
 
-The opt-in fused LM head + cross-entropy never materializes fp32 logits.
+:func:`linear_cross_entropy` (the training step's loss:
+``DecoderLM.forward(idx, targets, return_logits=False)``, which ``gam train``
+uses) fuses the head in as well: each chunk's logits are made, turned into the
+loss and into ``softmax - onehot`` (fp32 arithmetic, in cache) and written once
+as the logits gradient in the compute dtype; ``dW`` is then one matmul over all
+tokens. The gradients are computed in the forward pass (when grad is enabled)
+and scaled by the upstream gradient in backward, as Liger-Kernel's fused linear
+cross-entropy does. No (tokens, vocab) array is kept between forward and backward
+but that gradient.
 
-``DecoderLM.forward`` returns logits (the public API), so it computes the loss
-the usual way: ``cross_entropy(head(ln_f(x)).float(), targets)``, which under
-bf16 autocast builds the (tokens, vocab) logits in bf16, an fp32 copy, an fp32
-log-softmax and an fp32 gradient: five passes over 2048 x 10,000 values per
-step at the paper's configuration. :func:`linear_cross_entropy` computes the
-same mean loss in chunks of tokens: each chunk's logits are made, turned into
-the loss and into ``softmax - onehot`` (fp32 arithmetic, in cache) and written
-once as the logits gradient in the compute dtype; ``dW`` is then one matmul
-over all tokens. The gradients are computed in the forward pass (when grad is
-enabled) and scaled by the upstream gradient in backward, as Liger-Kernel's
-fused linear cross-entropy does.
-
-:func:`lm_loss` runs a :class:`gam.models.lm.DecoderLM` with it: same loss as
-``model(idx, targets)[1]``, no logits returned. A trainer opts in by calling it
-instead of ``model(idx, targets)`` when it does not need the logits.
+``gam_impl="reference"`` keeps the paper's expression,
+``cross_entropy(head(ln_f(x)).float(), targets)``, in both cases.
 """
 
 from __future__ import annotations
@@ -39,7 +34,12 @@ DEFAULT_CHUNK = 256  # tokens per chunk: 256 x 10,000 fp32 scores = 10 MB, in L3
 
 
 class CrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of (N, V) ``logits`` against (N,) ``targets`` (-100 ignored)."""
+    """Mean cross-entropy of (N, V) ``logits`` against (N,) ``targets`` (-100 ignored).
+
+    Forward keeps nothing of size (N, V) but the logits themselves; backward
+    recomputes each chunk's softmax (one fused pass: on CPU ``log_softmax`` and
+    ``softmax`` are ~4x faster than ``logsumexp`` followed by ``exp(z - lse)``).
+    """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -47,27 +47,28 @@ class CrossEntropy(torch.autograd.Function):
         acc = acc_dtype(logits.dtype)
         valid = targets != -100
         safe = torch.where(valid, targets, 0)
-        lse = torch.empty(N, dtype=acc, device=logits.device)
+        picked = torch.empty(N, dtype=acc, device=logits.device)  # log p(target) per row
         for s in range(0, N, chunk):
-            lse[s:s + chunk] = torch.logsumexp(logits[s:s + chunk].to(acc), dim=-1)
-        picked = logits.gather(1, safe[:, None]).squeeze(1).to(acc)
+            lp = torch.log_softmax(logits[s:s + chunk].to(acc), dim=-1)
+            picked[s:s + chunk] = lp.gather(1, safe[s:s + chunk, None]).squeeze(1)
         n_valid = valid.sum()
         # mean over valid rows; no valid row gives nan, as F.cross_entropy does
-        loss = torch.where(valid, lse - picked, 0.0).sum() / n_valid
-        ctx.save_for_backward(logits, safe, valid, lse, n_valid)
+        loss = -torch.where(valid, picked, 0.0).sum() / n_valid
+        ctx.save_for_backward(logits, safe, valid, n_valid)
         ctx.chunk = chunk
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        logits, safe, valid, lse, n_valid = ctx.saved_tensors
+        logits, safe, valid, n_valid = ctx.saved_tensors
         N = logits.shape[0]
+        acc = acc_dtype(logits.dtype)
         # d loss / d logits[i] = (softmax(logits[i]) - onehot(target[i])) * g / n_valid on valid rows
-        row_scale = valid.to(lse.dtype) * (grad_loss.to(lse.dtype) / n_valid)
+        row_scale = valid.to(acc) * (grad_loss.to(acc) / n_valid)
         dlogits = torch.empty_like(logits)
         for s in range(0, N, ctx.chunk):
             e = min(s + ctx.chunk, N)
-            p = logits[s:e].to(lse.dtype).sub_(lse[s:e, None]).exp_().mul_(row_scale[s:e, None])
+            p = torch.softmax(logits[s:e].to(acc), dim=-1).mul_(row_scale[s:e, None])
             p[torch.arange(e - s, device=p.device), safe[s:e]] -= row_scale[s:e]
             dlogits[s:e] = p
         return dlogits, None, None
@@ -97,14 +98,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         dlogits = torch.empty(N, W.shape[0], dtype=dtype, device=h.device) if need_grad else None
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
-            z = (h[s:e] @ W.t()).to(acc)                        # (n, V) fp32, this chunk only
+            # (n, V) fp32 log-probabilities, this chunk only (log_softmax: one fused pass)
+            lp = torch.log_softmax((h[s:e] @ W.t()).to(acc), dim=-1)
             t = targets[s:e]
             ok = valid[s:e]
             tc = torch.where(ok, t, 0)
-            lse = torch.logsumexp(z, dim=-1)
-            losses[s:e] = torch.where(ok, lse - z.gather(1, tc[:, None]).squeeze(1), 0.0)
+            losses[s:e] = torch.where(ok, -lp.gather(1, tc[:, None]).squeeze(1), 0.0)
             if need_grad:
-                p = z.sub_(lse[:, None]).exp_()                 # softmax, in place
+                p = lp.exp_()                                   # softmax, in place
                 p[torch.arange(e - s, device=h.device), tc] -= 1.0
                 p.mul_(ok[:, None] / max(n_valid, 1))
                 dlogits[s:e] = p
@@ -138,21 +139,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                                         targets.reshape(-1), chunk)
 
 
-def lm_loss(model, idx: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """The loss of ``model(idx, targets)`` for a DecoderLM, computed with
-    :func:`linear_cross_entropy` (no logits materialized)."""
-    from gam.models.lm import check_token_ids
-
-    check_token_ids(idx, model.config.vocab_size, model.config.max_seq_len)
-    if targets.shape != idx.shape:
-        raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
-    x = model.embed(idx)
-    for block in model.blocks:
-        x = block(x)
-    return linear_cross_entropy(model.ln_f(x), model.head.weight, targets, chunk)
-
-
-def reference_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The shell's loss: fp32 cross-entropy of the (autocast) logits."""
-    logits = F.linear(h, weight)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+def lm_loss(model, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss of a DecoderLM with the head fused into it (no logits materialized):
+    ``model(idx, targets, return_logits=False)[1]``."""
+    return model(idx, targets, return_logits=False)[1]
