@@ -1,24 +1,15 @@
 """Generation: per-layer inference caches, sampling, checkpoints, `gam generate`, decode bench."""
 
-import dataclasses
-import importlib.util
 import json
 import warnings
 
 import pytest
 import torch
 
-from gam import GAMConfig, build_model
 from gam.cli import main
 from gam.generation import InferenceCache, encode_prompt, generate, load_pretrained, sample_next
 
-TINY = dict(vocab_size=61, block_size=16, n_embd=16, n_layer=2, n_head=4,
-            num_memory_slots=8, conv_kernel_size=3, dropout=0.0, d_state=4, expand=2)
-
-HAS_MAMBA = importlib.util.find_spec("gam.layers.mamba") is not None
-needs_mamba = pytest.mark.skipif(not HAS_MAMBA, reason="gam.layers.mamba not available yet")
-needs_causal_memory = pytest.mark.skipif("memory" not in {f.name for f in dataclasses.fields(GAMConfig)},
-                                         reason="GAM memory='causal' not available yet")
+from conftest import TINY, tiny
 
 MODELS = [
     ("gam", {"variant": "full"}),
@@ -31,25 +22,14 @@ MODELS = [
     ("transformer", {"attn_impl": "sdpa"}),
     ("transformer", {"attn_impl": "naive"}),
     ("transformer", {"pos_embedding": "none"}),
-    pytest.param("gam", {"memory": "causal"}, marks=needs_causal_memory),
-    pytest.param("gam", {"memory": "causal", "variant": "global_only"}, marks=needs_causal_memory),
-    pytest.param("mamba", {"mamba_wiring": "standard", "mamba_backend": "torch"}, marks=needs_mamba),
-    pytest.param("mamba", {"mamba_wiring": "paper", "mamba_backend": "torch"}, marks=needs_mamba),
+    ("gam", {"memory": "causal"}),
+    ("gam", {"memory": "causal", "variant": "global_only"}),
+    ("mamba", {"mamba_wiring": "standard", "mamba_backend": "torch"}),
+    ("mamba", {"mamba_wiring": "paper", "mamba_backend": "torch"}),
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids thread-pool contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny(name, **fields):
-    torch.manual_seed(0)
-    return build_model(name, **{**TINY, **fields}).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_greedy(model, idx, n):

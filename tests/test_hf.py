@@ -1,6 +1,5 @@
 """Hugging Face transformers integration: config, generate(), save/load, export."""
 
-import importlib.util
 import json
 
 import pytest
@@ -10,35 +9,22 @@ pytest.importorskip("transformers")
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from gam import build_model  # noqa: E402
 from gam.cli import main  # noqa: E402
 from gam.generation import InferenceCache, encode_prompt  # noqa: E402
 from gam.hf import GAMForCausalLM, GAMHFConfig  # noqa: E402
 
-TINY = dict(vocab_size=61, block_size=16, n_embd=16, n_layer=2, n_head=4,
-            num_memory_slots=8, conv_kernel_size=3, dropout=0.0, d_state=4, expand=2)
-needs_mamba = pytest.mark.skipif(importlib.util.find_spec("gam.layers.mamba") is None,
-                                 reason="gam.layers.mamba not available yet")
+from conftest import TINY, tiny  # noqa: E402
+
 MODELS = [
     ("gam", {}),
     ("gam", {"variant": "global_only"}),
     ("gam", {"pos_embedding": "none"}),
     ("transformer", {}),
-    pytest.param("mamba", {"mamba_backend": "torch"}, marks=needs_mamba),
+    ("mamba", {"mamba_backend": "torch"}),
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny(name, **fields):
-    torch.manual_seed(0)
-    return build_model(name, **{**TINY, **fields}).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name,fields", MODELS)

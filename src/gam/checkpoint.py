@@ -35,6 +35,7 @@ import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
 from gam.config import GAMConfig
+from gam.fileio import atomic_write
 from gam.models.lm import DecoderLM
 
 FORMAT_VERSION = 1
@@ -52,15 +53,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def unwrap(model: nn.Module) -> DecoderLM:
@@ -115,7 +107,8 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(run_dir / "latest", name + "\n")
+    with atomic_write(run_dir / "latest", "w") as f:
+        f.write(name + "\n")
     _prune(run_dir, keep=name)
     return final
 

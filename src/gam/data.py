@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import threading
 import time
 import urllib.error
@@ -35,6 +34,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from gam.fileio import atomic_write
 
 __all__ = [
     "DataError",
@@ -646,24 +647,8 @@ def _slug(s: str) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
-
-
-def _unlink_quiet(p) -> None:
-    try:
-        os.unlink(p)
-    except OSError:
-        pass
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def _tokenizer_path(corpus: Corpus, vocab_size: int, cache_dir, splits) -> tuple[Path, dict]:
@@ -737,26 +722,18 @@ def encode_to_file(tokenizer, texts: Sequence[str], path: str | os.PathLike, *,
     dtype = np.dtype(np.uint16 if vocab <= 65535 else np.uint32)
     encode = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
     count = 0
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for i in range(0, len(texts), batch_size):
-                batch = [t for t in texts[i:i + batch_size] if t]
-                if not batch:
-                    continue
-                ids = [e.ids for e in encode(batch)]
-                n = sum(len(x) for x in ids)
-                if n == 0:
-                    continue
-                arr = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=n)
-                arr.tofile(f)
-                count += n
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
+    with atomic_write(path) as f:
+        for i in range(0, len(texts), batch_size):
+            batch = [t for t in texts[i:i + batch_size] if t]
+            if not batch:
+                continue
+            ids = [e.ids for e in encode(batch)]
+            n = sum(len(x) for x in ids)
+            if n == 0:
+                continue
+            arr = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=n)
+            arr.tofile(f)
+            count += n
     meta = {"format": _FORMAT_VERSION, "dtype": dtype.name, "count": count,
             "tokenizer_hash": tokenizer_hash(tokenizer), "vocab_size": vocab, "rows": len(texts)}
     _atomic_write_bytes(_sidecar(path), json.dumps(meta, indent=1).encode())

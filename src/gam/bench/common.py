@@ -27,10 +27,24 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One row of a benchmark: a model (or block) built from ``GAMConfig(model=model, **fields)``
+    (the bench preset's fields first, where it has them)."""
+
+    key: str
+    label: str
+    model: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
 
 
 # ----------------------------------------------------------------------------- environment

@@ -42,24 +42,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from gam.bench.common import (
-    describe_environment, environment, fmt_mean_spread, load_average, markdown_table, mean_spread, parse_name_list,
+    ModelSpec, describe_environment, environment, fmt_mean_spread, load_average, markdown_table, mean_spread, parse_name_list,
     write_results,
 )
 
 NAME = "paper"
 DATASETS = ("wikitext2", "tinystories")
 DATASET_LABELS = {"wikitext2": "WikiText-2", "tinystories": "TinyStories"}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One trained model: ``GAMConfig(model=model, **preset fields, **fields)``."""
-
-    key: str
-    label: str
-    model: str
-    fields: dict[str, Any] = field(default_factory=dict)
-    note: str = ""
 
 
 def _table1_specs(fair: bool) -> dict[str, ModelSpec]:

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from gam.bench.common import (
-    MIB, describe_environment, median, environment, fit_exponent, load_average, markdown_table, parse_int_list,
+    MIB, ModelSpec, describe_environment, median, environment, fit_exponent, load_average, markdown_table, parse_int_list,
     parse_name_list, write_results,
 )
 
@@ -43,43 +43,24 @@ NAME = "scaling"
 DEFAULT_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 
 
-@dataclass(frozen=True)
-class BlockSpec:
-    """One row of the benchmark: a block built from ``GAMConfig(model=model, **fields)``."""
-
-    key: str
-    label: str
-    model: str
-    fields: dict[str, Any] = field(default_factory=dict)
-    note: str = ""
-
-
-def _gam_fields(impl: str) -> dict[str, Any]:
-    # gam_impl selects the paper's eager code ("reference") or the fused fast path;
-    # older checkouts have no such field (and only the reference code).
-    from gam.config import GAMConfig
-
-    return {"gam_impl": impl} if "gam_impl" in GAMConfig.__dataclass_fields__ else {}
-
-
-def block_specs() -> dict[str, BlockSpec]:
+def block_specs() -> dict[str, ModelSpec]:
     """Every block this benchmark knows; add an entry here to benchmark a new one."""
     specs = [
-        BlockSpec("gam", "GAM", "gam", _gam_fields("reference"),
+        ModelSpec("gam", "GAM", "gam", {"gam_impl": "reference"},
                   "the paper's block, its eager reference code"),
-        BlockSpec("transformer_naive", "Transformer (naive)", "transformer", {"attn_impl": "naive"},
+        ModelSpec("transformer_naive", "Transformer (naive)", "transformer", {"attn_impl": "naive"},
                   "materialized T x T scores and mask, as the paper"),
-        BlockSpec("transformer_sdpa", "Transformer (SDPA)", "transformer", {"attn_impl": "sdpa"},
+        ModelSpec("transformer_sdpa", "Transformer (SDPA)", "transformer", {"attn_impl": "sdpa"},
                   "F.scaled_dot_product_attention(is_causal=True); on CPU with attention dropout > 0 "
                   "(training mode) PyTorch falls back to its math kernel, which materializes the scores "
                   "like the naive code (--dropout 0 gives the fused flash kernel)"),
-        BlockSpec("mamba", "Mamba", "mamba", {"mamba_wiring": "standard"},
+        ModelSpec("mamba", "Mamba", "mamba", {"mamba_wiring": "standard"},
                   "LayerNorm + Mamba mixer + residual (d_state 16, d_conv 4, expand 3)"),
     ]
-    if _gam_fields("fast"):
-        specs.append(BlockSpec("gam_fast", "GAM (fast path)", "gam", _gam_fields("fast"),
+    if {"gam_impl": "fast"}:
+        specs.append(ModelSpec("gam_fast", "GAM (fast path)", "gam", {"gam_impl": "fast"},
                                "same function, fused ops (gam_impl='fast')"))
-    specs.append(BlockSpec("gam_causal", "GAM (causal memory)", "gam", {"memory": "causal"},
+    specs.append(ModelSpec("gam_causal", "GAM (causal memory)", "gam", {"memory": "causal"},
                            "opt-in memory='causal' (not the paper): chunked O(T) form, gam.ops.causal_memory"))
     return {s.key: s for s in specs}
 
@@ -276,7 +257,7 @@ def _mp_context():
     return _CONTEXT
 
 
-def run_point(spec: BlockSpec, T: int, cfg: ScalingConfig, hard_timeout: float | None = None) -> dict[str, Any]:
+def run_point(spec: ModelSpec, T: int, cfg: ScalingConfig, hard_timeout: float | None = None) -> dict[str, Any]:
     """Run :func:`measure_point` in a fresh process; a crash, a kill or a
     timeout becomes a status, never an exception."""
     point_cfg = {k: getattr(cfg, k) for k in ("device", "batch_size", "n_embd", "n_head", "dropout", "precision",
@@ -333,7 +314,7 @@ def _predict(previous: list[dict[str, Any]], T: int, key: str, low: float) -> fl
     return last[key] * (T / last["T"]) ** exponent
 
 
-def check_available(spec: BlockSpec) -> str | None:
+def check_available(spec: ModelSpec) -> str | None:
     """None if the block can be built here, else why not (e.g. a module not yet installed)."""
     try:
         from gam.config import GAMConfig
