@@ -175,6 +175,29 @@ def test_paper_fair_mode(corpus, tmp_path):
     assert "SDPA" in (tmp_path / "fair" / "paper.md").read_text()
 
 
+def test_paper_records_a_diverged_run_and_goes_on(corpus, tmp_path, monkeypatch):
+    import gam.train as train_module
+
+    real_train = train_module.train
+
+    def train(model_config, cfg, run_dir, **kwargs):
+        if model_config.model == "transformer":
+            raise train_module.TrainingDiverged("loss became nan at step 3; stopped without saving")
+        return real_train(model_config, cfg, run_dir, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", train)
+    out = tmp_path / "diverged"
+    assert main(["bench", "paper", "--models", "transformer,gam", "--out", str(out), "--datasets", str(corpus),
+                 "--cache-dir", str(tmp_path / "cache"), *TINY_TRAIN, *TINY_MODEL]) == 0
+    md = (out / "paper.md").read_text()
+    rows = table_rows(md, "dataset")
+    assert rows[0][1].startswith("Transformer") and rows[0][6:8] == ["diverged", "diverged"]
+    assert rows[1][1] == "GAM" and math.isfinite(float(rows[1][7]))  # the grid went on
+    assert "seed 0: loss became nan at step 3." in md
+    raw = json.loads((out / "paper.json").read_text())
+    assert [r["diverged"] for r in raw["rows"]] == ["loss became nan at step 3", None]
+
+
 def test_paper_table_has_paper_figures():
     from gam.bench.paper import PaperConfig, render_table1
 

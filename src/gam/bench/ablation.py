@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from gam.bench.common import fmt_mean_spread, load_average, markdown_table, parse_name_list, write_results
 from gam.bench.paper import (
-    METRICS, ModelSpec, PaperConfig, _epoch_cell, add_common_training_args, aggregate, config_kwargs,
+    METRICS, ModelSpec, PaperConfig, _epoch_cell, diverged_lines, metric_cell, add_common_training_args, aggregate, config_kwargs,
     UNIGRAM_LABEL, fmt_params, parameter_counts, unigram_ppl, plot_curves, resolve, setup_lines, train_grid,
 )
 
@@ -68,8 +68,7 @@ def render_table3(variants: list[str], runs: list[dict[str, Any]], paper_counts:
             spec.label, _mark(gating), _mark(local), _mark(glob),
             fmt_params(rs[0]["params"]), fmt_params(rs[0]["non_embedding_params"]),
             f"{paper_counts[key]:,}", _epoch_cell(rs), fmt_mean_spread([r["tokens_per_s"] for r in rs], "{:,.0f}"),
-            fmt_mean_spread([r["best_val_ppl"] for r in rs], "{:.2f}"),
-            fmt_mean_spread([r["val_ppl"] for r in rs], "{:.2f}"),
+            metric_cell(rs, "best_val_ppl", "{:.2f}"), metric_cell(rs, "val_ppl", "{:.2f}"),
             paper.get("params", "—"), f"{paper['val_ppl']:.2f}" if "val_ppl" in paper else "—",
         ])
     uni = unigram_ppl(runs)
@@ -113,7 +112,7 @@ def run(cfg: PaperConfig, variants: list[str], out: str | Path,
     evals = train_fields.get("eval_every")
     lines = ["# Ablations (Table 3): the four GAM variants", "",
              *setup_lines(cfg, model_fields, train_fields, valid_tokens, data_info, env, wall, seeds),
-             table, "",
+             table, "", *diverged_lines(runs, {k: s.label for k, s in specs.items()}),
              "Best val PPL: the lowest validation perplexity of the evaluations during training "
              + (f"(every {evals} steps and at the end; " if evals else "(after each epoch; ")
              + "the paper's Table 3 metric); final val PPL: at the end of training (Table 1's metric). "

@@ -189,7 +189,7 @@ def train_grid(datasets: Sequence[str], specs: Sequence[ModelSpec], seeds: Seque
                runs_dir: str | Path | None = None, log: Callable[[str], None] = print) -> tuple[list, dict]:
     """Train every (dataset, model, seed); return (run records, per-dataset data info)."""
     from gam.config import GAMConfig
-    from gam.train import TrainConfig, train
+    from gam.train import TrainConfig, TrainingDiverged, train
 
     keep = runs_dir is not None
     root = Path(runs_dir) if keep else Path(tempfile.mkdtemp(prefix="gam-bench-"))
@@ -222,18 +222,26 @@ def train_grid(datasets: Sequence[str], specs: Sequence[ModelSpec], seeds: Seque
                     cfg = TrainConfig(**{**train_fields, "data": dataset, "seed": seed, "device": device})
                     log(f"-- {DATASET_LABELS.get(dataset, dataset)} / {spec.label} / seed {seed}")
                     w0 = time.perf_counter()
-                    result = train(model_config, cfg, run_dir, data=data,
-                                   print_fn=lambda text: log("   " + text))
+                    diverged = None
+                    try:
+                        final = train(model_config, cfg, run_dir, data=data,
+                                      print_fn=lambda text: log("   " + text)).metrics
+                    except TrainingDiverged as err:  # a result of the comparison, not a crash of it
+                        diverged = str(err).split(";")[0]
+                        final = {"val_loss": float("nan"), "val_ppl": float("nan")}
                     wall = time.perf_counter() - w0
                     record = {"dataset": dataset, "model": spec.key, "label": spec.label, "seed": seed,
                               "params": counts["total"], "non_embedding_params": counts["non_embedding"],
-                              "precision": cfg.precision, "wall_s": wall,
-                              **summarize_run(_read_metrics(run_dir), result.metrics, steps_per_epoch,
+                              "precision": cfg.precision, "wall_s": wall, "diverged": diverged,
+                              **summarize_run(_read_metrics(run_dir), final, steps_per_epoch,
                                               cfg.batch_size, block)}
                     runs.append(record)
-                    log(f"   -> val loss {record['val_loss']:.4f}, ppl {record['val_ppl']:.2f} (best "
-                        f"{record['best_val_ppl']:.2f}); {record['tokens_per_s']:,.0f} tokens/s; "
-                        f"{wall:.0f} s wall")
+                    if diverged:
+                        log(f"   -> diverged: {diverged} (recorded; the other runs go on); {wall:.0f} s wall")
+                    else:
+                        log(f"   -> val loss {record['val_loss']:.4f}, ppl {record['val_ppl']:.2f} (best "
+                            f"{record['best_val_ppl']:.2f}); {record['tokens_per_s']:,.0f} tokens/s; "
+                            f"{wall:.0f} s wall")
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -254,6 +262,22 @@ def aggregate(runs: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]
 
 
 METRICS = ("epoch_s", "tokens_per_s", "val_loss", "val_ppl", "best_val_loss", "best_val_ppl", "train_s")
+
+
+def metric_cell(rs: list[dict[str, Any]], key: str, fmt: str) -> str:
+    """Mean ± sd of ``key`` over the runs that finished, then how many diverged."""
+    done = [r[key] for r in rs if not r.get("diverged")]
+    text = fmt_mean_spread(done, fmt) if done else ""
+    failed = len(rs) - len(done)
+    if failed:
+        text = (f"{text}, " if text else "") + ("diverged" if len(rs) == 1 else f"diverged ({failed}/{len(rs)})")
+    return text
+
+
+def diverged_lines(runs: list[dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    """One line per run stopped by a nan/inf loss (the trainer's guard), for under a table."""
+    return [f"- Diverged: {labels.get(r['model'], r['model'])} on {DATASET_LABELS.get(r['dataset'], r['dataset'])}, "
+            f"seed {r['seed']}: {r['diverged']}." for r in runs if r.get("diverged")]
 
 
 def _epoch_cell(rs: list[dict[str, Any]]) -> str:
@@ -367,8 +391,7 @@ def render_table1(cfg: PaperConfig, runs: list[dict[str, Any]], specs: dict[str,
                 DATASET_LABELS.get(dataset, dataset), specs[key].label,
                 fmt_params(rs[0]["params"]), fmt_params(rs[0]["non_embedding_params"]),
                 _epoch_cell(rs), fmt_mean_spread([r["tokens_per_s"] for r in rs], "{:,.0f}"),
-                fmt_mean_spread([r["val_loss"] for r in rs], "{:.4f}"),
-                fmt_mean_spread([r["val_ppl"] for r in rs], "{:.2f}"),
+                metric_cell(rs, "val_loss", "{:.4f}"), metric_cell(rs, "val_ppl", "{:.2f}"),
                 _paper_num(paper.get("params"), "{}"), _paper_num(paper.get("epoch_s"), "{:.1f}"),
                 _paper_num(paper.get("val_loss"), "{:.4f}"), _paper_num(paper.get("val_ppl"), "{:.2f}"),
             ])
@@ -456,7 +479,7 @@ def run(cfg: PaperConfig, out: str | Path, log: Callable[[str], None] = print) -
             if cfg.fair else "baselines as the paper ran them: naive attention, bare Mamba mixers, fp32")
     lines = [f"# Main results (Table 1): GAM vs Transformer vs Mamba, {mode}", "",
              *setup_lines(cfg, model_fields, train_fields, valid_tokens, data_info, env, wall, seeds),
-             table, "",
+             table, "", *diverged_lines(runs, {k: s.label for k, s in fair_specs.items()}),
              "Models:", *[f"- {s.label}: {s.note}" + (f" (skipped: {skipped[k]})" if k in skipped else "")
                           for k, s in fair_specs.items()], "",
              "The paper's columns are its Table 1 (T4 GPU, fp32, 5 epochs of batch 32 at width 512, 6 layers, "
