@@ -191,7 +191,7 @@ def test_paper_records_a_diverged_run_and_goes_on(corpus, tmp_path, monkeypatch)
                  "--cache-dir", str(tmp_path / "cache"), *TINY_TRAIN, *TINY_MODEL]) == 0
     md = (out / "paper.md").read_text()
     rows = table_rows(md, "dataset")
-    assert rows[0][1].startswith("Transformer") and rows[0][6:8] == ["diverged", "diverged"]
+    assert rows[0][1].startswith("Transformer") and rows[0][4:8] == ["—", "—", "diverged", "diverged"]
     assert rows[1][1] == "GAM" and math.isfinite(float(rows[1][7]))  # the grid went on
     assert "seed 0: loss became nan at step 3." in md
     raw = json.loads((out / "paper.json").read_text())

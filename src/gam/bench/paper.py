@@ -168,7 +168,8 @@ def summarize_run(records: list[dict[str, Any]], final: dict[str, Any], steps_pe
     if full:
         per_epoch, extrapolated = sum(full) / len(full), False
     else:
-        per_epoch, extrapolated = (train_s / steps * steps_per_epoch if steps else float("nan")), True
+        # no timed epoch record (a run stopped by a nan loss has none): no time to report
+        per_epoch, extrapolated = (train_s / steps * steps_per_epoch if steps and train_s else float("nan")), True
     best = min(evals, key=lambda r: r["val_loss"]) if evals else final
     return {
         "steps": steps, "tokens": steps * batch_size * block_size, "train_s": train_s,
@@ -282,7 +283,7 @@ def diverged_lines(runs: list[dict[str, Any]], labels: dict[str, str]) -> list[s
 
 def _epoch_cell(rs: list[dict[str, Any]]) -> str:
     text = fmt_mean_spread([r["epoch_s"] for r in rs], "{:,.1f}")
-    return text + ("*" if any(r["epoch_s_extrapolated"] for r in rs) else "")
+    return text + ("*" if text != "—" and any(r["epoch_s_extrapolated"] for r in rs) else "")
 
 
 def fmt_params(n: int) -> str:
