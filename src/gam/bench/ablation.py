@@ -67,7 +67,8 @@ def render_table3(variants: list[str], runs: list[dict[str, Any]], paper_counts:
         body.append([
             spec.label, _mark(gating), _mark(local), _mark(glob),
             fmt_params(rs[0]["params"]), fmt_params(rs[0]["non_embedding_params"]),
-            f"{paper_counts[key]:,}", _epoch_cell(rs), fmt_mean_spread([r["tokens_per_s"] for r in rs], "{:,.0f}"),
+            f"{paper_counts[key]:,}", _epoch_cell(rs),
+            fmt_mean_spread([r["tokens_per_s"] for r in rs if not r.get("diverged")], "{:,.0f}"),
             metric_cell(rs, "best_val_ppl", "{:.2f}"), metric_cell(rs, "val_ppl", "{:.2f}"),
             paper.get("params", "—"), f"{paper['val_ppl']:.2f}" if "val_ppl" in paper else "—",
         ])

@@ -282,8 +282,9 @@ def diverged_lines(runs: list[dict[str, Any]], labels: dict[str, str]) -> list[s
 
 
 def _epoch_cell(rs: list[dict[str, Any]]) -> str:
-    text = fmt_mean_spread([r["epoch_s"] for r in rs], "{:,.1f}")
-    return text + ("*" if text != "—" and any(r["epoch_s_extrapolated"] for r in rs) else "")
+    done = [r for r in rs if not r.get("diverged")]  # a diverged run's time would mix in steps of nan
+    text = fmt_mean_spread([r["epoch_s"] for r in done], "{:,.1f}")
+    return text + ("*" if text != "—" and any(r["epoch_s_extrapolated"] for r in done) else "")
 
 
 def fmt_params(n: int) -> str:
@@ -391,7 +392,7 @@ def render_table1(cfg: PaperConfig, runs: list[dict[str, Any]], specs: dict[str,
             body.append([
                 DATASET_LABELS.get(dataset, dataset), specs[key].label,
                 fmt_params(rs[0]["params"]), fmt_params(rs[0]["non_embedding_params"]),
-                _epoch_cell(rs), fmt_mean_spread([r["tokens_per_s"] for r in rs], "{:,.0f}"),
+                _epoch_cell(rs), fmt_mean_spread([r["tokens_per_s"] for r in rs if not r.get("diverged")], "{:,.0f}"),
                 metric_cell(rs, "val_loss", "{:.4f}"), metric_cell(rs, "val_ppl", "{:.2f}"),
                 _paper_num(paper.get("params"), "{}"), _paper_num(paper.get("epoch_s"), "{:.1f}"),
                 _paper_num(paper.get("val_loss"), "{:.4f}"), _paper_num(paper.get("val_ppl"), "{:.2f}"),

@@ -175,8 +175,8 @@ class Preset:
     skip_lrs_after: float = 0.99  # skip the remaining lrs of a model once one reached this
     warmup_frac: float = 0.05
     weight_decay: float = 0.1
-    # The shell's position embedding is nn.Embedding's N(0, 1), 14x the tied token
-    # embedding (uniform +-1/sqrt(C)), which drowns token identity; re-initialize it
+    # The shell's position embedding is nn.Embedding's N(0, 1), sqrt(3C) times the std of
+    # the tied token embedding (uniform +-1/sqrt(C)), which drowns token identity; re-initialize it
     # N(0, pos_init_std) (GPT-2 style) for every model. None keeps the shell's.
     pos_init_std: float | None = 0.02
 
