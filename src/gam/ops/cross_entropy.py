@@ -105,24 +105,29 @@ class LinearCrossEntropy(torch.autograd.Function):
             tc = torch.where(ok, t, 0)
             losses[s:e] = torch.where(ok, -lp.gather(1, tc[:, None]).squeeze(1), 0.0)
             if need_grad:
+                # softmax - onehot, unscaled: the 1/n_valid of the mean is applied to the
+                # (N, C) and (V, C) results in backward, not to the (N, V) array here
                 p = lp.exp_()                                   # softmax, in place
                 p[torch.arange(e - s, device=h.device), tc] -= 1.0
-                p.mul_(ok[:, None] / max(n_valid, 1))
+                if not bool(ok.all()):
+                    p[~ok] = 0.0                                # ignored positions
                 dlogits[s:e] = p
         loss = losses.sum() / max(n_valid, 1) if n_valid else losses.sum() * float("nan")
         if need_grad:
             dh = dlogits @ W if ctx.needs_input_grad[0] else None
             dW = (dlogits.t() @ h).to(acc_dtype(dtype)) if ctx.needs_input_grad[1] else None
             ctx.save_for_backward(dh, dW)
+        ctx.n_valid = max(n_valid, 1)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         dh, dW = ctx.saved_tensors
+        scale = grad_loss.float() / ctx.n_valid  # in fp32: 1/n is not exact in bf16
         if dh is not None:
-            dh = dh * grad_loss.to(dh.dtype)
+            dh = (dh.float() * scale).to(dh.dtype)
         if dW is not None:
-            dW = dW * grad_loss.to(dW.dtype)
+            dW = (dW.float() * scale).to(dW.dtype)
         return dh, dW, None, None
 
 
