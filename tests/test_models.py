@@ -263,6 +263,28 @@ def test_bad_token_ids_raise_clear_errors(idx, message):
         model(idx)
 
 
+@pytest.mark.parametrize("return_logits", [True, False])
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("targets,message", [
+    (torch.full((1, 8), 61), "outside"),
+    (torch.full((1, 8), -1), "outside"),
+    (torch.zeros(1, 7, dtype=torch.long), "shape"),
+    (torch.zeros(1, 8), "integer"),
+])
+def test_bad_targets_raise_clear_errors(targets, message, impl, return_logits):
+    model = tiny("gam", gam_impl=impl)
+    with pytest.raises(ValueError, match=message):
+        model(torch.zeros(1, 8, dtype=torch.long), targets, return_logits=return_logits)
+
+
+def test_ignored_targets_are_allowed():
+    model = tiny("gam")
+    targets = torch.full((1, 8), -100)
+    targets[0, 3] = 5
+    _, loss = model(torch.zeros(1, 8, dtype=torch.long), targets)
+    assert torch.isfinite(loss)
+
+
 @pytest.mark.parametrize("fields,message", [
     ({"conv_kernel_size": 0}, "conv_kernel_size"),
     ({"num_memory_slots": 0}, "num_memory_slots"),

@@ -55,6 +55,21 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int, max_len: int | None, nam
         raise ValueError(f"{name} holds token id {bad} outside [0, {vocab_size}) (vocab_size={vocab_size})")
 
 
+def check_targets(targets: torch.Tensor, idx: torch.Tensor, vocab_size: int) -> None:
+    """Targets: integer ids in [0, vocab_size), or -100 (ignored), shaped like ``idx``."""
+    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or targets.dtype.is_complex \
+            or targets.dtype == torch.bool:
+        raise ValueError("targets must be a tensor of integer token ids")
+    if targets.shape != idx.shape:
+        raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
+    if torch.compiler.is_compiling():
+        return
+    bad = targets[(targets != -100) & ((targets < 0) | (targets >= vocab_size))]
+    if bad.numel():
+        raise ValueError(f"targets hold token id {int(bad[0])} outside [0, {vocab_size}) "
+                         f"(vocab_size={vocab_size}; -100 marks an ignored position)")
+
+
 class DecoderLM(nn.Module):
     """Decoder-only LM; ``forward(idx, targets=None) -> (logits, loss)``."""
 
@@ -91,8 +106,8 @@ class DecoderLM(nn.Module):
         reference path, fuses the head into the loss so that no (tokens, vocab) logits
         are kept: :func:`gam.ops.cross_entropy.linear_cross_entropy`."""
         check_token_ids(idx, self.config.vocab_size, self.config.max_seq_len)
-        if targets is not None and targets.shape != idx.shape:
-            raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
+        if targets is not None:
+            check_targets(targets, idx, self.config.vocab_size)
         if not return_logits and targets is None:
             raise ValueError("return_logits=False needs targets: there is nothing else to return")
         x = self.embed(idx)
