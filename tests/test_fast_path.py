@@ -430,6 +430,33 @@ def test_fast_path_under_torch_compile():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_lm_training_loss_and_grads_match_eager():
+    """The LM's training step (fast path, head fused into the loss) under Inductor, the
+    configuration of ``gam train --compile`` and the compiled rows of ``gam bench speed``:
+    loss and every parameter gradient equal eager's (fp32)."""
+    pytest.importorskip("torch._inductor")
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    model = build_model("gam", **{**TINY, "gam_impl": "fast"}).train()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 16))
+    tgt = torch.randint(0, TINY["vocab_size"], (2, 16))
+
+    def loss_and_grads(forward):
+        model.zero_grad(set_to_none=True)
+        loss = forward(idx, tgt, return_logits=False)[1]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_ref, grads_ref = loss_and_grads(model)
+    loss, grads = loss_and_grads(torch.compile(model))
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 # ---------------------------------------------------------------- Triton (CUDA)
 
 def _triton_ok():
@@ -530,12 +557,14 @@ def test_bench_speed_smoke(tmp_path):
 
     result = speed.run(tmp_path, batch=2, seq=16, steps=1, rounds=1, warmup=1, memory_seq=32, threads=1,
                        rows=["gam_ref_fp32", "gam_fast_fp32", "gam_fast_bf16",
-                             "transformer_bf16"],
+                             "gam_fast_compiled_fp32", "transformer_bf16"],
                        overrides=dict(n_layer=1, n_embd=32, num_memory_slots=32, vocab_size=64, n_head=4),
                        log=lambda *a: None)
     raw = json.loads((tmp_path / "speed.json").read_text())
     keys = [r["key"] for r in raw["rows"]]
-    assert keys == ["gam_ref_fp32", "gam_fast_fp32", "gam_fast_bf16", "transformer_bf16"]
+    assert keys == ["gam_ref_fp32", "gam_fast_fp32", "gam_fast_bf16", "gam_fast_compiled_fp32",
+                    "transformer_bf16"]
+    assert [r["compiled"] for r in raw["rows"]] == [False, False, False, True, False]
     for r in raw["rows"]:
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] and math.isfinite(r["last_loss"])
     assert raw["rows"][0]["speedup_vs_ref_fp32"] == 1.0

@@ -10,12 +10,18 @@ tokens, dropout 0.1 active):
   training step, as ``gam train`` runs it: ``model(idx, targets,
   return_logits=False)`` (head fused into the cross-entropy) and fused AdamW;
 - GAM fast path (``gam_impl="fast"``) in fp32 and in bf16 autocast (fp32 master
-  weights);
-- Transformer (SDPA) and Mamba (when ``gam.layers.mamba`` is importable) in fp32 and bf16.
+  weights), eager, and the same model wrapped in ``torch.compile`` (Inductor fuses
+  the elementwise work between the matmuls; ``gam train --compile``);
+- Transformer (SDPA) and Mamba (when ``gam.layers.mamba`` is importable) in fp32 and
+  bf16, and the Transformer compiled in bf16, so the compiled GAM has a compiled peer.
 
-Rows are measured in rounds (every row runs ``--steps`` timed steps per round,
-rounds interleave the rows), so a change in machine load hits every row alike;
-the figure per row is the median step time over all rounds. Also reported:
+Compiled rows compile during their warm-up steps (at least one); compilation time
+is logged, not timed.
+
+Rows are measured in rounds of ``--steps`` timed steps per row, the steps
+interleaved across rows (one step of each row in turn), so a change in machine
+speed hits every row alike; the figure per row is the median step time over all
+rounds. Also reported:
 
 - the matmul peak of the machine for each dtype, measured in the same run (the
   best median GFLOP/s over the GEMM shapes the model uses and a 2048^3 GEMM);
@@ -49,15 +55,19 @@ from pathlib import Path
 from typing import Any
 
 ROWS = (
-    # key, label, model, config fields, precision
-    ("gam_ref_fp32", "GAM reference (paper code)", "gam", {"gam_impl": "reference"}, "fp32"),
-    ("gam_fast_fp32", "GAM fast path", "gam", {"gam_impl": "fast"}, "fp32"),
-    ("gam_ref_bf16", "GAM reference (paper code)", "gam", {"gam_impl": "reference"}, "bf16"),
-    ("gam_fast_bf16", "GAM fast path", "gam", {"gam_impl": "fast"}, "bf16"),
-    ("transformer_fp32", "Transformer (SDPA)", "transformer", {"attn_impl": "sdpa"}, "fp32"),
-    ("transformer_bf16", "Transformer (SDPA)", "transformer", {"attn_impl": "sdpa"}, "bf16"),
-    ("mamba_fp32", "Mamba", "mamba", {"mamba_wiring": "standard"}, "fp32"),
-    ("mamba_bf16", "Mamba", "mamba", {"mamba_wiring": "standard"}, "bf16"),
+    # key, label, model, config fields, precision, wrapped in torch.compile
+    ("gam_ref_fp32", "GAM reference (paper code)", "gam", {"gam_impl": "reference"}, "fp32", False),
+    ("gam_fast_fp32", "GAM fast path", "gam", {"gam_impl": "fast"}, "fp32", False),
+    ("gam_ref_bf16", "GAM reference (paper code)", "gam", {"gam_impl": "reference"}, "bf16", False),
+    ("gam_fast_bf16", "GAM fast path", "gam", {"gam_impl": "fast"}, "bf16", False),
+    ("gam_fast_compiled_fp32", "GAM fast path + torch.compile", "gam", {"gam_impl": "fast"}, "fp32", True),
+    ("gam_fast_compiled_bf16", "GAM fast path + torch.compile", "gam", {"gam_impl": "fast"}, "bf16", True),
+    ("transformer_fp32", "Transformer (SDPA)", "transformer", {"attn_impl": "sdpa"}, "fp32", False),
+    ("transformer_bf16", "Transformer (SDPA)", "transformer", {"attn_impl": "sdpa"}, "bf16", False),
+    ("transformer_compiled_bf16", "Transformer (SDPA) + torch.compile", "transformer", {"attn_impl": "sdpa"},
+     "bf16", True),
+    ("mamba_fp32", "Mamba", "mamba", {"mamba_wiring": "standard"}, "fp32", False),
+    ("mamba_bf16", "Mamba", "mamba", {"mamba_wiring": "standard"}, "bf16", False),
 )
 BASELINE = "gam_ref_fp32"
 GOALS = {
@@ -149,7 +159,8 @@ def matmul_peak(precision: str, device, shapes, reps: int = 5, cpu_time: bool = 
 # ----------------------------------------------------------------------------- training step
 
 def make_trainer(key: str, model_name: str, fields: dict, precision: str, *,
-                 device, batch: int, seq: int, seed: int, overrides: dict | None = None):
+                 device, batch: int, seq: int, seed: int, overrides: dict | None = None,
+                 compiled: bool = False):
     import torch
 
     from gam.models.lm import build_model
@@ -169,10 +180,11 @@ def make_trainer(key: str, model_name: str, fields: dict, precision: str, *,
     tgt = torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen).to(device)
     amp = _amp_dtype(precision)
     dev_type = torch.device(device).type
+    forward = torch.compile(model) if compiled else model  # compiles on its first step
 
     def step() -> float:
         with torch.autocast(dev_type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = model(idx, tgt, return_logits=paper_code)[1]
+            loss = forward(idx, tgt, return_logits=paper_code)[1]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -365,7 +377,7 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
     N, C = batch * seq, (overrides or {}).get("n_embd", 512)
     V = (overrides or {}).get("vocab_size", 10000)
     gemm_shapes = [(N, C, 4 * C), (N, 4 * C, C), (N, C, V), (2048, 2048, 2048)]
-    precisions = sorted({s[4] for s in specs})
+    precisions = sorted({r[4] for r in specs})
     gemm: dict[str, dict[str, list[float]]] = {p: {} for p in precisions}
     gemm_cpu: dict[str, dict[str, list[float]]] = {p: {} for p in precisions}
     one_thread = device == "cpu" and torch.get_num_threads() == 1
@@ -381,11 +393,14 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
     log(f"building {len(specs)} models (batch {batch} x {seq} tokens, device {device}, "
         f"{torch.get_num_threads()} threads, malloc tuned: {malloc_tuned})")
     trainers = {}
-    for key, label, model_name, fields, precision in specs:
-        model, step = make_trainer(key, model_name, fields, precision, device=device,
-                                   batch=batch, seq=seq, seed=seed, overrides=overrides)
-        for _ in range(warmup):
+    for key, label, model_name, fields, precision, compiled in specs:
+        model, step = make_trainer(key, model_name, fields, precision, device=device, batch=batch,
+                                   seq=seq, seed=seed, overrides=overrides, compiled=compiled)
+        t0 = time.perf_counter()
+        for _ in range(max(warmup, 1) if compiled else warmup):  # compilation stays out of the timing
             step()
+        if compiled:
+            log(f"{key}: compiled and warmed up in {time.perf_counter() - t0:.0f} s")
         _sync(device)
         trainers[key] = (model, step)
     times: dict[str, list[float]] = {r[0]: [] for r in specs}
@@ -394,16 +409,18 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
     load = []
     for rnd in range(rounds):
         measure_gemm()
-        for key, *_ in specs:
-            _, step = trainers[key]
-            for _ in range(steps):
+        # Steps interleaved across rows (A B C A B C ...), not a block of steps per
+        # row: a host whose speed drifts over seconds then slows every row alike.
+        for _ in range(steps):
+            for key, *_ in specs:
+                _, step = trainers[key]
                 _sync(device)
                 t0, c0 = time.perf_counter(), time.process_time()
                 loss = step()
                 _sync(device)
                 times[key].append(time.perf_counter() - t0)
                 cpu_times[key].append(time.process_time() - c0)
-            losses[key] = float(loss.detach())
+                losses[key] = float(loss.detach())
         load.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
         log(f"round {rnd + 1}/{rounds}: " + ", ".join(
             f"{k} {batch * seq / statistics.median(times[k]):.0f} tok/s" for k, *_ in specs))
@@ -414,14 +431,14 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
                  if one_thread else {})
     results = []
     base_tps = None
-    for key, label, model_name, fields, precision in specs:
+    for key, label, model_name, fields, precision, compiled in specs:
         model, _ = trainers[key]
         med = statistics.median(times[key])
         tps = batch * seq / med
         fl = flops_per_token(model, seq)
         achieved = fl["train"] * tps / 1e9
         row = {"key": key, "label": label, "model": model_name, "fields": fields, "precision": precision,
-               "paper_code": fields.get("gam_impl") == "reference", "median_step_s": med, "step_s": times[key],
+               "paper_code": fields.get("gam_impl") == "reference", "compiled": compiled, "median_step_s": med, "step_s": times[key],
                "cpu_util": statistics.median(c / w for c, w in zip(cpu_times[key], times[key])),
                "tokens_per_s": tps, "train_flops_per_token": fl["train"], "flops_parts_forward": fl["parts_forward"],
                "achieved_gflops": achieved, "matmul_peak_gflops": peaks[precision],
@@ -457,7 +474,10 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
         summary["fast_bf16_over_ref_fp32"] = by_key["gam_fast_bf16"]["speedup_vs_ref_fp32"]
     if "gam_fast_fp32" in by_key and base_tps:
         summary["fast_fp32_over_ref_fp32"] = by_key["gam_fast_fp32"]["speedup_vs_ref_fp32"]
-    for k in ("gam_fast_fp32", "gam_fast_bf16"):
+    for k in ("gam_fast_compiled_bf16", "gam_fast_compiled_fp32"):
+        if k in by_key and base_tps:
+            summary[f"{k.removeprefix('gam_')}_over_ref_fp32"] = by_key[k]["speedup_vs_ref_fp32"]
+    for k in ("gam_fast_fp32", "gam_fast_bf16", "gam_fast_compiled_fp32", "gam_fast_compiled_bf16"):
         if k in by_key:
             summary[f"mfu_{k}"] = by_key[k]["mfu"]
     if one_thread:
@@ -491,7 +511,7 @@ def render_markdown(results, peaks, gemm, memory, summary, env, batch, seq, step
              env_line + f"; malloc tuned: {env.get('malloc_tuned')}; load average per round: "
              + ", ".join(f"{x:.2f}" for x in env.get("load_average_per_round", []) if x is not None), "",
              f"Median over {rounds} rounds x {steps} steps of a full training step (forward, backward, "
-             "clip, AdamW). MFU: training FLOPs per token (see `gam.bench.speed`) x tokens/s over the "
+             "clip, AdamW), steps interleaved across rows. MFU: training FLOPs per token (see `gam.bench.speed`) x tokens/s over the "
              "measured matmul peak of the row's dtype. CPU util: process CPU time / wall time per step "
              "(below the thread count means the machine was shared).", ""]
     table = []
@@ -537,8 +557,14 @@ def render_markdown(results, peaks, gemm, memory, summary, env, batch, seq, step
         goal_rows = []
         names = {"fast_bf16_over_ref_fp32": ("fast bf16 / reference fp32 tokens/s", ">= 1.8"),
                  "fast_fp32_over_ref_fp32": ("fast fp32 / reference fp32 tokens/s", ">= 1.0"),
+                 "fast_compiled_bf16_over_ref_fp32": ("fast + torch.compile bf16 / reference fp32 tokens/s",
+                                                      ">= 1.8"),
+                 "fast_compiled_fp32_over_ref_fp32": ("fast + torch.compile fp32 / reference fp32 tokens/s",
+                                                      ">= 1.0"),
                  "mfu_gam_fast_fp32": ("MFU fast fp32", ">= 70%"),
                  "mfu_gam_fast_bf16": ("MFU fast bf16", ">= 70%"),
+                 "mfu_gam_fast_compiled_fp32": ("MFU fast + torch.compile fp32", ">= 70%"),
+                 "mfu_gam_fast_compiled_bf16": ("MFU fast + torch.compile bf16", ">= 70%"),
                  "block_memory_fast_over_ref_fp32": ("block peak memory fast / reference (fp32)", "<= 0.8"),
                  "block_memory_fast_over_ref_bf16": ("block peak memory fast / reference (bf16)", "<= 0.8"),
                  "cpu_time_gam_fast_bf16_over_ref_fp32": ("CPU time: fast bf16 / reference fp32", ">= 1.8"),
