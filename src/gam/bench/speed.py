@@ -23,8 +23,9 @@ interleaved across rows (one step of each row in turn), so a change in machine
 speed hits every row alike; the figure per row is the median step time over all
 rounds. Also reported:
 
-- the matmul peak of the machine for each dtype, measured in the same run (the
-  best median GFLOP/s over the GEMM shapes the model uses and a 2048^3 GEMM);
+- the matmul peak of the machine for each dtype, measured in the same run, between
+  the steps (the best, over the GEMM shapes the model uses and a 2048^3 GEMM, of
+  each shape's median GFLOP/s);
 - model FLOPs utilization (MFU) = training FLOPs per token x tokens/s / that peak,
   with the FLOPs per token counted as (forward, x 3 for training; recomputation
   not counted):
@@ -384,10 +385,10 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
 
     def measure_gemm() -> None:
         for p in precisions:
-            for shape, gflops in matmul_peak(p, device, gemm_shapes).items():
+            for shape, gflops in matmul_peak(p, device, gemm_shapes, reps=3).items():
                 gemm[p].setdefault(shape, []).append(gflops)
             if one_thread:
-                for shape, gflops in matmul_peak(p, device, gemm_shapes, cpu_time=True).items():
+                for shape, gflops in matmul_peak(p, device, gemm_shapes, reps=3, cpu_time=True).items():
                     gemm_cpu[p].setdefault(shape, []).append(gflops)
 
     log(f"building {len(specs)} models (batch {batch} x {seq} tokens, device {device}, "
@@ -408,10 +409,11 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
     losses: dict[str, float] = {}
     load = []
     for rnd in range(rounds):
-        measure_gemm()
         # Steps interleaved across rows (A B C A B C ...), not a block of steps per
-        # row: a host whose speed drifts over seconds then slows every row alike.
+        # row, and the GEMM peak measured between them: a host whose speed drifts
+        # over seconds then slows every row, and the peak, alike.
         for _ in range(steps):
+            measure_gemm()
             for key, *_ in specs:
                 _, step = trainers[key]
                 _sync(device)
