@@ -25,7 +25,10 @@ number of slots are supported; wider bundles fall back to PyTorch.
 
 NOTE: written without a GPU at hand; ``tests/test_fast_path.py`` compares it
 with the reference (fp32, bf16, fp16, ragged sizes) wherever CUDA and Triton
-exist. Block sizes are conservative, not tuned.
+exist, and runs the kernels in Triton's CPU interpreter (``TRITON_INTERPRET=1``;
+fp32 and fp16, forward and both gradients) wherever Triton is installed, as in
+CI. The interpreter checks the kernels' arithmetic and masking, not their speed
+or GPU-specific behaviour. Block sizes are conservative, not tuned.
 """
 
 from __future__ import annotations
