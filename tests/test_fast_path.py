@@ -358,6 +358,16 @@ def test_linear_cross_entropy_matches_cross_entropy(N, chunk):
         torch.testing.assert_close(a, b)
 
 
+def test_linear_cross_entropy_all_ignored_is_nan_like_torch():
+    h = torch.randn(6, 8, requires_grad=True)
+    W = torch.randn(11, 8, requires_grad=True)
+    t = torch.full((6,), -100)
+    out = linear_cross_entropy(h, W, t)
+    assert math.isnan(out.item()) and math.isnan(F.cross_entropy(h @ W.T, t).item())
+    out.backward()  # runs; no valid target contributes to the gradients
+    assert h.grad.abs().sum() == 0 and W.grad.abs().sum() == 0
+
+
 def test_lm_loss_matches_model_loss_fp32_and_bf16():
     fields = dict(n_layer=2, n_embd=32, num_memory_slots=16, vocab_size=300, block_size=32, dropout=0.0)
     torch.manual_seed(0)
@@ -442,6 +452,7 @@ def test_compiled_lm_training_loss_and_grads_match_eager():
     model = build_model("gam", **{**TINY, "gam_impl": "fast"}).train()
     idx = torch.randint(0, TINY["vocab_size"], (2, 16))
     tgt = torch.randint(0, TINY["vocab_size"], (2, 16))
+    tgt[0, :3] = -100  # ignored positions
 
     def loss_and_grads(forward):
         model.zero_grad(set_to_none=True)

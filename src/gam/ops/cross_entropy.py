@@ -95,7 +95,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         W = weight.to(dtype)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         valid = targets != -100
-        n_valid = int(valid.sum())
+        n_valid = valid.sum()  # a tensor: no host sync (a device sync on CUDA, a graph break under compile)
         acc = acc_dtype(dtype)
         losses = torch.zeros(N, dtype=acc, device=h.device)
         dlogits = torch.empty(N, W.shape[0], dtype=dtype, device=h.device) if need_grad else None
@@ -104,9 +104,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             # (n, V) fp32 log-probabilities of this chunk only: log_softmax reads the
             # compute-dtype logits and casts inside its kernel (one fused pass)
             lp = torch.log_softmax(h[s:e] @ W.t(), dim=-1, dtype=acc)
-            t = targets[s:e]
             ok = valid[s:e]
-            tc = torch.where(ok, t, 0)
+            tc = torch.where(ok, targets[s:e], 0)
             lp_target = lp.gather(1, tc[:, None]).squeeze(1)
             losses[s:e] = torch.where(ok, -lp_target, 0.0)
             if need_grad:
@@ -117,20 +116,21 @@ class LinearCrossEntropy(torch.autograd.Function):
                 rows = dlogits[s:e]
                 torch.exp(lp, out=rows)
                 rows[torch.arange(e - s, device=h.device), tc] = torch.expm1(lp_target).to(dtype)
-                if not bool(ok.all()):
-                    rows[~ok] = 0.0                             # ignored positions
-        loss = losses.sum() / max(n_valid, 1) if n_valid else losses.sum() * float("nan")
+        loss = losses.sum() / n_valid  # no valid target: 0 / 0 = nan, as F.cross_entropy
         if need_grad:
-            dh = dlogits @ W if ctx.needs_input_grad[0] else None
-            dW = (dlogits.t() @ h).to(acc) if ctx.needs_input_grad[1] else None
-            ctx.save_for_backward(dh, dW)
-        ctx.n_valid = max(n_valid, 1)
+            # Ignored positions keep their (meaningless) rows in dlogits: zeroing them would
+            # be a pass over the (N, V) array. Their rows of dh are zeroed instead, and their
+            # rows of h are zeroed before dW = dlogitsᵀ h: two passes over (N, C).
+            keep = valid.to(dtype)[:, None]
+            dh = (dlogits @ W).mul_(keep) if ctx.needs_input_grad[0] else None
+            dW = (dlogits.t() @ (h * keep)).to(acc) if ctx.needs_input_grad[1] else None
+            ctx.save_for_backward(dh, dW, n_valid)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        dh, dW = ctx.saved_tensors
-        scale = grad_loss.float() / ctx.n_valid  # in fp32: 1/n is not exact in bf16
+        dh, dW, n_valid = ctx.saved_tensors
+        scale = grad_loss.float() / n_valid.clamp(min=1)  # in fp32: 1/n is not exact in bf16
         if dh is not None:
             dh = (dh.float() * scale).to(dh.dtype)
         if dW is not None:

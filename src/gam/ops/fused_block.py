@@ -154,7 +154,9 @@ def dropout_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
     n = 1
     for s in shape:
         n *= s
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2 ** 63), None)
+    # 64 random bits per word, read as four int16 (out of place: torch.compile traces it;
+    # the one word 2**63 - 1 is never drawn, a bias of 2**-64)
+    words = torch.randint(-(2 ** 63), 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
     r = words.view(torch.int16)[:n].view(shape)
     drop = round(p * 65536)
     if drop >= 65536:
