@@ -440,6 +440,21 @@ def test_fast_path_under_torch_compile():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_lm_training_forward_traces_as_one_graph():
+    """torch.compile sees the whole training forward (blocks, dropout masks, fused
+    loss) as one graph: no graph breaks, so no host syncs either."""
+    import torch._dynamo
+
+    model = build_model("gam", n_layer=2, n_embd=32, num_memory_slots=8, vocab_size=50, block_size=16,
+                        dropout=0.1, gam_impl="fast").train()
+    idx = torch.randint(0, 50, (2, 16))
+    tgt = torch.randint(0, 50, (2, 16))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(idx, tgt, return_logits=False)
+    assert explained.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
 @pytest.mark.slow
 def test_compiled_lm_training_loss_and_grads_match_eager():
     """The LM's training step (fast path, head fused into the loss) under Inductor, the

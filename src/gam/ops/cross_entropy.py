@@ -103,7 +103,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             e = min(s + chunk, N)
             # (n, V) fp32 log-probabilities of this chunk only: log_softmax reads the
             # compute-dtype logits and casts inside its kernel (one fused pass)
-            lp = torch.log_softmax(h[s:e] @ W.t(), dim=-1, dtype=acc)
+            logits = h[s:e] @ W.t()
+            lp = torch.log_softmax(logits, dim=-1, dtype=acc)
             ok = valid[s:e]
             tc = torch.where(ok, targets[s:e], 0)
             lp_target = lp.gather(1, tc[:, None]).squeeze(1)
@@ -111,10 +112,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             if need_grad:
                 # softmax - onehot, unscaled (the 1/n_valid of the mean is applied to the
                 # (N, C) and (V, C) results in backward, not to the (N, V) array here).
-                # exp writes the compute dtype directly; the target entries, p - 1, are
-                # computed in fp32 (expm1) and rounded once, as fp32 p - 1 would be.
+                # The softmax of the logits is written in the compute dtype directly (fp32
+                # arithmetic inside; faster on CPU than exp(lp), whose exp is the precise
+                # one); the target entries, p - 1, are computed in fp32 (expm1) and
+                # rounded once, as fp32 p - 1 would be.
                 rows = dlogits[s:e]
-                torch.exp(lp, out=rows)
+                torch.ops.aten._softmax.out(logits, -1, False, out=rows)
+                del logits
                 rows[torch.arange(e - s, device=h.device), tc] = torch.expm1(lp_target).to(dtype)
         loss = losses.sum() / n_valid  # no valid target: 0 / 0 = nan, as F.cross_entropy
         if need_grad:
