@@ -52,7 +52,7 @@ class CrossEntropy(torch.autograd.Function):
         safe = torch.where(valid, targets, 0)
         picked = torch.empty(N, dtype=acc, device=logits.device)  # log p(target) per row
         for s in range(0, N, chunk):
-            lp = torch.log_softmax(logits[s:s + chunk], dim=-1, dtype=acc)  # cast inside the kernel
+            lp = torch.log_softmax(logits[s:s + chunk], dim=-1, dtype=acc)  # fp32, this chunk only
             picked[s:s + chunk] = lp.gather(1, safe[s:s + chunk, None]).squeeze(1)
         n_valid = valid.sum()
         # mean over valid rows; no valid row gives nan, as F.cross_entropy does
@@ -101,8 +101,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         dlogits = torch.empty(N, W.shape[0], dtype=dtype, device=h.device) if need_grad else None
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
-            # (n, V) fp32 log-probabilities of this chunk only: log_softmax reads the
-            # compute-dtype logits and casts inside its kernel (one fused pass)
+            # (n, V) fp32 log-probabilities of this chunk only (the cast to fp32 is
+            # log_softmax's own, on a chunk that stays in cache)
             logits = h[s:e] @ W.t()
             lp = torch.log_softmax(logits, dim=-1, dtype=acc)
             ok = valid[s:e]
