@@ -601,6 +601,26 @@ def test_bench_speed_smoke(tmp_path):
     assert "tokens/s" in md and "MFU" in md and "GAM fast path" in md
 
 
+def test_bench_speed_reports_a_compiled_row_that_fails_to_compile(tmp_path, monkeypatch):
+    """No C++ compiler (CPU) or Triton (CUDA) for Inductor: the compiled row is reported
+    as not measured, with the reason; the other rows are measured."""
+    from gam.bench import speed
+
+    def failing_compile(model, *args, **kwargs):
+        def forward(*a, **k):
+            raise RuntimeError("Compiler: cc is not found\nmore detail")
+        return forward
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    result = speed.run(tmp_path, batch=2, seq=16, steps=1, rounds=1, warmup=0, memory_seq=0, threads=1,
+                       rows=["gam_ref_fp32", "gam_fast_compiled_fp32"],
+                       overrides=dict(n_layer=1, n_embd=32, num_memory_slots=32, vocab_size=64, n_head=4),
+                       log=lambda *a: None)
+    assert [r["key"] for r in result["rows"]] == ["gam_ref_fp32"]
+    assert "Row `gam_fast_compiled_fp32` not measured: torch.compile failed: Compiler: cc is not found" \
+        in result["markdown"]
+
+
 def test_flops_per_token_formula():
     from gam.bench.speed import flops_per_token
 

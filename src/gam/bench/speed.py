@@ -394,16 +394,27 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
     log(f"building {len(specs)} models (batch {batch} x {seq} tokens, device {device}, "
         f"{torch.get_num_threads()} threads, malloc tuned: {malloc_tuned})")
     trainers = {}
+    skipped_rows = {}
     for key, label, model_name, fields, precision, compiled in specs:
         model, step = make_trainer(key, model_name, fields, precision, device=device, batch=batch,
                                    seq=seq, seed=seed, overrides=overrides, compiled=compiled)
         t0 = time.perf_counter()
-        for _ in range(max(warmup, 1) if compiled else warmup):  # compilation stays out of the timing
-            step()
+        try:
+            for _ in range(max(warmup, 1) if compiled else warmup):  # compilation stays out of the timing
+                step()
+        except Exception as err:  # noqa: BLE001 - Inductor needs a C++ compiler (CPU) or Triton (CUDA)
+            if not compiled:
+                raise
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            skipped_rows[key] = f"torch.compile failed: {reason}"
+            log(f"skipping {key}: {skipped_rows[key]}")
+            continue
         if compiled:
             log(f"{key}: compiled and warmed up in {time.perf_counter() - t0:.0f} s")
         _sync(device)
         trainers[key] = (model, step)
+    specs = [r for r in specs if r[0] in trainers]
+    env["skipped_rows"] = skipped_rows
     times: dict[str, list[float]] = {r[0]: [] for r in specs}
     cpu_times: dict[str, list[float]] = {r[0]: [] for r in specs}
     losses: dict[str, float] = {}
@@ -525,6 +536,8 @@ def render_markdown(results, peaks, gemm, memory, summary, env, batch, seq, step
                       f"{100 * r['mfu']:.0f}%", f"{r['cpu_util']:.2f}"])
     lines.append(markdown_table(["model", "tokens/s", "step ms", "vs GAM ref fp32", "train MFLOP/token",
                                  "GFLOP/s", "MFU", "CPU util"], table))
+    for key, why in env.get("skipped_rows", {}).items():
+        lines += ["", f"Row `{key}` not measured: {why}"]
     lines += ["", "Matmul peak (best median GFLOP/s over the GEMMs below, same run): "
               + ", ".join(f"{p} {v:.0f}" for p, v in peaks.items()), ""]
     if any("tokens_per_cpu_s" in r for r in results):
