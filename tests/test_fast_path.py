@@ -520,7 +520,7 @@ def test_triton_memory_read_matches_reference(dtype, N, C, S):
         assert rel_rms(a, b) < tol
 
 
-@pytest.mark.skipif(not _triton_ok(), reason="needs CUDA and triton")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_block_fast_on_cuda_matches_reference():
     block = make_block("full", C=128, slots=96, seed=7).cuda()
     x = torch.randn(2, 300, 128, device="cuda", requires_grad=True)
@@ -530,11 +530,29 @@ def test_block_fast_on_cuda_matches_reference():
     assert rel_rms(y, y_ref) < 1e-5
     for a, b in zip(g_fast, g_ref):
         assert rel_rms(a, b) < 1e-4
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y, g_fast = block_outputs(block, x, g, lambda t: gam_block_fast(block, t))
-    assert rel_rms(y, y_ref) < 1e-2
-    for a, b in zip(g_fast, g_ref):
-        assert rel_rms(a, b) < 2e-2
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cuda", dtype=dtype):
+            y, g_fast = block_outputs(block, x, g, lambda t: gam_block_fast(block, t))
+        assert rel_rms(y, y_ref) < 1e-2
+        for a, b in zip(g_fast, g_ref):
+            assert rel_rms(a, b) < 2e-2
+    # an fp16 residual stream with fp32 parameters (as `gam bench scaling` feeds it):
+    # CUDA's layer_norm refuses mixed dtypes, so the fast path casts as autocast does
+    x16 = x.detach().half().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.float16):
+        y, _ = block_outputs(block, x16, g.half(), lambda t: gam_block_fast(block, t))
+        y_ref16, _ = block_outputs(block, x16, g.half(), block.forward_reference)
+    assert rel_rms(y, y_ref16) < 1e-2
+
+
+def test_auto_impl_is_fast_on_cpu_and_reference_elsewhere():
+    """gam_impl='auto' takes the fast path where it was measured faster (CPU) and
+    the paper's eager code on CUDA (where cuBLAS beats the chunked ops)."""
+    from gam.ops.fused_block import use_fast_path
+
+    cpu, meta = torch.empty(1), torch.empty(1, device="meta")
+    assert use_fast_path("auto", cpu) and not use_fast_path("auto", meta)
+    assert use_fast_path("fast", meta) and not use_fast_path("reference", cpu)
 
 
 def test_triton_kernels_in_interpreter_cpu(tmp_path):
@@ -547,6 +565,13 @@ def test_triton_kernels_in_interpreter_cpu(tmp_path):
 
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton not installed")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the Triton tests above run the kernels on the GPU")
+    import triton
+
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
+        # seen with Triton 3.6 and NumPy 2.4: the interpreter turns a loop bound into a 1-element array
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run loops over runtime bounds; CI pins 3.9")
     script = tmp_path / "interp.py"
     script.write_text(
         "import os, torch\n"
@@ -630,24 +655,3 @@ def test_flops_per_token_formula():
     linear = L * (C * 2 * C + 4 * C * C * 2 + 3 * C)  # gate, FFN, depthwise conv weights (no biases)
     expected = 2 * linear + 2 * C * V + 2 * L * 2 * S * C
     assert f["forward"] == expected and f["train"] == 3 * expected
-
-
-def test_triton_self_check_accepts_good_and_rejects_bad_kernels(monkeypatch):
-    """memory_read only uses the Triton kernel after it matched the PyTorch path
-    on a small input (forward and backward); a failing kernel is disabled with a warning."""
-    import gam.ops.memory_read as mr
-    from gam.ops import triton_memory_read as tmr
-
-    monkeypatch.setattr(mr, "_TRITON_CHECKED", {})
-    monkeypatch.setattr(tmr, "memory_read_triton", lambda h, M: memory_read_reference(h, M))
-    assert mr._triton_self_check(torch.device("cpu"), torch.float32, (24, 16))
-
-    def broken(h, M):
-        raise RuntimeError("compilation failed")
-
-    monkeypatch.setattr(tmr, "memory_read_triton", broken)
-    with pytest.warns(RuntimeWarning, match="compilation failed"):
-        assert not mr._triton_self_check(torch.device("cpu"), torch.float32, (40, 16))
-    monkeypatch.setattr(tmr, "memory_read_triton", lambda h, M: memory_read_reference(h, M) * 1.1)
-    with pytest.warns(RuntimeWarning, match="relative errors"):
-        assert not mr._triton_self_check(torch.device("cpu"), torch.float32, (48, 16))

@@ -52,8 +52,8 @@ def _run(fn, ins, with_optional=True, **kw):
             args[k] = None
     y, last = fn(**args, delta_softplus=True, return_last_state=True, **kw)
     g = torch.Generator().manual_seed(123)
-    gy = torch.randn(y.shape, generator=g)
-    gl = torch.randn(last.shape, generator=g)
+    gy = torch.randn(y.shape, generator=g).to(y.device)
+    gl = torch.randn(last.shape, generator=g).to(last.device)
     ((y * gy).sum() + (last * gl).sum()).backward()
     grads = {k: (v.grad.clone() if v.grad is not None else None) for k, v in ins.items()}
     return y.detach(), last.detach(), grads

@@ -142,8 +142,8 @@ def pick_device(name: str, d: Dist) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError("device cuda requested but CUDA is not available")
-        if name == "cuda" and d.world > 1:
-            name = f"cuda:{d.local_rank}"
+        if name == "cuda":  # torch.cuda.set_device needs an index
+            name = f"cuda:{d.local_rank if d.world > 1 else torch.cuda.current_device()}"
         torch.cuda.set_device(torch.device(name))
     elif name != "cpu":
         raise ConfigError(f"device must be auto, cpu or cuda[:N], got {name!r}")

@@ -169,6 +169,8 @@ def measure_point(spec: dict[str, Any], T: int, cfg: dict[str, Any]) -> dict[str
                        block_size=max(T, 1), pos_embedding="none", **spec["fields"])
     torch.ones(8, 8) @ torch.ones(8, 8)  # load the CPU kernels before the baseline
     if cuda:
+        if dev.index is None:  # torch.cuda.set_device needs an index
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
         if mem_budget:
             total = torch.cuda.get_device_properties(dev).total_memory

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from gam.config import GAMConfig
 from gam.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from gam.ops.fused_block import use_fast_path
 
 
 def make_block(config: GAMConfig) -> nn.Module:
@@ -114,7 +115,7 @@ class DecoderLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         h = self.ln_f(x)
-        reference = self.config.gam_impl == "reference"
+        reference = not use_fast_path(self.config.gam_impl, h)
         if not return_logits and not reference:
             return None, linear_cross_entropy(h, self.head.weight, targets)
         logits = self.head(h)

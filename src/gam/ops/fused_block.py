@@ -147,6 +147,8 @@ DROPOUT_BITS = 16
 # A training batch of the paper (8-32 x 256 tokens) is one to four chunks; 1024 was
 # ~5% slower in bf16 on the 2-core CPU (smaller GEMMs), 4096 no faster.
 FFN_CHUNK = 2048
+# On a GPU small chunks leave it idle between launches: 16384 x 4C x 2 bytes = 64 MiB.
+FFN_CHUNK_CUDA = 16384
 
 
 def dropout_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
@@ -249,13 +251,21 @@ class FFNResidual(torch.autograd.Function):
 
 # ---------------------------------------------------------------- the block
 
+def _layer_norm(x: torch.Tensor, ln, dtype: torch.dtype) -> torch.Tensor:
+    """LayerNorm computed as autocast does (input in the parameters' dtype, fp32
+    under mixed precision), returned in the compute dtype. The cast matters for an
+    fp16 residual stream with fp32 parameters: CUDA's kernel refuses mixed dtypes."""
+    if ln.weight is not None and x.dtype != ln.weight.dtype:
+        x = x.to(ln.weight.dtype)
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps).to(dtype)
+
+
 def gam_block_fast(block, x: torch.Tensor) -> torch.Tensor:
     """Fast forward of a :class:`gam.layers.gam.GAMBlock` (any variant)."""
     dtype = compute_dtype(x)
     device_type = x.device.type
     with _no_autocast(device_type):
-        h = F.layer_norm(x, block.ln1.normalized_shape, block.ln1.weight, block.ln1.bias,
-                         block.ln1.eps).to(dtype)
+        h = _layer_norm(x, block.ln1, dtype)
         variant = block.variant
         local = glob = None
         if block.has_local and variant != "full":
@@ -273,18 +283,24 @@ def gam_block_fast(block, x: torch.Tensor) -> torch.Tensor:
             x = x + (glob if local is None else local)
 
         ln2, lin1, lin2, drop = block.ln2, block.ffn[0], block.ffn[2], block.ffn[3]
-        h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps).to(dtype)
+        h = _layer_norm(x, ln2, dtype)
         mask, scale = None, 1.0
         if drop.training and drop.p > 0:
             mask, scale = dropout_mask(x.shape, drop.p, x.device)
-        return FFNResidual.apply(x, h, lin1.weight, lin1.bias, lin2.weight, lin2.bias, mask, scale,
-                                 FFN_CHUNK)
+        chunk = FFN_CHUNK_CUDA if x.is_cuda else FFN_CHUNK
+        return FFNResidual.apply(x, h, lin1.weight, lin1.bias, lin2.weight, lin2.bias, mask, scale, chunk)
 
 
 def use_fast_path(impl: str, x: torch.Tensor) -> bool:
-    """Whether a block with ``config.gam_impl == impl`` takes the fast path for ``x``."""
+    """Whether ``config.gam_impl == impl`` takes the fast path (block and LM loss) for ``x``.
+
+    ``auto`` is the fast path on CPU, where it is measured faster (``gam bench
+    speed``), and the paper's eager code on CUDA: on an H100 its few large cuBLAS
+    calls beat the chunked fused ops (``benchmarks/bench_memory_read.py``,
+    ``gam bench scaling --models gam,gam_fast``; README "GPU").
+    """
     if impl == "fast":
         return True
     if impl == "reference":
         return False
-    return True
+    return x.device.type == "cpu"

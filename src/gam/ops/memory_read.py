@@ -21,9 +21,10 @@ autocast dtype, the matmuls run in it, the softmax and its statistics are
 computed in fp32 and the memory-bank gradient is accumulated in fp32. The
 output has the autocast dtype, as the reference's would.
 
-On CUDA, :func:`memory_read` uses the Triton kernels of
-:mod:`gam.ops.triton_memory_read` when Triton is installed (same maths, one
-kernel launch per direction); elsewhere it runs the chunked PyTorch code here.
+``memory_read(..., backend="triton")`` runs the Triton kernels of
+:mod:`gam.ops.triton_memory_read` instead (CUDA; same maths, one kernel launch
+per direction, the (N, slots) scores never in global memory). They are not the
+default: on an H100 they are correct but slower than cuBLAS.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ import torch.nn.functional as F
 # Rows (tokens) per chunk. 1024 x 512 slots x 4 bytes = 2 MiB of scores per
 # chunk: large enough for efficient matmuls, small enough to stay in L2/L3.
 DEFAULT_CHUNK = 1024
+# On a GPU, 1024-row chunks leave it idle between launches (5-14x slower than
+# the unchunked reference on an H100); 16384 x 512 slots x 2 bytes = 16 MiB.
+DEFAULT_CHUNK_CUDA = 16384
 
 
 def memory_read_reference(h: torch.Tensor, memory_bank: torch.Tensor) -> torch.Tensor:
@@ -106,66 +110,28 @@ class MemoryRead(torch.autograd.Function):
         return dh, dM.to(memory_bank.dtype), None
 
 
-_TRITON_CHECKED: dict = {}
-
-
-def _triton_self_check(device: torch.device, dtype: torch.dtype, bank_shape) -> bool:
-    """Once per (device, dtype, bank shape): run the Triton kernels forward and
-    backward on a small input and compare with the PyTorch path. On any error or
-    mismatch, warn and use the PyTorch path for the rest of the process."""
-    key = (str(device), dtype, tuple(bank_shape))
-    if key not in _TRITON_CHECKED:
-        import warnings
-
-        from gam.ops import triton_memory_read
-
-        ok, why = False, ""
-        try:
-            with torch.autocast(device.type, enabled=False), torch.enable_grad():
-                gen = torch.Generator(device=device).manual_seed(0)
-                S, C = bank_shape
-                h = torch.randn(67, C, device=device, generator=gen).to(dtype).requires_grad_()
-                M = (torch.randn(S, C, device=device, generator=gen) * C ** -0.5).requires_grad_()
-                g = torch.randn(67, C, device=device, generator=gen).to(dtype)
-                out = triton_memory_read.memory_read_triton(h, M)
-                got = (out, *torch.autograd.grad(out, [h, M], g))
-                ref = MemoryRead.apply(h, M, 32)
-                want = (ref, *torch.autograd.grad(ref, [h, M], g))
-                tol = 1e-4 if dtype == torch.float32 else 3e-2
-                errs = [((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-                        for a, b in zip(got, want)]
-                ok = all(e < tol for e in errs)
-                why = f"relative errors {errs} over tolerance {tol}"
-        except Exception as err:  # noqa: BLE001 - any failure means: do not use the kernel
-            why = f"{type(err).__name__}: {err}"
-        if not ok:
-            warnings.warn(f"gam: Triton memory-read kernel disabled on {device} {dtype} ({why}); "
-                          "using the PyTorch path", RuntimeWarning, stacklevel=3)
-        _TRITON_CHECKED[key] = ok
-    return _TRITON_CHECKED[key]
-
-
 def memory_read(h: torch.Tensor, memory_bank: torch.Tensor, chunk: int | None = None,
                 backend: str = "auto") -> torch.Tensor:
     """Fused memory read, numerically the reference's ``softmax(h Mᵀ) M``.
 
-    ``h``: (..., C). ``backend``: ``auto`` (Triton on CUDA when available,
-    else chunked PyTorch), ``torch`` or ``triton``.
+    ``h``: (..., C). ``backend``: ``auto`` or ``torch`` (the chunked PyTorch
+    function), or ``triton`` (the Triton kernels; CUDA only). ``auto`` does not
+    pick Triton: on an H100 the kernels are correct but slower than cuBLAS
+    (``benchmarks/bench_memory_read.py``).
     """
     dtype = compute_dtype(h)
     shape = h.shape
     h2 = h.reshape(-1, shape[-1])
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be auto, torch or triton, got {backend!r}")
-    if backend != "torch" and h.is_cuda:
+    if backend == "triton":
         from gam.ops import triton_memory_read
 
-        if triton_memory_read.supports(h2.to(dtype), memory_bank) and (
-                backend == "triton" or _triton_self_check(h.device, dtype, memory_bank.shape)):
-            out = triton_memory_read.memory_read_triton(h2.to(dtype), memory_bank)
-            return out.view(*shape[:-1], memory_bank.shape[1])
-    if backend == "triton":
-        raise RuntimeError("backend='triton' needs the triton package, a CUDA tensor and width <= 1024")
+        if not triton_memory_read.supports(h2.to(dtype), memory_bank):
+            raise RuntimeError("backend='triton' needs the triton package, a CUDA tensor and width <= 1024")
+        out = triton_memory_read.memory_read_triton(h2.to(dtype), memory_bank)
+        return out.view(*shape[:-1], memory_bank.shape[1])
+    chunk = chunk or (DEFAULT_CHUNK_CUDA if h.is_cuda else DEFAULT_CHUNK)
     with torch.autocast(h.device.type, enabled=False):
-        out = MemoryRead.apply(h2.to(dtype).contiguous(), memory_bank, chunk or DEFAULT_CHUNK)
+        out = MemoryRead.apply(h2.to(dtype).contiguous(), memory_bank, chunk)
     return out.view(*shape[:-1], memory_bank.shape[1])

@@ -21,14 +21,15 @@ Kernels (h: N x C, M: S x C, both in the compute dtype; fp32 accumulation):
 
 fp32 inputs use IEEE fp32 dot products (no TF32), so fp32 results match the
 reference to ~1e-6. Widths up to C = 1024 (padded to a power of two) and any
-number of slots are supported; wider bundles fall back to PyTorch.
+number of slots are supported; wider bundles fall back to PyTorch. Each kernel
+has a short list of launch configurations, from fast to lean in shared memory
+(see ``_CONFIGS``); one the GPU cannot hold is skipped at launch.
 
-NOTE: written without a GPU at hand; ``tests/test_fast_path.py`` compares it
-with the reference (fp32, bf16, fp16, ragged sizes) wherever CUDA and Triton
-exist, and runs the kernels in Triton's CPU interpreter (``TRITON_INTERPRET=1``;
+``tests/test_fast_path.py`` compares it with the reference (fp32, bf16, fp16,
+ragged sizes) wherever CUDA and Triton exist (run on an H100), and runs the kernels in Triton's CPU interpreter (``TRITON_INTERPRET=1``;
 fp32 and fp16, forward and both gradients) wherever Triton is installed, as in
 CI. The interpreter checks the kernels' arithmetic and masking, not their speed
-or GPU-specific behaviour. Block sizes are conservative, not tuned.
+or GPU-specific behaviour.
 """
 
 from __future__ import annotations
@@ -181,9 +182,37 @@ if HAVE_TRITON:  # pragma: no cover - needs a GPU
                  mask=smask[:, None] & cmask[None, :])
 
 
-_FWD = dict(BLOCK_N=16, BLOCK_S=32, num_warps=4)
-_DH = dict(BLOCK_N=16, BLOCK_S=32, num_warps=4)
-_DM = dict(BLOCK_N=32, BLOCK_S=16, num_warps=8)
+# Launch configurations (BLOCK_N, BLOCK_S, num_warps, num_stages), tried in
+# order: the first is the fast one for 16-bit inputs at C <= 512; the next ones
+# need less shared memory (fp32 operands take twice the bytes: at C = 512 the
+# first dM configuration asks for 292 KiB with 3 stages, over an H100's 227).
+# A launch that Triton refuses for want of resources moves on to the next one,
+# and the one that worked is remembered per (kernel, device, dtype, width).
+_CONFIGS = {
+    "fwd": ((16, 32, 4, 3), (16, 32, 4, 1), (16, 16, 4, 1)),
+    "dh": ((16, 32, 4, 3), (16, 32, 4, 1), (16, 16, 4, 1)),
+    "dm": ((32, 16, 8, 3), (32, 16, 8, 1), (16, 16, 4, 1)),
+}
+_CHOSEN: dict = {}
+
+
+def _launch(kind: str, key: tuple, launch) -> None:
+    """Call ``launch(BLOCK_N, BLOCK_S, num_warps, num_stages)`` with the first
+    configuration of ``kind`` that the GPU has the resources for."""
+    from triton.runtime.errors import OutOfResources
+
+    configs = _CONFIGS[kind]
+    key = (kind, configs, *key)
+    first = _CHOSEN.get(key, 0)
+    for i in range(first, len(configs)):
+        try:
+            launch(*configs[i])
+        except OutOfResources:
+            if i == len(configs) - 1:
+                raise
+            continue
+        _CHOSEN[key] = i
+        return
 
 
 def _block_c(C: int) -> int:
@@ -203,12 +232,14 @@ class TritonMemoryRead(torch.autograd.Function):
         out = torch.empty(N, C, dtype=dtype, device=h.device)
         lse = torch.empty(N, dtype=torch.float32, device=h.device)
         ieee = dtype == torch.float32
+        BC = _block_c(C)
         if N > 0:
-            cfg = dict(_FWD)
-            warps = cfg.pop("num_warps")
-            grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-            _fwd_kernel[grid](h, M, out, lse, N, S, C, h.stride(0), M.stride(0), out.stride(0),
-                              BLOCK_C=_block_c(C), IEEE=ieee, num_warps=warps, **cfg)
+            def launch(bn, bs, warps, stages):
+                _fwd_kernel[(triton.cdiv(N, bn),)](
+                    h, M, out, lse, N, S, C, h.stride(0), M.stride(0), out.stride(0),
+                    BLOCK_N=bn, BLOCK_S=bs, BLOCK_C=BC, IEEE=ieee, num_warps=warps, num_stages=stages)
+
+            _launch("fwd", (h.device, dtype, BC), launch)
         ctx.save_for_backward(h, memory_bank, out, lse)
         return out
 
@@ -226,24 +257,34 @@ class TritonMemoryRead(torch.autograd.Function):
         delta = torch.empty(N, dtype=torch.float32, device=h.device)
         if N == 0:
             return dh, torch.zeros_like(memory_bank)
-        cfg = dict(_DH)
-        warps = cfg.pop("num_warps")
-        _bwd_dh_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-            h, M, out, dout, lse, dh, delta, N, S, C, h.stride(0), M.stride(0), out.stride(0),
-            dout.stride(0), dh.stride(0), BLOCK_C=BC, IEEE=ieee, num_warps=warps, **cfg)
-        cfg = dict(_DM)
-        warps = cfg.pop("num_warps")
-        bn, bs = cfg["BLOCK_N"], cfg["BLOCK_S"]
-        slot_blocks = triton.cdiv(S, bs)
+
+        def launch_dh(bn, bs, warps, stages):
+            _bwd_dh_kernel[(triton.cdiv(N, bn),)](
+                h, M, out, dout, lse, dh, delta, N, S, C, h.stride(0), M.stride(0), out.stride(0),
+                dout.stride(0), dh.stride(0), BLOCK_N=bn, BLOCK_S=bs, BLOCK_C=BC, IEEE=ieee,
+                num_warps=warps, num_stages=stages)
+
+        _launch("dh", (h.device, dtype, BC), launch_dh)
         sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 8
-        segments = max(1, min(triton.cdiv(N, bn), triton.cdiv(2 * sms, slot_blocks)))
-        rows_per_seg = triton.cdiv(triton.cdiv(N, segments), bn) * bn
-        segments = triton.cdiv(N, rows_per_seg)
-        part = torch.empty(segments, S, C, dtype=torch.float32, device=h.device)
-        _bwd_dm_kernel[(slot_blocks, segments)](
-            h, M, dout, lse, delta, part, N, S, C, rows_per_seg, h.stride(0), M.stride(0),
-            dout.stride(0), part.stride(0), part.stride(1), BLOCK_C=BC, IEEE=ieee, num_warps=warps, **cfg)
-        dM = part.sum(0) if segments > 1 else part[0]
+        result = {}
+
+        def launch_dm(bn, bs, warps, stages):
+            # rows split into segments so that slot blocks x segments fill the GPU;
+            # each segment writes an fp32 partial of dM, summed afterwards
+            slot_blocks = triton.cdiv(S, bs)
+            segments = max(1, min(triton.cdiv(N, bn), triton.cdiv(2 * sms, slot_blocks)))
+            rows_per_seg = triton.cdiv(triton.cdiv(N, segments), bn) * bn
+            segments = triton.cdiv(N, rows_per_seg)
+            part = torch.empty(segments, S, C, dtype=torch.float32, device=h.device)
+            _bwd_dm_kernel[(slot_blocks, segments)](
+                h, M, dout, lse, delta, part, N, S, C, rows_per_seg, h.stride(0), M.stride(0),
+                dout.stride(0), part.stride(0), part.stride(1), BLOCK_N=bn, BLOCK_S=bs, BLOCK_C=BC,
+                IEEE=ieee, num_warps=warps, num_stages=stages)
+            result["part"] = part
+
+        _launch("dm", (h.device, dtype, BC), launch_dm)
+        part = result["part"]
+        dM = part.sum(0) if part.shape[0] > 1 else part[0]
         return dh, dM.to(memory_bank.dtype)
 
 

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Everything to check and measure on a CUDA machine, in stages, each under its
+# own time limit so that one slow stage cannot starve the others.
+#
+#   bash benchmarks/gpu_session.sh [STAGE ...]     (default: env tests memread scaling train speed)
+#
+# Stages:
+#   env      GPU, driver, torch and triton versions
+#   tests    the test files with CUDA paths (Triton kernels vs the reference on the GPU)
+#   memread  benchmarks/bench_memory_read.py: reference vs chunked torch vs Triton, fwd+bwd
+#   scaling  gam bench scaling --device cuda: the paper's Table 2 (batch 16, C 512, fp16
+#            autocast, T 256..8192), reference and fast GAM, Transformer naive and SDPA, Mamba
+#   train    gam train (cpu preset, WikiText-2) on CUDA in bf16, 300 steps
+#   speed    gam bench speed --device cuda: LM training throughput, every row
+#
+# Logs and results go under $OUT (default out/gpu). Needs torch with CUDA; triton optional.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOG="$OUT/session.log"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(env tests memread scaling train speed)
+
+run() {  # run LIMIT_S CMD...: log, time, and never let one stage kill the script
+    local limit=$1; shift
+    echo "=== $(date -u +%H:%M:%S) $* (limit ${limit}s)" | tee -a "$LOG"
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+    echo "=== rc ${PIPESTATUS[0]} in $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+for stage in "${stages[@]}"; do
+    case $stage in
+        env)
+            run 60 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+            run 120 python3 -c "import torch, sys; print(sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name()); import triton; print('triton', triton.__version__)"
+            ;;
+        tests)
+            run 240 python3 -m pytest -q -p no:cacheprovider -n 4 -k "cuda or triton" tests/
+            ;;
+        memread)
+            run 200 python3 benchmarks/bench_memory_read.py --device cuda --triton-variants
+            ;;
+        scaling)
+            run 330 python3 -m gam.cli bench scaling --device cuda --out "$OUT/scaling-cuda" \
+                --models gam,gam_fast,transformer_sdpa,transformer_naive,mamba --time-budget 60
+            ;;
+        train)
+            run 240 python3 -m gam.cli train --device cuda --precision bf16 --max-steps 300 --out /tmp/gam-run-cuda
+            ;;
+        speed)
+            run 420 python3 -m gam.cli bench speed --device cuda --out "$OUT/bench-speed-cuda"
+            ;;
+        *)
+            echo "unknown stage $stage" | tee -a "$LOG"
+            ;;
+    esac
+done
