@@ -198,6 +198,22 @@ def test_paper_records_a_diverged_run_and_goes_on(corpus, tmp_path, monkeypatch)
     assert [r["diverged"] for r in raw["rows"]] == ["loss became nan at step 3", None]
 
 
+@pytest.mark.parametrize("bench", ["paper", "ablation"])
+@pytest.mark.parametrize("preset", ["cpu", "paper"])
+def test_setup_lines_render_for_every_preset(bench, preset):
+    """The header of Tables 1 and 3 names fields a preset may leave at their defaults
+    (the paper preset sets no Mamba expand): it must render for both presets."""
+    from gam.bench.common import environment
+    from gam.bench.paper import PaperConfig, resolve, setup_lines
+
+    cfg = PaperConfig(preset=preset, device="cpu")
+    model_fields, train_fields, valid_tokens = resolve(cfg, bench)
+    text = "\n".join(setup_lines(cfg, model_fields, train_fields, valid_tokens, {}, environment("cpu"), 60.0, [0]))
+    assert f"Preset `{preset}`" in text and "Mamba expand " in text
+    if preset == "paper":
+        assert "width 512, 6 layers" in text and "Mamba expand 3" in text
+
+
 def test_paper_table_has_paper_figures():
     from gam.bench.paper import PaperConfig, render_table1
 

@@ -417,8 +417,13 @@ def unigram_ppl(runs: list[dict[str, Any]], dataset: str | None = None) -> float
 def setup_lines(cfg: PaperConfig, model_fields: dict[str, Any], train_fields: dict[str, Any],
                 valid_tokens: int | None, data_info: dict[str, Any], env: dict[str, Any], wall_s: float,
                 seeds: Sequence[int]) -> list[str]:
+    from dataclasses import asdict
+
+    from gam.config import GAMConfig
+
     steps = train_fields.get("max_steps")
     schedule = (f"{steps} optimizer steps" if steps else f"{train_fields['epochs']} epochs")
+    model_fields = {**asdict(GAMConfig()), **model_fields}  # a preset names only what it changes
     lines = [
         f"Machine: {describe_environment(env)}.", "",
         f"Preset `{cfg.preset}`: width {model_fields['n_embd']}, {model_fields['n_layer']} layers, context "
