@@ -21,15 +21,19 @@ Kernels (h: N x C, M: S x C, both in the compute dtype; fp32 accumulation):
 
 fp32 inputs use IEEE fp32 dot products (no TF32), so fp32 results match the
 reference to ~1e-6. Widths up to C = 1024 (padded to a power of two) and any
-number of slots are supported; wider bundles fall back to PyTorch. Each kernel
-has a short list of launch configurations, from fast to lean in shared memory
-(see ``_CONFIGS``); one the GPU cannot hold is skipped at launch.
+number of slots are supported (:func:`supports`). Each kernel has a short list
+of launch configurations, from fast to lean in shared memory (``_CONFIGS``);
+one the GPU cannot hold is skipped at launch.
 
-``tests/test_fast_path.py`` compares it with the reference (fp32, bf16, fp16,
-ragged sizes) wherever CUDA and Triton exist (run on an H100), and runs the kernels in Triton's CPU interpreter (``TRITON_INTERPRET=1``;
-fp32 and fp16, forward and both gradients) wherever Triton is installed, as in
-CI. The interpreter checks the kernels' arithmetic and masking, not their speed
-or GPU-specific behaviour.
+Status: correct on an H100 (``tests/test_fast_path.py`` compares forward and
+both gradients with the reference in fp32, bf16 and fp16 at ragged sizes
+wherever CUDA and Triton exist; CI runs the kernels in Triton's CPU
+interpreter, ``TRITON_INTERPRET=1``, in fp32 and fp16), but slower than the
+cuBLAS reference there (bf16: 0.3-0.7x; fp32: 0.02-0.03x, IEEE dots on CUDA
+cores; ``benchmarks/bench_memory_read.py``), so :func:`gam.ops.memory_read.memory_read`
+uses them only when asked (``backend="triton"``). Their one advantage is
+memory: no (N, slots) scores at all. A fast version would tile C too (a
+512-wide row block does not fit a tensor-core tile's registers).
 """
 
 from __future__ import annotations
