@@ -126,9 +126,16 @@ def main() -> None:
     args = p.parse_args()
     dev, C, S = args.device, args.width, args.slots
     if dev == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench_memory_read: --device cuda but no CUDA device")
-    tokens = [int(x) for x in (args.tokens or ("16384,65536,131072" if dev == "cuda" else "2048")).split(",")]
+        p.error("--device cuda: no CUDA device available")
+    try:
+        tokens = [int(x) for x in (args.tokens or ("16384,65536,131072" if dev == "cuda" else "2048")).split(",")]
+    except ValueError:
+        p.error(f"--tokens: comma-separated integers, got {args.tokens!r}")
+    if min(tokens) < 1:
+        p.error("--tokens: every N must be >= 1")
     dtypes = (args.dtypes or ("fp32,bf16,fp16" if dev == "cuda" else "fp32,bf16")).split(",")
+    if not set(dtypes) <= set(DTYPES):
+        p.error(f"--dtypes: from {', '.join(DTYPES)}, got {args.dtypes!r}")
     repeats = args.repeats or (30 if dev == "cuda" else 5)
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
     print(f"memory read fwd+bwd on {name}, C {C}, slots {S}, torch {torch.__version__}")
