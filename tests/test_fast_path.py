@@ -655,3 +655,22 @@ def test_flops_per_token_formula():
     linear = L * (C * 2 * C + 4 * C * C * 2 + 3 * C)  # gate, FFN, depthwise conv weights (no biases)
     expected = 2 * linear + 2 * C * V + 2 * L * 2 * S * C
     assert f["forward"] == expected and f["train"] == 3 * expected
+
+
+def test_bench_memory_read_script_on_cpu():
+    """benchmarks/bench_memory_read.py times every implementation and checks each
+    against float64 (reference and chunked torch on CPU; Triton only on CUDA)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory_read.py"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--tokens", "64,200", "--width", "32",
+                           "--slots", "16", "--repeats", "2", "--dtypes", "fp32"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("fp32 ")]
+    assert [(r[1], r[2]) for r in rows] == [("64", "reference"), ("64", "torch"), ("200", "reference"),
+                                            ("200", "torch")]
+    for r in rows:
+        assert float(r[3]) > 0 and float(r[-1]) < 1e-5  # time in ms, worst relative error vs float64
