@@ -17,6 +17,7 @@ from gam import ConfigError, GAMConfig, build_model
 from gam.layers.gam import GAMBlock
 from gam.ops.cross_entropy import cross_entropy, linear_cross_entropy, lm_loss
 from gam.ops.fused_block import causal_depthwise_conv, dropout_mask, gam_block_fast
+from gam.ops.fused_block import dropout as fused_dropout
 from gam.ops.memory_read import memory_read, memory_read_reference
 
 VARIANTS = ["full", "sum_fusion", "global_only", "local_only"]
@@ -195,6 +196,21 @@ def test_dropout_mask_rate_and_scale():
     assert not torch.equal(keep, keep2)
 
 
+def test_fast_dropout_scales_kept_values_and_their_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(8, 64, 32, requires_grad=True)
+    y = fused_dropout(x, 0.25)
+    kept = y != 0
+    p_used = round(0.25 * 65536) / 65536
+    assert abs((~kept).float().mean().item() - p_used) < 2e-2
+    scale = 1 / (1 - p_used)
+    torch.testing.assert_close(y[kept], x[kept] * scale)
+    g = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(dx, torch.where(kept, g * scale, 0.0))
+    assert fused_dropout(x, 0.25, training=False) is x and fused_dropout(x, 0.0) is x
+
+
 def test_block_dropout_is_unbiased_and_masks_ffn_only():
     block = make_block("full", dropout=0.5, seed=5).train()
     x = torch.randn(1, 128, 32)
@@ -356,6 +372,48 @@ def test_linear_cross_entropy_matches_cross_entropy(N, chunk):
     torch.testing.assert_close(out, ref)
     for a, b in zip(torch.autograd.grad(3.0 * out, [h, W]), torch.autograd.grad(3.0 * ref, [h, W])):
         torch.testing.assert_close(a, b)
+
+
+def _rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).pow(2).mean().sqrt() / b.double().pow(2).mean().sqrt()).item()
+
+
+def test_linear_cross_entropy_bf16_matches_autocast_reference():
+    """bf16 training reads the loss off the bf16 softmax: within 2e-3 nats of the
+    fp32 log-softmax of the same bf16 logits, gradients as close as bf16 allows."""
+    torch.manual_seed(0)
+    h = torch.randn(300, 64, requires_grad=True)
+    W = (0.3 * torch.randn(1000, 64)).requires_grad_()
+    t = torch.randint(0, 1000, (300,))
+    t[::7] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_cross_entropy(h, W, t, chunk=128)
+        ref = F.cross_entropy((h @ W.T).float(), t)  # autocast: bf16 matmul, fp32 loss
+    assert abs(out.item() - ref.item()) < 2e-3
+    got, want = torch.autograd.grad(out, [h, W]), torch.autograd.grad(ref, [h, W])
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.float32
+        assert _rel_rms(a, b) < 1e-2
+
+
+def test_linear_cross_entropy_bf16_confident_target():
+    """p_target = 0.9971 rounds to 0.9961 in bf16; its loss (0.0029) and gradient
+    (-0.0029) must not be read off that rounded value (0.0039, or 0 at p = 1)."""
+    V = 64
+    h = torch.zeros(4, V)
+    t = torch.tensor([3, 10, 20, 63])
+    h[torch.arange(4), t] = 10.0  # logits = h (W is the identity): p_t = e^10 / (e^10 + 63)
+    h.requires_grad_()
+    W = torch.eye(V)
+    p_t = math.exp(10) / (math.exp(10) + V - 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, W, t)
+    assert loss.item() == pytest.approx(-math.log(p_t), rel=1e-2)
+    (dh,) = torch.autograd.grad(loss, [h])
+    want = torch.full((4, V), (1 - p_t) / (V - 1))
+    want[torch.arange(4), t] = p_t - 1
+    torch.testing.assert_close(dh * 4, want, rtol=1e-2, atol=0)
+    assert dh.sum(1).abs().max() < 1e-5  # each row of softmax - onehot sums to zero
 
 
 def test_linear_cross_entropy_all_ignored_is_nan_like_torch():

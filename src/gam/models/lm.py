@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from gam.config import GAMConfig
 from gam.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from gam.ops.fused_block import dropout as fused_dropout
 from gam.ops.fused_block import use_fast_path
 
 
@@ -97,6 +98,8 @@ class DecoderLM(nn.Module):
         if self.config.pos_embedding == "learned":
             pos = torch.arange(start_pos, start_pos + idx.shape[1], device=idx.device)
             x = x + self.pos_embedding(pos)
+        if use_fast_path(self.config.gam_impl, x):
+            return fused_dropout(x, self.dropout.p, self.dropout.training)
         return self.dropout(x)
 
     def forward(

@@ -7,11 +7,13 @@ memory and less kept for backward.
   memory read (the reference casts it three times under autocast).
 - Causal depthwise convolution as k shifted multiply-adds in (B, T, C) layout:
   no transposes, no padded copy (:class:`CausalDepthwiseConv`).
-- Memory read: :func:`gam.ops.memory_read.memory_read` (chunked, softmax
-  recomputed in backward, not stored).
-- Gated fusion, the convolution and the residual add in one function
-  (:class:`ConvGatedResidual`) that keeps the gate pre-activations and
-  recomputes the convolution output and the sigmoids in backward.
+- Memory read: the chunked maths of :func:`gam.ops.memory_read.memory_read`
+  (softmax recomputed in backward, not stored).
+- The full variant's mixer, gate, convolution, memory read, gated fusion and the
+  residual add, in one function (:class:`GatedMixerResidual`): it keeps the gate
+  values, not their pre-activations, recomputes the convolution output in
+  backward, and adds the three gradients of the shared LayerNorm output into one
+  buffer by the matmuls themselves.
 - FFN as one function that keeps the GELU input only and recomputes the GELU in
   backward, over chunks of tokens (so the (T, 4C) hidden activations and their
   gradients exist one chunk at a time); its dropout mask comes from 16 random bits per element (about 8x
@@ -27,7 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gam.ops.memory_read import acc_dtype, compute_dtype, memory_read
+import gam.ops.memory_read as memory_read_ops
+from gam.ops.memory_read import acc_dtype, compute_dtype, memory_read, read_backward, read_forward
 
 
 def _no_autocast(device_type: str):
@@ -102,42 +105,63 @@ def causal_depthwise_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 # ---------------------------------------------------------------- gated fusion
 
-class ConvGatedResidual(torch.autograd.Function):
-    """``x + sigmoid(g[..., :C]) * conv(h) + sigmoid(g[..., C:]) * glob`` (the full variant).
+class GatedMixerResidual(torch.autograd.Function):
+    """``x + sigmoid(g[..., :C]) * conv(h) + sigmoid(g[..., C:]) * read(h)`` with
+    ``g = gate(h)`` and ``read(h) = softmax(h Mᵀ) M``: the full variant's mixer.
 
-    Keeps ``g``, ``h`` (shared with the gate and the memory read) and ``glob``;
-    the convolution output and the sigmoids are recomputed in backward (a few
-    cheap passes) instead of stored. The output has the residual's dtype.
+    One function, so that backward adds the three gradients of ``h`` (gate,
+    convolution, memory read) into one buffer, the matmuls doing the adds, instead
+    of autograd summing three tensors. Keeps ``h``, the gate values ``sigmoid(g)``
+    (``g`` itself is not needed), the memory read's output and the weights cast to
+    the compute dtype (small); the convolution output and the memory read's
+    softmax are recomputed in backward. The output has the residual's dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, g, h, conv_weight, conv_bias, glob):
-        C = glob.shape[-1]
+    def forward(ctx, x, h, gate_weight, gate_bias, conv_weight, conv_bias, memory_bank, chunk: int):
+        C = h.shape[-1]
+        dtype = h.dtype
+        h2 = h.reshape(-1, C)
+        Wg, M = gate_weight.to(dtype), memory_bank.to(dtype)
+        g = torch.addmm(gate_bias.to(dtype), h2, Wg.t()) if gate_bias is not None else h2 @ Wg.t()
+        gates = g.sigmoid_().view(*h.shape[:-1], 2 * C)  # one pass over the contiguous (N, 2C)
+        glob = read_forward(h2, M, chunk).view(h.shape)
         # The mix in the compute dtype (single-dtype ops are vectorized; mixed-dtype
         # ones are not), then one add into the residual's dtype.
-        mix = _conv_forward(h, conv_weight, conv_bias).mul_(torch.sigmoid(g[..., :C]))
-        mix.addcmul_(torch.sigmoid(g[..., C:]), glob)
-        ctx.save_for_backward(g, h, conv_weight, conv_bias, glob)
+        mix = _conv_forward(h, conv_weight, conv_bias).mul_(gates[..., :C])
+        mix.addcmul_(gates[..., C:], glob)
+        ctx.save_for_backward(h, gates, glob, Wg, M, conv_weight, conv_bias)
+        ctx.chunk = chunk
+        ctx.dtypes = (gate_weight.dtype, memory_bank.dtype)
+        ctx.has_gate_bias = gate_bias is not None
         return x + mix
 
     @staticmethod
     def backward(ctx, dout):
-        g, h, conv_weight, conv_bias, glob = ctx.saved_tensors
-        with _no_autocast(g.device.type):
-            C = glob.shape[-1]
-            d = dout.to(g.dtype)
+        h, gates, glob, Wg, M, conv_weight, conv_bias = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        with _no_autocast(h.device.type):
+            C = h.shape[-1]
+            d = dout.to(h.dtype)
+            sl, sg = gates[..., :C], gates[..., C:]
             local = _conv_forward(h, conv_weight, conv_bias)          # recomputed
-            sl, sg = torch.sigmoid(g[..., :C]), torch.sigmoid(g[..., C:])
-            dg = torch.empty_like(g)
+            dg = torch.empty_like(gates)
             tmp = local.mul_(d)                                       # local no longer needed
             torch.ops.aten.sigmoid_backward.grad_input(tmp, sl, grad_input=dg[..., :C])
             torch.mul(d, glob, out=tmp)
             torch.ops.aten.sigmoid_backward.grad_input(tmp, sg, grad_input=dg[..., C:])
-            dglob = sg.mul_(d)
-            dlocal = sl.mul_(d)
-            dh, dw, db = _conv_backward(dlocal, h, conv_weight, conv_bias is not None and ctx.needs_input_grad[4],
-                                        ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-        return dout, dg, dh, dw, db, dglob
+            dglob = torch.mul(sg, d)
+            dlocal = torch.mul(sl, d, out=tmp)
+            # dh: the convolution's part is written, the gate's and the memory read's
+            # are added by their matmuls.
+            dh, dw, db = _conv_backward(dlocal, h, conv_weight, conv_bias is not None and needs[5],
+                                        True, needs[4])
+            dh2, dg2, h2 = dh.view(-1, C), dg.view(-1, 2 * C), h.reshape(-1, C)
+            dh2.addmm_(dg2, Wg)
+            dWg = (dg2.t() @ h2).to(ctx.dtypes[0]) if needs[2] else None
+            dbg = dg2.sum(0, dtype=acc_dtype(dg.dtype)) if ctx.has_gate_bias and needs[3] else None
+            dM = read_backward(h2, M, dglob.view(-1, C), ctx.chunk, dh2, accumulate=True)
+        return dout, dh, dWg, dbg, dw, db, dM.to(ctx.dtypes[1]), None
 
 
 # ---------------------------------------------------------------- FFN
@@ -165,6 +189,31 @@ def dropout_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
         return torch.zeros(shape, dtype=torch.bool, device=device), 0.0
     keep = r >= (drop - 32768)
     return keep, 65536.0 / (65536 - drop)
+
+
+class _MaskedScale(torch.autograd.Function):
+    """``where(keep, x, 0) * scale``, keeping only the bool mask for backward."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale: float):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x, 0).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout with the 16-bit mask of :func:`dropout_mask`: ``F.dropout``'s
+    function (P(drop) = p rounded to a multiple of 2**-16) at about a quarter of its
+    cost on CPU, where ``bernoulli_`` dominates ``F.dropout``."""
+    if not training or p == 0:
+        return x
+    keep, scale = dropout_mask(x.shape, p, x.device)
+    return _MaskedScale.apply(x, keep, scale)
 
 
 class FFNResidual(torch.autograd.Function):
@@ -267,20 +316,22 @@ def gam_block_fast(block, x: torch.Tensor) -> torch.Tensor:
     with _no_autocast(device_type):
         h = _layer_norm(x, block.ln1, dtype)
         variant = block.variant
-        local = glob = None
-        if block.has_local and variant != "full":
-            conv = block.causal_conv
-            local = causal_depthwise_conv(h, conv.weight, conv.bias)
-        if block.has_global:
-            glob = memory_read(h, block.memory_bank)
         if variant == "full":
-            g = F.linear(h, block.gate.weight.to(dtype), block.gate.bias.to(dtype))
             conv = block.causal_conv
-            x = ConvGatedResidual.apply(x, g, h, conv.weight, conv.bias, glob)
-        elif variant == "sum_fusion":
-            x = x + (local + glob)
+            chunk = memory_read_ops.DEFAULT_CHUNK_CUDA if x.is_cuda else memory_read_ops.DEFAULT_CHUNK
+            x = GatedMixerResidual.apply(x, h, block.gate.weight, block.gate.bias, conv.weight, conv.bias,
+                                         block.memory_bank, chunk)
         else:
-            x = x + (glob if local is None else local)
+            local = glob = None
+            if block.has_local:
+                conv = block.causal_conv
+                local = causal_depthwise_conv(h, conv.weight, conv.bias)
+            if block.has_global:
+                glob = memory_read(h, block.memory_bank)
+            if variant == "sum_fusion":
+                x = x + (local + glob)
+            else:
+                x = x + (glob if local is None else local)
 
         ln2, lin1, lin2, drop = block.ln2, block.ffn[0], block.ffn[2], block.ffn[3]
         h = _layer_norm(x, ln2, dtype)

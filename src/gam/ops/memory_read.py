@@ -59,6 +59,43 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def read_forward(h: torch.Tensor, M: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``softmax(h Mᵀ) M`` over chunks of rows; ``h`` (N, C) and ``M`` in one dtype."""
+    N = h.shape[0]
+    out = torch.empty(N, M.shape[1], dtype=h.dtype, device=h.device)
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        p = torch.softmax(h[s:e] @ M.T, dim=-1)
+        torch.mm(p, M, out=out[s:e])
+    return out
+
+
+def read_backward(h: torch.Tensor, M: torch.Tensor, dout: torch.Tensor, chunk: int,
+                  dh: torch.Tensor | None, accumulate: bool = False) -> torch.Tensor:
+    """Gradients of :func:`read_forward`: returns dM (fp32 or wider) and, when ``dh``
+    (N, C) is given, writes the gradient of ``h`` into it, or with ``accumulate``
+    adds it (one rounding per entry: the add is the matmul's own). The softmax of
+    each chunk is recomputed."""
+    dtype = h.dtype
+    N = h.shape[0]
+    dM = torch.zeros(M.shape, dtype=acc_dtype(dtype), device=h.device)
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        hc, dc = h[s:e], dout[s:e]
+        p = torch.softmax(hc @ M.T, dim=-1)              # recomputed, (n, slots)
+        dp = dc @ M.T
+        # P * (dP - rowsum(dP * P)), one fused pass, fp32 arithmetic inside
+        ds = torch._softmax_backward_data(dp, p, -1, dtype)
+        if dh is not None and accumulate:
+            torch.addmm(dh[s:e], ds, M, out=dh[s:e])
+        elif dh is not None:
+            torch.mm(ds, M, out=dh[s:e])
+        part = p.T @ dc                                   # M as values
+        part = torch.addmm(part, ds.T, hc)                # M as keys
+        dM += part
+    return dM
+
+
 class MemoryRead(torch.autograd.Function):
     """Chunked ``softmax(h Mᵀ) M`` that recomputes the softmax in backward.
 
@@ -68,45 +105,16 @@ class MemoryRead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, memory_bank: torch.Tensor, chunk: int) -> torch.Tensor:
-        dtype = h.dtype
-        M = memory_bank.to(dtype)
-        N = h.shape[0]
-        out = torch.empty(N, M.shape[1], dtype=dtype, device=h.device)
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            p = torch.softmax(h[s:e] @ M.T, dim=-1)
-            torch.mm(p, M, out=out[s:e])
         ctx.save_for_backward(h, memory_bank)
         ctx.chunk = chunk
-        return out
+        return read_forward(h, memory_bank.to(h.dtype), chunk)
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         h, memory_bank = ctx.saved_tensors
         with torch.autocast(h.device.type, enabled=False):
-            return MemoryRead._backward(ctx, h, memory_bank, dout)
-
-    @staticmethod
-    def _backward(ctx, h, memory_bank, dout):
-        dtype = h.dtype
-        M = memory_bank.to(dtype)
-        dout = dout.to(dtype).contiguous()
-        N = h.shape[0]
-        chunk = ctx.chunk
-        dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        dM = torch.zeros(M.shape, dtype=acc_dtype(dtype), device=h.device)
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            hc, dc = h[s:e], dout[s:e]
-            p = torch.softmax(hc @ M.T, dim=-1)              # recomputed, (n, slots)
-            dp = dc @ M.T
-            # P * (dP - rowsum(dP * P)), one fused pass, fp32 arithmetic inside
-            ds = torch._softmax_backward_data(dp, p, -1, dtype)
-            if dh is not None:
-                torch.mm(ds, M, out=dh[s:e])
-            part = p.T @ dc                                   # M as values
-            part = torch.addmm(part, ds.T, hc)                # M as keys
-            dM += part
+            dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+            dM = read_backward(h, memory_bank.to(h.dtype), dout.to(h.dtype).contiguous(), ctx.chunk, dh)
         return dh, dM.to(memory_bank.dtype), None
 
 
