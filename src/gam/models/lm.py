@@ -93,8 +93,16 @@ class DecoderLM(nn.Module):
         # head's (nn.Linear-initialized) weight.
         self.token_embedding.weight = self.head.weight
 
-    def embed(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        x = self.token_embedding(idx)
+    def embed(self, idx: torch.Tensor, start_pos: int = 0, sparse_grad: bool = False) -> torch.Tensor:
+        """Token (+ position) embeddings, dropout applied. ``sparse_grad``: the token
+        embedding's gradient is sparse (its rows, not a zero-filled (vocab, C) array),
+        for a forward whose loss also takes the tied head's dense gradient, which the
+        sparse one is then added into (the weight's gradient stays dense). It calls
+        ``F.embedding`` directly, so hooks on ``token_embedding`` see only the other calls."""
+        if sparse_grad:
+            x = F.embedding(idx, self.token_embedding.weight, sparse=True)
+        else:
+            x = self.token_embedding(idx)
         if self.config.pos_embedding == "learned":
             pos = torch.arange(start_pos, start_pos + idx.shape[1], device=idx.device)
             x = x + self.pos_embedding(pos)
@@ -114,7 +122,11 @@ class DecoderLM(nn.Module):
             check_targets(targets, idx, self.config.vocab_size)
         if not return_logits and targets is None:
             raise ValueError("return_logits=False needs targets: there is nothing else to return")
-        x = self.embed(idx)
+        fast = use_fast_path(self.config.gam_impl, idx)
+        tied_head_in_loss = targets is not None and self.token_embedding.weight is self.head.weight
+        # (not under torch.compile: Inductor has no sparse tensors)
+        sparse_grad = fast and tied_head_in_loss and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        x = self.embed(idx, sparse_grad=sparse_grad)
         for block in self.blocks:
             x = block(x)
         h = self.ln_f(x)

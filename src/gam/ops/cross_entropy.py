@@ -91,23 +91,27 @@ def _bf16_softmax_loss_grad(h: torch.Tensor, W: torch.Tensor, targets: torch.Ten
 
     Two passes over the (n, V) chunk after its matmul instead of five: the logits
     are written into ``rows`` and turned into their softmax in place (bf16 out, fp32
-    arithmetic inside), then summed per row in fp32. From the softmax p (bf16) and
-    its row sum S: the target entry is p_t - S (the exact p_t - 1 = -sum of the
-    other entries, so each row of the gradient sums to zero as the exact one does,
-    and a confident p_t = 0.999 keeps its -0.001 instead of rounding to 0), and the
-    loss is -log p_t, or -log1p(-(S - p_t)) when p_t >= 1/2 (so the small loss of a
-    confident token is not the log of a number rounded near 1). Each p has a
-    relative error of at most 2**-9, so the loss of a row is within about 0.002
-    nats of the fp32 log-softmax's; the bf16 rounding of the logits themselves
-    (up to 0.03 at |logit| >= 8) moves it more. The gradient entries other than the
-    target are the bf16 softmax the exact route writes too.
+    arithmetic inside), then the entries other than the target are summed per row
+    (fp32 accumulation; bf16's own sum, since a sum with ``dtype=float32`` first
+    copies the chunk to fp32). With p the softmax (bf16) and q that sum: the target
+    entry is -q (the exact p_t - 1 = -sum of the other entries, so each row of the
+    gradient sums to zero as the exact one does, and a confident p_t = 0.999 keeps
+    its -0.001 instead of rounding to 0), and the loss is -log p_t, or -log1p(-q)
+    when p_t >= 1/2 (so the small loss of a confident token is not the log of a
+    number rounded near 1). p_t and q have relative errors of at most 2**-9, so the
+    loss of a row is within about 0.002 nats of the fp32 log-softmax's; the bf16
+    rounding of the logits themselves (up to 0.03 at |logit| >= 8) moves it more.
+    The gradient entries other than the target are the bf16 softmax the exact route
+    writes too.
     """
     torch.mm(h, W.t(), out=rows)
     torch.ops.aten._softmax.out(rows, -1, False, out=rows)  # row-wise, in place: exact (tested)
     cols = targets[:, None]
-    p_t = rows.gather(1, cols).squeeze(1).float()
-    others = rows.sum(-1, dtype=torch.float32).sub_(p_t).clamp_(min=0)  # S - p_t: 1 - p_t
-    rows.scatter_(1, cols, others.neg()[:, None].to(rows.dtype))
+    p_t = rows.gather(1, cols)
+    rows.scatter_(1, cols, 0.0)
+    others = rows.sum(-1, keepdim=True)  # 1 - p_t: fp32 accumulation, rounded once to bf16
+    rows.scatter_(1, cols, others.neg())
+    p_t, others = p_t.squeeze(1).float(), others.squeeze(1).float()
     loss = torch.where(p_t < 0.5, -torch.log(p_t), -torch.log1p(-others))
     return torch.where(valid, loss, 0.0)
 

@@ -159,7 +159,8 @@ class GatedMixerResidual(torch.autograd.Function):
             dh2, dg2, h2 = dh.view(-1, C), dg.view(-1, 2 * C), h.reshape(-1, C)
             dh2.addmm_(dg2, Wg)
             dWg = (dg2.t() @ h2).to(ctx.dtypes[0]) if needs[2] else None
-            dbg = dg2.sum(0, dtype=acc_dtype(dg.dtype)) if ctx.has_gate_bias and needs[3] else None
+            # (bf16's own sum, fp32 accumulation inside; sum(dtype=float32) would first copy dg)
+            dbg = dg2.sum(0).to(acc_dtype(dg.dtype)) if ctx.has_gate_bias and needs[3] else None
             dM = read_backward(h2, M, dglob.view(-1, C), ctx.chunk, dh2, accumulate=True)
         return dout, dh, dWg, dbg, dw, db, dM.to(ctx.dtypes[1]), None
 
@@ -192,18 +193,21 @@ def dropout_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
 
 
 class _MaskedScale(torch.autograd.Function):
-    """``where(keep, x, 0) * scale``, keeping only the bool mask for backward."""
+    """``where(keep, x, 0) * scale``, keeping only the bool mask for backward.
+
+    Masks multiply as their uint8 view: a bool -> float conversion or ``where`` on
+    a bool mask is several times slower on CPU than a multiply by uint8."""
 
     @staticmethod
     def forward(ctx, x, keep, scale: float):
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return torch.where(keep, x, 0).mul_(scale)
+        return torch.mul(x, keep.view(torch.uint8)).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
+        return torch.mul(grad, keep.view(torch.uint8)).mul_(ctx.scale), None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -243,7 +247,7 @@ class FFNResidual(torch.autograd.Function):
             torch.addmm(B2, F.gelu(u[s:e]), W2.t(), out=y[s:e])
         y = y.view(*lead, -1)
         if keep is not None:
-            y.mul_(keep.to(dtype))
+            y.mul_(keep.view(torch.uint8))  # (see _MaskedScale)
             out = torch.add(x, y, alpha=scale)
         else:
             out = x + y
@@ -273,9 +277,9 @@ class FFNResidual(torch.autograd.Function):
                 if k is None:
                     dyc = d[s:e].to(dtype)
                 elif d.dtype == dtype:
-                    dyc = d[s:e] * k[s:e].to(dtype)                # not in place: d is also dx
+                    dyc = d[s:e] * k[s:e].view(torch.uint8)        # not in place: d is also dx
                 else:
-                    dyc = d[s:e].to(dtype).mul_(k[s:e].to(dtype))
+                    dyc = d[s:e].to(dtype).mul_(k[s:e].view(torch.uint8))
                 a = F.gelu(uc)                                    # recomputed
                 part2 = dyc.t() @ a
                 del a
