@@ -106,12 +106,13 @@ def _bf16_softmax_loss_grad(h: torch.Tensor, W: torch.Tensor, targets: torch.Ten
     """
     torch.mm(h, W.t(), out=rows)
     torch.ops.aten._softmax.out(rows, -1, False, out=rows)  # row-wise, in place: exact (tested)
-    cols = targets[:, None]
-    p_t = rows.gather(1, cols)
-    rows.scatter_(1, cols, 0.0)
-    others = rows.sum(-1, keepdim=True)  # 1 - p_t: fp32 accumulation, rounded once to bf16
-    rows.scatter_(1, cols, others.neg())
-    p_t, others = p_t.squeeze(1).float(), others.squeeze(1).float()
+    # (index assignment, not scatter_: on CPU scatter_ copies the whole chunk, twice)
+    at = (torch.arange(rows.shape[0], device=rows.device), targets)
+    p_t = rows[at]
+    rows[at] = 0.0
+    others = rows.sum(-1)  # 1 - p_t: fp32 accumulation, rounded once to bf16
+    rows[at] = others.neg()
+    p_t, others = p_t.float(), others.float()
     loss = torch.where(p_t < 0.5, -torch.log(p_t), -torch.log1p(-others))
     return torch.where(valid, loss, 0.0)
 
