@@ -521,10 +521,12 @@ def test_lm_training_forward_traces_as_one_graph():
 
 
 @pytest.mark.slow
-def test_compiled_lm_training_loss_and_grads_match_eager():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_lm_training_loss_and_grads_match_eager(precision):
     """The LM's training step (fast path, head fused into the loss) under Inductor, the
     configuration of ``gam train --compile`` and the compiled rows of ``gam bench speed``:
-    loss and every parameter gradient equal eager's (fp32)."""
+    loss and every parameter gradient equal eager's (fp32), or agree as closely as bf16
+    allows (bf16 autocast; the loss takes its functional form under compile)."""
     pytest.importorskip("torch._inductor")
     from conftest import TINY
 
@@ -536,16 +538,22 @@ def test_compiled_lm_training_loss_and_grads_match_eager():
 
     def loss_and_grads(forward):
         model.zero_grad(set_to_none=True)
-        loss = forward(idx, tgt, return_logits=False)[1]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = forward(idx, tgt, return_logits=False)[1]
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     loss_ref, grads_ref = loss_and_grads(model)
     loss, grads = loss_and_grads(torch.compile(model))
-    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
     assert grads.keys() == grads_ref.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    if precision == "fp32":
+        torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+        for name in grads:
+            torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    else:
+        assert abs(loss.item() - loss_ref.item()) < 1e-2
+        for name in grads:
+            assert _rel_rms(grads[name], grads_ref[name]) < 5e-2, name
 
 
 # ---------------------------------------------------------------- Triton (CUDA)

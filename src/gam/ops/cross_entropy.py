@@ -117,6 +117,20 @@ def _bf16_softmax_loss_grad(h: torch.Tensor, W: torch.Tensor, targets: torch.Ten
     return torch.where(valid, loss, 0.0)
 
 
+def _bf16_softmax_loss_grad_functional(logits: torch.Tensor, targets: torch.Tensor,
+                                       valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_bf16_softmax_loss_grad` without in-place writes, for torch.compile:
+    (per-row loss, ``softmax - onehot``) of bf16 ``logits``, the same arithmetic."""
+    p = torch.softmax(logits, dim=-1)
+    is_target = torch.arange(logits.shape[1], device=logits.device) == targets[:, None]
+    p_t = p.gather(1, targets[:, None]).squeeze(1)
+    others = torch.where(is_target, 0.0, p).sum(-1)  # 1 - p_t, rounded once to bf16
+    grad = torch.where(is_target, others.neg()[:, None], p)
+    p_t, others = p_t.float(), others.float()
+    loss = torch.where(p_t < 0.5, -torch.log(p_t), -torch.log1p(-others))
+    return torch.where(valid, loss, 0.0), grad
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``h @ weight.T`` against ``targets`` (ignore_index -100)."""
 
@@ -129,34 +143,40 @@ class LinearCrossEntropy(torch.autograd.Function):
         valid = targets != -100
         n_valid = valid.sum()  # a tensor: no host sync (a device sync on CUDA, a graph break under compile)
         acc = acc_dtype(dtype)
-        losses = torch.zeros(N, dtype=acc, device=h.device)
-        dlogits = torch.empty(N, W.shape[0], dtype=dtype, device=h.device) if need_grad else None
         # bf16 training: the loss is read off the softmax (see _bf16_softmax_loss_grad).
         from_softmax = need_grad and dtype == torch.bfloat16
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            ok = valid[s:e]
-            tc = torch.where(ok, targets[s:e], 0)
-            if from_softmax:
-                losses[s:e] = _bf16_softmax_loss_grad(h[s:e], W, tc, ok, dlogits[s:e])
-                continue
-            # (n, V) fp32 log-probabilities of this chunk only (the cast to fp32 is
-            # log_softmax's own, on a chunk that stays in cache)
-            logits = h[s:e] @ W.t()
-            lp = torch.log_softmax(logits, dim=-1, dtype=acc)
-            lp_target = lp.gather(1, tc[:, None]).squeeze(1)
-            losses[s:e] = torch.where(ok, -lp_target, 0.0)
-            if need_grad:
-                # softmax - onehot, unscaled (the 1/n_valid of the mean is applied to the
-                # (N, C) and (V, C) results in backward, not to the (N, V) array here).
-                # The softmax of the logits is written in the compute dtype directly (fp32
-                # arithmetic inside; faster on CPU than exp(lp), whose exp is the precise
-                # one); the target entries, p - 1, are computed in fp32 (expm1) and
-                # rounded once, as fp32 p - 1 would be.
-                rows = dlogits[s:e]
-                torch.ops.aten._softmax.out(logits, -1, False, out=rows)
-                del logits
-                rows[torch.arange(e - s, device=h.device), tc] = torch.expm1(lp_target).to(dtype)
+        if from_softmax and torch.compiler.is_compiling():
+            # Inductor fuses the whole (N, V) array's softmax, sum and target entries
+            # into one kernel; chunks written into one buffer would each become a copy
+            # of the buffer (functionalization), so no chunks here.
+            losses, dlogits = _bf16_softmax_loss_grad_functional(h @ W.t(), torch.where(valid, targets, 0), valid)
+        else:
+            losses = torch.zeros(N, dtype=acc, device=h.device)
+            dlogits = torch.empty(N, W.shape[0], dtype=dtype, device=h.device) if need_grad else None
+            for s in range(0, N, chunk):
+                e = min(s + chunk, N)
+                ok = valid[s:e]
+                tc = torch.where(ok, targets[s:e], 0)
+                if from_softmax:
+                    losses[s:e] = _bf16_softmax_loss_grad(h[s:e], W, tc, ok, dlogits[s:e])
+                    continue
+                # (n, V) fp32 log-probabilities of this chunk only (the cast to fp32 is
+                # log_softmax's own, on a chunk that stays in cache)
+                logits = h[s:e] @ W.t()
+                lp = torch.log_softmax(logits, dim=-1, dtype=acc)
+                lp_target = lp.gather(1, tc[:, None]).squeeze(1)
+                losses[s:e] = torch.where(ok, -lp_target, 0.0)
+                if need_grad:
+                    # softmax - onehot, unscaled (the 1/n_valid of the mean is applied to the
+                    # (N, C) and (V, C) results in backward, not to the (N, V) array here).
+                    # The softmax of the logits is written in the compute dtype directly (fp32
+                    # arithmetic inside; faster on CPU than exp(lp), whose exp is the precise
+                    # one); the target entries, p - 1, are computed in fp32 (expm1) and
+                    # rounded once, as fp32 p - 1 would be.
+                    rows = dlogits[s:e]
+                    torch.ops.aten._softmax.out(logits, -1, False, out=rows)
+                    del logits
+                    rows[torch.arange(e - s, device=h.device), tc] = torch.expm1(lp_target).to(dtype)
         loss = losses.sum() / n_valid  # no valid target: 0 / 0 = nan, as F.cross_entropy
         if need_grad:
             # Ignored positions keep their (meaningless) rows in dlogits: zeroing them would
