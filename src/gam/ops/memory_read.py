@@ -32,9 +32,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Rows (tokens) per chunk. 1024 x 512 slots x 4 bytes = 2 MiB of scores per
-# chunk: large enough for efficient matmuls, small enough to stay in L2/L3.
-DEFAULT_CHUNK = 1024
+# Rows (tokens) per chunk. 2048 x 512 slots x 2 bytes = 2 MiB of bf16 scores per
+# chunk (4 MiB in fp32): large enough for efficient matmuls, small enough to stay
+# in L3. A training batch of 8 x 256 tokens is one chunk: forward + backward of the
+# read ran ~5% faster than with 1024-token chunks on the 2-core CPU (23.6 vs 24.8 ms).
+DEFAULT_CHUNK = 2048
 # On a GPU, 1024-row chunks leave it idle between launches (5-14x slower than
 # the unchunked reference on an H100); 16384 x 512 slots x 2 bytes = 16 MiB.
 DEFAULT_CHUNK_CUDA = 16384
