@@ -130,13 +130,12 @@ class DecoderLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         h = self.ln_f(x)
-        reference = not use_fast_path(self.config.gam_impl, h)
-        if not return_logits and not reference:
+        if not return_logits and fast:
             return None, linear_cross_entropy(h, self.head.weight, targets)
         logits = self.head(h)
         loss = None
         if targets is not None:
-            if reference:  # the paper's expression
+            if not fast:  # the paper's expression
                 loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
             else:  # the same loss and gradient, fewer passes over the logits
                 loss = cross_entropy(logits, targets)
