@@ -110,17 +110,11 @@ def receptive_field_of(config) -> int | None:
     return theoretical_receptive_field(config.n_layer, config.conv_kernel_size, config.variant)
 
 
-def plot_loss_by_position(curves: dict[str, tuple[Sequence[float], Sequence[float] | None]], path: str | Path,
-                          title: str = "", receptive_field: int | None = None,
-                          spread_label: str = "sd over seeds") -> Path:
-    """One line per model (``label -> (mean per position, spread per position or None)``),
-    a shaded band of mean ± spread, and a dashed line where the receptive field ends."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+def draw_loss_by_position(ax, curves: dict[str, tuple[Sequence[float], Sequence[float] | None]],
+                          receptive_field: int | None = None) -> bool:
+    """Draw on ``ax`` one line per model (``label -> (mean per position, spread per position or None)``),
+    a shaded band of mean ± spread, and a dashed line where the receptive field ends.
+    Returns whether any band was drawn."""
     banded = False
     for label, (mean, spread) in curves.items():
         xs = np.arange(1, len(mean) + 1)  # tokens of context seen at each position
@@ -135,9 +129,23 @@ def plot_loss_by_position(curves: dict[str, tuple[Sequence[float], Sequence[floa
     ax.set_xscale("log")
     ax.set_xlabel("tokens of context (block position + 1)")
     ax.set_ylabel("validation loss (nats)")
-    ax.set_title(title + (f" (band: mean ± {spread_label})" if banded else ""), fontsize=8)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    return banded
+
+
+def plot_loss_by_position(curves: dict[str, tuple[Sequence[float], Sequence[float] | None]], path: str | Path,
+                          title: str = "", receptive_field: int | None = None,
+                          spread_label: str = "sd over seeds") -> Path:
+    """One panel of :func:`draw_loss_by_position`, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    banded = draw_loss_by_position(ax, curves, receptive_field)
+    ax.set_title(title + (f" (band: mean ± {spread_label})" if banded else ""), fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
