@@ -122,7 +122,7 @@ PAPER_TABLE1: dict[tuple[str, str], dict[str, Any]] = {
 # below) leaves each command room under 90 minutes; the calculation is written
 # out in docs/loss-by-position.md.
 CPU_BUDGET: dict[str, Any] = {
-    "model": {"n_embd": 96, "n_head": 4},  # over the cpu training preset (width 192, 6 heads)
+    "model": {"n_embd": 96, "n_head": 4},  # over the cpu training preset (width 192, 6 heads; 4 layers kept)
     "epochs": {"paper": 1, "ablation": 3},
     "datasets": {"paper": ("wikitext2",), "ablation": ("wikitext2",)},
     "seeds": 3,
@@ -158,41 +158,66 @@ def default_seeds(preset: str) -> int:
 
 # ----------------------------------------------------------------------------- projected time
 
-# Training throughput measured on the budget machine (AMD EPYC, 2 cores), as
-# GFLOP/s of training FLOPs (gam.bench.speed.flops_per_token) with 2 torch
-# threads: results/bench-speed-cpu (width 512, 6 layers, T 256, batch 8; fast
-# path; the Transformer with SDPA, Mamba in the standard wiring).
-MEASURED_GFLOPS = {
-    "bf16": {"gam": 286.5, "transformer": 188.1, "mamba": 69.1},
-    "fp32": {"gam": 136.1, "transformer": 113.5, "mamba": 53.7},
+# Training throughput measured on the budget machine (AMD EPYC, 2 cores, 2 torch
+# threads): results/bench-speed-cpu, width 512, 6 layers, T 256, batch 8, fast
+# path, the Transformer with SDPA, Mamba in the standard wiring (expand 3,
+# d_state 16). Training FLOPs per token as gam.bench.speed.flops_per_token counts them.
+SPEED_BENCH_TOKENS_PER_S = {
+    "bf16": {"gam": 1989.6, "transformer": 1265.0, "mamba": 570.1},
+    "fp32": {"gam": 945.2, "transformer": 763.1, "mamba": 443.4},
 }
+SPEED_BENCH_TRAIN_FLOPS = {"gam": 144.02e6, "transformer": 148.70e6, "mamba": 121.18e6}
+SPEED_BENCH_SCAN_SIZE = 1536 * 16 * 6  # Mamba's d_inner x d_state x n_layer there
 # Small matmuls run less efficiently. The cpu training preset's GAM (width 192,
 # 4 layers, T 128, batch 16: 19.48 training MFLOP/token) ran, with 1 thread,
 # 5,342 tokens/s in bf16 (results/ablation-cpu) and 2,851 in fp32
-# (results/paper-cpu); counted as 2 threads (2x) that is this fraction of the
-# rates above, applied to every model.
+# (results/paper-cpu); counted as 2 threads (2x), that is a fraction of the
+# speed bench's GAM GFLOP/s, applied to every model's matmul FLOPs.
 SMALL_MODEL_TOKENS_PER_S = {"bf16": 5342.0, "fp32": 2851.0}
 SMALL_MODEL_TRAIN_FLOPS = 19.478e6
 
 
-def small_model_efficiency(precision: str) -> float:
-    return 2 * SMALL_MODEL_TOKENS_PER_S[precision] * SMALL_MODEL_TRAIN_FLOPS / (MEASURED_GFLOPS[precision]["gam"] * 1e9)
+def matmul_gflops(precision: str) -> float:
+    """GFLOP/s of a small model's matmul FLOPs on the budget machine (2 threads)."""
+    return 2 * SMALL_MODEL_TOKENS_PER_S[precision] * SMALL_MODEL_TRAIN_FLOPS / 1e9
+
+
+def scan_seconds_per_element(precision: str) -> float:
+    """Mamba's selective scan is elementwise work, not matmuls (flops_per_token leaves it out): its
+    time per token per d_inner x d_state x n_layer element, from the speed bench's Mamba row (what
+    its matmul FLOPs at GAM's rate there leave over)."""
+    gam_rate = SPEED_BENCH_TOKENS_PER_S[precision]["gam"] * SPEED_BENCH_TRAIN_FLOPS["gam"]
+    mamba_s = 1 / SPEED_BENCH_TOKENS_PER_S[precision]["mamba"] - SPEED_BENCH_TRAIN_FLOPS["mamba"] / gam_rate
+    return mamba_s / SPEED_BENCH_SCAN_SIZE
 
 
 def projected_tokens_per_s(model: str, fields: dict[str, Any], precision: str, threads: int | None) -> float | None:
-    """Training tokens/s on the budget machine from the measurements above (None: not measured)."""
+    """Training tokens/s on the budget machine from the measurements above (None: not measured).
+
+    Matmul FLOPs at the GFLOP/s measured for the small cpu-preset GAM, scaled by
+    the ratio of the speed bench's GFLOP/s for this model family to GAM's
+    (the Transformer's attention and softmax run slower per FLOP); Mamba also
+    pays its selective scan per element. Threads: measured with 2; 1 thread
+    counts half.
+    """
     from gam.bench.speed import flops_per_token
     from gam.models.lm import build_model
 
-    rates = MEASURED_GFLOPS.get(precision)
-    if rates is None or model not in rates:
+    measured = SPEED_BENCH_TOKENS_PER_S.get(precision)
+    if measured is None or model not in measured:
         return None
     import torch
 
     with torch.device("meta"):
-        flops = flops_per_token(build_model(model, **fields), fields["block_size"])["train"]
-    thread_share = min(threads or 2, 2) / 2  # measured with 2 threads; 1 thread: half
-    return rates[model] * 1e9 * small_model_efficiency(precision) * thread_share / flops
+        built = build_model(model, **fields)
+    flops = flops_per_token(built, fields["block_size"])["train"]
+    family_rate = measured[model] * SPEED_BENCH_TRAIN_FLOPS[model] / (measured["gam"] * SPEED_BENCH_TRAIN_FLOPS["gam"])
+    seconds = flops / (matmul_gflops(precision) * 1e9 * (1.0 if model == "mamba" else family_rate))
+    if model == "mamba":
+        cfg = built.config
+        seconds += scan_seconds_per_element(precision) * cfg.expand * cfg.n_embd * cfg.d_state * cfg.n_layer
+    thread_share = min(threads or 2, 2) / 2
+    return thread_share / seconds
 
 
 def projected_seconds(model: str, fields: dict[str, Any], precision: str, threads: int | None,
@@ -407,7 +432,7 @@ def project_grid(datasets: Sequence[str], specs: Sequence[ModelSpec], n_seeds: i
     total = sum(per_model.values())
     text = (f"projected time on the 2-core budget machine: {total / 60:.0f} min ("
             + ", ".join(f"{label} {s / 60:.0f}" for label, s in per_model.items())
-            + f" min, {n_seeds} seed(s) each; from the measured speeds in gam.bench.paper.MEASURED_GFLOPS, "
+            + f" min, {n_seeds} seed(s) each; from the committed speed measurements (gam.bench.paper.projected_tokens_per_s), "
               "not counting tokenizer training)")
     return {"total_s": total, "per_model_s": per_model, "text": text}
 
