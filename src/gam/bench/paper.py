@@ -171,8 +171,9 @@ SPEED_BENCH_SCAN_SIZE = 1536 * 16 * 6  # Mamba's d_inner x d_state x n_layer the
 # Small matmuls run less efficiently. The cpu training preset's GAM (width 192,
 # 4 layers, T 128, batch 16: 19.48 training MFLOP/token) ran, with 1 thread,
 # 5,342 tokens/s in bf16 (results/ablation-cpu) and 2,851 in fp32
-# (results/paper-cpu); counted as 2 threads (2x), that is a fraction of the
-# speed bench's GAM GFLOP/s, applied to every model's matmul FLOPs.
+# (results/paper-cpu); counted as 2 threads (2x), that is the GFLOP/s a small
+# model's matmul FLOPs run at (bf16: 208, where the speed bench's paper-size
+# GAM reaches 286.5).
 SMALL_MODEL_TOKENS_PER_S = {"bf16": 5342.0, "fp32": 2851.0}
 SMALL_MODEL_TRAIN_FLOPS = 19.478e6
 
@@ -196,8 +197,9 @@ def projected_tokens_per_s(model: str, fields: dict[str, Any], precision: str, t
 
     Matmul FLOPs at the GFLOP/s measured for the small cpu-preset GAM, scaled by
     the ratio of the speed bench's GFLOP/s for this model family to GAM's
-    (the Transformer's attention and softmax run slower per FLOP); Mamba also
-    pays its selective scan per element. Threads: measured with 2; 1 thread
+    (the Transformer's attention and softmax run slower per FLOP); Mamba's
+    matmuls at GAM's rate plus its selective scan per element (as
+    :func:`scan_seconds_per_element` was fitted). Threads: measured with 2; 1 thread
     counts half.
     """
     from gam.bench.speed import flops_per_token
