@@ -96,3 +96,9 @@ def test_eval_cli_by_position(tmp_path, monkeypatch, capsys):
     assert [line.split()[0] for line in text.splitlines() if re.fullmatch(r"\s+[\d-]+\s+\d+\.\d{4}", line)] == \
         ["0", "1", "2-3", "4-7", "8-15"]
     assert "receptive field 5 tokens" in text and str(plot) in text and plot.stat().st_size > 0
+
+    # a folder or a name that is not a .png: one line, no traceback
+    for bad in (tmp_path / "plots", tmp_path / "lbp.txt"):
+        assert main(["eval", str(run), "--by-position", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert "must be a file name ending in .png" in err and "Traceback" not in err

@@ -158,6 +158,9 @@ def report(model: torch.nn.Module, tokens: np.ndarray, batch_size: int, device: 
            precision: str, plot_path: str | Path, title: str = "") -> dict[str, Any]:
     """``gam eval --by-position``: per-position losses, buckets, the split at the
     receptive field (paper GAM only) and the plot; returns them for printing/JSON."""
+    plot_path = Path(plot_path)
+    if plot_path.is_dir() or plot_path.suffix.lower() != ".png":
+        raise ValueError(f"--by-position: the plot path must be a file name ending in .png, got {str(plot_path)!r}")
     config = model.config
     losses = loss_by_position(model, tokens, config.block_size, batch_size, device, precision)
     field = receptive_field_of(config)
