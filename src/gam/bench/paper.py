@@ -865,8 +865,8 @@ def plot_curves(runs: list[dict[str, Any]], specs: dict[str, ModelSpec], path: P
 def cpu_schedule_help(bench: str) -> str:
     epochs = CPU_BUDGET["epochs"][bench]
     return (f"width {CPU_BUDGET['model']['n_embd']}, {epochs} epoch{'s' if epochs != 1 else ''} of WikiText-2, "
-            f"{CPU_BUDGET['seeds']} seeds, bf16 on {CPU_BUDGET['threads']} threads: under "
-            f"{CPU_BUDGET['minutes']} minutes on 2 cores (projected time printed at the start)")
+            f"{CPU_BUDGET['seeds']} seeds, bf16 on {CPU_BUDGET['threads']} threads: projected to fit "
+            f"{CPU_BUDGET['minutes']} minutes on 2 cores (the projection is printed at the start)")
 
 
 def add_common_training_args(p: argparse.ArgumentParser, default_steps: str) -> None:
@@ -892,8 +892,8 @@ def add_common_training_args(p: argparse.ArgumentParser, default_steps: str) -> 
 def add_parser(bench_sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = bench_sub.add_parser(
         "paper", help="Table 1: GAM vs Transformer vs Mamba trained on WikiText-2 and TinyStories",
-        description="Train GAM, the Transformer and Mamba on WikiText-2 and TinyStories (same tokenizer, "
-                    "data, steps and seeds for every model) and tabulate parameters, time per epoch, "
+        description="Train GAM, the Transformer and Mamba on WikiText-2 and TinyStories (cpu preset: "
+                    "WikiText-2 only; same tokenizer, data, steps and seeds for every model) and tabulate parameters, time per epoch, "
                     "tokens/s, validation loss and perplexity, and the loss inside and beyond the paper "
                     "GAM's receptive field, beside the paper's Table 1 (mean ± sd over seeds, ties marked). "
                     "cpu preset: the baselines as the paper ran them (naive attention, bare Mamba mixers) "
