@@ -45,6 +45,19 @@ def test_loss_by_position_rejects_short_data():
         evaluation.loss_by_position(tiny("gam"), np.arange(10), BLOCK, 4, "cpu")
 
 
+def test_report_for_a_model_without_a_bounded_context(tmp_path, one_thread):
+    model = tiny("transformer")
+    tokens = np.random.default_rng(1).integers(0, model.config.vocab_size, size=6 * (BLOCK + 1))
+    result = evaluation.report(model, tokens, 4, "cpu", "fp32", tmp_path / "t.png", title="transformer")
+    assert result["receptive_field"] is None and "loss_inside_field" not in result
+    assert [b["first"] for b in result["buckets"]] == [0, 1, 2, 4, 8]
+    text = "\n".join(evaluation.format_report(result))
+    assert "receptive field" not in text and (tmp_path / "t.png").stat().st_size > 0
+    # GAM with the opt-in causal memory sees every earlier token: no bounded field either
+    assert evaluation.receptive_field_of(tiny("gam", memory="causal").config) is None
+    assert evaluation.receptive_field_of(tiny("gam").config) == 5
+
+
 def test_buckets_and_split():
     assert evaluation.position_buckets(128) == [(0, 0), (1, 1), (2, 3), (4, 7), (8, 15), (16, 31), (32, 63),
                                                 (64, 127)]
