@@ -92,10 +92,10 @@ def test_config_validates_fields():
         GAMHFConfig(variant="nope")
 
 
-def test_padding_is_refused():
+def test_right_padding_is_refused():
     hf = GAMForCausalLM.from_gam(tiny("gam"))
-    with pytest.raises(ValueError, match="padding is not supported"):
-        hf(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1]]))
+    with pytest.raises(ValueError, match="only left padding is supported"):
+        hf(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 0]]))
 
 
 def test_export_checkpoint_to_transformers(tmp_path, capsys):
