@@ -81,11 +81,24 @@ def test_padded_batch_generates_what_each_prompt_generates_alone(name, fields):
         assert torch.equal(batch[b, ids.shape[1] - len(row):], alone[0])
 
 
+@pytest.mark.parametrize("name,fields", [MODELS[0], MODELS[4], MODELS[6]], ids=["gam", "transformer", "mamba"])
+def test_padding_on_both_sides_gives_the_unpadded_logits(name, fields):
+    """Right padding (a Trainer batch) cannot reach a real token: it takes the unpadded path."""
+    model = tiny(name, **fields)
+    ids = torch.randint(2, TINY["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        padded, _ = model(ids, attention_mask=mask)
+        torch.testing.assert_close(padded[0, :5], model(ids[:1, :5])[0][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(padded[1, 2:6], model(ids[1:, 2:6])[0][0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(model(ids[:1], attention_mask=mask[:1])[0], model(ids[:1])[0])
+
+
 def test_padding_errors_are_one_line():
     model = tiny("gam")
     ids = torch.randint(2, TINY["vocab_size"], (2, 4))
     cases = [
-        (torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]), "only left padding"),
+        (torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]]), "must be one run"),
         (torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]), "no real token"),
         (torch.tensor([[2, 1, 1, 1], [1, 1, 1, 1]]), "0 .padding. and 1"),
         (torch.ones(2, 3, dtype=torch.long), "shape of the input ids"),
@@ -93,7 +106,12 @@ def test_padding_errors_are_one_line():
     for mask, message in cases:
         with pytest.raises(ValueError, match=message):
             model(ids, attention_mask=mask)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="pad prompts on the left"):
+        generate(model, ids, 2, temperature=0, attention_mask=right)
     cache = model.allocate_inference_cache(2, 16)
+    with pytest.raises(ValueError, match="pad prompts on the left"):
+        forward_cached(model, ids, cache, attention_mask=right)
     forward_cached(model, ids, cache)
     with pytest.raises(ValueError, match="only allowed in the prompt"):
         forward_cached(model, ids[:, :2], cache, attention_mask=torch.tensor([[0, 1], [1, 1]]))

@@ -130,7 +130,7 @@ def forward_cached(model: DecoderLM, idx: torch.Tensor, cache: InferenceCache,
             f"position {cache.position + T - 1} is past block_size {limit} (learned positions): "
             f"slide the window, i.e. prefill the last {limit} tokens into a fresh cache "
             "(generate() does this)")
-    real = padding_mask(attention_mask, idx)
+    real = padding_mask(attention_mask, idx, prompt=True)
     if real is not None and cache.position > 0:
         raise ValueError("padding (zeros in attention_mask) is only allowed in the prompt, "
                          "not in tokens that continue a cached sequence")
@@ -224,8 +224,7 @@ def _prompt(model: DecoderLM, idx: Any) -> torch.Tensor:
 def _prompt_mask(idx: torch.Tensor, attention_mask: Any) -> torch.Tensor | None:
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:
         attention_mask = attention_mask.unsqueeze(0)
-    real = padding_mask(attention_mask, idx)
-    return None if real is None else real.to(idx.device)
+    return padding_mask(attention_mask, idx, prompt=True)
 
 
 def stream(model: DecoderLM, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -22,7 +22,8 @@ Batched prompts of different lengths: **left** padding with an
 ``attention_mask`` (``tokenizer.padding_side = "left"``, as for any HF decoder).
 Positions follow the mask and every block keeps the pads out of real tokens
 (contract in :mod:`gam.models.lm`), so each row generates what it generates
-alone; right padding is refused with a one-line error. ``output_hidden_states``
+alone. Right padding is fine in a plain forward (a Trainer batch) and refused
+in a prompt to continue. ``output_hidden_states``
 gives n_layer + 1 tensors: the embeddings, each block's output, the last one
 after the final norm (as GPT-2 and Llama in ``transformers``). See
 ``docs/hf-interop.md``.
@@ -165,8 +166,14 @@ class GAMForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("labels need logits for every position (logits_to_keep=0)")
+            # Trainer passes num_items_in_batch (the labelled tokens of all accumulated
+            # micro-batches) and then expects the sum over them, as transformers' causal LMs.
+            num_items = kwargs.get("num_items_in_batch")
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+                                   labels[:, 1:].reshape(-1), ignore_index=-100,
+                                   reduction="mean" if num_items is None else "sum")
+            if num_items is not None:
+                loss = loss / torch.as_tensor(num_items, device=loss.device)
         output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache,
                                         hidden_states=None if hidden_states is None else tuple(hidden_states))
         if return_dict is False:
@@ -189,6 +196,7 @@ class GAMForCausalLM(PreTrainedModel, GenerationMixin):
         """
         limit = self.model.config.max_seq_len
         inputs: dict[str, Any] = {"attention_mask": attention_mask}
+        inputs.update((key, kwargs[key]) for key in ("logits_to_keep", "output_hidden_states") if key in kwargs)
         if not use_cache:
             inputs.update(input_ids=input_ids if limit is None else input_ids[:, -limit:], use_cache=False)
             if attention_mask is not None and limit is not None:
@@ -203,8 +211,6 @@ class GAMForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask[:, -new.shape[1]:]
         inputs.update(input_ids=new, past_key_values=cache, use_cache=True)
-        if "logits_to_keep" in kwargs:
-            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return inputs
 
     def _reorder_cache(self, past_key_values: InferenceCache, beam_idx: torch.Tensor) -> InferenceCache:

@@ -11,10 +11,13 @@ Hugging Face's Mamba do.)
 
 Padding contract (shared by every block, as flash-linear-attention passes
 ``attention_mask`` to each layer): ``attention_mask`` is (B, T) with 1 at real
-tokens and 0 at padding, **left** padding only (zeros, then ones; right padding
-is refused). :func:`padding_mask` turns it into a bool tensor, or None when
-nothing is padded (the unpadded fast path is then untouched). Positions follow
-the mask: the first real token of each row is position 0. Each block keeps pad
+tokens and 0 at padding. Left padding is what matters (batched generation);
+padding after the last real token is harmless in a causal model, so a
+right-padded training batch takes the unpadded path, and only a prompt to
+continue must not end in padding. :func:`padding_mask` turns the mask into a
+bool tensor, or None when no real token has padding before it (the unpadded
+fast path is then untouched). Positions follow the mask: the first real token
+of each row is position 0. Each block keeps pad
 positions out of real tokens: GAM zeroes its conv input (and makes the causal
 memory skip the write) at pads, Mamba zeroes its conv input and the scan input,
 attention masks padded keys. A real token's output is then what it is unpadded.
@@ -79,27 +82,39 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int, max_len: int | None, nam
         raise ValueError(f"{name} holds token id {bad} outside [0, {vocab_size}) (vocab_size={vocab_size})")
 
 
-def padding_mask(attention_mask: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
-    """The (B, T) bool mask of real tokens for a left-padded batch, or None when
-    no position is padded (the fast unpadded path). One-line ValueErrors for a
-    mask of the wrong shape or values, right padding, or a row with no token."""
+def padding_mask(attention_mask: torch.Tensor | None, idx: torch.Tensor,
+                 prompt: bool = False) -> torch.Tensor | None:
+    """The (B, T) bool mask of real tokens for a padded batch, or None when no
+    real token has padding before it (the fast unpadded path: padding after the
+    last real token cannot reach it in a causal model). Each row's real tokens
+    must be one run. ``prompt``: the batch is a prompt to continue (a cache
+    prefill), so the last token of every row must be real: right padding is
+    refused. One-line ValueErrors for a mask of the wrong shape or values, real
+    tokens not in one run, or a row with no real token."""
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(idx.shape):
         shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
         raise ValueError(f"attention_mask must have the shape of the input ids {tuple(idx.shape)}, got {shape}")
+    real = attention_mask.to(idx.device).bool()
     if torch.compiler.is_compiling():
-        return attention_mask.bool()
+        return real
     if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask must hold 0 (padding) and 1 (real token) only")
-    real = attention_mask.bool()
     if bool(real.all()):
         return None
-    if not bool(real.any(dim=1).all()):
+    count = real.sum(dim=1, keepdim=True)
+    if not bool((count > 0).all()):
         raise ValueError("attention_mask has a row with no real token (all padding)")
-    if bool((real[:, :-1] & ~real[:, 1:]).any()):
-        raise ValueError("only left padding is supported (attention_mask must be zeros, then ones, "
-                         "in every row): set tokenizer.padding_side = 'left'")
+    first = real.long().argmax(dim=1, keepdim=True)
+    column = torch.arange(idx.shape[1], device=real.device)
+    if not torch.equal(real, (column >= first) & (column < first + count)):
+        raise ValueError("attention_mask: the real tokens of a row must be one run (padding before or after them)")
+    if prompt and not bool(real[:, -1].all()):
+        raise ValueError("right padding cannot be continued: pad prompts on the left "
+                         "(tokenizer.padding_side = 'left')")
+    if bool(real[:, 0].all()):
+        return None  # right padding only: every real token already sees what it sees unpadded
     return real
 
 
