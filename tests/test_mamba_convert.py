@@ -101,3 +101,21 @@ def test_untied_head_is_refused(hf_mamba, tmp_path):
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     with pytest.raises(ValueError, match="untied lm_head"):
         load_mamba_checkpoint(tmp_path)
+
+
+def test_standard_mamba_uses_rmsnorm_and_an_old_layernorm_checkpoint_says_why_it_fails(tmp_path):
+    from safetensors.torch import save_file
+
+    from conftest import tiny
+    from gam.generation import load_pretrained
+    from gam.layers.mamba_block import RMSNorm
+
+    model = tiny("mamba", mamba_backend="torch")
+    assert isinstance(model.blocks[0].norm, RMSNorm) and isinstance(model.ln_f, RMSNorm)
+    assert isinstance(tiny("mamba", mamba_wiring="paper").ln_f, torch.nn.LayerNorm)  # the paper's code
+    state = {k: v.clone() for k, v in model.state_dict().items() if k != "head.weight"}
+    state.update({"ln_f.bias": torch.zeros(16), **{f"blocks.{i}.norm.bias": torch.zeros(16) for i in range(2)}})
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_config": model.config.to_dict()}))
+    with pytest.raises(ValueError, match="saved when it used LayerNorm"):
+        load_pretrained(tmp_path, tokenizer=False)

@@ -345,8 +345,12 @@ def load_weights(model: DecoderLM, path: Path) -> None:
     unexpected = sorted(set(state) - set(expected))
     shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or shapes:
+        old_norm = model.config.model == "mamba" and any(k.endswith("norm.bias") or k == "ln_f.bias"
+                                                          for k in unexpected)
+        hint = ("; this is a standard-wiring Mamba saved when it used LayerNorm, before it took "
+                "mamba-ssm's RMSNorm: retrain it with this version") if old_norm else ""
         raise ValueError(f"{path}: weights do not fit the config (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]})")
+                         f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]}){hint}")
     model.load_state_dict(state, strict=True)
 
 
