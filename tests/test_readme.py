@@ -1,6 +1,7 @@
-"""The README's Python examples run, and each ``print`` prints what its comment says.
+"""The Python examples of the README and docs/api.md run, and each ``print``
+prints what its comment says.
 
-Convention checked here: in a ```python block of README.md, every line that
+Convention checked here: in a ```python block of those pages, every line that
 calls ``print(...)`` ends with a comment giving the line it prints (``...``
 stands for any text), so a comment cannot go stale when the code above it
 changes.
@@ -15,8 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 README_MAX_CHARS = 12_000
+# Pages whose examples are complete programs (the other docs show fragments).
+RUNNABLE_PAGES = [README, ROOT / "docs" / "api.md"]
 
 
 def python_blocks(text: str) -> list[str]:
@@ -35,7 +39,7 @@ def expected_prints(code: str) -> list[str]:
             line = tok.start[0]
             comment = next((t.string for t in tokens[i:] if t.start[0] == line and t.type == tokenize.COMMENT), None)
             if comment is None:
-                raise AssertionError(f"README: `{tok.line.strip()}` has no '# expected output' comment")
+                raise AssertionError(f"`{tok.line.strip()}` has no '# expected output' comment")
             expected.append(comment[1:].strip())
     return expected
 
@@ -44,25 +48,26 @@ def matches(pattern: str, line: str) -> bool:
     return re.fullmatch(".*".join(re.escape(part) for part in pattern.split("...")), line) is not None
 
 
-BLOCKS = python_blocks(README.read_text(encoding="utf-8"))
+BLOCKS = [(page, i, code) for page in RUNNABLE_PAGES
+          for i, code in enumerate(python_blocks(page.read_text(encoding="utf-8")))]
 
 
 def test_readme_is_a_front_door():
     assert len(README.read_text(encoding="utf-8")) <= README_MAX_CHARS
-    assert BLOCKS, "the README has no ```python blocks"
+    assert any(page == README for page, _, _ in BLOCKS), "the README has no ```python blocks"
 
 
-@pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_python_block_runs_and_prints_its_comments(code, one_thread):
+@pytest.mark.parametrize("page, index, code", BLOCKS, ids=[f"{p.name}-block{i}" for p, i, _ in BLOCKS])
+def test_python_block_runs_and_prints_its_comments(page, index, code, one_thread):
     expected = expected_prints(code)
     torch.manual_seed(0)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+        exec(compile(code, f"{page.name} block {index}", "exec"), {"__name__": "__docs_example__"})
     printed = out.getvalue().splitlines()
     assert len(printed) == len(expected), (printed, expected)
     for pattern, line in zip(expected, printed):
-        assert matches(pattern, line), f"README comment says {pattern!r}, the code prints {line!r}"
+        assert matches(pattern, line), f"{page.name}: the comment says {pattern!r}, the code prints {line!r}"
 
 
 def test_expected_prints_reads_the_comments_and_catches_a_stale_one():
