@@ -144,7 +144,8 @@ class GAMForCausalLM(PreTrainedModel, GenerationMixin):
         """Logits for ``input_ids``; with ``past_key_values`` (an InferenceCache) or
         ``use_cache=True`` they continue the cached sequence. ``labels`` are
         shifted inside, as in every ``transformers`` causal LM. ``attention_mask``:
-        left padding only (the prompt; cached continuations are real tokens)."""
+        left padding for prompts (cached continuations are real tokens); right
+        padding only in a plain forward (it cannot reach a real token)."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("GAMForCausalLM takes input_ids (inputs_embeds is not supported)")
         if output_hidden_states is None:
