@@ -164,3 +164,18 @@ def test_pipeline_batch_size_2_equals_one_at_a_time(name, fields):
     alone = [generator(text, **settings) for text in texts]
     assert [out[0]["generated_text"] for out in batched] == [out[0]["generated_text"] for out in alone]
     assert all(len(out[0]["generated_text"]) > len(text) for out, text in zip(alone, texts))
+
+
+@pytest.mark.parametrize("name,fields", [MODELS[0], MODELS[4], MODELS[6]], ids=["gam", "transformer", "mamba"])
+def test_hf_beam_search_on_a_padded_batch_equals_one_at_a_time(name, fields):
+    """Beam search reorders the cache rows: the pad counts and the KV key mask follow them."""
+    pytest.importorskip("transformers")
+    from gam.hf import GAMForCausalLM
+
+    hf = GAMForCausalLM.from_gam(tiny(name, **fields))
+    rows = prompts()
+    ids, mask = left_pad(rows)
+    settings = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=PAD_ID)
+    batch = hf.generate(ids, attention_mask=mask, **settings)
+    for b, row in enumerate(rows):
+        assert torch.equal(batch[b, ids.shape[1] - len(row):], hf.generate(row[None], **settings)[0])
