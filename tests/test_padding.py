@@ -168,7 +168,7 @@ def test_pipeline_batch_size_2_equals_one_at_a_time(name, fields):
 
 @pytest.mark.parametrize("name,fields", [MODELS[0], MODELS[4], MODELS[6]], ids=["gam", "transformer", "mamba"])
 def test_hf_beam_search_on_a_padded_batch_equals_one_at_a_time(name, fields):
-    """Beam search reorders the cache rows: the pad counts and the KV key mask follow them."""
+    """Beam search expands the padded prompt and reorders the cache rows (states, KV key mask)."""
     pytest.importorskip("transformers")
     from gam.hf import GAMForCausalLM
 
