@@ -111,7 +111,7 @@ def receptive_field_of(config) -> int | None:
 
 
 def draw_loss_by_position(ax, curves: dict[str, tuple[Sequence[float], Sequence[float] | None]],
-                          receptive_field: int | None = None) -> bool:
+                          receptive_field: int | None = None, field_label: str = "paper GAM receptive field") -> bool:
     """Draw on ``ax`` one line per model (``label -> (mean per position, spread per position or None)``),
     a shaded band of mean ± spread, and a dashed line where the receptive field ends.
     Returns whether any band was drawn."""
@@ -125,7 +125,7 @@ def draw_loss_by_position(ax, curves: dict[str, tuple[Sequence[float], Sequence[
             banded = True
     if receptive_field is not None:
         ax.axvline(receptive_field + 0.5, color="grey", ls="--", lw=1,
-                   label=f"paper GAM receptive field ({receptive_field} tokens)")
+                   label=f"{field_label} ({receptive_field} token{'s' if receptive_field != 1 else ''})")
     ax.set_xscale("log")
     ax.set_xlabel("tokens of context (block position + 1)")
     ax.set_ylabel("validation loss (nats)")
@@ -136,7 +136,7 @@ def draw_loss_by_position(ax, curves: dict[str, tuple[Sequence[float], Sequence[
 
 def plot_loss_by_position(curves: dict[str, tuple[Sequence[float], Sequence[float] | None]], path: str | Path,
                           title: str = "", receptive_field: int | None = None,
-                          spread_label: str = "sd over seeds") -> Path:
+                          field_label: str = "paper GAM receptive field", spread_label: str = "sd over seeds") -> Path:
     """One panel of :func:`draw_loss_by_position`, saved as a PNG."""
     import matplotlib
 
@@ -144,7 +144,7 @@ def plot_loss_by_position(curves: dict[str, tuple[Sequence[float], Sequence[floa
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    banded = draw_loss_by_position(ax, curves, receptive_field)
+    banded = draw_loss_by_position(ax, curves, receptive_field, field_label)
     ax.set_title(title + (f" (band: mean ± {spread_label})" if banded else ""), fontsize=8)
     fig.tight_layout()
     path = Path(path)
@@ -169,7 +169,8 @@ def report(model: torch.nn.Module, tokens: np.ndarray, batch_size: int, device: 
     if field is not None:
         result["loss_inside_field"], result["loss_beyond_field"] = split_at(losses, field)
     result["plot"] = str(plot_loss_by_position({title or config.model: (losses, None)}, plot_path,
-                                               title=title, receptive_field=field))
+                                               title=title, receptive_field=field,
+                                               field_label="this model's receptive field"))
     return result
 
 
