@@ -14,6 +14,7 @@ MODELS = [
     ("gam", {}),
     ("gam", {"gam_impl": "reference"}),
     ("gam", {"memory": "causal"}),
+    ("gam", {"memory": "kv_slots", "memory_heads": 2}),
     ("gam", {"variant": "sum_fusion", "pos_embedding": "none"}),
     ("transformer", {}),
     ("transformer", {"attn_impl": "naive"}),

@@ -73,8 +73,8 @@ def cmd_receptive_field(args: argparse.Namespace) -> None:
     position = args.seq_len - 1 if args.position is None else args.position
     weights = influence(model, args.seq_len, position)
     nonzero = weights.nonzero().flatten().tolist()
-    causal = args.model == "gam" and args.memory == "causal"
-    print(f"model {args.model}" + (f" ({args.variant}{', causal memory' if causal else ''})"
+    causal = args.model == "gam" and args.memory != "static"
+    print(f"model {args.model}" + (f" ({args.variant}{f', {args.memory} memory' if causal else ''})"
                                    if args.model == "gam" else "")
           + f", n_layer {args.n_layer}, kernel {args.kernel}, output position {position}")
     print(f"input positions that influence it: {nonzero[0]} .. {nonzero[-1]} "
@@ -89,7 +89,7 @@ def cmd_receptive_field(args: argparse.Namespace) -> None:
 
         plot_influence(weights, position, args.plot,
                        title=f"{args.model}{' ' + args.variant if args.model == 'gam' else ''}"
-                             f"{' causal memory' if causal else ''}, n_layer {args.n_layer}, "
+                             f"{f' {args.memory} memory' if causal else ''}, n_layer {args.n_layer}, "
                              f"kernel {args.kernel}: influence on position {position}")
         print(f"wrote {args.plot}")
 
@@ -231,7 +231,8 @@ def add_bench_recall_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", default="results/bench-recall", help="output folder (default results/bench-recall)")
     p.add_argument("--models", default=None,
-                   help="comma-separated: gam, sum_fusion, global_only, local_only, causal, transformer, mamba")
+                   help="comma-separated: gam, sum_fusion, global_only, local_only, causal, kv_slots, "
+                        "transformer, mamba")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the preset's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
     p.add_argument("--jobs", type=int, default=None,
@@ -280,8 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which input positions influence an output position (autograd)")
     p.add_argument("--model", default="gam", choices=["gam", "transformer", "mamba"])
     p.add_argument("--variant", default="full")
-    p.add_argument("--memory", default="static", choices=["static", "causal"],
-                   help="GAM memory: static (paper) or causal (tokens write into the slots)")
+    p.add_argument("--memory", default="static", choices=["static", "causal", "kv_slots"],
+                   help="GAM memory: static (paper), causal (tokens write into the slots) or "
+                        "kv_slots (key and value slots)")
     p.add_argument("--plot", default=None, metavar="PATH", help="also save the influence per position as a plot")
     p.add_argument("--n-layer", type=int, default=6)
     p.add_argument("--kernel", type=int, default=3)

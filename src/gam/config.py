@@ -18,7 +18,7 @@ from typing import Any
 
 MODELS = ("gam", "transformer", "mamba")
 GAM_VARIANTS = ("full", "sum_fusion", "global_only", "local_only")
-GAM_MEMORIES = ("static", "causal")
+GAM_MEMORIES = ("static", "causal", "kv_slots")
 GAM_IMPLS = ("auto", "reference", "fast")
 POS_EMBEDDINGS = ("learned", "none")
 ATTN_IMPLS = ("sdpa", "naive")
@@ -71,7 +71,10 @@ class GAMConfig:
     num_memory_slots: int = 512
     conv_kernel_size: int = 3
     variant: str = "full"  # paper ablations: full | sum_fusion | global_only | local_only
-    memory: str = "static"  # static (paper: fixed bank) | causal (tokens write into the slots)
+    # static (paper: fixed bank) | causal (tokens write into tied slots) | kv_slots (key and
+    # value slots written together: gam.layers.kv_memory)
+    memory: str = "static"
+    memory_heads: int = 4  # kv_slots only: heads of the key-value slot memory (n_embd / heads features)
     gam_impl: str = "auto"  # auto | reference (paper's eager code, block and loss) | fast (fused ops, same function)
     # Transformer
     attn_impl: str = "sdpa"  # sdpa (fused kernel) | naive (materialized mask, as the paper)
@@ -121,7 +124,7 @@ class GAMConfig:
 
         choice("model", MODELS)
         for name in ("vocab_size", "block_size", "n_embd", "n_layer", "n_head",
-                     "num_memory_slots", "d_state", "d_conv", "expand"):
+                     "num_memory_slots", "memory_heads", "d_state", "d_conv", "expand"):
             positive_int(name)
         need(
             isinstance(self.conv_kernel_size, int) and self.conv_kernel_size >= 1,
@@ -139,8 +142,11 @@ class GAMConfig:
         )
         choice("variant", GAM_VARIANTS)
         choice("memory", GAM_MEMORIES)
-        need(not (self.memory == "causal" and self.variant == "local_only"),
-             "memory='causal' needs the memory path; variant 'local_only' has none")
+        need(not (self.memory != "static" and self.variant == "local_only"),
+             f"memory={self.memory!r} needs the memory path; variant 'local_only' has none")
+        if self.model == "gam" and self.memory == "kv_slots":
+            need(self.n_embd % self.memory_heads == 0,
+                 f"n_embd ({self.n_embd}) must be divisible by memory_heads ({self.memory_heads})")
         choice("gam_impl", GAM_IMPLS)
         choice("attn_impl", ATTN_IMPLS)
         choice("mamba_wiring", MAMBA_WIRINGS)

@@ -24,7 +24,8 @@ model that carries the values forward but cannot match keys to them scores
 
 Models: GAM (paper), its ablations (sum_fusion, global_only, local_only: the
 convolution-only control, causal conv + FFN and nothing else), GAM with the
-causal memory (``memory="causal"``), the Transformer (SDPA) and, when
+causal memory (``memory="causal"``), GAM with the key-value slot memory
+(``memory="kv_slots"``, 4 heads), the Transformer (SDPA) and, when
 ``gam.layers.mamba`` is importable, Mamba (standard wiring). All with 2 layers,
 dropout 0, learned positions (block_size = sequence length, re-initialized
 N(0, 0.02): the shell's N(0, 1) drowns the tokens at this width), GAM with
@@ -125,12 +126,13 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "GAM global_only": ("gam", {"variant": "global_only"}),
     "GAM local_only (conv only)": ("gam", {"variant": "local_only"}),
     "GAM causal memory": ("gam", {"memory": "causal"}),
+    "GAM kv-slot memory": ("gam", {"memory": "kv_slots"}),
     "Transformer": ("transformer", {"attn_impl": "sdpa"}),
     "Mamba": ("mamba", {"mamba_wiring": "standard"}),
 }
 SHORT = {"GAM (paper)": "gam", "GAM sum_fusion": "sum_fusion", "GAM global_only": "global_only",
          "GAM local_only (conv only)": "local_only", "GAM causal memory": "causal",
-         "Transformer": "transformer", "Mamba": "mamba"}
+         "GAM kv-slot memory": "kv_slots", "Transformer": "transformer", "Mamba": "mamba"}
 
 
 def available_models() -> list[str]:
@@ -383,7 +385,7 @@ def run(out: str | Path | None = None, *, preset: str | Preset = "cpu", device: 
             raise ValueError("Mamba needs gam.layers.mamba, which is not available")
     rf = gam_receptive_field(p.n_layer, p.kernel)
     tasks = [(m, T, P, W) for T, P, W in p.settings for m in labels]
-    cost = {"GAM causal memory": 4.0, "Mamba": 10.0, "Transformer": 1.3}  # rough step cost, GAM = 1
+    cost = {"GAM causal memory": 4.0, "GAM kv-slot memory": 4.0, "Mamba": 10.0, "Transformer": 1.3}  # rough step cost, GAM = 1
     schedule = sorted(tasks, key=lambda t: -cost.get(t[0], 1.0) * t[1] * t[3] * len(p.lrs))
     if jobs is None:
         jobs = 1 if dev.type == "cuda" else min(2, os.cpu_count() or 1)

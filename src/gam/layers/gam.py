@@ -19,6 +19,10 @@ positions: a stack of n_layer blocks sees exactly 1 + n_layer*(k-1) tokens.
 ``memory="causal"`` (opt-in, not the paper) makes the bank the initial content
 of slots that tokens write into (:mod:`gam.layers.causal_memory`); token t
 reads the slots as written up to and including t, so the path is global.
+
+``memory="kv_slots"`` (opt-in, not the paper) keeps separate key and value
+slots written with the same weights, the key read from the convolution's
+output (:mod:`gam.layers.kv_memory`): a query recalls the value bound to its key.
 """
 
 from __future__ import annotations
@@ -63,11 +67,15 @@ class GAMBlock(nn.Module):
         if self.has_global:
             self.memory_bank = nn.Parameter(torch.empty(config.num_memory_slots, C))
             nn.init.xavier_uniform_(self.memory_bank)
-        self.memory = getattr(config, "memory", "static")  # static (paper) | causal
-        if self.memory == "causal":  # new parameters only in this case
+        self.memory = getattr(config, "memory", "static")  # static (paper) | causal | kv_slots
+        if self.memory == "causal":  # new parameters only in these cases
             from gam.layers.causal_memory import CausalMemory
 
             self.causal_memory = CausalMemory(C, config.num_memory_slots)
+        elif self.memory == "kv_slots":
+            from gam.layers.kv_memory import KVSlotMemory
+
+            self.kv_memory = KVSlotMemory(C, config.num_memory_slots, config.memory_heads)
         if config.variant == "full":
             self.gate = nn.Linear(C, 2 * C)
         self.ln2 = nn.LayerNorm(C)
@@ -83,7 +91,14 @@ class GAMBlock(nn.Module):
         return self.causal_conv(h.transpose(1, 2))[:, :, :T].transpose(1, 2)
 
     def global_context(self, h: torch.Tensor, cache: dict | None = None,
-                       real: torch.Tensor | None = None) -> torch.Tensor:
+                       real: torch.Tensor | None = None, local: torch.Tensor | None = None) -> torch.Tensor:
+        """``local``: the conv output at the same positions, which kv_slots' keys read
+        (None without a local path: the keys read h)."""
+        if self.memory == "kv_slots":  # key and value slots written by tokens <= t
+            key_source = h if local is None else local
+            if cache is None:
+                return self.kv_memory(h, key_source, self.memory_bank, real=real)
+            return self.kv_memory.step(h, key_source, cache["key_slots"], cache["value_slots"])
         if self.memory == "causal":  # slots as written by tokens <= t; a decoding cache holds them
             if cache is None:
                 return self.causal_memory(h, self.memory_bank, real=real)[0]
@@ -96,10 +111,12 @@ class GAMBlock(nn.Module):
         ``real``: the padding mask of a left-padded batch (gam.models.lm)."""
         if self.variant == "full":
             g_local, g_global = self.gate(h).chunk(2, dim=-1)
-            return (torch.sigmoid(g_local) * self.local_context(h, real)
-                    + torch.sigmoid(g_global) * self.global_context(h, real=real))
+            local = self.local_context(h, real)
+            return (torch.sigmoid(g_local) * local
+                    + torch.sigmoid(g_global) * self.global_context(h, real=real, local=local))
         if self.variant == "sum_fusion":
-            return self.local_context(h, real) + self.global_context(h, real=real)
+            local = self.local_context(h, real)
+            return local + self.global_context(h, real=real, local=local)
         if self.variant == "global_only":
             return self.global_context(h, real=real)
         return self.local_context(h, real)
@@ -137,6 +154,12 @@ class GAMBlock(nn.Module):
             M = self.memory_bank.detach()
             cache["memory_state"] = M.to(dtype=dtype or M.dtype, device=device or M.device).expand(
                 batch_size, *M.shape).clone()
+        if self.memory == "kv_slots":  # key and value slots, (heads, slots, C / heads) per sequence
+            mem = self.kv_memory
+            bank = self.memory_bank.detach().view(mem.num_slots, mem.num_heads, mem.head_dim).transpose(0, 1)
+            bank = bank.to(dtype=dtype or bank.dtype, device=device or bank.device)
+            cache["key_slots"] = bank.expand(batch_size, *bank.shape).clone()
+            cache["value_slots"] = bank.expand(batch_size, *bank.shape).clone()
         return cache
 
     def prefill(self, x: torch.Tensor, cache: dict, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -153,6 +176,11 @@ class GAMBlock(nn.Module):
                 state[:, :, keep - window.shape[-1]:] = window
         if self.memory == "causal":
             cache["memory_state"].copy_(self.causal_memory.final_state(h, self.memory_bank, real=attention_mask))
+        if self.memory == "kv_slots":
+            key_source = self.local_context(h, attention_mask) if self.has_local else h
+            keys, values = self.kv_memory.final_state(h, key_source, self.memory_bank, real=attention_mask)
+            cache["key_slots"].copy_(keys)
+            cache["value_slots"].copy_(values)
         return self(x, attention_mask)
 
     def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
@@ -168,9 +196,10 @@ class GAMBlock(nn.Module):
                      + self.causal_conv.bias).unsqueeze(1)  # (B, 1, C)
         if self.variant == "full":
             g_local, g_global = self.gate(h).chunk(2, dim=-1)
-            mixed = torch.sigmoid(g_local) * local + torch.sigmoid(g_global) * self.global_context(h, cache)
+            mixed = (torch.sigmoid(g_local) * local
+                     + torch.sigmoid(g_global) * self.global_context(h, cache, local=local))
         elif self.variant == "sum_fusion":
-            mixed = local + self.global_context(h, cache)
+            mixed = local + self.global_context(h, cache, local=local)
         elif self.variant == "global_only":
             mixed = self.global_context(h, cache)
         else:

@@ -1,0 +1,119 @@
+"""GAM's opt-in key-value slot memory (``GAMConfig(memory="kv_slots")``).
+
+The global path of a GAM block becomes a gated slot memory in the pattern of
+Gated Slot Attention (see :mod:`gam.ops.kv_memory` for the recurrence and its
+forms). With ``H = memory_heads`` heads of ``d = C / H`` features and
+``S = num_memory_slots`` slots per head::
+
+    q_t = W_q h_t / sqrt(d)      k_t = W_k local_t      v_t = W_v h_t       (split in H heads)
+    log alpha_t = logsigmoid(W_f h_t + b_f) / gate_normalizer               (H x S)
+    K_t = diag(alpha_t) K_{t-1} + (1 - alpha_t) k_t^T,  V_t likewise, K_0 = V_0 = memory_bank
+    read_t = W_o RMSNorm(V_t^T softmax(K_t q_t))                            (heads concatenated)
+
+Why each choice:
+
+- Separate key and value slots written with the same weights: the binding.
+  A slot holds the key and the value of the same tokens.
+- The key reads the block's causal convolution output ``local_t`` (which sees
+  tokens t-k+1 .. t): the key written at a value's position can carry the
+  token before it, as Zoology's short convolution does for every mixer. The
+  query and the value read the token itself (``h_t``). Without the local path
+  (``variant="global_only"``) the key reads ``h_t``.
+- The learned ``memory_bank`` (S x C, split in H column blocks of d) is the
+  initial content of both the key and the value slots: with no writes, head h
+  reads ``softmax(bank_h q_t) bank_h``, the paper's read on a projected query.
+- Forget gate divided by ``gate_normalizer`` (GSA uses 8): retention
+  ``alpha = sigmoid(z)^(1/8)`` starts near 0.92 (about 12 tokens) and reaches
+  hundreds of tokens for a moderate z; the slow gate keeps the early training
+  from wiping the slots at every token.
+- RMSNorm per head on the read (shared weight), then an output projection, as
+  GSA: the softmax-weighted mix of slots has a scale that drifts with how much
+  has been written.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gam.ops.kv_memory import (kv_memory_chunked, kv_memory_final_state, kv_memory_recurrent,
+                               kv_memory_step)
+
+
+class KVSlotMemory(nn.Module):
+    """Projections, gate and output of the key-value slot memory; the slots'
+    initial content is passed in (the block's ``memory_bank``)."""
+
+    def __init__(self, n_embd: int, num_slots: int, num_heads: int, gate_normalizer: float = 8.0,
+                 chunk_size: int | None = None):
+        super().__init__()
+        self.num_heads, self.num_slots, self.head_dim = num_heads, num_slots, n_embd // num_heads
+        self.query = nn.Linear(n_embd, n_embd, bias=False)
+        self.key = nn.Linear(n_embd, n_embd, bias=False)
+        self.value = nn.Linear(n_embd, n_embd, bias=False)
+        self.forget = nn.Linear(n_embd, num_heads * num_slots)
+        self.norm = nn.RMSNorm(self.head_dim, eps=1e-5)
+        self.out = nn.Linear(n_embd, n_embd, bias=False)
+        self.gate_normalizer = gate_normalizer
+        self.chunk_size = chunk_size
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B*H, T, d)."""
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2).reshape(B * self.num_heads, T, -1)
+
+    def inputs(self, h: torch.Tensor, key_source: torch.Tensor, real: torch.Tensor | None = None):
+        """q, k, v (B*H, T, d) and log_alpha (B*H, T, S). With a padding mask
+        ``real`` (B, T), pad positions get alpha = 1: they write nothing."""
+        B, T, _ = h.shape
+        log_alpha = F.logsigmoid(self.forget(h)) / self.gate_normalizer  # (B, T, H*S)
+        if real is not None:
+            log_alpha = log_alpha * real.unsqueeze(-1).to(log_alpha.dtype)
+        log_alpha = log_alpha.view(B, T, self.num_heads, self.num_slots).transpose(1, 2).reshape(
+            B * self.num_heads, T, self.num_slots)
+        q = self._heads(self.query(h)) * self.head_dim ** -0.5
+        return q, self._heads(self.key(key_source)), self._heads(self.value(h)), log_alpha
+
+    def initial_state(self, memory_bank: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bank (S, C) as the key and the value slots of every head: two (B*H, S, d)."""
+        bank = memory_bank.view(self.num_slots, self.num_heads, self.head_dim).transpose(0, 1)
+        bank = bank.unsqueeze(0).expand(batch, -1, -1, -1).reshape(batch * self.num_heads, self.num_slots, -1)
+        return bank, bank
+
+    def _output(self, reads: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B*H, T, d) -> (B, T, C): per-head RMSNorm, heads concatenated, projected."""
+        reads = self.norm(reads)
+        T = reads.shape[1]
+        return self.out(reads.view(batch, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(batch, T, -1))
+
+    def forward(self, h: torch.Tensor, key_source: torch.Tensor, memory_bank: torch.Tensor,
+                reference: bool = False, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Reads (B, T, C) for normalized input h and the key source (B, T, C)."""
+        q, k, v, log_alpha = self.inputs(h, key_source, real)
+        state = self.initial_state(memory_bank, h.shape[0])
+        if reference:
+            reads, _ = kv_memory_recurrent(q, k, v, log_alpha, state)
+        else:
+            reads, _ = kv_memory_chunked(q, k, v, log_alpha, state, self.chunk_size)
+        return self._output(reads, h.shape[0])
+
+    def final_state(self, h: torch.Tensor, key_source: torch.Tensor, memory_bank: torch.Tensor,
+                    real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots after a prompt, (B, H, S, d) each (the cache's layout), without the reads."""
+        B = h.shape[0]
+        _, k, v, log_alpha = self.inputs(h, key_source, real)
+        K, V = kv_memory_final_state(k, v, log_alpha, self.initial_state(memory_bank, B))
+        return K.view(B, self.num_heads, self.num_slots, -1), V.view(B, self.num_heads, self.num_slots, -1)
+
+    def step(self, h: torch.Tensor, key_source: torch.Tensor, key_slots: torch.Tensor,
+             value_slots: torch.Tensor) -> torch.Tensor:
+        """One token per row, (B, 1, C); updates the slots (B, H, S, d) in place."""
+        B = h.shape[0]
+        q, k, v, log_alpha = self.inputs(h, key_source)
+        flat = (B * self.num_heads, self.num_slots, self.head_dim)
+        out, (K, V) = kv_memory_step(q[:, 0], k[:, 0], v[:, 0], log_alpha[:, 0],
+                                     (key_slots.reshape(flat).to(h.dtype), value_slots.reshape(flat).to(h.dtype)))
+        key_slots.copy_(K.view_as(key_slots))
+        value_slots.copy_(V.view_as(value_slots))
+        return self._output(out.unsqueeze(1), B)

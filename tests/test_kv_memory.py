@@ -1,0 +1,210 @@
+"""The opt-in key-value slot memory (memory="kv_slots"): chunked == recurrent
+(outputs and gradients), causality, padding writes nothing, cached decoding ==
+the full forward, HF export, and the binding itself on a hand-built recall."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gam import ConfigError, GAMConfig, build_model
+from gam.layers.gam import GAMBlock
+from gam.ops.kv_memory import kv_memory_chunked, kv_memory_final_state, kv_memory_recurrent
+
+
+def inputs(B=2, T=21, d=8, S=6, seed=0, gate_scale=2.0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape, scale=1.0, shift=0.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=dtype) + shift).requires_grad_()
+
+    q, k, v = leaf(B, T, d), leaf(B, T, d), leaf(B, T, d)
+    z = leaf(B, T, S, scale=gate_scale, shift=1.0)
+    K0, V0 = leaf(B, S, d), leaf(B, S, d)
+    return q, k, v, z, K0, V0
+
+
+def outputs_and_grads(fn, q, k, v, z, K0, V0, **kw):
+    out, (K, V) = fn(q, k, v, F.logsigmoid(z), (K0, V0), **kw)
+    g = torch.Generator().manual_seed(1)
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in (out, K, V))
+    return (out, K, V), torch.autograd.grad(loss, (q, k, v, z, K0, V0))
+
+
+@pytest.mark.parametrize("T,chunk", [(16, 4), (21, 4), (21, 8), (5, 8), (32, 32), (33, 16), (1, 4), (40, 1)])
+def test_chunked_matches_recurrent_outputs_and_gradients(T, chunk):
+    args = inputs(T=T)
+    ref_out, ref_grads = outputs_and_grads(kv_memory_recurrent, *args)
+    got_out, got_grads = outputs_and_grads(kv_memory_chunked, *args, chunk_size=chunk)
+    for a, b, name in zip(got_out, ref_out, ("reads", "key slots", "value slots")):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=f"{name} differ")
+    for a, b, name in zip(got_grads, ref_grads, ("q", "k", "v", "gate", "K0", "V0")):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=f"gradient of {name}")
+
+
+def test_chunked_matches_recurrent_with_saturated_gates():
+    q, k, v, z, K0, V0 = inputs(T=19, gate_scale=30.0)  # alphas from ~1 to ~e^-60
+    ref, (rK, rV) = kv_memory_recurrent(q, k, v, F.logsigmoid(z), (K0, V0))
+    out, (K, V) = kv_memory_chunked(q, k, v, F.logsigmoid(z), (K0, V0), chunk_size=8)
+    for a, b in ((out, ref), (K, rK), (V, rV)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    got = torch.autograd.grad(out.sum(), (q, k, v, z))
+    want = torch.autograd.grad(ref.sum(), (q, k, v, z))
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_final_state_matches_recurrent():
+    q, k, v, z, K0, V0 = inputs(T=23)
+    _, (K, V) = kv_memory_recurrent(q, k, v, F.logsigmoid(z), (K0, V0))
+    fK, fV = kv_memory_final_state(k, v, F.logsigmoid(z), (K0, V0))
+    torch.testing.assert_close(fK, K, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fV, V, atol=1e-5, rtol=0)
+
+
+def test_the_shared_write_binds_keys_to_values():
+    """Two pairs written into two slots (one-hot gates): the query of either key reads
+    its own value, which the tied design (one matrix for keys and values) cannot do."""
+    d, S = 4, 2
+    keys = torch.eye(d)[:2] * 10.0
+    values = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1.0]])
+    never, always = -1e4, 1e4  # logit of the write weight 1 - alpha
+    z = torch.tensor([[always, never], [never, always]])  # token j writes slot j only
+    log_alpha = F.logsigmoid(-z).unsqueeze(0)
+    q = keys.unsqueeze(0)
+    state = (torch.zeros(1, S, d), torch.zeros(1, S, d))
+    _, slots = kv_memory_recurrent(q, keys.unsqueeze(0), values.unsqueeze(0), log_alpha, state)
+    log_keep = torch.zeros(1, 2, S)  # read without writing
+    reads, _ = kv_memory_chunked(q, q, q, log_keep, slots, chunk_size=2)
+    torch.testing.assert_close(reads[0], values, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- in the model
+
+TINY = dict(vocab_size=50, block_size=64, n_embd=16, n_layer=2, num_memory_slots=6, memory_heads=2,
+            dropout=0.0)
+
+
+def test_config_field_and_validation():
+    assert GAMConfig(memory="kv_slots").memory_heads == 4
+    with pytest.raises(ConfigError, match="memory_heads"):
+        GAMConfig(memory="kv_slots", n_embd=30, memory_heads=4)
+    with pytest.raises(ConfigError, match="memory_heads"):
+        GAMConfig(memory="kv_slots", memory_heads=0)
+    with pytest.raises(ConfigError, match="local_only"):
+        GAMConfig(memory="kv_slots", variant="local_only")
+
+
+def test_static_default_unchanged_and_kv_slots_adds_its_own_parameters():
+    static = build_model("gam", **TINY)
+    kv = build_model("gam", memory="kv_slots", **TINY)
+    extra = {n for n, _ in kv.named_parameters()} - {n for n, _ in static.named_parameters()}
+    names = ("query.weight", "key.weight", "value.weight", "forget.weight", "forget.bias",
+             "norm.weight", "out.weight")
+    assert extra == {f"blocks.{i}.kv_memory.{p}" for i in range(2) for p in names}
+    assert kv.blocks[0].kv_memory.forget.out_features == 2 * 6  # heads x slots
+
+
+@pytest.mark.parametrize("variant", ["full", "sum_fusion", "global_only"])
+def test_block_chunked_matches_reference_recurrence(variant):
+    torch.manual_seed(0)
+    block = GAMBlock(GAMConfig(**TINY, memory="kv_slots", variant=variant))
+    block.kv_memory.chunk_size = 4
+    x = torch.randn(2, 19, 16, requires_grad=True)
+    fast = block(x)
+    h = block.ln1(x)
+    local = block.local_context(h) if block.has_local else h
+    mem = block.kv_memory
+    reads = mem(h, local, block.memory_bank, reference=True)
+    chunked = mem(h, local, block.memory_bank)
+    torch.testing.assert_close(chunked, reads, atol=1e-5, rtol=0)
+    g_fast = torch.autograd.grad(fast.sum(), x, retain_graph=True)[0]
+    assert torch.isfinite(g_fast).all()
+
+
+def test_model_is_causal_and_global():
+    torch.manual_seed(0)
+    model = build_model("gam", memory="kv_slots", **TINY).eval()
+    idx = torch.randint(0, 50, (1, 40))
+    changed = idx.clone()
+    changed[0, 25:] = (changed[0, 25:] + 1) % 50
+    early = idx.clone()
+    early[0, 2] = (early[0, 2] + 1) % 50
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+        c, _ = model(early)
+    torch.testing.assert_close(a[:, :25], b[:, :25], atol=1e-6, rtol=0)
+    assert (a[:, 25:] - b[:, 25:]).abs().amax() > 1e-4
+    assert (a[:, 39] - c[:, 39]).abs().amax() > 1e-5  # token 2 reaches position 39 (paper GAM: 5 tokens)
+
+
+def test_padding_writes_nothing():
+    torch.manual_seed(0)
+    model = build_model("gam", memory="kv_slots", **TINY).eval()
+    idx = torch.randint(1, 50, (2, 12))
+    pad = 5
+    padded = torch.cat([torch.randint(1, 50, (2, pad)), idx], dim=1)
+    mask = torch.cat([torch.zeros(2, pad, dtype=torch.long), torch.ones(2, 12, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        alone, _ = model(idx)
+        batched = model(padded, attention_mask=mask)[0][:, pad:]
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["full", "sum_fusion", "global_only"])
+def test_cached_decoding_equals_full_forward(variant):
+    torch.manual_seed(0)
+    model = build_model("gam", memory="kv_slots", variant=variant, **TINY).eval()
+    idx = torch.randint(0, 50, (3, 30))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.allocate_inference_cache(3, 64)
+        size = cache.nbytes()
+        a = model.forward_cached(idx[:, :11], cache)  # prefill
+        b = model.forward_cached(idx[:, 11:], cache)  # one step per token
+        assert cache.nbytes() == size  # constant-size state
+    torch.testing.assert_close(torch.cat([a, b], 1), full, atol=2e-5, rtol=0)
+    assert cache.layers[0]["key_slots"].shape == (3, 2, 6, 8)  # heads x slots x C/heads
+
+
+def test_padded_prompt_then_steps_equal_each_row_alone():
+    torch.manual_seed(0)
+    model = build_model("gam", memory="kv_slots", **TINY).eval()
+    short = torch.randint(1, 50, (1, 7))
+    long = torch.randint(1, 50, (1, 10))
+    prompt = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
+    mask = (torch.arange(10) >= torch.tensor([[3], [0]])).long()
+    out = model.generate(prompt, 6, temperature=0, attention_mask=mask)
+    alone = model.generate(short, 6, temperature=0)
+    assert torch.equal(out[0, 3:], alone[0])
+    assert torch.equal(out[1], model.generate(long, 6, temperature=0)[0])
+
+
+def test_hf_export_and_generate():
+    from gam.hf import GAMForCausalLM, GAMHFConfig
+
+    torch.manual_seed(0)
+    config = GAMHFConfig(**TINY, memory="kv_slots")
+    hf_model = GAMForCausalLM(config).eval()
+    idx = torch.randint(0, 50, (1, 8))
+    out = hf_model.generate(idx, max_new_tokens=5, do_sample=False)
+    ours = hf_model.model.generate(idx, 5, temperature=0)
+    assert torch.equal(out, ours)
+
+
+def test_training_step_decreases_loss_and_reaches_every_parameter():
+    torch.manual_seed(0)
+    model = build_model("gam", memory="kv_slots", **TINY)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx = torch.randint(0, 50, (4, 32))
+    losses = []
+    for _ in range(5):
+        _, loss = model(idx, idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if "kv_memory" in n or "memory_bank" in n)
