@@ -97,6 +97,19 @@ def test_cli_bench_recall_smoke(tmp_path, capsys):
     assert main(["bench", "recall", "--preset", "smoke", "--models", "nonsense"]) == 2
 
 
+def test_lrs_override_runs_every_learning_rate(tmp_path, capsys):
+    result = run(None, preset="smoke", models=["GAM kv-slot memory"], lrs=[3e-3, 1e-2], log=None)
+    assert sorted(r["lr"] for r in result["runs"]) == [3e-3, 1e-2]
+    assert result["meta"]["preset"]["lrs"] == (3e-3, 1e-2)
+    out = tmp_path / "r"
+    assert main(["bench", "recall", "--preset", "smoke", "--out", str(out), "--models", "kv_slots",
+                 "--lrs", "1e-2"]) == 0
+    assert json.loads((out / "recall.json").read_text())["runs"][0]["lr"] == 1e-2
+    assert main(["bench", "recall", "--preset", "smoke", "--lrs", "fast"]) == 2
+    assert main(["bench", "recall", "--preset", "smoke", "--lrs", "0"]) == 2
+    assert "learning rates must be positive" in capsys.readouterr().err
+
+
 def test_presets_are_sane():
     for preset in PRESETS.values():
         assert all(T >= 4 * P and T % 2 == 0 for T, P, _ in preset.settings)

@@ -212,8 +212,14 @@ def cmd_bench_recall(args: argparse.Namespace) -> None:
         unknown = [m for m in models if m not in MODELS]
         if unknown:
             raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(SHORT.values())}")
+    lrs = None
+    if args.lrs:
+        try:
+            lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--lrs must be comma-separated numbers, got {args.lrs!r}") from None
     result = run(args.out, preset=args.preset, device=args.device, models=models, seed=args.seed,
-                 threads=args.threads, steps=args.steps, jobs=args.jobs)
+                 threads=args.threads, steps=args.steps, jobs=args.jobs, lrs=lrs)
     print(result["table"])
     print(f"{result['meta']['wall_s']:.0f} s; wrote {args.out}/recall.md, recall.json, recall.png")
 
@@ -226,14 +232,17 @@ def add_bench_recall_parser(bench_sub: argparse._SubParsersAction) -> None:
                     "Trains GAM (paper), its ablations, GAM with the causal memory, the Transformer "
                     "(SDPA) and Mamba over a sweep of sequence length, number of pairs and width, "
                     "best over a small learning-rate sweep. Writes recall.md, recall.json, recall.png.")
-    p.add_argument("--preset", default="cpu", choices=["cpu", "gpu", "smoke"],
-                   help="cpu: under 30 min on 2 cores; gpu: a larger sweep; smoke: seconds")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "cpu-hard", "gpu", "smoke"],
+                   help="cpu: under 30 min on 2 cores; cpu-hard: T=256, 16 pairs, width 128 (Zoology's "
+                        "Figure 2 setting); gpu: a larger sweep; smoke: seconds")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", default="results/bench-recall", help="output folder (default results/bench-recall)")
     p.add_argument("--models", default=None,
                    help="comma-separated: gam, sum_fusion, global_only, local_only, causal, kv_slots, "
                         "transformer, mamba")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the preset's)")
+    p.add_argument("--lrs", default=None, metavar="LR,LR,...",
+                   help="learning rates to sweep, every one run (default: the preset's, stopping at 99%%)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
     p.add_argument("--jobs", type=int, default=None,
                    help="training processes in parallel (default: 2 on CPU, 1 on CUDA)")
