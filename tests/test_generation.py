@@ -24,6 +24,7 @@ MODELS = [
     ("transformer", {"pos_embedding": "none"}),
     ("gam", {"memory": "causal"}),
     ("gam", {"memory": "causal", "variant": "global_only"}),
+    ("gam", {"memory": "kv_slots", "memory_heads": 2}),
     ("mamba", {"mamba_wiring": "standard", "mamba_backend": "torch"}),
     ("mamba", {"mamba_wiring": "paper", "mamba_backend": "torch"}),
 ]

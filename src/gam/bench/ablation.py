@@ -41,6 +41,9 @@ VARIANTS: dict[str, tuple[ModelSpec, bool, bool, bool]] = {
     # not the paper: opt-in memory="causal" (tokens write into the slots); --variants ...,causal
     "causal": (ModelSpec("causal", "GAM (Causal Memory)", "gam", {"variant": "full", "memory": "causal"}),
                True, True, True),
+    # not the paper: opt-in memory="kv_slots" (key and value slots); --variants ...,kv_slots
+    "kv_slots": (ModelSpec("kv_slots", "GAM (KV-Slot Memory)", "gam", {"variant": "full", "memory": "kv_slots"}),
+                 True, True, True),
 }
 DEFAULT_VARIANTS = ("full", "global_only", "sum_fusion", "local_only")  # the paper's row order
 
