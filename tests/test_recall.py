@@ -97,6 +97,14 @@ def test_cli_bench_recall_smoke(tmp_path, capsys):
     assert main(["bench", "recall", "--preset", "smoke", "--models", "nonsense"]) == 2
 
 
+def test_a_model_can_have_its_own_learning_rates():
+    from dataclasses import replace
+
+    preset = replace(PRESETS["smoke"], model_lrs={"GAM kv-slot memory": (1e-2,)})
+    result = run(None, preset=preset, models=["GAM (paper)", "GAM kv-slot memory"], log=None)
+    assert {(r["model"], r["lr"]) for r in result["runs"]} == {("GAM (paper)", 3e-3), ("GAM kv-slot memory", 1e-2)}
+
+
 def test_lrs_override_runs_every_learning_rate(tmp_path, capsys):
     result = run(None, preset="smoke", models=["GAM kv-slot memory"], lrs=[3e-3, 1e-2], log=None)
     assert sorted(r["lr"] for r in result["runs"]) == [3e-3, 1e-2]
