@@ -149,7 +149,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, data, monkeypatch
 
     monkeypatch.setattr(ckpt_module, "save_model", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_model(data.vocab_size), tiny_train(max_steps=3), tmp_path / "run", data=data,
+        train(tiny_model(data.vocab_size), tiny_train(max_steps=5), tmp_path / "run", data=data,
               resume=True, print_fn=quiet)
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "run").step == 3
