@@ -159,6 +159,12 @@ def save_checkpoint(
             shutil.copyfile(metrics_path, tmp / "metrics.jsonl")
         write_manifest(tmp)
         os.replace(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.filename is None:  # say where: the writers raise ENOSPC and friends without a path
+            raise OSError(err.errno, f"{err.strerror or err} (saving checkpoint {name}; the previous "
+                          "checkpoint is intact)", str(final)) from err
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -240,7 +246,7 @@ def resolve(path: str | Path) -> Path:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint or run folder")
+        raise CheckpointError(f"{path}: no such checkpoint folder or run folder")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a folder (give a run folder or a checkpoint folder)")
     if (path / "latest").is_file():
@@ -306,6 +312,9 @@ class Checkpoint:
                                   f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
 
     def build_model(self, device: str | torch.device = "cpu") -> DecoderLM:
+        from gam.resources import check_fits_in_memory
+
+        check_fits_in_memory(self.model_config, torch.device(device))
         model = DecoderLM(self.model_config)
         self.load_weights(model)
         return model.to(device)

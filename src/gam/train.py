@@ -190,6 +190,8 @@ def batches(tokens: np.ndarray, block_size: int, order: torch.Tensor, start: int
 def evaluate(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int,
              device: torch.device, precision: str, d: Dist = Dist()) -> dict[str, float]:
     """Mean cross-entropy over every validation block, in order (deterministic)."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"evaluation batch size must be an integer >= 1, got {batch_size!r}")
     n_blocks = len(tokens) // (block_size + 1)
     if n_blocks == 0:
         raise ValueError(f"validation data has {len(tokens)} tokens, fewer than one block of {block_size + 1}")
@@ -319,7 +321,7 @@ def resume_settings(ckpt, model_config: GAMConfig, cfg: TrainConfig, explicit: s
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
     if explicit is None:
         explicit = (model_names - {"vocab_size"}) | train_names
-    refused, changes = [], {}
+    refused, changes, notices = [], {}, []
     for name in sorted(explicit & model_names):
         if getattr(model_config, name) != getattr(saved_model, name):
             refused.append(f"{name} {getattr(model_config, name)!r} (the run's: {getattr(saved_model, name)!r})")
@@ -332,10 +334,12 @@ def resume_settings(ckpt, model_config: GAMConfig, cfg: TrainConfig, explicit: s
             continue
         changes[name] = new
         if name in RESUME_NOTICED:
-            say(f"resume: {name} changed from {old!r} to {new!r}, as given")
+            notices.append(f"resume: {name} changed from {old!r} to {new!r}, as given")
     if refused:
         raise ConfigError(f"--resume continues the run in {ckpt.path.parent} and cannot change "
                           f"{'; '.join(refused)}: drop those options, or start a new run with another --out")
+    for notice in notices:
+        say(notice)
     cfg = dataclasses.replace(saved_cfg, **changes)
     cfg.validate()
     return saved_model, cfg
