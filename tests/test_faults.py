@@ -406,3 +406,17 @@ def test_tokens_per_s_is_averaged_over_the_logged_interval(tmp_path, data):
     assert log["step"] == epoch["step"] == 6 and "epoch_train_s" in epoch
     assert log["tokens_per_s"] == pytest.approx(epoch["tokens_per_s"], rel=1e-12)
     assert epoch["tokens_per_s"] == pytest.approx(6 * 4 * 16 / epoch["epoch_train_s"])
+
+
+@pytest.mark.slow
+def test_fault_script_two_kills(tmp_path):
+    """benchmarks/faults.py end to end, kept tiny: one kill aimed at a save, one anywhere."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "faults.py"), "--kills", "2", "--steps", "30",
+                           "--mid-save", "0.5", "--out", str(tmp_path / "faults")],
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "faults" / "faults.json").read_text())
+    assert len(summary["kills"]) == 2 and all(k["unreadable"] is None for k in summary["kills"])
+    run = summary["runs"][0]
+    assert run["val_loss_diff"] <= 1e-6 and run["max_weight_diff"] == 0.0 and run["losses_equal"]
+    assert "2 kill -9" in done.stdout and "0 unreadable" in done.stdout

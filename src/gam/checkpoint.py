@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -323,17 +324,25 @@ class Checkpoint:
         path = self.path / "trainer_state.pt"
         if not path.is_file():
             raise CheckpointError(f"{self.path}: no trainer_state.pt (weights-only export cannot be resumed)")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - its text may advise weights_only=False: never repeat that
-            raise CheckpointError(f"{path}: unreadable trainer state ({type(err).__name__}); "
-                                  "this checkpoint cannot be resumed") from None
+        with warnings.catch_warnings(record=True) as caught:  # about a file we may refuse: held back
+            warnings.simplefilter("always")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - its text may advise weights_only=False: never repeat that
+                raise CheckpointError(f"{path}: unreadable trainer state ({type(err).__name__}); "
+                                      "this checkpoint cannot be resumed") from None
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return state
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Open a run folder's latest checkpoint (or a checkpoint folder), verified."""
     ckpt = resolve(path)
     info = verify(ckpt)
+    if isinstance(info, dict) and "format_version" not in info:
+        raise CheckpointError(f"{ckpt}: not a gam training checkpoint (its config.json has no format_version; "
+                              "a gam export folder loads with transformers)")
     if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{ckpt}: unknown checkpoint format "
                               f"{info.get('format_version') if isinstance(info, dict) else None!r}")

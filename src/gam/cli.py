@@ -326,11 +326,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    command = "command"
+    command = "gam"  # until the sub-command is known
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
-        command = args.command
+        command = f"gam {args.command}"
         if extra and not getattr(args, "accepts_overrides", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = extra
@@ -338,18 +338,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, PermissionError) as err:
         # Config, data, checkpoint and input errors: one line, no traceback.
         message = describe_os_error(err) if isinstance(err, OSError) else err
-        print(f"gam {command}: error: {message}", file=sys.stderr)
+        print(f"{command}: error: {message}", file=sys.stderr)
         return 2
     except OSError as err:  # no space, read-only file system, not a directory, ...
-        print(f"gam {command}: error: {describe_os_error(err)}", file=sys.stderr)
+        print(f"{command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 1
     except RuntimeError as err:
         if type(err).__name__ != "TrainingDiverged":
             raise
-        print(f"gam {command}: error: {err}", file=sys.stderr)
+        print(f"{command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"gam {command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
 
 

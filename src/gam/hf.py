@@ -248,6 +248,8 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     from gam.generation import load_pretrained
 
     out = Path(out)
+    if any(parent.exists() and not parent.is_dir() for parent in out.parents):
+        raise ValueError(f"{out}: a parent of the output folder is a file, not a folder")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()):

@@ -409,6 +409,8 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
     d = setup_distributed(device_type)
     device = pick_device(cfg.device, d)
     say = print_fn if d.main else (lambda *_: None)
+    if resume and not run_dir.is_dir():  # checked before the lock, which would create the folder
+        raise CheckpointError(f"{run_dir}: no such run folder to resume")
     lock = RunLock(run_dir).acquire() if d.main else None  # one writer per run folder, for the whole run
     try:
         if d.main:
