@@ -77,11 +77,13 @@ def kill_at_random(proc: subprocess.Popen, run: Path, rng: random.Random, mid_sa
     if roll < mid_save:
         kind = "mid-save"
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if any(name.startswith(TEMP_PREFIX) for name in os.listdir(run) if os.path.isdir(run / name)):
-                time.sleep(rng.uniform(0, 0.005))  # somewhere inside the save
+        delay = rng.choice([0.0, rng.uniform(0, 0.002)])  # at once, or somewhere later in the save
+        stale = {name for name in os.listdir(run) if name.startswith(TEMP_PREFIX)}
+        while time.monotonic() < deadline and proc.poll() is None:  # a busy wait: a tiny save takes ~ms
+            if any(name.startswith(TEMP_PREFIX) and name not in stale for name in os.listdir(run)):
+                if delay:
+                    time.sleep(delay)
                 break
-            time.sleep(0.0005)
     elif roll < mid_save + start_up:
         kind = "start-up"
         time.sleep(rng.uniform(0, 2.0))
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills-per-run", type=int, default=8, help="kills before a run may finish")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     parser.add_argument("--save-every", type=int, default=10)
-    parser.add_argument("--mid-save", type=float, default=0.35, help="share of kills aimed at a save")
+    parser.add_argument("--mid-save", type=float, default=0.5, help="share of kills aimed at a save")
     parser.add_argument("--start-up", type=float, default=0.15, help="share of kills during start-up")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     parser.add_argument("--out", default="results/faults")
