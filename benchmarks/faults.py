@@ -97,7 +97,6 @@ def kill_at_random(proc: subprocess.Popen, run: Path, rng: random.Random, mid_sa
     if proc.poll() is not None:
         return None
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
     return kind
 
 
@@ -126,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
 
     reference = gam(["train", "--out", str(out / "reference"), *command], env)
-    if reference.wait() != 0:
-        print(f"the uninterrupted run failed:\n{reference.stderr.read()}", file=sys.stderr)
+    err = reference.communicate()[1]
+    if reference.returncode != 0:
+        print(f"the uninterrupted run failed:\n{err}", file=sys.stderr)
         return 1
     ref_loss, ref_weights, ref_losses = final_state(out / "reference")
 
@@ -145,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             starts += 1
             want_kill = run_kills < args.kills_per_run and len(kills) < args.kills
             kind = kill_at_random(proc, run, rng, args.mid_save, args.start_up) if want_kill else None
+            err = proc.communicate()[1]  # drains and closes the pipe (a killed process too)
             if kind is None:
-                proc.wait()
-                err = proc.stderr.read()
                 tracebacks += "Traceback" in err
                 if proc.returncode != 0:
                     print(f"{run}: gam train exited {proc.returncode}:\n{err}", file=sys.stderr)

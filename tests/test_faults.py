@@ -108,7 +108,7 @@ def test_second_process_on_a_run_folder_fails_and_a_killed_holder_does_not_block
         assert not (run / "latest").exists() and not (run / "metrics.jsonl").exists()
     finally:
         holder.send_signal(signal.SIGKILL)
-        holder.wait()
+        holder.communicate()
     assert (run / ".lock").read_text().strip() == str(holder.pid)  # left behind by the killed holder ...
     assert main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "2", *TINY_ARGS]) == 0
     assert load_checkpoint(run).step == 2  # ... and it did not block the next run
