@@ -224,6 +224,20 @@ def test_manifest_must_list_every_file(tmp_path, data, capsys):
     assert "not listed in the manifest" in capsys.readouterr().out
 
 
+def test_files_no_load_reads_may_be_added_after_the_manifest(tmp_path, data):
+    """A plot (gam eval --by-position writes one into DIR) or a model card must not
+    make a checkpoint unloadable; a data file must."""
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=1), run, data=data, print_fn=quiet)
+    ckpt = load_checkpoint(run).path
+    for name in ("loss_by_position.png", "README.md", ".gitattributes"):
+        (ckpt / name).write_bytes(b"not read by any load")
+    assert load_checkpoint(run).path == ckpt and verify_folder(run)[1] == []
+    (ckpt / "extra.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="extra.json: not listed in the manifest"):
+        load_checkpoint(run)
+
+
 def test_corrupt_trainer_state_is_one_line_without_unsafe_advice(tmp_path, data):
     from gam.checkpoint import write_manifest
 

@@ -81,11 +81,21 @@ def write_manifest(folder: Path) -> None:
             os.fsync(f.fileno())
 
 
+# Files that no load reads: documentation, plots, hidden files (.gitattributes of
+# a hub repository). They may be added after the manifest was written.
+NEVER_LOADED_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".svg", ".pdf")
+
+
+def never_loaded(name: str) -> bool:
+    return name.startswith(".") or name.lower().endswith(NEVER_LOADED_SUFFIXES)
+
+
 def manifest_problems(folder: Path) -> list[str]:
     """Everything wrong with ``folder`` against its manifest (empty: all verified).
 
-    Every file in the folder must be listed: a load reads files by name, so an
-    unlisted one (say a model.safetensors put there later) is refused, not trusted.
+    Every file a load may read must be listed: loads read files by name, so an
+    unlisted one (say a model.safetensors put there later) is refused, not
+    trusted. Only files no load reads (:func:`never_loaded`) may be unlisted.
     """
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
@@ -107,7 +117,7 @@ def manifest_problems(folder: Path) -> list[str]:
         elif _sha256(p) != sha256:
             problems.append(f"{p}: corrupted (sha256 does not match the manifest)")
     for p in sorted(folder.iterdir()):
-        if p.name != MANIFEST and p.name not in expected:
+        if p.name != MANIFEST and p.name not in expected and not never_loaded(p.name):
             problems.append(f"{p}: not listed in the manifest (refused, not trusted)")
     return problems
 
