@@ -127,12 +127,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not ids:
         raise ValueError(f"empty prompt: the tokenizer gives no tokens for {args.prompt!r}")
     idx = torch.tensor([ids], dtype=torch.long, device=args.device)
-    streamer = TextStreamer(tokenizer, ids)
+    streamer = TextStreamer(tokenizer, ids, args.prompt)
     print(streamer.printed, end="", flush=True)
     for token in stream(model, idx, args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed):
         print(streamer.push(int(token[0])), end="", flush=True)
-    print()
+    print(streamer.finish())
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -42,6 +42,7 @@ class TrainConfig:
     data_source: str = "auto"  # auto (hub, else shipped copy) | hub | shipped
     train_rows: int | None = 50_000  # the paper keeps the first 50,000 train rows
     valid_rows: int | None = 5_000  # ... and 5,000 validation rows
+    tokenizer: str = "bytelevel"  # bytelevel (byte-level BPE, round-trips any text) | paper (the paper's recipe, does not round-trip)
     batch_size: int = 32  # global batch (all processes, all accumulation steps)
     grad_accum: int = 1
     epochs: int = 5
@@ -80,6 +81,8 @@ class TrainConfig:
             raise ConfigError(f"logger must be none, wandb or tensorboard, got {self.logger!r}")
         if self.data_source not in ("auto", "hub", "shipped"):
             raise ConfigError(f"data_source must be auto, hub or shipped, got {self.data_source!r}")
+        if self.tokenizer not in ("bytelevel", "paper"):
+            raise ConfigError(f"tokenizer must be bytelevel or paper, got {self.tokenizer!r}")
 
 
 # Presets: the paper's exact hyper-parameters, and a small CPU configuration
@@ -88,7 +91,7 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "paper": (
         dict(vocab_size=10000, block_size=256, n_embd=512, n_layer=6, n_head=8, dropout=0.1,
              num_memory_slots=512, conv_kernel_size=3),
-        dict(batch_size=32, epochs=5, lr=3e-4, warmup_steps=100),
+        dict(batch_size=32, epochs=5, lr=3e-4, warmup_steps=100, tokenizer="paper"),
     ),
     "cpu": (
         dict(vocab_size=8192, block_size=128, n_embd=192, n_layer=4, n_head=6, dropout=0.0, pos_init_std=0.02,
@@ -325,7 +328,11 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
         extra = {"tokenizer": ckpt.tokenizer()} if resume else {}
         data = prepare_data(cfg.data, block_size=model_config.block_size, vocab_size=model_config.vocab_size,
                             source=cfg.data_source, train_rows=cfg.train_rows, valid_rows=cfg.valid_rows,
-                            **extra)
+                            tokenizer_kind=cfg.tokenizer, **extra)
+    if data.tokenizer_kind != cfg.tokenizer:
+        # Prepared data given by the caller, or a run saved before the field existed: record the
+        # kind the tokens really come from.
+        cfg = dataclasses.replace(cfg, tokenizer=data.tokenizer_kind)
     vocab = data.tokenizer.get_vocab_size()
     if vocab != model_config.vocab_size:
         if resume:
