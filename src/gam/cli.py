@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_receptive_field)
 
     add_generation_parsers(sub)
+    # parsed by lm-eval itself: main() hands every argument after "harness" to gam.harness
+    sub.add_parser("harness", add_help=False,
+                   help="lm-evaluation-harness on an export (gam harness --model hf --model_args pretrained=OUT ...)")
 
     from gam import train_cli
 
@@ -298,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["harness"]:
+        from gam.harness import main as harness_main
+
+        return harness_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):
