@@ -110,23 +110,31 @@ def test_loglikelihood_tasks_from_the_shell_batch_4(export_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_until_batch_1(export_dir, tmp_path, monkeypatch):
+def test_generate_until_batch_1_and_left_padded_batch_2(export_dir, tmp_path, monkeypatch):
     from gam.cli import main
 
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
-    out = tmp_path / "out"
-    assert main(["harness", "--model", "hf", "--model_args", f"pretrained={export_dir}",
-                 "--tasks", "gam_tinystories_gen", "--limit", "2", "--batch_size", "1",
-                 "--output_path", str(out), "--log_samples"]) == 0
-    assert results(out)["gam_tinystories_gen"]["exact_match,strip"] in (0.0, 0.5, 1.0)
-    # each generation is the model's greedy continuation of the (left-cut) context, up to "." or "\n"
+    responses = {}
+    for batch in (1, 2):
+        out = tmp_path / f"out{batch}"
+        assert main(["harness", "--model", "hf", "--model_args", f"pretrained={export_dir}",
+                     "--tasks", "gam_tinystories_gen", "--limit", "4", "--batch_size", str(batch),
+                     "--output_path", str(out), "--log_samples"]) == 0
+        assert 0 <= results(out)["gam_tinystories_gen"]["exact_match,strip"] <= 1
+        responses[batch] = {s["doc_id"]: s for s in samples(out, "gam_tinystories_gen")}
+    # each generation is the model's greedy continuation of the (left-cut) context, up to "." or
+    # "\n", whether it ran alone or left-padded in a batch of two prompts of different lengths
     model, tok = load_export(export_dir)
-    for sample in samples(out, "gam_tinystories_gen"):
+    lengths = set()
+    for doc_id, sample in responses[1].items():
         context = sample["arguments"]["gen_args_0"]["arg_0"]
         ids = tok(context, add_special_tokens=False).input_ids[-(BLOCK - 24):]  # 24 = max_gen_toks
+        lengths.add(len(ids))
         new = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):]
         expected = tok.decode(new)
         for stop in (".", "\n"):
             expected = expected.split(stop)[0]
         assert sample["resps"][0][0] == expected
+        assert responses[2][doc_id]["resps"][0][0] == expected
+    assert len(lengths) > 1  # the batches of two were padded
