@@ -83,10 +83,13 @@ def test_tokenizer_kind_is_read_from_the_tokenizer(wikitext_tokenizer):
 
     assert T.tokenizer_kind(wikitext_tokenizer) == "bytelevel"
     assert T.tokenizer_kind(T.train_tokenizer(["a b c"], 20, "paper")) == "paper"
-    other = Tokenizer(models.BPE())
+    other = Tokenizer(models.BPE(unk_token="[UNK]"))
     other.pre_tokenizer = pre_tokenizers.Metaspace()
-    with pytest.raises(DataError, match="unrecognized tokenizer"):
-        T.tokenizer_kind(other)
+    other.add_special_tokens(["[UNK]", "<|endoftext|>"])
+    assert T.tokenizer_kind(other) == "custom"
+    assert T.special_token_roles(other) == {"unk_token": "[UNK]", "bos_token": "<|endoftext|>",
+                                            "eos_token": "<|endoftext|>"}
+    assert T.row_texts("custom", ["a", "b"]) == ["a", "b"]
 
 
 def test_row_texts():

@@ -617,7 +617,7 @@ def encode_to_file(tokenizer, texts: Sequence[str], path: str | os.PathLike, *,
     has <= 65535 entries, else uint32. Both files are written atomically (temp + os.replace);
     the sidecar (dtype, count, tokenizer hash) is written last. Returns :func:`load_tokens`.
     """
-    from gam.tokenizer import tokenizer_hash
+    from gam.tokenizer import tokenizer_hash  # here: gam.tokenizer imports this module
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -834,6 +834,7 @@ def prepare_data(
     if int(block_size) < 1:
         raise DataError(f"block_size must be >= 1, got {block_size}")
     corpus = load_corpus(name_or_path, (train_rows, valid_rows), source, hub_timeout=hub_timeout)
+    # imported here: gam.tokenizer imports this module (Corpus, DataError)
     from gam.tokenizer import get_tokenizer, row_texts, slug, tokenizer_hash, tokenizer_path
     from gam.tokenizer import tokenizer_kind as kind_of
 

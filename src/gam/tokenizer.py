@@ -120,27 +120,28 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 10000, kind: str = "
 
 
 def tokenizer_kind(tokenizer) -> str:
-    """``"bytelevel"`` or ``"paper"``, read from the tokenizer's pre-tokenizer (so tokenizers
-    saved before the kind was recorded, e.g. in old checkpoints, are recognized)."""
-    pre = json.loads(tokenizer.to_str()).get("pre_tokenizer") or {}
-    if pre.get("type") == "ByteLevel":
+    """``"bytelevel"`` or ``"paper"``, read from the tokenizer itself (so the paper tokenizers
+    of old checkpoints, saved before the kind was recorded, are recognized), or ``"custom"``
+    for a tokenizer gam did not train (one passed to ``prepare_data(tokenizer=...)``): its rows
+    are encoded as the paper's and its text is whatever its ``decode`` gives."""
+    spec = json.loads(tokenizer.to_str())
+    pre, decoder = spec.get("pre_tokenizer") or {}, spec.get("decoder") or {}
+    if pre.get("type") == "ByteLevel" and decoder.get("type") == "ByteLevel":
         return "bytelevel"
-    if pre.get("type") == "Whitespace":
+    if pre.get("type") == "Whitespace" and not decoder:
         return "paper"
-    raise DataError(f"unrecognized tokenizer (pre-tokenizer {pre.get('type')!r}; "
-                    f"gam trains {', '.join(TOKENIZER_KINDS)})")
+    return "custom"
 
 
 def row_texts(kind: str, rows: Sequence[str]) -> list[str]:
     """The text each corpus row contributes, for training and encoding.
 
     ``paper``: the row as is (the paper encodes rows separately and concatenates the ids, so row
-    boundaries leave no trace). ``bytelevel``: the row as a line of a text file, ending in one
+    boundaries leave no trace), as for a custom tokenizer. ``bytelevel``: the row as a line of a text file, ending in one
     newline (rows read from the hub already end in one; rows from line-per-row files get it back),
     so the model learns where lines end and decoded text keeps them. Empty rows contribute nothing.
     """
-    _check_kind(kind)
-    if kind == "paper":
+    if kind != "bytelevel":
         return list(rows)
     return [r if (not r or r.endswith("\n")) else r + "\n" for r in rows]
 
@@ -219,8 +220,15 @@ def get_tokenizer(corpus: Corpus, vocab_size: int = 10000, cache_dir: str | os.P
 
 def special_token_roles(tokenizer) -> dict[str, str]:
     """transformers roles (bos_token, eos_token, pad_token, unk_token) of the tokenizer's specials."""
-    roles = _ROLES[tokenizer_kind(tokenizer)]
-    return {role: tok for role, tok in roles.items() if tokenizer.token_to_id(tok) is not None}
+    kind = tokenizer_kind(tokenizer)
+    # a custom tokenizer gets whichever of gam's special tokens it has, the paper's first
+    candidates = [_ROLES[kind]] if kind in _ROLES else [_ROLES["paper"], _ROLES["bytelevel"]]
+    roles: dict[str, str] = {}
+    for table in candidates:
+        for role, tok in table.items():
+            if role not in roles and tokenizer.token_to_id(tok) is not None:
+                roles[role] = tok
+    return roles
 
 
 def _byte_decoder() -> dict[str, int]:
