@@ -154,3 +154,15 @@ def test_get_tokenizer_cache_hit_and_key(tmp_path, monkeypatch):
     assert D.default_cache_dir() == tmp_path / "envcache"
     T.get_tokenizer(corpus, 300)
     assert list((tmp_path / "envcache" / "tokenizers").glob("small-bytelevel-v300-*.json"))
+
+
+def test_which_runs_use_which_tokenizer():
+    from gam.bench.paper import bench_preset
+    from gam.train import TrainConfig, preset
+
+    assert TrainConfig().tokenizer == "bytelevel"
+    assert TrainConfig(**preset("cpu")[1]).tokenizer == "bytelevel"
+    assert TrainConfig(**preset("paper")[1]).tokenizer == "paper"
+    for name in ("cpu", "paper"):  # the paper's tables keep the paper's tokenizer in every preset
+        for bench in ("paper", "ablation"):
+            assert bench_preset(name, bench, "cpu")[1]["tokenizer"] == "paper"
