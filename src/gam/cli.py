@@ -134,12 +134,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not ids:
         raise ValueError(f"empty prompt: the tokenizer gives no tokens for {args.prompt!r}")
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    streamer = TextStreamer(tokenizer, ids)
+    streamer = TextStreamer(tokenizer, ids, args.prompt)
     print(streamer.printed, end="", flush=True)
     for token in stream(model, idx, args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed):
         print(streamer.push(int(token[0])), end="", flush=True)
-    print()
+    print(streamer.finish())
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_receptive_field)
 
     add_generation_parsers(sub)
+    # parsed by lm-eval itself: main() hands every argument after "harness" to gam.harness
+    sub.add_parser("harness", add_help=False,
+                   help="lm-evaluation-harness on an export (gam harness --model hf --model_args pretrained=OUT ...)")
 
     p = sub.add_parser("verify", help="check a run, checkpoint or export folder against its manifest",
                        description="Checks every file of a checkpoint or gam export folder against its "
@@ -326,6 +329,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["harness"]:
+        from gam.harness import main as harness_main
+
+        return harness_main(argv[1:])
     command = "gam"  # until the sub-command is known
     try:
         parser = build_parser()

@@ -44,6 +44,7 @@ class TrainConfig:
     data_source: str = "auto"  # auto (hub, else shipped copy) | hub | shipped
     train_rows: int | None = 50_000  # the paper keeps the first 50,000 train rows
     valid_rows: int | None = 5_000  # ... and 5,000 validation rows
+    tokenizer: str = "bytelevel"  # bytelevel (byte-level BPE, round-trips any text) | paper (the paper's recipe, does not round-trip)
     batch_size: int = 32  # global batch (all processes, all accumulation steps)
     grad_accum: int = 1
     epochs: int = 5
@@ -82,6 +83,8 @@ class TrainConfig:
             raise ConfigError(f"logger must be none, wandb or tensorboard, got {self.logger!r}")
         if self.data_source not in ("auto", "hub", "shipped"):
             raise ConfigError(f"data_source must be auto, hub or shipped, got {self.data_source!r}")
+        if self.tokenizer not in ("bytelevel", "paper"):
+            raise ConfigError(f"tokenizer must be bytelevel or paper, got {self.tokenizer!r}")
 
 
 # Presets: the paper's exact hyper-parameters, and a small CPU configuration
@@ -90,7 +93,7 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "paper": (
         dict(vocab_size=10000, block_size=256, n_embd=512, n_layer=6, n_head=8, dropout=0.1,
              num_memory_slots=512, conv_kernel_size=3),
-        dict(batch_size=32, epochs=5, lr=3e-4, warmup_steps=100),
+        dict(batch_size=32, epochs=5, lr=3e-4, warmup_steps=100, tokenizer="paper"),
     ),
     "cpu": (
         dict(vocab_size=8192, block_size=128, n_embd=192, n_layer=4, n_head=6, dropout=0.0, pos_init_std=0.02,
@@ -296,8 +299,8 @@ class RunResult:
 # What --resume does with a training field given again with a value that differs
 # from the run's (docs/reliability.md). Every model field is refused too: the
 # weights have that shape. A field not given explicitly keeps the run's value.
-RESUME_REFUSED = frozenset({"data", "data_source", "train_rows", "valid_rows", "batch_size", "grad_accum",
-                            "seed"})  # the data and its order: changing them makes a different run
+RESUME_REFUSED = frozenset({"data", "data_source", "train_rows", "valid_rows", "tokenizer", "batch_size",
+                            "grad_accum", "seed"})  # the data and its order: changing them makes a different run
 RESUME_NOTICED = frozenset({"max_steps", "epochs", "lr", "min_lr", "beta1", "beta2", "weight_decay",
                             "warmup_steps", "grad_clip", "precision", "eval_batch_size", "eval_every",
                             "save_every", "log_every"})  # applied, with a printed notice
@@ -427,7 +430,7 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
                               "--resume, or choose another --out")
         if cfg.threads and device.type == "cpu":
             torch.set_num_threads(cfg.threads)
-        data, model_config = prepare(model_config, cfg, data, ckpt, say)
+        data, model_config, cfg = prepare(model_config, cfg, data, ckpt, say)
         t = Trainer(run_dir, cfg, model_config, d, device, data, say)
         if ckpt is not None and ckpt.step >= t.total_steps:
             say(f"{run_dir} is finished: step {ckpt.step} of {t.total_steps}; nothing to do "
@@ -446,16 +449,21 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
 
 
 def prepare(model_config: GAMConfig, cfg: TrainConfig, data, ckpt,
-            say: Callable[[str], None]) -> tuple[Any, GAMConfig]:
-    """The data (tokenized with the run's own tokenizer on resume) and the model
-    config with the tokenizer's vocabulary size."""
+            say: Callable[[str], None]) -> tuple[Any, GAMConfig, TrainConfig]:
+    """The data (tokenized with the run's own tokenizer on resume), the model
+    config with the tokenizer's vocabulary size, and the training config with
+    the tokenizer kind the tokens come from."""
     if data is None:
         from gam.data import prepare_data
 
         extra = {"tokenizer": ckpt.tokenizer()} if ckpt is not None else {}
         data = prepare_data(cfg.data, block_size=model_config.block_size, vocab_size=model_config.vocab_size,
                             source=cfg.data_source, train_rows=cfg.train_rows, valid_rows=cfg.valid_rows,
-                            **extra)
+                            tokenizer_kind=cfg.tokenizer, **extra)
+    if data.tokenizer_kind != cfg.tokenizer:
+        # Prepared data given by the caller, or a run saved before the field existed: record the
+        # kind the tokens really come from.
+        cfg = dataclasses.replace(cfg, tokenizer=data.tokenizer_kind)
     say(f"data: {data.source}; train {len(data.train):,} tokens, valid {len(data.valid):,} tokens")
     n_blocks = len(data.train) // (model_config.block_size + 1)
     if n_blocks < cfg.batch_size:
@@ -468,7 +476,7 @@ def prepare(model_config: GAMConfig, cfg: TrainConfig, data, ckpt,
             raise CheckpointError(f"checkpoint vocab {model_config.vocab_size} != tokenizer vocab {vocab}")
         say(f"vocab_size follows the tokenizer: {vocab}")
         model_config = model_config.replace(vocab_size=vocab)
-    return data, model_config
+    return data, model_config, cfg
 
 
 def build(t: Trainer) -> None:
