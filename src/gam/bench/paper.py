@@ -141,10 +141,8 @@ def bench_preset(preset: str, bench: str, device: str) -> tuple[dict[str, Any], 
     from gam.train import preset as train_preset
 
     model_fields, train_fields = train_preset(preset)
-    # The paper's tables are measured with the paper's tokenizer, in every preset, so the
-    # perplexities stay comparable with the paper's and with results/ (per-token perplexity
-    # depends on the tokenizer).
-    train_fields["tokenizer"] = "paper"
+    # The tokenizer is the training preset's: the paper's recipe at --preset paper (as its
+    # tables were made), the round-trip byte-level BPE at --preset cpu, like every other run.
     valid_tokens = None
     if preset == "cpu":
         model_fields.update(CPU_BUDGET["model"])
