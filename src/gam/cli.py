@@ -7,6 +7,8 @@ import argparse
 import sys
 import time
 
+from gam.fileio import describe_os_error
+
 PAPER_MODELS = (
     ("GAM (full)", "gam", {}),
     ("GAM sum_fusion", "gam", {"variant": "sum_fusion"}),
@@ -39,7 +41,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     import torch
 
     from gam import build_model, count_parameters
+    from gam.train import Dist, pick_device
 
+    args.device = str(pick_device(args.device, Dist()))  # one-line error for cuda on a CPU build
     torch.manual_seed(args.seed)
     model = build_model(args.model).to(args.device)
     cfg = model.config
@@ -115,10 +119,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from gam.generation import TextStreamer, check_sampling, encode_prompt, load_pretrained, stream
 
+    from gam.train import Dist, pick_device
+
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     if not args.prompt:
         raise ValueError("empty prompt: give some text with --prompt")
-    model, tokenizer = load_pretrained(args.dir, device=args.device)
+    device = pick_device(args.device, Dist())  # one-line error for cuda on a CPU build, or a bad name
+    model, tokenizer = load_pretrained(args.dir, device=device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ids = encode_prompt(tokenizer, args.prompt)
@@ -126,13 +133,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"gam generate: warning: {w.message}", file=sys.stderr)
     if not ids:
         raise ValueError(f"empty prompt: the tokenizer gives no tokens for {args.prompt!r}")
-    idx = torch.tensor([ids], dtype=torch.long, device=args.device)
-    streamer = TextStreamer(tokenizer, ids)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    streamer = TextStreamer(tokenizer, ids, args.prompt)
     print(streamer.printed, end="", flush=True)
     for token in stream(model, idx, args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed):
         print(streamer.push(int(token[0])), end="", flush=True)
-    print()
+    print(streamer.finish())
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -301,6 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_receptive_field)
 
     add_generation_parsers(sub)
+    # parsed by lm-eval itself: main() hands every argument after "harness" to gam.harness
+    sub.add_parser("harness", add_help=False,
+                   help="lm-evaluation-harness on an export (gam harness --model hf --model_args pretrained=OUT ...)")
+
+    p = sub.add_parser("verify", help="check a run, checkpoint or export folder against its manifest",
+                       description="Checks every file of a checkpoint or gam export folder against its "
+                                   "manifest (sha256 and size; a file the manifest does not list is a "
+                                   "problem too). A run folder: its 'latest' and every checkpoint in it. "
+                                   "Prints each problem; exit status 1 if there is any.")
+    p.add_argument("dir", help="a run folder, checkpoint folder or gam export folder")
+    p.set_defaults(func=cmd_verify)
 
     from gam import train_cli
 
@@ -308,27 +326,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from gam.checkpoint import verify_folder
+
+    folders, problems = verify_folder(args.dir)
+    if problems:
+        print(f"{args.dir}: {len(problems)} problem(s) in {len(folders)} folder(s):")
+        for problem in problems:
+            print(f"  - {problem}")
+        return 1
+    print(f"{args.dir}: ok ({len(folders)} folder(s); every file matches its manifest, none unlisted)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "accepts_overrides", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides = extra
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["harness"]:
+        from gam.harness import main as harness_main
+
+        return harness_main(argv[1:])
+    command = "gam"  # until the sub-command is known
     try:
-        args.func(args)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        command = f"gam {args.command}"
+        if extra and not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
+        return args.func(args) or 0
     except (ValueError, FileNotFoundError, PermissionError) as err:
         # Config, data, checkpoint and input errors: one line, no traceback.
-        print(f"gam {args.command}: error: {err}", file=sys.stderr)
+        message = describe_os_error(err) if isinstance(err, OSError) else err
+        print(f"{command}: error: {message}", file=sys.stderr)
         return 2
+    except OSError as err:  # no space, read-only file system, not a directory, ...
+        print(f"{command}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
     except RuntimeError as err:
         if type(err).__name__ != "TrainingDiverged":
             raise
-        print(f"gam {args.command}: error: {err}", file=sys.stderr)
+        print(f"{command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"gam {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

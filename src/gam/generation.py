@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -309,12 +308,11 @@ def generate(model: DecoderLM, idx: torch.Tensor, max_new_tokens: int, temperatu
 # ---------------------------------------------------------------- checkpoints and text
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder whose ``latest`` file names one."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint folder")
-    if (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
+    """A checkpoint folder, or a run folder whose ``latest`` file names one (which
+    must lie inside it: :func:`gam.checkpoint.resolve` holds the rule)."""
+    from gam.checkpoint import resolve
+
+    path = resolve(path)
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path}: not a checkpoint folder (no {name})")
@@ -373,13 +371,15 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
     ``model.safetensors`` and ``tokenizer.json``; a run folder with a ``latest``
     file resolves to the checkpoint it names. The model is returned in eval mode.
     """
-    ckpt = resolve_checkpoint(path)
-    if (ckpt / "manifest.json").is_file():  # the trainer's checkpoints: check every file's sha256
-        from gam.checkpoint import verify
+    from gam.checkpoint import MANIFEST, verify
+    from gam.resources import check_fits_in_memory
 
+    ckpt = resolve_checkpoint(path)
+    if (ckpt / MANIFEST).is_file():  # the trainer's checkpoints: every file checked, none unlisted
         verify(ckpt)
     config = read_model_config(ckpt)
     tok = load_tokenizer(ckpt) if tokenizer else None
+    check_fits_in_memory(config, torch.device(device))
     model = DecoderLM(config)
     load_weights(model, ckpt / "model.safetensors")
     return model.to(device).eval(), tok
@@ -418,18 +418,27 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 
 class TextStreamer:
-    """Turn a growing list of token ids into text increments (decode-and-diff)."""
+    """Text increments of a generated continuation, for printing token by token.
 
-    def __init__(self, tokenizer, prompt_ids: list[int]):
-        self.tokenizer = tokenizer
-        self.ids = list(prompt_ids)
-        self.printed = tokenizer.decode(self.ids)
+    ``printed`` starts as the prompt exactly as the user typed it (``prompt_text``; by default
+    the decoded prompt ids) and grows with every piece :meth:`push` returns. Pieces come from
+    :class:`gam.tokenizer.StreamDecoder`: a character split across byte-level tokens is printed
+    once its last byte arrives.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int], prompt_text: str | None = None):
+        from gam.tokenizer import StreamDecoder
+
+        self.decoder = StreamDecoder(tokenizer, prompt_ids)
+        self.printed = prompt_text if prompt_text is not None else tokenizer.decode(list(prompt_ids))
 
     def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-            return ""
-        common = len(os.path.commonprefix([self.printed, text]))
-        new, self.printed = text[common:], text
+        new = self.decoder.push(token_id)
+        self.printed += new
+        return new
+
+    def finish(self) -> str:
+        """What is still held back at the end (an incomplete character becomes U+FFFD)."""
+        new = self.decoder.flush()
+        self.printed += new
         return new

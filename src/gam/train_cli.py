@@ -29,15 +29,19 @@ several machines).
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (default: the cpu preset GAM on WikiText-2)", allow_abbrev=False,
                        description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gam", choices=["gam", "transformer", "mamba"])
-    p.add_argument("--data", default="wikitext2", help="wikitext2 | tinystories | a .txt/.txt.gz/.jsonl/.parquet file or folder")
-    p.add_argument("--preset", default="cpu", help="paper | cpu")
+    # model, data and preset default to None so that --resume can tell what was given
+    p.add_argument("--model", default=None, choices=["gam", "transformer", "mamba"], help="default gam")
+    p.add_argument("--data", default=None,
+                   help="wikitext2 (default) | tinystories | a .txt/.txt.gz/.jsonl/.parquet file or folder")
+    p.add_argument("--preset", default=None, help="paper | cpu (default cpu)")
     p.add_argument("--out", default=None, help="run folder (default runs/MODEL-PRESET-DATA)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--save-every", type=int, default=None, help="optimizer steps between checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with its saved settings "
+                        "(options given again are applied with a notice, or refused: docs/reliability.md)")
     p.set_defaults(func=cmd_train, accepts_overrides=True)
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
@@ -106,24 +110,37 @@ def parse_overrides(tokens: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 def cmd_train(args: argparse.Namespace) -> None:
     from gam.train import TrainConfig, preset, train
 
+    if args.resume and args.preset is not None:
+        raise ConfigError("--preset does not apply with --resume (the run's saved settings are used); "
+                          "give the single fields to change instead")
+    # What was given on purpose: on --resume only these may differ from the run's settings.
+    explicit = set() if args.model is None else {"model"}
+    explicit |= set() if args.data is None else {"data"}
+    args.model = args.model or "gam"
+    args.preset = args.preset or "cpu"
     model_fields, train_fields = preset(args.preset)
     model_over, train_over = parse_overrides(args.overrides)
     train_fields.update(train_over)
+    explicit |= set(model_over) | set(train_over)
     for name in ("max_steps", "epochs", "seed", "save_every"):
         if getattr(args, name) is not None:
             train_fields[name] = getattr(args, name)
+            explicit.add(name)
     if args.epochs is not None and args.max_steps is None:
         train_fields["max_steps"] = None  # --epochs alone means: train for that many epochs
+        explicit.add("max_steps")
+    args.data = args.data or "wikitext2"
     train_fields["data"] = args.data
     model_config = GAMConfig(model=args.model, **{**model_fields, **model_over})
     cfg = TrainConfig(**train_fields)
     out = args.out or f"runs/{args.model}-{args.preset}-{_slug(args.data)}"
-    result = train(model_config, cfg, out, resume=args.resume)
+    result = train(model_config, cfg, out, resume=args.resume, explicit=explicit if args.resume else None)
     if result.interrupted:
         sys.exit(130)
     m = result.metrics
-    print(f"\nvalidation: loss {m['val_loss']:.4f}, perplexity {m['val_ppl']:.2f} "
-          f"(a unigram model on the same {m['tokens']:,} tokens: {m['unigram_ppl']:.2f})")
+    if "val_loss" in m:
+        print(f"\nvalidation: loss {m['val_loss']:.4f}, perplexity {m['val_ppl']:.2f} "
+              f"(a unigram model on the same {m['tokens']:,} tokens: {m['unigram_ppl']:.2f})")
     print(f"checkpoint: {out}  (gam eval {out}; gam generate {out} --prompt ...)")
 
 
@@ -140,6 +157,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from gam.data import prepare_data
     from gam.train import evaluate, pick_device, Dist, unigram_perplexity
 
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
     ckpt = load_checkpoint(args.dir)
     train_cfg = ckpt.info.get("train_config", {})
     data_name = args.data or train_cfg.get("data", "wikitext2")
