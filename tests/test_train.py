@@ -262,7 +262,7 @@ def test_torchrun_two_processes_match_one(tmp_path, corpus):
 
 @pytest.mark.parametrize("args,message", [
     (["--preset", "gpu"], "unknown preset"),
-    (["--n-layerz", "3"], "unknown option or field --n-layerz"),
+    (["--n-layerz", "3"], "unknown option --n-layerz (did you mean --n-layer?)"),
     (["--data", "/no/such/file.txt"], "/no/such/file.txt"),
     (["--precision", "fp8"], "precision"),
 ])

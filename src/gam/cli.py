@@ -1,11 +1,30 @@
-"""The ``gam`` command line. Each sub-command lives in a small function here;
-heavy imports happen inside them so ``gam --help`` stays fast."""
+"""The ``gam`` command line.
+
+Each sub-command is one ``add_*_parser`` function, listed in SUBCOMMANDS in the
+order ``gam --help`` shows them. Heavy imports (torch, the models) happen inside
+the ``cmd_*`` functions, so building the parser, ``gam --help`` and
+``gam --version`` never import torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+import warnings
+
+from gam import __version__, train_cli
+from gam.cli_args import Parser, UsageError
+
+DESCRIPTION = """\
+Gated Associative Memory (GAM) language models and their Transformer and Mamba
+baselines: train, evaluate, generate text, export to Hugging Face, benchmark.
+
+Start with `gam train` (a small GAM on WikiText-2, a few minutes on a CPU), then
+`gam eval runs/gam-cpu-wikitext2` and
+`gam generate runs/gam-cpu-wikitext2 --prompt "The"`.
+`gam COMMAND --help` describes each command; docs/cli.md has examples.
+"""
 
 PAPER_MODELS = (
     ("GAM (full)", "gam", {}),
@@ -164,8 +183,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/decode.md, decode.json, decode.png")
 
 
-def add_generation_parsers(sub: argparse._SubParsersAction) -> None:
-    """``gam generate``, ``gam export`` and the ``gam bench`` group (``bench decode``)."""
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint folder (streams as it decodes)",
                        description=GENERATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", help="checkpoint folder (or run folder with a 'latest' file)")
@@ -178,12 +196,17 @@ def add_generation_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generate)
 
+
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="convert a checkpoint folder to a Hugging Face transformers folder")
     p.add_argument("dir", help="checkpoint folder (or run folder with a 'latest' file)")
     p.add_argument("out", help="output folder (save_pretrained layout: safetensors, config, tokenizer)")
     p.set_defaults(func=cmd_export)
 
-    bench = sub.add_parser("bench", help="benchmarks (gam bench decode, ...)")
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``gam bench`` group: one sub-command per benchmark."""
+    bench = sub.add_parser("bench", help="benchmarks: speed, decode, recall, scaling, paper, ablation, report")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     add_bench_decode_parser(bench_sub)
     from gam.bench import speed
@@ -262,10 +285,12 @@ def add_bench_decode_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_decode)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gam", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_params_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("params", help="parameter counts of every model at the paper configuration")
+    p.set_defaults(func=cmd_params)
 
+
+def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="forward+backward of the paper-size model and its parameter table")
     p.add_argument("--model", default="gam", choices=["gam", "transformer", "mamba"])
     p.add_argument("--batch", type=int, default=8)
@@ -273,9 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("params", help="parameter counts of every model at the paper configuration")
-    p.set_defaults(func=cmd_params)
 
+def add_receptive_field_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("receptive-field",
                        help="which input positions influence an output position (autograd)")
     p.add_argument("--model", default="gam", choices=["gam", "transformer", "mamba"])
@@ -289,34 +313,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--position", type=int, default=None, help="default: the last position")
     p.set_defaults(func=cmd_receptive_field)
 
-    add_generation_parsers(sub)
 
-    from gam import train_cli
+# The sub-commands, in the order a user needs them (and ``gam --help`` lists them).
+# A new command is one entry: a function that adds its parser to ``sub``.
+SUBCOMMANDS = (
+    train_cli.add_train_parser,
+    train_cli.add_eval_parser,
+    add_generate_parser,
+    add_export_parser,
+    add_bench_parser,
+    add_params_parser,
+    add_demo_parser,
+    add_receptive_field_parser,
+)
 
-    train_cli.add_parsers(sub)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="gam", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"gam {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    for add_parser in SUBCOMMANDS:
+        add_parser(sub)
     return parser
+
+
+def one_line_warnings(command: str):
+    """A ``warnings.showwarning`` that prints the package's own warnings (DataWarning, ...)
+    as ``gam CMD: warning: ...``: a user needs the message, not our source line."""
+    show_python_warning = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.partition(".")[0] == "gam":
+            print(f"gam {command}: warning: {message}", file=sys.stderr)
+        else:
+            show_python_warning(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "accepts_overrides", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides = extra
     try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as err:
-        # Config, data, checkpoint and input errors: one line, no traceback.
-        print(f"gam {args.command}: error: {err}", file=sys.stderr)
+        args, extra = parser.parse_known_args(argv)
+    except UsageError as err:
+        print(f"{err.prog}: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
-        if type(err).__name__ != "TrainingDiverged":
-            raise
-        print(f"gam {args.command}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"gam {args.command}: interrupted", file=sys.stderr)
-        return 130
+    args.overrides = extra  # field overrides for the commands that take them (accepts_overrides)
+    with warnings.catch_warnings():  # restores showwarning when main returns
+        warnings.showwarning = one_line_warnings(args.command)
+        try:
+            args.func(args)
+        except (ValueError, FileNotFoundError, PermissionError) as err:
+            # Config, data, checkpoint and input errors: one line, no traceback.
+            print(f"gam {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        except RuntimeError as err:
+            if type(err).__name__ != "TrainingDiverged":
+                raise
+            print(f"gam {args.command}: error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"gam {args.command}: interrupted", file=sys.stderr)
+            return 130
     return 0
 
 

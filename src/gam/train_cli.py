@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import typing
 from typing import Any
 
-from gam.config import ConfigError, GAMConfig
+from gam.cli_args import Parser, UsageError, add_field_arguments, given_fields
+from gam.config import PRESETS, ConfigError, GAMConfig, TrainConfig, preset
 
 TRAIN_HELP = """\
 Train GAM, the Transformer or Mamba on WikiText-2, TinyStories or your own text.
@@ -18,29 +17,38 @@ With no arguments: the `cpu` preset GAM on the shipped WikiText-2 (a few
 minutes on 2 CPU cores), ending with the validation perplexity next to a
 unigram model's on the same tokens.
 
-Any model or training field can be overridden: --n-layer 4, --num-memory-slots 256,
---lr 1e-3, --precision bf16, --variant sum_fusion, --attn-impl naive, ...
+Every model field (GAMConfig) and training field (TrainConfig) below can be
+set: --n-layer 4 --lr 1e-3 --precision bf16 --variant sum_fusion --compile.
+A preset (--preset cpu, the default, or paper) sets some fields first; what
+you give on the command line wins. Values: numbers, text, true/false, none.
 Ctrl-C saves a checkpoint; --resume continues exactly where it stopped.
 Multi-process: torchrun --nproc-per-node N -m gam.cli train ... (also --nnodes for
 several machines).
 """
 
+TRAIN_USAGE = "gam train [--preset NAME] [--out DIR] [--resume] [--FIELD VALUE ...]"
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (default: the cpu preset GAM on WikiText-2)", allow_abbrev=False,
-                       description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gam", choices=["gam", "transformer", "mamba"])
-    p.add_argument("--data", default="wikitext2", help="wikitext2 | tinystories | a .txt/.txt.gz/.jsonl/.parquet file or folder")
-    p.add_argument("--preset", default="cpu", help="paper | cpu")
-    p.add_argument("--out", default=None, help="run folder (default runs/MODEL-PRESET-DATA)")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--save-every", type=int, default=None, help="optimizer steps between checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.set_defaults(func=cmd_train, accepts_overrides=True)
+                       description=TRAIN_HELP, usage=TRAIN_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = p.add_argument_group("run")
+    run.add_argument("--preset", default="cpu", metavar="NAME", help=f"starting values for the fields: {' | '.join(PRESETS)} "
+                                                     "(default: cpu)")
+    run.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/MODEL-PRESET-DATA)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    model_presets = {name: fields for name, (fields, _) in PRESETS.items()}
+    train_presets = {name: fields for name, (_, fields) in PRESETS.items()}
+    add_field_arguments(p, "model fields (GAMConfig)", GAMConfig, model_presets)
+    add_field_arguments(p, "training fields (TrainConfig)", TrainConfig, train_presets)
+    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint",
+                       description="Validation loss and perplexity of a checkpoint, on the data it was trained "
+                                   "on (or --data), next to a unigram model's perplexity on the same tokens. "
+                                   "A progress bar shows on a terminal (TQDM_DISABLE=1 hides it).")
     p.add_argument("dir", help="a run folder or checkpoint folder")
     p.add_argument("--data", default=None, help="default: the data the model was trained on")
     p.add_argument("--device", default="auto")
@@ -49,72 +57,33 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def _coerce(text: str, annotation: Any) -> Any:
-    """Turn a command-line string into the type a dataclass field declares."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"int": int, "float": float, "str": str, "bool": bool, "None": None})  # noqa: S307 - our own annotations
-    args = typing.get_args(annotation) or (annotation,)
-    if text.lower() == "none" and type(None) in args:
-        return None
-    for kind in args:
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes"):
-                return True
-            if text.lower() in ("0", "false", "no"):
-                return False
-        elif kind in (int, float, str):
-            try:
-                return kind(text)
-            except ValueError:
-                continue
-    raise ConfigError(f"cannot read {text!r} as {annotation}")
-
-
 def parse_overrides(tokens: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``--n-layer 4 --lr=1e-3`` -> (model fields, train fields); unknown names raise."""
-    from gam.train import TrainConfig
-
-    model_fields = {f.name: f.type for f in dataclasses.fields(GAMConfig)}
-    train_fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    model_over: dict[str, Any] = {}
-    train_over: dict[str, Any] = {}
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--"):
-            raise ConfigError(f"unexpected argument {token!r}")
-        key, eq, value = token[2:].partition("=")
-        if not eq:
-            if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
-                value, i = tokens[i + 1], i + 1
-            else:
-                value = "true"  # a bare flag: --compile
-        name = key.replace("-", "_")
-        if name in model_fields and name != "model":
-            model_over[name] = _coerce(value, model_fields[name])
-        elif name in train_fields:
-            train_over[name] = _coerce(value, train_fields[name])
-        else:
-            raise ConfigError(f"unknown option or field --{key}")
-        i += 1
-    return model_over, train_over
+    """``--n-layer 4 --lr=1e-3`` -> (model fields, train fields), for commands that pass
+    field overrides through (``gam bench paper``); bad names and values raise ConfigError."""
+    parser = Parser(prog="gam", add_help=False, allow_abbrev=False)
+    add_field_arguments(parser, "model fields", GAMConfig)
+    add_field_arguments(parser, "training fields", TrainConfig)
+    try:
+        args = parser.parse_args(tokens)
+    except UsageError as err:
+        raise ConfigError(str(err)) from None
+    model_over = given_fields(args, GAMConfig)
+    model_over.pop("model", None)  # the benchmark picks the models
+    return model_over, given_fields(args, TrainConfig)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from gam.train import TrainConfig, preset, train
+    from gam.train import train
 
     model_fields, train_fields = preset(args.preset)
-    model_over, train_over = parse_overrides(args.overrides)
-    train_fields.update(train_over)
-    for name in ("max_steps", "epochs", "seed", "save_every"):
-        if getattr(args, name) is not None:
-            train_fields[name] = getattr(args, name)
-    if args.epochs is not None and args.max_steps is None:
+    model_fields.update(given_fields(args, GAMConfig))
+    given_train = given_fields(args, TrainConfig)
+    if "epochs" in given_train and "max_steps" not in given_train:
         train_fields["max_steps"] = None  # --epochs alone means: train for that many epochs
-    train_fields["data"] = args.data
-    model_config = GAMConfig(model=args.model, **{**model_fields, **model_over})
+    train_fields.update(given_train)
+    model_config = GAMConfig(**model_fields)
     cfg = TrainConfig(**train_fields)
-    out = args.out or f"runs/{args.model}-{args.preset}-{_slug(args.data)}"
+    out = args.out or f"runs/{model_config.model}-{args.preset}-{_slug(cfg.data)}"
     result = train(model_config, cfg, out, resume=args.resume)
     if result.interrupted:
         sys.exit(130)
