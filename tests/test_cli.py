@@ -127,6 +127,18 @@ def test_unknown_option_of_other_commands_suggests_too(capsys):
     assert "did you mean --max-new-tokens?" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["trian"], "gam: error: COMMAND: invalid choice: 'trian' (did you mean train?); see gam --help"),
+    (["xyz"], "gam: error: COMMAND: invalid choice: 'xyz' (choose from 'train', 'eval', "),
+    ([], "gam: error: the following arguments are required: COMMAND; see gam --help"),
+    (["bench", "decod"], "did you mean decode?"),
+])
+def test_mistyped_or_missing_command(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
 def test_overrides_for_bench_share_the_field_parser():
     model, training = parse_overrides(["--n-layer", "3", "--lr=1e-3", "--compile", "--max-steps", "none",
                                        "--model", "mamba"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Callable, Iterable
@@ -38,7 +39,15 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         # argparse says "argument --lr: ..."; the flag alone reads better
-        raise UsageError(self.prog, message.removeprefix("argument "))
+        message = message.removeprefix("argument ")
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice:  # a mistyped command: gam trian -> did you mean train?
+            near = closest(choice[1], [c.strip(" '") for c in choice[2].split(",")])
+            if near:
+                message = message[:choice.start(2) - len("(choose from ")] + f"(did you mean {' or '.join(near)}?)"
+        if choice or "the following arguments are required" in message:
+            message += f"; see {self.prog} --help"
+        raise UsageError(self.prog, message)
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         namespace, extras = super().parse_known_args(args, namespace)
