@@ -58,17 +58,13 @@ def test_train_help_lists_every_field_with_default_and_meaning(capsys):
 
 
 def test_help_shows_preset_values_that_differ():
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices["train"]
+    help_of = {action.dest: action.help for action in train._actions}
     for name, (model_fields, train_fields) in PRESETS.items():
         for field in ALL_FIELDS:
             value = {**model_fields, **train_fields}.get(field.name, field.default)
-            assert (value != field.default) == (f"{name} preset" in _help_line(field.name)), (name, field.name)
-
-
-def _help_line(name):
-    parser = build_parser()
-    train = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices["train"]
-    action = next(a for a in train._actions if a.dest == name)
-    return action.help
+            assert (value != field.default) == (f"{name} preset" in help_of[field.name]), (name, field.name)
 
 
 def test_version_prints_the_package_version():
@@ -227,3 +223,29 @@ def test_hub_unreachable_is_one_clean_line(monkeypatch, capsys, env, data_source
     assert len(lines) == 2
     assert lines[0].startswith("gam train: warning: roneneldan/TinyStories: hub unreachable (")
     assert lines[0].endswith("; using the shipped copy (--data-source shipped or HF_HUB_OFFLINE=1 skips this check)")
+
+
+# ------------------------------------------------------------------ docs/cli.md stays true
+
+DOC = (REPO / "docs" / "cli.md").read_text()
+
+
+def test_docs_field_tables_match_the_dataclasses():
+    from gam.train_cli import fields_markdown
+
+    start = DOC.index("-->\n", DOC.index("<!-- fields:")) + len("-->\n")
+    assert DOC[start:DOC.index("\n<!-- end of fields -->")] == fields_markdown(), \
+        "regenerate the tables in docs/cli.md with gam.train_cli.fields_markdown()"
+
+
+def test_docs_error_examples_are_what_the_command_prints(capsys, monkeypatch, tmp_path):
+    import shlex
+
+    monkeypatch.chdir(tmp_path)  # a run folder, should one be made, lands here
+    lines = DOC.splitlines()
+    examples = [(line.strip()[2:], lines[i + 1].strip()) for i, line in enumerate(lines)
+                if line.strip().startswith("$ gam ")]
+    assert len(examples) >= 4
+    for command, printed in examples:
+        assert main(shlex.split(command)[1:]) == 2, command
+        assert capsys.readouterr().err.strip() == printed, command

@@ -188,12 +188,12 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                        description=GENERATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", help="checkpoint folder (or run folder with a 'latest' file)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate (default: 100)")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 = greedy (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output (default: unseeded)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -292,25 +292,26 @@ def add_params_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="forward+backward of the paper-size model and its parameter table")
-    p.add_argument("--model", default="gam", choices=["gam", "transformer", "mamba"])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="gam", choices=["gam", "transformer", "mamba"], help="(default: gam)")
+    p.add_argument("--batch", type=int, default=8, metavar="N", help="sequences of 256 random tokens (default: 8)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.set_defaults(func=cmd_demo)
 
 
 def add_receptive_field_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("receptive-field",
                        help="which input positions influence an output position (autograd)")
-    p.add_argument("--model", default="gam", choices=["gam", "transformer", "mamba"])
-    p.add_argument("--variant", default="full")
+    p.add_argument("--model", default="gam", choices=["gam", "transformer", "mamba"], help="(default: gam)")
+    p.add_argument("--variant", default="full", help="GAM: full | sum_fusion | global_only | local_only "
+                                                     "(default: full)")
     p.add_argument("--memory", default="static", choices=["static", "causal"],
                    help="GAM memory: static (paper) or causal (tokens write into the slots)")
     p.add_argument("--plot", default=None, metavar="PATH", help="also save the influence per position as a plot")
-    p.add_argument("--n-layer", type=int, default=6)
-    p.add_argument("--kernel", type=int, default=3)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--position", type=int, default=None, help="default: the last position")
+    p.add_argument("--n-layer", type=int, default=6, metavar="N", help="blocks (default: 6)")
+    p.add_argument("--kernel", type=int, default=3, metavar="K", help="GAM convolution width (default: 3)")
+    p.add_argument("--seq-len", type=int, default=64, metavar="T", help="input length (default: 64)")
+    p.add_argument("--position", type=int, default=None, help="output position (default: the last)")
     p.set_defaults(func=cmd_receptive_field)
 
 

@@ -145,6 +145,22 @@ def add_field_arguments(parser: argparse.ArgumentParser, title: str, config_clas
                            help=text.replace("%", "%%"), **extra)
 
 
+def fields_markdown(config_class: type, presets: dict[str, dict[str, Any]]) -> str:
+    """The same descriptions as a markdown table (docs/cli.md holds them; a test checks they
+    match). A preset's column shows the values it changes; blank is the default."""
+    hints = typing.get_type_hints(config_class)
+    rows = ["| option | type | default | " + " | ".join(f"`{name}` preset" for name in presets) + " | meaning |",
+            "|---|---|---|" + "---|" * len(presets) + "---|"]
+    for field in dataclasses.fields(config_class):
+        kinds = _kinds(hints[field.name])
+        kind = _METAVARS.get(kinds[0], "VALUE").lower() + (" or none" if type(None) in kinds else "")
+        in_presets = [f"`{show(values[field.name])}`" if values.get(field.name, field.default) != field.default
+                      else "" for values in presets.values()]
+        meaning = field_meaning(field).replace("|", "\\|")
+        rows.append(f"| `{flag(field.name)}` | {kind} | `{show(field.default)}` | {' | '.join(in_presets)} | {meaning} |")
+    return "\n".join(rows)
+
+
 def given_fields(args: argparse.Namespace, config_class: type) -> dict[str, Any]:
     """The fields of ``config_class`` the user set on the command line."""
     values = vars(args)

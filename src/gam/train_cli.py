@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from gam import cli_args
 from gam.cli_args import Parser, UsageError, add_field_arguments, given_fields
 from gam.config import PRESETS, ConfigError, GAMConfig, TrainConfig, preset
 
@@ -26,6 +27,12 @@ Multi-process: torchrun --nproc-per-node N -m gam.cli train ... (also --nnodes f
 several machines).
 """
 
+# (argument group title, dataclass, preset name -> that preset's values for the dataclass)
+FIELD_GROUPS = (
+    ("model fields (GAMConfig)", GAMConfig, {name: fields for name, (fields, _) in PRESETS.items()}),
+    ("training fields (TrainConfig)", TrainConfig, {name: fields for name, (_, fields) in PRESETS.items()}),
+)
+
 TRAIN_USAGE = "gam train [--preset NAME] [--out DIR] [--resume] [--FIELD VALUE ...]"
 
 
@@ -37,11 +44,15 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                                                      "(default: cpu)")
     run.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/MODEL-PRESET-DATA)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    model_presets = {name: fields for name, (fields, _) in PRESETS.items()}
-    train_presets = {name: fields for name, (_, fields) in PRESETS.items()}
-    add_field_arguments(p, "model fields (GAMConfig)", GAMConfig, model_presets)
-    add_field_arguments(p, "training fields (TrainConfig)", TrainConfig, train_presets)
+    for title, config_class, presets in FIELD_GROUPS:
+        add_field_arguments(p, title, config_class, presets)
     p.set_defaults(func=cmd_train)
+
+
+def fields_markdown() -> str:
+    """The field tables of docs/cli.md, from the same source as ``gam train --help``."""
+    return "\n\n".join(f"### {title}\n\n{cli_args.fields_markdown(config_class, presets)}"
+                       for title, config_class, presets in FIELD_GROUPS)
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,10 +60,11 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                        description="Validation loss and perplexity of a checkpoint, on the data it was trained "
                                    "on (or --data), next to a unigram model's perplexity on the same tokens. "
                                    "A progress bar shows on a terminal (TQDM_DISABLE=1 hides it).")
-    p.add_argument("dir", help="a run folder or checkpoint folder")
-    p.add_argument("--data", default=None, help="default: the data the model was trained on")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("dir", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--data", default=None, help="wikitext2 | tinystories | a path (default: the data the model "
+                                                 "was trained on)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="sequences per batch (default: 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
