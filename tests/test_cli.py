@@ -136,13 +136,14 @@ def test_mistyped_or_missing_command(argv, message, capsys):
 
 
 def test_overrides_for_bench_share_the_field_parser():
-    model, training = parse_overrides(["--n-layer", "3", "--lr=1e-3", "--compile", "--max-steps", "none",
-                                       "--model", "mamba"])
+    model, training = parse_overrides(["--n-layer", "3", "--lr=1e-3", "--compile", "--max-steps", "none"])
     assert model == {"n_layer": 3} and training == {"lr": 1e-3, "compile": True, "max_steps": None}
     with pytest.raises(ValueError, match="--lr: cannot read 'x' as a float"):
         parse_overrides(["--lr", "x"])
     with pytest.raises(ValueError, match="did you mean --n-layer"):
         parse_overrides(["--n-layers", "3"])
+    with pytest.raises(ValueError, match="--model: a benchmark trains its own set of models"):
+        parse_overrides(["--model", "mamba"])
 
 
 def test_train_applies_fields_over_the_preset(monkeypatch, tmp_path):

@@ -40,8 +40,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (default: the cpu preset GAM on WikiText-2)", allow_abbrev=False,
                        description=TRAIN_HELP, usage=TRAIN_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("run")
-    run.add_argument("--preset", default="cpu", metavar="NAME", help=f"starting values for the fields: {' | '.join(PRESETS)} "
-                                                     "(default: cpu)")
+    run.add_argument("--preset", default="cpu", metavar="NAME",
+                     help=f"starting values for the fields: {' | '.join(PRESETS)} (default: cpu)")
     run.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/MODEL-PRESET-DATA)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     for title, config_class, presets in FIELD_GROUPS:
@@ -80,7 +80,8 @@ def parse_overrides(tokens: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     except UsageError as err:
         raise ConfigError(str(err)) from None
     model_over = given_fields(args, GAMConfig)
-    model_over.pop("model", None)  # the benchmark picks the models
+    if "model" in model_over:
+        raise ConfigError("--model: a benchmark trains its own set of models (see its --models)")
     return model_over, given_fields(args, TrainConfig)
 
 
