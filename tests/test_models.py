@@ -35,7 +35,7 @@ def tiny(name, **fields):
     ("gam", {}, 22_599_680),
     ("gam", {"variant": "sum_fusion"}, 19_447_808),
     # The issue lists 19,439,840; removing exactly the conv and the gate, as
-    # the equations define global_only, gives 19,435,520 (see README).
+    # the equations define global_only, gives 19,435,520 (see docs/results.md, "Parameter counts").
     ("gam", {"variant": "global_only"}, 19_435_520),
     ("gam", {"variant": "local_only"}, 17_874_944),
     ("transformer", {}, 24_166_400),

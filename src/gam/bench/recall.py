@@ -186,7 +186,7 @@ def grid(seq_lens, pairs, widths) -> tuple[tuple[int, int, int], ...]:
 
 
 PRESETS = {
-    # 2 processes x 1 thread on 2 shared cores; see the README for the measured time.
+    # 2 processes x 1 thread on 2 shared cores; docs/results.md gives the measured time.
     # Vocabulary 32 (15 keys, 16 values) and batch 32 let the Transformer solve every
     # setting within a few hundred steps. Mamba's PyTorch scan costs ~10x a GAM step
     # on CPU, so this preset leaves it out (--models ...,mamba adds it). A run stops

@@ -352,7 +352,7 @@ def use_fast_path(impl: str, x: torch.Tensor) -> bool:
     ``auto`` is the fast path on CPU, where it is measured faster (``gam bench
     speed``), and the paper's eager code on CUDA: on an H100 its few large cuBLAS
     calls beat the chunked fused ops (``benchmarks/bench_memory_read.py``,
-    ``gam bench scaling --models gam,gam_fast``; README "GPU").
+    ``gam bench scaling --models gam,gam_fast``; docs/results.md, "Table 2 on the H100").
     """
     if impl == "fast":
         return True
