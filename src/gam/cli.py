@@ -331,7 +331,7 @@ SUBCOMMANDS = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gam", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"gam {__version__}")
+    parser.add_argument("--version", action="version", version=f"gam {__version__}", help="print the package version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for add_parser in SUBCOMMANDS:
         add_parser(sub)
