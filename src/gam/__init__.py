@@ -26,3 +26,7 @@ def __getattr__(name: str):
 
         return getattr(lm, name)
     raise AttributeError(f"module 'gam' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODEL_NAMES})
