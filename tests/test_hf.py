@@ -92,10 +92,11 @@ def test_config_validates_fields():
         GAMHFConfig(variant="nope")
 
 
-def test_padding_is_refused():
+def test_right_padded_prompt_is_refused():
     hf = GAMForCausalLM.from_gam(tiny("gam"))
-    with pytest.raises(ValueError, match="padding is not supported"):
-        hf(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1]]))
+    with pytest.raises(ValueError, match="pad prompts on the left"):
+        hf.generate(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 0]]),
+                    max_new_tokens=2, pad_token_id=0)
 
 
 def test_export_checkpoint_to_transformers(tmp_path, capsys):
@@ -112,3 +113,67 @@ def test_export_checkpoint_to_transformers(tmp_path, capsys):
                        model.generate(ids, 12, temperature=0))
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 2  # not empty
     assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,fields", [MODELS[0], MODELS[3], MODELS[4]])
+def test_output_hidden_states_are_embeddings_block_outputs_and_final_norm(name, fields):
+    model = tiny(name, **fields)
+    hf = GAMForCausalLM.from_gam(model)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = hf(idx, output_hidden_states=True)
+        states = out.hidden_states
+        assert len(states) == TINY["n_layer"] + 1
+        x = model.embed(idx)
+        torch.testing.assert_close(states[0], x)
+        for block, state in zip(model.blocks[:-1], states[1:-1]):
+            x = block(x)
+            torch.testing.assert_close(state, x)
+        torch.testing.assert_close(states[-1], model.ln_f(model.blocks[-1](x)))
+        torch.testing.assert_close(out.logits, model.head(states[-1]))
+        assert hf(idx).hidden_states is None
+        # the cached path (prefill, then steps) gives the same states
+        cached = hf(idx[:, :4], use_cache=True, output_hidden_states=True)
+        step = hf(idx[:, 4:], past_key_values=cached.past_key_values, output_hidden_states=True)
+        for full, first, rest in zip(states, cached.hidden_states, step.hidden_states):
+            torch.testing.assert_close(torch.cat([first, rest], dim=1), full, atol=1e-5, rtol=1e-5)
+    generated = hf.generate(idx, max_new_tokens=3, do_sample=False, output_hidden_states=True,
+                            return_dict_in_generate=True)
+    assert len(generated.hidden_states) == 3 and len(generated.hidden_states[0]) == TINY["n_layer"] + 1
+
+
+def test_loss_is_summed_over_num_items_in_batch():
+    """transformers' Trainer passes num_items_in_batch (gradient accumulation) and expects sum / count."""
+    hf = GAMForCausalLM.from_gam(tiny("gam"))
+    idx = torch.randint(0, TINY["vocab_size"], (2, 9))
+    with torch.no_grad():
+        mean = hf(idx, labels=idx).loss
+        torch.testing.assert_close(hf(idx, labels=idx, num_items_in_batch=32).loss, mean * 16 / 32)
+
+
+def test_trainer_two_steps_then_from_pretrained_reloads_the_weights(tmp_path):
+    pytest.importorskip("accelerate")
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from gam.hf import hf_tokenizer
+    from test_generation import make_tokenizer
+
+    tok = hf_tokenizer(make_tokenizer())
+    hf = GAMForCausalLM.from_gam(tiny("gam", vocab_size=len(tok))).train()
+    before = {k: v.clone() for k, v in hf.state_dict().items()}
+    texts = ["the cat sat on the mat", "a dog ran", "the bird sang a song in the park", "the cat"] * 2
+    data = Dataset.from_dict({"text": texts}).map(lambda row: tok(row["text"]), remove_columns=["text"])
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, learning_rate=1e-2, use_cpu=True, report_to="none",
+                             save_strategy="no", logging_strategy="no", dataloader_num_workers=0, seed=0)
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)  # right padding, labels -100 there
+    trainer = Trainer(model=hf, args=args, train_dataset=data, data_collator=collator)
+    result = trainer.train()
+    assert result.global_step == 2
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    trained = trainer.model.state_dict()
+    assert set(loaded.state_dict()) == set(trained)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.items())
+    assert not torch.equal(trained["model.head.weight"], before["model.head.weight"])  # it did train

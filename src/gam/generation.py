@@ -21,6 +21,12 @@ with the position of the next token. :func:`forward_cached` runs a prefill when
 the cache is empty, else one step per token; :func:`generate` (also
 ``DecoderLM.generate``) samples from it.
 
+Padding: a left-padded batch (``attention_mask``, see :mod:`gam.models.lm`)
+is given at prefill. Each block keeps the pads out of its state (GAM and
+Mamba store zeros for them; the KV cache records which keys are padding), and
+the cache remembers each row's pad count, so every later token's position is
+counted from that row's first real token. Steps take real tokens only.
+
 Positions: with learned positions (the paper) a model never sees a position
 past ``block_size - 1``. Generation past that slides the window: each new token
 is predicted from the last ``block_size`` tokens, re-prefilled into a fresh
@@ -42,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from gam.config import GAMConfig
-from gam.models.lm import DecoderLM, check_token_ids
+from gam.models.lm import DecoderLM, check_token_ids, padding_mask, positions_from_mask
 
 
 class InferenceCache:
@@ -64,6 +70,7 @@ class InferenceCache:
         self.max_seqlen = max_seqlen
         self.position = 0
         self.seen_tokens = 0
+        self.pad_lengths: torch.Tensor | None = None  # (B,) left-pad count per row of a padded prompt
 
     @classmethod
     def allocate(cls, model: DecoderLM, batch_size: int, max_seqlen: int | None = None,
@@ -77,7 +84,7 @@ class InferenceCache:
     def restart(self, model: DecoderLM) -> None:
         """Empty the state (fresh buffers), keeping ``seen_tokens``: a window slide."""
         fresh = InferenceCache.allocate(model, self.batch_size, self.max_seqlen)
-        self.layers, self.position = fresh.layers, 0
+        self.layers, self.position, self.pad_lengths = fresh.layers, 0, None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -88,6 +95,8 @@ class InferenceCache:
             for name, value in layer.items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0:
                     layer[name] = value.index_select(0, beam_idx.to(value.device))
+        if self.pad_lengths is not None:
+            self.pad_lengths = self.pad_lengths.index_select(0, beam_idx.to(self.pad_lengths.device))
         self.batch_size = int(beam_idx.numel())
 
     def nbytes(self) -> int:
@@ -101,11 +110,15 @@ class InferenceCache:
 
 
 def forward_cached(model: DecoderLM, idx: torch.Tensor, cache: InferenceCache,
-                   last_only: bool = False) -> torch.Tensor:
+                   last_only: bool = False, attention_mask: torch.Tensor | None = None,
+                   hidden_states: list | None = None) -> torch.Tensor:
     """Logits for tokens ``idx`` (B, T) that continue the sequence in ``cache``.
 
     An empty cache gets one parallel prefill pass; otherwise the tokens are fed
     one step at a time. Returns (B, T, V), or (B, 1, V) with ``last_only``.
+    ``attention_mask``: a left-padded prompt (prefill only; later tokens are
+    real). ``hidden_states``: a list to append the embeddings, each block's
+    output and the final-normed output to (as ``DecoderLM.forward``).
     """
     check_token_ids(idx, model.config.vocab_size, None)
     B, T = idx.shape
@@ -117,23 +130,45 @@ def forward_cached(model: DecoderLM, idx: torch.Tensor, cache: InferenceCache,
             f"position {cache.position + T - 1} is past block_size {limit} (learned positions): "
             f"slide the window, i.e. prefill the last {limit} tokens into a fresh cache "
             "(generate() does this)")
+    real = padding_mask(attention_mask, idx, prompt=True)
+    if real is not None and cache.position > 0:
+        raise ValueError("padding (zeros in attention_mask) is only allowed in the prompt, "
+                         "not in tokens that continue a cached sequence")
+    collect = hidden_states is not None
     if cache.position == 0:
-        x = model.embed(idx, 0)
+        positions = None
+        if real is not None:
+            cache.pad_lengths = (~real).sum(dim=1)
+            positions = positions_from_mask(real)
+        x = model.embed(idx, 0, positions=positions)
         for block, state in zip(model.blocks, cache.layers):
-            x = block.prefill(x, state)
+            if collect:
+                hidden_states.append(x[:, -1:] if last_only else x)
+            x = block.prefill(x, state) if real is None else block.prefill(x, state, real)
         if last_only:
             x = x[:, -1:]
     else:
-        outs = []
+        outs, layer_inputs = [], [[] for _ in model.blocks]
         for t in range(T):
-            x_t = model.embed(idx[:, t:t + 1], cache.position + t)
-            for block, state in zip(model.blocks, cache.layers):
+            start = cache.position + t
+            positions = None
+            if cache.pad_lengths is not None:  # each row counts from its first real token
+                positions = (start - cache.pad_lengths)[:, None]
+            x_t = model.embed(idx[:, t:t + 1], start, positions=positions)
+            for inputs, block, state in zip(layer_inputs, model.blocks, cache.layers):
+                if collect:
+                    inputs.append(x_t)
                 x_t = block.step(x_t, state)
             outs.append(x_t)
         x = outs[-1] if last_only else torch.cat(outs, dim=1)
+        if collect:
+            hidden_states.extend(inputs[-1] if last_only else torch.cat(inputs, dim=1) for inputs in layer_inputs)
     cache.position += T
     cache.seen_tokens += T
-    return model.head(model.ln_f(x))
+    h = model.ln_f(x)
+    if collect:
+        hidden_states.append(h)
+    return model.head(h)
 
 
 # ---------------------------------------------------------------- sampling
@@ -186,16 +221,23 @@ def _prompt(model: DecoderLM, idx: Any) -> torch.Tensor:
     return idx
 
 
+def _prompt_mask(idx: torch.Tensor, attention_mask: Any) -> torch.Tensor | None:
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:
+        attention_mask = attention_mask.unsqueeze(0)
+    return padding_mask(attention_mask, idx, prompt=True)
+
+
 def stream(model: DecoderLM, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None,
-           seed: int | None = None) -> Iterator[torch.Tensor]:
+           seed: int | None = None, attention_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield each new token (B,) as it is sampled; see :func:`generate`."""
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     idx = _prompt(model, idx)
-    return _stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed)
+    real = _prompt_mask(idx, attention_mask)
+    return _stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, real)
 
 
-def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed):
+def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, real=None):
     if max_new_tokens == 0:
         return
     generator = None
@@ -208,10 +250,12 @@ def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed):
     model.eval()
     try:
         tokens = idx[:, -limit:] if limit is not None else idx
+        if real is not None and limit is not None:
+            real = real[:, -limit:]
         with torch.no_grad():
             max_seqlen = limit if limit is not None else T + max_new_tokens
             cache = model.allocate_inference_cache(B, max_seqlen, device=idx.device)
-            logits = forward_cached(model, tokens, cache, last_only=True)[:, -1]
+            logits = forward_cached(model, tokens, cache, last_only=True, attention_mask=real)[:, -1]
         for i in range(max_new_tokens):
             with torch.no_grad():
                 nxt = sample_next(logits, temperature, top_k, top_p, generator)
@@ -222,11 +266,15 @@ def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed):
                 if limit is not None and cache.position >= limit:
                     # the window is full: slide it and re-prefill the last block_size tokens
                     tokens = torch.cat([tokens, nxt[:, None]], dim=1)[:, -limit:]
+                    if real is not None:  # the pads still in the window stay masked
+                        real = torch.cat([real, real.new_ones(B, 1)], dim=1)[:, -limit:]
                     cache.restart(model)
-                    logits = forward_cached(model, tokens, cache, last_only=True)[:, -1]
+                    logits = forward_cached(model, tokens, cache, last_only=True, attention_mask=real)[:, -1]
                 else:
                     if limit is not None:
                         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                        if real is not None:
+                            real = torch.cat([real, real.new_ones(B, 1)], dim=1)
                     logits = forward_cached(model, nxt[:, None], cache, last_only=True)[:, -1]
     finally:
         model.train(was_training)
@@ -234,7 +282,7 @@ def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed):
 
 def generate(model: DecoderLM, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None) -> torch.Tensor:
+             seed: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Extend prompt ``idx`` (B, T) by ``max_new_tokens`` tokens: returns (B, T + max_new_tokens).
 
     ``temperature=0`` picks the most likely token (greedy); otherwise tokens are
@@ -243,11 +291,17 @@ def generate(model: DecoderLM, idx: torch.Tensor, max_new_tokens: int, temperatu
     reaches ``top_p`` (nucleus). ``seed`` makes sampling reproducible without
     touching the global RNG. The prompt is prefilled in one parallel pass, then
     each token costs one cached step. A 1-D prompt gives a 1-D result.
+
+    Prompts of different lengths go in one batch left-padded, with
+    ``attention_mask`` (B, T) 1 at real tokens and 0 at the padding: each row
+    then generates what it generates alone (greedy), and the result keeps the
+    padding in front.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     one_d = isinstance(idx, torch.Tensor) and idx.dim() == 1
     idx = _prompt(model, idx)
-    new = list(_stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed))
+    real = _prompt_mask(idx, attention_mask)
+    new = list(_stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, real))
     out = torch.cat([idx] + [t[:, None].to(idx.dtype) for t in new], dim=1)
     return out[0] if one_d else out
 
@@ -291,8 +345,12 @@ def load_weights(model: DecoderLM, path: Path) -> None:
     unexpected = sorted(set(state) - set(expected))
     shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or shapes:
+        old_norm = model.config.model == "mamba" and any(k.endswith("norm.bias") or k == "ln_f.bias"
+                                                          for k in unexpected)
+        hint = ("; this is a standard-wiring Mamba saved when it used LayerNorm, before it took "
+                "mamba-ssm's RMSNorm: retrain it with this version") if old_norm else ""
         raise ValueError(f"{path}: weights do not fit the config (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]})")
+                         f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]}){hint}")
     model.load_state_dict(state, strict=True)
 
 

@@ -16,8 +16,17 @@ mamba): :class:`GAMForCausalLM` holds a :class:`gam.models.lm.DecoderLM` under
 ``.model``, so its weights are ``model.<our names>`` in ``model.safetensors``
 (the tied head stored once). ``generate()`` decodes with our per-layer
 :class:`gam.generation.InferenceCache` (passed as ``past_key_values``), so a GAM
-layer keeps k-1 vectors, not a KV cache. Padding (an ``attention_mask`` with
-zeros) is not supported: batch prompts of one length.
+layer keeps k-1 vectors, not a KV cache.
+
+Batched prompts of different lengths: **left** padding with an
+``attention_mask`` (``tokenizer.padding_side = "left"``, as for any HF decoder).
+Positions follow the mask and every block keeps the pads out of real tokens
+(contract in :mod:`gam.models.lm`), so each row generates what it generates
+alone. Right padding is fine in a plain forward (a Trainer batch) and refused
+in a prompt to continue. ``output_hidden_states``
+gives n_layer + 1 tensors: the embeddings, each block's output, the last one
+after the final norm (as GPT-2 and Llama in ``transformers``). See
+``docs/hf-interop.md``.
 """
 
 from __future__ import annotations
@@ -129,34 +138,45 @@ class GAMForCausalLM(PreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits for ``input_ids``; with ``past_key_values`` (an InferenceCache) or
         ``use_cache=True`` they continue the cached sequence. ``labels`` are
-        shifted inside, as in every ``transformers`` causal LM."""
+        shifted inside, as in every ``transformers`` causal LM. ``attention_mask``:
+        left padding for prompts (cached continuations are real tokens); right
+        padding only in a plain forward (it cannot reach a real token)."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("GAMForCausalLM takes input_ids (inputs_embeds is not supported)")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("padding is not supported (attention_mask has zeros): "
-                             "give prompts of one length, or one at a time")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        hidden_states: list | None = [] if output_hidden_states else None
         if past_key_values is not None and not isinstance(past_key_values, InferenceCache):
             raise ValueError(f"past_key_values must be a gam InferenceCache, got {type(past_key_values).__name__}")
         cache = past_key_values
         if cache is None and use_cache:
             cache = self._new_cache(input_ids)
         if cache is not None:
-            logits = self.model.forward_cached(input_ids, cache, last_only=logits_to_keep == 1)
+            logits = self.model.forward_cached(input_ids, cache, last_only=logits_to_keep == 1,
+                                               attention_mask=attention_mask, hidden_states=hidden_states)
         else:
-            logits, _ = self.model(input_ids)
+            logits, _ = self.model(input_ids, attention_mask=attention_mask, hidden_states=hidden_states)
         if logits_to_keep and logits.shape[1] > logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         loss = None
         if labels is not None:
             if logits.shape[1] != labels.shape[1]:
                 raise ValueError("labels need logits for every position (logits_to_keep=0)")
+            # Trainer passes num_items_in_batch (the labelled tokens of all accumulated
+            # micro-batches) and then expects the sum over them, as transformers' causal LMs.
+            num_items = kwargs.get("num_items_in_batch")
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+                                   labels[:, 1:].reshape(-1), ignore_index=-100,
+                                   reduction="mean" if num_items is None else "sum")
+            if num_items is not None:
+                loss = loss / torch.as_tensor(num_items, device=loss.device)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache,
+                                        hidden_states=None if hidden_states is None else tuple(hidden_states))
         if return_dict is False:
             return output.to_tuple()
         return output
@@ -177,6 +197,7 @@ class GAMForCausalLM(PreTrainedModel, GenerationMixin):
         """
         limit = self.model.config.max_seq_len
         inputs: dict[str, Any] = {"attention_mask": attention_mask}
+        inputs.update((key, kwargs[key]) for key in ("logits_to_keep", "output_hidden_states") if key in kwargs)
         if not use_cache:
             inputs.update(input_ids=input_ids if limit is None else input_ids[:, -limit:], use_cache=False)
             if attention_mask is not None and limit is not None:
@@ -191,8 +212,6 @@ class GAMForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask[:, -new.shape[1]:]
         inputs.update(input_ids=new, past_key_values=cache, use_cache=True)
-        if "logits_to_keep" in kwargs:
-            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return inputs
 
     def _reorder_cache(self, past_key_values: InferenceCache, beam_idx: torch.Tensor) -> InferenceCache:

@@ -55,7 +55,7 @@ def block_specs() -> dict[str, ModelSpec]:
                   "(training mode) PyTorch falls back to its math kernel, which materializes the scores "
                   "like the naive code (--dropout 0 gives the fused flash kernel)"),
         ModelSpec("mamba", "Mamba", "mamba", {"mamba_wiring": "standard"},
-                  "LayerNorm + Mamba mixer + residual (d_state 16, d_conv 4, expand 3)"),
+                  "RMSNorm + Mamba mixer + residual, as mamba-ssm (d_state 16, d_conv 4, expand 3)"),
     ]
     if {"gam_impl": "fast"}:
         specs.append(ModelSpec("gam_fast", "GAM (fast path)", "gam", {"gam_impl": "fast"},

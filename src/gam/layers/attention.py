@@ -5,6 +5,12 @@ paper's benchmark did; ``"sdpa"`` (default) calls
 ``F.scaled_dot_product_attention(is_causal=True)``, which picks a fused
 flash / memory-efficient kernel where one exists. Both compute the same
 function (tested).
+
+Padding (a left-padded batch, ``gam.models.lm``): padded keys are masked out of
+every query's attention; a pad query attends to itself only, so its row stays
+finite (its output is never read). The decoding cache then records which cached
+keys are padding (``key_mask``); an unpadded batch has none and keeps
+``is_causal=True``.
 """
 
 from __future__ import annotations
@@ -31,12 +37,15 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if self.attn_impl == "sdpa":
+        if attention_mask is not None:
+            y = self._attend(q, k, v, causal=True, key_mask=attention_mask,
+                             dropout_p=self.dropout if self.training else 0.0)
+        elif self.attn_impl == "sdpa":
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
             )
@@ -65,7 +74,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=-1)
         return tuple(t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
 
-    def _append(self, cache: dict, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _append(self, cache: dict, k: torch.Tensor, v: torch.Tensor,
+                key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Write keys/values (and, for a padded prompt, which of them are real)
+        after the cached ones; returns all cached k, v and the key mask (or None)."""
         start, T = cache["length"], k.shape[2]
         end = start + T
         if end > cache["k"].shape[2]:  # outgrown: double the buffers
@@ -77,32 +89,46 @@ class CausalSelfAttention(nn.Module):
         cache["k"][:, :, start:end] = k
         cache["v"][:, :, start:end] = v
         cache["length"] = end
-        return cache["k"][:, :, :end], cache["v"][:, :, :end]
+        if key_mask is not None and "key_mask" not in cache:  # the first padded tokens: earlier ones were real
+            cache["key_mask"] = torch.ones(k.shape[0], start, dtype=torch.bool, device=k.device)
+        if "key_mask" in cache:
+            new_keys = key_mask if key_mask is not None else torch.ones(k.shape[0], T, dtype=torch.bool,
+                                                                         device=k.device)
+            cache["key_mask"] = torch.cat([cache["key_mask"][:, :start], new_keys], dim=1)
+        return cache["k"][:, :, :end], cache["v"][:, :, :end], cache.get("key_mask")
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                key_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+        """Attention of q (B, H, Tq, D) over k, v (B, H, Tk, D); the queries are the
+        last Tq positions. ``key_mask`` (B, Tk): False at padded keys."""
+        if self.attn_impl == "sdpa" and key_mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+        Tq, Tk = q.shape[2], k.shape[2]
+        query_pos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+        key_pos = torch.arange(Tk, device=q.device)[None, :]
+        allowed = key_pos <= query_pos if causal else torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
+        if key_mask is not None:  # a pad query keeps its own key: no empty row, no NaN
+            allowed = (allowed & key_mask[:, None, None, :]) | (key_pos == query_pos)
         if self.attn_impl == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])
-        if causal:
-            T = q.shape[2]
-            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return F.softmax(scores, dim=-1) @ v
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return F.dropout(F.softmax(scores, dim=-1), dropout_p) @ v
 
-    def prefill(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, cache: dict, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Causal attention over a prompt (B, T, C), writing its keys/values into an empty cache."""
         B, T, C = x.shape
         q, k, v = self._heads(x)
-        self._append(cache, k, v)
-        y = self._attend(q, k, v, causal=True).transpose(1, 2).reshape(B, T, C)
+        self._append(cache, k, v, attention_mask)
+        y = self._attend(q, k, v, causal=True, key_mask=attention_mask).transpose(1, 2).reshape(B, T, C)
         return self.proj(y)
 
     def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        """One token (B, 1, C) attending to every cached position and itself."""
+        """One token (B, 1, C) attending to every cached (real) position and itself."""
         B, T, C = x.shape
         q, k, v = self._heads(x)
-        k, v = self._append(cache, k, v)
-        y = self._attend(q, k, v, causal=False).transpose(1, 2).reshape(B, T, C)
+        k, v, key_mask = self._append(cache, k, v)
+        y = self._attend(q, k, v, causal=False, key_mask=key_mask).transpose(1, 2).reshape(B, T, C)
         return self.proj(y)
 
 
@@ -114,8 +140,8 @@ class TransformerBlock(nn.Module):
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.ffn = feed_forward(config.n_embd, config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), attention_mask)
         return x + self.ffn(self.ln2(x))
 
     # decoding: see CausalSelfAttention and gam.generation
@@ -124,8 +150,8 @@ class TransformerBlock(nn.Module):
                                  device: torch.device | str | None = None) -> dict:
         return self.attn.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, device=device)
 
-    def prefill(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        x = x + self.attn.prefill(self.ln1(x), cache)
+    def prefill(self, x: torch.Tensor, cache: dict, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn.prefill(self.ln1(x), cache, attention_mask)
         return x + self.ffn(self.ln2(x))
 
     def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:

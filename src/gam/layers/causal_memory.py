@@ -48,23 +48,27 @@ class CausalMemory(nn.Module):
         tau = torch.exp(torch.linspace(math.log(self.min_timescale), math.log(self.max_timescale), S))
         self.forget.bias.copy_(torch.log(tau - 1.0))  # sigmoid(b) = 1 - 1/tau
 
-    def gates(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(v, log_alpha) for normalized input h (..., C)."""
-        return self.value(h), F.logsigmoid(self.forget(h))
+    def gates(self, h: torch.Tensor, real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v, log_alpha) for normalized input h (..., C). With a padding mask
+        ``real`` (B, T), pad positions get alpha = 1: they write nothing."""
+        log_alpha = F.logsigmoid(self.forget(h))
+        if real is not None:
+            log_alpha = log_alpha * real.unsqueeze(-1).to(log_alpha.dtype)
+        return self.value(h), log_alpha
 
     def forward(self, h: torch.Tensor, memory_bank: torch.Tensor,
-                state: torch.Tensor | None = None, reference: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                state: torch.Tensor | None = None, reference: bool = False,
+                real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Reads (B, T, C) and final state (B, S, C) for h (B, T, C), starting
-        from ``state`` or, when None, from ``memory_bank``."""
-        v, log_alpha = self.gates(h)
+        from ``state`` or, when None, from ``memory_bank``; ``real``: padding mask."""
+        v, log_alpha = self.gates(h, real)
         if reference:
             return causal_memory_recurrent(h, v, log_alpha, memory_bank, state)
         return causal_memory_chunked(h, v, log_alpha, memory_bank, state, self.chunk_size)
 
     def final_state(self, h: torch.Tensor, memory_bank: torch.Tensor,
-                    state: torch.Tensor | None = None) -> torch.Tensor:
-        v, log_alpha = self.gates(h)
+                    state: torch.Tensor | None = None, real: torch.Tensor | None = None) -> torch.Tensor:
+        v, log_alpha = self.gates(h, real)
         return causal_memory_final_state(v, log_alpha, memory_bank, state)
 
     def step(self, h: torch.Tensor, state: torch.Tensor) -> torch.Tensor:

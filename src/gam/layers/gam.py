@@ -74,40 +74,48 @@ class GAMBlock(nn.Module):
         self.ffn = feed_forward(C, config.dropout)
         self.impl = getattr(config, "gam_impl", "auto")  # auto | reference | fast
 
-    def local_context(self, h: torch.Tensor) -> torch.Tensor:
+    def local_context(self, h: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal depthwise conv of h; with a padding mask, pad positions enter the
+        conv as zeros, which is what a real token sees left of the sequence start."""
+        if real is not None:
+            h = h * real.unsqueeze(-1).to(h.dtype)
         T = h.shape[1]
         return self.causal_conv(h.transpose(1, 2))[:, :, :T].transpose(1, 2)
 
-    def global_context(self, h: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    def global_context(self, h: torch.Tensor, cache: dict | None = None,
+                       real: torch.Tensor | None = None) -> torch.Tensor:
         if self.memory == "causal":  # slots as written by tokens <= t; a decoding cache holds them
             if cache is None:
-                return self.causal_memory(h, self.memory_bank)[0]
+                return self.causal_memory(h, self.memory_bank, real=real)[0]
             return self.causal_memory.step(h, cache["memory_state"])
         weights = F.softmax(h @ self.memory_bank.T, dim=-1)  # (B, T, slots)
         return weights @ self.memory_bank
 
-    def mix(self, h: torch.Tensor) -> torch.Tensor:
-        """The token-mixing part (what replaces attention), from normalized input h."""
+    def mix(self, h: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """The token-mixing part (what replaces attention), from normalized input h;
+        ``real``: the padding mask of a left-padded batch (gam.models.lm)."""
         if self.variant == "full":
             g_local, g_global = self.gate(h).chunk(2, dim=-1)
-            return (torch.sigmoid(g_local) * self.local_context(h)
-                    + torch.sigmoid(g_global) * self.global_context(h))
+            return (torch.sigmoid(g_local) * self.local_context(h, real)
+                    + torch.sigmoid(g_global) * self.global_context(h, real=real))
         if self.variant == "sum_fusion":
-            return self.local_context(h) + self.global_context(h)
+            return self.local_context(h, real) + self.global_context(h, real=real)
         if self.variant == "global_only":
-            return self.global_context(h)
-        return self.local_context(h)
+            return self.global_context(h, real=real)
+        return self.local_context(h, real)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attention_mask``: None, or the bool padding mask of a left-padded batch
+        (``gam.models.lm.padding_mask``); padded batches take the reference path."""
         from gam.ops.fused_block import gam_block_fast, use_fast_path
 
-        if self.memory == "static" and use_fast_path(self.impl, x):
+        if attention_mask is None and self.memory == "static" and use_fast_path(self.impl, x):
             return gam_block_fast(self, x)  # same function, fused ops (gam.ops.fused_block)
-        return self.forward_reference(x)
+        return self.forward_reference(x, attention_mask)
 
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The paper's eager code, unchanged: the oracle and the speed baseline."""
-        x = x + self.mix(self.ln1(x))
+    def forward_reference(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The paper's eager code, unchanged (plus the padding mask): the oracle and the speed baseline."""
+        x = x + self.mix(self.ln1(x), attention_mask)
         return x + self.ffn(self.ln2(x))
 
     # ------------------------------------------------------------ decoding
@@ -131,18 +139,21 @@ class GAMBlock(nn.Module):
                 batch_size, *M.shape).clone()
         return cache
 
-    def prefill(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        """The parallel forward over a prompt (B, T, C), filling an empty ``cache``."""
+    def prefill(self, x: torch.Tensor, cache: dict, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The parallel forward over a prompt (B, T, C), filling an empty ``cache``;
+        pad positions of a left-padded prompt are kept out of the state (zeros)."""
+        h = self.ln1(x)
         if self.has_local:
             state = cache["conv_state"]
             keep = state.shape[-1]
             if keep:
-                h = self.ln1(x)[:, -keep:].transpose(1, 2)  # (B, C, <=k-1)
+                window = h if attention_mask is None else h * attention_mask.unsqueeze(-1).to(h.dtype)
+                window = window[:, -keep:].transpose(1, 2)  # (B, C, <=k-1)
                 state.zero_()
-                state[:, :, keep - h.shape[-1]:] = h
+                state[:, :, keep - window.shape[-1]:] = window
         if self.memory == "causal":
-            cache["memory_state"].copy_(self.causal_memory.final_state(self.ln1(x), self.memory_bank))
-        return self(x)
+            cache["memory_state"].copy_(self.causal_memory.final_state(h, self.memory_bank, real=attention_mask))
+        return self(x, attention_mask)
 
     def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
         """One token (B, 1, C) -> (B, 1, C), updating ``cache`` in place."""

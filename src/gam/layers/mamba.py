@@ -120,12 +120,19 @@ class Mamba(nn.Module):
             return "cuda"
         return "auto" if x.is_cuda else "torch"
 
-    def forward(self, x: torch.Tensor, cache: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[Dict[str, torch.Tensor]] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, T, d_model) -> (B, T, d_model). With ``cache``, x is a prefill from the start of
-        the sequence and the final conv/ssm states are written into ``cache`` (allocated if absent)."""
+        the sequence and the final conv/ssm states are written into ``cache`` (allocated if absent).
+        ``attention_mask`` (B, T) bool, False at the padding of a left-padded batch: pad positions
+        enter the conv as zeros and the scan with zero input, so the states a real token sees are
+        those of an unpadded sequence (as mamba-ssm and Hugging Face's Mamba do)."""
         Bsz, T, _ = x.shape
         xz = self.in_proj(x).transpose(1, 2)                                  # (B, 2*d_inner, T)
         xs, z = xz.chunk(2, dim=1)
+        real = None if attention_mask is None else attention_mask.unsqueeze(1).to(xs.dtype)  # (B, 1, T)
+        if real is not None:
+            xs = xs * real
         if cache is not None:
             if "conv_state" not in cache or "ssm_state" not in cache:
                 cache.update(self.allocate_inference_cache(Bsz, device=x.device))
@@ -135,6 +142,8 @@ class Mamba(nn.Module):
             else:
                 conv_state.copy_(F.pad(xs, (self.d_conv - T, 0)))
         xs = F.silu(self.conv1d(xs)[..., :T])                                 # causal depthwise conv
+        if real is not None:  # zero scan input: the state stays zero through the left padding
+            xs = xs * real
         x_dbl = self.x_proj(xs.transpose(1, 2))                               # (B, T, R + 2N)
         dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)               # (B, d_inner, T), bias in softplus
