@@ -7,6 +7,7 @@ Benchmarks are not tests: these only check that each command runs end to end
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,9 @@ PHRASES = ["the cat sat on a mat", "while dogs ran far away", "and birds sang in
 TINY_MODEL = ["--n-embd", "16", "--n-layer", "2", "--n-head", "2", "--num-memory-slots", "8",
               "--vocab-size", "120", "--block-size", "16", "--d-state", "4", "--expand", "2"]
 TINY_TRAIN = ["--max-steps", "4", "--batch-size", "4", "--valid-tokens", "200", "--warmup-steps", "2",
-              "--eval-batch-size", "8", "--log-every", "1", "--train-rows", "None", "--valid-rows", "None"]
+              "--eval-batch-size", "8", "--log-every", "1", "--train-rows", "None", "--valid-rows", "None",
+              "--threads", "1"]
+MEAN_SD = r"\d+\.\d{4} ± \d+\.\d{4}"  # a loss over two seeds
 
 
 @pytest.fixture(scope="module")
@@ -144,30 +147,97 @@ def paper_dir(corpus, tmp_path_factory):
 
 
 def test_paper_writes_table_and_files(paper_dir):
-    for name in ("paper.md", "paper.json", "paper.csv", "curves.png"):
+    from gam.bench.paper import CPU_DEFAULT_MODELS, rank_cells
+
+    for name in ("paper.md", "paper.json", "paper.csv", "curves.png", "loss_by_position.png"):
         assert (paper_dir / name).stat().st_size > 0, name
     md = (paper_dir / "paper.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| dataset |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    # 2 layers, kernel 3: the paper GAM's receptive field is 1 + 2 * 2 = 5 tokens, from the config
+    assert columns[:11] == ["dataset", "model", "rank", "params", "w/o emb.", "s / epoch", "tokens/s", "val loss",
+                            "val PPL", "loss 0-4", "loss 5+"]
     rows = table_rows(md, "dataset")
-    assert rows[-1][1] == "*unigram model (token frequencies)*" and float(rows[-1][7]) > 1  # the baseline row
+    assert rows[-1][1] == "*unigram model (token frequencies)*" and float(rows[-1][8]) > 1  # the baseline row
     rows = rows[:-1]
     raw = json.loads((paper_dir / "paper.json").read_text())
     check_raw(raw, "paper")
-    trained = [m for m in ("gam", "transformer", "mamba") if m not in raw["skipped"]]
-    assert {"gam", "transformer"} <= set(trained)
+    # the cpu preset: the paper's wiring and the fair baselines in one table, one precision for all
+    trained = [m for m in CPU_DEFAULT_MODELS if m not in raw["skipped"]]
+    assert {"gam", "transformer_naive", "transformer_sdpa"} <= set(trained)
     assert [r[1] for r in rows] == [raw["models"][m]["label"] for m in trained]
-    assert raw["train_fields"]["precision"] == "fp32" and raw["models"]["transformer"]["fields"]["attn_impl"] == "naive"
+    assert raw["models"]["transformer_naive"]["fields"] == {"attn_impl": "naive"}
+    assert raw["models"]["transformer_sdpa"]["fields"] == {"attn_impl": "sdpa"}
+    assert raw["models"]["mamba_paper"]["fields"] == {"mamba_wiring": "paper"}
+    assert raw["models"]["mamba_standard"]["fields"] == {"mamba_wiring": "standard"}
+    assert raw["train_fields"]["precision"] == "bf16" and {r["precision"] for r in raw["rows"]} == {"bf16"}
     assert len(raw["rows"]) == 2 * len(trained)  # two seeds each
     for r in raw["rows"]:
         assert r["steps"] == 4 and r["tokens"] == 4 * 4 * 16 and r["epoch_s_extrapolated"]
         assert math.isfinite(r["val_loss"]) and r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-6)
         assert r["params"] > r["non_embedding_params"] > 0 and r["tokens_per_s"] > 0
+        # loss by position of the final weights: its mean is the final validation loss
+        assert len(r["loss_by_position"]) == 16 and r["receptive_field"] == 5
+        assert sum(r["loss_by_position"]) / 16 == pytest.approx(r["val_loss"], rel=1e-4)
+        assert r["loss_inside_field"] == pytest.approx(sum(r["loss_by_position"][:5]) / 5)
+        assert r["loss_beyond_field"] == pytest.approx(sum(r["loss_by_position"][5:]) / 11)
     gam = next(s for s in raw["summary"] if s["model"] == "gam")
     assert gam["val_loss"]["sd"] is not None and len(gam["val_loss"]["values"]) == 2
-    assert "±" in rows[0][6]  # val loss: mean ± sd over the two seeds
+    assert len(gam["loss_by_position"]["mean"]) == 16 and len(gam["loss_by_position"]["sd"]) == 16
+    for row in rows:  # every loss: mean ± sd over the two seeds
+        assert all(re.fullmatch(MEAN_SD, cell) for cell in (row[7], row[9], row[10])), row
+    # the rank column follows the tie rule on the seeds' final losses
+    expected = rank_cells({m: [r["val_loss"] for r in raw["rows"] if r["model"] == m] for m in trained})
+    assert [r[2] for r in rows] == [expected[m] for m in trained]
+    assert "Every measured number is the mean ± sample standard deviation" in md and "`loss 5+`" in md
+    # the projected time for the budget machine, printed before the start, is kept beside the measured one
+    assert raw["projection"]["total_s"] > 0 and set(raw["projection"]["per_model_s"]) == {r[1] for r in rows}
+    assert "projected before the start for the 2-core budget machine" in md
+
+
+def test_rank_cells_tie_rule():
+    from gam.bench.paper import rank_cells
+
+    # a and b differ by less than sd_a + sd_b; c is far from both
+    cells = rank_cells({"c": [3.0, 3.1], "a": [1.0, 1.1], "b": [1.1, 1.2]})
+    assert cells == {"a": "1 (≈ 2)", "b": "2 (≈ 1)", "c": "3"}
+    # a chain: a ≈ b and b ≈ c, but a and c are told apart
+    cells = rank_cells({"a": [1.0, 1.2], "b": [1.25, 1.45], "c": [1.5, 1.7]})
+    assert cells == {"a": "1 (≈ 2)", "b": "2 (≈ 1, 3)", "c": "3 (≈ 2)"}
+    # a difference just above the summed spread is a ranking
+    assert rank_cells({"a": [1.0, 1.2], "b": [1.3, 1.5]}) == {"a": "1", "b": "2"}
+    # one seed: no spread, nothing marked; every run diverged: no rank
+    assert rank_cells({"a": [2.0], "b": [1.9999], "d": []}) == {"a": "2", "b": "1", "d": "—"}
+
+
+def test_cpu_budget_projection():
+    """The cpu preset fits 90 minutes on the budget machine by the committed speed measurements."""
+    from gam.bench.paper import (CPU_BUDGET, CPU_DEFAULT_MODELS, MODEL_SPECS, PaperConfig, project_grid,
+                                 projected_tokens_per_s, resolve)
+    from gam.bench.ablation import VARIANTS
+    from gam.train import preset
+
+    cpu_model = preset("cpu")[0]
+    # the calibration point: the cpu training preset's GAM, 1 thread, bf16 (results/ablation-cpu)
+    assert projected_tokens_per_s("gam", cpu_model, "bf16", 1) == pytest.approx(5342, rel=1e-3)
+    # measurements the projection was not fitted to (results/paper-cpu, fp32, 1 thread): it may be
+    # pessimistic, never more than 5% optimistic
+    for model, fields, measured in (("transformer", {"attn_impl": "naive"}, 2716), ("mamba", {"mamba_wiring": "paper"}, 1507)):
+        assert 0.75 < projected_tokens_per_s(model, {**cpu_model, **fields}, "fp32", 1) / measured < 1.05, model
+    wikitext2 = {"wikitext2": {"vocab_size": 8192, "steps_per_epoch": 1257, "valid_tokens_used": 65536}}
+    for bench, specs in (("paper", [MODEL_SPECS[m](False) for m in CPU_DEFAULT_MODELS]),
+                         ("ablation", [VARIANTS[v][0] for v in ("full", "global_only", "sum_fusion", "local_only")])):
+        model_fields, train_fields, _ = resolve(PaperConfig(), bench)
+        assert train_fields["precision"] == "bf16" and train_fields["threads"] == 2
+        assert train_fields["epochs"] >= 1 and train_fields["max_steps"] is None  # whole epochs
+        projection = project_grid(["wikitext2"], specs, CPU_BUDGET["seeds"], model_fields, train_fields, wikitext2,
+                                  "cpu")
+        assert 10 * 60 < projection["total_s"] < CPU_BUDGET["minutes"] * 60, (bench, projection["text"])
+        assert set(projection["per_model_s"]) == {s.label for s in specs}
 
 
 def test_paper_fair_mode(corpus, tmp_path):
-    assert main(["bench", "paper", "--fair", "--models", "transformer", "--out", str(tmp_path / "fair"),
+    assert main(["bench", "paper", "--fair", "--models", "transformer", "--seeds", "1", "--out", str(tmp_path / "fair"),
                  "--datasets", str(corpus), "--cache-dir", str(tmp_path / "cache"), *TINY_TRAIN, *TINY_MODEL]) == 0
     raw = json.loads((tmp_path / "fair" / "paper.json").read_text())
     assert raw["train_fields"]["precision"] == "bf16"
@@ -188,11 +258,12 @@ def test_paper_records_a_diverged_run_and_goes_on(corpus, tmp_path, monkeypatch)
     monkeypatch.setattr(train_module, "train", train)
     out = tmp_path / "diverged"
     assert main(["bench", "paper", "--models", "transformer,gam", "--out", str(out), "--datasets", str(corpus),
-                 "--cache-dir", str(tmp_path / "cache"), *TINY_TRAIN, *TINY_MODEL]) == 0
+                 "--seeds", "1", "--cache-dir", str(tmp_path / "cache"), *TINY_TRAIN, *TINY_MODEL]) == 0
     md = (out / "paper.md").read_text()
     rows = table_rows(md, "dataset")
-    assert rows[0][1].startswith("Transformer") and rows[0][4:8] == ["—", "—", "diverged", "diverged"]
-    assert rows[1][1] == "GAM" and math.isfinite(float(rows[1][7]))  # the grid went on
+    assert rows[0][1].startswith("Transformer") and rows[0][2] == "—"
+    assert rows[0][5:11] == ["—", "—", "diverged", "diverged", "diverged", "diverged"]
+    assert rows[1][1] == "GAM" and rows[1][2] == "1" and math.isfinite(float(rows[1][8]))  # the grid went on
     assert "seed 0: loss became nan at step 3." in md
     raw = json.loads((out / "paper.json").read_text())
     assert [r["diverged"] for r in raw["rows"]] == ["loss became nan at step 3", None]
@@ -219,32 +290,42 @@ def test_paper_table_has_paper_figures():
 
     run = {"dataset": "wikitext2", "model": "gam", "params": 22_599_680, "non_embedding_params": 17_348_608,
            "epoch_s": 100.0, "epoch_s_extrapolated": False, "tokens_per_s": 1000.0, "val_loss": 6.5,
-           "val_ppl": math.exp(6.5)}
+           "val_ppl": math.exp(6.5), "receptive_field": 13, "loss_inside_field": 6.9, "loss_beyond_field": 6.4,
+           "last_quarter_gain": 0.01}
     from gam.bench.paper import MODEL_SPECS
 
     table = render_table1(PaperConfig(models=("gam",), datasets=("wikitext2",)), [run], {"gam": MODEL_SPECS["gam"](False)})
     (row,) = table_rows(table, "dataset")
-    assert row[:4] == ["WikiText-2", "GAM", "22.60 M", "17.35 M"]
-    assert row[8:] == ["22.6 M", "117.2", "6.7828", "882.57"]
+    assert row[:5] == ["WikiText-2", "GAM", "1", "22.60 M", "17.35 M"]
+    assert row[9:12] == ["6.9000", "6.4000", "0.0100"]  # loss 0-12, loss 13+, last ¼ gain
+    assert row[12:] == ["22.6 M", "117.2", "6.7828", "882.57"]
 
 
-def test_ablation_writes_table_and_files(corpus, tmp_path):
+def test_ablation_writes_table_and_files(corpus, tmp_path, capsys):
     out = tmp_path / "ablation"
     assert main(["bench", "ablation", "--out", str(out), "--dataset", str(corpus), "--cache-dir",
-                 str(tmp_path / "cache"), "--eval-every", "2", *TINY_TRAIN, *TINY_MODEL]) == 0
-    for name in ("ablation.md", "ablation.json", "ablation.csv", "curves.png"):
+                 str(tmp_path / "cache"), "--seeds", "2", "--eval-every", "2", *TINY_TRAIN, *TINY_MODEL]) == 0
+    assert "projected time on the 2-core budget machine:" in capsys.readouterr().out
+    for name in ("ablation.md", "ablation.json", "ablation.csv", "curves.png", "loss_by_position.png"):
         assert (out / name).stat().st_size > 0, name
     rows = table_rows((out / "ablation.md").read_text(), "configuration")
     assert rows[-1][0] == "*unigram model (token frequencies)*"
     rows = rows[:-1]
     assert [r[0] for r in rows] == ["GAM (Full)", "GAM (Global Only)", "GAM (Sum Fusion)", "GAM (Local Only)"]
     assert [r[1:4] for r in rows] == [["✓", "✓", "✓"], ["×", "×", "✓"], ["×", "✓", "✓"], ["×", "✓", "×"]]
-    assert [r[6] for r in rows] == ["22,599,680", "19,435,520", "19,447,808", "17,874,944"]
+    assert [r[7] for r in rows] == ["22,599,680", "19,435,520", "19,447,808", "17,874,944"]
     assert [r[-1] for r in rows] == ["900.84", "905.45", "942.59", "944.70"]
     raw = json.loads((out / "ablation.json").read_text())
     check_raw(raw, "ablation")
     for r in raw["rows"]:
         assert len(r["evals"]) == 2 and r["best_val_ppl"] <= r["val_ppl"] + 1e-9
+        assert len(r["loss_by_position"]) == 16
+    from gam.bench.paper import rank_cells
+
+    variants = ["full", "global_only", "sum_fusion", "local_only"]
+    expected = rank_cells({v: [r["best_val_loss"] for r in raw["rows"] if r["model"] == v] for v in variants})
+    assert [r[4] for r in rows] == [expected[v] for v in variants]  # ranked by Table 3's metric
+    assert all(re.fullmatch(MEAN_SD, cell) for r in rows for cell in (r[10], r[13], r[14]))
 
 
 # ----------------------------------------------------------------------------- report

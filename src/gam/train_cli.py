@@ -66,6 +66,9 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="sequences per batch (default: 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--by-position", nargs="?", const="", default=None, metavar="PLOT.png",
+                   help="also the mean loss at each block position, and its plot "
+                        "(default DIR/loss_by_position.png; see docs/loss-by-position.md)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -134,9 +137,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
         metrics = evaluate(model, data.valid, config.block_size, args.batch_size, device, precision)
     metrics["unigram_ppl"] = unigram_perplexity(data.train, data.valid, config.vocab_size, config.block_size)
     result = {"checkpoint": str(ckpt.path), "step": ckpt.step, "data": data.source, **metrics}
+    if args.by_position is not None:
+        from pathlib import Path
+
+        from gam import evaluation
+
+        result["by_position"] = evaluation.report(
+            model, data.valid, args.batch_size, device, precision,
+            args.by_position or Path(args.dir) / "loss_by_position.png", title=f"{ckpt.path} (step {ckpt.step})")
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{ckpt.path} (step {ckpt.step}) on {data.source}:")
         print(f"  val loss {metrics['val_loss']:.4f}, perplexity {metrics['val_ppl']:.2f} over "
               f"{metrics['tokens']:,} tokens; unigram model perplexity {metrics['unigram_ppl']:.2f}")
+        if "by_position" in result:
+            from gam.evaluation import format_report
+
+            print("\n".join(format_report(result["by_position"])))

@@ -14,14 +14,17 @@ paper's rounded figure).
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from gam.bench.common import fmt_mean_spread, load_average, markdown_table, parse_name_list, write_results
 from gam.bench.paper import (
-    METRICS, ModelSpec, PaperConfig, _epoch_cell, diverged_lines, metric_cell, add_common_training_args, aggregate, config_kwargs,
-    UNIGRAM_LABEL, fmt_params, parameter_counts, unigram_ppl, plot_curves, resolve, setup_lines, train_grid,
+    METRICS, ModelSpec, PaperConfig, _epoch_cell, diverged_lines, metric_cell, add_common_training_args, aggregate,
+    config_kwargs, cpu_schedule_help, field_headers, plot_by_position, position_cells, position_summary, rank_cells,
+    table_notes, with_defaults, UNIGRAM_LABEL, fmt_params, parameter_counts, unigram_ppl, plot_curves, resolve,
+    setup_lines, train_grid,
 )
 
 NAME = "ablation"
@@ -54,28 +57,33 @@ def _mark(flag: bool) -> str:
     return "✓" if flag else "×"
 
 
-def render_table3(variants: list[str], runs: list[dict[str, Any]], paper_counts: dict[str, int]) -> str:
-    headers = ["configuration", "gating", "local", "global", "params", "w/o emb.", "params at paper config",
-               "s / epoch", "tokens/s", "best val PPL", "final val PPL", "paper params", "paper val PPL"]
+def render_table3(variants: list[str], runs: list[dict[str, Any]], paper_counts: dict[str, int],
+                  receptive_field: int = 13) -> str:
+    inside, beyond = field_headers(runs, receptive_field)
+    headers = ["configuration", "gating", "local", "global", "rank", "params", "w/o emb.", "params at paper config",
+               "s / epoch", "tokens/s", "best val loss", "best val PPL", "final val PPL", inside, beyond,
+               "last ¼ gain", "paper params", "paper val PPL"]
     body = []
-    for key in variants:
+    groups = {key: rs for key in variants if (rs := [r for r in runs if r["model"] == key])}
+    # Table 3's metric: the best validation loss seen during training
+    ranks = rank_cells({key: [r["best_val_loss"] for r in rs if not r.get("diverged")] for key, rs in groups.items()})
+    for key, rs in groups.items():
         spec, gating, local, glob = VARIANTS[key]
-        rs = [r for r in runs if r["model"] == key]
-        if not rs:
-            continue
         paper = PAPER_TABLE3.get(key, {})
         body.append([
-            spec.label, _mark(gating), _mark(local), _mark(glob),
+            spec.label, _mark(gating), _mark(local), _mark(glob), ranks[key],
             fmt_params(rs[0]["params"]), fmt_params(rs[0]["non_embedding_params"]),
             f"{paper_counts[key]:,}", _epoch_cell(rs),
             fmt_mean_spread([r["tokens_per_s"] for r in rs if not r.get("diverged")], "{:,.0f}"),
-            metric_cell(rs, "best_val_ppl", "{:.2f}"), metric_cell(rs, "val_ppl", "{:.2f}"),
+            metric_cell(rs, "best_val_loss", "{:.4f}"), metric_cell(rs, "best_val_ppl", "{:.2f}"),
+            metric_cell(rs, "val_ppl", "{:.2f}"), *position_cells(rs), metric_cell(rs, "last_quarter_gain", "{:.4f}"),
             paper.get("params", "—"), f"{paper['val_ppl']:.2f}" if "val_ppl" in paper else "—",
         ])
     uni = unigram_ppl(runs)
     if uni:
-        body.append([UNIGRAM_LABEL, "", "", "", "", "", "", "", "", f"{uni:.2f}", f"{uni:.2f}", "", ""])
-    return markdown_table(headers, body, "llll" + "r" * 9)
+        body.append([UNIGRAM_LABEL, "", "", "", "", "", "", "", "", "", f"{math.log(uni):.4f}", f"{uni:.2f}",
+                     f"{uni:.2f}", "", "", "", "", ""])
+    return markdown_table(headers, body, "lllll" + "r" * 13)
 
 
 def run(cfg: PaperConfig, variants: list[str], out: str | Path,
@@ -85,6 +93,7 @@ def run(cfg: PaperConfig, variants: list[str], out: str | Path,
     from gam.train import preset as train_preset
 
     cfg.validate()
+    cfg = with_defaults(cfg, NAME)
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
@@ -102,54 +111,56 @@ def run(cfg: PaperConfig, variants: list[str], out: str | Path,
     dataset = cfg.datasets[0]
     log(f"ablation: {', '.join(variants)} on {dataset}; preset {cfg.preset}, {train_fields['precision']} on "
         f"{cfg.device}, seeds {seeds}")
-    runs, data_info = train_grid([dataset], list(specs.values()), seeds, model_fields, train_fields,
+    runs, data_info, projection = train_grid([dataset], list(specs.values()), seeds, model_fields, train_fields,
                                  device=cfg.device, valid_tokens=valid_tokens, data_source=cfg.data_source,
                                  cache_dir=cfg.cache_dir, runs_dir=cfg.runs_dir, log=log)
     wall = time.perf_counter() - start
     env["load_average_end"] = load_average()
     uni = [r["unigram_ppl"] for r in runs if r.get("unigram_ppl")]
     data_info[dataset]["unigram_ppl"] = uni[0] if uni else None
-    table = render_table3(variants, runs, paper_counts)
-    evals = train_fields.get("eval_every")
+    from gam.evaluation import paper_receptive_field
+
+    table = render_table3(variants, runs, paper_counts, paper_receptive_field(model_fields))
     lines = ["# Ablations (Table 3): the four GAM variants", "",
-             *setup_lines(cfg, model_fields, train_fields, valid_tokens, data_info, env, wall, seeds),
-             table, "", *diverged_lines(runs, {k: s.label for k, s in specs.items()}),
-             "Best val PPL: the lowest validation perplexity of the evaluations during training "
-             + (f"(every {evals} steps and at the end; " if evals else "(after each epoch; ")
-             + "the paper's Table 3 metric); final val PPL: at the end of training (Table 1's metric). "
+             *setup_lines(cfg, model_fields, train_fields, valid_tokens, data_info, env, wall, seeds, projection),
+             table, "", *table_notes(runs, "best validation loss"), "",
+             *diverged_lines(runs, {k: s.label for k, s in specs.items()}),
+             "Best val loss / PPL: the lowest of the evaluations during training "
+             f"({len(runs[0]['evals']) if runs else 0} evenly spaced, the last at the end; "
+             "the paper's Table 3 metric); final val PPL: at the end of training (Table 1's metric). "
              "`params at paper config`: our count for the paper's configuration (width 512, 6 layers, "
              "vocab 10,000, 512 slots), which rounds to the paper's figure.",
              "The paper's columns are its Table 3 (WikiText-2, T4 GPU, fp32, 5 epochs)."
              + (" They compare with ours only in direction: the `cpu` preset is a much smaller model trained "
-                "for a few hundred thousand tokens." if cfg.preset == "cpu" else ""), ""]
+                "on far fewer tokens." if cfg.preset == "cpu" else ""), ""]
     summary = [{"model": k, "label": specs[k].label, "gating": VARIANTS[k][1], "local": VARIANTS[k][2],
                 "global": VARIANTS[k][3], "params": rs[0]["params"],
                 "non_embedding_params": rs[0]["non_embedding_params"], "params_paper_config": paper_counts[k],
-                **aggregate(rs, METRICS), "paper": PAPER_TABLE3.get(k)}
+                **aggregate(rs, METRICS), "loss_by_position": position_summary(rs), "paper": PAPER_TABLE3.get(k)}
                for k in variants if (rs := [r for r in runs if r["model"] == k])]
     raw = {"bench": NAME, "config": cfg, "variants": variants, "model_fields": model_fields,
            "train_fields": train_fields, "valid_tokens": valid_tokens, "seeds": seeds, "environment": env,
-           "wall_s": wall, "data": data_info, "models": specs, "summary": summary, "rows": runs,
+           "wall_s": wall, "projection": projection, "data": data_info, "models": specs, "summary": summary, "rows": runs,
            "paper_table3": PAPER_TABLE3}
     csv_rows = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in runs]
     out = Path(out)
     paths = write_results(out, NAME, "\n".join(lines), raw, csv_rows)
-    paths.append(plot_curves(runs, specs, out / "curves.png",
-                             f"{cfg.preset} preset, {train_fields['precision']}, {env['device_name']}"))
+    title = f"{cfg.preset} preset, {train_fields['precision']}, {env['device_name']}"
+    paths.append(plot_curves(runs, specs, out / "curves.png", title))
+    paths.append(plot_by_position(runs, specs, out / "loss_by_position.png", title))
     return {"markdown": "\n".join(lines), "table": table, "runs": runs, "summary": summary, "paths": paths,
             "wall_s": wall}
 
 
 def add_parser(bench_sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from gam.bench.paper import CPU_STEPS
-
     p = bench_sub.add_parser(
         "ablation", help="Table 3: the four GAM variants trained on WikiText-2",
         description="Train the full GAM and its three ablations (Global Only, Sum Fusion, Local Only) on "
                     "WikiText-2 with the same data, steps and seeds, and tabulate parameters, time per epoch, "
-                    "tokens/s and the best and final validation perplexity beside the paper's Table 3. "
-                    "Writes ablation.md/.json/.csv and curves.png into --out.")
-    add_common_training_args(p, f"{CPU_STEPS['ablation']} steps per run, under 30 minutes on 2 cores")
+                    "tokens/s, the best and final validation perplexity and the loss inside and beyond the "
+                    "paper GAM's receptive field beside the paper's Table 3 (mean ± sd over seeds, ties "
+                    "marked). Writes ablation.md/.json/.csv, curves.png and loss_by_position.png into --out.")
+    add_common_training_args(p, cpu_schedule_help(NAME))
     p.add_argument("--dataset", default="wikitext2", help="wikitext2 (the paper's), tinystories or a path")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--out", default="results/ablation", help="results folder (default results/ablation)")

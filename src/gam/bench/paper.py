@@ -22,10 +22,23 @@ Two ways to run the baselines:
   and one mixed precision for everyone (bf16 on CPU and on GPUs that support
   it, else fp16).
 
+At the ``cpu`` preset both sets of baselines are trained side by side (the
+paper's wiring and the fair one), all in bf16, so Table 1 shows both in one table.
+
+Also per run: the validation loss at each block position
+(:mod:`gam.evaluation`), summarized as the mean loss at the positions inside the
+paper GAM's receptive field (``1 + n_layer * (kernel - 1)`` tokens, from the
+model config) and beyond it, and drawn as one curve per model.
+
+Every number is the mean ± sample standard deviation over seeds; the rank
+column marks models whose difference is smaller than their spread (see
+:func:`rank_cells`).
+
 Presets: ``paper`` (the paper's model and schedule: 5 epochs, batch 32,
-first 50,000/5,000 rows; for a GPU) and ``cpu`` (the project's small CPU model,
-a fixed small number of steps and a capped validation set, so the whole
-command fits in 30 minutes on 2 cores).
+first 50,000/5,000 rows; for a GPU) and ``cpu`` (a small model trained for
+whole epochs of WikiText-2 with 3 seeds, sized so each command fits in 90
+minutes on 2 cores: see :data:`CPU_BUDGET` and docs/loss-by-position.md; the
+command prints its projected time before it starts).
 """
 
 from __future__ import annotations
@@ -66,15 +79,30 @@ def _table1_specs(fair: bool) -> dict[str, ModelSpec]:
     }
 
 
+def _fixed_specs() -> dict[str, ModelSpec]:
+    """Both baselines in both wirings under their own keys, whatever ``--fair`` says."""
+    paper, fair = _table1_specs(False), _table1_specs(True)
+    return {"transformer_naive": dataclasses.replace(paper["transformer"], key="transformer_naive"),
+            "mamba_paper": dataclasses.replace(paper["mamba"], key="mamba_paper"),
+            "transformer_sdpa": dataclasses.replace(fair["transformer"], key="transformer_sdpa"),
+            "mamba_standard": dataclasses.replace(fair["mamba"], key="mamba_standard")}
+
+
 # Models this benchmark can train: key -> spec for (fair). Add an entry to
 # benchmark another model (e.g. a GAM variant) beside the paper's three.
 MODEL_SPECS: dict[str, Callable[[bool], ModelSpec]] = {
     key: (lambda fair, key=key: _table1_specs(fair)[key]) for key in ("gam", "transformer", "mamba")
 }
+MODEL_SPECS.update({key: (lambda fair, key=key: _fixed_specs()[key]) for key in _fixed_specs()})
 # Not the paper: GAM with the opt-in causal memory (memory="causal"); --models ...,gam_causal
 MODEL_SPECS["gam_causal"] = lambda fair: ModelSpec("gam_causal", "GAM (causal memory)", "gam", {"memory": "causal"},
                                                    "opt-in memory='causal': tokens write into the slots")
 DEFAULT_MODELS = ("gam", "transformer", "mamba")
+# The cpu preset (unless --fair): the paper's wiring and the fair baselines in one table.
+CPU_DEFAULT_MODELS = ("gam", "transformer_naive", "mamba_paper", "transformer_sdpa", "mamba_standard")
+# Which of the paper's rows a model reproduces (the paper ran only its own wiring).
+PAPER_ROW = {"gam": "gam", "transformer": "transformer", "mamba": "mamba",
+             "transformer_naive": "transformer", "mamba_paper": "mamba"}
 
 # The paper's Table 1 (T4 GPU, fp32, 5 epochs, batch 32, vocab 10k, context 256).
 PAPER_TABLE1: dict[tuple[str, str], dict[str, Any]] = {
@@ -88,11 +116,24 @@ PAPER_TABLE1: dict[tuple[str, str], dict[str, Any]] = {
 
 # ----------------------------------------------------------------------------- presets
 
-# Steps per run of the cpu preset, chosen so the whole command fits in 30
-# minutes on 2 shared cores with 1 thread (measured: GAM ~1.5 s, naive
-# Transformer ~1.9 s, paper-wiring Mamba ~4.4 s per fp32 step of 16 x 128 tokens).
-CPU_STEPS = {"paper": 64, "ablation": 200}
-CPU_VALID_TOKENS = 32 * 1024
+# The cpu preset: whole epochs of WikiText-2, 3 seeds, bf16 on both threads of
+# the 2-core budget machine, the same model in both benches. The width is the
+# one whose projected time (projected_seconds, from the speed measurements
+# below) leaves each command room under 90 minutes; the calculation is written
+# out in docs/loss-by-position.md.
+CPU_BUDGET: dict[str, Any] = {
+    "model": {"n_embd": 96, "n_head": 4},  # over the cpu training preset (width 192, 6 heads; 4 layers kept)
+    "epochs": {"paper": 1, "ablation": 3},
+    "datasets": {"paper": ("wikitext2",), "ablation": ("wikitext2",)},
+    "seeds": 3,
+    "threads": 2,
+    "minutes": 90,
+}
+CPU_VALID_TOKENS = 64 * 1024
+# Evaluations per run, evenly spaced (one at 75% of the steps, for the last-quarter
+# gain; and one at the end): the curve that shows
+# whether the validation loss has stopped improving.
+EVALS_PER_RUN = 8
 
 
 def bench_preset(preset: str, bench: str, device: str) -> tuple[dict[str, Any], dict[str, Any], int | None]:
@@ -102,14 +143,91 @@ def bench_preset(preset: str, bench: str, device: str) -> tuple[dict[str, Any], 
     model_fields, train_fields = train_preset(preset)
     valid_tokens = None
     if preset == "cpu":
-        train_fields.update(max_steps=CPU_STEPS[bench], epochs=1, warmup_steps=10, log_every=4,
-                            eval_batch_size=64)
+        model_fields.update(CPU_BUDGET["model"])
+        train_fields.update(max_steps=None, epochs=CPU_BUDGET["epochs"][bench], log_every=25, eval_batch_size=64)
         valid_tokens = CPU_VALID_TOKENS
         if device == "cpu":
-            train_fields["threads"] = 1  # steadiest (and fastest) on a shared 2-core machine
+            train_fields["threads"] = CPU_BUDGET["threads"]
     else:
         train_fields.setdefault("precision", "fp32")
     return model_fields, train_fields, valid_tokens
+
+
+def default_seeds(preset: str) -> int:
+    return CPU_BUDGET["seeds"] if preset == "cpu" else 1
+
+
+# ----------------------------------------------------------------------------- projected time
+
+# Training throughput measured on the budget machine (AMD EPYC, 2 cores, 2 torch
+# threads): results/bench-speed-cpu, width 512, 6 layers, T 256, batch 8, fast
+# path, the Transformer with SDPA, Mamba in the standard wiring (expand 3,
+# d_state 16). Training FLOPs per token as gam.bench.speed.flops_per_token counts them.
+SPEED_BENCH_TOKENS_PER_S = {
+    "bf16": {"gam": 1989.6, "transformer": 1265.0, "mamba": 570.1},
+    "fp32": {"gam": 945.2, "transformer": 763.1, "mamba": 443.4},
+}
+SPEED_BENCH_TRAIN_FLOPS = {"gam": 144.02e6, "transformer": 148.70e6, "mamba": 121.18e6}
+SPEED_BENCH_SCAN_SIZE = 1536 * 16 * 6  # Mamba's d_inner x d_state x n_layer there
+# Small matmuls run less efficiently. The cpu training preset's GAM (width 192,
+# 4 layers, T 128, batch 16: 19.48 training MFLOP/token) ran, with 1 thread,
+# 5,342 tokens/s in bf16 (results/ablation-cpu) and 2,851 in fp32
+# (results/paper-cpu); counted as 2 threads (2x), that is the GFLOP/s a small
+# model's matmul FLOPs run at (bf16: 208, where the speed bench's paper-size
+# GAM reaches 286.5).
+SMALL_MODEL_TOKENS_PER_S = {"bf16": 5342.0, "fp32": 2851.0}
+SMALL_MODEL_TRAIN_FLOPS = 19.478e6
+
+
+def matmul_gflops(precision: str) -> float:
+    """GFLOP/s of a small model's matmul FLOPs on the budget machine (2 threads)."""
+    return 2 * SMALL_MODEL_TOKENS_PER_S[precision] * SMALL_MODEL_TRAIN_FLOPS / 1e9
+
+
+def scan_seconds_per_element(precision: str) -> float:
+    """Mamba's selective scan is elementwise work, not matmuls (flops_per_token leaves it out): its
+    time per token per d_inner x d_state x n_layer element, from the speed bench's Mamba row (what
+    its matmul FLOPs at GAM's rate there leave over)."""
+    gam_rate = SPEED_BENCH_TOKENS_PER_S[precision]["gam"] * SPEED_BENCH_TRAIN_FLOPS["gam"]
+    mamba_s = 1 / SPEED_BENCH_TOKENS_PER_S[precision]["mamba"] - SPEED_BENCH_TRAIN_FLOPS["mamba"] / gam_rate
+    return mamba_s / SPEED_BENCH_SCAN_SIZE
+
+
+def projected_tokens_per_s(model: str, fields: dict[str, Any], precision: str, threads: int | None) -> float | None:
+    """Training tokens/s on the budget machine from the measurements above (None: not measured).
+
+    Matmul FLOPs at the GFLOP/s measured for the small cpu-preset GAM, scaled by
+    the ratio of the speed bench's GFLOP/s for this model family to GAM's
+    (the Transformer's attention and softmax run slower per FLOP); Mamba's
+    matmuls at GAM's rate plus its selective scan per element (as
+    :func:`scan_seconds_per_element` was fitted). Threads: measured with 2; 1 thread
+    counts half.
+    """
+    from gam.bench.speed import flops_per_token
+    from gam.models.lm import build_model
+
+    measured = SPEED_BENCH_TOKENS_PER_S.get(precision)
+    if measured is None or model not in measured:
+        return None
+    import torch
+
+    with torch.device("meta"):
+        built = build_model(model, **fields)
+    flops = flops_per_token(built, fields["block_size"])["train"]
+    family_rate = measured[model] * SPEED_BENCH_TRAIN_FLOPS[model] / (measured["gam"] * SPEED_BENCH_TRAIN_FLOPS["gam"])
+    seconds = flops / (matmul_gflops(precision) * 1e9 * (1.0 if model == "mamba" else family_rate))
+    if model == "mamba":
+        cfg = built.config
+        seconds += scan_seconds_per_element(precision) * cfg.expand * cfg.n_embd * cfg.d_state * cfg.n_layer
+    thread_share = min(threads or 2, 2) / 2
+    return thread_share / seconds
+
+
+def projected_seconds(model: str, fields: dict[str, Any], precision: str, threads: int | None,
+                      train_tokens: int, eval_tokens: int) -> float | None:
+    """Seconds of one run: training tokens, plus evaluation tokens at a third of the cost (forward only)."""
+    rate = projected_tokens_per_s(model, fields, precision, threads)
+    return None if rate is None else (train_tokens + eval_tokens / 3) / rate
 
 
 def mixed_precision(device: str) -> str:
@@ -171,6 +289,9 @@ def summarize_run(records: list[dict[str, Any]], final: dict[str, Any], steps_pe
         # no timed epoch record (a run stopped by a nan loss has none): no time to report
         per_epoch, extrapolated = (train_s / steps * steps_per_epoch if steps and train_s else float("nan")), True
     best = min(evals, key=lambda r: r["val_loss"]) if evals else final
+    # Still improving? The validation loss gained over the last quarter of the steps.
+    earlier = [r for r in evals if r["step"] <= 0.75 * steps]
+    last_quarter_gain = earlier[-1]["val_loss"] - final["val_loss"] if earlier else float("nan")
     return {
         "steps": steps, "tokens": steps * batch_size * block_size, "train_s": train_s,
         "steps_per_epoch": steps_per_epoch, "epochs_completed": len(full),
@@ -178,6 +299,7 @@ def summarize_run(records: list[dict[str, Any]], final: dict[str, Any], steps_pe
         "tokens_per_s": steps * batch_size * block_size / train_s if train_s else float("nan"),
         "val_loss": final["val_loss"], "val_ppl": final["val_ppl"],
         "best_val_loss": best["val_loss"], "best_val_ppl": best["val_ppl"], "best_step": best.get("step"),
+        "last_quarter_gain": last_quarter_gain,
         "unigram_ppl": final.get("unigram_ppl"),
         "evals": [{"step": r["step"], "val_loss": r["val_loss"], "val_ppl": r["val_ppl"]} for r in evals],
         "train_loss": [[r["step"], r["loss"]] for r in records if "loss" in r],
@@ -187,32 +309,55 @@ def summarize_run(records: list[dict[str, Any]], final: dict[str, Any], steps_pe
 def train_grid(datasets: Sequence[str], specs: Sequence[ModelSpec], seeds: Sequence[int],
                model_fields: dict[str, Any], train_fields: dict[str, Any], *, device: str,
                valid_tokens: int | None, data_source: str = "auto", cache_dir: str | Path | None = None,
-               runs_dir: str | Path | None = None, log: Callable[[str], None] = print) -> tuple[list, dict]:
-    """Train every (dataset, model, seed); return (run records, per-dataset data info)."""
+               runs_dir: str | Path | None = None,
+               log: Callable[[str], None] = print) -> tuple[list, dict, dict | None]:
+    """Train every (dataset, model, seed); return (run records, per-dataset data info,
+    the projected time of the grid or None).
+
+    Every dataset is prepared first, so the projected time of the whole grid is
+    printed before the first run starts. After each run, the validation loss at
+    each block position of its final weights is recorded (``loss_by_position``)
+    with its means inside and beyond the paper GAM's receptive field.
+    """
+    from gam.checkpoint import load_checkpoint
     from gam.config import GAMConfig
+    from gam.evaluation import loss_by_position, paper_receptive_field, split_at
     from gam.train import TrainConfig, TrainingDiverged, train
+
+    field_tokens = paper_receptive_field(model_fields)
+    prepared = {}
+    data_info: dict[str, Any] = {}
+    for dataset in datasets:
+        t0 = time.perf_counter()
+        data, full_valid = prepare(dataset, model_fields, train_fields, data_source, cache_dir, valid_tokens)
+        steps_per_epoch = len(data.train) // (model_fields["block_size"] + 1) // train_fields["batch_size"]
+        prepared[dataset] = data
+        data_info[dataset] = {
+            "source": data.source, "vocab_size": data.vocab_size, "tokenizer_hash": data.tokenizer_hash,
+            "train_tokens": len(data.train), "valid_tokens_used": len(data.valid),
+            "valid_tokens_available": full_valid, "steps_per_epoch": steps_per_epoch,
+            "prepare_s": time.perf_counter() - t0,
+        }
+        log(f"{DATASET_LABELS.get(dataset, dataset)}: {data.source}; train {len(data.train):,} tokens "
+            f"({steps_per_epoch} steps/epoch), validation {len(data.valid):,} of {full_valid:,} tokens, "
+            f"vocab {data.vocab_size}")
+    projection = project_grid(datasets, specs, len(seeds), model_fields, train_fields, data_info, device)
+    if projection is not None:
+        log(projection["text"])
 
     keep = runs_dir is not None
     root = Path(runs_dir) if keep else Path(tempfile.mkdtemp(prefix="gam-bench-"))
     runs: list[dict[str, Any]] = []
-    data_info: dict[str, Any] = {}
     try:
         for dataset in datasets:
-            t0 = time.perf_counter()
-            data, full_valid = prepare(dataset, model_fields, train_fields, data_source, cache_dir, valid_tokens)
+            data = prepared[dataset]
             fields = {**model_fields, "vocab_size": data.vocab_size}
             block = fields["block_size"]
-            n_blocks = len(data.train) // (block + 1)
-            steps_per_epoch = n_blocks // train_fields["batch_size"]
-            data_info[dataset] = {
-                "source": data.source, "vocab_size": data.vocab_size, "tokenizer_hash": data.tokenizer_hash,
-                "train_tokens": len(data.train), "valid_tokens_used": len(data.valid),
-                "valid_tokens_available": full_valid, "steps_per_epoch": steps_per_epoch,
-                "prepare_s": time.perf_counter() - t0,
-            }
-            log(f"{DATASET_LABELS.get(dataset, dataset)}: {data.source}; train {len(data.train):,} tokens "
-                f"({steps_per_epoch} steps/epoch), validation {len(data.valid):,} of {full_valid:,} tokens, "
-                f"vocab {data.vocab_size}")
+            steps_per_epoch = data_info[dataset]["steps_per_epoch"]
+            run_fields = {**train_fields, "data": dataset, "device": device}
+            run_fields.setdefault("eval_every", None)
+            if run_fields["eval_every"] is None:
+                run_fields["eval_every"] = max(1, total_steps(train_fields, steps_per_epoch) // EVALS_PER_RUN)
             for spec in specs:
                 counts = parameter_counts(spec.model, {**fields, **spec.fields})
                 for seed in seeds:
@@ -220,7 +365,7 @@ def train_grid(datasets: Sequence[str], specs: Sequence[ModelSpec], seeds: Seque
                     if run_dir.exists():
                         shutil.rmtree(run_dir)
                     model_config = GAMConfig(model=spec.model, **{**fields, **spec.fields})
-                    cfg = TrainConfig(**{**train_fields, "data": dataset, "seed": seed, "device": device})
+                    cfg = TrainConfig(**{**run_fields, "seed": seed})
                     log(f"-- {DATASET_LABELS.get(dataset, dataset)} / {spec.label} / seed {seed}")
                     w0 = time.perf_counter()
                     diverged = None
@@ -230,10 +375,21 @@ def train_grid(datasets: Sequence[str], specs: Sequence[ModelSpec], seeds: Seque
                     except TrainingDiverged as err:  # a result of the comparison, not a crash of it
                         diverged = str(err).split(";")[0]
                         final = {"val_loss": float("nan"), "val_ppl": float("nan")}
+                    by_position: dict[str, Any] = {"loss_by_position": None, "loss_inside_field": float("nan"),
+                                                   "loss_beyond_field": float("nan")}
+                    if not diverged:
+                        model = load_checkpoint(run_dir).build_model(device)
+                        losses = loss_by_position(model, data.valid, block, cfg.eval_batch_size, device,
+                                                  cfg.precision)
+                        inside, beyond = split_at(losses, field_tokens)
+                        by_position = {"loss_by_position": losses, "loss_inside_field": inside,
+                                       "loss_beyond_field": float("nan") if beyond is None else beyond}
+                        del model
                     wall = time.perf_counter() - w0
                     record = {"dataset": dataset, "model": spec.key, "label": spec.label, "seed": seed,
                               "params": counts["total"], "non_embedding_params": counts["non_embedding"],
                               "precision": cfg.precision, "wall_s": wall, "diverged": diverged,
+                              "receptive_field": field_tokens, **by_position,
                               **summarize_run(_read_metrics(run_dir), final, steps_per_epoch,
                                               cfg.batch_size, block)}
                     runs.append(record)
@@ -241,12 +397,47 @@ def train_grid(datasets: Sequence[str], specs: Sequence[ModelSpec], seeds: Seque
                         log(f"   -> diverged: {diverged} (recorded; the other runs go on); {wall:.0f} s wall")
                     else:
                         log(f"   -> val loss {record['val_loss']:.4f}, ppl {record['val_ppl']:.2f} (best "
-                            f"{record['best_val_ppl']:.2f}); {record['tokens_per_s']:,.0f} tokens/s; "
-                            f"{wall:.0f} s wall")
+                            f"{record['best_val_ppl']:.2f}); loss at positions 0-{field_tokens - 1} "
+                            f"{record['loss_inside_field']:.4f}, {field_tokens}+ {record['loss_beyond_field']:.4f}; "
+                            f"{record['tokens_per_s']:,.0f} tokens/s; {wall:.0f} s wall")
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
-    return runs, data_info
+    return runs, data_info, projection
+
+
+def total_steps(train_fields: dict[str, Any], steps_per_epoch: int) -> int:
+    """Optimizer steps of one run: max_steps if set, else epochs x steps per epoch."""
+    return train_fields.get("max_steps") or train_fields["epochs"] * max(1, steps_per_epoch)
+
+
+def project_grid(datasets: Sequence[str], specs: Sequence[ModelSpec], n_seeds: int, model_fields: dict[str, Any],
+                 train_fields: dict[str, Any], data_info: dict[str, Any], device: str) -> dict[str, Any] | None:
+    """Projected wall time of the grid on the 2-core budget machine (CPU only), from
+    :func:`projected_seconds`: training tokens, the evaluations during training,
+    the final one and the loss-by-position pass."""
+    if device != "cpu":
+        return None
+    per_model: dict[str, float] = {}
+    for dataset in datasets:
+        info = data_info[dataset]
+        fields = {**model_fields, "vocab_size": info["vocab_size"]}
+        steps = total_steps(train_fields, info["steps_per_epoch"])
+        eval_every = train_fields.get("eval_every") or max(1, steps // EVALS_PER_RUN)
+        evals = steps // eval_every + 2  # during training, at the end, and by position
+        train_tokens = steps * train_fields["batch_size"] * fields["block_size"]
+        for spec in specs:
+            seconds = projected_seconds(spec.model, {**fields, **spec.fields}, train_fields["precision"],
+                                        train_fields.get("threads"), train_tokens, evals * info["valid_tokens_used"])
+            if seconds is None:
+                return None
+            per_model[spec.label] = per_model.get(spec.label, 0.0) + seconds * n_seeds
+    total = sum(per_model.values())
+    text = (f"projected time on the 2-core budget machine: {total / 60:.0f} min ("
+            + ", ".join(f"{label} {s / 60:.0f}" for label, s in per_model.items())
+            + f" min, {n_seeds} seed(s) each; from the committed speed measurements (gam.bench.paper.projected_tokens_per_s), "
+              "not counting tokenizer training)")
+    return {"total_s": total, "per_model_s": per_model, "text": text}
 
 
 def _slug(text: str) -> str:
@@ -262,7 +453,20 @@ def aggregate(runs: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]
     return out
 
 
-METRICS = ("epoch_s", "tokens_per_s", "val_loss", "val_ppl", "best_val_loss", "best_val_ppl", "train_s")
+def position_summary(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Mean and sample sd over seeds of the loss at each block position (runs that finished)."""
+    import numpy as np
+
+    losses = [r["loss_by_position"] for r in runs if r.get("loss_by_position")]
+    if not losses:
+        return None
+    stack = np.asarray(losses)
+    return {"mean": stack.mean(axis=0).tolist(),
+            "sd": stack.std(axis=0, ddof=1).tolist() if len(losses) > 1 else None, "seeds": len(losses)}
+
+
+METRICS = ("epoch_s", "tokens_per_s", "val_loss", "val_ppl", "best_val_loss", "best_val_ppl", "train_s",
+           "loss_inside_field", "loss_beyond_field", "last_quarter_gain")
 
 
 def metric_cell(rs: list[dict[str, Any]], key: str, fmt: str) -> str:
@@ -318,9 +522,9 @@ class PaperConfig:
     device: str = "cpu"
     preset: str = "cpu"
     fair: bool = False
-    datasets: tuple[str, ...] = DATASETS
-    models: tuple[str, ...] = DEFAULT_MODELS
-    seeds: int = 1
+    datasets: tuple[str, ...] | None = None  # default: the preset's (see with_defaults)
+    models: tuple[str, ...] | None = None
+    seeds: int | None = None
     seed: int = 0
     precision: str | None = None  # default: fp32 (as the paper), or the fair mixed precision
     max_steps: int | None = None
@@ -338,7 +542,7 @@ class PaperConfig:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.preset not in ("paper", "cpu"):
             raise ValueError(f"preset must be paper or cpu, got {self.preset!r}")
-        if self.seeds < 1:
+        if self.seeds is not None and self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         if self.precision not in (None, "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
@@ -351,14 +555,26 @@ class PaperConfig:
                 raise ValueError("--device cuda: no CUDA device available")
 
 
+def with_defaults(cfg: PaperConfig, bench: str) -> PaperConfig:
+    """``cfg`` with the preset's datasets, models and seeds where it names none: at the
+    cpu preset WikiText-2, both wirings of the baselines (unless --fair) and 3 seeds."""
+    cpu = cfg.preset == "cpu"
+    datasets = cfg.datasets or (CPU_BUDGET["datasets"][bench] if cpu else DATASETS)
+    models = cfg.models or (CPU_DEFAULT_MODELS if cpu and not cfg.fair else DEFAULT_MODELS)
+    seeds = cfg.seeds if cfg.seeds is not None else default_seeds(cfg.preset)
+    return dataclasses.replace(cfg, datasets=tuple(datasets), models=tuple(models), seeds=seeds)
+
+
 def resolve(cfg: PaperConfig, bench: str) -> tuple[dict[str, Any], dict[str, Any], int | None]:
     """The model fields, TrainConfig fields and validation cap a bench config runs with."""
     model_fields, train_fields, valid_tokens = bench_preset(cfg.preset, bench, cfg.device)
     if cfg.precision:
         train_fields["precision"] = cfg.precision
-    elif bench == "paper":
+    elif bench == "paper" and cfg.preset != "cpu":
+        # the paper preset: fp32 as the paper ran it, or one mixed precision for all (--fair)
         train_fields["precision"] = mixed_precision(cfg.device) if cfg.fair else "fp32"
-    elif cfg.device.startswith("cuda") and train_fields.get("precision") == "bf16":
+    elif cfg.preset == "cpu" or train_fields.get("precision") == "bf16":
+        # the cpu preset: one mixed precision for every model, both wirings
         train_fields["precision"] = mixed_precision(cfg.device)
     if cfg.max_steps is not None:
         train_fields["max_steps"] = cfg.max_steps
@@ -370,38 +586,120 @@ def resolve(cfg: PaperConfig, bench: str) -> tuple[dict[str, Any], dict[str, Any
         train_fields["batch_size"] = cfg.batch_size
     if cfg.valid_tokens is not None:
         valid_tokens = cfg.valid_tokens
-    if bench == "ablation" and train_fields.get("max_steps"):
-        # Table 3 reports the best validation perplexity seen during training.
-        train_fields.setdefault("eval_every", max(1, train_fields["max_steps"] // 4))
     train_fields["data_source"] = cfg.data_source
     model_fields.update(cfg.model_overrides)
     train_fields.update(cfg.train_overrides)
     return model_fields, train_fields, valid_tokens
 
 
-def render_table1(cfg: PaperConfig, runs: list[dict[str, Any]], specs: dict[str, ModelSpec]) -> str:
-    headers = ["dataset", "model", "params", "w/o emb.", "s / epoch", "tokens/s", "val loss", "val PPL",
-               "paper params", "paper s / epoch", "paper val loss", "paper val PPL"]
+def rank_cells(values: dict[str, Sequence[float]]) -> dict[str, str]:
+    """Rank models by the mean of their values (lowest first), marking ties.
+
+    Two models are told apart only when the difference of their means is at
+    least the sum of their spreads (sample sd over seeds: the mean ± sd
+    intervals do not overlap). A model that cannot be told apart from others
+    gets their ranks after ``≈``: ``"2 (≈ 1, 3)"``. With one seed there is no
+    spread, so nothing is marked (the table notes it). Models without a
+    finite value (every run diverged) get ``"—"``.
+    """
+    stats = {k: mean_spread(v) for k, v in values.items()}
+    ranked = sorted((k for k, (m, _) in stats.items() if math.isfinite(m)), key=lambda k: stats[k][0])
+    rank = {k: i + 1 for i, k in enumerate(ranked)}
+    cells = {k: "—" for k in values}
+    for k in ranked:
+        mean_k, sd_k = stats[k]
+        tied = [rank[o] for o in ranked if o != k and sd_k is not None and stats[o][1] is not None
+                and abs(stats[o][0] - mean_k) < sd_k + stats[o][1]]
+        cells[k] = str(rank[k]) + (f" (≈ {', '.join(map(str, tied))})" if tied else "")
+    return cells
+
+
+def field_headers(runs: list[dict[str, Any]], fallback: int) -> tuple[str, str]:
+    """Column names of the loss inside / beyond the paper GAM's receptive field, e.g. ``loss 0-12``, ``loss 13+``."""
+    field_tokens = next((r["receptive_field"] for r in runs if r.get("receptive_field")), fallback)
+    return f"loss 0-{field_tokens - 1}", f"loss {field_tokens}+"
+
+
+def render_table1(cfg: PaperConfig, runs: list[dict[str, Any]], specs: dict[str, ModelSpec],
+                  receptive_field: int = 13) -> str:
+    inside, beyond = field_headers(runs, receptive_field)
+    headers = ["dataset", "model", "rank", "params", "w/o emb.", "s / epoch", "tokens/s", "val loss", "val PPL",
+               inside, beyond, "last ¼ gain", "paper params", "paper s / epoch", "paper val loss", "paper val PPL"]
     body = []
     for dataset in cfg.datasets:
-        for key in cfg.models:
-            rs = [r for r in runs if r["dataset"] == dataset and r["model"] == key]
-            if not rs:
-                continue
-            paper = PAPER_TABLE1.get((dataset, key), {})
+        groups = {key: rs for key in cfg.models
+                  if (rs := [r for r in runs if r["dataset"] == dataset and r["model"] == key])}
+        ranks = rank_cells({key: [r["val_loss"] for r in rs if not r.get("diverged")] for key, rs in groups.items()})
+        for key, rs in groups.items():
+            paper = PAPER_TABLE1.get((dataset, PAPER_ROW.get(key, "")), {})
             body.append([
-                DATASET_LABELS.get(dataset, dataset), specs[key].label,
+                DATASET_LABELS.get(dataset, dataset), specs[key].label, ranks[key],
                 fmt_params(rs[0]["params"]), fmt_params(rs[0]["non_embedding_params"]),
                 _epoch_cell(rs), fmt_mean_spread([r["tokens_per_s"] for r in rs if not r.get("diverged")], "{:,.0f}"),
                 metric_cell(rs, "val_loss", "{:.4f}"), metric_cell(rs, "val_ppl", "{:.2f}"),
+                *position_cells(rs), metric_cell(rs, "last_quarter_gain", "{:.4f}"),
                 _paper_num(paper.get("params"), "{}"), _paper_num(paper.get("epoch_s"), "{:.1f}"),
                 _paper_num(paper.get("val_loss"), "{:.4f}"), _paper_num(paper.get("val_ppl"), "{:.2f}"),
             ])
         uni = unigram_ppl(runs, dataset)
         if uni:
-            body.append([DATASET_LABELS.get(dataset, dataset), UNIGRAM_LABEL, "", "", "", "",
-                         f"{math.log(uni):.4f}", f"{uni:.2f}", "", "", "", ""])
-    return markdown_table(headers, body, "ll" + "r" * 10)
+            body.append([DATASET_LABELS.get(dataset, dataset), UNIGRAM_LABEL, "", "", "", "", "",
+                         f"{math.log(uni):.4f}", f"{uni:.2f}", "", "", "", "", "", "", ""])
+    return markdown_table(headers, body, "lll" + "r" * 13)
+
+
+def position_cells(rs: list[dict[str, Any]]) -> list[str]:
+    """Mean ± sd over seeds of the loss inside and beyond the paper GAM's receptive field."""
+    return [metric_cell(rs, "loss_inside_field", "{:.4f}"), metric_cell(rs, "loss_beyond_field", "{:.4f}")]
+
+
+def table_notes(runs: list[dict[str, Any]], rank_metric: str) -> list[str]:
+    """What the rank, spread, loss-by-position and last-quarter columns mean (under Tables 1 and 3)."""
+    field_tokens = next((r["receptive_field"] for r in runs if r.get("receptive_field")), None)
+    seeds = max((len({r["seed"] for r in runs if r["model"] == m}) for m in {r["model"] for r in runs}), default=0)
+    lines = [f"Every measured number is the mean ± sample standard deviation over the seeds. Rank: by {rank_metric} "
+             "(1 = lowest); `≈ k`: the difference to the model ranked k is smaller than the sum of the two "
+             "standard deviations, so the two are not told apart."
+             + (" One seed: no spread, so the ranks are untested." if seeds == 1 else "")]
+    if field_tokens:
+        lines.append(f"`loss 0-{field_tokens - 1}` / `loss {field_tokens}+`: mean validation loss at the block "
+                     f"positions inside / beyond the paper GAM's receptive field (1 + n_layer x (kernel - 1) = "
+                     f"{field_tokens} tokens at this config): position p predicts from p + 1 tokens, so up to "
+                     f"position {field_tokens - 1} every model sees all its context; from {field_tokens} on the "
+                     "paper GAM sees only the last "
+                     f"{field_tokens} (see `loss_by_position.png` and docs/loss-by-position.md).")
+    lines.append("`last ¼ gain`: how much the validation loss fell over the last quarter of the training steps "
+                 "(from the last evaluation at or before 75% of the steps to the end); near zero means the run "
+                 "had nearly stopped improving.")
+    return lines
+
+
+def plot_by_position(runs: list[dict[str, Any]], specs: dict[str, ModelSpec], path: Path, title: str) -> Path:
+    """Loss by position: one panel per dataset, one curve per model (mean over seeds, band ± sd)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gam.evaluation import draw_loss_by_position
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in runs))
+    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(7.0 * max(1, len(datasets)), 4.4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        curves = {}
+        for key in dict.fromkeys(r["model"] for r in runs):
+            summary = position_summary([r for r in runs if r["dataset"] == dataset and r["model"] == key])
+            if summary:
+                n = summary["seeds"]
+                curves[f"{specs[key].label} ({n} seed{'s' if n > 1 else ''})"] = (summary["mean"], summary["sd"])
+        field_tokens = next((r["receptive_field"] for r in runs if r.get("receptive_field")), None)
+        banded = draw_loss_by_position(ax, curves, field_tokens)
+        ax.set_title(f"{DATASET_LABELS.get(dataset, dataset)}: validation loss by position ({title})"
+                     + ("; band: mean ± sd over seeds" if banded else ""), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 UNIGRAM_LABEL = "*unigram model (token frequencies)*"
@@ -416,13 +714,14 @@ def unigram_ppl(runs: list[dict[str, Any]], dataset: str | None = None) -> float
 
 def setup_lines(cfg: PaperConfig, model_fields: dict[str, Any], train_fields: dict[str, Any],
                 valid_tokens: int | None, data_info: dict[str, Any], env: dict[str, Any], wall_s: float,
-                seeds: Sequence[int]) -> list[str]:
+                seeds: Sequence[int], projection: dict[str, Any] | None = None) -> list[str]:
     from dataclasses import asdict
 
     from gam.config import GAMConfig
 
     steps = train_fields.get("max_steps")
-    schedule = (f"{steps} optimizer steps" if steps else f"{train_fields['epochs']} epochs")
+    epochs = train_fields["epochs"]
+    schedule = f"{steps} optimizer steps" if steps else f"{epochs} epoch{'s' if epochs != 1 else ''}"
     model_fields = {**asdict(GAMConfig()), **model_fields}  # a preset names only what it changes
     lines = [
         f"Machine: {describe_environment(env)}.", "",
@@ -431,9 +730,11 @@ def setup_lines(cfg: PaperConfig, model_fields: dict[str, Any], train_fields: di
         f"memory slots, {model_fields['n_head']} heads, Mamba expand {model_fields['expand']}, dropout "
         f"{model_fields['dropout']}; {schedule} of batch {train_fields['batch_size']}, AdamW lr "
         f"{train_fields['lr']:g} (warm-up {train_fields['warmup_steps']}, cosine), {train_fields['precision']}"
-        + (f", {train_fields['threads']} CPU thread" if train_fields.get("threads") else "")
+        + (f", {train_fields['threads']} CPU thread(s)" if train_fields.get("threads") else "")
         + f"; seeds {', '.join(map(str, seeds))} (mean ± sample sd over seeds). Whole command: "
-        f"{wall_s / 60:.1f} min.", "",
+        f"{wall_s / 60:.1f} min"
+        + (f" (projected before the start for the 2-core budget machine: {projection['total_s'] / 60:.0f} min)"
+           if projection else "") + ".", "",
     ]
     for dataset, info in data_info.items():
         lines.append(f"- {DATASET_LABELS.get(dataset, dataset)}: {info['source']}; vocab {info['vocab_size']}, "
@@ -453,8 +754,9 @@ def setup_lines(cfg: PaperConfig, model_fields: dict[str, Any], train_fields: di
 
 
 def run(cfg: PaperConfig, out: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train the grid and write paper.md/.json/.csv and curves.png into ``out``."""
+    """Train the grid and write paper.md/.json/.csv, curves.png and loss_by_position.png into ``out``."""
     cfg.validate()
+    cfg = with_defaults(cfg, NAME)
     for d in cfg.datasets:
         if d not in DATASETS and not Path(d).exists():
             raise ValueError(f"unknown dataset {d!r}; use {', '.join(DATASETS)} or a path")
@@ -473,7 +775,7 @@ def run(cfg: PaperConfig, out: str | Path, log: Callable[[str], None] = print) -
     log(f"paper: {', '.join(cfg.models)} on {', '.join(cfg.datasets)}; preset {cfg.preset}"
         f"{' (fair baselines)' if cfg.fair else ' (baselines as the paper ran them)'}, "
         f"{train_fields['precision']} on {cfg.device}, seeds {seeds}")
-    runs, data_info = train_grid(cfg.datasets, [s for k, s in fair_specs.items() if k not in skipped], seeds, model_fields, train_fields,
+    runs, data_info, projection = train_grid(cfg.datasets, [s for k, s in fair_specs.items() if k not in skipped], seeds, model_fields, train_fields,
                                  device=cfg.device, valid_tokens=valid_tokens, data_source=cfg.data_source,
                                  cache_dir=cfg.cache_dir, runs_dir=cfg.runs_dir, log=log)
     wall = time.perf_counter() - start
@@ -481,35 +783,46 @@ def run(cfg: PaperConfig, out: str | Path, log: Callable[[str], None] = print) -
     for dataset in data_info:
         uni = [r["unigram_ppl"] for r in runs if r["dataset"] == dataset and r.get("unigram_ppl")]
         data_info[dataset]["unigram_ppl"] = uni[0] if uni else None
-    table = render_table1(cfg, runs, fair_specs)
-    mode = ("fair baselines: SDPA attention, standard Mamba wiring, one mixed precision for all"
-            if cfg.fair else "baselines as the paper ran them: naive attention, bare Mamba mixers, fp32")
+    from gam.evaluation import paper_receptive_field
+
+    table = render_table1(cfg, runs, fair_specs, paper_receptive_field(model_fields))
+    precision = train_fields["precision"]
+    if cfg.fair:
+        mode = f"fair baselines: SDPA attention, standard Mamba wiring, {precision} for all"
+    elif {"transformer_sdpa", "mamba_standard"} & set(cfg.models):
+        mode = (f"the paper's baselines (naive attention, bare Mamba) beside the fair ones (SDPA, standard "
+                f"Mamba), {precision} for all")
+    else:
+        mode = f"baselines as the paper ran them: naive attention, bare Mamba mixers, {precision}"
     lines = [f"# Main results (Table 1): GAM vs Transformer vs Mamba, {mode}", "",
-             *setup_lines(cfg, model_fields, train_fields, valid_tokens, data_info, env, wall, seeds),
-             table, "", *diverged_lines(runs, {k: s.label for k, s in fair_specs.items()}),
+             *setup_lines(cfg, model_fields, train_fields, valid_tokens, data_info, env, wall, seeds, projection),
+             table, "", *table_notes(runs, "final validation loss"), "",
+             *diverged_lines(runs, {k: s.label for k, s in fair_specs.items()}),
              "Models:", *[f"- {s.label}: {s.note}" + (f" (skipped: {skipped[k]})" if k in skipped else "")
                           for k, s in fair_specs.items()], "",
              "The paper's columns are its Table 1 (T4 GPU, fp32, 5 epochs of batch 32 at width 512, 6 layers, "
              "context 256, vocab 10,000; final validation PPL; Mamba was not reported on TinyStories). "
              + ("They compare with ours only in direction: the `cpu` preset is a much smaller model trained "
-                "for a few hundred thousand tokens." if cfg.preset == "cpu" else ""), ""]
+                "on far fewer tokens." if cfg.preset == "cpu" else ""), ""]
     groups = {}
     for r in runs:
         groups.setdefault((r["dataset"], r["model"]), []).append(r)
     summary = [{"dataset": d, "model": m, "label": fair_specs[m].label, "seeds": len(rs),
                 "params": rs[0]["params"], "non_embedding_params": rs[0]["non_embedding_params"],
                 "epoch_s_extrapolated": any(r["epoch_s_extrapolated"] for r in rs),
-                **aggregate(rs, METRICS), "paper": PAPER_TABLE1.get((d, m))}
+                **aggregate(rs, METRICS), "loss_by_position": position_summary(rs),
+                "paper": PAPER_TABLE1.get((d, PAPER_ROW.get(m, "")))}
                for (d, m), rs in groups.items()]
     raw = {"bench": NAME, "config": cfg, "model_fields": model_fields, "train_fields": train_fields,
-           "valid_tokens": valid_tokens, "seeds": seeds, "environment": env, "wall_s": wall,
+           "valid_tokens": valid_tokens, "seeds": seeds, "environment": env, "wall_s": wall, "projection": projection,
            "data": data_info, "models": fair_specs, "skipped": skipped, "summary": summary, "rows": runs,
            "paper_table1": {f"{d}/{m}": v for (d, m), v in PAPER_TABLE1.items()}}
     csv_rows = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in runs]
     out = Path(out)
     paths = write_results(out, NAME, "\n".join(lines), raw, csv_rows)
-    paths.append(plot_curves(runs, fair_specs, out / "curves.png",
-                             f"{cfg.preset} preset, {train_fields['precision']}, {env['device_name']}"))
+    title = f"{cfg.preset} preset, {train_fields['precision']}, {env['device_name']}"
+    paths.append(plot_curves(runs, fair_specs, out / "curves.png", title))
+    paths.append(plot_by_position(runs, fair_specs, out / "loss_by_position.png", title))
     return {"markdown": "\n".join(lines), "table": table, "runs": runs, "summary": summary,
             "paths": paths, "wall_s": wall}
 
@@ -550,18 +863,26 @@ def plot_curves(runs: list[dict[str, Any]], specs: dict[str, ModelSpec], path: P
 
 # ----------------------------------------------------------------------------- command line
 
+def cpu_schedule_help(bench: str) -> str:
+    epochs = CPU_BUDGET["epochs"][bench]
+    return (f"width {CPU_BUDGET['model']['n_embd']}, {epochs} epoch{'s' if epochs != 1 else ''} of WikiText-2, "
+            f"{CPU_BUDGET['seeds']} seeds, bf16 on {CPU_BUDGET['threads']} threads: projected to fit "
+            f"{CPU_BUDGET['minutes']} minutes on 2 cores (the projection is printed at the start)")
+
+
 def add_common_training_args(p: argparse.ArgumentParser, default_steps: str) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", default="cpu", choices=["cpu", "paper"],
                    help=f"cpu: small model, {default_steps}; paper: the paper's model and 5-epoch schedule (GPU)")
-    p.add_argument("--seeds", type=int, default=1, help="runs per model (seeds SEED .. SEED+N-1); mean ± sd")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="runs per model (seeds SEED .. SEED+N-1); mean ± sd (default: cpu preset 3, paper preset 1)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (overrides the preset)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (without --max-steps)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--valid-tokens", type=int, default=None,
-                   help="validation tokens used (default: cpu preset 32,768; paper preset all 5,000 rows)")
+                   help=f"validation tokens used (default: cpu preset {CPU_VALID_TOKENS:,}; paper preset all 5,000 rows)")
     p.add_argument("--data-source", default="auto", choices=["auto", "hub", "shipped"])
     p.add_argument("--cache-dir", default=None, help="tokenizer/token cache (default $GAM_CACHE_DIR or ~/.cache/gam)")
     p.add_argument("--runs-dir", default=None, help="keep checkpoints and metrics here (default: a temporary folder)")
@@ -572,16 +893,23 @@ def add_common_training_args(p: argparse.ArgumentParser, default_steps: str) -> 
 def add_parser(bench_sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = bench_sub.add_parser(
         "paper", help="Table 1: GAM vs Transformer vs Mamba trained on WikiText-2 and TinyStories",
-        description="Train GAM, the Transformer and Mamba on WikiText-2 and TinyStories (same tokenizer, "
-                    "data, steps and seeds for every model) and tabulate parameters, time per epoch, "
-                    "tokens/s, validation loss and perplexity beside the paper's Table 1. Default: the "
-                    "baselines as the paper ran them (naive attention, bare Mamba mixers, fp32); --fair: "
-                    "SDPA, standard Mamba wiring, one mixed precision for all. Writes paper.md/.json/.csv "
-                    "and curves.png into --out.")
-    add_common_training_args(p, f"{CPU_STEPS['paper']} steps per run, under 30 minutes on 2 cores")
-    p.add_argument("--fair", action="store_true", help="SDPA attention, standard Mamba wiring, same mixed precision")
-    p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: wikitext2, tinystories or paths")
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, from: {', '.join(MODEL_SPECS)}")
+        description="Train GAM, the Transformer and Mamba on WikiText-2 and TinyStories (cpu preset: "
+                    "WikiText-2 only; same tokenizer, data, steps and seeds for every model) and tabulate parameters, time per epoch, "
+                    "tokens/s, validation loss and perplexity, and the loss inside and beyond the paper "
+                    "GAM's receptive field, beside the paper's Table 1 (mean ± sd over seeds, ties marked). "
+                    "cpu preset: the baselines as the paper ran them (naive attention, bare Mamba mixers) "
+                    "and the fair ones (SDPA, standard Mamba wiring) side by side, bf16 for all; paper "
+                    "preset: the paper's wiring in fp32, or with --fair the fair baselines in one mixed "
+                    "precision. Writes paper.md/.json/.csv, curves.png and loss_by_position.png into --out.")
+    add_common_training_args(p, cpu_schedule_help(NAME))
+    p.add_argument("--fair", action="store_true",
+                   help="only the fair baselines: SDPA attention, standard Mamba wiring, same mixed precision")
+    p.add_argument("--datasets", default=None,
+                   help="comma-separated: wikitext2, tinystories or paths (default: cpu preset wikitext2, paper "
+                        "preset both)")
+    p.add_argument("--models", default=None,
+                   help=f"comma-separated, from: {', '.join(MODEL_SPECS)} (default: cpu preset "
+                        f"{','.join(CPU_DEFAULT_MODELS)}; paper preset or --fair {','.join(DEFAULT_MODELS)})")
     p.add_argument("--out", default="results/paper", help="results folder (default results/paper)")
     p.set_defaults(func=cmd, accepts_overrides=True)
     return p
@@ -598,8 +926,9 @@ def config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd(args: argparse.Namespace) -> None:
-    cfg = PaperConfig(fair=args.fair, datasets=tuple(d.strip() for d in args.datasets.split(",") if d.strip()),
-                      models=tuple(parse_name_list(args.models, MODEL_SPECS, "model")), **config_kwargs(args))
+    datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip()) if args.datasets else None
+    models = tuple(parse_name_list(args.models, MODEL_SPECS, "model")) if args.models else None
+    cfg = PaperConfig(fair=args.fair, datasets=datasets, models=models, **config_kwargs(args))
     result = run(cfg, args.out)
     print()
     print(result["table"])
