@@ -175,20 +175,26 @@ class Terminal(io.StringIO):
 
 @pytest.mark.parametrize("stderr,env,shown", [(Terminal, {}, True), (io.StringIO, {}, False),
                                               (Terminal, {"TQDM_DISABLE": "1"}, False)])
-def test_evaluation_progress_bar_only_on_a_terminal(monkeypatch, stderr, env, shown):
-    from gam.train import evaluate
+def test_evaluation_progress_bars_only_on_a_terminal(monkeypatch, stderr, env, shown):
+    from gam.evaluation import loss_by_position
+    from gam.train import Dist, evaluate
 
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    fake_stderr = stderr()
-    monkeypatch.setattr(sys, "stderr", fake_stderr)
     torch.manual_seed(0)
     model = build_model("gam", vocab_size=32, block_size=8, n_embd=16, n_layer=1, num_memory_slots=4)
     tokens = np.random.default_rng(0).integers(0, 32, 9 * 6).astype(np.int64)
-    metrics = evaluate(model, tokens, 8, 2, torch.device("cpu"), "fp32")
-    assert metrics["tokens"] == 6 * 8
-    assert ("evaluating" in fake_stderr.getvalue()) == shown
+    for run, label in ((lambda: evaluate(model, tokens, 8, 2, torch.device("cpu"), "fp32"), "evaluating"),
+                       (lambda: loss_by_position(model, tokens, 8, 2, "cpu"), "loss by position")):
+        fake_stderr = stderr()
+        monkeypatch.setattr(sys, "stderr", fake_stderr)
+        run()
+        assert (label in fake_stderr.getvalue()) == shown, label
+    second_process = Terminal()
+    monkeypatch.setattr(sys, "stderr", second_process)
+    evaluate(model, tokens, 8, 2, torch.device("cpu"), "fp32", Dist(rank=1, world=1))
+    assert second_process.getvalue() == ""  # only process 0 draws
 
 
 # ------------------------------------------------------------------ hub unreachable: one line

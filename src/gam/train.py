@@ -115,9 +115,8 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_
              device: torch.device, precision: str, d: Dist = Dist()) -> dict[str, float]:
     """Mean cross-entropy over every validation block, in order (deterministic).
 
-    Shows a progress bar on stderr (process 0, when stderr is a terminal and
-    TQDM_DISABLE is not set): evaluation takes tens of seconds on a CPU."""
-    from tqdm import tqdm
+    Shows a progress bar on a terminal (gam.progress): it takes tens of seconds on a CPU."""
+    from gam.progress import progress
 
     n_blocks = len(tokens) // (block_size + 1)
     if n_blocks == 0:
@@ -127,11 +126,7 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_
     order = torch.arange(n_blocks)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     total_tokens = torch.zeros((), dtype=torch.float64, device=device)
-    starts = range(d.rank * batch_size, n_blocks, batch_size * d.world)
-    # Logs (not a terminal) stay free of carriage-return bar updates.
-    quiet = (d.rank != 0 or not sys.stderr.isatty()
-             or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false"))
-    for start in tqdm(starts, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True, disable=quiet):
+    for start in progress(range(d.rank * batch_size, n_blocks, batch_size * d.world), "evaluating", rank=d.rank):
         xy = batches(tokens, block_size, order, start, batch_size).to(device)
         with autocast_context(precision, device):
             logits, _ = model(xy[:, :-1])
