@@ -4,6 +4,22 @@ from gam.config import ConfigError, GAMConfig, ModelConfig
 
 __version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
+# The model classes import torch (seconds). They load on first use, so that
+# ``gam`` commands start inside their own error handling: a Ctrl-C while torch
+# loads is a one-line "interrupted", not a traceback from the import.
+_FROM_LM = ("DecoderLM", "GAM_Model", "GAMModel", "build_model", "count_parameters")
+
+
+def __getattr__(name: str):
+    if name in _FROM_LM:
+        from gam.models import lm
+
+        value = getattr(lm, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gam' has no attribute {name!r}")
+
+
 __all__ = [
     "ConfigError",
     "DecoderLM",
@@ -15,18 +31,6 @@ __all__ = [
     "count_parameters",
 ]
 
-# The models import torch (a second or two); load them on first use so that
-# `import gam.config` and `gam --help` stay fast.
-_MODEL_NAMES = ("DecoderLM", "GAMModel", "GAM_Model", "build_model", "count_parameters")
-
-
-def __getattr__(name: str):
-    if name in _MODEL_NAMES:
-        from gam.models import lm
-
-        return getattr(lm, name)
-    raise AttributeError(f"module 'gam' has no attribute {name!r}")
-
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_MODEL_NAMES})
+    return sorted({*globals(), *_FROM_LM})
