@@ -18,7 +18,7 @@ from gam.cli import main
 
 PHRASES = ["the cat sat on a mat", "while dogs ran far away", "and birds sang in trees", "by the river"]
 TINY_MODEL = ["--n-embd", "16", "--n-layer", "2", "--n-head", "2", "--num-memory-slots", "8",
-              "--vocab-size", "120", "--block-size", "16", "--d-state", "4", "--expand", "2"]
+              "--vocab-size", "300", "--block-size", "16", "--d-state", "4", "--expand", "2"]
 TINY_TRAIN = ["--max-steps", "4", "--batch-size", "4", "--valid-tokens", "200", "--warmup-steps", "2",
               "--eval-batch-size", "8", "--log-every", "1", "--train-rows", "None", "--valid-rows", "None",
               "--threads", "1"]

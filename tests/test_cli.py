@@ -256,3 +256,9 @@ def test_docs_error_examples_are_what_the_command_prints(capsys, monkeypatch, tm
     for command, printed in examples:
         assert main(shlex.split(command)[1:]) == 2, command
         assert capsys.readouterr().err.strip() == printed, command
+
+
+def test_config_knows_the_tokenizer_kinds():
+    from gam import config, tokenizer
+
+    assert config.TOKENIZER_KINDS == tokenizer.TOKENIZER_KINDS

@@ -1,4 +1,4 @@
-"""Tests for gam.data: corpora loading, tokenizer, token files, block datasets."""
+"""Tests for gam.data: corpora loading, token files, block datasets (the tokenizer: test_tokenizer.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from gam import data as D
+from gam import tokenizer as T
 from gam.data import BlockDataset, DataError, DataWarning
 
 LINES = [f"line {i}: the quick brown fox number {i} jumps over the lazy dog." for i in range(40)]
@@ -341,60 +342,19 @@ def _small_corpus(tmp_path, n=400):
     return _write(tmp_path / "small.txt", "\n".join(rows) + "\n"), rows
 
 
-def test_train_tokenizer_matches_paper_recipe(tmp_path):
-    _, rows = _small_corpus(tmp_path)
-    t0 = time.perf_counter()
-    tok = D.train_tokenizer(rows, vocab_size=300)
-    assert time.perf_counter() - t0 < 2
-    cfg = json.loads(tok.to_str())
-    assert cfg["model"]["type"] == "BPE" and cfg["model"]["unk_token"] == "[UNK]"
-    assert cfg["pre_tokenizer"]["type"] == "Whitespace"
-    assert [tok.token_to_id(t) for t in ["[UNK]", "[PAD]", "[SOS]", "[EOS]"]] == [0, 1, 2, 3]
-    assert tok.get_vocab_size() <= 300
-    assert D.train_tokenizer(rows, vocab_size=300).to_str() == tok.to_str()  # deterministic
-
-
-def test_get_tokenizer_cache_hit(tmp_path, monkeypatch):
-    p, _ = _small_corpus(tmp_path)
-    corpus = D.load_corpus(p)
-    n = {"train": 0}
-    real = D.train_tokenizer
-
-    def counting(*a, **k):
-        n["train"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(D, "train_tokenizer", counting)
-    cache = tmp_path / "cache"
-    t1 = D.get_tokenizer(corpus, 300, cache)
-    files = list((cache / "tokenizers").glob("*.json"))
-    mtimes = {f: f.stat().st_mtime_ns for f in files}
-    t2 = D.get_tokenizer(D.load_corpus(p), 300, cache)
-    assert n["train"] == 1 and t1.to_str() == t2.to_str()
-    assert {f: f.stat().st_mtime_ns for f in files} == mtimes
-    D.get_tokenizer(corpus, 280, cache)  # other vocab size -> new entry
-    D.get_tokenizer(D.load_corpus(p, split_rows=(100, 5000)), 300, cache)  # other rows
-    assert n["train"] == 3
-    # default cache dir comes from GAM_CACHE_DIR
-    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "envcache"))
-    assert D.default_cache_dir() == tmp_path / "envcache"
-    D.get_tokenizer(corpus, 300)
-    assert list((tmp_path / "envcache" / "tokenizers").glob("small-v300-*.json"))
-
-
 # ------------------------------------------------------------------------------ token files
 
 
 def test_encode_to_file_concatenates_rows_like_paper(tmp_path):
     _, rows = _small_corpus(tmp_path)
-    tok = D.train_tokenizer(rows, 300)
+    tok = T.train_tokenizer(rows, 300, "paper")
     arr = D.encode_to_file(tok, rows, tmp_path / "tok" / "train.bin", batch_size=64)
     expected = [i for e in tok.encode_batch(rows) for i in e.ids]  # the paper's flattening
     assert isinstance(arr, np.memmap) and arr.dtype == np.uint16
     assert arr.tolist() == expected
     meta = json.loads((tmp_path / "tok" / "train.bin.json").read_text())
     assert meta["dtype"] == "uint16" and meta["count"] == len(expected)
-    assert meta["tokenizer_hash"] == D.tokenizer_hash(tok)
+    assert meta["tokenizer_hash"] == T.tokenizer_hash(tok)
     assert sorted(f.name for f in (tmp_path / "tok").iterdir()) == ["train.bin", "train.bin.json"]
     again = D.load_tokens(tmp_path / "tok" / "train.bin")
     assert np.array_equal(again, arr)
@@ -489,29 +449,59 @@ def test_prepare_data_local_and_cache_hit(tmp_path, monkeypatch):
     p, rows = _small_corpus(tmp_path)
     cache = tmp_path / "cache"
     pd = D.prepare_data(p, block_size=16, vocab_size=300, cache_dir=cache)
+    assert pd.tokenizer_kind == "bytelevel" and T.tokenizer_kind(pd.tokenizer) == "bytelevel"
     assert pd.vocab_size == pd.tokenizer.get_vocab_size() <= 300
     assert pd.source.startswith("local:") and pd.test is None
-    ref = [i for e in pd.tokenizer.encode_batch(rows[:360]) for i in e.ids]
+    # each row is one line of text: the byte-level kind gives it back its newline
+    ref = [i for e in pd.tokenizer.encode_batch([r + "\n" for r in rows[:360] if r]) for i in e.ids]
     assert pd.train.tolist() == ref
+    assert pd.tokenizer.decode(pd.train.tolist()) == "".join(r + "\n" for r in rows[:360] if r)
     x, y = pd.train_dataset()[0]
     assert x.shape == (16,) and torch.equal(x[1:], y[:-1])
     assert len(pd.valid_dataset()) == len(pd.valid) // 17
     assert json.dumps(pd.describe())
 
-    monkeypatch.setattr(D, "train_tokenizer", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(T, "train_tokenizer", lambda *a, **k: pytest.fail("retrained"))
     monkeypatch.setattr(D, "encode_to_file", lambda *a, **k: pytest.fail("re-encoded"))
     pd2 = D.prepare_data(p, block_size=16, vocab_size=300, cache_dir=cache)
     assert np.array_equal(pd2.train, pd.train) and pd2.tokenizer_hash == pd.tokenizer_hash
 
 
+def test_prepare_data_paper_tokenizer_concatenates_rows_as_the_paper(tmp_path):
+    p, rows = _small_corpus(tmp_path)
+    pd = D.prepare_data(p, block_size=16, vocab_size=300, cache_dir=tmp_path / "c", tokenizer_kind="paper")
+    assert pd.tokenizer_kind == "paper" and json.loads(pd.tokenizer.to_str())["pre_tokenizer"]["type"] == "Whitespace"
+    assert pd.train.tolist() == [i for e in pd.tokenizer.encode_batch(rows[:360]) for i in e.ids]
+    assert pd.describe()["tokenizer_kind"] == "paper"
+
+
+def test_token_cache_is_keyed_by_tokenizer_kind(tmp_path):
+    p, _ = _small_corpus(tmp_path)
+    cache = tmp_path / "cache"
+    byte = D.prepare_data(p, block_size=16, vocab_size=300, cache_dir=cache)
+    paper = D.prepare_data(p, block_size=16, vocab_size=300, cache_dir=cache, tokenizer_kind="paper")
+    assert byte.tokenizer_path != paper.tokenizer_path
+    assert "-bytelevel-" in byte.tokenizer_path.name and "-paper-" in paper.tokenizer_path.name
+    assert byte.token_paths["train"].parent != paper.token_paths["train"].parent
+    assert not np.array_equal(byte.train, paper.train)
+    again = D.prepare_data(p, block_size=16, vocab_size=300, cache_dir=cache, tokenizer_kind="paper")
+    assert np.array_equal(again.train, paper.train) and again.tokenizer_hash == paper.tokenizer_hash
+    with pytest.raises(DataError, match="unknown tokenizer 'gpt2'"):
+        D.prepare_data(p, block_size=16, vocab_size=300, cache_dir=cache, tokenizer_kind="gpt2")
+
+
 def test_prepare_data_with_given_tokenizer(tmp_path, monkeypatch):
     p, rows = _small_corpus(tmp_path)
-    tok = D.train_tokenizer(rows[:100], 200)
-    monkeypatch.setattr(D, "train_tokenizer", lambda *a, **k: pytest.fail("retrained"))
-    pd = D.prepare_data(p, block_size=8, vocab_size=300, cache_dir=tmp_path / "c", tokenizer=tok)
-    assert pd.tokenizer is tok and pd.vocab_size == tok.get_vocab_size() and pd.tokenizer_path is None
-    assert pd.train.tolist() == [i for e in tok.encode_batch(rows[:360]) for i in e.ids]
-    assert json.dumps(pd.describe())
+    for kind, texts in (("paper", rows[:360]), ("bytelevel", [r + "\n" for r in rows[:360] if r])):
+        tok = T.train_tokenizer(rows[:100], 280, kind)
+        monkeypatch.setattr(T, "train_tokenizer", lambda *a, **k: pytest.fail("retrained"))
+        # the kind comes from the given tokenizer (an old checkpoint's paper tokenizer stays paper)
+        pd = D.prepare_data(p, block_size=8, vocab_size=300, cache_dir=tmp_path / "c", tokenizer=tok)
+        assert pd.tokenizer is tok and pd.vocab_size == tok.get_vocab_size() and pd.tokenizer_path is None
+        assert pd.tokenizer_kind == kind and f"-given-{kind}-" in str(pd.token_paths["train"])
+        assert pd.train.tolist() == [i for e in tok.encode_batch(texts) for i in e.ids]
+        assert json.dumps(pd.describe())
+        monkeypatch.undo()
 
 
 def test_prepare_data_valid_too_short(tmp_path):

@@ -83,7 +83,7 @@ def test_eval_cli_by_position(tmp_path, monkeypatch, capsys):
     corpus.write_text("\n".join(" ".join(words[i] for i in rng.integers(0, 4, 3)) for _ in range(300)) + "\n")
     run = tmp_path / "run"
     tiny_args = ["--n-embd", "16", "--n-layer", "2", "--n-head", "2", "--num-memory-slots", "8",
-                 "--vocab-size", "120", "--block-size", str(BLOCK), "--batch-size", "4", "--warmup-steps", "1",
+                 "--vocab-size", "300", "--block-size", str(BLOCK), "--batch-size", "4", "--warmup-steps", "1",
                  "--train-rows", "None", "--valid-rows", "None", "--precision", "fp32"]
     assert main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "3", *tiny_args]) == 0
     capsys.readouterr()
@@ -93,7 +93,7 @@ def test_eval_cli_by_position(tmp_path, monkeypatch, capsys):
     by_position = result["by_position"]
     ckpt = load_checkpoint(run)
     model = ckpt.build_model("cpu")
-    data = prepare_data(str(corpus), block_size=BLOCK, vocab_size=120, train_rows=None, valid_rows=None,
+    data = prepare_data(str(corpus), block_size=BLOCK, vocab_size=300, train_rows=None, valid_rows=None,
                         tokenizer=ckpt.tokenizer())
     torch.testing.assert_close(torch.tensor(by_position["loss_by_position"], dtype=torch.float32),
                                direct_loss_by_position(model, data.valid, BLOCK), rtol=1e-5, atol=1e-5)

@@ -156,22 +156,19 @@ def test_generate_restores_training_mode():
 
 # ---------------------------------------------------------------- checkpoints, text, CLI
 
-def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def make_tokenizer(kind="bytelevel"):
+    """A tokenizer as the trainer makes: byte-level (the default), or the paper's (older runs)."""
+    from gam.tokenizer import row_texts, train_tokenizer
 
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     text = ["the cat sat on the mat", "a dog ran in the park", "the bird sang a song"] * 4
-    tok.train_from_iterator(text, trainers.BpeTrainer(
-        vocab_size=80, special_tokens=["[UNK]", "[PAD]", "[SOS]", "[EOS]"], show_progress=False))
-    return tok
+    return train_tokenizer(row_texts(kind, text), 300 if kind == "bytelevel" else 80, kind)
 
 
-def make_checkpoint(path, name="gam", tokenizer=True, **fields):
+def make_checkpoint(path, name="gam", tokenizer=True, kind="bytelevel", **fields):
     """A folder as the trainer writes it: model.safetensors, config.json, tokenizer.json."""
     from safetensors.torch import save_model
 
-    tok = make_tokenizer()
+    tok = make_tokenizer(kind)
     model = tiny(name, **{"vocab_size": tok.get_vocab_size(), **fields})
     path.mkdir(parents=True, exist_ok=True)
     save_model(model, str(path / "model.safetensors"))
@@ -207,7 +204,7 @@ def test_load_pretrained_reads_and_verifies_trainer_checkpoints(tmp_path):
 
 
 def test_unknown_characters_become_unk_with_a_warning():
-    tok = make_tokenizer()
+    tok = make_tokenizer("paper")
     with pytest.warns(UserWarning, match="cannot encode became \\[UNK\\]: 'é'"):
         ids = encode_prompt(tok, "the cat é")
     assert ids[-1] == tok.token_to_id("[UNK]") and len(ids) == 3
@@ -216,14 +213,27 @@ def test_unknown_characters_become_unk_with_a_warning():
         assert encode_prompt(tok, "the dog") == tok.encode("the dog").ids
 
 
-def test_cli_generate_streams_text(tmp_path, capsys):
+def test_cli_generate_echoes_the_prompt_and_streams_normal_text(tmp_path, capsys):
     model, tok = make_checkpoint(tmp_path)
+    prompt = "Hello world, the cat said: «Café 東京 🙂» <unk>"
+    assert main(["generate", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "30",
+                 "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    ids = tok.encode(prompt).ids
+    assert tok.decode(ids) == prompt and err == ""  # byte-level: nothing is unknown
+    new = model.generate(torch.tensor([ids]), 30, temperature=0)[0, len(ids):].tolist()
+    assert out == prompt + tok.decode(new) + "\n"  # the prompt exactly as typed, then the text
+
+
+def test_cli_generate_with_an_old_paper_tokenizer_checkpoint(tmp_path, capsys):
+    model, tok = make_checkpoint(tmp_path, kind="paper")
     assert main(["generate", str(tmp_path), "--prompt", "the cat ü", "--max-new-tokens", "20",
                  "--temperature", "0"]) == 0
     out, err = capsys.readouterr()
     ids = encode_prompt(tok, "the cat") + [tok.token_to_id("[UNK]")]
     expected = model.generate(torch.tensor([ids]), 20, temperature=0)[0].tolist()
-    assert out.strip() == tok.decode(expected)
+    # the prompt as typed, then the paper tokenizer's decode of the continuation
+    assert out == "the cat ü" + tok.decode(expected)[len(tok.decode(ids)):] + "\n"
     assert "warning" in err and "'ü'" in err
 
 

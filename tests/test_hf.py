@@ -104,15 +104,53 @@ def test_export_checkpoint_to_transformers(tmp_path, capsys):
 
     model, tok = make_checkpoint(tmp_path / "ckpt")
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["max_position_embeddings"] == model.config.block_size == 16  # what lm-eval reads
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    ids = hf_tok("the cat sat", return_tensors="pt").input_ids
-    assert ids[0].tolist() == encode_prompt(tok, "the cat sat")
-    assert hf_tok.unk_token == "[UNK]" and hf_tok.pad_token == "[PAD]"
+    assert hf_tok.model_max_length == 16
+    assert (hf_tok.eos_token, hf_tok.pad_token, hf_tok.unk_token) == ("<|endoftext|>", "<|pad|>", None)
+    assert hf.config.pad_token_id == hf_tok.pad_token_id
+    text = "the cat said «Café 東京 🙂» <unk>, then sat."
+    ids = hf_tok(text, return_tensors="pt").input_ids
+    assert ids[0].tolist() == tok.encode(text).ids and hf_tok.decode(ids[0]) == text
     assert torch.equal(hf.generate(ids, max_new_tokens=12, do_sample=False),
                        model.generate(ids, 12, temperature=0))
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 2  # not empty
     assert "not empty" in capsys.readouterr().err
+
+
+def test_pipeline_text_reads_as_typed(tmp_path):
+    from transformers import pipeline
+
+    from test_generation import make_checkpoint
+
+    model, tok = make_checkpoint(tmp_path / "ckpt")
+    main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")])
+    generator = pipeline("text-generation", model=str(tmp_path / "hf"))
+    prompt = "the cat sat on"
+    out = generator(prompt, max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    ids = tok.encode(prompt).ids
+    new = model.generate(torch.tensor([ids]), 6, temperature=0)[0, len(ids):].tolist()
+    assert out == prompt + tok.decode(new)
+    # a continuation that starts a new word: the pipeline keeps its space
+    no_space = [i for t, i in tok.get_vocab().items() if not t.startswith("\u0120")]
+    out = generator(prompt, max_new_tokens=6, do_sample=False, begin_suppress_tokens=no_space)
+    assert out[0]["generated_text"].startswith(prompt + " ")
+
+
+def test_export_of_an_old_paper_tokenizer_checkpoint(tmp_path):
+    from test_generation import make_checkpoint
+
+    model, tok = make_checkpoint(tmp_path / "ckpt", kind="paper")
+    main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")])
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = hf_tok("the cat sat", return_tensors="pt").input_ids
+    assert ids[0].tolist() == encode_prompt(tok, "the cat sat")
+    assert hf_tok.unk_token == "[UNK]" and hf_tok.pad_token == "[PAD]" and hf_tok.eos_token == "[EOS]"
+    assert torch.equal(hf.generate(ids, max_new_tokens=12, do_sample=False),
+                       model.generate(ids, 12, temperature=0))
 
 
 @pytest.mark.parametrize("name,fields", [MODELS[0], MODELS[3], MODELS[4]])

@@ -146,12 +146,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not ids:
         raise ValueError(f"empty prompt: the tokenizer gives no tokens for {args.prompt!r}")
     idx = torch.tensor([ids], dtype=torch.long, device=args.device)
-    streamer = TextStreamer(tokenizer, ids)
+    streamer = TextStreamer(tokenizer, ids, args.prompt)
     print(streamer.printed, end="", flush=True)
     for token in stream(model, idx, args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed):
         print(streamer.push(int(token[0])), end="", flush=True)
-    print()
+    print(streamer.finish())
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -315,6 +315,12 @@ def add_receptive_field_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_receptive_field)
 
 
+
+def add_harness_parser(sub: argparse._SubParsersAction) -> None:
+    # parsed by lm-eval itself: main() hands every argument after "harness" to gam.harness
+    sub.add_parser("harness", add_help=False,
+                   help="lm-evaluation-harness on an export (gam harness --model hf --model_args pretrained=OUT ...)")
+
 # The sub-commands, in the order a user needs them (and ``gam --help`` lists them).
 # A new command is one entry: a function that adds its parser to ``sub``.
 SUBCOMMANDS = (
@@ -323,6 +329,7 @@ SUBCOMMANDS = (
     add_generate_parser,
     add_export_parser,
     add_bench_parser,
+    add_harness_parser,
     add_params_parser,
     add_demo_parser,
     add_receptive_field_parser,
@@ -353,6 +360,11 @@ def one_line_warnings(command: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["harness"]:
+        from gam.harness import main as harness_main
+
+        return harness_main(argv[1:])
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)

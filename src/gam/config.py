@@ -189,6 +189,7 @@ def ModelConfig(**fields: Any) -> GAMConfig:  # noqa: N802 - the official code's
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOGGERS = ("none", "wandb", "tensorboard")
 DATA_SOURCES = ("auto", "hub", "shipped")
+TOKENIZER_KINDS = ("bytelevel", "paper")  # gam.tokenizer.TOKENIZER_KINDS (which imports torch); a test keeps them equal
 
 
 @dataclass
@@ -199,6 +200,8 @@ class TrainConfig:
     data_source: str = described("auto", "where named data comes from: auto (hub, else shipped copy) | hub | shipped")
     train_rows: int | None = described(50_000, "keep the first N train rows (the paper: 50,000); none = all")
     valid_rows: int | None = described(5_000, "keep the first N validation rows (the paper: 5,000); none = all")
+    tokenizer: str = described("bytelevel", "bytelevel (byte-level BPE, round-trips any text) | paper (the paper's "
+                                             "recipe, does not round-trip)")
     batch_size: int = described(32, "global batch in sequences (all processes, all accumulation steps)")
     grad_accum: int = described(1, "micro-batches accumulated per optimizer step")
     epochs: int = described(5, "passes over the training data (max_steps wins when set)")
@@ -237,6 +240,8 @@ class TrainConfig:
             raise ConfigError(f"logger must be none, wandb or tensorboard, got {self.logger!r}")
         if self.data_source not in DATA_SOURCES:
             raise ConfigError(f"data_source must be auto, hub or shipped, got {self.data_source!r}")
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise ConfigError(f"tokenizer must be bytelevel or paper, got {self.tokenizer!r}")
 
 
 # Presets: the paper's exact hyper-parameters, and a small CPU configuration
@@ -245,7 +250,7 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "paper": (
         dict(vocab_size=10000, block_size=256, n_embd=512, n_layer=6, n_head=8, dropout=0.1,
              num_memory_slots=512, conv_kernel_size=3),
-        dict(batch_size=32, epochs=5, lr=3e-4, warmup_steps=100),
+        dict(batch_size=32, epochs=5, lr=3e-4, warmup_steps=100, tokenizer="paper"),
     ),
     "cpu": (
         dict(vocab_size=8192, block_size=128, n_embd=192, n_layer=4, n_head=6, dropout=0.0, pos_init_std=0.02,

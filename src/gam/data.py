@@ -1,11 +1,11 @@
-"""Corpora, BPE tokenizer, token caches and block datasets for GAM experiments.
+"""Corpora, token caches and block datasets for GAM experiments.
 
 Follows the data pipeline of "Gated Associative Memory" (arXiv 2509.00605):
 
 * WikiText-2 (``wikitext``/``wikitext-2-raw-v1``) and TinyStories (``roneneldan/TinyStories``),
   trimmed to the first 50,000 train / 5,000 validation rows;
-* a BPE tokenizer (``tokenizers``: BPE(unk_token="[UNK]"), Whitespace pre-tokenizer,
-  BpeTrainer with specials ["[UNK]", "[PAD]", "[SOS]", "[EOS]"], vocab_size 10,000);
+* a BPE tokenizer trained on the corpus (:mod:`gam.tokenizer`: byte-level BPE that round-trips
+  any text by default, or the paper's exact recipe);
 * every row encoded separately and the ids concatenated in row order (no separator tokens);
 * non-overlapping blocks of ``block_size + 1`` tokens, ``x = block[:-1]``, ``y = block[1:]``.
 
@@ -42,11 +42,7 @@ __all__ = [
     "DataWarning",
     "Corpus",
     "KNOWN_CORPORA",
-    "SPECIAL_TOKENS",
     "load_corpus",
-    "train_tokenizer",
-    "get_tokenizer",
-    "tokenizer_hash",
     "default_cache_dir",
     "encode_to_file",
     "load_tokens",
@@ -58,8 +54,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SPECIAL_TOKENS = ["[UNK]", "[PAD]", "[SOS]", "[EOS]"]
-_FORMAT_VERSION = 1  # bump to invalidate every cached tokenizer / token file
+_FORMAT_VERSION = 1  # bump to invalidate every cached token file
 CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
 
 
@@ -591,36 +586,8 @@ def _load_local(path: Path, split_rows, valid_fraction: float) -> Corpus:
 
 
 # --------------------------------------------------------------------------------------------
-# Tokenizer
+# Token cache
 # --------------------------------------------------------------------------------------------
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 10000, *, show_progress: bool = False):
-    """BPE tokenizer exactly as the paper: BPE(unk_token="[UNK]"), Whitespace pre-tokenizer,
-    BpeTrainer(special_tokens=["[UNK]", "[PAD]", "[SOS]", "[EOS]"], vocab_size=vocab_size).
-
-    The resulting ``get_vocab_size()`` can be below ``vocab_size`` on small corpora; the model
-    must use the tokenizer's value.
-    """
-    from tokenizers import Tokenizer
-    from tokenizers.models import BPE
-    from tokenizers.pre_tokenizers import Whitespace
-    from tokenizers.trainers import BpeTrainer
-
-    if vocab_size < len(SPECIAL_TOKENS) + 1:
-        raise DataError(f"vocab_size must be > {len(SPECIAL_TOKENS)}, got {vocab_size}")
-    tok = Tokenizer(BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = Whitespace()
-    trainer = BpeTrainer(special_tokens=list(SPECIAL_TOKENS), vocab_size=vocab_size,
-                         show_progress=show_progress)
-    texts = texts if isinstance(texts, list) else list(texts)
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    return tok
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """Short content hash of a tokenizer (its JSON serialisation)."""
-    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
 
 
 def default_cache_dir() -> Path:
@@ -629,75 +596,9 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "gam"
 
 
-def _tokenizer_key(corpus: Corpus, vocab_size: int, splits: Sequence[str]) -> tuple[str, dict]:
-    meta = {
-        "format": _FORMAT_VERSION,
-        "corpus": corpus.name,
-        "source": corpus.source,
-        "split_rows": list(corpus.split_rows),
-        "vocab_size": int(vocab_size),
-        "tokenizer_splits": list(splits),
-        "fingerprint": corpus.fingerprint(splits),
-        "recipe": "BPE(unk=[UNK]) + Whitespace + BpeTrainer(specials=[UNK],[PAD],[SOS],[EOS])",
-    }
-    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
-    return key, meta
-
-
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)[:40] or "corpus"
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_write(path) as f:
         f.write(data)
-
-
-def _tokenizer_path(corpus: Corpus, vocab_size: int, cache_dir, splits) -> tuple[Path, dict]:
-    key, meta = _tokenizer_key(corpus, vocab_size, splits)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return root / "tokenizers" / f"{_slug(corpus.name)}-v{vocab_size}-{key}.json", meta
-
-
-def get_tokenizer(
-    corpus: Corpus,
-    vocab_size: int = 10000,
-    cache_dir: str | os.PathLike | None = None,
-    *,
-    splits: Sequence[str] = ("train",),
-):
-    """Trained tokenizer for ``corpus``, cached as JSON under ``cache_dir/tokenizers/``.
-
-    The cache key hashes (corpus name, source string, row limits, vocab_size, the tokenizer
-    training splits and a content fingerprint of their rows). ``splits`` defaults to the train
-    split; ``("train", "valid", "test")`` mimics the paper's released script, which trains the
-    tokenizer on every (trimmed) split.
-    """
-    from tokenizers import Tokenizer
-
-    path, meta = _tokenizer_path(corpus, vocab_size, cache_dir, splits)
-    if path.exists():
-        try:
-            tok = Tokenizer.from_file(str(path))
-            log.info("tokenizer cache hit: %s", path)
-            return tok
-        except Exception as e:  # corrupt cache entry: retrain
-            log.warning("ignoring unreadable cached tokenizer %s (%s)", path, e)
-    texts: list[str] = []
-    for s in splits:
-        if s == "test" and corpus.test is None:
-            continue
-        texts.extend(corpus.split(s))
-    if not _nonempty(texts):
-        raise DataError(f"{corpus.name}: empty corpus (no text to train the tokenizer on)")
-    t0 = time.perf_counter()
-    tok = train_tokenizer(texts, vocab_size)
-    log.info("trained tokenizer (vocab %d) on %d rows in %.1fs", tok.get_vocab_size(), len(texts),
-             time.perf_counter() - t0)
-    _atomic_write_bytes(path, tok.to_str().encode("utf-8"))
-    meta = dict(meta, tokenizer_hash=tokenizer_hash(tok), actual_vocab_size=tok.get_vocab_size())
-    _atomic_write_bytes(path.with_suffix(".meta.json"), json.dumps(meta, indent=1).encode())
-    return tok
 
 
 # --------------------------------------------------------------------------------------------
@@ -718,6 +619,8 @@ def encode_to_file(tokenizer, texts: Sequence[str], path: str | os.PathLike, *,
     has <= 65535 entries, else uint32. Both files are written atomically (temp + os.replace);
     the sidecar (dtype, count, tokenizer hash) is written last. Returns :func:`load_tokens`.
     """
+    from gam.tokenizer import tokenizer_hash  # here: gam.tokenizer imports this module
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     vocab = tokenizer.get_vocab_size()
@@ -859,6 +762,7 @@ class PreparedData:
     test: np.ndarray | None
     tokenizer_path: Path | None  # None when the caller passed its own tokenizer
     tokenizer_hash: str
+    tokenizer_kind: str = "bytelevel"
     fallback_reason: str | None = None
     token_paths: dict = field(default_factory=dict)
 
@@ -877,7 +781,8 @@ class PreparedData:
         """JSON-able summary (for logs / checkpoints)."""
         return {
             "name": self.name, "source": self.source, "vocab_size": self.vocab_size,
-            "block_size": self.block_size, "tokenizer_hash": self.tokenizer_hash,
+            "block_size": self.block_size, "tokenizer_kind": self.tokenizer_kind,
+            "tokenizer_hash": self.tokenizer_hash,
             "tokenizer_path": self.tokenizer_path and str(self.tokenizer_path),
             "fallback_reason": self.fallback_reason,
             "tokens": {k: int(len(v)) for k, v in
@@ -915,11 +820,15 @@ def prepare_data(
     tokenizer_splits: Sequence[str] = ("train",),
     hub_timeout: float = 3.0,
     tokenizer=None,
+    tokenizer_kind: str = "bytelevel",
 ) -> PreparedData:
     """Load the corpus, get (train or load) the tokenizer, encode (or load) the token files.
 
-    ``tokenizer``: use this tokenizer (e.g. the one saved in a checkpoint) instead of training
-    or loading the cached one; its token files are cached under its content hash.
+    ``tokenizer_kind``: ``"bytelevel"`` (round-trips any text) or ``"paper"`` (the paper's
+    recipe); see :mod:`gam.tokenizer`. The token cache lives under a folder named after the
+    cached tokenizer, whose key includes the kind. ``tokenizer``: use this tokenizer (e.g. the one
+    saved in a checkpoint) instead of training or loading the cached one (its kind is read from
+    it; ``tokenizer_kind`` is ignored); its token files are cached under its kind and content hash.
 
     Raises :class:`DataError` if the train or valid split is shorter than one block of
     ``block_size + 1`` tokens. ``PreparedData.vocab_size`` is the tokenizer's actual vocab size.
@@ -927,16 +836,20 @@ def prepare_data(
     if int(block_size) < 1:
         raise DataError(f"block_size must be >= 1, got {block_size}")
     corpus = load_corpus(name_or_path, (train_rows, valid_rows), source, hub_timeout=hub_timeout)
-    th: str
+    # imported here: gam.tokenizer imports this module (Corpus, DataError)
+    from gam.tokenizer import get_tokenizer, row_texts, slug, tokenizer_hash, tokenizer_path
+    from gam.tokenizer import tokenizer_kind as kind_of
+
     if tokenizer is None:
-        tok = get_tokenizer(corpus, vocab_size, cache_dir, splits=tokenizer_splits)
-        tok_path, _ = _tokenizer_path(corpus, vocab_size, cache_dir, tokenizer_splits)
+        kind = tokenizer_kind
+        tok = get_tokenizer(corpus, vocab_size, cache_dir, splits=tokenizer_splits, kind=kind)
+        tok_path, _ = tokenizer_path(corpus, vocab_size, cache_dir, tokenizer_splits, kind)
         th = tokenizer_hash(tok)
         tok_dir = tok_path.parent.parent / "tokens" / tok_path.stem
     else:
-        tok, tok_path, th = tokenizer, None, tokenizer_hash(tokenizer)
+        tok, tok_path, th, kind = tokenizer, None, tokenizer_hash(tokenizer), kind_of(tokenizer)
         root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        tok_dir = root / "tokens" / f"{_slug(corpus.name)}-given-{th}"
+        tok_dir = root / "tokens" / f"{slug(corpus.name)}-given-{kind}-{th}"
     arrays: dict[str, np.ndarray | None] = {}
     paths: dict[str, Path] = {}
     for split in ("train", "valid", "test"):
@@ -946,7 +859,7 @@ def prepare_data(
         rows = corpus.split(split)
         fp = corpus.fingerprint((split,))[:16]
         p = tok_dir / f"{split}-{fp}.bin"
-        arrays[split] = _cached_tokens(tok, th, rows, p)
+        arrays[split] = _cached_tokens(tok, th, row_texts(kind, rows), p)
         paths[split] = p
     L = int(block_size) + 1
     for split in ("train", "valid"):
@@ -959,6 +872,6 @@ def prepare_data(
     return PreparedData(
         name=corpus.name, source=corpus.source, tokenizer=tok, vocab_size=tok.get_vocab_size(),
         block_size=int(block_size), train=arrays["train"], valid=arrays["valid"],
-        test=arrays["test"], tokenizer_path=tok_path, tokenizer_hash=th,
+        test=arrays["test"], tokenizer_path=tok_path, tokenizer_hash=th, tokenizer_kind=kind,
         fallback_reason=corpus.fallback_reason, token_paths=paths,
     )

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -418,18 +417,27 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 
 class TextStreamer:
-    """Turn a growing list of token ids into text increments (decode-and-diff)."""
+    """Text increments of a generated continuation, for printing token by token.
 
-    def __init__(self, tokenizer, prompt_ids: list[int]):
-        self.tokenizer = tokenizer
-        self.ids = list(prompt_ids)
-        self.printed = tokenizer.decode(self.ids)
+    ``printed`` starts as the prompt exactly as the user typed it (``prompt_text``; by default
+    the decoded prompt ids) and grows with every piece :meth:`push` returns. Pieces come from
+    :class:`gam.tokenizer.StreamDecoder`: a character split across byte-level tokens is printed
+    once its last byte arrives.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int], prompt_text: str | None = None):
+        from gam.tokenizer import StreamDecoder
+
+        self.decoder = StreamDecoder(tokenizer, prompt_ids)
+        self.printed = prompt_text if prompt_text is not None else tokenizer.decode(list(prompt_ids))
 
     def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-            return ""
-        common = len(os.path.commonprefix([self.printed, text]))
-        new, self.printed = text[common:], text
+        new = self.decoder.push(token_id)
+        self.printed += new
+        return new
+
+    def finish(self) -> str:
+        """What is still held back at the end (an incomplete character becomes U+FFFD)."""
+        new = self.decoder.flush()
+        self.printed += new
         return new

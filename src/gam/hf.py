@@ -69,6 +69,11 @@ class GAMHFConfig(PretrainedConfig):
         fields = {name: kwargs.pop(name, default) for name, default in _GAM_FIELDS.items()}
         gam_config = GAMConfig(**fields)  # validates, one-line ConfigError
         kwargs.setdefault("tie_word_embeddings", True)
+        # The context length under the name the ecosystem reads (lm-evaluation-harness, vLLM, ...);
+        # derived from block_size, absent when positions are unlimited.
+        kwargs.pop("max_position_embeddings", None)
+        if gam_config.max_seq_len is not None:
+            kwargs["max_position_embeddings"] = gam_config.max_seq_len
         super().__init__(**kwargs)
         for name, value in gam_config.to_dict().items():
             setattr(self, name, value)
@@ -225,15 +230,18 @@ AutoModelForCausalLM.register(GAMHFConfig, GAMForCausalLM, exist_ok=True)
 
 # ---------------------------------------------------------------- tokenizer and export
 
-SPECIAL_TOKENS = {"unk_token": "[UNK]", "pad_token": "[PAD]", "bos_token": "[SOS]", "eos_token": "[EOS]"}
-
-
-def hf_tokenizer(tokenizer):
-    """A ``tokenizers.Tokenizer`` as a ``PreTrainedTokenizerFast`` (the paper's special tokens mapped)."""
+def hf_tokenizer(tokenizer, model_max_length: int | None = None):
+    """A gam ``tokenizers.Tokenizer`` as a ``PreTrainedTokenizerFast``: its special tokens mapped
+    to their roles (bos/eos/pad, and [UNK] for the paper's), ``model_max_length`` the longest
+    input the model takes (its block_size; None: no limit), and no clean-up of spaces on decode,
+    so the byte-level tokenizer's text comes back exactly."""
     from transformers import PreTrainedTokenizerFast
 
-    special = {role: tok for role, tok in SPECIAL_TOKENS.items() if tokenizer.token_to_id(tok) is not None}
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
+    from gam.tokenizer import special_token_roles
+
+    limit = {} if model_max_length is None else {"model_max_length": int(model_max_length)}
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=False,
+                                   **special_token_roles(tokenizer), **limit)
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
@@ -245,7 +253,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: output folder exists and is not empty")
     hf = GAMForCausalLM.from_gam(model)
-    tok = hf_tokenizer(tokenizer)
+    tok = hf_tokenizer(tokenizer, model.config.max_seq_len)
     if tok.pad_token_id is not None:
         hf.config.pad_token_id = tok.pad_token_id
         hf.generation_config.pad_token_id = tok.pad_token_id

@@ -255,7 +255,11 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
         extra = {"tokenizer": ckpt.tokenizer()} if resume else {}
         data = prepare_data(cfg.data, block_size=model_config.block_size, vocab_size=model_config.vocab_size,
                             source=cfg.data_source, train_rows=cfg.train_rows, valid_rows=cfg.valid_rows,
-                            **extra)
+                            tokenizer_kind=cfg.tokenizer, **extra)
+    if data.tokenizer_kind != cfg.tokenizer:
+        # Prepared data given by the caller, or a run saved before the field existed: record the
+        # kind the tokens really come from.
+        cfg = dataclasses.replace(cfg, tokenizer=data.tokenizer_kind)
     vocab = data.tokenizer.get_vocab_size()
     if vocab != model_config.vocab_size:
         if resume:

@@ -141,6 +141,8 @@ def bench_preset(preset: str, bench: str, device: str) -> tuple[dict[str, Any], 
     from gam.train import preset as train_preset
 
     model_fields, train_fields = train_preset(preset)
+    # The tokenizer is the training preset's: the paper's recipe at --preset paper (as its
+    # tables were made), the round-trip byte-level BPE at --preset cpu, like every other run.
     valid_tokens = None
     if preset == "cpu":
         model_fields.update(CPU_BUDGET["model"])
@@ -249,7 +251,7 @@ def prepare(dataset: str, model_fields: dict[str, Any], train_fields: dict[str, 
     rows = TrainConfig(**train_fields)  # the trainer's defaults: the paper's 50,000 / 5,000 rows
     data = prepare_data(dataset, block_size=model_fields["block_size"], vocab_size=model_fields["vocab_size"],
                         cache_dir=cache_dir, source=source, train_rows=rows.train_rows,
-                        valid_rows=rows.valid_rows)
+                        valid_rows=rows.valid_rows, tokenizer_kind=rows.tokenizer)
     full_valid = len(data.valid)
     if valid_tokens is not None and len(data.valid) > valid_tokens:
         data = dataclasses.replace(data, valid=data.valid[:valid_tokens])
