@@ -151,8 +151,8 @@ def test_train_applies_fields_over_the_preset(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_train(model_config, cfg, out, resume=False):
-        seen.update(model=model_config, cfg=cfg, out=out)
+    def fake_train(model_config, cfg, out, resume=False, explicit=None):
+        seen.update(model=model_config, cfg=cfg, out=out, resume=resume, explicit=explicit)
         raise ValueError("stop here")
 
     monkeypatch.setattr(gam.train, "train", fake_train)
@@ -164,6 +164,11 @@ def test_train_applies_fields_over_the_preset(monkeypatch, tmp_path):
     assert (cfg.epochs, cfg.max_steps, cfg.lr, cfg.compile) == (2, None, 1e-3, True)  # --epochs alone: no step cap
     assert cfg.precision == PRESETS["cpu"][1]["precision"]
     assert seen["out"] == "runs/mamba-cpu-tinystories"
+    assert seen["explicit"] is None  # a new run: every field counts
+
+    # --resume: the fields given on purpose are the ones the run may change (or refuse)
+    assert main(["train", "--resume", "--out", str(tmp_path), "--lr", "1e-3", "--epochs", "2"]) == 2
+    assert seen["resume"] and seen["explicit"] == {"lr", "epochs", "max_steps"}
 
 
 # ------------------------------------------------------------------ evaluation progress bar
@@ -216,7 +221,7 @@ def test_hub_unreachable_is_one_clean_line(monkeypatch, capsys, env, data_source
 
     monkeypatch.setattr("datasets.load_dataset", no_cached_copy)
 
-    def load_only(model_config, cfg, out, resume=False):  # train()'s data step, without the training
+    def load_only(model_config, cfg, out, resume=False, explicit=None):  # train()'s data step, without the training
         load_corpus(cfg.data, source=cfg.data_source, hub_timeout=0.5)
         raise KeyboardInterrupt
 

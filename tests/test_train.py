@@ -153,7 +153,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, data, monkeypatch
 
     monkeypatch.setattr(ckpt_module, "save_model", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_model(data.vocab_size), tiny_train(max_steps=3), tmp_path / "run", data=data,
+        train(tiny_model(data.vocab_size), tiny_train(max_steps=5), tmp_path / "run", data=data,
               resume=True, print_fn=quiet)
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "run").step == 3
@@ -332,6 +332,7 @@ def test_resume_a_run_saved_before_the_tokenizer_field(tmp_path, corpus, monkeyp
     manifest["files"]["config.json"] = {"bytes": config_file.stat().st_size,
                                         "sha256": hashlib.sha256(config_file.read_bytes()).hexdigest()}
     manifest_file.write_text(json.dumps(manifest))
-    result = train(tiny_model(paper.vocab_size), tiny_train(max_steps=3), run, resume=True, print_fn=quiet)
+    result = train(tiny_model(paper.vocab_size), tiny_train(max_steps=3), run, resume=True,
+                   explicit={"max_steps"}, print_fn=quiet)  # everything else: the run's saved settings
     assert result.metrics["tokens"] == first.metrics["tokens"]  # the same paper-tokenized validation data
     assert load_checkpoint(run).info["train_config"]["tokenizer"] == "paper"

@@ -16,16 +16,25 @@ A checkpoint is written into a hidden temporary folder and renamed into place
 only when complete, and ``latest`` is replaced atomically after that, so
 killing the process at any moment leaves the previous checkpoint intact. Loading
 checks every file against the manifest, so a truncated or corrupted file is
-reported, not loaded.
+reported, not loaded; a file the manifest does not list is refused, not trusted.
+
+One process writes a run folder at a time: :class:`RunLock` is an advisory
+``flock`` on ``RUN/.lock`` held for the whole run (the kernel drops it when the
+holder dies, so a killed run never blocks the next one). ``latest`` must name a
+checkpoint folder directly inside its run folder. The rules are collected in
+docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,10 +50,16 @@ from gam.models.lm import DecoderLM
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 KEEP_LAST = 2
+LOCK = ".lock"
+TEMP_PREFIX = ".tmp-"  # folders of saves in progress; a killed save leaves one behind
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, corrupted, or does not fit the model."""
+
+
+class RunFolderBusy(ValueError):
+    """Another process holds the run folder's lock."""
 
 
 def _sha256(path: Path) -> str:
@@ -53,6 +68,58 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the sha256 and size of every file in ``folder`` (written last, fsynced
+    with the files, so a manifest only exists beside complete data)."""
+    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+             for p in sorted(folder.iterdir()) if p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+    for p in folder.iterdir():  # make the data durable before the caller's rename
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+# Files that no load reads: documentation, plots, hidden files (.gitattributes of
+# a hub repository). They may be added after the manifest was written.
+NEVER_LOADED_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".svg", ".pdf")
+
+
+def never_loaded(name: str) -> bool:
+    return name.startswith(".") or name.lower().endswith(NEVER_LOADED_SUFFIXES)
+
+
+def manifest_problems(folder: Path) -> list[str]:
+    """Everything wrong with ``folder`` against its manifest (empty: all verified).
+
+    Every file a load may read must be listed: loads read files by name, so an
+    unlisted one (say a model.safetensors put there later) is refused, not
+    trusted. Only files no load reads (:func:`never_loaded`) may be unlisted.
+    """
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return [f"{folder}: incomplete or unverifiable (no {MANIFEST})"]
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+        expected = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        return [f"{manifest_path}: corrupted manifest ({type(err).__name__}: {err})"]
+    problems = []
+    for name, (size, sha256) in expected.items():
+        p = folder / name
+        if Path(name).name != name or name in (".", ".."):
+            problems.append(f"{manifest_path}: lists {name!r}, which is not a file name in this folder")
+        elif not p.is_file():
+            problems.append(f"{p}: missing (listed in the manifest)")
+        elif p.stat().st_size != size:
+            problems.append(f"{p}: truncated or corrupted ({p.stat().st_size} bytes, expected {size})")
+        elif _sha256(p) != sha256:
+            problems.append(f"{p}: corrupted (sha256 does not match the manifest)")
+    for p in sorted(folder.iterdir()):
+        if p.name != MANIFEST and p.name not in expected and not never_loaded(p.name):
+            problems.append(f"{p}: not listed in the manifest (refused, not trusted)")
+    return problems
 
 
 def unwrap(model: nn.Module) -> DecoderLM:
@@ -75,7 +142,11 @@ def save_checkpoint(
     trainer_state: dict[str, Any] | None = None,
     metrics_path: Path | None = None,
 ) -> Path:
-    """Write ``run_dir/ckpt-{step}`` atomically and point ``latest`` at it."""
+    """Write ``run_dir/ckpt-{step}`` atomically and point ``latest`` at it.
+
+    On any error (a full disk, a read-only folder, an interrupt) the partial
+    folder is removed and ``latest`` still names the previous checkpoint.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:06d}"
@@ -84,7 +155,7 @@ def save_checkpoint(
             break
         name = f"ckpt-{step:06d}-{n}"
     final = run_dir / name
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".tmp-{name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f"{TEMP_PREFIX}{name}-"))
     try:
         bare = unwrap(model)
         save_model(bare, str(tmp / "model.safetensors"))
@@ -97,13 +168,14 @@ def save_checkpoint(
             torch.save(trainer_state, tmp / "trainer_state.pt")
         if metrics_path is not None and metrics_path.exists():
             shutil.copyfile(metrics_path, tmp / "metrics.jsonl")
-        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
-                 for p in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
-        for p in tmp.iterdir():  # make the data durable before the rename
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+        write_manifest(tmp)
         os.replace(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.filename is None:  # say where: the writers raise ENOSPC and friends without a path
+            raise OSError(err.errno, f"{err.strerror or err} (saving checkpoint {name}; the previous "
+                          "checkpoint is intact)", str(final)) from err
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -120,14 +192,82 @@ def _prune(run_dir: Path, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_stale_temporaries(run_dir: Path) -> list[str]:
+    """Delete what killed saves left in ``run_dir`` (``.tmp-*`` folders, ``.latest.*.tmp``
+    files). Only safe while holding the run's lock: then no save is in progress."""
+    removed = []
+    for p in sorted(run_dir.iterdir()):
+        if p.is_dir() and not p.is_symlink() and p.name.startswith(TEMP_PREFIX):
+            shutil.rmtree(p)
+        elif p.is_file() and p.name.startswith(".latest.") and p.name.endswith(".tmp"):
+            p.unlink()
+        else:
+            continue
+        removed.append(p.name)
+    return removed
+
+
+class RunLock:
+    """An advisory lock on a run folder: one writer at a time.
+
+    ``flock`` on ``RUN/.lock``, which holds the holder's PID. The kernel releases
+    it when the process exits in any way (kill -9 included), so a stale lock
+    file never blocks the next run.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = self.path.read_text().strip() or "unknown"
+            raise RunFolderBusy(f"{self.run_dir} is in use by another gam process (PID {holder}); "
+                                "wait for it to finish or stop it, or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays (harmless, reused)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 def resolve(path: str | Path) -> Path:
-    """A checkpoint folder from a run folder (via ``latest``) or the folder itself."""
+    """A checkpoint folder from a run folder (via ``latest``) or the folder itself.
+
+    ``latest`` must name a checkpoint folder directly inside the run folder: a
+    path elsewhere (another run's checkpoint, ``..``, a symlink out) is refused.
+    """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint or run folder")
+        raise CheckpointError(f"{path}: no such checkpoint folder or run folder")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder (give a run folder or a checkpoint folder)")
     if (path / "latest").is_file():
-        name = (path / "latest").read_text().strip()
+        name = (path / "latest").read_text(errors="replace").strip()
         target = path / name
+        inside = (name and Path(name).name == name and name not in (".", "..")
+                  and target.resolve().parent == path.resolve())
+        if not inside:
+            raise CheckpointError(f"{path}/latest names {name!r}, which is not a checkpoint folder inside "
+                                  f"{path} (refused: a run only resumes its own checkpoints)")
         if not target.is_dir():
             raise CheckpointError(f"{path}/latest names {name!r}, which does not exist")
         return target
@@ -138,25 +278,13 @@ def resolve(path: str | Path) -> Path:
 
 def verify(ckpt: Path) -> dict[str, Any]:
     """Check every file against the manifest; return config.json's content."""
-    manifest_path = ckpt / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{ckpt}: incomplete checkpoint (no {MANIFEST})")
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as err:
-        raise CheckpointError(f"{manifest_path}: corrupted manifest ({err})") from None
-    for name, expected in files.items():
-        p = ckpt / name
-        if not p.is_file():
-            raise CheckpointError(f"{ckpt}: {name} is missing")
-        if p.stat().st_size != expected["bytes"]:
-            raise CheckpointError(
-                f"{p}: truncated or corrupted ({p.stat().st_size} bytes, expected {expected['bytes']})")
-        if _sha256(p) != expected["sha256"]:
-            raise CheckpointError(f"{p}: corrupted (sha256 does not match the manifest)")
+    problems = manifest_problems(ckpt)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems; gam verify {ckpt} lists them)" if len(problems) > 1 else ""
+        raise CheckpointError(problems[0] + more)
     try:
         return json.loads((ckpt / "config.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as err:
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{ckpt}/config.json unreadable ({err})") from None
 
 
@@ -179,7 +307,10 @@ class Checkpoint:
         path = self.path / "tokenizer.json"
         if not path.is_file():
             raise CheckpointError(f"{self.path}: no tokenizer.json saved with this checkpoint")
-        return Tokenizer.from_file(str(path))
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception on bad JSON
+            raise CheckpointError(f"{path}: unreadable tokenizer ({str(err).splitlines()[0]})") from None
 
     def load_weights(self, model: nn.Module) -> None:
         bare = unwrap(model)
@@ -187,11 +318,14 @@ class Checkpoint:
             missing, unexpected = load_model(bare, str(self.path / "model.safetensors"), strict=False)
         except Exception as err:  # safetensors raises plain RuntimeErrors on shape mismatch
             raise CheckpointError(f"{self.path}: weights do not fit this model ({str(err).splitlines()[0]})") from None
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{self.path}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        if missing or unexpected:  # lists or sets, depending on the safetensors version
+            raise CheckpointError(f"{self.path}: weights do not fit this model "
+                                  f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
 
     def build_model(self, device: str | torch.device = "cpu") -> DecoderLM:
+        from gam.resources import check_fits_in_memory
+
+        check_fits_in_memory(self.model_config, torch.device(device))
         model = DecoderLM(self.model_config)
         self.load_weights(model)
         return model.to(device)
@@ -200,17 +334,54 @@ class Checkpoint:
         path = self.path / "trainer_state.pt"
         if not path.is_file():
             raise CheckpointError(f"{self.path}: no trainer_state.pt (weights-only export cannot be resumed)")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings(record=True) as caught:  # about a file we may refuse: held back
+            warnings.simplefilter("always")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - its text may advise weights_only=False: never repeat that
+                raise CheckpointError(f"{path}: unreadable trainer state ({type(err).__name__}); "
+                                      "this checkpoint cannot be resumed") from None
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return state
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Open a run folder's latest checkpoint (or a checkpoint folder), verified."""
     ckpt = resolve(path)
     info = verify(ckpt)
-    if info.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{ckpt}: unknown checkpoint format {info.get('format_version')!r}")
+    if isinstance(info, dict) and "format_version" not in info:
+        raise CheckpointError(f"{ckpt}: not a gam training checkpoint (its config.json has no format_version; "
+                              "a gam export folder loads with transformers)")
+    if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{ckpt}: unknown checkpoint format "
+                              f"{info.get('format_version') if isinstance(info, dict) else None!r}")
     try:
         GAMConfig.from_dict(info["model_config"])
-    except (KeyError, ValueError) as err:
+    except (KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{ckpt}: bad model config ({err})") from None
     return Checkpoint(ckpt, info)
+
+
+def verify_folder(path: str | Path) -> tuple[list[str], list[str]]:
+    """What ``gam verify`` reports: (folders checked, problems found).
+
+    A run folder: its ``latest`` and every checkpoint in it; a checkpoint or
+    ``gam export`` folder: its files against its manifest.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such folder" if not path.exists() else f"{path}: not a folder")
+    if (path / "latest").is_file():
+        problems = []
+        try:
+            resolve(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+        folders = sorted(p for p in path.glob("ckpt-*") if p.is_dir())
+        if not folders:
+            problems.append(f"{path}: a run folder with no checkpoint folder")
+        for folder in folders:
+            problems += manifest_problems(folder)
+        return [str(p) for p in folders], problems
+    return [str(path)], manifest_problems(path)

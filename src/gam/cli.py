@@ -15,6 +15,7 @@ import warnings
 
 from gam import __version__, train_cli
 from gam.cli_args import Parser, UsageError
+from gam.fileio import describe_os_error
 
 DESCRIPTION = """\
 Gated Associative Memory (GAM) language models and their Transformer and Mamba
@@ -58,7 +59,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     import torch
 
     from gam import build_model, count_parameters
+    from gam.train import Dist, pick_device
 
+    args.device = str(pick_device(args.device, Dist()))  # one-line error for cuda on a CPU build
     torch.manual_seed(args.seed)
     model = build_model(args.model).to(args.device)
     cfg = model.config
@@ -134,10 +137,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from gam.generation import TextStreamer, check_sampling, encode_prompt, load_pretrained, stream
 
+    from gam.train import Dist, pick_device
+
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     if not args.prompt:
         raise ValueError("empty prompt: give some text with --prompt")
-    model, tokenizer = load_pretrained(args.dir, device=args.device)
+    device = pick_device(args.device, Dist())  # one-line error for cuda on a CPU build, or a bad name
+    model, tokenizer = load_pretrained(args.dir, device=device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ids = encode_prompt(tokenizer, args.prompt)
@@ -145,7 +151,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"gam generate: warning: {w.message}", file=sys.stderr)
     if not ids:
         raise ValueError(f"empty prompt: the tokenizer gives no tokens for {args.prompt!r}")
-    idx = torch.tensor([ids], dtype=torch.long, device=args.device)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
     streamer = TextStreamer(tokenizer, ids, args.prompt)
     print(streamer.printed, end="", flush=True)
     for token in stream(model, idx, args.max_new_tokens, temperature=args.temperature,
@@ -321,6 +327,16 @@ def add_harness_parser(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("harness", add_help=False,
                    help="lm-evaluation-harness on an export (gam harness --model hf --model_args pretrained=OUT ...)")
 
+def add_verify_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check a run, checkpoint or export folder against its manifest",
+                       description="Checks every file of a checkpoint or gam export folder against its "
+                                   "manifest (sha256 and size; a file the manifest does not list is a "
+                                   "problem too). A run folder: its 'latest' and every checkpoint in it. "
+                                   "Prints each problem; exit status 1 if there is any.")
+    p.add_argument("dir", help="a run folder, checkpoint folder or gam export folder")
+    p.set_defaults(func=cmd_verify)
+
+
 # The sub-commands, in the order a user needs them (and ``gam --help`` lists them).
 # A new command is one entry: a function that adds its parser to ``sub``.
 SUBCOMMANDS = (
@@ -330,6 +346,7 @@ SUBCOMMANDS = (
     add_export_parser,
     add_bench_parser,
     add_harness_parser,
+    add_verify_parser,
     add_params_parser,
     add_demo_parser,
     add_receptive_field_parser,
@@ -352,11 +369,24 @@ def one_line_warnings(command: str):
 
     def show(message, category, filename, lineno, file=None, line=None):
         if category.__module__.partition(".")[0] == "gam":
-            print(f"gam {command}: warning: {message}", file=sys.stderr)
+            print(f"{command}: warning: {message}", file=sys.stderr)
         else:
             show_python_warning(message, category, filename, lineno, file, line)
 
     return show
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from gam.checkpoint import verify_folder
+
+    folders, problems = verify_folder(args.dir)
+    if problems:
+        print(f"{args.dir}: {len(problems)} problem(s) in {len(folders)} folder(s):")
+        for problem in problems:
+            print(f"  - {problem}")
+        return 1
+    print(f"{args.dir}: ok ({len(folders)} folder(s); every file matches its manifest, none unlisted)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,30 +395,34 @@ def main(argv: list[str] | None = None) -> int:
         from gam.harness import main as harness_main
 
         return harness_main(argv[1:])
-    parser = build_parser()
-    try:
-        args, extra = parser.parse_known_args(argv)
-    except UsageError as err:
-        print(f"{err.prog}: error: {err}", file=sys.stderr)
-        return 2
-    args.overrides = extra  # field overrides for the commands that take them (accepts_overrides)
+    command = "gam"  # until the sub-command is known
     with warnings.catch_warnings():  # restores showwarning when main returns
-        warnings.showwarning = one_line_warnings(args.command)
         try:
-            args.func(args)
+            parser = build_parser()
+            args, extra = parser.parse_known_args(argv)
+            command = f"gam {args.command}"
+            warnings.showwarning = one_line_warnings(command)
+            args.overrides = extra  # field overrides for the commands that take them (accepts_overrides)
+            return args.func(args) or 0
+        except UsageError as err:  # bad command line (before ValueError: it is one)
+            print(f"{err.prog}: error: {err}", file=sys.stderr)
+            return 2
         except (ValueError, FileNotFoundError, PermissionError) as err:
             # Config, data, checkpoint and input errors: one line, no traceback.
-            print(f"gam {args.command}: error: {err}", file=sys.stderr)
+            message = describe_os_error(err) if isinstance(err, OSError) else err
+            print(f"{command}: error: {message}", file=sys.stderr)
             return 2
+        except OSError as err:  # no space, read-only file system, not a directory, ...
+            print(f"{command}: error: {describe_os_error(err)}", file=sys.stderr)
+            return 1
         except RuntimeError as err:
             if type(err).__name__ != "TrainingDiverged":
                 raise
-            print(f"gam {args.command}: error: {err}", file=sys.stderr)
+            print(f"{command}: error: {err}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            print(f"gam {args.command}: interrupted", file=sys.stderr)
+            print(f"{command}: interrupted", file=sys.stderr)
             return 130
-    return 0
 
 
 if __name__ == "__main__":

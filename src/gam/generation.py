@@ -308,12 +308,11 @@ def generate(model: DecoderLM, idx: torch.Tensor, max_new_tokens: int, temperatu
 # ---------------------------------------------------------------- checkpoints and text
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder whose ``latest`` file names one."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint folder")
-    if (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
+    """A checkpoint folder, or a run folder whose ``latest`` file names one (which
+    must lie inside it: :func:`gam.checkpoint.resolve` holds the rule)."""
+    from gam.checkpoint import resolve
+
+    path = resolve(path)
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path}: not a checkpoint folder (no {name})")
@@ -372,13 +371,15 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
     ``model.safetensors`` and ``tokenizer.json``; a run folder with a ``latest``
     file resolves to the checkpoint it names. The model is returned in eval mode.
     """
-    ckpt = resolve_checkpoint(path)
-    if (ckpt / "manifest.json").is_file():  # the trainer's checkpoints: check every file's sha256
-        from gam.checkpoint import verify
+    from gam.checkpoint import MANIFEST, verify
+    from gam.resources import check_fits_in_memory
 
+    ckpt = resolve_checkpoint(path)
+    if (ckpt / MANIFEST).is_file():  # the trainer's checkpoints: every file checked, none unlisted
         verify(ckpt)
     config = read_model_config(ckpt)
     tok = load_tokenizer(ckpt) if tokenizer else None
+    check_fits_in_memory(config, torch.device(device))
     model = DecoderLM(config)
     load_weights(model, ckpt / "model.safetensors")
     return model.to(device).eval(), tok

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,21 @@ class GAMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         """Keep DecoderLM's own initialization (PyTorch defaults, xavier memory bank, as the paper)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any):
+        """``PreTrainedModel.from_pretrained``; a local folder with a manifest (``gam
+        export`` writes one) is first checked file by file, and refused if anything
+        differs or is unlisted."""
+        folder = Path(pretrained_model_name_or_path)
+        if folder.is_dir() and (folder / "manifest.json").is_file():
+            from gam.checkpoint import CheckpointError, manifest_problems
+
+            problems = manifest_problems(folder)
+            if problems:
+                more = f" (and {len(problems) - 1} more; gam verify {folder} lists them)" if len(problems) > 1 else ""
+                raise CheckpointError(problems[0] + more)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def from_gam(cls, model: DecoderLM) -> "GAMForCausalLM":
@@ -245,25 +261,48 @@ def hf_tokenizer(tokenizer, model_max_length: int | None = None):
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
-    """Convert a training checkpoint folder to a ``save_pretrained`` folder (safetensors + tokenizer)."""
+    """Convert a training checkpoint folder to a ``save_pretrained`` folder
+    (safetensors + tokenizer + a manifest of every file's sha256, which
+    :meth:`GAMForCausalLM.from_pretrained` and ``gam verify`` check).
+
+    The folder is written beside ``out`` under a temporary name and renamed into
+    place when complete, so a failed export leaves nothing half-written.
+    """
+    import shutil
+    import tempfile
+
+    from gam.checkpoint import TEMP_PREFIX, write_manifest
     from gam.generation import load_pretrained
 
-    model, tokenizer = load_pretrained(checkpoint)
     out = Path(out)
+    if any(parent.exists() and not parent.is_dir() for parent in out.parents):
+        raise ValueError(f"{out}: a parent of the output folder is a file, not a folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: output folder exists and is not empty")
+    model, tokenizer = load_pretrained(checkpoint)
     hf = GAMForCausalLM.from_gam(model)
     tok = hf_tokenizer(tokenizer, model.config.max_seq_len)
     if tok.pad_token_id is not None:
         hf.config.pad_token_id = tok.pad_token_id
         hf.generation_config.pad_token_id = tok.pad_token_id
-    hf.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    # transformers 5 names its fast tokenizer class TokenizersBackend; the 4.x
-    # name loads in both, so the folder works with either major version.
-    tok_config = out / "tokenizer_config.json"
-    if tok_config.is_file():
-        data = json.loads(tok_config.read_text())
-        data["tokenizer_class"] = "PreTrainedTokenizerFast"
-        tok_config.write_text(json.dumps(data, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{TEMP_PREFIX}{out.name}-"))
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        # transformers 5 names its fast tokenizer class TokenizersBackend; the 4.x
+        # name loads in both, so the folder works with either major version.
+        tok_config = tmp / "tokenizer_config.json"
+        if tok_config.is_file():
+            data = json.loads(tok_config.read_text())
+            data["tokenizer_class"] = "PreTrainedTokenizerFast"
+            tok_config.write_text(json.dumps(data, indent=2) + "\n")
+        write_manifest(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+        os.replace(tmp, out)  # onto a missing or empty folder: atomic
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

@@ -27,9 +27,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from gam.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap
+from gam.checkpoint import CheckpointError, RunLock, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from gam.config import ConfigError, GAMConfig, TrainConfig, preset  # noqa: F401 - TrainConfig, preset: gam.train's API
+from gam.fileio import atomic_write
 from gam.models.lm import DecoderLM
+from gam.resources import check_fits_in_memory
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -118,6 +120,8 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_
     Shows a progress bar on a terminal (gam.progress): it takes tens of seconds on a CPU."""
     from gam.progress import progress
 
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"evaluation batch size must be an integer >= 1, got {batch_size!r}")
     n_blocks = len(tokens) // (block_size + 1)
     if n_blocks == 0:
         raise ValueError(f"validation data has {len(tokens)} tokens, fewer than one block of {block_size + 1}")
@@ -199,7 +203,7 @@ class MetricsLog:
             (self.backend.finish if hasattr(self.backend, "finish") else self.backend.close)()
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the run
 
 class Interrupted(Exception):
     pass
@@ -215,44 +219,171 @@ class RunResult:
     step: int
     metrics: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
+    already_finished: bool = False  # a resume of a run that had reached its end: nothing was done
+    resume_command: str | None = None  # printed when interrupted
+
+
+# What --resume does with a training field given again with a value that differs
+# from the run's (docs/reliability.md). Every model field is refused too: the
+# weights have that shape. A field not given explicitly keeps the run's value.
+RESUME_REFUSED = frozenset({"data", "data_source", "train_rows", "valid_rows", "tokenizer", "batch_size",
+                            "grad_accum", "seed"})  # the data and its order: changing them makes a different run
+RESUME_NOTICED = frozenset({"max_steps", "epochs", "lr", "min_lr", "beta1", "beta2", "weight_decay",
+                            "warmup_steps", "grad_clip", "precision", "eval_batch_size", "eval_every",
+                            "save_every", "log_every"})  # applied, with a printed notice
+RESUME_SILENT = frozenset({"device", "threads", "logger", "compile"})  # where it runs, not what it computes
+
+
+def resume_settings(ckpt, model_config: GAMConfig, cfg: TrainConfig, explicit: set[str] | None,
+                    say: Callable[[str], None]) -> tuple[GAMConfig, TrainConfig]:
+    """The run's saved configuration, with the explicitly given fields applied or refused.
+
+    ``explicit`` names the fields the caller gave on purpose (the command line's
+    flags); None means every field of ``model_config`` and ``cfg`` except
+    ``vocab_size`` (which the saved tokenizer decides).
+    """
+    saved_model = ckpt.model_config
+    try:
+        saved_cfg = TrainConfig(**ckpt.info["train_config"])
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{ckpt.path}: bad train config ({err})") from None
+    model_names = {f.name for f in dataclasses.fields(GAMConfig)}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    if explicit is None:
+        explicit = (model_names - {"vocab_size"}) | train_names
+    refused, changes, notices = [], {}, []
+    for name in sorted(explicit & model_names):
+        if getattr(model_config, name) != getattr(saved_model, name):
+            refused.append(f"{name} {getattr(model_config, name)!r} (the run's: {getattr(saved_model, name)!r})")
+    for name in sorted(explicit & train_names):
+        new, old = getattr(cfg, name), getattr(saved_cfg, name)
+        if new == old:
+            continue
+        if name in RESUME_REFUSED:
+            refused.append(f"{name} {new!r} (the run's: {old!r})")
+            continue
+        changes[name] = new
+        if name in RESUME_NOTICED:
+            notices.append(f"resume: {name} changed from {old!r} to {new!r}, as given")
+    if refused:
+        raise ConfigError(f"--resume continues the run in {ckpt.path.parent} and cannot change "
+                          f"{'; '.join(refused)}: drop those options, or start a new run with another --out")
+    for notice in notices:
+        say(notice)
+    cfg = dataclasses.replace(saved_cfg, **changes)
+    cfg.validate()
+    return saved_model, cfg
+
+
+@dataclass
+class Trainer:
+    """What the phases of one run share: set-up fills it, the loop advances it."""
+
+    run_dir: Path
+    cfg: TrainConfig
+    model_config: GAMConfig
+    d: Dist
+    device: torch.device
+    data: Any
+    say: Callable[[str], None]
+    model: DecoderLM | None = None
+    train_model: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: Any = None
+    log: MetricsLog | None = None
+    step: int = 0
+    last_good: Path | None = None  # newest checkpoint whose weights gave a finite loss
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def block_size(self) -> int:
+        return self.model_config.block_size
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.data.train) // (self.block_size + 1)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_blocks // self.cfg.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.max_steps or self.cfg.epochs * self.steps_per_epoch
+
+    @property
+    def micro(self) -> int:
+        return self.cfg.batch_size // (self.d.world * self.cfg.grad_accum)
+
+    def resume_command(self) -> str:
+        import shlex
+
+        return f"gam train --out {shlex.quote(str(self.run_dir))} --resume"
 
 
 def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
-          data=None, stop_after: int | None = None, print_fn: Callable[[str], None] = print) -> RunResult:
+          data=None, stop_after: int | None = None, print_fn: Callable[[str], None] = print,
+          explicit: set[str] | None = None) -> RunResult:
     """Train ``model_config`` with ``cfg``; checkpoints go to ``run_dir``.
 
     ``data`` is a prepared dataset (``gam.data.prepare_data``); None prepares
-    ``cfg.data``. ``stop_after`` ends the run after that many optimizer steps
-    as if interrupted (for tests of exact resume).
+    ``cfg.data``. ``resume`` continues the run in ``run_dir`` with its saved
+    configuration; ``explicit`` names the fields of ``model_config``/``cfg``
+    given on purpose, which are applied or refused (see :func:`resume_settings`).
+    ``stop_after`` ends the run after that many optimizer steps as if
+    interrupted (for tests of exact resume).
     """
     cfg.validate()
     run_dir = Path(run_dir)
     device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     d = setup_distributed(device_type)
     device = pick_device(cfg.device, d)
-    if cfg.threads and device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
     say = print_fn if d.main else (lambda *_: None)
+    if resume and not run_dir.is_dir():  # checked before the lock, which would create the folder
+        raise CheckpointError(f"{run_dir}: no such run folder to resume")
+    lock = RunLock(run_dir).acquire() if d.main else None  # one writer per run folder, for the whole run
+    try:
+        if d.main:
+            removed = remove_stale_temporaries(run_dir)
+            if removed:
+                say(f"removed what interrupted saves left in {run_dir}: {', '.join(removed)}")
+        ckpt = None
+        if resume:
+            ckpt = load_checkpoint(run_dir)
+            model_config, cfg = resume_settings(ckpt, model_config, cfg, explicit, say)
+        elif (run_dir / "latest").exists():
+            raise ConfigError(f"{run_dir} already holds a run (latest: "
+                              f"{(run_dir / 'latest').read_text(errors='replace').strip()}); continue it with "
+                              "--resume, or choose another --out")
+        if cfg.threads and device.type == "cpu":
+            torch.set_num_threads(cfg.threads)
+        data, model_config, cfg = prepare(model_config, cfg, data, ckpt, say)
+        t = Trainer(run_dir, cfg, model_config, d, device, data, say)
+        if ckpt is not None and ckpt.step >= t.total_steps:
+            say(f"{run_dir} is finished: step {ckpt.step} of {t.total_steps}; nothing to do "
+                f"(to train further: {t.resume_command()} --max-steps N, N > {ckpt.step})")
+            return RunResult(run_dir, ckpt.step, dict(ckpt.info.get("final_metrics") or {}), already_finished=True)
+        build(t)
+        if ckpt is not None:
+            restore(t, ckpt)
+            say(f"resuming from {ckpt.path} (step {ckpt.step})")
+        else:
+            torch.manual_seed(cfg.seed + d.rank)  # dropout masks differ across processes; the data order does not
+        return run_loop(t, stop_after)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    state = None
-    if resume:
-        ckpt = load_checkpoint(run_dir)
-        state = ckpt.trainer_state()
-        saved_model = ckpt.model_config
-        if saved_model != model_config:
-            say(f"resuming with the checkpoint's model config ({ckpt.path.name})")
-        model_config = saved_model
-        saved_cfg = TrainConfig(**ckpt.info["train_config"])
-        # Only the stopping point may change on resume; everything else must match for exactness.
-        cfg = dataclasses.replace(saved_cfg, max_steps=cfg.max_steps, epochs=cfg.epochs,
-                                  save_every=cfg.save_every, eval_every=cfg.eval_every,
-                                  logger=cfg.logger, threads=cfg.threads, device=cfg.device)
-        say(f"resuming from {ckpt.path} (step {ckpt.step})")
 
+def prepare(model_config: GAMConfig, cfg: TrainConfig, data, ckpt,
+            say: Callable[[str], None]) -> tuple[Any, GAMConfig, TrainConfig]:
+    """The data (tokenized with the run's own tokenizer on resume), the model
+    config with the tokenizer's vocabulary size, and the training config with
+    the tokenizer kind the tokens come from."""
     if data is None:
         from gam.data import prepare_data
 
-        extra = {"tokenizer": ckpt.tokenizer()} if resume else {}
+        extra = {"tokenizer": ckpt.tokenizer()} if ckpt is not None else {}
         data = prepare_data(cfg.data, block_size=model_config.block_size, vocab_size=model_config.vocab_size,
                             source=cfg.data_source, train_rows=cfg.train_rows, valid_rows=cfg.valid_rows,
                             tokenizer_kind=cfg.tokenizer, **extra)
@@ -260,200 +391,310 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
         # Prepared data given by the caller, or a run saved before the field existed: record the
         # kind the tokens really come from.
         cfg = dataclasses.replace(cfg, tokenizer=data.tokenizer_kind)
+    say(f"data: {data.source}; train {len(data.train):,} tokens, valid {len(data.valid):,} tokens")
+    n_blocks = len(data.train) // (model_config.block_size + 1)
+    if n_blocks < cfg.batch_size:
+        raise ValueError(
+            f"training data has {n_blocks} blocks of {model_config.block_size + 1} tokens, fewer than one batch "
+            f"({cfg.batch_size}); use a smaller batch_size or block_size, or more data")
     vocab = data.tokenizer.get_vocab_size()
     if vocab != model_config.vocab_size:
-        if resume:
+        if ckpt is not None:
             raise CheckpointError(f"checkpoint vocab {model_config.vocab_size} != tokenizer vocab {vocab}")
         say(f"vocab_size follows the tokenizer: {vocab}")
         model_config = model_config.replace(vocab_size=vocab)
-    say(f"data: {data.source}; train {len(data.train):,} tokens, valid {len(data.valid):,} tokens")
+    return data, model_config, cfg
 
-    block_size = model_config.block_size
-    n_blocks = len(data.train) // (block_size + 1)
-    if n_blocks < cfg.batch_size:
-        raise ValueError(
-            f"training data has {n_blocks} blocks of {block_size + 1} tokens, fewer than one batch "
-            f"({cfg.batch_size}); use a smaller batch_size or block_size, or more data")
+
+def build(t: Trainer) -> None:
+    """Model, optimizer, wrappers and the metrics log of a run (fresh weights)."""
+    cfg, d = t.cfg, t.d
     if cfg.batch_size % (d.world * cfg.grad_accum):
         raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
                           f"({d.world} x {cfg.grad_accum})")
-    micro = cfg.batch_size // (d.world * cfg.grad_accum)
-    steps_per_epoch = n_blocks // cfg.batch_size
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-
-    from gam.data import epoch_order
-
+    check_fits_in_memory(t.model_config, t.device)
     torch.manual_seed(cfg.seed)
-    model = DecoderLM(model_config).to(device)
+    t.model = DecoderLM(t.model_config).to(t.device)
     # fused AdamW: one kernel over all parameters (on CPU ~4x faster than foreach)
-    optimizer = make_optimizer(model, cfg, fused=device.type in ("cpu", "cuda"))
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
-    step = 0
-    if state is not None:
-        ckpt.load_weights(model)
-        optimizer.load_state_dict(state["optimizer"])
-        if "scaler" in state and cfg.precision == "fp16":
-            scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-    else:
-        # Dropout masks differ across processes; the data order does not.
-        torch.manual_seed(cfg.seed + d.rank)
-
-    counts = {"total": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())}
-    say(f"model {model_config.model}: {counts['total']:,} parameters; {total_steps} steps of "
-        f"{cfg.batch_size} x {block_size} tokens ({steps_per_epoch} steps per epoch), "
-        f"{cfg.precision} on {device}" + (f", {d.world} processes" if d.world > 1 else ""))
-
-    train_model: torch.nn.Module = model
+    t.optimizer = make_optimizer(t.model, cfg, fused=t.device.type in ("cpu", "cuda"))
+    t.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+    parameters = sum(p.numel() for p in {id(p): p for p in t.model.parameters()}.values())
+    t.say(f"model {t.model_config.model}: {parameters:,} parameters; {t.total_steps} steps of "
+          f"{cfg.batch_size} x {t.block_size} tokens ({t.steps_per_epoch} steps per epoch), "
+          f"{cfg.precision} on {t.device}" + (f", {d.world} processes" if d.world > 1 else ""))
+    t.train_model = t.model
     if cfg.compile:
-        train_model = torch.compile(model)
+        t.train_model = torch.compile(t.model)
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        t.train_model = DDP(t.train_model, device_ids=[t.device.index] if t.device.type == "cuda" else None)
+    t.info = {"train_config": dataclasses.asdict(cfg), "data_source": t.data.source,
+              "unigram_ppl": None, "parameters": parameters}
+    if d.main and (t.run_dir / "metrics.jsonl").exists():
+        (t.run_dir / "metrics.jsonl").unlink()  # a fresh run; restore() brings a resumed run's log back
+    run_config = {"model": t.model_config.to_dict(), "train": dataclasses.asdict(cfg)}
+    t.log = MetricsLog(t.run_dir, cfg.logger, d.main, run_config)
 
-    tokenizer_json = data.tokenizer.to_str()
-    info = {"train_config": dataclasses.asdict(cfg), "data_source": data.source,
-            "unigram_ppl": None, "parameters": counts["total"]}
-    run_config = {"model": model_config.to_dict(), "train": dataclasses.asdict(cfg)}
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and (run_dir / "metrics.jsonl").exists():
-            (run_dir / "metrics.jsonl").unlink()
-    log = MetricsLog(run_dir, cfg.logger, d.main, run_config)
 
-    def checkpoint() -> None:
-        if d.main:
-            trainer_state = {"optimizer": optimizer.state_dict(), "step": step,
-                             "rng_cpu": torch.get_rng_state()}
-            if device.type == "cuda":
-                trainer_state["rng_cuda"] = torch.cuda.get_rng_state(device)
-            if cfg.precision == "fp16":
-                trainer_state["scaler"] = scaler.state_dict()
-            save_checkpoint(run_dir, step, model, info, tokenizer_json, trainer_state, log.path)
-        if d.world > 1:
-            dist.barrier()
+def restore(t: Trainer, ckpt) -> None:
+    """Weights, optimizer, RNG, step and metrics log of the checkpoint a run resumes."""
+    state = ckpt.trainer_state()
+    ckpt.load_weights(t.model)
+    try:
+        t.optimizer.load_state_dict(state["optimizer"])
+        t.step = int(state["step"])
+        torch.set_rng_state(state["rng_cpu"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"{ckpt.path}/trainer_state.pt does not fit this run "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    for group in t.optimizer.param_groups:  # load_state_dict brought back the saved values; a resume may change them
+        group["betas"] = (t.cfg.beta1, t.cfg.beta2)
+        if group["weight_decay"]:
+            group["weight_decay"] = t.cfg.weight_decay
+    if "scaler" in state and t.cfg.precision == "fp16":
+        t.scaler.load_state_dict(state["scaler"])
+    if t.device.type == "cuda" and "rng_cuda" in state:
+        torch.cuda.set_rng_state(state["rng_cuda"], t.device)
+    if t.d.main and (ckpt.path / "metrics.jsonl").is_file():
+        # The log as of the checkpoint: records a killed run wrote after it would repeat.
+        with atomic_write(t.log.path, "wb") as f:
+            f.write((ckpt.path / "metrics.jsonl").read_bytes())
+    t.last_good = ckpt.path
 
+
+# ----------------------------------------------------------------------------- saving
+
+def save(t: Trainer, step: int, rng_cpu: torch.Tensor, rng_cuda: torch.Tensor | None) -> None:
+    """Write the checkpoint of ``step`` (the model and optimizer as they are now).
+
+    Called only once the weights are known to give a finite loss (see
+    :class:`PendingSave`); the RNG states are those captured at ``step``.
+    """
+    if t.d.main:
+        trainer_state = {"optimizer": t.optimizer.state_dict(), "step": step, "rng_cpu": rng_cpu}
+        if rng_cuda is not None:
+            trainer_state["rng_cuda"] = rng_cuda
+        if t.cfg.precision == "fp16":
+            trainer_state["scaler"] = t.scaler.state_dict()
+        t.last_good = save_checkpoint(t.run_dir, step, t.model, t.info, t.data.tokenizer.to_str(),
+                                      trainer_state, t.log.path)
+    if t.d.world > 1:
+        dist.barrier()
+
+
+class PendingSave:
+    """A checkpoint is good when its weights gave a finite loss. A save due after
+    step N is therefore held until the loss of step N+1, computed on exactly those
+    weights, is known: finite, it is written (before the optimizer changes them);
+    not finite, it is dropped and the previous checkpoint stays the last good one."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.rng: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def hold(self, t: Trainer) -> None:
+        self.step = t.step
+        self.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(t.device) if t.device.type == "cuda" else None)
+
+    def confirm(self, t: Trainer) -> None:
+        """The weights of the held step just gave a finite loss: write it."""
+        if self.step is not None:
+            save(t, self.step, *self.rng)
+            self.step = self.rng = None
+
+
+def diverged(t: Trainer, what: str) -> TrainingDiverged:
+    if t.last_good is None:
+        kept = f"no checkpoint had been saved in {t.run_dir}"
+    else:
+        kept = (f"the last good checkpoint, {t.last_good} (its weights gave a finite loss), is kept; resume "
+                f"from it with a lower learning rate: {t.resume_command()} --lr {t.cfg.lr / 10:g}")
+    return TrainingDiverged(f"{what}; stopped without saving: {kept}")
+
+
+def next_batch_loss(t: Trainer, order: torch.Tensor) -> float:
+    """Training loss of the current weights on the batch the next step would use,
+    without a gradient and leaving the RNG as it was (so resume stays exact)."""
+    first = (t.step % t.steps_per_epoch) * t.cfg.batch_size
+    total = torch.zeros((), device=t.device)
+    devices = [t.device] if t.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        for i in range(t.cfg.grad_accum):
+            start = first + (i * t.d.world + t.d.rank) * t.micro
+            xy = batches(t.data.train, t.block_size, order, start, t.micro).to(t.device)
+            with autocast_context(t.cfg.precision, t.device):
+                _, loss = t.model(xy[:, :-1], xy[:, 1:], return_logits=False)
+            total += loss.float() / t.cfg.grad_accum
+    if t.d.world > 1:
+        dist.all_reduce(total)
+        total /= t.d.world
+    return total.item()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def run_loop(t: Trainer, stop_after: int | None) -> RunResult:
+    """Train from ``t.step`` to the end; save on schedule, at the end, and when stopped."""
+    from gam.data import epoch_order
+
+    cfg, d, device = t.cfg, t.d, t.device
     stop = {"signal": None}
 
     def on_signal(signum, _frame):
         stop["signal"] = signum
 
     handlers = {}
-    if d.main or d.world > 1:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                handlers[sig] = signal.signal(sig, on_signal)
-            except ValueError:  # not the main thread
-                pass
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handlers[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread
+            pass
 
-    result = RunResult(run_dir, step)
+    result = RunResult(t.run_dir, t.step)
+    pending = PendingSave()
     epoch_stats = {"train_s": 0.0, "data_s": 0.0, "tokens": 0}
-    epoch = step // steps_per_epoch
-    order = epoch_order(n_blocks, cfg.seed, epoch)
-    last_loss = float("nan")
-    train_model.train()
-    try:
-        from tqdm import tqdm
+    interval = {"train_s": 0.0, "tokens": 0}  # since the last metrics.jsonl record
+    epoch = t.step // t.steps_per_epoch
+    order = epoch_order(t.n_blocks, cfg.seed, epoch)
+    t.train_model.train()
+    from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, disable=not d.main, dynamic_ncols=True,
-                   mininterval=1.0, file=sys.stderr)
-        while step < total_steps:
-            if step // steps_per_epoch != epoch:
-                epoch = step // steps_per_epoch
-                order = epoch_order(n_blocks, cfg.seed, epoch)
+    bar = tqdm(total=t.total_steps, initial=t.step, disable=not d.main, dynamic_ncols=True,
+               mininterval=1.0, file=sys.stderr)
+    try:
+        while t.step < t.total_steps:
+            if t.step // t.steps_per_epoch != epoch:
+                epoch = t.step // t.steps_per_epoch
+                order = epoch_order(t.n_blocks, cfg.seed, epoch)
             t0 = time.perf_counter()
-            lr = lr_at(step, total_steps, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            first = (step % steps_per_epoch) * cfg.batch_size
-            loss_sum = torch.zeros((), device=device)
-            data_s = 0.0
-            for i in range(cfg.grad_accum):
-                td = time.perf_counter()
-                start = first + (i * d.world + d.rank) * micro
-                xy = batches(data.train, block_size, order, start, micro).to(device, non_blocking=True)
-                data_s += time.perf_counter() - td
-                sync = nullcontext()
-                if d.world > 1 and i < cfg.grad_accum - 1:
-                    sync = train_model.no_sync()
-                with sync:
-                    with autocast_context(cfg.precision, device):
-                        _, loss = train_model(xy[:, :-1], xy[:, 1:], return_logits=False)
-                    scaler.scale(loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach() / cfg.grad_accum
-            if d.world > 1:
-                dist.all_reduce(loss_sum)
-                loss_sum /= d.world
-            last_loss = loss_sum.item()
-            if not math.isfinite(last_loss):
-                raise TrainingDiverged(f"loss became {last_loss} at step {step}; stopped without saving, "
-                                       f"the last good checkpoint in {run_dir} is kept")
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = time.perf_counter() - t0
+            loss, data_s = forward_backward(t, order)
+            if not math.isfinite(loss):
+                raise diverged(t, f"loss became {loss} at step {t.step}")
+            ts = time.perf_counter()
+            pending.confirm(t)
+            save_s = time.perf_counter() - ts
+            lr = optimizer_step(t)
+            elapsed = time.perf_counter() - t0 - save_s
             epoch_stats["train_s"] += elapsed
             epoch_stats["data_s"] += data_s
-            epoch_stats["tokens"] += cfg.batch_size * block_size
+            epoch_stats["tokens"] += cfg.batch_size * t.block_size
+            interval["train_s"] += elapsed
+            interval["tokens"] += cfg.batch_size * t.block_size
             bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
-            if step % cfg.log_every == 0:
-                log.write({"step": step, "epoch": epoch, "loss": last_loss, "lr": lr,
-                           "tokens_per_s": cfg.batch_size * block_size / elapsed})
-            end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-            if (cfg.eval_every and step % cfg.eval_every == 0) or end_of_epoch:
-                te = time.perf_counter()
-                metrics = evaluate(model, data.valid, block_size, cfg.eval_batch_size, device, cfg.precision, d)
-                metrics["eval_s"] = time.perf_counter() - te
-                record = {"step": step, "epoch": epoch, "train_loss": last_loss, **metrics}
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+            if t.step % cfg.log_every == 0:
+                t.log.write({"step": t.step, "epoch": epoch, "loss": loss, "lr": lr,
+                             "tokens_per_s": interval["tokens"] / max(interval["train_s"], 1e-9)})
+                interval = {"train_s": 0.0, "tokens": 0}
+            end_of_epoch = t.step % t.steps_per_epoch == 0 or t.step == t.total_steps
+            if (cfg.eval_every and t.step % cfg.eval_every == 0) or end_of_epoch:
+                result.metrics = evaluate_and_log(t, epoch, loss, epoch_stats if end_of_epoch else None, bar)
                 if end_of_epoch:
-                    record.update({
-                        "epoch_train_s": epoch_stats["train_s"],
-                        "epoch_data_s": epoch_stats["data_s"],
-                        "tokens_per_s": epoch_stats["tokens"] / max(epoch_stats["train_s"], 1e-9)})
                     epoch_stats = {"train_s": 0.0, "data_s": 0.0, "tokens": 0}
-                log.write(record)
-                result.metrics = record
-                if d.main:
-                    bar.write(f"step {step}: val loss {metrics['val_loss']:.4f}, ppl {metrics['val_ppl']:.2f}"
-                              + (f"; epoch train time {record['epoch_train_s']:.1f}s (data "
-                                 f"{record['epoch_data_s']:.1f}s), eval {metrics['eval_s']:.1f}s, "
-                                 f"{record['tokens_per_s']:.0f} tokens/s" if end_of_epoch else ""))
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                checkpoint()
+            if t.step == t.total_steps:
+                break  # the end: saved below after the final evaluation, even if a signal came
+            if cfg.save_every and t.step % cfg.save_every == 0:
+                pending.hold(t)
             stopping = stop["signal"] is not None
             if d.world > 1:  # every process must agree to stop at the same step
                 flag = torch.tensor(float(stopping), device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stopping = bool(flag.item())
-            if stopping or (stop_after is not None and step >= stop_after):
+            if stopping or (stop_after is not None and t.step >= stop_after):
                 raise Interrupted()
         bar.close()
-        if not result.metrics or result.metrics.get("step") != step:
-            result.metrics = {"step": step, **evaluate(model, data.valid, block_size, cfg.eval_batch_size,
-                                                      device, cfg.precision, d)}
-        result.metrics["unigram_ppl"] = unigram_perplexity(data.train, data.valid, vocab, block_size)
-        info["unigram_ppl"] = result.metrics["unigram_ppl"]
-        info["final_metrics"] = result.metrics
-        checkpoint()
+        finish(t, result)
     except Interrupted:
         bar.close()
-        checkpoint()
+        if pending.step is None:
+            pending.hold(t)
+        loss = next_batch_loss(t, order)
+        if not math.isfinite(loss):
+            raise diverged(t, f"stopped at step {t.step}, whose weights give a loss of {loss}") from None
+        pending.confirm(t)
         result.interrupted = True
+        result.resume_command = t.resume_command()
         name = signal.Signals(stop["signal"]).name if stop["signal"] else "stop_after"
-        say(f"\n{name}: saved a checkpoint at step {step} in {run_dir}. "
-            f"Resume with: gam train --out {run_dir} --resume")
+        t.say(f"\n{name}: saved a checkpoint at step {t.step} in {t.run_dir}. "
+              f"Resume with: {result.resume_command}")
     finally:
+        bar.close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        log.close()
-    result.step = step
+        t.log.close()
+    result.step = t.step
     return result
+
+
+def forward_backward(t: Trainer, order: torch.Tensor) -> tuple[float, float]:
+    """Gradients of one optimizer step's batch (all accumulation steps); (loss, data seconds)."""
+    cfg, d = t.cfg, t.d
+    first = (t.step % t.steps_per_epoch) * cfg.batch_size
+    loss_sum = torch.zeros((), device=t.device)
+    data_s = 0.0
+    for i in range(cfg.grad_accum):
+        td = time.perf_counter()
+        start = first + (i * d.world + d.rank) * t.micro
+        xy = batches(t.data.train, t.block_size, order, start, t.micro).to(t.device, non_blocking=True)
+        data_s += time.perf_counter() - td
+        sync = nullcontext()
+        if d.world > 1 and i < cfg.grad_accum - 1:
+            sync = t.train_model.no_sync()
+        with sync:
+            with autocast_context(cfg.precision, t.device):
+                _, loss = t.train_model(xy[:, :-1], xy[:, 1:], return_logits=False)
+            t.scaler.scale(loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach() / cfg.grad_accum
+    if d.world > 1:
+        dist.all_reduce(loss_sum)
+        loss_sum /= d.world
+    return loss_sum.item(), data_s
+
+
+def optimizer_step(t: Trainer) -> float:
+    """Clip, step, advance ``t.step``; returns the learning rate used."""
+    lr = lr_at(t.step, t.total_steps, t.cfg)
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    if t.cfg.grad_clip > 0:
+        t.scaler.unscale_(t.optimizer)
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.step += 1
+    return lr
+
+
+def evaluate_and_log(t: Trainer, epoch: int, train_loss: float, epoch_stats: dict[str, Any] | None,
+                     bar) -> dict[str, Any]:
+    te = time.perf_counter()
+    metrics = evaluate(t.model, t.data.valid, t.block_size, t.cfg.eval_batch_size, t.device, t.cfg.precision, t.d)
+    metrics["eval_s"] = time.perf_counter() - te
+    record = {"step": t.step, "epoch": epoch, "train_loss": train_loss, **metrics}
+    if epoch_stats is not None:
+        record.update({"epoch_train_s": epoch_stats["train_s"], "epoch_data_s": epoch_stats["data_s"],
+                       "tokens_per_s": epoch_stats["tokens"] / max(epoch_stats["train_s"], 1e-9)})
+    t.log.write(record)
+    if t.d.main:
+        bar.write(f"step {t.step}: val loss {metrics['val_loss']:.4f}, ppl {metrics['val_ppl']:.2f}"
+                  + (f"; epoch train time {record['epoch_train_s']:.1f}s (data "
+                     f"{record['epoch_data_s']:.1f}s), eval {metrics['eval_s']:.1f}s, "
+                     f"{record['tokens_per_s']:.0f} tokens/s" if epoch_stats is not None else ""))
+    return record
+
+
+def finish(t: Trainer, result: RunResult) -> None:
+    """The final evaluation and checkpoint (only of weights with a finite validation loss)."""
+    if not result.metrics or result.metrics.get("step") != t.step:
+        result.metrics = {"step": t.step, **evaluate(t.model, t.data.valid, t.block_size, t.cfg.eval_batch_size,
+                                                     t.device, t.cfg.precision, t.d)}
+    if not math.isfinite(result.metrics["val_loss"]):
+        raise diverged(t, f"validation loss became {result.metrics['val_loss']} at step {t.step}")
+    vocab = t.model_config.vocab_size
+    result.metrics["unigram_ppl"] = unigram_perplexity(t.data.train, t.data.valid, vocab, t.block_size)
+    t.info["unigram_ppl"] = result.metrics["unigram_ppl"]
+    t.info["final_metrics"] = result.metrics
+    save(t, t.step, torch.get_rng_state(),
+         torch.cuda.get_rng_state(t.device) if t.device.type == "cuda" else None)

@@ -40,10 +40,13 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (default: the cpu preset GAM on WikiText-2)", allow_abbrev=False,
                        description=TRAIN_HELP, usage=TRAIN_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("run")
-    run.add_argument("--preset", default="cpu", metavar="NAME",
+    # default None, not "cpu": --resume refuses a preset given on purpose
+    run.add_argument("--preset", default=None, metavar="NAME",
                      help=f"starting values for the fields: {' | '.join(PRESETS)} (default: cpu)")
     run.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/MODEL-PRESET-DATA)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its last checkpoint, with its saved settings "
+                          "(fields given again are applied with a notice, or refused: docs/reliability.md)")
     for title, config_class, presets in FIELD_GROUPS:
         add_field_arguments(p, title, config_class, presets)
     p.set_defaults(func=cmd_train)
@@ -91,21 +94,29 @@ def parse_overrides(tokens: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 def cmd_train(args: argparse.Namespace) -> None:
     from gam.train import train
 
-    model_fields, train_fields = preset(args.preset)
-    model_fields.update(given_fields(args, GAMConfig))
-    given_train = given_fields(args, TrainConfig)
+    if args.resume and args.preset is not None:
+        raise ConfigError("--preset does not apply with --resume (the run's saved settings are used); "
+                          "give the single fields to change instead")
+    preset_name = args.preset or "cpu"
+    model_fields, train_fields = preset(preset_name)
+    given_model, given_train = given_fields(args, GAMConfig), given_fields(args, TrainConfig)
+    # What was given on purpose: on --resume only these may differ from the run's settings.
+    explicit = set(given_model) | set(given_train)
+    model_fields.update(given_model)
     if "epochs" in given_train and "max_steps" not in given_train:
         train_fields["max_steps"] = None  # --epochs alone means: train for that many epochs
+        explicit.add("max_steps")
     train_fields.update(given_train)
     model_config = GAMConfig(**model_fields)
     cfg = TrainConfig(**train_fields)
-    out = args.out or f"runs/{model_config.model}-{args.preset}-{_slug(cfg.data)}"
-    result = train(model_config, cfg, out, resume=args.resume)
+    out = args.out or f"runs/{model_config.model}-{preset_name}-{_slug(cfg.data)}"
+    result = train(model_config, cfg, out, resume=args.resume, explicit=explicit if args.resume else None)
     if result.interrupted:
         sys.exit(130)
     m = result.metrics
-    print(f"\nvalidation: loss {m['val_loss']:.4f}, perplexity {m['val_ppl']:.2f} "
-          f"(a unigram model on the same {m['tokens']:,} tokens: {m['unigram_ppl']:.2f})")
+    if "val_loss" in m:
+        print(f"\nvalidation: loss {m['val_loss']:.4f}, perplexity {m['val_ppl']:.2f} "
+              f"(a unigram model on the same {m['tokens']:,} tokens: {m['unigram_ppl']:.2f})")
     print(f"checkpoint: {out}  (gam eval {out}; gam generate {out} --prompt ...)")
 
 
@@ -122,6 +133,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from gam.data import prepare_data
     from gam.train import evaluate, pick_device, Dist, unigram_perplexity
 
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
     ckpt = load_checkpoint(args.dir)
     train_cfg = ckpt.info.get("train_config", {})
     data_name = args.data or train_cfg.get("data", "wikitext2")

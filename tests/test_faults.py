@@ -1,0 +1,436 @@
+"""Faults and bad input (issue 14): nothing lost, no traceback.
+
+Each test asserts what happens to the files, not only the exit status.
+"""
+
+import dataclasses
+import errno
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gam.checkpoint import CheckpointError, RunLock, load_checkpoint, verify_folder
+from gam.cli import main
+from gam.train import (RESUME_NOTICED, RESUME_REFUSED, RESUME_SILENT, TrainConfig, TrainingDiverged, evaluate,
+                       train)
+from test_train import REPO, TINY_ARGS, corpus, data, quiet, tiny_model, tiny_train, weights  # noqa: F401
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+
+
+def error_line(capsys, argv, expected_code=2):
+    """Run ``gam ARGV``: it must fail with ``expected_code`` and one error line (a
+    progress bar drawn before the error aside), no traceback. Returns the line."""
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == expected_code, err
+    assert "Traceback" not in err, err
+    lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip() and "it/s" not in l and "s/it" not in l]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (except the lock) and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+# ---------------------------------------------------------------- 1. a good checkpoint is good
+
+def test_nan_stop_keeps_the_checkpoint_whose_weights_gave_a_finite_loss(tmp_path, data, monkeypatch):
+    """The save due after step 4 waits for the loss on step 4's weights; it is NaN,
+    so that save is dropped and step 2's checkpoint stays the last good one."""
+    import gam.train as train_module
+
+    calls = {"n": 0}
+    real = train_module.DecoderLM
+
+    class Poisoned(real):
+        def forward(self, idx, targets=None, **kwargs):
+            logits, loss = super().forward(idx, targets, **kwargs)
+            if self.training and torch.is_grad_enabled():
+                calls["n"] += 1
+                if calls["n"] == 5:  # the loss of step index 4, i.e. on the weights after 4 steps
+                    loss = loss * float("nan")
+            return logits, loss
+
+    monkeypatch.setattr(train_module, "DecoderLM", Poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 4;.*ckpt-000002 \(its weights gave"):
+        train(tiny_model(data.vocab_size), tiny_train(save_every=2), run, data=data, print_fn=quiet)
+    assert load_checkpoint(run).step == 2
+    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-000002"]
+
+
+def test_divergence_then_resume_with_a_lower_lr(tmp_path, data):
+    """The issue's case: a huge lr, no clipping, a save every step. The kept
+    checkpoint (the one before the step whose weights gave NaN) evaluates to a
+    finite loss, and resuming it with a lower lr finishes."""
+    run = tmp_path / "run"
+    cfg = tiny_train(lr=1e3, grad_clip=0.0, warmup_steps=0, save_every=1, max_steps=10)
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 4") as caught:
+        train(tiny_model(data.vocab_size), cfg, run, data=data, print_fn=quiet)
+    kept = load_checkpoint(run)
+    assert kept.step == 3 and str(kept.path) in str(caught.value) and "--resume --lr 100" in str(caught.value)
+    val = evaluate(kept.build_model(), data.valid, 16, 8, torch.device("cpu"), "fp32")["val_loss"]
+    assert math.isfinite(val)
+    done = train(tiny_model(data.vocab_size), dataclasses.replace(cfg, lr=1e-3), run, data=data, resume=True,
+                 explicit={"lr"}, print_fn=quiet)
+    assert done.step == 10 and math.isfinite(done.metrics["val_loss"])
+    assert load_checkpoint(run).info["train_config"]["lr"] == 1e-3
+
+
+# ---------------------------------------------------------------- 2. one writer per run folder
+
+def test_second_process_on_a_run_folder_fails_and_a_killed_holder_does_not_block(tmp_path, corpus, capsys,
+                                                                                 monkeypatch):
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from gam.checkpoint import RunLock; "
+                               "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)",
+         str(run)], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = error_line(capsys, ["train", "--data", str(corpus), "--out", str(run), "--max-steps", "2", *TINY_ARGS])
+        assert f"in use by another gam process (PID {holder.pid})" in err
+        assert not (run / "latest").exists() and not (run / "metrics.jsonl").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate()
+    assert (run / ".lock").read_text().strip() == str(holder.pid)  # left behind by the killed holder ...
+    assert main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "2", *TINY_ARGS]) == 0
+    assert load_checkpoint(run).step == 2  # ... and it did not block the next run
+
+
+def test_a_fresh_run_does_not_overwrite_an_existing_run(tmp_path, data):
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=2), run, data=data, print_fn=quiet)
+    before = snapshot(run)
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+        train(tiny_model(data.vocab_size), tiny_train(max_steps=2), run, data=data, print_fn=quiet)
+    assert snapshot(run) == before
+
+
+# ---------------------------------------------------------------- 3. resume means continue this run
+
+def test_resume_rules_cover_every_training_field():
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    groups = [RESUME_REFUSED, RESUME_NOTICED, RESUME_SILENT]
+    assert set().union(*groups) == names
+    assert sum(len(g) for g in groups) == len(names)  # each field has exactly one rule
+
+
+def test_resume_refuses_changed_data_and_shape_and_applies_lr_with_a_notice(tmp_path, corpus, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "3", "--lr", "2e-3",
+                 *TINY_ARGS]) == 0
+    capsys.readouterr()
+    before = snapshot(run)
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text())
+    for args, field in ((["--batch-size", "8"], "batch_size 8"), (["--data", str(other)], "data"),
+                        (["--n-embd", "32"], "n_embd 32"), (["--seed", "3"], "seed 3")):
+        err = error_line(capsys, ["train", "--out", str(run), "--resume", "--max-steps", "5", *args])
+        assert "cannot change" in err and field in err
+    assert snapshot(run) == before  # nothing written by a refused resume
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "5", "--lr", "1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "lr changed from 0.002 to 0.001" in out and "max_steps changed from 3 to 5" in out
+    ckpt = load_checkpoint(run)
+    assert ckpt.step == 5 and ckpt.info["train_config"]["lr"] == 1e-3
+    assert ckpt.info["train_config"]["batch_size"] == 4  # kept from the run, not the cpu preset's 16
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
+    assert records[-1]["step"] == 5 and "val_loss" in records[-1]
+
+
+def test_printed_resume_command_continues_to_the_original_end(tmp_path, corpus, monkeypatch, capsys):
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    cfg = tiny_train(data=str(corpus), train_rows=None, valid_rows=None, max_steps=9, save_every=4)
+    said = []
+    part = train(tiny_model(), cfg, run, stop_after=5, print_fn=said.append)
+    assert part.interrupted and f"Resume with: {part.resume_command}" in said[-1]
+    argv = shlex.split(part.resume_command)
+    assert argv[0] == "gam" and "--max-steps" not in argv  # the cpu preset's max_steps (600) must not apply
+    assert main(argv[1:]) == 0
+    assert load_checkpoint(run).step == 9
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert [r["step"] for r in records] == list(range(1, 10))
+
+
+def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path, data):
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=3, save_every=1), run, data=data, print_fn=quiet)
+    before = snapshot(run)
+    said = []
+    result = train(tiny_model(data.vocab_size), tiny_train(max_steps=3, save_every=1), run, data=data,
+                   resume=True, print_fn=said.append)
+    assert result.already_finished and result.step == 3 and "val_loss" in result.metrics
+    assert any("is finished: step 3 of 3; nothing to do" in s for s in said)
+    assert snapshot(run) == before
+
+
+# ---------------------------------------------------------------- 4. containment
+
+@pytest.mark.parametrize("where", ["relative", "absolute", "symlink"])
+def test_latest_must_name_a_checkpoint_inside_its_run(tmp_path, data, where, capsys):
+    other, run = tmp_path / "other", tmp_path / "run"
+    for folder in (other, run):
+        train(tiny_model(data.vocab_size), tiny_train(max_steps=2), folder, data=data, print_fn=quiet)
+    target = load_checkpoint(other).path
+    if where == "relative":
+        (run / "latest").write_text(f"../other/{target.name}\n")
+    elif where == "absolute":
+        (run / "latest").write_text(f"{target}\n")
+    else:
+        (run / "ckpt-999999").symlink_to(target)
+        (run / "latest").write_text("ckpt-999999\n")
+    with pytest.raises(CheckpointError, match="not a checkpoint folder inside"):
+        load_checkpoint(run)
+    assert error_line(capsys, ["train", "--out", str(run), "--resume"])
+    assert error_line(capsys, ["generate", str(run), "--prompt", "the cat"])
+
+
+# ---------------------------------------------------------------- 5. integrity
+
+def test_manifest_must_list_every_file(tmp_path, data, capsys):
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=2), run, data=data, print_fn=quiet)
+    ckpt = load_checkpoint(run).path
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    del manifest["files"]["model.safetensors"]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    raw = bytearray((ckpt / "model.safetensors").read_bytes())
+    raw[-10] ^= 0xFF  # corrupted, and no longer covered by the manifest
+    (ckpt / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="model.safetensors: not listed in the manifest"):
+        load_checkpoint(run)
+    assert main(["verify", str(run)]) == 1
+    assert "not listed in the manifest" in capsys.readouterr().out
+
+
+def test_files_no_load_reads_may_be_added_after_the_manifest(tmp_path, data):
+    """A plot (gam eval --by-position writes one into DIR) or a model card must not
+    make a checkpoint unloadable; a data file must."""
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=1), run, data=data, print_fn=quiet)
+    ckpt = load_checkpoint(run).path
+    for name in ("loss_by_position.png", "README.md", ".gitattributes"):
+        (ckpt / name).write_bytes(b"not read by any load")
+    assert load_checkpoint(run).path == ckpt and verify_folder(run)[1] == []
+    (ckpt / "extra.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="extra.json: not listed in the manifest"):
+        load_checkpoint(run)
+
+
+def test_corrupt_trainer_state_is_one_line_without_unsafe_advice(tmp_path, data):
+    from gam.checkpoint import write_manifest
+
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=2), run, data=data, print_fn=quiet)
+    ckpt = load_checkpoint(run).path
+    (ckpt / "trainer_state.pt").write_bytes(b"\x80\x04not a checkpoint at all")
+    write_manifest(ckpt)  # consistent with the manifest: only torch.load can tell
+    with pytest.raises(CheckpointError, match="unreadable trainer state") as caught:
+        train(tiny_model(data.vocab_size), tiny_train(max_steps=4), run, data=data, resume=True, print_fn=quiet)
+    assert "weights_only" not in str(caught.value)
+
+
+def test_weights_that_do_not_fit_are_one_line(tmp_path, data):
+    from gam.models.lm import DecoderLM
+
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=1), run, data=data, print_fn=quiet)
+    with pytest.raises(CheckpointError, match=r"do not fit this model \(missing \['blocks.2"):
+        load_checkpoint(run).load_weights(DecoderLM(tiny_model(data.vocab_size, n_layer=3)))
+
+
+def test_export_has_a_manifest_and_flipped_bytes_are_refused(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from test_generation import make_checkpoint
+
+    make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "hf"
+    assert main(["export", str(tmp_path / "ckpt"), str(out)]) == 0
+    assert main(["verify", str(out)]) == 0
+    listed = set(json.loads((out / "manifest.json").read_text())["files"])
+    assert listed == {p.name for p in out.iterdir()} - {"manifest.json"}
+    AutoModelForCausalLM.from_pretrained(out)
+    raw = bytearray((out / "model.safetensors").read_bytes())
+    raw[-3] ^= 0x01
+    (out / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupted"):
+        AutoModelForCausalLM.from_pretrained(out)
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    assert "model.safetensors: corrupted" in capsys.readouterr().out
+    file_out = tmp_path / "a-file"
+    file_out.write_text("keep me")
+    assert "exists and is not a folder" in error_line(capsys, ["export", str(tmp_path / "ckpt"),
+                                                                        str(file_out)])
+    assert file_out.read_text() == "keep me"
+
+
+# ---------------------------------------------------------------- 6. operating-system errors
+
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, corpus, capsys,
+                                                                           monkeypatch):
+    import gam.checkpoint as ckpt_module
+
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "3", *TINY_ARGS]) == 0
+    before = weights(run)
+    real = ckpt_module.save_model
+
+    def disk_fills_up(model, filename, **kwargs):
+        real(model, filename, **kwargs)
+        Path(filename).with_name("config.json").write_text("{")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt_module, "save_model", disk_fills_up)
+    capsys.readouterr()
+    err = error_line(capsys, ["train", "--out", str(run), "--resume", "--max-steps", "5"], 1)
+    assert "No space left on device" in err and str(run) in err
+    monkeypatch.undo()
+    assert load_checkpoint(run).step == 3
+    assert all(torch.equal(before[k], v) for k, v in weights(run).items())
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_read_only_run_folder_is_one_line_before_any_work(tmp_path, data, corpus, capsys, monkeypatch):
+    import gam.checkpoint as ckpt_module
+
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=2), run, data=data, print_fn=quiet)
+    before = snapshot(run)
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):  # as on a read-only mount (chmod does not stop root)
+        if str(path).startswith(str(run)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_module.os, "open", read_only)
+    err = error_line(capsys, ["train", "--out", str(run), "--resume", "--max-steps", "4"], 1)
+    assert f"{run}/.lock: Read-only file system" in err
+    monkeypatch.undo()
+    assert snapshot(run) == before
+
+
+def test_out_is_a_file_is_one_line(tmp_path, corpus, capsys):
+    out = tmp_path / "a-file"
+    out.write_text("keep me")
+    err = error_line(capsys, ["train", "--data", str(corpus), "--out", str(out / "run"), *TINY_ARGS], 1)
+    assert "Not a directory" in err and out.read_text() == "keep me"
+
+
+def test_a_killed_save_leaves_a_temp_folder_that_the_next_run_removes(tmp_path, data):
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=2), run, data=data, print_fn=quiet)
+    killed = subprocess.run(
+        [sys.executable, "-c",
+         "import os, signal, sys, torch\n"
+         "import gam.checkpoint as c\n"
+         "def dies(model, filename, **_):\n"
+         "    open(filename, 'wb').write(b'partial')\n"
+         "    os.kill(os.getpid(), signal.SIGKILL)\n"
+         "c.save_model = dies\n"
+         "ck = c.load_checkpoint(sys.argv[1])\n"
+         "c.save_checkpoint(sys.argv[1], 3, ck.build_model(), {}, None)\n", str(run)],
+        env=ENV, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = [p.name for p in run.iterdir() if p.name.startswith(".tmp-ckpt-000003")]
+    assert len(left) == 1 and load_checkpoint(run).step == 2
+    said = []
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=3), run, data=data, resume=True, print_fn=said.append)
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp")]
+    assert any(left[0] in s for s in said) and load_checkpoint(run).step == 3
+
+
+# ---------------------------------------------------------------- 7. bad input: one line each
+
+def test_eval_batch_size_must_be_positive(tmp_path, data, capsys):
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=1), run, data=data, print_fn=quiet)
+    for size in ("0", "-4"):
+        assert "--batch-size must be an integer >= 1" in error_line(capsys, ["eval", str(run), "--batch-size", size])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a build without CUDA")
+def test_generate_on_cuda_without_cuda_is_one_line(tmp_path, capsys):
+    from test_generation import make_checkpoint
+
+    make_checkpoint(tmp_path / "ckpt")
+    err = error_line(capsys, ["generate", str(tmp_path / "ckpt"), "--prompt", "the", "--device", "cuda"])
+    assert "CUDA is not available" in err
+    assert "device must be" in error_line(capsys, ["generate", str(tmp_path / "ckpt"), "--prompt", "the",
+                                                   "--device", "tpu"])
+
+
+def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path, corpus, capsys, monkeypatch):
+    import gam.resources as resources
+
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["train", "--data", str(corpus), "--out", str(tmp_path / "run"), *TINY_ARGS]
+    err = error_line(capsys, [*args, "--n-embd", "1000000000000"])
+    assert "model too large" in err
+    # 16 x 2**20 wide: ~10^13 parameters on the meta device, more than any machine here
+    err = error_line(capsys, [*args, "--n-embd", str(2**24), "--n-head", "1"])
+    assert "model too large" in err and "GiB" in err
+    monkeypatch.setattr(resources, "available_memory", lambda device: 1000)
+    with pytest.raises(ValueError, match="model too large: its 7,792 parameters need 0.0 GiB"):
+        resources.check_fits_in_memory(tiny_model(103), torch.device("cpu"))
+
+
+def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):
+    import gam.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    err = error_line(capsys, ["train"], 130)
+    assert "interrupted" in err
+
+
+def test_tokens_per_s_is_averaged_over_the_logged_interval(tmp_path, data):
+    """Logging once per epoch-long interval: the log record's rate must equal the
+    epoch record's (same tokens, same time), not the last step's."""
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=6, log_every=6), run, data=data, print_fn=quiet)
+    log, epoch = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert log["step"] == epoch["step"] == 6 and "epoch_train_s" in epoch
+    assert log["tokens_per_s"] == pytest.approx(epoch["tokens_per_s"], rel=1e-12)
+    assert epoch["tokens_per_s"] == pytest.approx(6 * 4 * 16 / epoch["epoch_train_s"])
+
+
+@pytest.mark.slow
+def test_fault_script_two_kills(tmp_path):
+    """benchmarks/faults.py end to end, kept tiny: one kill aimed at a save, one anywhere."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "faults.py"), "--kills", "2", "--steps", "30",
+                           "--mid-save", "0.5", "--out", str(tmp_path / "faults")],
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "faults" / "faults.json").read_text())
+    assert len(summary["kills"]) == 2 and all(k["unreadable"] is None for k in summary["kills"])
+    run = summary["runs"][0]
+    assert run["val_loss_diff"] <= 1e-6 and run["max_weight_diff"] == 0.0 and run["losses_equal"]
+    assert "2 kill -9" in done.stdout and "0 unreadable" in done.stdout
