@@ -9,11 +9,15 @@ from typing import Iterable, TypeVar
 T = TypeVar("T")
 
 
+def disabled_by_env() -> bool:
+    """TQDM_DISABLE=1 (tqdm's own switch) hides every bar, the training bar too."""
+    return os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")
+
+
 def shown(rank: int = 0) -> bool:
-    """Bars go to stderr on process 0 when it is a terminal: logs and pipes get no
-    carriage-return updates. TQDM_DISABLE=1 (tqdm's own switch) hides them there too."""
-    return (rank == 0 and sys.stderr.isatty()
-            and os.environ.get("TQDM_DISABLE", "").lower() in ("", "0", "false"))
+    """Evaluation bars go to stderr on process 0 when it is a terminal: logs and pipes
+    get no carriage-return updates."""
+    return rank == 0 and sys.stderr.isatty() and not disabled_by_env()
 
 
 def progress(items: Iterable[T], desc: str, unit: str = "batch", rank: int = 0) -> Iterable[T]:

@@ -560,7 +560,10 @@ def run_loop(t: Trainer, stop_after: int | None) -> RunResult:
     t.train_model.train()
     from tqdm import tqdm
 
-    bar = tqdm(total=t.total_steps, initial=t.step, disable=not d.main, dynamic_ncols=True,
+    from gam.progress import disabled_by_env
+
+    # The training bar also goes to logs (a run's only progress there); TQDM_DISABLE hides it.
+    bar = tqdm(total=t.total_steps, initial=t.step, disable=not d.main or disabled_by_env(), dynamic_ncols=True,
                mininterval=1.0, file=sys.stderr)
     try:
         while t.step < t.total_steps:
