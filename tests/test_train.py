@@ -266,7 +266,7 @@ def test_torchrun_two_processes_match_one(tmp_path, corpus):
 
 @pytest.mark.parametrize("args,message", [
     (["--preset", "gpu"], "unknown preset"),
-    (["--n-layerz", "3"], "unknown option or field --n-layerz"),
+    (["--n-layerz", "3"], "unknown option --n-layerz (did you mean --n-layer?)"),
     (["--data", "/no/such/file.txt"], "/no/such/file.txt"),
     (["--precision", "fp8"], "precision"),
 ])
@@ -336,3 +336,12 @@ def test_resume_a_run_saved_before_the_tokenizer_field(tmp_path, corpus, monkeyp
                    explicit={"max_steps"}, print_fn=quiet)  # everything else: the run's saved settings
     assert result.metrics["tokens"] == first.metrics["tokens"]  # the same paper-tokenized validation data
     assert load_checkpoint(run).info["train_config"]["tokenizer"] == "paper"
+
+
+@pytest.mark.parametrize("env,bar", [({}, True), ({"TQDM_DISABLE": "1"}, False)])
+def test_training_bar_follows_tqdm_disable(tmp_path, data, monkeypatch, capsys, env, bar):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=2), tmp_path / "run", data=data, print_fn=quiet)
+    assert ("2/2" in capsys.readouterr().err) == bar

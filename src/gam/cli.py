@@ -1,13 +1,31 @@
-"""The ``gam`` command line. Each sub-command lives in a small function here;
-heavy imports happen inside them so ``gam --help`` stays fast."""
+"""The ``gam`` command line.
+
+Each sub-command is one ``add_*_parser`` function, listed in SUBCOMMANDS in the
+order ``gam --help`` shows them. Heavy imports (torch, the models) happen inside
+the ``cmd_*`` functions, so building the parser, ``gam --help`` and
+``gam --version`` never import torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+import warnings
 
+from gam import __version__, train_cli
+from gam.cli_args import Parser, UsageError
 from gam.fileio import describe_os_error
+
+DESCRIPTION = """\
+Gated Associative Memory (GAM) language models and their Transformer and Mamba
+baselines: train, evaluate, generate text, export to Hugging Face, benchmark.
+
+Start with `gam train` (a small GAM on WikiText-2, a few minutes on a CPU), then
+`gam eval runs/gam-cpu-wikitext2` and
+`gam generate runs/gam-cpu-wikitext2 --prompt "The"`.
+`gam COMMAND --help` describes each command; docs/cli.md has examples.
+"""
 
 PAPER_MODELS = (
     ("GAM (full)", "gam", {}),
@@ -171,26 +189,30 @@ def cmd_bench_decode(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/decode.md, decode.json, decode.png")
 
 
-def add_generation_parsers(sub: argparse._SubParsersAction) -> None:
-    """``gam generate``, ``gam export`` and the ``gam bench`` group (``bench decode``)."""
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint folder (streams as it decodes)",
                        description=GENERATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", help="checkpoint folder (or run folder with a 'latest' file)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate (default: 100)")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 = greedy (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output (default: unseeded)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.set_defaults(func=cmd_generate)
 
+
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="convert a checkpoint folder to a Hugging Face transformers folder")
     p.add_argument("dir", help="checkpoint folder (or run folder with a 'latest' file)")
     p.add_argument("out", help="output folder (save_pretrained layout: safetensors, config, tokenizer)")
     p.set_defaults(func=cmd_export)
 
-    bench = sub.add_parser("bench", help="benchmarks (gam bench decode, ...)")
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``gam bench`` group: one sub-command per benchmark."""
+    bench = sub.add_parser("bench", help="benchmarks: speed, decode, recall, scaling, paper, ablation, report")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     add_bench_decode_parser(bench_sub)
     from gam.bench import speed
@@ -279,39 +301,44 @@ def add_bench_decode_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_decode)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gam", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("demo", help="forward+backward of the paper-size model and its parameter table")
-    p.add_argument("--model", default="gam", choices=["gam", "transformer", "mamba"])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_demo)
-
+def add_params_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("params", help="parameter counts of every model at the paper configuration")
     p.set_defaults(func=cmd_params)
 
+
+def add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="forward+backward of the paper-size model and its parameter table")
+    p.add_argument("--model", default="gam", choices=["gam", "transformer", "mamba"], help="(default: gam)")
+    p.add_argument("--batch", type=int, default=8, metavar="N", help="sequences of 256 random tokens (default: 8)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.set_defaults(func=cmd_demo)
+
+
+def add_receptive_field_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("receptive-field",
                        help="which input positions influence an output position (autograd)")
-    p.add_argument("--model", default="gam", choices=["gam", "transformer", "mamba"])
-    p.add_argument("--variant", default="full")
+    p.add_argument("--model", default="gam", choices=["gam", "transformer", "mamba"], help="(default: gam)")
+    p.add_argument("--variant", default="full", help="GAM: full | sum_fusion | global_only | local_only "
+                                                     "(default: full)")
     p.add_argument("--memory", default="static", choices=["static", "causal", "kv_slots"],
                    help="GAM memory: static (paper), causal (tokens write into the slots) or "
                         "kv_slots (key and value slots)")
     p.add_argument("--plot", default=None, metavar="PATH", help="also save the influence per position as a plot")
-    p.add_argument("--n-layer", type=int, default=6)
-    p.add_argument("--kernel", type=int, default=3)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--position", type=int, default=None, help="default: the last position")
+    p.add_argument("--n-layer", type=int, default=6, metavar="N", help="blocks (default: 6)")
+    p.add_argument("--kernel", type=int, default=3, metavar="K", help="GAM convolution width (default: 3)")
+    p.add_argument("--seq-len", type=int, default=64, metavar="T", help="input length (default: 64)")
+    p.add_argument("--position", type=int, default=None, help="output position (default: the last)")
     p.set_defaults(func=cmd_receptive_field)
 
-    add_generation_parsers(sub)
+
+
+def add_harness_parser(sub: argparse._SubParsersAction) -> None:
     # parsed by lm-eval itself: main() hands every argument after "harness" to gam.harness
     sub.add_parser("harness", add_help=False,
                    help="lm-evaluation-harness on an export (gam harness --model hf --model_args pretrained=OUT ...)")
 
+def add_verify_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check a run, checkpoint or export folder against its manifest",
                        description="Checks every file of a checkpoint or gam export folder against its "
                                    "manifest (sha256 and size; a file the manifest does not list is a "
@@ -320,10 +347,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="a run folder, checkpoint folder or gam export folder")
     p.set_defaults(func=cmd_verify)
 
-    from gam import train_cli
 
-    train_cli.add_parsers(sub)
+# The sub-commands, in the order a user needs them (and ``gam --help`` lists them).
+# A new command is one entry: a function that adds its parser to ``sub``.
+SUBCOMMANDS = (
+    train_cli.add_train_parser,
+    train_cli.add_eval_parser,
+    add_generate_parser,
+    add_export_parser,
+    add_bench_parser,
+    add_harness_parser,
+    add_verify_parser,
+    add_params_parser,
+    add_demo_parser,
+    add_receptive_field_parser,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="gam", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"gam {__version__}", help="print the package version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    for add_parser in SUBCOMMANDS:
+        add_parser(sub)
     return parser
+
+
+def one_line_warnings(command: str):
+    """A ``warnings.showwarning`` that prints the package's own warnings (DataWarning, ...)
+    as ``gam CMD: warning: ...``: a user needs the message, not our source line."""
+    show_python_warning = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.partition(".")[0] == "gam":
+            print(f"{command}: warning: {message}", file=sys.stderr)
+        else:
+            show_python_warning(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -346,30 +407,33 @@ def main(argv: list[str] | None = None) -> int:
 
         return harness_main(argv[1:])
     command = "gam"  # until the sub-command is known
-    try:
-        parser = build_parser()
-        args, extra = parser.parse_known_args(argv)
-        command = f"gam {args.command}"
-        if extra and not getattr(args, "accepts_overrides", False):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = extra
-        return args.func(args) or 0
-    except (ValueError, FileNotFoundError, PermissionError) as err:
-        # Config, data, checkpoint and input errors: one line, no traceback.
-        message = describe_os_error(err) if isinstance(err, OSError) else err
-        print(f"{command}: error: {message}", file=sys.stderr)
-        return 2
-    except OSError as err:  # no space, read-only file system, not a directory, ...
-        print(f"{command}: error: {describe_os_error(err)}", file=sys.stderr)
-        return 1
-    except RuntimeError as err:
-        if type(err).__name__ != "TrainingDiverged":
-            raise
-        print(f"{command}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{command}: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():  # restores showwarning when main returns
+        try:
+            parser = build_parser()
+            args, extra = parser.parse_known_args(argv)
+            command = f"gam {args.command}"
+            warnings.showwarning = one_line_warnings(command)
+            args.overrides = extra  # field overrides for the commands that take them (accepts_overrides)
+            return args.func(args) or 0
+        except UsageError as err:  # bad command line (before ValueError: it is one)
+            print(f"{err.prog}: error: {err}", file=sys.stderr)
+            return 2
+        except (ValueError, FileNotFoundError, PermissionError) as err:
+            # Config, data, checkpoint and input errors: one line, no traceback.
+            message = describe_os_error(err) if isinstance(err, OSError) else err
+            print(f"{command}: error: {message}", file=sys.stderr)
+            return 2
+        except OSError as err:  # no space, read-only file system, not a directory, ...
+            print(f"{command}: error: {describe_os_error(err)}", file=sys.stderr)
+            return 1
+        except RuntimeError as err:
+            if type(err).__name__ != "TrainingDiverged":
+                raise
+            print(f"{command}: error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"{command}: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""One configuration dataclass for every model in the project.
+"""The configuration dataclasses: GAMConfig (one for every model in the
+project) and TrainConfig (how to train), with the training presets.
+
+This module imports no torch, so the command line can describe every field
+(``gam train --help``) without loading it.
 
 As in the paper's benchmark script, GAM, the Transformer and Mamba share one
 config: each model reads the fields that apply to it and ignores the rest, so a
@@ -45,6 +49,16 @@ class ConfigError(ValueError):
     """A configuration value or field name is invalid."""
 
 
+def described(default: Any, meaning: str) -> Any:
+    """A dataclass field with its one-line meaning: the single place ``gam train
+    --help`` and docs/cli.md take each field's description from."""
+    return dataclasses.field(default=default, metadata={"help": meaning})
+
+
+def field_meaning(field: dataclasses.Field) -> str:
+    return field.metadata["help"]
+
+
 @dataclass(init=False)
 class GAMConfig:
     """Hyper-parameters of GAM, Transformer and Mamba language models.
@@ -54,36 +68,35 @@ class GAMConfig:
     d_conv 4 / expand 3).
     """
 
-    model: str = "gam"  # which mixer fills the blocks: gam | transformer | mamba
-    vocab_size: int = 10000
-    block_size: int = 256  # longest sequence with learned positions
-    n_embd: int = 512
-    n_layer: int = 6
-    n_head: int = 8  # Transformer only
-    dropout: float = 0.1
-    pos_embedding: str = "learned"  # "learned" (paper) or "none" (no length limit)
-    # std of the learned positions at init. 1.0 is nn.Embedding's N(0, 1), as the
-    # official code; at small width it drowns the tied token embedding (about
-    # 1/sqrt(3 n_embd) per entry) for the first few hundred steps, so the cpu
-    # preset uses 0.02 (GPT-2's). Scaling the N(0, 1) draw keeps the RNG stream.
-    pos_init_std: float = 1.0
+    model: str = described("gam", "which mixer fills the blocks: gam | transformer | mamba")
+    vocab_size: int = described(10000, "tokenizer vocabulary size (and embedding rows)")
+    block_size: int = described(256, "training context length; the longest input with learned positions")
+    n_embd: int = described(512, "model width (embedding size)")
+    n_layer: int = described(6, "number of blocks")
+    n_head: int = described(8, "attention heads (Transformer only)")
+    dropout: float = described(0.1, "dropout probability, in [0, 1)")
+    pos_embedding: str = described("learned", "positions: learned (paper) | none (no length limit)")
+    # 1.0 is nn.Embedding's N(0, 1), as the official code; at small width it
+    # drowns the tied token embedding (about 1/sqrt(3 n_embd) per entry) for the
+    # first few hundred steps, so the cpu preset uses 0.02 (GPT-2's). Scaling the
+    # N(0, 1) draw keeps the RNG stream.
+    pos_init_std: float = described(1.0, "std of the learned position embeddings at init")
     # GAM
-    num_memory_slots: int = 512
-    conv_kernel_size: int = 3
-    variant: str = "full"  # paper ablations: full | sum_fusion | global_only | local_only
-    # static (paper: fixed bank) | causal (tokens write into tied slots) | kv_slots (key and
-    # value slots written together: gam.layers.kv_memory)
-    memory: str = "static"
-    memory_heads: int = 4  # kv_slots only: heads of the key-value slot memory (n_embd / heads features)
-    gam_impl: str = "auto"  # auto | reference (paper's eager code, block and loss) | fast (fused ops, same function)
+    num_memory_slots: int = described(512, "GAM: slots in the global memory bank")
+    conv_kernel_size: int = described(3, "GAM: width of the causal local convolution")
+    variant: str = described("full", "GAM paper ablations: full | sum_fusion | global_only | local_only")
+    memory: str = described("static", "GAM memory: static (paper: fixed bank) | causal (tokens write into "
+                                      "tied slots) | kv_slots (key and value slots written together)")
+    memory_heads: int = described(4, "GAM kv_slots memory: heads (n_embd / heads features each)")
+    gam_impl: str = described("auto", "GAM code path: auto | reference (paper's eager code) | fast (fused ops, same function)")
     # Transformer
-    attn_impl: str = "sdpa"  # sdpa (fused kernel) | naive (materialized mask, as the paper)
+    attn_impl: str = described("sdpa", "Transformer attention: sdpa (fused kernel) | naive (materialized mask, as the paper)")
     # Mamba
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 3
-    mamba_wiring: str = "standard"  # standard (pre-norm residual) | paper (bare mixers)
-    mamba_backend: str = "auto"  # auto | torch | cuda (mamba-ssm kernels)
+    d_state: int = described(16, "Mamba: SSM state size per channel")
+    d_conv: int = described(4, "Mamba: width of the causal convolution")
+    expand: int = described(3, "Mamba: inner width / n_embd")
+    mamba_wiring: str = described("standard", "Mamba blocks: standard (pre-norm residual) | paper (bare mixers)")
+    mamba_backend: str = described("auto", "Mamba kernels: auto | torch | cuda (mamba-ssm)")
 
     def __init__(self, **fields: Any) -> None:
         known = {f.name: f for f in dataclasses.fields(self)}
@@ -176,3 +189,86 @@ class GAMConfig:
 def ModelConfig(**fields: Any) -> GAMConfig:  # noqa: N802 - the official code's name
     """The official code's config name; takes its upper-case fields."""
     return GAMConfig(**fields)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LOGGERS = ("none", "wandb", "tensorboard")
+DATA_SOURCES = ("auto", "hub", "shipped")
+TOKENIZER_KINDS = ("bytelevel", "paper")  # gam.tokenizer.TOKENIZER_KINDS (which imports torch); a test keeps them equal
+
+
+@dataclass
+class TrainConfig:
+    """How to train (the model's shape lives in GAMConfig)."""
+
+    data: str = described("wikitext2", "wikitext2 | tinystories | a .txt/.txt.gz/.jsonl/.parquet file or folder")
+    data_source: str = described("auto", "where named data comes from: auto (hub, else shipped copy) | hub | shipped")
+    train_rows: int | None = described(50_000, "keep the first N train rows (the paper: 50,000); none = all")
+    valid_rows: int | None = described(5_000, "keep the first N validation rows (the paper: 5,000); none = all")
+    tokenizer: str = described("bytelevel", "bytelevel (byte-level BPE, round-trips any text) | paper (the paper's "
+                                             "recipe, does not round-trip)")
+    batch_size: int = described(32, "global batch in sequences (all processes, all accumulation steps)")
+    grad_accum: int = described(1, "micro-batches accumulated per optimizer step")
+    epochs: int = described(5, "passes over the training data (max_steps wins when set)")
+    max_steps: int | None = described(None, "stop after this many optimizer steps (overrides epochs)")
+    lr: float = described(3e-4, "peak learning rate (AdamW)")
+    min_lr: float = described(0.0, "learning rate at the end of the cosine decay")
+    beta1: float = described(0.9, "AdamW beta1")
+    beta2: float = described(0.95, "AdamW beta2")
+    weight_decay: float = described(0.1, "AdamW weight decay (matrices only)")
+    warmup_steps: int = described(100, "linear learning-rate warm-up steps")
+    grad_clip: float = described(1.0, "clip the gradient norm to this; 0 = no clipping")
+    precision: str = described("fp32", "fp32 | bf16 | fp16 (fp16: CUDA with GradScaler)")
+    compile: bool = described(False, "torch.compile the model")
+    seed: int = described(0, "seed for initialization, data order and dropout")
+    device: str = described("auto", "auto | cpu | cuda | cuda:N")
+    eval_batch_size: int = described(32, "sequences per evaluation batch")
+    eval_every: int | None = described(None, "optimizer steps between evaluations; none = once per epoch")
+    save_every: int | None = described(None, "optimizer steps between checkpoints; none = at the end (and on Ctrl-C)")
+    log_every: int = described(10, "optimizer steps between lines in metrics.jsonl")
+    logger: str = described("none", "also log to: none | wandb | tensorboard")
+    threads: int | None = described(None, "torch CPU threads; none = torch's choice")
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("batch_size", "grad_accum", "epochs", "eval_batch_size", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("max_steps", "eval_every", "save_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError("lr must be > 0, warmup_steps and grad_clip >= 0")
+        if self.logger not in LOGGERS:
+            raise ConfigError(f"logger must be none, wandb or tensorboard, got {self.logger!r}")
+        if self.data_source not in DATA_SOURCES:
+            raise ConfigError(f"data_source must be auto, hub or shipped, got {self.data_source!r}")
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise ConfigError(f"tokenizer must be bytelevel or paper, got {self.tokenizer!r}")
+
+
+# Presets: the paper's exact hyper-parameters, and a small CPU configuration
+# that learns something real on 2 cores in a few minutes.
+PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "paper": (
+        dict(vocab_size=10000, block_size=256, n_embd=512, n_layer=6, n_head=8, dropout=0.1,
+             num_memory_slots=512, conv_kernel_size=3),
+        dict(batch_size=32, epochs=5, lr=3e-4, warmup_steps=100, tokenizer="paper"),
+    ),
+    "cpu": (
+        dict(vocab_size=8192, block_size=128, n_embd=192, n_layer=4, n_head=6, dropout=0.0, pos_init_std=0.02,
+             num_memory_slots=128, conv_kernel_size=3, expand=2),
+        dict(batch_size=16, epochs=1, max_steps=600, lr=2e-3, warmup_steps=50,
+             eval_batch_size=64, precision="bf16", log_every=25, train_rows=None, valid_rows=None),
+    ),
+}
+
+
+def preset(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(GAMConfig fields, TrainConfig fields) of a named preset; copies, safe to change."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    model_fields, train_fields = PRESETS[name]
+    return dict(model_fields), dict(train_fields)

@@ -33,6 +33,7 @@ def loss_by_position(model: torch.nn.Module, tokens: np.ndarray, block_size: int
     :func:`gam.train.evaluate` scores, so the mean of the returned list is its
     ``val_loss`` (every position has the same number of targets).
     """
+    from gam.progress import progress
     from gam.train import autocast_context, batches
 
     n_blocks = len(tokens) // (block_size + 1)
@@ -44,7 +45,7 @@ def loss_by_position(model: torch.nn.Module, tokens: np.ndarray, block_size: int
     order = torch.arange(n_blocks)
     totals = torch.zeros(block_size, dtype=torch.float64, device=device)
     try:
-        for start in range(0, n_blocks, batch_size):
+        for start in progress(range(0, n_blocks, batch_size), "loss by position"):
             xy = batches(tokens, block_size, order, start, batch_size).to(device)
             with autocast_context(precision, device):
                 logits, _ = model(xy[:, :-1])

@@ -28,87 +28,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gam.checkpoint import CheckpointError, RunLock, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from gam.config import ConfigError, GAMConfig
+from gam.config import ConfigError, GAMConfig, TrainConfig, preset  # noqa: F401 - TrainConfig, preset: gam.train's API
 from gam.fileio import atomic_write
 from gam.models.lm import DecoderLM
 from gam.resources import check_fits_in_memory
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-@dataclass
-class TrainConfig:
-    """How to train (the model's shape lives in GAMConfig)."""
-
-    data: str = "wikitext2"  # wikitext2 | tinystories | a path
-    data_source: str = "auto"  # auto (hub, else shipped copy) | hub | shipped
-    train_rows: int | None = 50_000  # the paper keeps the first 50,000 train rows
-    valid_rows: int | None = 5_000  # ... and 5,000 validation rows
-    tokenizer: str = "bytelevel"  # bytelevel (byte-level BPE, round-trips any text) | paper (the paper's recipe, does not round-trip)
-    batch_size: int = 32  # global batch (all processes, all accumulation steps)
-    grad_accum: int = 1
-    epochs: int = 5
-    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
-    lr: float = 3e-4
-    min_lr: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA with GradScaler)
-    compile: bool = False
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    eval_batch_size: int = 32
-    eval_every: int | None = None  # optimizer steps between evaluations (default: each epoch)
-    save_every: int | None = None  # optimizer steps between checkpoints (always at the end)
-    log_every: int = 10
-    logger: str = "none"  # none | wandb | tensorboard
-    threads: int | None = None  # torch.set_num_threads on CPU
-
-    def validate(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("batch_size", "grad_accum", "epochs", "eval_batch_size", "log_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("max_steps", "eval_every", "save_every"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ConfigError("lr must be > 0, warmup_steps and grad_clip >= 0")
-        if self.logger not in ("none", "wandb", "tensorboard"):
-            raise ConfigError(f"logger must be none, wandb or tensorboard, got {self.logger!r}")
-        if self.data_source not in ("auto", "hub", "shipped"):
-            raise ConfigError(f"data_source must be auto, hub or shipped, got {self.data_source!r}")
-        if self.tokenizer not in ("bytelevel", "paper"):
-            raise ConfigError(f"tokenizer must be bytelevel or paper, got {self.tokenizer!r}")
-
-
-# Presets: the paper's exact hyper-parameters, and a small CPU configuration
-# that learns something real on 2 cores in a few minutes.
-PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "paper": (
-        dict(vocab_size=10000, block_size=256, n_embd=512, n_layer=6, n_head=8, dropout=0.1,
-             num_memory_slots=512, conv_kernel_size=3),
-        dict(batch_size=32, epochs=5, lr=3e-4, warmup_steps=100, tokenizer="paper"),
-    ),
-    "cpu": (
-        dict(vocab_size=8192, block_size=128, n_embd=192, n_layer=4, n_head=6, dropout=0.0, pos_init_std=0.02,
-             num_memory_slots=128, conv_kernel_size=3, expand=2),
-        dict(batch_size=16, epochs=1, max_steps=600, lr=2e-3, warmup_steps=50,
-             eval_batch_size=64, precision="bf16", log_every=25, train_rows=None, valid_rows=None),
-    ),
-}
-
-
-def preset(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    model_fields, train_fields = PRESETS[name]
-    return dict(model_fields), dict(train_fields)
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -192,7 +115,11 @@ def batches(tokens: np.ndarray, block_size: int, order: torch.Tensor, start: int
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int,
              device: torch.device, precision: str, d: Dist = Dist()) -> dict[str, float]:
-    """Mean cross-entropy over every validation block, in order (deterministic)."""
+    """Mean cross-entropy over every validation block, in order (deterministic).
+
+    Shows a progress bar on a terminal (gam.progress): it takes tens of seconds on a CPU."""
+    from gam.progress import progress
+
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"evaluation batch size must be an integer >= 1, got {batch_size!r}")
     n_blocks = len(tokens) // (block_size + 1)
@@ -203,7 +130,7 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_
     order = torch.arange(n_blocks)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     total_tokens = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(d.rank * batch_size, n_blocks, batch_size * d.world):
+    for start in progress(range(d.rank * batch_size, n_blocks, batch_size * d.world), "evaluating", rank=d.rank):
         xy = batches(tokens, block_size, order, start, batch_size).to(device)
         with autocast_context(precision, device):
             logits, _ = model(xy[:, :-1])
@@ -633,7 +560,10 @@ def run_loop(t: Trainer, stop_after: int | None) -> RunResult:
     t.train_model.train()
     from tqdm import tqdm
 
-    bar = tqdm(total=t.total_steps, initial=t.step, disable=not d.main, dynamic_ncols=True,
+    from gam.progress import disabled_by_env
+
+    # The training bar also goes to logs (a run's only progress there); TQDM_DISABLE hides it.
+    bar = tqdm(total=t.total_steps, initial=t.step, disable=not d.main or disabled_by_env(), dynamic_ncols=True,
                mininterval=1.0, file=sys.stderr)
     try:
         while t.step < t.total_steps:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import typing
 from typing import Any
 
-from gam.config import ConfigError, GAMConfig
+from gam import cli_args
+from gam.cli_args import Parser, UsageError, add_field_arguments, given_fields
+from gam.config import PRESETS, ConfigError, GAMConfig, TrainConfig, preset
 
 TRAIN_HELP = """\
 Train GAM, the Transformer or Mamba on WikiText-2, TinyStories or your own text.
@@ -18,37 +18,56 @@ With no arguments: the `cpu` preset GAM on the shipped WikiText-2 (a few
 minutes on 2 CPU cores), ending with the validation perplexity next to a
 unigram model's on the same tokens.
 
-Any model or training field can be overridden: --n-layer 4, --num-memory-slots 256,
---lr 1e-3, --precision bf16, --variant sum_fusion, --attn-impl naive, ...
+Every model field (GAMConfig) and training field (TrainConfig) below can be
+set: --n-layer 4 --lr 1e-3 --precision bf16 --variant sum_fusion --compile.
+A preset (--preset cpu, the default, or paper) sets some fields first; what
+you give on the command line wins. Values: numbers, text, true/false, none.
 Ctrl-C saves a checkpoint; --resume continues exactly where it stopped.
 Multi-process: torchrun --nproc-per-node N -m gam.cli train ... (also --nnodes for
 several machines).
 """
 
+# (argument group title, dataclass, preset name -> that preset's values for the dataclass)
+FIELD_GROUPS = (
+    ("model fields (GAMConfig)", GAMConfig, {name: fields for name, (fields, _) in PRESETS.items()}),
+    ("training fields (TrainConfig)", TrainConfig, {name: fields for name, (_, fields) in PRESETS.items()}),
+)
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+TRAIN_USAGE = "gam train [--preset NAME] [--out DIR] [--resume] [--FIELD VALUE ...]"
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (default: the cpu preset GAM on WikiText-2)", allow_abbrev=False,
-                       description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # model, data and preset default to None so that --resume can tell what was given
-    p.add_argument("--model", default=None, choices=["gam", "transformer", "mamba"], help="default gam")
-    p.add_argument("--data", default=None,
-                   help="wikitext2 (default) | tinystories | a .txt/.txt.gz/.jsonl/.parquet file or folder")
-    p.add_argument("--preset", default=None, help="paper | cpu (default cpu)")
-    p.add_argument("--out", default=None, help="run folder (default runs/MODEL-PRESET-DATA)")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--save-every", type=int, default=None, help="optimizer steps between checkpoints")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint, with its saved settings "
-                        "(options given again are applied with a notice, or refused: docs/reliability.md)")
-    p.set_defaults(func=cmd_train, accepts_overrides=True)
+                       description=TRAIN_HELP, usage=TRAIN_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = p.add_argument_group("run")
+    # default None, not "cpu": --resume refuses a preset given on purpose
+    run.add_argument("--preset", default=None, metavar="NAME",
+                     help=f"starting values for the fields: {' | '.join(PRESETS)} (default: cpu)")
+    run.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/MODEL-PRESET-DATA)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its last checkpoint, with its saved settings "
+                          "(fields given again are applied with a notice, or refused: docs/reliability.md)")
+    for title, config_class, presets in FIELD_GROUPS:
+        add_field_arguments(p, title, config_class, presets)
+    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint")
-    p.add_argument("dir", help="a run folder or checkpoint folder")
-    p.add_argument("--data", default=None, help="default: the data the model was trained on")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=32)
+
+def fields_markdown() -> str:
+    """The field tables of docs/cli.md, from the same source as ``gam train --help``."""
+    return "\n\n".join(f"### {title}\n\n{cli_args.fields_markdown(config_class, presets)}"
+                       for title, config_class, presets in FIELD_GROUPS)
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint",
+                       description="Validation loss and perplexity of a checkpoint, on the data it was trained "
+                                   "on (or --data), next to a unigram model's perplexity on the same tokens. "
+                                   "A progress bar shows on a terminal (TQDM_DISABLE=1 hides it).")
+    p.add_argument("dir", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--data", default=None, help="wikitext2 | tinystories | a path (default: the data the model "
+                                                 "was trained on)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="sequences per batch (default: 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--by-position", nargs="?", const="", default=None, metavar="PLOT.png",
                    help="also the mean loss at each block position, and its plot "
@@ -56,84 +75,41 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def _coerce(text: str, annotation: Any) -> Any:
-    """Turn a command-line string into the type a dataclass field declares."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"int": int, "float": float, "str": str, "bool": bool, "None": None})  # noqa: S307 - our own annotations
-    args = typing.get_args(annotation) or (annotation,)
-    if text.lower() == "none" and type(None) in args:
-        return None
-    for kind in args:
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes"):
-                return True
-            if text.lower() in ("0", "false", "no"):
-                return False
-        elif kind in (int, float, str):
-            try:
-                return kind(text)
-            except ValueError:
-                continue
-    raise ConfigError(f"cannot read {text!r} as {annotation}")
-
-
 def parse_overrides(tokens: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``--n-layer 4 --lr=1e-3`` -> (model fields, train fields); unknown names raise."""
-    from gam.train import TrainConfig
-
-    model_fields = {f.name: f.type for f in dataclasses.fields(GAMConfig)}
-    train_fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    model_over: dict[str, Any] = {}
-    train_over: dict[str, Any] = {}
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--"):
-            raise ConfigError(f"unexpected argument {token!r}")
-        key, eq, value = token[2:].partition("=")
-        if not eq:
-            if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
-                value, i = tokens[i + 1], i + 1
-            else:
-                value = "true"  # a bare flag: --compile
-        name = key.replace("-", "_")
-        if name in model_fields and name != "model":
-            model_over[name] = _coerce(value, model_fields[name])
-        elif name in train_fields:
-            train_over[name] = _coerce(value, train_fields[name])
-        else:
-            raise ConfigError(f"unknown option or field --{key}")
-        i += 1
-    return model_over, train_over
+    """``--n-layer 4 --lr=1e-3`` -> (model fields, train fields), for commands that pass
+    field overrides through (``gam bench paper``); bad names and values raise ConfigError."""
+    parser = Parser(prog="gam", add_help=False, allow_abbrev=False)
+    add_field_arguments(parser, "model fields", GAMConfig)
+    add_field_arguments(parser, "training fields", TrainConfig)
+    try:
+        args = parser.parse_args(tokens)
+    except UsageError as err:
+        raise ConfigError(str(err)) from None
+    model_over = given_fields(args, GAMConfig)
+    if "model" in model_over:
+        raise ConfigError("--model: a benchmark trains its own set of models (see its --models)")
+    return model_over, given_fields(args, TrainConfig)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from gam.train import TrainConfig, preset, train
+    from gam.train import train
 
     if args.resume and args.preset is not None:
         raise ConfigError("--preset does not apply with --resume (the run's saved settings are used); "
                           "give the single fields to change instead")
+    preset_name = args.preset or "cpu"
+    model_fields, train_fields = preset(preset_name)
+    given_model, given_train = given_fields(args, GAMConfig), given_fields(args, TrainConfig)
     # What was given on purpose: on --resume only these may differ from the run's settings.
-    explicit = set() if args.model is None else {"model"}
-    explicit |= set() if args.data is None else {"data"}
-    args.model = args.model or "gam"
-    args.preset = args.preset or "cpu"
-    model_fields, train_fields = preset(args.preset)
-    model_over, train_over = parse_overrides(args.overrides)
-    train_fields.update(train_over)
-    explicit |= set(model_over) | set(train_over)
-    for name in ("max_steps", "epochs", "seed", "save_every"):
-        if getattr(args, name) is not None:
-            train_fields[name] = getattr(args, name)
-            explicit.add(name)
-    if args.epochs is not None and args.max_steps is None:
+    explicit = set(given_model) | set(given_train)
+    model_fields.update(given_model)
+    if "epochs" in given_train and "max_steps" not in given_train:
         train_fields["max_steps"] = None  # --epochs alone means: train for that many epochs
         explicit.add("max_steps")
-    args.data = args.data or "wikitext2"
-    train_fields["data"] = args.data
-    model_config = GAMConfig(model=args.model, **{**model_fields, **model_over})
+    train_fields.update(given_train)
+    model_config = GAMConfig(**model_fields)
     cfg = TrainConfig(**train_fields)
-    out = args.out or f"runs/{args.model}-{args.preset}-{_slug(args.data)}"
+    out = args.out or f"runs/{model_config.model}-{preset_name}-{_slug(cfg.data)}"
     result = train(model_config, cfg, out, resume=args.resume, explicit=explicit if args.resume else None)
     if result.interrupted:
         sys.exit(130)

@@ -1,0 +1,269 @@
+"""The command line describes itself: help generated from the config dataclasses,
+--version, errors that name the flag, suggestions, no torch for --help, progress
+bars for evaluation, one clean line when the hub is unreachable."""
+
+import dataclasses
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gam
+from gam import build_model
+from gam.cli import build_parser, main
+from gam.config import PRESETS, GAMConfig, TrainConfig, field_meaning
+from gam.train_cli import parse_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+ALL_FIELDS = [*dataclasses.fields(GAMConfig), *dataclasses.fields(TrainConfig)]
+
+
+def run_cli(*args, env=ENV):
+    return subprocess.run([sys.executable, "-m", "gam.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+def help_text(*command):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([*command, "--help"])
+    assert exit_.value.code == 0
+
+
+def test_every_field_has_a_one_line_meaning():
+    for field in ALL_FIELDS:
+        meaning = field_meaning(field)
+        assert meaning and "\n" not in meaning, field.name
+
+
+def test_train_help_lists_every_field_with_default_and_meaning(capsys):
+    help_text("train")
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())  # argparse wraps long help lines
+    for field in ALL_FIELDS:
+        flag = "--" + field.name.replace("_", "-")
+        assert f"\n  {flag} " in out, flag
+        assert " ".join(field_meaning(field).split()) in flat, flag
+    assert "--lr FLOAT peak learning rate (AdamW) (default: 0.0003; cpu preset: 0.002)" in flat
+    assert "--max-steps INT stop after this many optimizer steps (overrides epochs) (default: none; " \
+           "cpu preset: 600)" in flat
+    assert "--compile [BOOL] torch.compile the model (default: false)" in flat
+    # the flags as `gam train --help | grep -c -- '--'` counts them: one line per field at least
+    assert sum("--" in line for line in out.splitlines()) >= len(ALL_FIELDS)
+
+
+def test_help_shows_preset_values_that_differ():
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices["train"]
+    help_of = {action.dest: action.help for action in train._actions}
+    for name, (model_fields, train_fields) in PRESETS.items():
+        for field in ALL_FIELDS:
+            value = {**model_fields, **train_fields}.get(field.name, field.default)
+            assert (value != field.default) == (f"{name} preset" in help_of[field.name]), (name, field.name)
+
+
+def test_version_prints_the_package_version():
+    done = run_cli("--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"gam {gam.__version__}"
+    assert 'dynamic = ["version"]' in (REPO / "pyproject.toml").read_text()  # pyproject reads gam.__version__
+
+
+def test_top_level_help_lists_commands_in_the_order_users_need_them():
+    done = run_cli("--help")
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    assert "Gated Associative Memory" in done.stdout and "cut" not in lines[2]
+    listed = [line.split()[0] for line in lines if line.startswith("    ") and not line.startswith("     ")]
+    assert listed[:5] == ["train", "eval", "generate", "export", "bench"]
+
+
+def test_help_and_version_do_not_import_torch():
+    probe = ("import sys; from gam.cli import main\n"
+             "for argv in (['--help'], ['--version'], ['train', '--help'], ['bench', '--help']):\n"
+             "    try: main(argv)\n"
+             "    except SystemExit: pass\n"
+             "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=ENV, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "abc"], "gam train: error: --lr: cannot read 'abc' as a float"),
+    (["--n-layer=4.5"], "gam train: error: --n-layer: cannot read '4.5' as an integer"),
+    (["--max-steps", "ten"], "gam train: error: --max-steps: cannot read 'ten' as an integer or none"),
+    (["--compile", "maybe"], "gam train: error: --compile: cannot read 'maybe' as true or false"),
+])
+def test_value_errors_name_the_flag(args, message, capsys):
+    assert main(["train", *args]) == 2
+    assert capsys.readouterr().err.strip() == message
+
+
+@pytest.mark.parametrize("args,suggestion", [
+    (["--n-layers", "4"], "--n-layers (did you mean --n-layer?)"),
+    (["--learning-rate=1e-3"], "--learning-rate"),
+    (["--num-memory-slot", "8"], "did you mean --num-memory-slots?"),
+    (["--warmup", "10"], "did you mean --warmup-steps?"),
+])
+def test_unknown_field_suggests_the_closest(args, suggestion, capsys):
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gam train: error: unknown option") and suggestion in err
+    assert len(err.splitlines()) == 1
+
+
+def test_unknown_option_of_other_commands_suggests_too(capsys):
+    assert main(["generate", "ckpt", "--prompt", "hi", "--max-new-tokns", "3"]) == 2
+    assert "did you mean --max-new-tokens?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["trian"], "gam: error: COMMAND: invalid choice: 'trian' (did you mean train?); see gam --help"),
+    (["xyz"], "gam: error: COMMAND: invalid choice: 'xyz' (choose from 'train', 'eval', "),
+    ([], "gam: error: the following arguments are required: COMMAND; see gam --help"),
+    (["bench", "decod"], "did you mean decode?"),
+])
+def test_mistyped_or_missing_command(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_overrides_for_bench_share_the_field_parser():
+    model, training = parse_overrides(["--n-layer", "3", "--lr=1e-3", "--compile", "--max-steps", "none"])
+    assert model == {"n_layer": 3} and training == {"lr": 1e-3, "compile": True, "max_steps": None}
+    with pytest.raises(ValueError, match="--lr: cannot read 'x' as a float"):
+        parse_overrides(["--lr", "x"])
+    with pytest.raises(ValueError, match="did you mean --n-layer"):
+        parse_overrides(["--n-layers", "3"])
+    with pytest.raises(ValueError, match="--model: a benchmark trains its own set of models"):
+        parse_overrides(["--model", "mamba"])
+
+
+def test_train_applies_fields_over_the_preset(monkeypatch, tmp_path):
+    import gam.train
+
+    seen = {}
+
+    def fake_train(model_config, cfg, out, resume=False, explicit=None):
+        seen.update(model=model_config, cfg=cfg, out=out, resume=resume, explicit=explicit)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(gam.train, "train", fake_train)
+    assert main(["train", "--n-layer", "3", "--epochs", "2", "--lr", "1e-3", "--model", "mamba",
+                 "--data", "tinystories", "--compile"]) == 2
+    assert seen["model"].n_layer == 3 and seen["model"].n_embd == PRESETS["cpu"][0]["n_embd"]
+    assert seen["model"].model == "mamba"
+    cfg = seen["cfg"]
+    assert (cfg.epochs, cfg.max_steps, cfg.lr, cfg.compile) == (2, None, 1e-3, True)  # --epochs alone: no step cap
+    assert cfg.precision == PRESETS["cpu"][1]["precision"]
+    assert seen["out"] == "runs/mamba-cpu-tinystories"
+    assert seen["explicit"] is None  # a new run: every field counts
+
+    # --resume: the fields given on purpose are the ones the run may change (or refuse)
+    assert main(["train", "--resume", "--out", str(tmp_path), "--lr", "1e-3", "--epochs", "2"]) == 2
+    assert seen["resume"] and seen["explicit"] == {"lr", "epochs", "max_steps"}
+
+
+# ------------------------------------------------------------------ evaluation progress bar
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stderr,env,shown", [(Terminal, {}, True), (io.StringIO, {}, False),
+                                              (Terminal, {"TQDM_DISABLE": "1"}, False)])
+def test_evaluation_progress_bars_only_on_a_terminal(monkeypatch, stderr, env, shown):
+    from gam.evaluation import loss_by_position
+    from gam.train import Dist, evaluate
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    torch.manual_seed(0)
+    model = build_model("gam", vocab_size=32, block_size=8, n_embd=16, n_layer=1, num_memory_slots=4)
+    tokens = np.random.default_rng(0).integers(0, 32, 9 * 6).astype(np.int64)
+    for run, label in ((lambda: evaluate(model, tokens, 8, 2, torch.device("cpu"), "fp32"), "evaluating"),
+                       (lambda: loss_by_position(model, tokens, 8, 2, "cpu"), "loss by position")):
+        fake_stderr = stderr()
+        monkeypatch.setattr(sys, "stderr", fake_stderr)
+        run()
+        assert (label in fake_stderr.getvalue()) == shown, label
+    second_process = Terminal()
+    monkeypatch.setattr(sys, "stderr", second_process)
+    evaluate(model, tokens, 8, 2, torch.device("cpu"), "fp32", Dist(rank=1, world=1))
+    assert second_process.getvalue() == ""  # only process 0 draws
+
+
+# ------------------------------------------------------------------ hub unreachable: one line
+
+@pytest.mark.parametrize("env,data_source,message", [
+    ({}, "auto", True), ({"HF_HUB_OFFLINE": "1"}, "auto", False), ({}, "shipped", False)])
+def test_hub_unreachable_is_one_clean_line(monkeypatch, capsys, env, data_source, message):
+    import gam.train
+    from gam.data import load_corpus
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://192.0.2.1:9")  # TEST-NET-1: never answers
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+    def no_cached_copy(*args, **kwargs):  # what datasets says offline without a cached hub copy
+        raise ConnectionError("Couldn't reach 'roneneldan/TinyStories' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr("datasets.load_dataset", no_cached_copy)
+
+    def load_only(model_config, cfg, out, resume=False, explicit=None):  # train()'s data step, without the training
+        load_corpus(cfg.data, source=cfg.data_source, hub_timeout=0.5)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gam.train, "train", load_only)
+    assert main(["train", "--data", "tinystories", "--data-source", data_source]) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == "gam train: interrupted"
+    if not message:
+        assert lines == ["gam train: interrupted"]
+        return
+    assert len(lines) == 2
+    assert lines[0].startswith("gam train: warning: roneneldan/TinyStories: hub unreachable (")
+    assert lines[0].endswith("; using the shipped copy (--data-source shipped or HF_HUB_OFFLINE=1 skips this check)")
+
+
+# ------------------------------------------------------------------ docs/cli.md stays true
+
+DOC = (REPO / "docs" / "cli.md").read_text()
+
+
+def test_docs_field_tables_match_the_dataclasses():
+    from gam.train_cli import fields_markdown
+
+    start = DOC.index("-->\n", DOC.index("<!-- fields:")) + len("-->\n")
+    assert DOC[start:DOC.index("\n<!-- end of fields -->")] == fields_markdown(), \
+        "regenerate the tables in docs/cli.md with gam.train_cli.fields_markdown()"
+
+
+def test_docs_error_examples_are_what_the_command_prints(capsys, monkeypatch, tmp_path):
+    import shlex
+
+    monkeypatch.chdir(tmp_path)  # a run folder, should one be made, lands here
+    lines = DOC.splitlines()
+    examples = [(line.strip()[2:], lines[i + 1].strip()) for i, line in enumerate(lines)
+                if line.strip().startswith("$ gam ")]
+    assert len(examples) >= 4
+    for command, printed in examples:
+        assert main(shlex.split(command)[1:]) == 2, command
+        assert capsys.readouterr().err.strip() == printed, command
+
+
+def test_config_knows_the_tokenizer_kinds():
+    from gam import config, tokenizer
+
+    assert config.TOKENIZER_KINDS == tokenizer.TOKENIZER_KINDS
