@@ -193,9 +193,11 @@ def test_hf_export_and_generate():
     assert torch.equal(out, ours)
 
 
-def test_training_step_decreases_loss_and_reaches_every_parameter():
+@pytest.mark.parametrize("memory,params", [("kv_slots", "kv_memory"), ("causal", "causal_memory")])
+def test_training_step_decreases_loss_and_reaches_every_parameter(memory, params):
+    """Both writable memories train, and every parameter of the memory gets a gradient."""
     torch.manual_seed(0)
-    model = build_model("gam", memory="kv_slots", **TINY)
+    model = build_model("gam", memory=memory, **TINY)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     idx = torch.randint(0, 50, (4, 32))
     losses = []
@@ -207,4 +209,4 @@ def test_training_step_decreases_loss_and_reaches_every_parameter():
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
-               if "kv_memory" in n or "memory_bank" in n)
+               if params in n or "memory_bank" in n)
