@@ -8,7 +8,6 @@ import csv
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch

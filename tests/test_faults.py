@@ -12,13 +12,12 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from gam.checkpoint import CheckpointError, RunLock, load_checkpoint, verify_folder
+from gam.checkpoint import CheckpointError, load_checkpoint, verify_folder
 from gam.cli import main
 from gam.train import (RESUME_NOTICED, RESUME_REFUSED, RESUME_SILENT, TrainConfig, TrainingDiverged, evaluate,
                        train)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gam.cli import main
-from gam.generation import InferenceCache, encode_prompt, generate, load_pretrained, sample_next
+from gam.generation import encode_prompt, generate, load_pretrained, sample_next
 
 from conftest import TINY, tiny
 

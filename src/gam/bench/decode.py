@@ -241,7 +241,7 @@ def _run(out, device, contexts, models, n_embd, n_layer, vocab_size, batch_size,
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "decode.json").write_text(json.dumps(result, indent=2))
-        notes = [f"# Decode benchmark", "", title + ".", "",
+        notes = ["# Decode benchmark", "", title + ".", "",
                  "All models use pos_embedding='none' (no block_size limit); per-token time is the median "
                  "of single-token decode steps after warm-up, with the context already in the cache.", "",
                  table, ""]

@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from gam.models.lm import build_model
 

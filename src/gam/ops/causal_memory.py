@@ -86,6 +86,31 @@ def auto_chunk_size(n_embd: int) -> int:
     return max(8, 2 ** round(math.log2(math.sqrt(n_embd))))
 
 
+def split_into_chunks(chunk_size: int, log_alpha: torch.Tensor,
+                      *tensors: torch.Tensor) -> tuple[int, torch.Tensor, list[torch.Tensor]]:
+    """(Q, log_alpha, tensors), each (B, T, X) reshaped to (B, N, Q, X) chunks of
+    Q = min(chunk_size, T) tokens. The last chunk is padded with no-op tokens:
+    log alpha = 0 keeps everything and writes nothing."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    B, T = log_alpha.shape[:2]
+    Q = min(chunk_size, T)
+    N = -(-T // Q)
+    pad = N * Q - T
+    chunks = [F.pad(x, (0, 0, 0, pad)).reshape(B, N, Q, x.shape[-1]) for x in (log_alpha, *tensors)]
+    return Q, chunks[0], chunks[1:]
+
+
+def suffix_weights(log_alpha: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight of each write in the state at the end, total decay) along ``dim``:
+    ``prod_{l > j} alpha_l (1 - alpha_j)`` and ``prod_l alpha_l``, from suffix sums
+    (every exponent <= 0)."""
+    suffix = torch.flip(torch.cumsum(torch.flip(log_alpha, [dim]), dim=dim), [dim])  # sum_{l >= j}
+    after = torch.cat([suffix.narrow(dim, 1, suffix.shape[dim] - 1),
+                       torch.zeros_like(suffix.narrow(dim, 0, 1))], dim=dim)  # sum_{l > j}
+    return after.exp() * -torch.expm1(log_alpha), suffix.narrow(dim, 0, 1).exp()
+
+
 def _segment_matrix(Q: int, dtype: torch.dtype, device) -> torch.Tensor:
     """(Q*Q, Q) 0/1 matrix: ``(sums @ x)[i*Q + j] = sum_{j < l <= i} x[l]``."""
     idx = torch.arange(Q, device=device)
@@ -177,28 +202,16 @@ def causal_memory_chunked(h: torch.Tensor, v: torch.Tensor, log_alpha: torch.Ten
     results). Time O(T S (C + Q)), memory O(T S (C/Q + Q)) per sequence; any T (the
     last chunk is padded with no-op tokens: alpha = 1, nothing written)."""
     B, T, C = h.shape
-    S = log_alpha.shape[-1]
     if chunk_size is None:
         chunk_size = auto_chunk_size(C)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    Q = min(chunk_size, T)
-    N = -(-T // Q)
-    pad = N * Q - T
-    if pad:
-        h = F.pad(h, (0, 0, 0, pad))
-        v = F.pad(v, (0, 0, 0, pad))
-        log_alpha = F.pad(log_alpha, (0, 0, 0, pad))  # log 1 = 0: keep everything, write nothing
-    h = h.reshape(B, N, Q, C)
-    v = v.reshape(B, N, Q, C)
-    log_alpha = log_alpha.reshape(B, N, Q, S)
+    Q, log_alpha, (h, v) = split_into_chunks(chunk_size, log_alpha, h, v)
+    N = log_alpha.shape[1]
 
     # Decays in log space, every exponent <= 0: from the chunk start, A_i =
     # prod_{l <= i} alpha_l; to the chunk end, prod_{j < l <= Q} alpha_l (suffix sums).
     decay = torch.cumsum(log_alpha, dim=2).exp()  # (B, N, Q, S)
-    suffix = torch.flip(torch.cumsum(torch.flip(log_alpha, [2]), dim=2), [2])  # sum_{l >= j}
-    to_end = torch.cat([suffix[:, :, 1:], torch.zeros_like(suffix[:, :, :1])], dim=2).exp()
-    U = (to_end * -torch.expm1(log_alpha)).transpose(-1, -2) @ v  # (B, N, S, C): the chunk's writes
+    to_end, _ = suffix_weights(log_alpha, dim=2)
+    U = to_end.transpose(-1, -2) @ v  # (B, N, S, C): the chunk's writes
 
     # States at chunk starts: M_{c+1} = A_Q M_c + U_c (N small steps).
     M = _initial_state(memory_bank, B, state)
@@ -219,8 +232,6 @@ def causal_memory_final_state(v: torch.Tensor, log_alpha: torch.Tensor, memory_b
     ``M_T = (prod_t alpha_t) M_0 + sum_j (prod_{l > j} alpha_l) (1 - alpha_j) v_j^T``,
     with the products as exponentiated suffix sums of ``log_alpha``.
     """
-    suffix = torch.flip(torch.cumsum(torch.flip(log_alpha, [1]), dim=1), [1])  # sum_{l >= j}
-    after = torch.cat([suffix[:, 1:], torch.zeros_like(suffix[:, :1])], dim=1)  # sum_{l > j}
-    weights = after.exp() * -torch.expm1(log_alpha)  # (B, T, S)
+    weights, total = suffix_weights(log_alpha, dim=1)  # (B, T, S), (B, 1, S)
     M0 = _initial_state(memory_bank, v.shape[0], state)
-    return suffix[:, 0].exp().unsqueeze(-1) * M0 + weights.transpose(1, 2) @ v
+    return total.transpose(1, 2) * M0 + weights.transpose(1, 2) @ v

@@ -26,7 +26,6 @@ but that gradient.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from gam.ops.memory_read import acc_dtype, compute_dtype
 

@@ -34,10 +34,9 @@ Heads are folded into the batch by the caller: every function here sees
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 # The same exact-segment-sum trick as the tied causal memory (one 0/1 matmul).
-from gam.ops.causal_memory import _segment_matrix, auto_chunk_size
+from gam.ops.causal_memory import _segment_matrix, auto_chunk_size, split_into_chunks, suffix_weights
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -66,15 +65,6 @@ def kv_memory_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_a
     return torch.stack(outs, dim=1), state
 
 
-def _suffix_weights(log_alpha: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight of each write in the state at the end, total decay) along ``dim``:
-    ``prod_{l > j} alpha_l (1 - alpha_j)`` and ``prod_l alpha_l``, from suffix sums."""
-    suffix = torch.flip(torch.cumsum(torch.flip(log_alpha, [dim]), dim=dim), [dim])  # sum_{l >= j}
-    after = torch.cat([suffix.narrow(dim, 1, suffix.shape[dim] - 1),
-                       torch.zeros_like(suffix.narrow(dim, 0, 1))], dim=dim)  # sum_{l > j}
-    return after.exp() * -torch.expm1(log_alpha), suffix.narrow(dim, 0, 1).exp()
-
-
 def kv_memory_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
                       state: State, chunk_size: int | None = None) -> tuple[torch.Tensor, State]:
     """Chunked parallel form of :func:`kv_memory_recurrent` (same arguments and results).
@@ -83,19 +73,11 @@ def kv_memory_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alp
     S = log_alpha.shape[-1]
     if chunk_size is None:  # balances the weights (T Q S) against the two states (T/Q S d)
         chunk_size = auto_chunk_size(2 * d)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    Q = min(chunk_size, T)
-    N = -(-T // Q)
-    pad = N * Q - T
-    if pad:
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        log_alpha = F.pad(log_alpha, (0, 0, 0, pad))  # log 1 = 0: keep everything, write nothing
-    q, k, v = (x.reshape(B, N, Q, d) for x in (q, k, v))
-    log_alpha = log_alpha.reshape(B, N, Q, S)
+    Q, log_alpha, (q, k, v) = split_into_chunks(chunk_size, log_alpha, q, k, v)
+    N = log_alpha.shape[1]
 
     # Chunk-start states: (K, V)_{c+1} = A_Q (K, V)_c + the chunk's writes (N small steps).
-    to_end, chunk_decay = _suffix_weights(log_alpha, dim=2)  # (B, N, Q, S), (B, N, 1, S)
+    to_end, chunk_decay = suffix_weights(log_alpha, dim=2)  # (B, N, Q, S), (B, N, 1, S)
     writes_k = to_end.transpose(-1, -2) @ k  # (B, N, S, d)
     writes_v = to_end.transpose(-1, -2) @ v
     K, V = state
@@ -126,7 +108,7 @@ def kv_memory_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alp
 def kv_memory_final_state(k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
                           state: State) -> State:
     """The state after T writes, without the reads (O(T S d)): for a prefill."""
-    weights, total = _suffix_weights(log_alpha, dim=1)  # (B, T, S), (B, 1, S)
+    weights, total = suffix_weights(log_alpha, dim=1)  # (B, T, S), (B, 1, S)
     K, V = state
     a = total.transpose(1, 2)  # (B, S, 1)
     return a * K + weights.transpose(1, 2) @ k, a * V + weights.transpose(1, 2) @ v
