@@ -288,8 +288,16 @@ def test_export_has_a_manifest_and_flipped_bytes_are_refused(tmp_path, capsys):
 
 # ---------------------------------------------------------------- 6. operating-system errors
 
+def _safetensors_disk_full() -> Exception:  # what safetensors really raises on a full disk
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("disk_full", [lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                                       _safetensors_disk_full], ids=["OSError", "SafetensorError"])
 def test_disk_full_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, corpus, capsys,
-                                                                           monkeypatch):
+                                                                           monkeypatch, disk_full):
     import gam.checkpoint as ckpt_module
 
     monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
@@ -301,7 +309,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_p
     def disk_fills_up(model, filename, **kwargs):
         real(model, filename, **kwargs)
         Path(filename).with_name("config.json").write_text("{")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise disk_full()
 
     monkeypatch.setattr(ckpt_module, "save_model", disk_fills_up)
     capsys.readouterr()
@@ -433,3 +441,24 @@ def test_fault_script_two_kills(tmp_path):
     run = summary["runs"][0]
     assert run["val_loss_diff"] <= 1e-6 and run["max_weight_diff"] == 0.0 and run["losses_equal"]
     assert "2 kill -9" in done.stdout and "0 unreadable" in done.stdout
+
+
+def test_torch_save_on_a_full_disk_becomes_an_os_error(tmp_path, monkeypatch):
+    """torch.save reports a full disk as RuntimeError("... unexpected pos ...") with no
+    errno: with (nearly) no free space left it is ENOSPC, naming the file; any other
+    RuntimeError from a writer is left as it was."""
+    import shutil
+    from collections import namedtuple
+
+    from gam.fileio import writer_errors_as_os_errors
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10 << 20, 10 << 20, 4096))
+    target = tmp_path / "trainer_state.pt"
+    with pytest.raises(OSError) as info:
+        with writer_errors_as_os_errors(target):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    with pytest.raises(RuntimeError, match="something else"):
+        with writer_errors_as_os_errors(target):
+            raise RuntimeError("something else")

@@ -44,7 +44,7 @@ import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
 from gam.config import GAMConfig
-from gam.fileio import atomic_write
+from gam.fileio import atomic_write, writer_errors_as_os_errors
 from gam.models.lm import DecoderLM
 
 FORMAT_VERSION = 1
@@ -158,24 +158,25 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f"{TEMP_PREFIX}{name}-"))
     try:
         bare = unwrap(model)
-        save_model(bare, str(tmp / "model.safetensors"))
+        with writer_errors_as_os_errors(tmp / "model.safetensors"):
+            save_model(bare, str(tmp / "model.safetensors"))
         config = {"format_version": FORMAT_VERSION, "step": step,
                   "model_config": bare.config.to_dict(), **info}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer_json is not None:
             (tmp / "tokenizer.json").write_text(tokenizer_json)
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / "trainer_state.pt")
+            with writer_errors_as_os_errors(tmp / "trainer_state.pt"):
+                torch.save(trainer_state, tmp / "trainer_state.pt")
         if metrics_path is not None and metrics_path.exists():
             shutil.copyfile(metrics_path, tmp / "metrics.jsonl")
         write_manifest(tmp)
         os.replace(tmp, final)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.filename is None:  # say where: the writers raise ENOSPC and friends without a path
-            raise OSError(err.errno, f"{err.strerror or err} (saving checkpoint {name}; the previous "
-                          "checkpoint is intact)", str(final)) from err
-        raise
+        # Name the checkpoint, not the temporary file, and say what survived.
+        raise OSError(err.errno, f"{err.strerror or err} (saving checkpoint {name}; any earlier "
+                      "checkpoint is intact)", str(final)) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -49,6 +49,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from gam.config import GAMConfig
+from gam.fileio import writer_errors_as_os_errors
 from gam.generation import InferenceCache
 from gam.models.lm import DecoderLM
 
@@ -290,7 +291,8 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{TEMP_PREFIX}{out.name}-"))
     try:
-        hf.save_pretrained(tmp, safe_serialization=True)
+        with writer_errors_as_os_errors(tmp / "model.safetensors"):
+            hf.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         # transformers 5 names its fast tokenizer class TokenizersBackend; the 4.x
         # name loads in both, so the folder works with either major version.
