@@ -53,8 +53,8 @@ def test_report_for_a_model_without_a_bounded_context(tmp_path, one_thread):
     assert [b["first"] for b in result["buckets"]] == [0, 1, 2, 4, 8]
     text = "\n".join(evaluation.format_report(result))
     assert "receptive field" not in text and (tmp_path / "t.png").stat().st_size > 0
-    # GAM with the opt-in causal memory sees every earlier token: no bounded field either
-    assert evaluation.receptive_field_of(tiny("gam", memory="causal").config) is None
+    # GAM with the opt-in kv-slot memory sees every earlier token: no bounded field either
+    assert evaluation.receptive_field_of(tiny("gam", memory="kv_slots", memory_heads=2).config) is None
     assert evaluation.receptive_field_of(tiny("gam").config) == 5
 
 

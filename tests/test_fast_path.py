@@ -21,6 +21,9 @@ from gam.ops.fused_block import dropout as fused_dropout
 from gam.ops.memory_read import memory_read, memory_read_reference
 
 VARIANTS = ["full", "sum_fusion", "global_only", "local_only"]
+# (variant, memory) of the block tests: the paper's four, and the opt-in kv-slot memory
+# (eager mixer, fused FFN)
+BLOCKS = [(v, "static") for v in VARIANTS] + [("full", "kv_slots"), ("global_only", "kv_slots")]
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -114,9 +117,10 @@ def test_causal_conv_matches_conv1d(k, T):
 
 # ---------------------------------------------------------------- the block
 
-def make_block(variant, C=32, slots=24, k=3, dropout=0.0, dtype=torch.float32, seed=0):
+def make_block(variant, C=32, slots=24, k=3, dropout=0.0, dtype=torch.float32, seed=0, memory="static"):
     torch.manual_seed(seed)
-    cfg = GAMConfig(n_embd=C, num_memory_slots=slots, conv_kernel_size=k, variant=variant, dropout=dropout)
+    cfg = GAMConfig(n_embd=C, num_memory_slots=slots, conv_kernel_size=k, variant=variant, dropout=dropout,
+                    memory=memory)
     return GAMBlock(cfg).to(dtype)
 
 
@@ -126,10 +130,10 @@ def block_outputs(block, x, g, fn):
     return y, grads(y, params, g)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant,memory", BLOCKS)
 @pytest.mark.parametrize("B,T", [(1, 1), (2, 7), (3, 37)])
-def test_block_fast_matches_reference_fp32(variant, B, T):
-    block = make_block(variant).train()  # dropout 0: train mode, same function
+def test_block_fast_matches_reference_fp32(variant, memory, B, T):
+    block = make_block(variant, memory=memory).train()  # dropout 0: train mode, same function
     x = torch.randn(B, T, 32, requires_grad=True)
     g = torch.randn(B, T, 32)
     y_ref, g_ref = block_outputs(block, x, g, block.forward_reference)
@@ -141,14 +145,14 @@ def test_block_fast_matches_reference_fp32(variant, B, T):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_block_fast_matches_reference_fp64_across_chunks(variant, monkeypatch):
+@pytest.mark.parametrize("variant,memory", BLOCKS)
+def test_block_fast_matches_reference_fp64_across_chunks(variant, memory, monkeypatch):
     import gam.ops.fused_block as fb
     import gam.ops.memory_read as mr
 
     monkeypatch.setattr(fb, "FFN_CHUNK", 13)   # several FFN chunks, a ragged last one
     monkeypatch.setattr(mr, "DEFAULT_CHUNK", 11)
-    block = make_block(variant, k=4, dtype=torch.float64, seed=3)
+    block = make_block(variant, k=4, dtype=torch.float64, seed=3, memory=memory)
     x = torch.randn(2, 29, 32, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 29, 32, dtype=torch.float64)
     y_ref, g_ref = block_outputs(block, x, g, block.forward_reference)
@@ -159,9 +163,9 @@ def test_block_fast_matches_reference_fp64_across_chunks(variant, monkeypatch):
             torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-9)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_block_fast_bf16_autocast(variant):
-    block = make_block(variant, C=64, slots=64, seed=4)
+@pytest.mark.parametrize("variant,memory", BLOCKS)
+def test_block_fast_bf16_autocast(variant, memory):
+    block = make_block(variant, C=64, slots=64, seed=4, memory=memory)
     x = torch.randn(2, 33, 64, requires_grad=True)
     g = torch.randn(2, 33, 64)
     y_ref, g_ref = block_outputs(block, x, g, block.forward_reference)      # fp32 truth
@@ -170,11 +174,14 @@ def test_block_fast_bf16_autocast(variant):
         y_rb, g_rb = block_outputs(block, x, g, block.forward_reference)    # reference in bf16
     assert y.dtype == torch.float32  # residual stream stays fp32
     assert rel_rms(y, y_ref) < 1e-2
+    # the kv-slot mixer is the eager one in both (its chained bf16 matmuls: ~1.1% on some
+    # gradients); the bound relative to the reference's own bf16 error is the check there
+    bound = 1e-2 if memory == "static" else 2e-2
     for (name, p), a, b, r in zip([("x", x)] + list(block.named_parameters()), g_fast, g_rb, g_ref):
         if r is None:
             continue
         assert a.dtype == p.dtype, name
-        assert rel_rms(a, r) < 1e-2, name
+        assert rel_rms(a, r) < bound, name
         assert rel_rms(a, r) < 2 * rel_rms(b, r) + 2e-3, name
 
 

@@ -22,9 +22,8 @@ MODELS = [
     ("transformer", {"attn_impl": "sdpa"}),
     ("transformer", {"attn_impl": "naive"}),
     ("transformer", {"pos_embedding": "none"}),
-    ("gam", {"memory": "causal"}),
-    ("gam", {"memory": "causal", "variant": "global_only"}),
     ("gam", {"memory": "kv_slots", "memory_heads": 2}),
+    ("gam", {"memory": "kv_slots", "memory_heads": 2, "variant": "global_only"}),
     ("mamba", {"mamba_wiring": "standard", "mamba_backend": "torch"}),
     ("mamba", {"mamba_wiring": "paper", "mamba_backend": "torch"}),
 ]

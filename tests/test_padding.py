@@ -13,7 +13,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 MODELS = [
     ("gam", {}),
     ("gam", {"gam_impl": "reference"}),
-    ("gam", {"memory": "causal"}),
     ("gam", {"memory": "kv_slots", "memory_heads": 2}),
     ("gam", {"variant": "sum_fusion", "pos_embedding": "none"}),
     ("transformer", {}),

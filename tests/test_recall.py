@@ -70,12 +70,12 @@ def test_generator_is_reproducible_and_rejects_bad_settings():
 
 def test_bench_writes_a_well_formed_table_json_and_plot(tmp_path):
     out = tmp_path / "recall"
-    result = run(out, preset="smoke", models=["GAM (paper)", "GAM causal memory", "Transformer"], log=None)
+    result = run(out, preset="smoke", models=["GAM (paper)", "GAM kv-slot memory", "Transformer"], log=None)
     md = (out / "recall.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(rows) == 8  # two tables: accuracy, share of answers that are context values
     assert rows[0].startswith("| model | T=16, P=2, d=16") and rows[0] == rows[4]
-    names = {"GAM (paper)", "GAM causal memory", "Transformer"}
+    names = {"GAM (paper)", "GAM kv-slot memory", "Transformer"}
     assert {r.split(" | ")[0][2:] for r in rows[1:4]} == names
     for r in rows[1:4] + rows[5:8]:
         cell = r.split(" | ")[1].split()[0]

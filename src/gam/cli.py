@@ -95,13 +95,13 @@ def cmd_receptive_field(args: argparse.Namespace) -> None:
     position = args.seq_len - 1 if args.position is None else args.position
     weights = influence(model, args.seq_len, position)
     nonzero = weights.nonzero().flatten().tolist()
-    causal = args.model == "gam" and args.memory != "static"
-    print(f"model {args.model}" + (f" ({args.variant}{f', {args.memory} memory' if causal else ''})"
+    writable = args.model == "gam" and args.memory != "static"
+    print(f"model {args.model}" + (f" ({args.variant}{f', {args.memory} memory' if writable else ''})"
                                    if args.model == "gam" else "")
           + f", n_layer {args.n_layer}, kernel {args.kernel}, output position {position}")
     print(f"input positions that influence it: {nonzero[0]} .. {nonzero[-1]} "
           f"({len(nonzero)} of {position + 1} possible)")
-    if causal:
+    if writable:
         print("design says: every earlier token (the memory slots carry the whole prefix, with decay)")
     elif args.model == "gam":
         expected = theoretical_receptive_field(args.n_layer, args.kernel, args.variant)
@@ -111,7 +111,7 @@ def cmd_receptive_field(args: argparse.Namespace) -> None:
 
         plot_influence(weights, position, args.plot,
                        title=f"{args.model}{' ' + args.variant if args.model == 'gam' else ''}"
-                             f"{f' {args.memory} memory' if causal else ''}, n_layer {args.n_layer}, "
+                             f"{f' {args.memory} memory' if writable else ''}, n_layer {args.n_layer}, "
                              f"kernel {args.kernel}: influence on position {position}")
         print(f"wrote {args.plot}")
 
@@ -258,7 +258,7 @@ def add_bench_recall_parser(bench_sub: argparse._SubParsersAction) -> None:
         "recall", help="multi-query associative recall (MQAR): does the model recall earlier tokens?",
         description="Multi-query associative recall in the style of Zoology: key-value pairs, then "
                     "queries of those keys at power-law distances; accuracy on the answers only. "
-                    "Trains GAM (paper), its ablations, GAM with the causal memory, the Transformer "
+                    "Trains GAM (paper), its ablations, GAM with the kv-slot memory, the Transformer "
                     "(SDPA) and Mamba over a sweep of sequence length, number of pairs and width, "
                     "best over a small learning-rate sweep. Writes recall.md, recall.json, recall.png.")
     p.add_argument("--preset", default="cpu", choices=["cpu", "cpu-hard", "gpu", "smoke"],
@@ -267,7 +267,7 @@ def add_bench_recall_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", default="results/bench-recall", help="output folder (default results/bench-recall)")
     p.add_argument("--models", default=None,
-                   help="comma-separated: gam, sum_fusion, global_only, local_only, causal, kv_slots, "
+                   help="comma-separated: gam, sum_fusion, global_only, local_only, kv_slots, "
                         "transformer, mamba")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the preset's)")
     p.add_argument("--lrs", default=None, metavar="LR,LR,...",
@@ -321,9 +321,8 @@ def add_receptive_field_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="gam", choices=["gam", "transformer", "mamba"], help="(default: gam)")
     p.add_argument("--variant", default="full", help="GAM: full | sum_fusion | global_only | local_only "
                                                      "(default: full)")
-    p.add_argument("--memory", default="static", choices=["static", "causal", "kv_slots"],
-                   help="GAM memory: static (paper), causal (tokens write into the slots) or "
-                        "kv_slots (key and value slots)")
+    p.add_argument("--memory", default="static", choices=["static", "kv_slots"],
+                   help="GAM memory: static (paper) or kv_slots (key and value slots that tokens write)")
     p.add_argument("--plot", default=None, metavar="PATH", help="also save the influence per position as a plot")
     p.add_argument("--n-layer", type=int, default=6, metavar="N", help="blocks (default: 6)")
     p.add_argument("--kernel", type=int, default=3, metavar="K", help="GAM convolution width (default: 3)")

@@ -22,7 +22,7 @@ from typing import Any
 
 MODELS = ("gam", "transformer", "mamba")
 GAM_VARIANTS = ("full", "sum_fusion", "global_only", "local_only")
-GAM_MEMORIES = ("static", "causal", "kv_slots")
+GAM_MEMORIES = ("static", "kv_slots")
 GAM_IMPLS = ("auto", "reference", "fast")
 POS_EMBEDDINGS = ("learned", "none")
 ATTN_IMPLS = ("sdpa", "naive")
@@ -82,11 +82,11 @@ class GAMConfig:
     # N(0, 1) draw keeps the RNG stream.
     pos_init_std: float = described(1.0, "std of the learned position embeddings at init")
     # GAM
-    num_memory_slots: int = described(512, "GAM: slots in the global memory bank")
+    num_memory_slots: int = described(512, "GAM: slots in the global memory bank (kv_slots: per head)")
     conv_kernel_size: int = described(3, "GAM: width of the causal local convolution")
     variant: str = described("full", "GAM paper ablations: full | sum_fusion | global_only | local_only")
-    memory: str = described("static", "GAM memory: static (paper: fixed bank) | causal (tokens write into "
-                                      "tied slots) | kv_slots (key and value slots written together)")
+    memory: str = described("static", "GAM memory: static (paper: fixed bank) | kv_slots (key and value "
+                                      "slots written together)")
     memory_heads: int = described(4, "GAM kv_slots memory: heads (n_embd / heads features each)")
     gam_impl: str = described("auto", "GAM code path: auto | reference (paper's eager code) | fast (fused ops, same function)")
     # Transformer
@@ -154,6 +154,8 @@ class GAMConfig:
             f"pos_init_std must be a positive number, got {self.pos_init_std!r}",
         )
         choice("variant", GAM_VARIANTS)
+        need(self.memory != "causal", "memory='causal' (tied slots) was removed: it did not recall "
+             "(docs/kv-memory.md); memory='kv_slots' is the writable memory")
         choice("memory", GAM_MEMORIES)
         need(not (self.memory != "static" and self.variant == "local_only"),
              f"memory={self.memory!r} needs the memory path; variant 'local_only' has none")

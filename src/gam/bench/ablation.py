@@ -38,11 +38,9 @@ VARIANTS: dict[str, tuple[ModelSpec, bool, bool, bool]] = {
                    False, True, True),
     "local_only": (ModelSpec("local_only", "GAM (Local Only)", "gam", {"variant": "local_only"}),
                    False, True, False),
-    # not the paper: opt-in memory="causal" (tokens write into the slots); --variants ...,causal
-    "causal": (ModelSpec("causal", "GAM (Causal Memory)", "gam", {"variant": "full", "memory": "causal"}),
-               True, True, True),
     # not the paper: opt-in memory="kv_slots" (key and value slots); --variants ...,kv_slots
-    "kv_slots": (ModelSpec("kv_slots", "GAM (KV-Slot Memory)", "gam", {"variant": "full", "memory": "kv_slots"}),
+    "kv_slots": (ModelSpec("kv_slots", "GAM (KV-Slot Memory)", "gam",
+                           {"variant": "full", "memory": "kv_slots", "num_memory_slots": 64}),
                  True, True, True),
 }
 DEFAULT_VARIANTS = ("full", "global_only", "sum_fusion", "local_only")  # the paper's row order

@@ -94,13 +94,10 @@ MODEL_SPECS: dict[str, Callable[[bool], ModelSpec]] = {
     key: (lambda fair, key=key: _table1_specs(fair)[key]) for key in ("gam", "transformer", "mamba")
 }
 MODEL_SPECS.update({key: (lambda fair, key=key: _fixed_specs()[key]) for key in _fixed_specs()})
-# Not the paper: GAM with the opt-in causal memory (memory="causal"); --models ...,gam_causal
-MODEL_SPECS["gam_causal"] = lambda fair: ModelSpec("gam_causal", "GAM (causal memory)", "gam", {"memory": "causal"},
-                                                   "opt-in memory='causal': tokens write into the slots")
 # Not the paper: GAM with the opt-in key-value slot memory; --models ...,gam_kv_slots
 MODEL_SPECS["gam_kv_slots"] = lambda fair: ModelSpec(
-    "gam_kv_slots", "GAM (kv-slot memory)", "gam", {"memory": "kv_slots"},
-    "opt-in memory='kv_slots': key and value slots written together (gam.layers.kv_memory)")
+    "gam_kv_slots", "GAM (kv-slot memory)", "gam", {"memory": "kv_slots", "num_memory_slots": 64},
+    "opt-in memory='kv_slots', 64 slots per head: key and value slots written together (gam.layers.kv_memory)")
 DEFAULT_MODELS = ("gam", "transformer", "mamba")
 # The cpu preset (unless --fair): the paper's wiring and the fair baselines in one table.
 CPU_DEFAULT_MODELS = ("gam", "transformer_naive", "mamba_paper", "transformer_sdpa", "mamba_standard")

@@ -24,7 +24,7 @@ model that carries the values forward but cannot match keys to them scores
 
 Models: GAM (paper), its ablations (sum_fusion, global_only, local_only: the
 convolution-only control, causal conv + FFN and nothing else), GAM with the
-causal memory (``memory="causal"``), GAM with the key-value slot memory
+key-value slot memory
 (``memory="kv_slots"``, 16-dim heads), the Transformer (SDPA) and, when
 ``gam.layers.mamba`` is importable, Mamba (standard wiring). All with 2 layers,
 dropout 0, learned positions (block_size = sequence length, re-initialized
@@ -124,13 +124,12 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "GAM sum_fusion": ("gam", {"variant": "sum_fusion"}),
     "GAM global_only": ("gam", {"variant": "global_only"}),
     "GAM local_only (conv only)": ("gam", {"variant": "local_only"}),
-    "GAM causal memory": ("gam", {"memory": "causal"}),
     "GAM kv-slot memory": ("gam", {"memory": "kv_slots"}),
     "Transformer": ("transformer", {"attn_impl": "sdpa"}),
     "Mamba": ("mamba", {"mamba_wiring": "standard"}),
 }
 SHORT = {"GAM (paper)": "gam", "GAM sum_fusion": "sum_fusion", "GAM global_only": "global_only",
-         "GAM local_only (conv only)": "local_only", "GAM causal memory": "causal",
+         "GAM local_only (conv only)": "local_only",
          "GAM kv-slot memory": "kv_slots", "Transformer": "transformer", "Mamba": "mamba"}
 
 
@@ -203,7 +202,7 @@ PRESETS = {
     "cpu": Preset(settings=((64, 4, 64), (64, 8, 64), (128, 8, 64), (64, 4, 32)), lrs=(3e-3, 1e-3),
                   steps=500, patience=200, min_steps=300,
                   models=("GAM (paper)", "GAM sum_fusion", "GAM global_only", "GAM local_only (conv only)",
-                          "GAM causal memory", "GAM kv-slot memory", "Transformer"),
+                          "GAM kv-slot memory", "Transformer"),
                   # measured: at 3e-3 and 1e-3 it stays at ~1/P with width 32 and with T = 128
                   model_lrs={"GAM kv-slot memory": (1e-2, 3e-3)}),
     # Not yet run (no GPU here): a larger sweep, Zoology-like lengths and pair counts.
@@ -214,7 +213,7 @@ PRESETS = {
     # Hyena 0.14 there), with a 64-token vocabulary (31 keys): the step costs ~8x a cpu-preset step.
     "cpu-hard": Preset(settings=((256, 16, 128),), lrs=(1e-3,), steps=1000, vocab_size=64,
                        patience=300, min_steps=500,
-                       models=("GAM (paper)", "GAM causal memory", "GAM kv-slot memory", "Transformer")),
+                       models=("GAM (paper)", "GAM kv-slot memory", "Transformer")),
     "smoke": Preset(settings=((16, 2, 16),), lrs=(3e-3,), steps=4, batch_size=8, vocab_size=32,
                     test_examples=16, eval_every=2),
 }
@@ -405,7 +404,7 @@ def run(out: str | Path | None = None, *, preset: str | Preset = "cpu", device: 
             raise ValueError("Mamba needs gam.layers.mamba, which is not available")
     rf = gam_receptive_field(p.n_layer, p.kernel)
     tasks = [(m, T, P, W) for T, P, W in p.settings for m in labels]
-    cost = {"GAM causal memory": 4.0, "GAM kv-slot memory": 4.0, "Mamba": 10.0, "Transformer": 1.3}  # rough step cost, GAM = 1
+    cost = {"GAM kv-slot memory": 2.0, "Mamba": 10.0, "Transformer": 1.3}  # rough step cost, GAM = 1
     schedule = sorted(tasks, key=lambda t: -cost.get(t[0], 1.0) * t[1] * t[3] * len(p.lrs_of(t[0])))
     if jobs is None:
         jobs = 1 if dev.type == "cuda" else min(2, os.cpu_count() or 1)

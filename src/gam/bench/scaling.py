@@ -60,10 +60,9 @@ def block_specs() -> dict[str, ModelSpec]:
     if {"gam_impl": "fast"}:
         specs.append(ModelSpec("gam_fast", "GAM (fast path)", "gam", {"gam_impl": "fast"},
                                "same function, fused ops (gam_impl='fast')"))
-    specs.append(ModelSpec("gam_causal", "GAM (causal memory)", "gam", {"memory": "causal"},
-                           "opt-in memory='causal' (not the paper): chunked O(T) form, gam.ops.causal_memory"))
-    specs.append(ModelSpec("gam_kv_slots", "GAM (kv-slot memory)", "gam", {"memory": "kv_slots"},
-                           "opt-in memory='kv_slots' (not the paper): chunked O(T) form, gam.ops.kv_memory"))
+    specs.append(ModelSpec("gam_kv_slots", "GAM (kv-slot memory)", "gam", {"memory": "kv_slots", "num_memory_slots": 64},
+                           "opt-in memory='kv_slots' (not the paper), 64 slots per head: chunked O(T) form, "
+                           "gam.ops.kv_memory"))
     return {s.key: s for s in specs}
 
 

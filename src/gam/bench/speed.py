@@ -70,7 +70,8 @@ ROWS = (
     ("mamba_fp32", "Mamba", "mamba", {"mamba_wiring": "standard"}, "fp32", False),
     ("mamba_bf16", "Mamba", "mamba", {"mamba_wiring": "standard"}, "bf16", False),
     # The opt-in key-value slot memory (docs/kv-memory.md), beside the paper GAM's fast path.
-    ("gam_kv_slots_bf16", "GAM, key-value slot memory", "gam", {"memory": "kv_slots"}, "bf16", False),
+    ("gam_kv_slots_bf16", "GAM, key-value slot memory (64 slots per head)", "gam",
+     {"memory": "kv_slots", "num_memory_slots": 64}, "bf16", False),
 )
 BASELINE = "gam_ref_fp32"
 GOALS = {

@@ -16,10 +16,6 @@ features and a bank of weights shared by all positions, so it is a per-token
 function (like the FFN). Only the convolution moves information between
 positions: a stack of n_layer blocks sees exactly 1 + n_layer*(k-1) tokens.
 
-``memory="causal"`` (opt-in, not the paper) makes the bank the initial content
-of slots that tokens write into (:mod:`gam.layers.causal_memory`); token t
-reads the slots as written up to and including t, so the path is global.
-
 ``memory="kv_slots"`` (opt-in, not the paper) keeps separate key and value
 slots written with the same weights, the key read from the convolution's
 output (:mod:`gam.layers.kv_memory`): a query recalls the value bound to its key.
@@ -67,12 +63,8 @@ class GAMBlock(nn.Module):
         if self.has_global:
             self.memory_bank = nn.Parameter(torch.empty(config.num_memory_slots, C))
             nn.init.xavier_uniform_(self.memory_bank)
-        self.memory = getattr(config, "memory", "static")  # static (paper) | causal | kv_slots
-        if self.memory == "causal":  # new parameters only in these cases
-            from gam.layers.causal_memory import CausalMemory
-
-            self.causal_memory = CausalMemory(C, config.num_memory_slots)
-        elif self.memory == "kv_slots":
+        self.memory = getattr(config, "memory", "static")  # static (paper) | kv_slots
+        if self.memory == "kv_slots":  # new parameters only in this case
             from gam.layers.kv_memory import KVSlotMemory
 
             self.kv_memory = KVSlotMemory(C, config.num_memory_slots, config.memory_heads)
@@ -99,10 +91,6 @@ class GAMBlock(nn.Module):
             if cache is None:
                 return self.kv_memory(h, key_source, self.memory_bank, real=real)
             return self.kv_memory.step(h, key_source, cache["key_slots"], cache["value_slots"])
-        if self.memory == "causal":  # slots as written by tokens <= t; a decoding cache holds them
-            if cache is None:
-                return self.causal_memory(h, self.memory_bank, real=real)[0]
-            return self.causal_memory.step(h, cache["memory_state"])
         weights = F.softmax(h @ self.memory_bank.T, dim=-1)  # (B, T, slots)
         return weights @ self.memory_bank
 
@@ -126,7 +114,7 @@ class GAMBlock(nn.Module):
         (``gam.models.lm.padding_mask``); padded batches take the reference path."""
         from gam.ops.fused_block import gam_block_fast, use_fast_path
 
-        if attention_mask is None and self.memory == "static" and use_fast_path(self.impl, x):
+        if attention_mask is None and use_fast_path(self.impl, x):
             return gam_block_fast(self, x)  # same function, fused ops (gam.ops.fused_block)
         return self.forward_reference(x, attention_mask)
 
@@ -150,10 +138,6 @@ class GAMBlock(nn.Module):
             k = self.causal_conv.kernel_size[0]
             cache["conv_state"] = torch.zeros(batch_size, w.shape[0], k - 1,
                                               dtype=dtype or w.dtype, device=device or w.device)
-        if self.memory == "causal":  # the slots, num_memory_slots x C per sequence
-            M = self.memory_bank.detach()
-            cache["memory_state"] = M.to(dtype=dtype or M.dtype, device=device or M.device).expand(
-                batch_size, *M.shape).clone()
         if self.memory == "kv_slots":  # key and value slots, (heads, slots, C / heads) per sequence
             mem = self.kv_memory
             bank = self.memory_bank.detach().view(mem.num_slots, mem.num_heads, mem.head_dim).transpose(0, 1)
@@ -174,8 +158,6 @@ class GAMBlock(nn.Module):
                 window = window[:, -keep:].transpose(1, 2)  # (B, C, <=k-1)
                 state.zero_()
                 state[:, :, keep - window.shape[-1]:] = window
-        if self.memory == "causal":
-            cache["memory_state"].copy_(self.causal_memory.final_state(h, self.memory_bank, real=attention_mask))
         if self.memory == "kv_slots":
             key_source = self.local_context(h, attention_mask) if self.has_local else h
             keys, values = self.kv_memory.final_state(h, key_source, self.memory_bank, real=attention_mask)

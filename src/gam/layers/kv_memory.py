@@ -26,6 +26,12 @@ Why each choice:
   ``alpha = sigmoid(z)^(1/8)`` starts near 0.92 (about 12 tokens) and reaches
   hundreds of tokens for a moderate z; the slow gate keeps the early training
   from wiping the slots at every token.
+- The gate is bounded, ``log alpha >= -4`` (:data:`gam.ops.kv_memory.LOG_ALPHA_MIN`),
+  which the chunked form's decay factorization needs; with the normalizer 8 it
+  binds only for a forget logit below -32.
+- ``num_memory_slots`` is the number of slots per head (the bank is S x C);
+  the benches use 64, as GSA does: the forget projection (C -> H S) and the
+  slot reads cost O(H S) per token, 8x less than with the paper's 512.
 - RMSNorm per head on the read (shared weight), then an output projection, as
   GSA: the softmax-weighted mix of slots has a scale that drifts with how much
   has been written.
@@ -83,7 +89,7 @@ class KVSlotMemory(nn.Module):
 
     def _output(self, reads: torch.Tensor, batch: int) -> torch.Tensor:
         """(B*H, T, d) -> (B, T, C): per-head RMSNorm, heads concatenated, projected."""
-        reads = self.norm(reads)
+        reads = self.norm(reads.to(self.norm.weight.dtype))  # as the weight (fp32 under autocast): one fused kernel
         T = reads.shape[1]
         return self.out(reads.view(batch, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(batch, T, -1))
 

@@ -313,29 +313,36 @@ def _layer_norm(x: torch.Tensor, ln, dtype: torch.dtype) -> torch.Tensor:
     return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps).to(dtype)
 
 
+def _paper_mixer_residual(block, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` + the paper's mixer (static memory read) on the fused ops; autocast off."""
+    h = _layer_norm(x, block.ln1, dtype)
+    if block.variant == "full":
+        conv = block.causal_conv
+        chunk = memory_read_ops.DEFAULT_CHUNK_CUDA if x.is_cuda else memory_read_ops.DEFAULT_CHUNK
+        return GatedMixerResidual.apply(x, h, block.gate.weight, block.gate.bias, conv.weight, conv.bias,
+                                        block.memory_bank, chunk)
+    local = glob = None
+    if block.has_local:
+        conv = block.causal_conv
+        local = causal_depthwise_conv(h, conv.weight, conv.bias)
+    if block.has_global:
+        glob = memory_read(h, block.memory_bank)
+    if block.variant == "sum_fusion":
+        return x + (local + glob)
+    return x + (glob if local is None else local)
+
+
 def gam_block_fast(block, x: torch.Tensor) -> torch.Tensor:
-    """Fast forward of a :class:`gam.layers.gam.GAMBlock` (any variant)."""
+    """Fast forward of a :class:`gam.layers.gam.GAMBlock` (any variant). With
+    ``memory="kv_slots"`` the mixer is the eager one (its chunked form is
+    batched matmuls already) and the FFN takes the fused path."""
     dtype = compute_dtype(x)
     device_type = x.device.type
+    if block.memory != "static":  # autocast as the caller set it
+        x = x + block.mix(block.ln1(x))
     with _no_autocast(device_type):
-        h = _layer_norm(x, block.ln1, dtype)
-        variant = block.variant
-        if variant == "full":
-            conv = block.causal_conv
-            chunk = memory_read_ops.DEFAULT_CHUNK_CUDA if x.is_cuda else memory_read_ops.DEFAULT_CHUNK
-            x = GatedMixerResidual.apply(x, h, block.gate.weight, block.gate.bias, conv.weight, conv.bias,
-                                         block.memory_bank, chunk)
-        else:
-            local = glob = None
-            if block.has_local:
-                conv = block.causal_conv
-                local = causal_depthwise_conv(h, conv.weight, conv.bias)
-            if block.has_global:
-                glob = memory_read(h, block.memory_bank)
-            if variant == "sum_fusion":
-                x = x + (local + glob)
-            else:
-                x = x + (glob if local is None else local)
+        if block.memory == "static":
+            x = _paper_mixer_residual(block, x, dtype)
 
         ln2, lin1, lin2, drop = block.ln2, block.ffn[0], block.ffn[2], block.ffn[3]
         h = _layer_norm(x, ln2, dtype)

@@ -9,36 +9,49 @@ slots of d features for the keys and S for the values::
 
 Because slot s receives k_t and v_t with the same weight, the key and the
 value held in a slot come from the same tokens: a query that matches a slot's
-key reads that slot's value (the binding the tied causal memory lacks).
+key reads that slot's value (the binding a tied slot memory lacks).
 
 Heads are folded into the batch by the caller: every function here sees
 ``q``, ``k``, ``v`` (B, T, d), ``log_alpha`` (B, T, S) (<= 0) and a state
-``(K, V)``, two (B, S, d) tensors. Three forms of the same function:
+``(K, V)``, two (B, S, d) tensors. Every form first bounds the forget gate,
+``log_alpha >= LOG_ALPHA_MIN`` (at most 98% of a slot is replaced per token),
+and computes the decays in fp32 (a bf16 cumulative sum of gates would be off by
+a quarter in the exponent). Three forms of the same function:
 
 - :func:`kv_memory_recurrent`: one token at a time. The reference.
-- :func:`kv_memory_chunked`: O(T) training form. Chunks of Q tokens; the state
-  is carried between chunks and inside a chunk each slot has a Q x Q
-  lower-triangular weight ``W[i, j, s] = prod_{j < l <= i} alpha_l[s] (1 - alpha_j[s])``.
-  With ``A_i = prod_{l <= i} alpha_l`` (decay since the chunk start)::
+- :func:`kv_memory_chunked`: O(T) training form, all batched matmuls. Chunks of
+  Q tokens; the state is carried between chunks; inside a chunk, with
+  ``a_i = sum_{l <= i} log alpha_l`` (chunk-local), ``A_i = exp(a_i)`` and
+  ``u_j = (1 - alpha_j) / A_j``, the decay from j to i factorizes,
+  ``prod_{j < l <= i} alpha_l (1 - alpha_j) = A_i u_j``, so::
 
-      K_i q_i = A_i * (K_start q_i) + sum_j W[i, j, :] (k_j . q_i)
-      p_i     = softmax(K_i q_i)
-      o_i     = V_start^T (p_i * A_i) + sum_j (sum_s p_i[s] W[i, j, s]) v_j
+      K_i q_i = A_i * (K_start q_i + sum_{j <= i} (q_i . k_j) u_j)
+      p_i     = softmax(K_i q_i),   r_i = p_i * A_i
+      o_i     = V_start^T r_i + sum_{j <= i} (r_i . u_j) v_j
 
-  No T x T matrix is formed: memory O(T Q S) for the weights plus O(T/Q S d)
-  for the chunk-start states. The decays' exponents are exact segment sums of
-  ``log_alpha`` (see :func:`gam.ops.causal_memory._segment_matrix`), all <= 0.
+  (the gated-linear-attention chunk form, with the gate on the slots). No
+  T x T matrix and no Q x Q x S tensor: memory O(T S). The factorization needs
+  ``exp(-a_j)`` to stay finite: with the gate bound, ``|a| <= Q |LOG_ALPHA_MIN|``,
+  so the chunk is at most ``MAX_CHUNK`` tokens (exponents <= 64; fp32 and bf16
+  hold e^88).
 - :func:`kv_memory_step`: one decoding step on the state.
 """
 
 from __future__ import annotations
 
 import torch
-
-# The same exact-segment-sum trick as the tied causal memory (one 0/1 matmul).
-from gam.ops.causal_memory import _segment_matrix, auto_chunk_size, split_into_chunks, suffix_weights
+import torch.nn.functional as F
 
 State = tuple[torch.Tensor, torch.Tensor]
+
+LOG_ALPHA_MIN = -4.0  # alpha >= 0.018
+MAX_CHUNK = 16
+DEFAULT_CHUNK = 16
+
+
+def bounded_gate(log_alpha: torch.Tensor) -> torch.Tensor:
+    """The forget gate every form uses: fp32 at least, clamped to ``[LOG_ALPHA_MIN, 0]``."""
+    return log_alpha.to(torch.promote_types(log_alpha.dtype, torch.float32)).clamp(LOG_ALPHA_MIN, 0.0)
 
 
 def kv_memory_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
@@ -47,8 +60,9 @@ def kv_memory_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha:
 
     Returns the read (B, d) and the new state (the write comes first)."""
     K, V = state
-    alpha = log_alpha.exp().unsqueeze(-1)
-    write = (-torch.expm1(log_alpha)).unsqueeze(-1)  # 1 - alpha, accurate near alpha = 1
+    log_alpha = bounded_gate(log_alpha)
+    alpha = log_alpha.exp().unsqueeze(-1).to(K.dtype)
+    write = (-torch.expm1(log_alpha)).unsqueeze(-1).to(K.dtype)  # 1 - alpha, accurate near alpha = 1
     K = alpha * K + write * k.unsqueeze(1)
     V = alpha * V + write * v.unsqueeze(1)
     p = torch.softmax(torch.einsum("bsd,bd->bs", K, q), dim=-1)
@@ -65,19 +79,44 @@ def kv_memory_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_a
     return torch.stack(outs, dim=1), state
 
 
+def split_into_chunks(chunk_size: int, log_alpha: torch.Tensor,
+                      *tensors: torch.Tensor) -> tuple[int, torch.Tensor, list[torch.Tensor]]:
+    """(Q, log_alpha, tensors), each (B, T, X) reshaped to (B, N, Q, X) chunks of
+    Q = min(chunk_size, T) tokens. The last chunk is padded with no-op tokens:
+    log alpha = 0 keeps everything and writes nothing."""
+    B, T = log_alpha.shape[:2]
+    Q = min(chunk_size, T)
+    N = -(-T // Q)
+    pad = N * Q - T
+    chunks = [F.pad(x, (0, 0, 0, pad)).reshape(B, N, Q, x.shape[-1]) for x in (log_alpha, *tensors)]
+    return Q, chunks[0], chunks[1:]
+
+
+def suffix_weights(log_alpha: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight of each write in the state at the end, total decay) along ``dim``:
+    ``prod_{l > j} alpha_l (1 - alpha_j)`` and ``prod_l alpha_l``, from suffix sums
+    (every exponent <= 0)."""
+    suffix = torch.flip(torch.cumsum(torch.flip(log_alpha, [dim]), dim=dim), [dim])  # sum_{l >= j}
+    after = torch.cat([suffix.narrow(dim, 1, suffix.shape[dim] - 1),
+                       torch.zeros_like(suffix.narrow(dim, 0, 1))], dim=dim)  # sum_{l > j}
+    return after.exp() * -torch.expm1(log_alpha), suffix.narrow(dim, 0, 1).exp()
+
+
 def kv_memory_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
                       state: State, chunk_size: int | None = None) -> tuple[torch.Tensor, State]:
     """Chunked parallel form of :func:`kv_memory_recurrent` (same arguments and results).
     Any T: the last chunk is padded with no-op tokens (alpha = 1, nothing written)."""
+    chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
+    if not 1 <= chunk_size <= MAX_CHUNK:
+        raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK} (the decay factorization's range), got {chunk_size}")
     B, T, d = q.shape
-    S = log_alpha.shape[-1]
-    if chunk_size is None:  # balances the weights (T Q S) against the two states (T/Q S d)
-        chunk_size = auto_chunk_size(2 * d)
-    Q, log_alpha, (q, k, v) = split_into_chunks(chunk_size, log_alpha, q, k, v)
+    Q, log_alpha, (q, k, v) = split_into_chunks(chunk_size, bounded_gate(log_alpha), q, k, v)
     N = log_alpha.shape[1]
+    dtype = q.dtype
 
     # Chunk-start states: (K, V)_{c+1} = A_Q (K, V)_c + the chunk's writes (N small steps).
-    to_end, chunk_decay = suffix_weights(log_alpha, dim=2)  # (B, N, Q, S), (B, N, 1, S)
+    to_end, chunk_decay = suffix_weights(log_alpha, dim=2)  # (B, N, Q, S), (B, N, 1, S); exponents <= 0
+    to_end, chunk_decay = to_end.to(dtype), chunk_decay.to(dtype)
     writes_k = to_end.transpose(-1, -2) @ k  # (B, N, S, d)
     writes_v = to_end.transpose(-1, -2) @ v
     K, V = state
@@ -90,25 +129,23 @@ def kv_memory_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alp
         V = a * V + writes_v[:, c]
     K_start, V_start = torch.stack(K_starts, 1), torch.stack(V_starts, 1)  # (B, N, S, d)
 
-    # Inside each chunk: W[i, j, s] = exp(sum_{j < l <= i} log alpha_l) (1 - alpha_j), 0 for j > i.
-    sums = _segment_matrix(Q, log_alpha.dtype, log_alpha.device)
-    seg = (sums @ log_alpha).view(B, N, Q, Q, S)
-    upper = torch.ones(Q, Q, dtype=torch.bool, device=q.device).triu(1).unsqueeze(-1)
-    W = seg.masked_fill(upper, float("-inf")).exp() * -torch.expm1(log_alpha).unsqueeze(2)
-    decay = torch.cumsum(log_alpha, dim=2).exp()  # A_i: (B, N, Q, S)
-
-    qk = q @ k.transpose(-1, -2)  # (B, N, Qi, Qj): q_i . k_j
-    scores = decay * (q @ K_start.transpose(-1, -2)) + torch.einsum("bnij,bnijs->bnis", qk, W)
-    p = torch.softmax(scores, dim=-1)
-    mix = torch.einsum("bnis,bnijs->bnij", p, W)  # weight of v_j in the read at i
-    out = (p * decay) @ V_start + mix @ v
+    # Inside each chunk: prod_{j < l <= i} alpha_l (1 - alpha_j) = A_i u_j.
+    cum = torch.cumsum(log_alpha, dim=2)  # a_i, in [Q LOG_ALPHA_MIN, 0]
+    decay = cum.exp().to(dtype)  # A_i
+    u = ((-cum).exp() * -torch.expm1(log_alpha)).to(dtype)  # (1 - alpha_j) / A_j
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=q.device).tril()
+    qk = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)  # (B, N, Qi, Qj): q_i . k_j, j <= i
+    scores = decay * (q @ K_start.transpose(-1, -2) + qk @ u)
+    r = torch.softmax(scores, dim=-1) * decay
+    mix = (r @ u.transpose(-1, -2)).masked_fill(~causal, 0.0)  # weight of v_j in the read at i
+    out = r @ V_start + mix @ v
     return out.reshape(B, N * Q, d)[:, :T], (K, V)
 
 
 def kv_memory_final_state(k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
                           state: State) -> State:
     """The state after T writes, without the reads (O(T S d)): for a prefill."""
-    weights, total = suffix_weights(log_alpha, dim=1)  # (B, T, S), (B, 1, S)
+    weights, total = suffix_weights(bounded_gate(log_alpha), dim=1)  # (B, T, S), (B, 1, S)
     K, V = state
-    a = total.transpose(1, 2)  # (B, S, 1)
-    return a * K + weights.transpose(1, 2) @ k, a * V + weights.transpose(1, 2) @ v
+    weights, a = weights.to(k.dtype).transpose(1, 2), total.to(k.dtype).transpose(1, 2)  # (B, S, T), (B, S, 1)
+    return a * K + weights @ k, a * V + weights @ v
