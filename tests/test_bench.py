@@ -119,6 +119,15 @@ def test_scaling_writes_table_and_files(scaling_dir):
         assert len(list(csv.DictReader(f))) == 8
 
 
+def test_every_scaling_block_can_be_built_here():
+    """The availability probe builds each block with tiny fields; a spec's own fields (the
+    kv-slot row's num_memory_slots) override them instead of colliding (it said n/a once)."""
+    from gam.bench.scaling import block_specs, check_available
+
+    unavailable = {key: check_available(spec) for key, spec in block_specs().items()}
+    assert {k: v for k, v in unavailable.items() if v is not None} == {}
+
+
 def test_scaling_failures_are_results_not_crashes(tmp_path):
     from gam.bench.scaling import ScalingConfig, run
 
@@ -143,6 +152,35 @@ def paper_dir(corpus, tmp_path_factory):
     assert main(["bench", "paper", "--device", "cpu", "--out", str(out), "--datasets", str(corpus),
                  "--seeds", "2", "--cache-dir", str(cache), *TINY_TRAIN, *TINY_MODEL]) == 0
     return out
+
+
+def test_replot_by_position_joins_folders_and_refuses_other_settings(paper_dir, tmp_path, monkeypatch):
+    """A model benchmarked later joins an earlier table's plot; a run in both folders counts once."""
+    import gam.evaluation
+    from gam.bench.paper import replot_by_position
+
+    raw = json.loads((paper_dir / "paper.json").read_text())
+    later = tmp_path / "later"
+    later.mkdir()
+    extra = dict(raw, rows=[dict(r, model="late") for r in raw["rows"] if r["model"] == "gam"] + raw["rows"],
+                 models={**raw["models"], "late": dict(raw["models"]["gam"], key="late", label="Late GAM")})
+    (later / "paper.json").write_text(json.dumps(extra))
+    drawn = []
+    monkeypatch.setattr(gam.evaluation, "draw_loss_by_position",
+                        lambda ax, curves, field=None: drawn.append(dict(curves)) or False)
+    png = replot_by_position([paper_dir, later], tmp_path / "both.png", models=["late", "gam"])
+    assert png.stat().st_size > 0
+    labels = list(drawn[0])
+    assert labels == ["Late GAM (2 seeds)", "GAM (2 seeds)"]  # the order asked for; gam's runs once (2 seeds)
+    with pytest.raises(ValueError, match="no runs of nope"):
+        replot_by_position([paper_dir], tmp_path / "x.png", models=["nope"])
+    with pytest.raises(FileNotFoundError, match="no paper.json"):
+        replot_by_position([tmp_path / "empty"], tmp_path / "x.png")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "paper.json").write_text(json.dumps(dict(raw, model_fields={**raw["model_fields"], "n_embd": 8})))
+    with pytest.raises(ValueError, match="other model or training settings"):
+        replot_by_position([paper_dir, other], tmp_path / "x.png")
 
 
 def test_paper_writes_table_and_files(paper_dir):

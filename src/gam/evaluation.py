@@ -16,6 +16,7 @@ grows; one that cannot (the paper's GAM sees only its last
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -113,17 +114,27 @@ def receptive_field_of(config) -> int | None:
 
 def draw_loss_by_position(ax, curves: dict[str, tuple[Sequence[float], Sequence[float] | None]],
                           receptive_field: int | None = None, field_label: str = "paper GAM receptive field") -> bool:
-    """Draw on ``ax`` one line per model (``label -> (mean per position, spread per position or None)``),
-    a shaded band of mean ± spread, and a dashed line where the receptive field ends.
+    """Draw on ``ax`` one line per model (``label -> (mean per position, spread per position or None)``):
+    the bucket means of :func:`position_buckets` (0, 1, 2-3, 4-7, ...) as a bold line with
+    markers, the per-position curve faint behind it with a shaded band of mean ± spread,
+    and a dashed line where the receptive field ends. The buckets are what the eye should
+    compare: a single position's mean over a few hundred validation blocks is noisy
+    (about ±0.1 nats), and that noise is shared by the models (the same targets).
     Returns whether any band was drawn."""
     banded = False
-    for label, (mean, spread) in curves.items():
-        xs = np.arange(1, len(mean) + 1)  # tokens of context seen at each position
-        line, = ax.plot(xs, mean, lw=1.4, label=label)
+    colours = matplotlib_colours()
+    for i, (label, (mean, spread)) in enumerate(curves.items()):
+        colour = colours[i % len(colours)]  # model i has the same colour in draw_gap_to_reference
+        mean_a = np.asarray(mean, dtype=float)
+        xs = np.arange(1, len(mean_a) + 1)  # tokens of context seen at each position
+        ax.plot(xs, mean_a, color=colour, lw=0.6, alpha=0.35)
         if spread is not None:
-            mean_a, spread_a = np.asarray(mean), np.asarray(spread)
-            ax.fill_between(xs, mean_a - spread_a, mean_a + spread_a, color=line.get_color(), alpha=0.2, lw=0)
+            spread_a = np.asarray(spread, dtype=float)
+            ax.fill_between(xs, mean_a - spread_a, mean_a + spread_a, color=colour, alpha=0.15, lw=0)
             banded = True
+        buckets = bucket_means(mean_a)
+        centres = [math.sqrt((b["first"] + 1) * (b["last"] + 1)) for b in buckets]  # geometric, in tokens
+        ax.plot(centres, [b["loss"] for b in buckets], color=colour, lw=1.8, marker="o", ms=4, label=label)
     if receptive_field is not None:
         ax.axvline(receptive_field + 0.5, color="grey", ls="--", lw=1,
                    label=f"{field_label} ({receptive_field} token{'s' if receptive_field != 1 else ''})")
@@ -133,6 +144,34 @@ def draw_loss_by_position(ax, curves: dict[str, tuple[Sequence[float], Sequence[
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return banded
+
+
+def draw_gap_to_reference(ax, curves: dict[str, tuple[Sequence[float], Sequence[float] | None]], reference: str,
+                          receptive_field: int | None = None) -> None:
+    """Draw on ``ax`` each model's loss minus the ``reference`` model's, bucket means as in
+    :func:`draw_loss_by_position` (same colours, in the same order). The models are scored on
+    the same targets, so the noise that a single position's mean shares across models
+    cancels here: what is left is what one model gains over the other at each context length."""
+    colours = matplotlib_colours()
+    ref = np.asarray(curves[reference][0], dtype=float)
+    for i, (label, (mean, _)) in enumerate(curves.items()):
+        buckets = bucket_means(np.asarray(mean, dtype=float) - ref)
+        centres = [math.sqrt((b["first"] + 1) * (b["last"] + 1)) for b in buckets]
+        ax.plot(centres, [b["loss"] for b in buckets], color=colours[i % len(colours)],
+                lw=1.0 if label == reference else 1.8, ls="--" if label == reference else "-",
+                marker=None if label == reference else "o", ms=4, label=label)
+    if receptive_field is not None:
+        ax.axvline(receptive_field + 0.5, color="grey", ls="--", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens of context (block position + 1)")
+    ax.set_ylabel(f"loss minus {reference} (nats)", fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+
+
+def matplotlib_colours() -> list[str]:
+    import matplotlib.pyplot as plt
+
+    return plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
 def plot_loss_by_position(curves: dict[str, tuple[Sequence[float], Sequence[float] | None]], path: str | Path,
@@ -146,7 +185,8 @@ def plot_loss_by_position(curves: dict[str, tuple[Sequence[float], Sequence[floa
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     banded = draw_loss_by_position(ax, curves, receptive_field, field_label)
-    ax.set_title(title + (f" (band: mean ± {spread_label})" if banded else ""), fontsize=8)
+    ax.set_title(title + "\nbold: mean over positions 0, 1, 2-3, 4-7, ...; faint: each position"
+                 + (f"; band: mean ± {spread_label}" if banded else ""), fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

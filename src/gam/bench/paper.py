@@ -677,32 +677,91 @@ def table_notes(runs: list[dict[str, Any]], rank_metric: str) -> list[str]:
     return lines
 
 
+# The model the lower panel of the loss-by-position plot subtracts (the paper's GAM in
+# either bench), when it is among the runs.
+GAP_REFERENCES = ("gam", "full")
+
+
 def plot_by_position(runs: list[dict[str, Any]], specs: dict[str, ModelSpec], path: Path, title: str) -> Path:
-    """Loss by position: one panel per dataset, one curve per model (mean over seeds, band ± sd)."""
+    """Loss by position: one column per dataset, one curve per model (mean over seeds, band ± sd);
+    below, each model's loss minus the paper GAM's, when the paper GAM is among the runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gam.evaluation import draw_loss_by_position
+    from gam.evaluation import draw_gap_to_reference, draw_loss_by_position
 
     datasets = list(dict.fromkeys(r["dataset"] for r in runs))
-    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(7.0 * max(1, len(datasets)), 4.4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
-        curves = {}
-        for key in dict.fromkeys(r["model"] for r in runs):
+    keys = list(dict.fromkeys(r["model"] for r in runs))
+    reference = next((k for k in GAP_REFERENCES if k in keys), None)
+    rows = 2 if reference else 1
+    fig, axes = plt.subplots(rows, max(1, len(datasets)), figsize=(7.0 * max(1, len(datasets)), 4.4 + 2.8 * (rows - 1)),
+                             squeeze=False, height_ratios=[1.6, 1][:rows])
+    for column, dataset in enumerate(datasets):
+        ax = axes[0][column]
+        curves, labels = {}, {}
+        for key in keys:
             summary = position_summary([r for r in runs if r["dataset"] == dataset and r["model"] == key])
             if summary:
                 n = summary["seeds"]
-                curves[f"{specs[key].label} ({n} seed{'s' if n > 1 else ''})"] = (summary["mean"], summary["sd"])
+                labels[key] = f"{specs[key].label} ({n} seed{'s' if n > 1 else ''})"
+                curves[labels[key]] = (summary["mean"], summary["sd"])
         field_tokens = next((r["receptive_field"] for r in runs if r.get("receptive_field")), None)
         banded = draw_loss_by_position(ax, curves, field_tokens)
-        ax.set_title(f"{DATASET_LABELS.get(dataset, dataset)}: validation loss by position ({title})"
+        if reference:
+            if reference in labels:
+                draw_gap_to_reference(axes[1][column], curves, labels[reference], field_tokens)
+            else:
+                axes[1][column].set_visible(False)
+        ax.set_title(f"{DATASET_LABELS.get(dataset, dataset)}: validation loss by position ({title})\n"
+                     "bold: mean over positions 0, 1, 2-3, 4-7, ...; faint: each position"
                      + ("; band: mean ± sd over seeds" if banded else ""), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def replot_by_position(folders: Sequence[str | Path], path: str | Path, models: Sequence[str] | None = None) -> Path:
+    """One loss-by-position plot from the runs saved in several results folders of
+    ``gam bench paper`` or ``gam bench ablation`` (``paper.json`` / ``ablation.json``):
+    e.g. a model benchmarked later beside the table it joins. ``models``: keys to draw,
+    in this order (default: every model, first folder first). A (dataset, model, seed)
+    run found in two folders is taken from the first; runs made with other model or
+    training settings are refused, so the curves stay comparable."""
+    runs: list[dict[str, Any]] = []
+    specs: dict[str, ModelSpec] = {}
+    settings = None
+    title = ""
+    seen = set()
+    for folder in map(Path, folders):
+        found = [folder / f"{name}.json" for name in ("paper", "ablation") if (folder / f"{name}.json").is_file()]
+        if not found:
+            raise FileNotFoundError(f"{folder}: no paper.json or ablation.json (a gam bench paper/ablation results folder)")
+        data = json.loads(found[0].read_text())
+        these = (data["model_fields"], {k: v for k, v in data["train_fields"].items() if k != "eval_every"},
+                 data["valid_tokens"])
+        if settings is None:
+            settings = these
+            env = data["environment"]
+            title = f"{data['config']['preset']} preset, {data['train_fields']['precision']}, {env['device_name']}"
+        elif these != settings:
+            raise ValueError(f"{folder}: its runs used other model or training settings than {folders[0]}")
+        specs.update({k: ModelSpec(**v) for k, v in data["models"].items() if k not in specs})
+        for r in data["rows"]:
+            key = (r["dataset"], r["model"], r["seed"])
+            if key not in seen:
+                seen.add(key)
+                runs.append(r)
+    if models is not None:
+        unknown = [m for m in models if m not in specs]
+        if unknown:
+            raise ValueError(f"no runs of {', '.join(unknown)} in {', '.join(map(str, folders))}")
+        runs = sorted((r for r in runs if r["model"] in models), key=lambda r: list(models).index(r["model"]))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return plot_by_position(runs, specs, path, title)
 
 
 UNIGRAM_LABEL = "*unigram model (token frequencies)*"

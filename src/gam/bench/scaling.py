@@ -323,8 +323,8 @@ def check_available(spec: ModelSpec) -> str | None:
         from gam.config import GAMConfig
         from gam.models.lm import make_block
 
-        make_block(GAMConfig(model=spec.model, n_embd=16, n_head=2, num_memory_slots=4, d_state=2,
-                             expand=1, block_size=8, **spec.fields))
+        tiny = dict(n_embd=16, n_head=2, num_memory_slots=4, d_state=2, expand=1, block_size=8)
+        make_block(GAMConfig(model=spec.model, **{**tiny, **spec.fields}))  # the spec's fields win
     except Exception as err:  # noqa: BLE001
         return f"{type(err).__name__}: {err}"
     return None
