@@ -119,14 +119,15 @@ def kv_memory_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alp
     to_end, chunk_decay = to_end.to(dtype), chunk_decay.to(dtype)
     writes_k = to_end.transpose(-1, -2) @ k  # (B, N, S, d)
     writes_v = to_end.transpose(-1, -2) @ v
+    # unbind, not writes_k[:, c]: the backward of one index fills a zero tensor
+    # the size of all N chunks, so N indexings cost O(N^2) (10x slower at T = 4096).
     K, V = state
     K_starts, V_starts = [], []
-    for c in range(N):
+    for a, wk, wv in zip(chunk_decay.squeeze(2).unsqueeze(-1).unbind(1), writes_k.unbind(1), writes_v.unbind(1)):
         K_starts.append(K)
         V_starts.append(V)
-        a = chunk_decay[:, c, 0].unsqueeze(-1)  # (B, S, 1)
-        K = a * K + writes_k[:, c]
-        V = a * V + writes_v[:, c]
+        K = a * K + wk  # a: (B, S, 1)
+        V = a * V + wv
     K_start, V_start = torch.stack(K_starts, 1), torch.stack(V_starts, 1)  # (B, N, S, d)
 
     # Inside each chunk: prod_{j < l <= i} alpha_l (1 - alpha_j) = A_i u_j.
