@@ -144,8 +144,10 @@ def make_model(label: str, seq_len: int, width: int, vocab_size: int, n_layer: i
                pos_embedding="learned", **fields)
     if name == "gam":
         cfg.update(num_memory_slots=width, conv_kernel_size=kernel)  # paper: slots = width
-        if fields.get("memory") == "kv_slots":  # 16-dim heads, as the Transformer's
-            cfg.update(memory_heads=max(1, width // 16))
+        if fields.get("memory") == "kv_slots":  # 16-dim heads, as the Transformer's; slots per
+            # head as the paper's rule (= width) up to GSA's 64, the text benches' number (the
+            # per-slot gates cost heads x slots per token, 8 x the width at 128 slots per head)
+            cfg.update(memory_heads=max(1, width // 16), num_memory_slots=min(width, 64))
     elif name == "transformer":
         cfg.update(n_head=max(1, width // 16))
     return build_model(name, **cfg)

@@ -88,7 +88,8 @@ def split_into_chunks(chunk_size: int, log_alpha: torch.Tensor,
     Q = min(chunk_size, T)
     N = -(-T // Q)
     pad = N * Q - T
-    chunks = [F.pad(x, (0, 0, 0, pad)).reshape(B, N, Q, x.shape[-1]) for x in (log_alpha, *tensors)]
+    chunks = [(F.pad(x, (0, 0, 0, pad)) if pad else x).reshape(B, N, Q, x.shape[-1])
+              for x in (log_alpha, *tensors)]
     return Q, chunks[0], chunks[1:]
 
 
@@ -114,26 +115,30 @@ def kv_memory_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alp
     N = log_alpha.shape[1]
     dtype = q.dtype
 
+    # Inside each chunk: prod_{j < l <= i} alpha_l (1 - alpha_j) = A_i u_j.
+    cum = torch.cumsum(log_alpha, dim=2)  # a_i, in [Q LOG_ALPHA_MIN, 0]
+    decay32 = cum.exp()  # A_i
+    u32 = (-cum).exp() * -torch.expm1(log_alpha)  # (1 - alpha_j) / A_j
+    # The same factors give the chunk's effect on the state: write j reaches the chunk's
+    # end with weight A_Q u_j, and the state decays by A_Q (fp32 products, then cast).
+    chunk_decay = decay32[:, :, -1:]  # (B, N, 1, S)
+    to_end = (chunk_decay * u32).to(dtype)
+    decay, u = decay32.to(dtype), u32.to(dtype)
+
     # Chunk-start states: (K, V)_{c+1} = A_Q (K, V)_c + the chunk's writes (N small steps).
-    to_end, chunk_decay = suffix_weights(log_alpha, dim=2)  # (B, N, Q, S), (B, N, 1, S); exponents <= 0
-    to_end, chunk_decay = to_end.to(dtype), chunk_decay.to(dtype)
     writes_k = to_end.transpose(-1, -2) @ k  # (B, N, S, d)
     writes_v = to_end.transpose(-1, -2) @ v
     # unbind, not writes_k[:, c]: the backward of one index fills a zero tensor
     # the size of all N chunks, so N indexings cost O(N^2) (10x slower at T = 4096).
     K, V = state
     K_starts, V_starts = [], []
-    for a, wk, wv in zip(chunk_decay.squeeze(2).unsqueeze(-1).unbind(1), writes_k.unbind(1), writes_v.unbind(1)):
+    for a, wk, wv in zip(chunk_decay.to(dtype).transpose(-1, -2).unbind(1), writes_k.unbind(1), writes_v.unbind(1)):
         K_starts.append(K)
         V_starts.append(V)
         K = a * K + wk  # a: (B, S, 1)
         V = a * V + wv
     K_start, V_start = torch.stack(K_starts, 1), torch.stack(V_starts, 1)  # (B, N, S, d)
 
-    # Inside each chunk: prod_{j < l <= i} alpha_l (1 - alpha_j) = A_i u_j.
-    cum = torch.cumsum(log_alpha, dim=2)  # a_i, in [Q LOG_ALPHA_MIN, 0]
-    decay = cum.exp().to(dtype)  # A_i
-    u = ((-cum).exp() * -torch.expm1(log_alpha)).to(dtype)  # (1 - alpha_j) / A_j
     causal = torch.ones(Q, Q, dtype=torch.bool, device=q.device).tril()
     qk = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)  # (B, N, Qi, Qj): q_i . k_j, j <= i
     scores = decay * (q @ K_start.transpose(-1, -2) + qk @ u)
