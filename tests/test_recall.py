@@ -125,3 +125,12 @@ def test_presets_are_sane():
     cpu = PRESETS["cpu"]
     assert len(cpu.lrs) >= 2 and len({T for T, _, _ in cpu.settings}) >= 2
     assert len({P for _, P, _ in cpu.settings}) >= 2 and len({W for _, _, W in cpu.settings}) >= 2
+
+
+@pytest.mark.parametrize("width,slots", [(32, 32), (64, 64), (128, 64)])
+def test_kv_slot_row_has_16_dim_heads_and_at_most_64_slots_per_head(width, slots):
+    from gam.bench.recall import make_model
+
+    cfg = make_model("GAM kv-slot memory", seq_len=32, width=width, vocab_size=32).config
+    assert (cfg.memory, cfg.memory_heads, cfg.num_memory_slots) == ("kv_slots", width // 16, slots)
+    assert make_model("GAM (paper)", seq_len=32, width=width, vocab_size=32).config.num_memory_slots == width
