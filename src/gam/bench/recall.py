@@ -25,7 +25,7 @@ model that carries the values forward but cannot match keys to them scores
 Models: GAM (paper), its ablations (sum_fusion, global_only, local_only: the
 convolution-only control, causal conv + FFN and nothing else), GAM with the
 key-value slot memory
-(``memory="kv_slots"``, 16-dim heads), the Transformer (SDPA) and, when
+(``memory="kv_slots"``, 16-dim heads, min(width, 64) slots per head), the Transformer (SDPA) and, when
 ``gam.layers.mamba`` is importable, Mamba (standard wiring). All with 2 layers,
 dropout 0, learned positions (block_size = sequence length, re-initialized
 N(0, 0.02): the shell's N(0, 1) drowns the tokens at this width), GAM with
