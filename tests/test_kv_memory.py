@@ -237,3 +237,19 @@ def test_training_step_decreases_loss_and_reaches_every_parameter():
     assert losses[-1] < losses[0]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
                if "kv_memory" in n or "memory_bank" in n)
+
+
+def test_forget_bias_starts_slots_at_log_spaced_retention_times():
+    from gam.layers.kv_memory import RETENTION_TOKENS, KVSlotMemory
+
+    mem = KVSlotMemory(n_embd=32, num_slots=5, num_heads=2)
+    alpha = torch.sigmoid(mem.forget.bias.double()) ** (1 / mem.gate_normalizer)
+    retention = (1 / (1 - alpha)).view(2, 5)
+    expected = torch.logspace(math.log10(RETENTION_TOKENS[0]), math.log10(RETENTION_TOKENS[1]), 5,
+                              dtype=torch.float64)
+    assert torch.allclose(retention, expected.expand(2, 5), rtol=1e-4)
+    # the model builder keeps it (nothing re-initializes the biases afterwards)
+    model = build_model("gam", vocab_size=64, block_size=16, n_embd=32, n_layer=1, memory="kv_slots",
+                        memory_heads=2, num_memory_slots=5)
+    biases = [m.forget.bias for m in model.modules() if isinstance(m, KVSlotMemory)]
+    assert biases and all(torch.equal(b, mem.forget.bias) for b in biases)
