@@ -253,3 +253,20 @@ def test_forget_bias_starts_slots_at_log_spaced_retention_times():
                         memory_heads=2, num_memory_slots=5)
     biases = [m.forget.bias for m in model.modules() if isinstance(m, KVSlotMemory)]
     assert biases and all(torch.equal(b, mem.forget.bias) for b in biases)
+
+
+def test_bench_kv_memory_script_times_each_length_and_checks_the_recurrence():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kv_memory.py"
+    proc = subprocess.run([sys.executable, str(script), "--batch-heads", "2", "--dim", "8", "--slots", "4",
+                           "--lengths", "20,48", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    error = float(proc.stdout.split("max relative error vs the recurrence (outputs and gradients, T <= 40): ")[1].split()[0])
+    assert error < 1e-5
+    rows = [line.strip("|").split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [r[0].strip() for r in rows] == ["20", "48"] and all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+    bad = subprocess.run([sys.executable, str(script), "--lengths", "long"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--lengths must be comma-separated integers" in bad.stderr
