@@ -76,11 +76,16 @@ def test_fit_exponent_and_formatting():
 def test_write_results_and_peak_memory(tmp_path):
     raw = {"bench": "demo", "config": {"x": 1}, "environment": common.environment("cpu"),
            "rows": [{"a": 1, "b": float("inf")}]}
+    with pytest.raises(ValueError, match="provenance"):
+        common.write_results(tmp_path / "r", "demo", "# Demo\n", raw)
+    raw["provenance"] = common.start_provenance()
     paths = common.write_results(tmp_path / "r", "demo", "# Demo\n", raw, raw["rows"])
     assert [p.name for p in paths] == ["demo.md", "demo.json", "demo.csv"]
     back = json.loads((tmp_path / "r" / "demo.json").read_text())
     assert back["rows"][0]["b"] is None  # non-finite floats become null, the JSON stays valid
     check_raw(back, "demo")
+    assert set(back["provenance"]) == set(common.PROVENANCE_FIELDS)
+    assert back["provenance"]["end_utc"] >= back["provenance"]["start_utc"]
     before = common.rss_bytes()
     assert before and common.peak_rss_bytes() >= before
     timing = common.time_runs(lambda: sum(range(1000)), "cpu", warmup=1, repeats=3)
@@ -249,9 +254,9 @@ def test_rank_cells_tie_rule():
 
 def test_cpu_budget_projection():
     """The cpu preset fits 90 minutes on the budget machine by the committed speed measurements."""
-    from gam.bench.paper import (CPU_BUDGET, CPU_DEFAULT_MODELS, MODEL_SPECS, PaperConfig, project_grid,
+    from gam.bench.ablation import variant_specs
+    from gam.bench.paper import (CPU_BUDGET, CPU_DEFAULT_MODELS, PaperConfig, model_specs, project_grid,
                                  projected_tokens_per_s, resolve)
-    from gam.bench.ablation import VARIANTS
     from gam.train import preset
 
     cpu_model = preset("cpu")[0]
@@ -262,8 +267,8 @@ def test_cpu_budget_projection():
     for model, fields, measured in (("transformer", {"attn_impl": "naive"}, 2716), ("mamba", {"mamba_wiring": "paper"}, 1507)):
         assert 0.75 < projected_tokens_per_s(model, {**cpu_model, **fields}, "fp32", 1) / measured < 1.05, model
     wikitext2 = {"wikitext2": {"vocab_size": 8192, "steps_per_epoch": 1257, "valid_tokens_used": 65536}}
-    for bench, specs in (("paper", [MODEL_SPECS[m](False) for m in CPU_DEFAULT_MODELS]),
-                         ("ablation", [VARIANTS[v][0] for v in ("full", "global_only", "sum_fusion", "local_only")])):
+    for bench, specs in (("paper", list(model_specs(CPU_DEFAULT_MODELS, fair=False).values())),
+                         ("ablation", list(variant_specs(("full", "global_only", "sum_fusion", "local_only")).values()))):
         model_fields, train_fields, _ = resolve(PaperConfig(), bench)
         assert train_fields["precision"] == "bf16" and train_fields["threads"] == 2
         assert train_fields["epochs"] >= 1 and train_fields["max_steps"] is None  # whole epochs
@@ -329,9 +334,9 @@ def test_paper_table_has_paper_figures():
            "epoch_s": 100.0, "epoch_s_extrapolated": False, "tokens_per_s": 1000.0, "val_loss": 6.5,
            "val_ppl": math.exp(6.5), "receptive_field": 13, "loss_inside_field": 6.9, "loss_beyond_field": 6.4,
            "last_quarter_gain": 0.01}
-    from gam.bench.paper import MODEL_SPECS
+    from gam.bench.paper import model_specs
 
-    table = render_table1(PaperConfig(models=("gam",), datasets=("wikitext2",)), [run], {"gam": MODEL_SPECS["gam"](False)})
+    table = render_table1(PaperConfig(models=("gam",), datasets=("wikitext2",)), [run], model_specs(("gam",), fair=False))
     (row,) = table_rows(table, "dataset")
     assert row[:5] == ["WikiText-2", "GAM", "1", "22.60 M", "17.35 M"]
     assert row[9:12] == ["6.9000", "6.4000", "0.0100"]  # loss 0-12, loss 13+, last ¼ gain

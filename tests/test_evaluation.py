@@ -54,8 +54,8 @@ def test_report_for_a_model_without_a_bounded_context(tmp_path, one_thread):
     text = "\n".join(evaluation.format_report(result))
     assert "receptive field" not in text and (tmp_path / "t.png").stat().st_size > 0
     # GAM with the opt-in kv-slot memory sees every earlier token: no bounded field either
-    assert evaluation.receptive_field_of(tiny("gam", memory="kv_slots", memory_heads=2).config) is None
-    assert evaluation.receptive_field_of(tiny("gam").config) == 5
+    assert tiny("gam", memory="kv_slots", memory_heads=2).config.receptive_field() is None
+    assert tiny("gam").config.receptive_field() == 5
 
 
 def test_buckets_and_split():

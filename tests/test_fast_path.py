@@ -686,11 +686,11 @@ def test_bench_speed_smoke(tmp_path):
 
     from gam.bench import speed
 
-    result = speed.run(tmp_path, batch=2, seq=16, steps=1, rounds=1, warmup=1, memory_seq=32, threads=1,
-                       rows=["gam_ref_fp32", "gam_fast_fp32", "gam_fast_bf16",
-                             "gam_fast_compiled_fp32", "transformer_bf16"],
-                       overrides=dict(n_layer=1, n_embd=32, num_memory_slots=32, vocab_size=64, n_head=4),
-                       log=lambda *a: None)
+    result = speed.run(speed.SpeedConfig(
+        batch=2, seq=16, steps=1, rounds=1, warmup=1, memory_seq=32, threads=1,
+        rows=("gam_ref_fp32", "gam_fast_fp32", "gam_fast_bf16", "gam_fast_compiled_fp32", "transformer_bf16"),
+        overrides=dict(n_layer=1, n_embd=32, num_memory_slots=32, vocab_size=64, n_head=4)), log=lambda *a: None)
+    speed.write(result, tmp_path)
     raw = json.loads((tmp_path / "speed.json").read_text())
     keys = [r["key"] for r in raw["rows"]]
     assert keys == ["gam_ref_fp32", "gam_fast_fp32", "gam_fast_bf16", "gam_fast_compiled_fp32",
@@ -703,7 +703,8 @@ def test_bench_speed_smoke(tmp_path):
         ("reference", "fp32"), ("fast", "fp32"), ("reference", "bf16"), ("fast", "bf16")}
     assert all(m.get("peak_bytes", 0) > 0 for m in raw["block_memory"]), raw["block_memory"]
     md = (tmp_path / "speed.md").read_text()
-    assert "tokens/s" in md and "MFU" in md and "GAM fast path" in md
+    assert "tokens/s" in md and "MFU" in md and "GAM (fast path)" in md
+    assert raw["provenance"]["argv"] and raw["provenance"]["end_utc"]
 
 
 def test_bench_speed_reports_a_compiled_row_that_fails_to_compile(tmp_path, monkeypatch):
@@ -717,13 +718,13 @@ def test_bench_speed_reports_a_compiled_row_that_fails_to_compile(tmp_path, monk
         return forward
 
     monkeypatch.setattr(torch, "compile", failing_compile)
-    result = speed.run(tmp_path, batch=2, seq=16, steps=1, rounds=1, warmup=0, memory_seq=0, threads=1,
-                       rows=["gam_ref_fp32", "gam_fast_compiled_fp32"],
-                       overrides=dict(n_layer=1, n_embd=32, num_memory_slots=32, vocab_size=64, n_head=4),
-                       log=lambda *a: None)
+    result = speed.run(speed.SpeedConfig(
+        batch=2, seq=16, steps=1, rounds=1, warmup=0, memory_seq=0, threads=1,
+        rows=("gam_ref_fp32", "gam_fast_compiled_fp32"),
+        overrides=dict(n_layer=1, n_embd=32, num_memory_slots=32, vocab_size=64, n_head=4)), log=lambda *a: None)
     assert [r["key"] for r in result["rows"]] == ["gam_ref_fp32"]
     assert "Row `gam_fast_compiled_fp32` not measured: torch.compile failed: Compiler: cc is not found" \
-        in result["markdown"]
+        in speed.render(result)
 
 
 def test_flops_per_token_formula():

@@ -277,3 +277,4 @@ def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys):
     assert "| model | context | ms / token (median) |" in table and table.count("| GAM |") == 2
     assert (out / "decode.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", "decode", "--contexts", "0"]) == 2
+    assert data["provenance"]["argv"] and data["provenance"]["end_utc"]

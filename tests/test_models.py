@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from gam import ConfigError, GAMConfig, GAMModel, ModelConfig, build_model, count_parameters
-from gam.analysis import receptive_field, theoretical_receptive_field
+from gam.analysis import receptive_field
+from gam.config import GAMConfig
 from gam.layers.gam import GAMBlock
 
 TINY = dict(vocab_size=61, block_size=32, n_embd=16, n_layer=2, n_head=4,
@@ -175,7 +176,7 @@ def test_causality(name, fields):
 @pytest.mark.parametrize("n_layer,k", [(1, 3), (3, 3), (2, 5), (4, 2)])
 def test_gam_receptive_field_is_exactly_the_convolutions(n_layer, k):
     model = tiny("gam", n_layer=n_layer, conv_kernel_size=k)
-    span = theoretical_receptive_field(n_layer, k)
+    span = GAMConfig(n_layer=n_layer, conv_kernel_size=k).receptive_field()
     assert span == 1 + n_layer * (k - 1)
     position = 25
     assert receptive_field(model, 30, position) == (position - n_layer * (k - 1), position)

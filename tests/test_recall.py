@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from gam.bench.recall import PRESETS, gap_probabilities, mqar, run
+from gam.bench.mqar import gap_probabilities, mqar
+from gam.bench.recall import PRESETS, RecallConfig, run, write
 from gam.cli import main
 
 
@@ -70,12 +71,13 @@ def test_generator_is_reproducible_and_rejects_bad_settings():
 
 def test_bench_writes_a_well_formed_table_json_and_plot(tmp_path):
     out = tmp_path / "recall"
-    result = run(out, preset="smoke", models=["GAM (paper)", "GAM kv-slot memory", "Transformer"], log=None)
+    result = run(RecallConfig(preset="smoke", models=("gam", "kv_slots", "transformer")), log=None)
+    write(result, out)
     md = (out / "recall.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(rows) == 8  # two tables: accuracy, share of answers that are context values
     assert rows[0].startswith("| model | T=16, P=2, d=16") and rows[0] == rows[4]
-    names = {"GAM (paper)", "GAM kv-slot memory", "Transformer"}
+    names = {"GAM", "GAM (kv-slot memory)", "Transformer (SDPA)"}
     assert {r.split(" | ")[0][2:] for r in rows[1:4]} == names
     for r in rows[1:4] + rows[5:8]:
         cell = r.split(" | ")[1].split()[0]
@@ -83,6 +85,7 @@ def test_bench_writes_a_well_formed_table_json_and_plot(tmp_path):
     assert len({line.count("|") for line in md.splitlines() if line.startswith("|")}) == 1
     data = json.loads((out / "recall.json").read_text())
     assert len(data["runs"]) == 3 and data["meta"]["receptive_field_gam"] == 5
+    assert data["provenance"]["argv"] and data["provenance"]["end_utc"] >= data["provenance"]["start_utc"]
     for r in data["runs"]:
         assert 0.0 <= r["best"]["accuracy"] <= 1.0
     assert (out / "recall.png").stat().st_size > 1000
@@ -92,7 +95,7 @@ def test_bench_writes_a_well_formed_table_json_and_plot(tmp_path):
 def test_cli_bench_recall_smoke(tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["bench", "recall", "--preset", "smoke", "--out", str(out), "--models", "local_only"]) == 0
-    assert "GAM local_only" in capsys.readouterr().out
+    assert "GAM (Local Only)" in capsys.readouterr().out
     assert (out / "recall.json").exists()
     assert main(["bench", "recall", "--preset", "smoke", "--models", "nonsense"]) == 2
 
@@ -100,13 +103,13 @@ def test_cli_bench_recall_smoke(tmp_path, capsys):
 def test_a_model_can_have_its_own_learning_rates():
     from dataclasses import replace
 
-    preset = replace(PRESETS["smoke"], model_lrs={"GAM kv-slot memory": (1e-2,)})
-    result = run(None, preset=preset, models=["GAM (paper)", "GAM kv-slot memory"], log=None)
-    assert {(r["model"], r["lr"]) for r in result["runs"]} == {("GAM (paper)", 3e-3), ("GAM kv-slot memory", 1e-2)}
+    preset = replace(PRESETS["smoke"], model_lrs={"kv_slots": (1e-2,)})
+    result = run(RecallConfig(preset_override=preset, models=("gam", "kv_slots")), log=None)
+    assert {(r["model"], r["lr"]) for r in result["runs"]} == {("gam", 3e-3), ("kv_slots", 1e-2)}
 
 
 def test_lrs_override_runs_every_learning_rate(tmp_path, capsys):
-    result = run(None, preset="smoke", models=["GAM kv-slot memory"], lrs=[3e-3, 1e-2], log=None)
+    result = run(RecallConfig(preset="smoke", models=("kv_slots",), lrs=(3e-3, 1e-2)), log=None)
     assert sorted(r["lr"] for r in result["runs"]) == [3e-3, 1e-2]
     assert result["meta"]["preset"]["lrs"] == (3e-3, 1e-2)
     out = tmp_path / "r"
@@ -116,6 +119,8 @@ def test_lrs_override_runs_every_learning_rate(tmp_path, capsys):
     assert main(["bench", "recall", "--preset", "smoke", "--lrs", "fast"]) == 2
     assert main(["bench", "recall", "--preset", "smoke", "--lrs", "0"]) == 2
     assert "learning rates must be positive" in capsys.readouterr().err
+    assert main(["bench", "recall", "--preset", "smoke", "--models", "kv_slot"]) == 2
+    assert "did you mean kv_slots" in capsys.readouterr().err
 
 
 def test_presets_are_sane():
@@ -131,6 +136,6 @@ def test_presets_are_sane():
 def test_kv_slot_row_has_16_dim_heads_and_at_most_64_slots_per_head(width, slots):
     from gam.bench.recall import make_model
 
-    cfg = make_model("GAM kv-slot memory", seq_len=32, width=width, vocab_size=32).config
+    cfg = make_model("kv_slots", seq_len=32, width=width, vocab_size=32).config
     assert (cfg.memory, cfg.memory_heads, cfg.num_memory_slots) == ("kv_slots", width // 16, slots)
-    assert make_model("GAM (paper)", seq_len=32, width=width, vocab_size=32).config.num_memory_slots == width
+    assert make_model("gam", seq_len=32, width=width, vocab_size=32).config.num_memory_slots == width

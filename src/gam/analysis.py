@@ -52,13 +52,6 @@ def receptive_field(model: DecoderLM, seq_len: int, position: int, seed: int = 0
     return int(nonzero.min()), int(nonzero.max())
 
 
-def theoretical_receptive_field(n_layer: int, conv_kernel_size: int, variant: str = "full") -> int | None:
-    """Tokens seen by the paper's GAM: 1 + n_layer*(k-1); None means unbounded."""
-    if variant == "global_only":
-        return 1
-    return 1 + n_layer * (conv_kernel_size - 1)
-
-
 def plot_influence(weights: torch.Tensor, position: int, path, title: str = "") -> None:
     """Bar plot of :func:`influence` (log scale; positions with no influence left empty)."""
     import matplotlib

@@ -14,7 +14,7 @@ import time
 import warnings
 
 from gam import __version__, train_cli
-from gam.cli_args import Parser, UsageError
+from gam.cli_args import Parser, UsageError, add_field_arguments, given_fields
 from gam.fileio import describe_os_error
 
 DESCRIPTION = """\
@@ -27,24 +27,19 @@ Start with `gam train` (a small GAM on WikiText-2, a few minutes on a CPU), then
 `gam COMMAND --help` describes each command; docs/cli.md has examples.
 """
 
-PAPER_MODELS = (
-    ("GAM (full)", "gam", {}),
-    ("GAM sum_fusion", "gam", {"variant": "sum_fusion"}),
-    ("GAM global_only", "gam", {"variant": "global_only"}),
-    ("GAM local_only", "gam", {"variant": "local_only"}),
-    ("Transformer", "transformer", {}),
-    ("Mamba (paper wiring)", "mamba", {"mamba_wiring": "paper"}),
-    ("Mamba (standard wiring)", "mamba", {"mamba_wiring": "standard"}),
-)
+# `gam params`: the paper's models and ablations, and both wirings of the baselines
+PARAMETER_TABLE_MODELS = ("gam", "gam_sum_fusion", "gam_global_only", "gam_local_only", "gam_kv_slots",
+                          "transformer_sdpa", "mamba_paper", "mamba_standard")
 
 
 def parameter_table() -> str:
-    from gam import build_model, count_parameters
+    from gam.models.lm import count_parameters
+    from gam.models.registry import select
 
     rows = ["| model | parameters | without embeddings |", "|---|---:|---:|"]
-    for label, name, fields in PAPER_MODELS:
-        counts = count_parameters(build_model(name, **fields))
-        rows.append(f"| {label} | {counts['total']:,} | {counts['non_embedding']:,} |")
+    for spec in select(PARAMETER_TABLE_MODELS):
+        counts = count_parameters(spec.build())
+        rows.append(f"| {spec.label} | {counts['total']:,} | {counts['non_embedding']:,} |")
     return "\n".join(rows)
 
 
@@ -55,36 +50,36 @@ def cmd_params(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Forward and backward of the paper-size model on random tokens."""
+    """One training step of the paper-size model on random tokens (the trainer's step)."""
     import torch
 
-    from gam import build_model, count_parameters
-    from gam.train import Dist, pick_device
+    from gam.config import TrainConfig
+    from gam.models.lm import build_model, count_parameters
+    from gam.train import Dist, TrainingStep, pick_device
 
-    args.device = str(pick_device(args.device, Dist()))  # one-line error for cuda on a CPU build
+    device = pick_device(args.device, Dist())  # one-line error for cuda on a CPU build
     torch.manual_seed(args.seed)
-    model = build_model(args.model).to(args.device)
+    model = build_model(args.model).to(device)
     cfg = model.config
     counts = count_parameters(model)
     print(f"{args.model}: {counts['total']:,} parameters "
-          f"({counts['non_embedding']:,} without embeddings), device {args.device}")
-    idx = torch.randint(0, cfg.vocab_size, (args.batch, cfg.block_size), device=args.device)
-    targets = torch.randint(0, cfg.vocab_size, (args.batch, cfg.block_size), device=args.device)
+          f"({counts['non_embedding']:,} without embeddings), device {device}")
+    idx = torch.randint(0, cfg.vocab_size, (args.batch, cfg.block_size), device=device)
+    targets = torch.randint(0, cfg.vocab_size, (args.batch, cfg.block_size), device=device)
+    step = TrainingStep(model, TrainConfig(warmup_steps=0), device, total_steps=1)
     start = time.perf_counter()
-    logits, loss = model(idx, targets)
-    loss.backward()
+    loss = step(0, idx, targets)
     elapsed = time.perf_counter() - start
-    grads = sum(p.grad is not None for p in model.parameters())
-    print(f"logits {tuple(logits.shape)}, loss {loss.item():.4f} "
-          f"(uniform guess: ln {cfg.vocab_size} = {torch.log(torch.tensor(float(cfg.vocab_size))):.4f}), "
-          f"{grads} parameter tensors got gradients, forward+backward {elapsed * 1000:.0f} ms")
+    print(f"loss {loss.item():.4f} (uniform guess: ln {cfg.vocab_size} = "
+          f"{torch.log(torch.tensor(float(cfg.vocab_size))):.4f}), one training step "
+          f"(forward, backward, clip, AdamW) {elapsed * 1000:.0f} ms")
     print()
     print(parameter_table())
 
 
 def cmd_receptive_field(args: argparse.Namespace) -> None:
     from gam import build_model
-    from gam.analysis import influence, theoretical_receptive_field
+    from gam.analysis import influence
 
     fields = {"n_layer": args.n_layer, "conv_kernel_size": args.kernel, "dropout": 0.0,
               "block_size": max(args.seq_len, 8)}
@@ -104,7 +99,7 @@ def cmd_receptive_field(args: argparse.Namespace) -> None:
     if writable:
         print("design says: every earlier token (the memory slots carry the whole prefix, with decay)")
     elif args.model == "gam":
-        expected = theoretical_receptive_field(args.n_layer, args.kernel, args.variant)
+        expected = model.config.receptive_field()
         print(f"design says: {expected} tokens (1 + n_layer*(k-1) for the paper GAM)")
     if args.plot:
         from gam.analysis import plot_influence
@@ -170,25 +165,6 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
 
 
-def cmd_bench_decode(args: argparse.Namespace) -> None:
-    from gam.bench.decode import parse_contexts, run
-
-    result = run(args.out, device=args.device, contexts=parse_contexts(args.contexts),
-                 models=[m.strip() for m in args.models.split(",") if m.strip()],
-                 n_embd=args.n_embd, n_layer=args.n_layer, vocab_size=args.vocab_size,
-                 batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-                 threads=args.threads, seed=args.seed)
-    print(result["table"])
-    s = result["summary"]
-    if "gam_longest_over_shortest" in s:
-        print(f"GAM per-token time at {s['longest_context']:,} / at {s['shortest_context']:,} tokens: "
-              f"{s['gam_longest_over_shortest']:.3f}")
-    if "transformer_over_gam_at_longest" in s:
-        print(f"Transformer / GAM per-token time at {s['longest_context']:,} tokens: "
-              f"{s['transformer_over_gam_at_longest']:.2f}x")
-    print(f"wrote {args.out}/decode.md, decode.json, decode.png")
-
-
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint folder (streams as it decodes)",
                        description=GENERATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,13 +190,33 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """The ``gam bench`` group: one sub-command per benchmark."""
     bench = sub.add_parser("bench", help="benchmarks: speed, decode, recall, scaling, paper, ablation, report")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
-    add_bench_decode_parser(bench_sub)
-    from gam.bench import speed
+    from gam.bench import decode, recall, speed
 
-    speed.add_parser(bench_sub)  # gam bench speed: training throughput, fast path vs reference
-    add_bench_recall_parser(bench_sub)
+    for bench in (decode, speed, recall):  # each a Config dataclass + run + write + summary
+        add_bench_command(bench_sub, bench)
     # more benchmarks: define add_bench_<name>_parser(bench_sub) like the one below and call it here
     add_bench_paper_parsers(bench_sub)
+
+
+def add_bench_command(bench_sub: argparse._SubParsersAction, bench) -> None:
+    """``gam bench NAME``: the options are the fields of the benchmark's config dataclass
+    (``bench.Config``, described as ``gam train``'s), plus ``--out``. The command runs
+    ``bench.run(config)``, writes the results folder (``bench.write``) and prints the
+    benchmark's ``summary`` of the result."""
+    doc = " ".join((bench.Config.__doc__ or "").split())
+    p = bench_sub.add_parser(bench.NAME, help=bench.HELP, description=doc)
+    p.add_argument("--out", default=bench.DEFAULT_OUT, metavar="DIR",
+                   help=f"results folder (default {bench.DEFAULT_OUT})")
+    add_field_arguments(p, "settings", bench.Config)
+    p.set_defaults(func=lambda args: cmd_bench(bench, args))
+
+
+def cmd_bench(bench, args: argparse.Namespace) -> None:
+    config = bench.Config(**given_fields(args, bench.Config))
+    result = bench.run(config)
+    paths = bench.write(result, args.out)
+    print(bench.summary(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
 
 
 def add_bench_paper_parsers(bench_sub: argparse._SubParsersAction) -> None:
@@ -229,76 +225,6 @@ def add_bench_paper_parsers(bench_sub: argparse._SubParsersAction) -> None:
 
     for module in (scaling, paper, ablation, report):
         module.add_parser(bench_sub)
-
-
-def cmd_bench_recall(args: argparse.Namespace) -> None:
-    from gam.bench.recall import MODELS, SHORT, run
-
-    names = {v: k for k, v in SHORT.items()}
-    models = None
-    if args.models:
-        models = [names.get(m.strip(), m.strip()) for m in args.models.split(",") if m.strip()]
-        unknown = [m for m in models if m not in MODELS]
-        if unknown:
-            raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(SHORT.values())}")
-    lrs = None
-    if args.lrs:
-        try:
-            lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(f"--lrs must be comma-separated numbers, got {args.lrs!r}") from None
-    result = run(args.out, preset=args.preset, device=args.device, models=models, seed=args.seed,
-                 threads=args.threads, steps=args.steps, jobs=args.jobs, lrs=lrs)
-    print(result["table"])
-    print(f"{result['meta']['wall_s']:.0f} s; wrote {args.out}/recall.md, recall.json, recall.png")
-
-
-def add_bench_recall_parser(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser(
-        "recall", help="multi-query associative recall (MQAR): does the model recall earlier tokens?",
-        description="Multi-query associative recall in the style of Zoology: key-value pairs, then "
-                    "queries of those keys at power-law distances; accuracy on the answers only. "
-                    "Trains GAM (paper), its ablations, GAM with the kv-slot memory, the Transformer "
-                    "(SDPA) and Mamba over a sweep of sequence length, number of pairs and width, "
-                    "best over a small learning-rate sweep. Writes recall.md, recall.json, recall.png.")
-    p.add_argument("--preset", default="cpu", choices=["cpu", "cpu-hard", "gpu", "smoke"],
-                   help="cpu: under 30 min on 2 cores; cpu-hard: T=256, 16 pairs, width 128 (Zoology's "
-                        "Figure 2 setting); gpu: a larger sweep; smoke: seconds")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--out", default="results/bench-recall", help="output folder (default results/bench-recall)")
-    p.add_argument("--models", default=None,
-                   help="comma-separated: gam, sum_fusion, global_only, local_only, kv_slots, "
-                        "transformer, mamba")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the preset's)")
-    p.add_argument("--lrs", default=None, metavar="LR,LR,...",
-                   help="learning rates to sweep, every one run (default: the preset's, stopping at 99%%)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="training processes in parallel (default: 2 on CPU, 1 on CUDA)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_bench_recall)
-
-
-def add_bench_decode_parser(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser(
-        "decode", help="per-token decode latency vs context length: GAM, Transformer (KV cache), Mamba",
-        description="Per-token latency and tokens/s while generating with 256 ... 8192 tokens of "
-                    "context already in the cache, for GAM, the Transformer (KV cache) and Mamba at the "
-                    "same width and depth. All use pos_embedding='none' so contexts past block_size "
-                    "work. Writes decode.md, decode.json and decode.png into --out.")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--out", default="results/bench-decode", help="output folder (default results/bench-decode)")
-    p.add_argument("--contexts", default="256,512,1024,2048,4096,8192", help="comma-separated context lengths")
-    p.add_argument("--models", default="gam,transformer,mamba")
-    p.add_argument("--n-embd", type=int, default=512, help="width (paper: 512)")
-    p.add_argument("--n-layer", type=int, default=6, help="depth (paper: 6)")
-    p.add_argument("--vocab-size", type=int, default=10000)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--steps", type=int, default=128, help="timed decode steps per model and context (median reported)")
-    p.add_argument("--warmup", type=int, default=4, help="untimed steps per context first")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadiest on a busy machine)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_bench_decode)
 
 
 def add_params_parser(sub: argparse._SubParsersAction) -> None:

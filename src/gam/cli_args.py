@@ -86,15 +86,39 @@ _KIND_NAMES = {int: "an integer", float: "a float", str: "text", bool: "true or 
 _METAVARS = {int: "INT", float: "FLOAT", str: "TEXT", bool: "BOOL"}
 
 
-def field_value_reader(annotation: Any) -> Callable[[str], Any]:
+def _list_of(kind: Any) -> type | None:
+    """``tuple[int, ...]`` -> int (a comma-separated list on the command line); else None."""
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        return args[0] if args else str
+    return None
+
+
+def field_value_reader(annotation: Any, choices: tuple[str, ...] | None = None) -> Callable[[str], Any]:
     """The argparse ``type=`` for a field: the text -> the field's type, or a message
-    such as "cannot read 'abc' as a float" (argparse puts the flag in front)."""
+    such as "cannot read 'abc' as a float" (argparse puts the flag in front).
+    A ``tuple[X, ...]`` field reads comma-separated values of X; ``choices`` limits
+    the values (each item of a list) to those names."""
     kinds = _kinds(annotation)
+
+    def check_choice(value: Any) -> Any:
+        if choices is not None and value not in choices:
+            near = closest(str(value), choices)
+            raise argparse.ArgumentTypeError(
+                f"{value!r} is not one of {', '.join(choices)}" + (f" (did you mean {' or '.join(near)}?)" if near else ""))
+        return value
 
     def read(text: str) -> Any:
         if text.lower() == "none" and type(None) in kinds:
             return None
         for kind in kinds:
+            item = _list_of(kind)
+            if item is not None:
+                parts = [p.strip() for p in text.split(",") if p.strip()]
+                if not parts:
+                    raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+                read_item = field_value_reader(item, choices)
+                return tuple(read_item(p) for p in parts)
             if kind is bool:
                 if text.lower() in ("1", "true", "yes", "on"):
                     return True
@@ -102,10 +126,12 @@ def field_value_reader(annotation: Any) -> Callable[[str], Any]:
                     return False
             elif kind in (int, float, str):
                 try:
-                    return kind(text)
+                    value = kind(text)
                 except ValueError:
                     continue
-        wanted = " or ".join(_KIND_NAMES.get(k, "none") if k is not type(None) else "none" for k in kinds)
+                return check_choice(value)
+        wanted = " or ".join(_KIND_NAMES.get(_list_of(k) or k, "none") + (" list" if _list_of(k) else "")
+                             if k is not type(None) else "none" for k in kinds)
         raise argparse.ArgumentTypeError(f"cannot read {text!r} as {wanted}")
 
     return read
@@ -115,12 +141,18 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def field_flag(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag") or flag(field.name)
+
+
 def show(value: Any) -> str:
     """A default as the user would type it."""
     if value is None:
         return "none"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(show(v) for v in value)
     return str(value)
 
 
@@ -135,14 +167,20 @@ def add_field_arguments(parser: argparse.ArgumentParser, title: str, config_clas
     hints = typing.get_type_hints(config_class)
     group = parser.add_argument_group(title)
     for field in dataclasses.fields(config_class):
+        if not field.init or "help" not in field.metadata:
+            continue  # set by code, not from the command line
         kinds = _kinds(hints[field.name])
         changed = [f"{name} preset: {show(values[field.name])}" for name, values in (presets or {}).items()
                    if field.name in values and values[field.name] != field.default]
-        text = f"{field_meaning(field)} (default: {'; '.join([show(field.default), *changed])})"
+        default = field.default if field.default is not dataclasses.MISSING else None
+        choices = field.metadata.get("choices")
+        text = (f"{field_meaning(field)}" + (f" [{' | '.join(choices)}]" if choices else "")
+                + f" (default: {'; '.join([show(default), *changed])})")
         extra: dict[str, Any] = {"nargs": "?", "const": True} if bool in kinds else {}
-        group.add_argument(flag(field.name), dest=field.name, type=field_value_reader(hints[field.name]),
-                           default=argparse.SUPPRESS, metavar=_METAVARS.get(kinds[0], "VALUE"),
-                           help=text.replace("%", "%%"), **extra)
+        item = _list_of(kinds[0])
+        metavar = (_METAVARS.get(item, "VALUE") + ",...") if item else _METAVARS.get(kinds[0], "VALUE")
+        group.add_argument(field_flag(field), dest=field.name, type=field_value_reader(hints[field.name], choices),
+                           default=argparse.SUPPRESS, metavar=metavar, help=text.replace("%", "%%"), **extra)
 
 
 def fields_markdown(config_class: type, presets: dict[str, dict[str, Any]]) -> str:

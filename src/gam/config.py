@@ -49,10 +49,18 @@ class ConfigError(ValueError):
     """A configuration value or field name is invalid."""
 
 
-def described(default: Any, meaning: str) -> Any:
+def described(default: Any, meaning: str, *, choices: tuple[str, ...] | None = None,
+              flag: str | None = None) -> Any:
     """A dataclass field with its one-line meaning: the single place ``gam train
-    --help`` and docs/cli.md take each field's description from."""
-    return dataclasses.field(default=default, metadata={"help": meaning})
+    --help``, ``gam bench NAME --help`` and docs/cli.md take each field's description
+    from. ``choices``: the values the command line accepts; ``flag``: its option name
+    where that is not ``--field-name``."""
+    metadata: dict[str, Any] = {"help": meaning}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if flag is not None:
+        metadata["flag"] = flag
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def field_meaning(field: dataclasses.Field) -> str:
@@ -176,6 +184,18 @@ class GAMConfig:
     def max_seq_len(self) -> int | None:
         """Longest input the model accepts, or None when unlimited."""
         return self.block_size if self.pos_embedding == "learned" else None
+
+    def receptive_field(self) -> int | None:
+        """Input positions an output position can depend on, by design: the paper's GAM
+        sees 1 + n_layer (k - 1) tokens (only its convolution moves information between
+        positions; Global Only, with no convolution, sees its own token); None where every
+        earlier token can matter (the kv-slot memory, the Transformer, Mamba). The one
+        formula the analysis, the evaluation by position and the benchmarks use."""
+        if self.model != "gam" or self.memory != "static":
+            return None
+        if self.variant == "global_only":
+            return 1
+        return 1 + self.n_layer * (self.conv_kernel_size - 1)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -96,20 +96,10 @@ def split_at(losses: Sequence[float], field: int) -> tuple[float, float | None]:
 
 def paper_receptive_field(model_fields: dict[str, Any]) -> int:
     """Tokens the paper's GAM (static memory, full variant) sees with these model fields."""
-    from gam.analysis import theoretical_receptive_field
     from gam.config import GAMConfig
 
-    cfg = GAMConfig(**{k: v for k, v in model_fields.items() if k in GAMConfig.__dataclass_fields__})
-    return theoretical_receptive_field(cfg.n_layer, cfg.conv_kernel_size)
-
-
-def receptive_field_of(config) -> int | None:
-    """The receptive field of a model whose context is bounded by design (the paper's GAM), else None."""
-    from gam.analysis import theoretical_receptive_field
-
-    if config.model != "gam" or config.memory != "static":
-        return None
-    return theoretical_receptive_field(config.n_layer, config.conv_kernel_size, config.variant)
+    fields = {k: v for k, v in model_fields.items() if k in GAMConfig.__dataclass_fields__}
+    return GAMConfig(**{**fields, "model": "gam", "memory": "static", "variant": "full"}).receptive_field()
 
 
 def draw_loss_by_position(ax, curves: dict[str, tuple[Sequence[float], Sequence[float] | None]],
@@ -204,7 +194,7 @@ def report(model: torch.nn.Module, tokens: np.ndarray, batch_size: int, device: 
         raise ValueError(f"--by-position: the plot path must be a file name ending in .png, got {str(plot_path)!r}")
     config = model.config
     losses = loss_by_position(model, tokens, config.block_size, batch_size, device, precision)
-    field = receptive_field_of(config)
+    field = config.receptive_field()
     result: dict[str, Any] = {"loss_by_position": losses, "buckets": bucket_means(losses),
                               "receptive_field": field}
     if field is not None:

@@ -78,17 +78,24 @@ def pick_device(name: str, d: Dist) -> torch.device:
     return torch.device(name)
 
 
+def precision_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a precision name; None for fp32 (no autocast)."""
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def autocast_context(precision: str, device: torch.device):
     if precision == "fp32":
         return nullcontext()
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs CUDA (it uses a GradScaler); use bf16 on CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=precision_dtype(precision))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, norms, or 1-D params)."""
+    """AdamW; the project's one weight-decay rule: every matrix decays (dim >= 2: linear
+    and convolution weights, embeddings, GAM's memory bank), nothing else does (biases,
+    norm weights, other 1-D parameters). ``fused``: one kernel over all parameters
+    (on CPU ~4x faster than PyTorch's default foreach implementation)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -97,6 +104,63 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> tor
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              **({"fused": True} if fused else {}))
+
+
+class TrainingStep:
+    """One optimizer step as ``gam train`` takes it, for the trainer and every benchmark.
+
+    ``backward(inputs, targets)``: the loss under the run's autocast, its gradient
+    (scaled for fp16); ``update(step)``: the learning rate of ``step`` (``lr_at``:
+    warm-up, cosine to ``min_lr``; ``min_lr == lr`` keeps it constant), gradient
+    clipping at ``grad_clip``, AdamW (:func:`make_optimizer`), gradients cleared.
+    ``__call__`` does both. What a caller may vary is a parameter, never a copy:
+
+    - ``forward``: the module that computes the loss (a ``torch.compile`` or DDP
+      wrapper of ``model``; default ``model``);
+    - ``fused_optimizer``: default fused AdamW on CPU and CUDA, as the trainer;
+    - ``full_logits``: compute the logits and then the loss (the paper's code)
+      instead of the head fused into the loss. Targets of -100 count in neither.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device, total_steps: int, *,
+                 forward: torch.nn.Module | None = None, fused_optimizer: bool | None = None,
+                 full_logits: bool = False) -> None:
+        self.model, self.cfg, self.device, self.total_steps = model, cfg, torch.device(device), total_steps
+        self.forward = forward if forward is not None else model
+        if fused_optimizer is None:
+            fused_optimizer = self.device.type in ("cpu", "cuda")
+        self.optimizer = make_optimizer(model, cfg, fused=fused_optimizer)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+        self.full_logits = full_logits
+
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with autocast_context(self.cfg.precision, self.device):
+            return self.forward(inputs, targets, return_logits=self.full_logits)[1]
+
+    def backward(self, inputs: torch.Tensor, targets: torch.Tensor, accumulation: int = 1) -> torch.Tensor:
+        """Accumulate the gradient of the loss / ``accumulation`` (one of that many micro-batches
+        of a step); returns the loss, detached."""
+        loss = self.loss(inputs, targets)
+        self.scaler.scale(loss / accumulation).backward()
+        return loss.detach()
+
+    def update(self, step: int) -> float:
+        """Clip, AdamW step at the learning rate of ``step``, clear gradients; returns that rate."""
+        lr = lr_at(step, self.total_steps, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    def __call__(self, step: int, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = self.backward(inputs, targets)
+        self.update(step)
+        return loss
 
 
 # ----------------------------------------------------------------------------- data
@@ -288,8 +352,7 @@ class Trainer:
     say: Callable[[str], None]
     model: DecoderLM | None = None
     train_model: torch.nn.Module | None = None
-    optimizer: torch.optim.Optimizer | None = None
-    scaler: Any = None
+    stepper: TrainingStep | None = None
     log: MetricsLog | None = None
     step: int = 0
     last_good: Path | None = None  # newest checkpoint whose weights gave a finite loss
@@ -415,9 +478,6 @@ def build(t: Trainer) -> None:
     check_fits_in_memory(t.model_config, t.device)
     torch.manual_seed(cfg.seed)
     t.model = DecoderLM(t.model_config).to(t.device)
-    # fused AdamW: one kernel over all parameters (on CPU ~4x faster than foreach)
-    t.optimizer = make_optimizer(t.model, cfg, fused=t.device.type in ("cpu", "cuda"))
-    t.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
     parameters = sum(p.numel() for p in {id(p): p for p in t.model.parameters()}.values())
     t.say(f"model {t.model_config.model}: {parameters:,} parameters; {t.total_steps} steps of "
           f"{cfg.batch_size} x {t.block_size} tokens ({t.steps_per_epoch} steps per epoch), "
@@ -429,6 +489,7 @@ def build(t: Trainer) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         t.train_model = DDP(t.train_model, device_ids=[t.device.index] if t.device.type == "cuda" else None)
+    t.stepper = TrainingStep(t.model, cfg, t.device, t.total_steps, forward=t.train_model)
     t.info = {"train_config": dataclasses.asdict(cfg), "data_source": t.data.source,
               "unigram_ppl": None, "parameters": parameters}
     if d.main and (t.run_dir / "metrics.jsonl").exists():
@@ -442,18 +503,18 @@ def restore(t: Trainer, ckpt) -> None:
     state = ckpt.trainer_state()
     ckpt.load_weights(t.model)
     try:
-        t.optimizer.load_state_dict(state["optimizer"])
+        t.stepper.optimizer.load_state_dict(state["optimizer"])
         t.step = int(state["step"])
         torch.set_rng_state(state["rng_cpu"])
     except (KeyError, ValueError, TypeError, RuntimeError) as err:
         raise CheckpointError(f"{ckpt.path}/trainer_state.pt does not fit this run "
                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
-    for group in t.optimizer.param_groups:  # load_state_dict brought back the saved values; a resume may change them
+    for group in t.stepper.optimizer.param_groups:  # load_state_dict brought back the saved values; a resume may change them
         group["betas"] = (t.cfg.beta1, t.cfg.beta2)
         if group["weight_decay"]:
             group["weight_decay"] = t.cfg.weight_decay
     if "scaler" in state and t.cfg.precision == "fp16":
-        t.scaler.load_state_dict(state["scaler"])
+        t.stepper.scaler.load_state_dict(state["scaler"])
     if t.device.type == "cuda" and "rng_cuda" in state:
         torch.cuda.set_rng_state(state["rng_cuda"], t.device)
     if t.d.main and (ckpt.path / "metrics.jsonl").is_file():
@@ -472,11 +533,11 @@ def save(t: Trainer, step: int, rng_cpu: torch.Tensor, rng_cuda: torch.Tensor | 
     :class:`PendingSave`); the RNG states are those captured at ``step``.
     """
     if t.d.main:
-        trainer_state = {"optimizer": t.optimizer.state_dict(), "step": step, "rng_cpu": rng_cpu}
+        trainer_state = {"optimizer": t.stepper.optimizer.state_dict(), "step": step, "rng_cpu": rng_cpu}
         if rng_cuda is not None:
             trainer_state["rng_cuda"] = rng_cuda
         if t.cfg.precision == "fp16":
-            trainer_state["scaler"] = t.scaler.state_dict()
+            trainer_state["scaler"] = t.stepper.scaler.state_dict()
         t.last_good = save_checkpoint(t.run_dir, step, t.model, t.info, t.data.tokenizer.to_str(),
                                       trainer_state, t.log.path)
     if t.d.world > 1:
@@ -645,10 +706,8 @@ def forward_backward(t: Trainer, order: torch.Tensor) -> tuple[float, float]:
         if d.world > 1 and i < cfg.grad_accum - 1:
             sync = t.train_model.no_sync()
         with sync:
-            with autocast_context(cfg.precision, t.device):
-                _, loss = t.train_model(xy[:, :-1], xy[:, 1:], return_logits=False)
-            t.scaler.scale(loss / cfg.grad_accum).backward()
-        loss_sum += loss.detach() / cfg.grad_accum
+            loss = t.stepper.backward(xy[:, :-1], xy[:, 1:], accumulation=cfg.grad_accum)
+        loss_sum += loss / cfg.grad_accum
     if d.world > 1:
         dist.all_reduce(loss_sum)
         loss_sum /= d.world
@@ -657,15 +716,7 @@ def forward_backward(t: Trainer, order: torch.Tensor) -> tuple[float, float]:
 
 def optimizer_step(t: Trainer) -> float:
     """Clip, step, advance ``t.step``; returns the learning rate used."""
-    lr = lr_at(t.step, t.total_steps, t.cfg)
-    for group in t.optimizer.param_groups:
-        group["lr"] = lr
-    if t.cfg.grad_clip > 0:
-        t.scaler.unscale_(t.optimizer)
-        torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
-    t.scaler.step(t.optimizer)
-    t.scaler.update()
-    t.optimizer.zero_grad(set_to_none=True)
+    lr = t.stepper.update(t.step)
     t.step += 1
     return lr
 

@@ -17,32 +17,44 @@ import argparse
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from dataclasses import replace
+from typing import Any, Callable, Sequence
 
-from gam.bench.common import fmt_mean_spread, load_average, markdown_table, parse_name_list, write_results
+from gam.bench.common import (
+    fmt_mean_spread, load_average, markdown_table, parse_name_list, start_provenance, write_results,
+)
 from gam.bench.paper import (
-    METRICS, ModelSpec, PaperConfig, _epoch_cell, diverged_lines, metric_cell, add_common_training_args, aggregate,
+    METRICS, PaperConfig, _epoch_cell, diverged_lines, metric_cell, add_common_training_args, aggregate,
     config_kwargs, cpu_schedule_help, field_headers, plot_by_position, position_cells, position_summary, rank_cells,
     table_notes, with_defaults, UNIGRAM_LABEL, fmt_params, parameter_counts, unigram_ppl, plot_curves, resolve,
     setup_lines, train_grid,
 )
 
+from gam.models import registry
+from gam.models.registry import ModelSpec
+
 NAME = "ablation"
 
-# key -> (spec, gating, local, global); add an entry to ablate another variant.
-VARIANTS: dict[str, tuple[ModelSpec, bool, bool, bool]] = {
-    "full": (ModelSpec("full", "GAM (Full)", "gam", {"variant": "full"}), True, True, True),
-    "global_only": (ModelSpec("global_only", "GAM (Global Only)", "gam", {"variant": "global_only"}),
-                    False, False, True),
-    "sum_fusion": (ModelSpec("sum_fusion", "GAM (Sum Fusion)", "gam", {"variant": "sum_fusion"}),
-                   False, True, True),
-    "local_only": (ModelSpec("local_only", "GAM (Local Only)", "gam", {"variant": "local_only"}),
-                   False, True, False),
-    # not the paper: opt-in memory="kv_slots" (key and value slots); --variants ...,kv_slots
-    "kv_slots": (ModelSpec("kv_slots", "GAM (KV-Slot Memory)", "gam",
-                           {"variant": "full", "memory": "kv_slots", "num_memory_slots": 64}),
-                 True, True, True),
-}
+# ``--variants`` names -> registry keys (gam.models.registry).
+VARIANTS = {"full": "gam", "global_only": "gam_global_only", "sum_fusion": "gam_sum_fusion",
+            "local_only": "gam_local_only",
+            "kv_slots": "gam_kv_slots"}  # not the paper: opt-in memory="kv_slots"; --variants ...,kv_slots
+# What each GAM variant keeps: (gating, local path, global path)
+PATHS = {"full": (True, True, True), "global_only": (False, False, True), "sum_fusion": (False, True, True),
+         "local_only": (False, True, False)}
+
+
+def paths_of(spec: ModelSpec) -> tuple[bool, bool, bool]:
+    return PATHS[spec.fields.get("variant", "full")]
+
+
+def variant_specs(variants: Sequence[str]) -> dict[str, ModelSpec]:
+    """The registry's specs of ``variants``, labelled by the paper's Table 3 row where they have one."""
+    specs = registry.select(variants, VARIANTS)
+    return {s.key: replace(s, label=f"GAM ({s.paper_rows['Table 3']})") if "Table 3" in s.paper_rows else s
+            for s in specs}
+
+
 DEFAULT_VARIANTS = ("full", "global_only", "sum_fusion", "local_only")  # the paper's row order
 
 # The paper's Table 3 (WikiText-2; best validation PPL during training).
@@ -60,6 +72,7 @@ def _mark(flag: bool) -> str:
 
 def render_table3(variants: list[str], runs: list[dict[str, Any]], paper_counts: dict[str, int],
                   receptive_field: int = 13) -> str:
+    specs = variant_specs(variants)
     inside, beyond = field_headers(runs, receptive_field)
     headers = ["configuration", "gating", "local", "global", "rank", "params", "w/o emb.", "params at paper config",
                "s / epoch", "tokens/s", "best val loss", "best val PPL", "final val PPL", inside, beyond,
@@ -69,7 +82,8 @@ def render_table3(variants: list[str], runs: list[dict[str, Any]], paper_counts:
     # Table 3's metric: the best validation loss seen during training
     ranks = rank_cells({key: [r["best_val_loss"] for r in rs if not r.get("diverged")] for key, rs in groups.items()})
     for key, rs in groups.items():
-        spec, gating, local, glob = VARIANTS[key]
+        spec = specs[key]
+        gating, local, glob = paths_of(spec)
         paper = PAPER_TABLE3.get(key, {})
         body.append([
             spec.label, _mark(gating), _mark(local), _mark(glob), ranks[key],
@@ -95,10 +109,8 @@ def run(cfg: PaperConfig, variants: list[str], out: str | Path,
 
     cfg.validate()
     cfg = with_defaults(cfg, NAME)
-    for v in variants:
-        if v not in VARIANTS:
-            raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
-    specs = {k: VARIANTS[k][0] for k in variants}
+    provenance = start_provenance()
+    specs = variant_specs(variants)
     model_fields, train_fields, valid_tokens = resolve(cfg, NAME)
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     paper_fields = train_preset("paper")[0]
@@ -134,15 +146,15 @@ def run(cfg: PaperConfig, variants: list[str], out: str | Path,
              "The paper's columns are its Table 3 (WikiText-2, T4 GPU, fp32, 5 epochs)."
              + (" They compare with ours only in direction: the `cpu` preset is a much smaller model trained "
                 "on far fewer tokens." if cfg.preset == "cpu" else ""), ""]
-    summary = [{"model": k, "label": specs[k].label, "gating": VARIANTS[k][1], "local": VARIANTS[k][2],
-                "global": VARIANTS[k][3], "params": rs[0]["params"],
+    summary = [{"model": k, "label": specs[k].label, **dict(zip(("gating", "local", "global"), paths_of(specs[k]))),
+                "params": rs[0]["params"],
                 "non_embedding_params": rs[0]["non_embedding_params"], "params_paper_config": paper_counts[k],
                 **aggregate(rs, METRICS), "loss_by_position": position_summary(rs), "paper": PAPER_TABLE3.get(k)}
                for k in variants if (rs := [r for r in runs if r["model"] == k])]
     raw = {"bench": NAME, "config": cfg, "variants": variants, "model_fields": model_fields,
            "train_fields": train_fields, "valid_tokens": valid_tokens, "seeds": seeds, "environment": env,
            "wall_s": wall, "projection": projection, "data": data_info, "models": specs, "summary": summary, "rows": runs,
-           "paper_table3": PAPER_TABLE3}
+           "paper_table3": PAPER_TABLE3, "provenance": provenance}
     csv_rows = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in runs]
     out = Path(out)
     paths = write_results(out, NAME, "\n".join(lines), raw, csv_rows)

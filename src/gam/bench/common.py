@@ -27,24 +27,10 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 MIB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One row of a benchmark: a model (or block) built from ``GAMConfig(model=model, **fields)``
-    (the bench preset's fields first, where it has them)."""
-
-    key: str
-    label: str
-    model: str
-    fields: dict[str, Any] = field(default_factory=dict)
-    note: str = ""
-
 
 
 # ----------------------------------------------------------------------------- environment
@@ -130,6 +116,45 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     return env
 
 
+PROVENANCE_FIELDS = ("git_commit", "git_dirty", "argv", "start_utc", "end_utc", "load_average_start",
+                     "load_average_end", "torch", "torch_threads")
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def start_provenance() -> dict[str, Any]:
+    """What a result's JSON must say of how it was made, as a run starts: git revision
+    and whether the tree was dirty, the exact argv, start time and load, torch and its
+    threads. :func:`end_provenance` adds the end time and load."""
+    import torch
+
+    git = git_revision()
+    return {"git_commit": git["commit"] or "unknown",
+            "git_dirty": git["dirty"] if git["dirty"] is not None else "unknown",
+            "argv": list(sys.argv), "start_utc": utc_now(), "end_utc": None,
+            "load_average_start": load_average() or "unknown", "load_average_end": None,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def end_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
+    return {**provenance, "end_utc": utc_now(), "load_average_end": load_average() or "unknown"}
+
+
+def describe_provenance(provenance: dict[str, Any]) -> str:
+    """One line for a markdown report: git, when, load at start and end, torch and threads."""
+    p = provenance
+    commit = str(p.get("git_commit") or "unknown")
+    rev = commit[:10] + (" (uncommitted changes)" if p.get("git_dirty") is True else "")
+    load = [x[0] if isinstance(x, list) and x else None for x in (p.get("load_average_start"),
+                                                                    p.get("load_average_end"))]
+    load_text = ("load average (1 min) " + " -> ".join(f"{x:.2f}" for x in load if x is not None)
+                 if any(x is not None for x in load) else "load average unknown")
+    return (f"git {rev}; {p.get('start_utc')} to {p.get('end_utc')}; {load_text}; torch {p.get('torch')}, "
+            f"{p.get('torch_threads')} thread(s)")
+
+
 def describe_environment(env: dict[str, Any]) -> str:
     """One line for a markdown report: device, threads, load, torch, git."""
     git = env.get("git") or {}
@@ -183,13 +208,18 @@ def write_results(out: str | Path, name: str, markdown: str, raw: dict[str, Any]
                   csv_columns: Sequence[str] | None = None) -> list[Path]:
     """Write ``NAME.md``, ``NAME.json`` (and ``NAME.csv``) into ``out``; return the paths.
 
-    ``raw`` should hold ``bench``, ``config``, ``environment`` and ``rows``.
+    ``raw`` should hold ``bench``, ``config``, ``environment``, ``provenance``
+    (:func:`start_provenance`, ended here if it was not) and the rows.
     """
+    if "provenance" not in raw:
+        raise ValueError("a results JSON needs its provenance (gam.bench.common.start_provenance)")
+    if raw["provenance"].get("end_utc") is None:
+        raw = {**raw, "provenance": end_provenance(raw["provenance"])}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.md", out / f"{name}.json"]
     paths[0].write_text(markdown.rstrip() + "\n")
-    paths[1].write_text(json.dumps(to_jsonable(raw), indent=2) + "\n")
+    paths[1].write_text(json.dumps(to_jsonable(raw), indent=2, default=str) + "\n")
     if csv_rows is not None:
         paths.append(out / f"{name}.csv")
         write_csv(paths[-1], csv_rows, csv_columns)
@@ -382,18 +412,3 @@ def is_oom(err: BaseException) -> bool:
     text = str(err).lower()
     return (name == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
             or "cannot allocate memory" in text or "failed to allocate" in text)
-
-
-def package_src_dir() -> str:
-    """The folder that holds the ``gam`` package (for a subprocess's PYTHONPATH)."""
-    return str(Path(__file__).resolve().parents[2])
-
-
-def subprocess_env(threads: int | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    src = package_src_dir()
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    if threads:
-        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[key] = str(threads)
-    return env

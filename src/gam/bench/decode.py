@@ -17,36 +17,23 @@ does not depend on L; a Transformer step reads a KV cache that grows with L.
 from __future__ import annotations
 
 import gc
-import json
 import platform
 import random
 import statistics
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
-from gam.models.lm import build_model
+from gam.bench.common import end_provenance, environment, start_provenance, synchronize, write_results
+from gam.config import described
+from gam.models import registry
 
 DEFAULT_CONTEXTS = (256, 512, 1024, 2048, 4096, 8192)
-MODELS = ("gam", "transformer", "mamba")
+# This benchmark's names -> registry keys (gam.models.registry)
+ALIASES = {"gam": "gam", "transformer": "transformer_sdpa", "mamba": "mamba_standard"}
+MODELS = tuple(ALIASES)
 LABELS = {"gam": "GAM", "transformer": "Transformer (KV cache)", "mamba": "Mamba"}
-
-
-def parse_contexts(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--contexts must be comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise ValueError(f"--contexts must be integers >= 1, got {text!r}")
-    return sorted(set(values))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _Runner:
@@ -54,31 +41,36 @@ class _Runner:
 
     def __init__(self, name: str, contexts: Sequence[int], *, n_embd: int, n_layer: int, vocab_size: int,
                  batch_size: int, total_steps: int, device: torch.device, seed: int = 0):
+        import torch
+
         torch.manual_seed(seed)
-        extra = {"n_head": max(h for h in (8, 4, 2, 1) if n_embd % h == 0)} if name == "transformer" else {}
-        self.model = build_model(name, n_embd=n_embd, n_layer=n_layer, vocab_size=vocab_size, dropout=0.0,
-                                 pos_embedding="none", **extra).to(device).eval()
+        spec = registry.select([name], ALIASES)[0]
+        sizing = {"n_head": max(h for h in (8, 4, 2, 1) if n_embd % h == 0)} if spec.model == "transformer" else {}
+        shape = dict(n_embd=n_embd, n_layer=n_layer, vocab_size=vocab_size, dropout=0.0, pos_embedding="none")
+        self.model = spec.build(shape, sizing).to(device).eval()
         self.name, self.device, self.batch_size = name, device, batch_size
         self.caches, self.tokens, self.prefill_s = {}, {}, {}
         with torch.no_grad():
             for L in contexts:
                 prompt = torch.randint(0, vocab_size, (batch_size, L), device=device)
                 cache = self.model.allocate_inference_cache(batch_size, L + total_steps + 1, device=device)
-                _sync(device)
+                synchronize(device)
                 start = time.perf_counter()
                 logits = self.model.forward_cached(prompt, cache, last_only=True)
-                _sync(device)
+                synchronize(device)
                 self.prefill_s[L] = time.perf_counter() - start
                 self.caches[L], self.tokens[L] = cache, logits[:, -1].argmax(-1, keepdim=True)
 
     def step(self, L: int) -> float:
         """Decode one token at context L (greedy); return its wall time."""
+        import torch
+
         with torch.no_grad():
-            _sync(self.device)
+            synchronize(self.device)
             start = time.perf_counter()
             logits = self.model.forward_cached(self.tokens[L], self.caches[L], last_only=True)
             self.tokens[L] = logits[:, -1].argmax(-1, keepdim=True)
-            _sync(self.device)
+            synchronize(self.device)
             return time.perf_counter() - start
 
 
@@ -138,7 +130,7 @@ def _size(n: int) -> str:
     return ""
 
 
-def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """GAM's per-token time at the longest vs the shortest context, and vs the Transformer."""
     by = {(r["model"], r["context"]): r["ms_per_token"] for r in rows}
     contexts = sorted({r["context"] for r in rows})
@@ -176,85 +168,121 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run(out: str | Path | None = None, *, device: str = "cpu", contexts: Sequence[int] = DEFAULT_CONTEXTS,
-        models: Sequence[str] = MODELS, n_embd: int = 512, n_layer: int = 6, vocab_size: int = 10000,
-        batch_size: int = 1, steps: int = 128, warmup: int = 4, threads: int | None = None,
-        seed: int = 0, log=print) -> dict[str, Any]:
-    """Run the benchmark; write ``decode.md``, ``decode.json`` and ``decode.png`` into ``out``."""
-    for name in models:
-        if name not in MODELS:
-            raise ValueError(f"unknown model {name!r} (use {', '.join(MODELS)})")
-    for label, value in (("steps", steps), ("batch_size", batch_size),
-                         ("n_embd", n_embd), ("n_layer", n_layer), ("vocab_size", vocab_size)):
-        if value < 1:
-            raise ValueError(f"{label} must be >= 1, got {value}")
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
-    dev = torch.device(device)
+NAME = "decode"
+HELP = "per-token decode latency vs context length: GAM, Transformer (KV cache), Mamba"
+DEFAULT_OUT = "results/bench-decode"
+
+
+@dataclass
+class DecodeConfig:
+    """Per-token latency and tokens/s while generating with 256 ... 8192 tokens of context
+    already in the cache, for GAM, the Transformer (KV cache) and Mamba at the same width and
+    depth. All use pos_embedding='none' so contexts past block_size work. Writes decode.md,
+    decode.json and decode.png."""
+
+    device: str = described("cpu", "where to decode", choices=("cpu", "cuda"))
+    contexts: tuple[int, ...] = described(DEFAULT_CONTEXTS, "context lengths already in the cache")
+    models: tuple[str, ...] = described(MODELS, "models to decode with", choices=MODELS)
+    n_embd: int = described(512, "width (paper: 512)")
+    n_layer: int = described(6, "depth (paper: 6)")
+    vocab_size: int = described(10000, "vocabulary size")
+    batch_size: int = described(1, "sequences decoded together")
+    steps: int = described(128, "timed decode steps per model and context (median reported)")
+    warmup: int = described(4, "untimed steps per context first")
+    threads: int | None = described(None, "torch CPU threads (1 is steadiest on a busy machine)")
+    seed: int = described(0, "seed of the weights, prompts and visiting order")
+
+    def validate(self) -> None:
+        for label in ("steps", "batch_size", "n_embd", "n_layer", "vocab_size"):
+            if getattr(self, label) < 1:
+                raise ValueError(f"{label} must be >= 1, got {getattr(self, label)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if not self.contexts or any(v < 1 for v in self.contexts):
+            raise ValueError(f"contexts must be integers >= 1, got {self.contexts}")
+
+
+Config = DecodeConfig
+
+
+def run(config: DecodeConfig, log=print) -> dict[str, Any]:
+    """Time decoding for every model and context of ``config``; restores torch's thread count."""
+    import torch
+
+    config.validate()
+    dev = torch.device(config.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device available")
     previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     try:
-        return _run(out, device, contexts, models, n_embd, n_layer, vocab_size, batch_size, steps,
-                    warmup, seed, log, dev)
+        return _run(config, log, dev)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(out, device, contexts, models, n_embd, n_layer, vocab_size, batch_size, steps, warmup,
-         seed, log, dev) -> dict[str, Any]:
+def _run(config: DecodeConfig, log, dev) -> dict[str, Any]:
+    import torch
+
+    provenance = start_provenance()
     wall_start = time.perf_counter()
-    contexts = sorted(set(contexts))
+    contexts = sorted(set(config.contexts))
     skipped: dict[str, str] = {}
     runners = []
-    for name in models:
+    for name in config.models:
         try:
             log(f"{LABELS[name]}: prefilling {', '.join(map(str, contexts))} tokens ...")
-            runners.append(_Runner(name, contexts, n_embd=n_embd, n_layer=n_layer, vocab_size=vocab_size,
-                                   batch_size=batch_size, total_steps=warmup + steps, device=dev, seed=seed))
+            runners.append(_Runner(name, contexts, n_embd=config.n_embd, n_layer=config.n_layer,
+                                   vocab_size=config.vocab_size, batch_size=config.batch_size,
+                                   total_steps=config.warmup + config.steps, device=dev, seed=config.seed))
         except ImportError as err:  # e.g. a missing optional kernel
             skipped[name] = str(err)
             log(f"{LABELS[name]}: skipped ({err})")
-    log(f"timing {steps} decode steps per model and context, interleaved ...")
-    rows = time_steps(runners, contexts, steps, warmup, seed)
-    title = (f"decode on {device} ({platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads): width {n_embd}, {n_layer} layers, batch {batch_size}")
-    result = {
-        "benchmark": "decode",
-        "device": device,
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "settings": {"n_embd": n_embd, "n_layer": n_layer, "vocab_size": vocab_size, "batch_size": batch_size,
-                     "timed_steps": steps, "warmup": warmup, "contexts": contexts,
-                     "pos_embedding": "none", "dtype": "float32"},
-        "results": rows,
-        "summary": summary(rows) if rows else {},
-        "skipped": skipped,
-        "wall_s": time.perf_counter() - wall_start,
+    log(f"timing {config.steps} decode steps per model and context, interleaved ...")
+    rows = time_steps(runners, contexts, config.steps, config.warmup, config.seed)
+    title = (f"decode on {config.device} ({platform.processor() or platform.machine()}, "
+             f"{torch.get_num_threads()} threads): width {config.n_embd}, {config.n_layer} layers, "
+             f"batch {config.batch_size}")
+    return {
+        "bench": NAME, "config": config, "title": title,
+        "settings": {"pos_embedding": "none", "dtype": "float32"},
+        "results": rows, "summary": summarize(rows) if rows else {}, "skipped": skipped,
+        "wall_s": time.perf_counter() - wall_start, "table": markdown_table(rows),
+        "environment": environment(config.device), "provenance": end_provenance(provenance),
     }
-    table = markdown_table(rows)
-    result["table"] = table
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "decode.json").write_text(json.dumps(result, indent=2))
-        notes = ["# Decode benchmark", "", title + ".", "",
-                 "All models use pos_embedding='none' (no block_size limit); per-token time is the median "
-                 "of single-token decode steps after warm-up, with the context already in the cache.", "",
-                 table, ""]
-        s = result["summary"]
-        if "gam_longest_over_shortest" in s:
-            notes.append(f"GAM per-token time at {s['longest_context']:,} tokens / at "
-                         f"{s['shortest_context']:,}: {s['gam_longest_over_shortest']:.3f}")
-        if "transformer_over_gam_at_longest" in s:
-            notes.append(f"Transformer / GAM per-token time at {s['longest_context']:,} tokens: "
-                         f"{s['transformer_over_gam_at_longest']:.2f}x")
-        for name, why in skipped.items():
-            notes.append(f"{LABELS[name]} skipped: {why}")
-        (out / "decode.md").write_text("\n".join(notes) + "\n")
-        if rows:
-            plot(rows, out / "decode.png", title)
-    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    notes = ["# Decode benchmark", "", result["title"] + ".", "",
+             "All models use pos_embedding='none' (no block_size limit); per-token time is the median "
+             "of single-token decode steps after warm-up, with the context already in the cache.", "",
+             result["table"], ""]
+    notes += summary_lines(result)
+    for name, why in result["skipped"].items():
+        notes.append(f"{LABELS[name]} skipped: {why}")
+    return "\n".join(notes) + "\n"
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    s, lines = result["summary"], []
+    if "gam_longest_over_shortest" in s:
+        lines.append(f"GAM per-token time at {s['longest_context']:,} tokens / at "
+                     f"{s['shortest_context']:,}: {s['gam_longest_over_shortest']:.3f}")
+    if "transformer_over_gam_at_longest" in s:
+        lines.append(f"Transformer / GAM per-token time at {s['longest_context']:,} tokens: "
+                     f"{s['transformer_over_gam_at_longest']:.2f}x")
+    return lines
+
+
+def summary(result: dict[str, Any]) -> str:
+    return "\n".join([result["table"], *summary_lines(result)])
+
+
+def write(result: dict[str, Any], out: str | Path) -> list[Path]:
+    raw = {**result, "config": asdict(result["config"])}
+    paths = write_results(out, NAME, render(result), raw)
+    if result["results"]:
+        plot(result["results"], Path(out) / "decode.png", result["title"])
+        paths.append(Path(out) / "decode.png")
+    return paths

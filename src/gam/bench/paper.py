@@ -54,8 +54,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from gam.models import registry
+from gam.models.registry import ModelSpec
+
 from gam.bench.common import (
-    ModelSpec, describe_environment, environment, fmt_mean_spread, load_average, markdown_table, mean_spread, parse_name_list,
+    describe_environment, environment, fmt_mean_spread, start_provenance, load_average, markdown_table, mean_spread, parse_name_list,
     write_results,
 )
 
@@ -64,46 +67,32 @@ DATASETS = ("wikitext2", "tinystories")
 DATASET_LABELS = {"wikitext2": "WikiText-2", "tinystories": "TinyStories"}
 
 
-def _table1_specs(fair: bool) -> dict[str, ModelSpec]:
-    return {
-        "gam": ModelSpec("gam", "GAM", "gam", {}, "the paper's model"),
-        "transformer": ModelSpec(
-            "transformer", "Transformer (SDPA)" if fair else "Transformer (naive attn.)", "transformer",
-            {"attn_impl": "sdpa" if fair else "naive"},
-            "F.scaled_dot_product_attention" if fair else "materialized scores + mask, as the paper's code"),
-        "mamba": ModelSpec(
-            "mamba", "Mamba (standard)" if fair else "Mamba (paper wiring)", "mamba",
-            {"mamba_wiring": "standard" if fair else "paper"},
-            "pre-norm residual blocks, as mamba-ssm's LM" if fair
-            else "bare mixers, no norm, no residual, as the paper's code"),
-    }
-
-
-def _fixed_specs() -> dict[str, ModelSpec]:
-    """Both baselines in both wirings under their own keys, whatever ``--fair`` says."""
-    paper, fair = _table1_specs(False), _table1_specs(True)
-    return {"transformer_naive": dataclasses.replace(paper["transformer"], key="transformer_naive"),
-            "mamba_paper": dataclasses.replace(paper["mamba"], key="mamba_paper"),
-            "transformer_sdpa": dataclasses.replace(fair["transformer"], key="transformer_sdpa"),
-            "mamba_standard": dataclasses.replace(fair["mamba"], key="mamba_standard")}
-
-
-# Models this benchmark can train: key -> spec for (fair). Add an entry to
-# benchmark another model (e.g. a GAM variant) beside the paper's three.
-MODEL_SPECS: dict[str, Callable[[bool], ModelSpec]] = {
-    key: (lambda fair, key=key: _table1_specs(fair)[key]) for key in ("gam", "transformer", "mamba")
-}
-MODEL_SPECS.update({key: (lambda fair, key=key: _fixed_specs()[key]) for key in _fixed_specs()})
-# Not the paper: GAM with the opt-in key-value slot memory; --models ...,gam_kv_slots
-MODEL_SPECS["gam_kv_slots"] = lambda fair: ModelSpec(
-    "gam_kv_slots", "GAM (kv-slot memory)", "gam", {"memory": "kv_slots", "num_memory_slots": 64},
-    "opt-in memory='kv_slots', 64 slots per head: key and value slots written together (gam.layers.kv_memory)")
-DEFAULT_MODELS = ("gam", "transformer", "mamba")
+# ``--models`` names: registry keys (gam.models.registry), and "transformer" / "mamba" for
+# the paper's Table 1 rows: the paper's wiring, or with --fair the fair baseline.
+TABLE1_NAMES = ("gam", "transformer", "mamba")
+MODEL_NAMES = (*TABLE1_NAMES, "transformer_naive", "mamba_paper", "transformer_sdpa", "mamba_standard",
+               "gam_kv_slots")
+DEFAULT_MODELS = TABLE1_NAMES
 # The cpu preset (unless --fair): the paper's wiring and the fair baselines in one table.
 CPU_DEFAULT_MODELS = ("gam", "transformer_naive", "mamba_paper", "transformer_sdpa", "mamba_standard")
-# Which of the paper's rows a model reproduces (the paper ran only its own wiring).
-PAPER_ROW = {"gam": "gam", "transformer": "transformer", "mamba": "mamba",
-             "transformer_naive": "transformer", "mamba_paper": "mamba"}
+
+
+def table1_aliases(fair: bool) -> dict[str, str]:
+    return {"transformer": "transformer_sdpa" if fair else "transformer_naive",
+            "mamba": "mamba_standard" if fair else "mamba_paper"}
+
+
+def model_specs(models: Sequence[str], fair: bool) -> dict[str, ModelSpec]:
+    """The registry's specs of ``models`` (``--models`` names), keyed by those names."""
+    return {s.key: s for s in registry.select(models, table1_aliases(fair))}
+
+
+def table1_row(key: str, spec: ModelSpec) -> str:
+    """The paper's Table 1 row shown beside a model: the row its spec reproduces, or, for
+    "transformer" / "mamba" asked for with --fair, the row the user named."""
+    row = spec.paper_rows.get("Table 1") or (key if key in TABLE1_NAMES else "")
+    return row.lower()
+
 
 # The paper's Table 1 (T4 GPU, fp32, 5 epochs, batch 32, vocab 10k, context 256).
 PAPER_TABLE1: dict[tuple[str, str], dict[str, Any]] = {
@@ -634,7 +623,7 @@ def render_table1(cfg: PaperConfig, runs: list[dict[str, Any]], specs: dict[str,
                   if (rs := [r for r in runs if r["dataset"] == dataset and r["model"] == key])}
         ranks = rank_cells({key: [r["val_loss"] for r in rs if not r.get("diverged")] for key, rs in groups.items()})
         for key, rs in groups.items():
-            paper = PAPER_TABLE1.get((dataset, PAPER_ROW.get(key, "")), {})
+            paper = PAPER_TABLE1.get((dataset, table1_row(key, specs[key])), {})
             body.append([
                 DATASET_LABELS.get(dataset, dataset), specs[key].label, ranks[key],
                 fmt_params(rs[0]["params"]), fmt_params(rs[0]["non_embedding_params"]),
@@ -817,12 +806,13 @@ def setup_lines(cfg: PaperConfig, model_fields: dict[str, Any], train_fields: di
 
 def run(cfg: PaperConfig, out: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train the grid and write paper.md/.json/.csv, curves.png and loss_by_position.png into ``out``."""
+    provenance = start_provenance()
     cfg.validate()
     cfg = with_defaults(cfg, NAME)
     for d in cfg.datasets:
         if d not in DATASETS and not Path(d).exists():
             raise ValueError(f"unknown dataset {d!r}; use {', '.join(DATASETS)} or a path")
-    fair_specs = {k: MODEL_SPECS[k](cfg.fair) for k in cfg.models}
+    fair_specs = model_specs(cfg.models, cfg.fair)
     skipped = {k: why for k, s in fair_specs.items() if (why := model_unavailable(s))}
     for k, why in skipped.items():
         log(f"{fair_specs[k].label}: skipped, cannot be built here ({why})")
@@ -873,12 +863,12 @@ def run(cfg: PaperConfig, out: str | Path, log: Callable[[str], None] = print) -
                 "params": rs[0]["params"], "non_embedding_params": rs[0]["non_embedding_params"],
                 "epoch_s_extrapolated": any(r["epoch_s_extrapolated"] for r in rs),
                 **aggregate(rs, METRICS), "loss_by_position": position_summary(rs),
-                "paper": PAPER_TABLE1.get((d, PAPER_ROW.get(m, "")))}
+                "paper": PAPER_TABLE1.get((d, table1_row(m, fair_specs[m])))}
                for (d, m), rs in groups.items()]
     raw = {"bench": NAME, "config": cfg, "model_fields": model_fields, "train_fields": train_fields,
            "valid_tokens": valid_tokens, "seeds": seeds, "environment": env, "wall_s": wall, "projection": projection,
            "data": data_info, "models": fair_specs, "skipped": skipped, "summary": summary, "rows": runs,
-           "paper_table1": {f"{d}/{m}": v for (d, m), v in PAPER_TABLE1.items()}}
+           "paper_table1": {f"{d}/{m}": v for (d, m), v in PAPER_TABLE1.items()}, "provenance": provenance}
     csv_rows = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in runs]
     out = Path(out)
     paths = write_results(out, NAME, "\n".join(lines), raw, csv_rows)
@@ -970,7 +960,7 @@ def add_parser(bench_sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="comma-separated: wikitext2, tinystories or paths (default: cpu preset wikitext2, paper "
                         "preset both)")
     p.add_argument("--models", default=None,
-                   help=f"comma-separated, from: {', '.join(MODEL_SPECS)} (default: cpu preset "
+                   help=f"comma-separated, from: {', '.join(MODEL_NAMES)} (default: cpu preset "
                         f"{','.join(CPU_DEFAULT_MODELS)}; paper preset or --fair {','.join(DEFAULT_MODELS)})")
     p.add_argument("--out", default="results/paper", help="results folder (default results/paper)")
     p.set_defaults(func=cmd, accepts_overrides=True)
@@ -989,7 +979,7 @@ def config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd(args: argparse.Namespace) -> None:
     datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip()) if args.datasets else None
-    models = tuple(parse_name_list(args.models, MODEL_SPECS, "model")) if args.models else None
+    models = tuple(parse_name_list(args.models, MODEL_NAMES, "model")) if args.models else None
     cfg = PaperConfig(fair=args.fair, datasets=datasets, models=models, **config_kwargs(args))
     result = run(cfg, args.out)
     print()

@@ -35,35 +35,26 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from gam.bench.common import (
-    MIB, ModelSpec, describe_environment, median, environment, fit_exponent, load_average, markdown_table, parse_int_list,
-    parse_name_list, write_results,
+    MIB, describe_environment, median, environment, fit_exponent, load_average, markdown_table, parse_int_list,
+    parse_name_list, start_provenance, write_results,
 )
+
+from gam.models import registry
+from gam.models.registry import ModelSpec
 
 NAME = "scaling"
 DEFAULT_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 
 
+# This benchmark's names -> registry keys (gam.models.registry): "gam" is the paper's
+# block code (Table 2 timed the paper's code), "mamba" mamba-ssm's standard block.
+ALIASES = {"gam": "gam_reference", "mamba": "mamba_standard"}
+MODEL_NAMES = ("gam", "transformer_naive", "transformer_sdpa", "mamba", "gam_fast", "gam_kv_slots")
+
+
 def block_specs() -> dict[str, ModelSpec]:
-    """Every block this benchmark knows; add an entry here to benchmark a new one."""
-    specs = [
-        ModelSpec("gam", "GAM", "gam", {"gam_impl": "reference"},
-                  "the paper's block, its eager reference code"),
-        ModelSpec("transformer_naive", "Transformer (naive)", "transformer", {"attn_impl": "naive"},
-                  "materialized T x T scores and mask, as the paper"),
-        ModelSpec("transformer_sdpa", "Transformer (SDPA)", "transformer", {"attn_impl": "sdpa"},
-                  "F.scaled_dot_product_attention(is_causal=True); on CPU with attention dropout > 0 "
-                  "(training mode) PyTorch falls back to its math kernel, which materializes the scores "
-                  "like the naive code (--dropout 0 gives the fused flash kernel)"),
-        ModelSpec("mamba", "Mamba", "mamba", {"mamba_wiring": "standard"},
-                  "RMSNorm + Mamba mixer + residual, as mamba-ssm (d_state 16, d_conv 4, expand 3)"),
-    ]
-    if {"gam_impl": "fast"}:
-        specs.append(ModelSpec("gam_fast", "GAM (fast path)", "gam", {"gam_impl": "fast"},
-                               "same function, fused ops (gam_impl='fast')"))
-    specs.append(ModelSpec("gam_kv_slots", "GAM (kv-slot memory)", "gam", {"memory": "kv_slots", "num_memory_slots": 64},
-                           "opt-in memory='kv_slots' (not the paper), 64 slots per head: chunked O(T) form, "
-                           "gam.ops.kv_memory"))
-    return {s.key: s for s in specs}
+    """Every block this benchmark knows, from the registry under this benchmark's names."""
+    return {s.key: s for s in registry.select(MODEL_NAMES, ALIASES)}
 
 
 DEFAULT_MODELS = ("gam", "transformer_naive", "transformer_sdpa", "mamba")
@@ -154,6 +145,7 @@ def measure_point(spec: dict[str, Any], T: int, cfg: dict[str, Any]) -> dict[str
     from gam.bench.common import is_oom, limit_memory, peak_rss_bytes, reset_peak_rss, rss_bytes, time_runs
     from gam.config import GAMConfig
     from gam.models.lm import make_block
+    from gam.train import precision_dtype
 
     dev = torch.device(cfg["device"])
     cuda = dev.type == "cuda"
@@ -187,7 +179,7 @@ def measure_point(spec: dict[str, Any], T: int, cfg: dict[str, Any]) -> dict[str
         x_dtype = torch.float16 if (cuda and precision == "fp16") else torch.float32
         x = torch.randn(B, T, C, device=dev, dtype=x_dtype)
         scaler = torch.amp.GradScaler("cuda", enabled=cuda and precision == "fp16")
-        amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        amp_dtype = precision_dtype(precision)
 
         def step() -> None:
             with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -535,6 +527,7 @@ CSV_COLUMNS = ("model", "label", "T", "batch_size", "status", "median_ms", "peak
 
 def run(cfg: ScalingConfig, out: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the sweep and write scaling.md/.json/.csv, compute_time.png, peak_memory.png into ``out``."""
+    provenance = start_provenance()
     cfg.validate()
     cfg = cfg.resolved()
     if cfg.device.startswith("cuda"):
@@ -560,7 +553,7 @@ def run(cfg: ScalingConfig, out: str | Path, log: Callable[[str], None] = print)
                 for r in rows]
     raw = {"bench": NAME, "config": cfg, "environment": env, "wall_s": wall, "rows": rows,
            "exponents": fits, "blocks": {m: block_specs()[m] for m in cfg.models},
-           "paper_table2": PAPER_TABLE2}
+           "paper_table2": PAPER_TABLE2, "provenance": provenance}
     paths = write_results(out, NAME, markdown, raw, csv_rows, CSV_COLUMNS)
     title = (f"one block, batch {cfg.batch_size}, C {cfg.n_embd}, {cfg.precision}, {env['device_name']}"
              + (f", {cfg.threads} thread(s)" if cfg.threads and not cfg.device.startswith("cuda") else ""))

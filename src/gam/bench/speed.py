@@ -43,36 +43,62 @@ rounds. Also reported:
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROWS = (
-    # key, label, model, config fields, precision, wrapped in torch.compile
-    ("gam_ref_fp32", "GAM reference (paper code)", "gam", {"gam_impl": "reference"}, "fp32", False),
-    ("gam_fast_fp32", "GAM fast path", "gam", {"gam_impl": "fast"}, "fp32", False),
-    ("gam_ref_bf16", "GAM reference (paper code)", "gam", {"gam_impl": "reference"}, "bf16", False),
-    ("gam_fast_bf16", "GAM fast path", "gam", {"gam_impl": "fast"}, "bf16", False),
-    ("gam_fast_compiled_fp32", "GAM fast path + torch.compile", "gam", {"gam_impl": "fast"}, "fp32", True),
-    ("gam_fast_compiled_bf16", "GAM fast path + torch.compile", "gam", {"gam_impl": "fast"}, "bf16", True),
-    ("transformer_fp32", "Transformer (SDPA)", "transformer", {"attn_impl": "sdpa"}, "fp32", False),
-    ("transformer_bf16", "Transformer (SDPA)", "transformer", {"attn_impl": "sdpa"}, "bf16", False),
-    ("transformer_compiled_bf16", "Transformer (SDPA) + torch.compile", "transformer", {"attn_impl": "sdpa"},
-     "bf16", True),
-    ("mamba_fp32", "Mamba", "mamba", {"mamba_wiring": "standard"}, "fp32", False),
-    ("mamba_bf16", "Mamba", "mamba", {"mamba_wiring": "standard"}, "bf16", False),
-    # The opt-in key-value slot memory (docs/kv-memory.md), beside the paper GAM's fast path.
-    ("gam_kv_slots_bf16", "GAM, key-value slot memory (64 slots per head)", "gam",
-     {"memory": "kv_slots", "num_memory_slots": 64}, "bf16", False),
+from gam.bench import block_memory
+from gam.bench.common import (
+    describe_environment, describe_provenance, end_provenance, environment, markdown_table, start_provenance,
+    synchronize, write_results,
 )
+from gam.config import described
+from gam.models import registry
+from gam.models.registry import ModelSpec
+
+@dataclass(frozen=True)
+class Row:
+    """One row: a registry model (gam.models.registry), a precision, compiled or eager."""
+
+    key: str
+    model: str  # registry key
+    precision: str
+    compiled: bool = False
+
+    @property
+    def spec(self) -> ModelSpec:
+        return registry.get(self.model)
+
+    @property
+    def label(self) -> str:
+        return self.spec.label + (" + torch.compile" if self.compiled else "")
+
+    @property
+    def paper_code(self) -> bool:
+        return self.spec.fields.get("gam_impl") == "reference"
+
+
+ROWS = (
+    Row("gam_ref_fp32", "gam_reference", "fp32"),
+    Row("gam_fast_fp32", "gam_fast", "fp32"),
+    Row("gam_ref_bf16", "gam_reference", "bf16"),
+    Row("gam_fast_bf16", "gam_fast", "bf16"),
+    Row("gam_fast_compiled_fp32", "gam_fast", "fp32", compiled=True),
+    Row("gam_fast_compiled_bf16", "gam_fast", "bf16", compiled=True),
+    Row("transformer_fp32", "transformer_sdpa", "fp32"),
+    Row("transformer_bf16", "transformer_sdpa", "bf16"),
+    Row("transformer_compiled_bf16", "transformer_sdpa", "bf16", compiled=True),
+    Row("mamba_fp32", "mamba_standard", "fp32"),
+    Row("mamba_bf16", "mamba_standard", "bf16"),
+    # The opt-in key-value slot memory (docs/kv-memory.md), beside the paper GAM's fast path.
+    Row("gam_kv_slots_bf16", "gam_kv_slots", "bf16"),
+)
+ROW_KEYS = tuple(r.key for r in ROWS)
 BASELINE = "gam_ref_fp32"
 GOALS = {
     "fast_bf16_over_ref_fp32": 1.8,
@@ -99,19 +125,6 @@ def tune_cpu_allocator() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3
     ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1
     return bool(ok and libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1)
-
-
-def _sync(device) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _amp_dtype(precision: str):
-    import torch
-
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -141,7 +154,9 @@ def matmul_peak(precision: str, device, shapes, reps: int = 5, cpu_time: bool = 
     process CPU time with ``cpu_time``)."""
     import torch
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    from gam.train import precision_dtype
+
+    dtype = precision_dtype(precision) or torch.float32
     result = {}
     for M, K, N in shapes:
         a = torch.randn(M, K, device=device).to(dtype)
@@ -151,10 +166,10 @@ def matmul_peak(precision: str, device, shapes, reps: int = 5, cpu_time: bool = 
         times = []
         clock = time.process_time if cpu_time else time.perf_counter
         for _ in range(reps):
-            _sync(device)
+            synchronize(device)
             t0 = clock()
             a @ b
-            _sync(device)
+            synchronize(device)
             times.append(clock() - t0)
         result[f"{M}x{K}x{N}"] = 2 * M * K * N / max(statistics.median(times), 1e-9) / 1e9
     return result
@@ -162,218 +177,102 @@ def matmul_peak(precision: str, device, shapes, reps: int = 5, cpu_time: bool = 
 
 # ----------------------------------------------------------------------------- training step
 
-def make_trainer(key: str, model_name: str, fields: dict, precision: str, *,
-                 device, batch: int, seq: int, seed: int, overrides: dict | None = None,
-                 compiled: bool = False):
+def speed_train_config(precision: str):
+    """lr 3e-4 constant (min_lr = lr), betas (0.9, 0.95), weight decay 0.1, clip 1.0."""
+    from gam.config import TrainConfig
+
+    return TrainConfig(lr=3e-4, min_lr=3e-4, warmup_steps=0, beta1=0.9, beta2=0.95, weight_decay=0.1,
+                       grad_clip=1.0, precision=precision)
+
+
+def make_trainer(row: Row, *, device, batch: int, seq: int, seed: int, overrides: dict | None = None):
+    """The row's model and a function that takes one training step on fixed random tokens
+    (the trainer's :class:`gam.train.TrainingStep`).
+
+    Reference rows are the paper's code end to end: its eager block, cross-entropy of the
+    full logits and PyTorch's default (foreach) AdamW. Every other row takes the library's
+    step as ``gam train`` does: head fused into the loss, fused AdamW."""
     import torch
 
-    from gam.models.lm import build_model
+    from gam.train import TrainingStep
 
     torch.manual_seed(seed)
-    config = {"block_size": max(seq, 256), "dropout": 0.1, **fields, **(overrides or {})}
-    model = build_model(model_name, **config).to(device).train()
-    opt_kwargs = dict(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    # Reference rows are the paper's code end to end: its eager block, cross-entropy
-    # of fp32 logits and PyTorch's default (foreach) AdamW. Every other row (GAM fast,
-    # Transformer, Mamba) takes the library's training step: head fused into the loss,
-    # fused AdamW.
-    paper_code = model.config.gam_impl == "reference"
-    opt = torch.optim.AdamW(model.parameters(), **opt_kwargs, **({} if paper_code else {"fused": True}))
+    model = row.spec.build({"block_size": max(seq, 256), "dropout": 0.1}, overrides).to(device).train()
+    forward = torch.compile(model) if row.compiled else model  # compiles on its first step
+    stepper = TrainingStep(model, speed_train_config(row.precision), device, total_steps=1, forward=forward,
+                           fused_optimizer=not row.paper_code, full_logits=row.paper_code)
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen).to(device)
     tgt = torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen).to(device)
-    amp = _amp_dtype(precision)
-    dev_type = torch.device(device).type
-    forward = torch.compile(model) if compiled else model  # compiles on its first step
 
-    def step() -> float:
-        with torch.autocast(dev_type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = forward(idx, tgt, return_logits=paper_code)[1]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return loss
+    def step() -> torch.Tensor:
+        return stepper(0, idx, tgt)
 
     return model, step
 
 
-def mamba_available() -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("gam.layers.mamba") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-# ----------------------------------------------------------------------------- block memory
-
-_CHILD = r"""
-import json, sys, torch
-def _kib(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-def rss_bytes():
-    return _kib("VmRSS")
-def peak_rss_bytes():
-    return _kib("VmHWM")
-def reset_peak_rss():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-from gam.config import GAMConfig
-from gam.layers.gam import GAMBlock
-impl, precision, T, B, device, threads, C = sys.argv[1:8]
-T, B, C = int(T), int(B), int(C)
-if threads != "0":
-    torch.set_num_threads(int(threads))
-dev = torch.device(device)
-cuda = dev.type == "cuda"
-amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-torch.manual_seed(0)
-block = GAMBlock(GAMConfig(gam_impl=impl, dropout=0.1, n_embd=C, num_memory_slots=C)).to(dev).train()
-def run(x):
-    with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-        y = block(x)
-    y.sum().backward()
-    block.zero_grad(set_to_none=True)
-run(torch.randn(B, 64, C, device=dev))            # load kernels before the baseline
-saved = {}
-params = {p.untyped_storage().data_ptr() for p in block.parameters()}
-def pack(t):
-    ptr = t.untyped_storage().data_ptr()
-    if ptr not in params:  # parameters are resident anyway
-        saved[ptr] = t.untyped_storage().nbytes()
-    return t
-x = torch.randn(B, T, C, device=dev)
-with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-    with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-        y = block(x)
-del y
-saved_bytes = sum(saved.values())
-if cuda:
-    torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-else:
-    base = rss_bytes(); reset_peak_rss()
-run(x)
-if cuda:
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-else:
-    peak = peak_rss_bytes() - base
-print(json.dumps({"impl": impl, "precision": precision, "T": T, "batch": B, "peak_bytes": peak,
-                  "saved_for_backward_bytes": saved_bytes, "input_bytes": x.numel() * x.element_size()}))
-"""
-
-
-def block_memory(impl: str, precision: str, seq: int, batch: int, device: str, threads: int | None,
-                 n_embd: int = 512) -> dict:
-    """Peak memory of one GAM block's forward+backward, in a fresh subprocess."""
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    # Large allocations go to mmap and are returned when freed, so the resident
-    # set follows live memory (glibc; ignored elsewhere).
-    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    env["MALLOC_TRIM_THRESHOLD_"] = str(64 * 1024)
-    args = [sys.executable, "-c", _CHILD, impl, precision, str(seq), str(batch), device, str(threads or 0),
-            str(n_embd)]
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        return {"impl": impl, "precision": precision, "T": seq, "error": proc.stderr.strip()[-500:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-# ----------------------------------------------------------------------------- results
-
-def environment(device: str) -> dict[str, Any]:
-    import platform
-
-    import torch
-
-    env: dict[str, Any] = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
-                           "torch_threads": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
-                           "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                env["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        env["cpu"] = platform.processor()
-    if device == "cuda" and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-    if hasattr(os, "getloadavg"):
-        env["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        env["git"] = rev or None
-    except (OSError, subprocess.SubprocessError):
-        env["git"] = None
-    return env
-
-
-def describe_environment(env: dict[str, Any]) -> str:
-    where = env.get("gpu") or env.get("cpu")
-    load = env.get("load_average_start")
-    return (f"{where} ({env['device']}), {env['logical_cpus']} logical CPUs, {env['torch_threads']} torch threads"
-            + (f", load average at start {load[0]:.2f}" if load else "")
-            + f"; torch {env['torch']}; git {env.get('git')}; {env['timestamp']}")
-
-
-def markdown_table(headers, rows) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|---" + "|---:" * (len(headers) - 1) + "|"]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def write_results(out, name: str, markdown: str, raw: dict) -> list[Path]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{name}.md", out / f"{name}.json"]
-    paths[0].write_text(markdown)
-    paths[1].write_text(json.dumps(raw, indent=2, default=str) + "\n")
-    return paths
-
-
 # ----------------------------------------------------------------------------- run
 
-def run(out: str | Path = "results/bench-speed", **kwargs) -> dict[str, Any]:
-    """Run the benchmark (see :func:`_run` for the options); restores torch's thread count."""
+NAME = "speed"
+HELP = ("training tokens/s of the paper-config LMs: GAM reference vs fast path, fp32/bf16, Transformer, "
+        "Mamba; MFU; block peak memory")
+DEFAULT_OUT = "results/bench-speed"
+
+
+@dataclass
+class SpeedConfig:
+    """Training throughput of the paper-config LMs, side by side, each a full training step
+    (the trainer's); model FLOPs utilization against the matmul peak measured in the same
+    run; peak memory of one GAM block. Writes speed.md and speed.json."""
+
+    device: str = described("cpu", "where to measure", choices=("cpu", "cuda"))
+    batch: int = described(8, "sequences per step")
+    seq: int = described(256, "tokens per sequence")
+    steps: int = described(4, "timed steps per row per round")
+    rounds: int = described(3, "rounds over all rows (the median pools them)")
+    warmup: int = described(2, "untimed steps per row first")
+    threads: int | None = described(None, "torch CPU threads (default: torch's)")
+    rows: tuple[str, ...] = described(ROW_KEYS, "rows to measure", choices=ROW_KEYS)
+    memory_seq: int = described(8192, "T of the block memory test (0: skip)")
+    memory_batch: int = described(1, "batch of the block memory test")
+    no_tune_malloc: bool = described(False, "keep glibc's default malloc thresholds (see tune_cpu_allocator)")
+    seed: int = described(0, "seed of the models and the random tokens")
+    overrides: dict[str, Any] = field(default_factory=dict)  # config fields for every model (smoke tests)
+
+    def validate(self) -> None:
+        for name in ("batch", "seq", "steps", "rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1")
+
+
+Config = SpeedConfig
+
+
+def run(config: SpeedConfig, log=print) -> dict[str, Any]:
+    """Measure every row of ``config``; restores torch's thread count."""
     import torch
 
+    config.validate()
     threads = torch.get_num_threads()
     try:
-        return _run(out, **kwargs)
+        return _run(config, log)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch: int = 8, seq: int = 256,
-        steps: int = 4, rounds: int = 3, warmup: int = 2, threads: int | None = None,
-        rows: list[str] | None = None, memory_seq: int = 8192, memory_batch: int = 1,
-        tune_malloc: bool = True, seed: int = 0, overrides: dict | None = None,
-        log=print) -> dict[str, Any]:
-    """Run the benchmark; ``overrides`` (config fields for every model) exist for smoke tests."""
+def _run(config: SpeedConfig, log) -> dict[str, Any]:
+    provenance = start_provenance()
+    device, batch, seq, steps = config.device, config.batch, config.seq, config.steps
+    rounds, warmup, threads, seed = config.rounds, config.warmup, config.threads, config.seed
+    memory_seq, memory_batch, overrides = config.memory_seq, config.memory_batch, config.overrides
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    malloc_tuned = tune_cpu_allocator() if (tune_malloc and device == "cpu") else False
+    malloc_tuned = tune_cpu_allocator() if (not config.no_tune_malloc and device == "cpu") else False
     env = environment(device)
     env["malloc_tuned"] = malloc_tuned
-    keys = rows or [r[0] for r in ROWS]
-    specs = [r for r in ROWS if r[0] in keys]
-    if not mamba_available():
-        skipped = [r[0] for r in specs if r[2] == "mamba"]
-        specs = [r for r in specs if r[2] != "mamba"]
-        if skipped:
-            log(f"skipping {', '.join(skipped)}: gam.layers.mamba is not available")
+    specs = [r for r in ROWS if r.key in config.rows]
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device available")
 
@@ -381,7 +280,7 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
     N, C = batch * seq, (overrides or {}).get("n_embd", 512)
     V = (overrides or {}).get("vocab_size", 10000)
     gemm_shapes = [(N, C, 4 * C), (N, 4 * C, C), (N, C, V), (2048, 2048, 2048)]
-    precisions = sorted({r[4] for r in specs})
+    precisions = sorted({r.precision for r in specs})
     gemm: dict[str, dict[str, list[float]]] = {p: {} for p in precisions}
     gemm_cpu: dict[str, dict[str, list[float]]] = {p: {} for p in precisions}
     one_thread = device == "cpu" and torch.get_num_threads() == 1
@@ -398,9 +297,9 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
         f"{torch.get_num_threads()} threads, malloc tuned: {malloc_tuned})")
     trainers = {}
     skipped_rows = {}
-    for key, label, model_name, fields, precision, compiled in specs:
-        model, step = make_trainer(key, model_name, fields, precision, device=device, batch=batch,
-                                   seq=seq, seed=seed, overrides=overrides, compiled=compiled)
+    for row in specs:
+        key, compiled = row.key, row.compiled
+        model, step = make_trainer(row, device=device, batch=batch, seq=seq, seed=seed, overrides=overrides)
         t0 = time.perf_counter()
         try:
             for _ in range(max(warmup, 1) if compiled else warmup):  # compilation stays out of the timing
@@ -414,12 +313,12 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
             continue
         if compiled:
             log(f"{key}: compiled and warmed up in {time.perf_counter() - t0:.0f} s")
-        _sync(device)
+        synchronize(device)
         trainers[key] = (model, step)
-    specs = [r for r in specs if r[0] in trainers]
+    specs = [r for r in specs if r.key in trainers]
     env["skipped_rows"] = skipped_rows
-    times: dict[str, list[float]] = {r[0]: [] for r in specs}
-    cpu_times: dict[str, list[float]] = {r[0]: [] for r in specs}
+    times: dict[str, list[float]] = {r.key: [] for r in specs}
+    cpu_times: dict[str, list[float]] = {r.key: [] for r in specs}
     losses: dict[str, float] = {}
     load = []
     for rnd in range(rounds):
@@ -428,18 +327,18 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
         # over seconds then slows every row, and the peak, alike.
         for _ in range(steps):
             measure_gemm()
-            for key, *_ in specs:
+            for key in (r.key for r in specs):
                 _, step = trainers[key]
-                _sync(device)
+                synchronize(device)
                 t0, c0 = time.perf_counter(), time.process_time()
                 loss = step()
-                _sync(device)
+                synchronize(device)
                 times[key].append(time.perf_counter() - t0)
                 cpu_times[key].append(time.process_time() - c0)
                 losses[key] = float(loss.detach())
         load.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
         log(f"round {rnd + 1}/{rounds}: " + ", ".join(
-            f"{k} {batch * seq / statistics.median(times[k]):.0f} tok/s" for k, *_ in specs))
+            f"{r.key} {batch * seq / statistics.median(times[r.key]):.0f} tok/s" for r in specs))
     measure_gemm()
 
     peaks = {p: max(statistics.median(v) for v in gemm[p].values()) for p in precisions}
@@ -447,14 +346,15 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
                  if one_thread else {})
     results = []
     base_tps = None
-    for key, label, model_name, fields, precision, compiled in specs:
+    for r in specs:
+        key, precision = r.key, r.precision
         model, _ = trainers[key]
         med = statistics.median(times[key])
         tps = batch * seq / med
         fl = flops_per_token(model, seq)
         achieved = fl["train"] * tps / 1e9
-        row = {"key": key, "label": label, "model": model_name, "fields": fields, "precision": precision,
-               "paper_code": fields.get("gam_impl") == "reference", "compiled": compiled, "median_step_s": med, "step_s": times[key],
+        row = {"key": key, "label": r.label, "model": r.model, "fields": dict(r.spec.fields),
+               "precision": precision, "paper_code": r.paper_code, "compiled": r.compiled, "median_step_s": med, "step_s": times[key],
                "cpu_util": statistics.median(c / w for c, w in zip(cpu_times[key], times[key])),
                "tokens_per_s": tps, "train_flops_per_token": fl["train"], "flops_parts_forward": fl["parts_forward"],
                "achieved_gflops": achieved, "matmul_peak_gflops": peaks[precision],
@@ -482,7 +382,7 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
         for precision in ("fp32", "bf16"):
             for impl in ("reference", "fast"):
                 log(f"block memory: {impl} {precision}, T={memory_seq}, batch {memory_batch}")
-                memory.append(block_memory(impl, precision, memory_seq, memory_batch, device, threads, C))
+                memory.append(block_memory.measure(impl, precision, memory_seq, memory_batch, device, threads, C))
 
     by_key = {r["key"]: r for r in results}
     summary = {}
@@ -507,22 +407,31 @@ def _run(out: str | Path = "results/bench-speed", *, device: str = "cpu", batch:
             summary[f"block_memory_fast_over_ref_{precision}"] = m["fast"]["peak_bytes"] / m["reference"]["peak_bytes"]
 
     env["load_average_per_round"] = load
-    env["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    md = render_markdown(results, peaks, gemm, memory, summary, env, batch, seq, steps, rounds,
-                         describe_environment(env), markdown_table)
-    raw = {"bench": "speed", "config": {"device": device, "batch": batch, "seq": seq, "steps": steps,
-                                        "rounds": rounds, "warmup": warmup, "memory_seq": memory_seq,
-                                        "memory_batch": memory_batch, "seed": seed,
-                                        "optimizer": "AdamW lr 3e-4 betas (0.9, 0.95) wd 0.1, clip 1.0"},
-           "environment": env, "matmul_gflops": {p: {s: v for s, v in d.items()} for p, d in gemm.items()},
-           "matmul_peak_gflops": peaks, "matmul_peak_gflops_cpu_time": peaks_cpu, "rows": results, "block_memory": memory, "summary": summary,
-           "goals": GOALS}
-    paths = write_results(out, "speed", md, raw)
-    return {"markdown": md, "rows": results, "summary": summary, "memory": memory, "paths": paths}
+    return {"bench": NAME, "config": config,
+            "setup": {"optimizer": "AdamW lr 3e-4 betas (0.9, 0.95) wd 0.1 (matrices), clip 1.0"},
+            "environment": env, "matmul_gflops": {p: {s: v for s, v in d.items()} for p, d in gemm.items()},
+            "matmul_peak_gflops": peaks, "matmul_peak_gflops_cpu_time": peaks_cpu, "rows": results,
+            "block_memory": memory, "summary": summary, "goals": GOALS,
+            "provenance": end_provenance(provenance)}
 
 
-def render_markdown(results, peaks, gemm, memory, summary, env, batch, seq, steps, rounds, env_line,
-                    markdown_table) -> str:
+def render(result: dict[str, Any]) -> str:
+    c = result["config"]
+    return render_markdown(result["rows"], result["matmul_peak_gflops"], result["matmul_gflops"],
+                           result["block_memory"], result["summary"], result["environment"], c.batch, c.seq,
+                           c.steps, c.rounds, describe_environment(result["environment"]) + "; "
+                           + describe_provenance(result["provenance"]))
+
+
+def write(result: dict[str, Any], out: str | Path) -> list[Path]:
+    return write_results(out, NAME, render(result), result)
+
+
+def summary(result: dict[str, Any]) -> str:
+    return render(result)
+
+
+def render_markdown(results, peaks, gemm, memory, summary, env, batch, seq, steps, rounds, env_line) -> str:
     on_cpu = env.get("device") == "cpu"  # CPU util means nothing for a GPU's host thread
     lines = [f"# gam bench speed: training tokens/s, batch {batch} x {seq} tokens", "",
              env_line + f"; malloc tuned: {env.get('malloc_tuned')}; load average per round: "
@@ -597,45 +506,3 @@ def render_markdown(results, peaks, gemm, memory, summary, env, batch, seq, step
             goal_rows.append([name, val, goal])
         lines.append(markdown_table(["measure", "value", "goal"], goal_rows))
     return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------- command line
-
-def add_parser(bench_sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = bench_sub.add_parser(
-        "speed", help="training tokens/s of the paper-config LMs: GAM reference vs fast path, fp32/bf16, "
-                      "Transformer, Mamba; MFU; block peak memory",
-        description=__doc__.split("\n\n")[0] + " Writes speed.md and speed.json into --out.")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--out", default="results/bench-speed", help="output folder (default results/bench-speed)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per row per round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds over all rows (the median pools them)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--rows", default=",".join(r[0] for r in ROWS), help="comma-separated row keys")
-    p.add_argument("--memory-seq", type=int, default=8192, help="T of the block memory test (0: skip)")
-    p.add_argument("--memory-batch", type=int, default=1)
-    p.add_argument("--no-tune-malloc", action="store_true",
-                   help="keep glibc's default malloc thresholds (see tune_cpu_allocator)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd)
-    return p
-
-
-def cmd(args: argparse.Namespace) -> None:
-    known = [r[0] for r in ROWS]
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    for r in rows:
-        if r not in known:
-            raise ValueError(f"unknown row {r!r}; choose from {', '.join(known)}")
-    for name in ("batch", "seq", "steps", "rounds"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1")
-    result = run(args.out, device=args.device, batch=args.batch, seq=args.seq, steps=args.steps,
-                 rounds=args.rounds, warmup=args.warmup, threads=args.threads, rows=rows,
-                 memory_seq=args.memory_seq, memory_batch=args.memory_batch,
-                 tune_malloc=not args.no_tune_malloc, seed=args.seed)
-    print(result["markdown"])
-    print("wrote " + ", ".join(str(p) for p in result["paths"]))

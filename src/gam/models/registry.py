@@ -1,0 +1,109 @@
+"""Every model the library trains, compares and benchmarks: one entry each.
+
+A :class:`ModelSpec` names a model (``key``), how to build it (``model`` and
+``fields`` for :func:`gam.models.lm.build_model`), how tables label it, which
+row of the paper's tables it stands for, and what it is:
+
+- ``paper``: the paper's own model or its wiring of a baseline, as its code has it;
+- ``baseline``: a baseline at its best (fused attention, the standard pre-norm
+  residual Mamba), beside the paper's wiring so a comparison can be fair;
+- ``ablation``: one of the paper's GAM ablations (its Table 3);
+- ``extension``: not in the paper (the kv-slot memory).
+
+The CLI and every benchmark take their models from :data:`MODELS`; a benchmark
+adds only what its task fixes (sizes, context length). A new model is one entry.
+Imports nothing heavy, so ``gam --help`` can list the keys without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+ROLES = ("paper", "baseline", "ablation", "extension")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    label: str
+    model: str  # "gam" | "transformer" | "mamba": the shell build_model assembles
+    fields: Mapping[str, Any] = field(default_factory=dict)  # GAMConfig fields that make this model
+    role: str = "paper"
+    paper_rows: Mapping[str, str] = field(default_factory=dict)  # the paper's table -> the row it reproduces
+    note: str = ""
+
+    def config_fields(self, shape: Mapping[str, Any] | None = None,
+                      overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """GAMConfig fields of this model at a benchmark's ``shape`` (width, layers, ...).
+        The spec's own fields win over the shape, since they are what makes it this model;
+        ``overrides`` (a benchmark's sizing rule for this model) win over both."""
+        return {**(shape or {}), **self.fields, **(overrides or {})}
+
+    def build(self, shape: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None):
+        from gam.models.lm import build_model
+
+        return build_model(self.model, **self.config_fields(shape, overrides))
+
+
+_SPECS = (
+    ModelSpec("gam", "GAM", "gam", {}, "paper", {"Table 1": "GAM", "Table 3": "Full"},
+              "the paper's model (fused fast path where it applies; same function as its code)"),
+    ModelSpec("gam_reference", "GAM (paper code)", "gam", {"gam_impl": "reference"}, "paper", {"Table 2": "GAM"},
+              "the paper's eager block code"),
+    ModelSpec("gam_fast", "GAM (fast path)", "gam", {"gam_impl": "fast"}, "paper", {},
+              "the paper's function on fused ops (gam_impl='fast')"),
+    ModelSpec("gam_global_only", "GAM (Global Only)", "gam", {"variant": "global_only"}, "ablation",
+              {"Table 3": "Global Only"}, "memory read only: no convolution, no gate"),
+    ModelSpec("gam_sum_fusion", "GAM (Sum Fusion)", "gam", {"variant": "sum_fusion"}, "ablation",
+              {"Table 3": "Sum Fusion"}, "both paths added, no gate"),
+    ModelSpec("gam_local_only", "GAM (Local Only)", "gam", {"variant": "local_only"}, "ablation",
+              {"Table 3": "Local Only"}, "causal convolution + FFN and nothing else"),
+    ModelSpec("gam_kv_slots", "GAM (kv-slot memory)", "gam", {"memory": "kv_slots", "num_memory_slots": 64},
+              "extension", {},
+              "opt-in memory='kv_slots', 64 slots per head: key and value slots that tokens write "
+              "(gam.layers.kv_memory)"),
+    ModelSpec("transformer_naive", "Transformer (naive attn.)", "transformer", {"attn_impl": "naive"}, "paper",
+              {"Table 1": "Transformer", "Table 2": "Transformer"}, "materialized T x T scores and mask, as the paper's code"),
+    ModelSpec("transformer_sdpa", "Transformer (SDPA)", "transformer", {"attn_impl": "sdpa"}, "baseline", {},
+              "F.scaled_dot_product_attention(is_causal=True); on CPU with attention dropout > 0 (training "
+              "mode) PyTorch falls back to its math kernel, which materializes the scores like the naive code"),
+    ModelSpec("mamba_paper", "Mamba (paper wiring)", "mamba", {"mamba_wiring": "paper"}, "paper", {"Table 1": "Mamba"},
+              "bare mixers, no norm, no residual, as the paper's code"),
+    ModelSpec("mamba_standard", "Mamba (standard)", "mamba", {"mamba_wiring": "standard"}, "baseline", {},
+              "pre-norm residual blocks, as mamba-ssm's LM (d_state 16, d_conv 4, expand 3)"),
+)
+MODELS: dict[str, ModelSpec] = {s.key: s for s in _SPECS}
+
+
+def get(key: str) -> ModelSpec:
+    """The spec of ``key``; a one-line error naming the known keys otherwise."""
+    try:
+        return MODELS[key]
+    except KeyError:
+        raise ValueError(f"unknown model {key!r}; choose from {', '.join(MODELS)}") from None
+
+
+def select(names: Iterable[str], aliases: Mapping[str, str] | None = None) -> list[ModelSpec]:
+    """Specs for ``names`` (registry keys, or a benchmark's short ``aliases`` of them). A spec
+    asked for by an alias keeps the alias as its key, so its rows are named as asked."""
+    aliases = aliases or {}
+    specs = []
+    for name in names:
+        if name in aliases:
+            spec = get(aliases[name])
+            specs.append(spec if spec.key == name else _rekey(spec, name))
+        elif name in MODELS:
+            specs.append(MODELS[name])
+        else:
+            known = list(dict.fromkeys([*aliases, *MODELS]))
+            raise ValueError(f"unknown model {name!r}; choose from {', '.join(known)}")
+    if not specs:
+        raise ValueError("no models given")
+    return specs
+
+
+def _rekey(spec: ModelSpec, key: str) -> ModelSpec:
+    from dataclasses import replace
+
+    return replace(spec, key=key)
