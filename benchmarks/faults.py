@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from gam.bench.common import end_provenance, start_provenance  # noqa: E402
 from gam.checkpoint import CheckpointError, TEMP_PREFIX, load_checkpoint, verify_folder  # noqa: E402
 
 TINY = ["--data", "wikitext2", "--data-source", "shipped", "--train-rows", "2000", "--valid-rows", "200",
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     parser.add_argument("--out", default="results/faults")
     args = parser.parse_args(argv)
+    provenance = start_provenance()
     if args.kills < 1 or args.kills_per_run < 1 or args.steps < 2 or args.save_every < 1:
         parser.error("--kills, --kills-per-run, --save-every must be >= 1 and --steps >= 2")
 
@@ -186,8 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         f"tracebacks from the runs that finished: {sum(r['tracebacks'] for r in runs)}",
     ]
     print("\n".join(lines))
-    (out / "faults.json").write_text(json.dumps({"command": " ".join(sys.argv), "kills": kills, "runs": runs,
-                                                 "reference_val_loss": ref_loss, "summary": lines}, indent=2))
+    # the trainings ran in child processes with one thread each (TINY's --threads 1)
+    provenance = {**end_provenance(provenance), "torch_threads": 1}
+    (out / "faults.json").write_text(json.dumps({"provenance": provenance, "command": " ".join(sys.argv),
+                                                 "kills": kills, "runs": runs, "reference_val_loss": ref_loss,
+                                                 "summary": lines}, indent=2))
     ok = unreadable == 0 and equal == len(runs) and not any(r["stale_temporaries_left"] for r in runs)
     return 0 if ok else 1
 

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from gam import ConfigError, GAMConfig, GAMModel, ModelConfig, build_model, count_parameters
 from gam.analysis import receptive_field
-from gam.config import GAMConfig
 from gam.layers.gam import GAMBlock
 
 TINY = dict(vocab_size=61, block_size=32, n_embd=16, n_layer=2, n_head=4,

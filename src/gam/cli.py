@@ -220,11 +220,12 @@ def cmd_bench(bench, args: argparse.Namespace) -> None:
 
 
 def add_bench_paper_parsers(bench_sub: argparse._SubParsersAction) -> None:
-    """``gam bench scaling|paper|ablation|report``: the paper's tables (parsers live in gam.bench.*)."""
-    from gam.bench import ablation, paper, report, scaling
+    """``gam bench scaling|paper|ablation|report``: the paper's tables (parsers in gam.cli_bench)."""
+    from gam import cli_bench
 
-    for module in (scaling, paper, ablation, report):
-        module.add_parser(bench_sub)
+    for add_parser in (cli_bench.add_scaling_parser, cli_bench.add_paper_parser, cli_bench.add_ablation_parser,
+                       cli_bench.add_report_parser):
+        add_parser(bench_sub)
 
 
 def add_params_parser(sub: argparse._SubParsersAction) -> None:

@@ -13,7 +13,6 @@ paper's rounded figure).
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
@@ -21,11 +20,11 @@ from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from gam.bench.common import (
-    fmt_mean_spread, load_average, markdown_table, parse_name_list, start_provenance, write_results,
+    fmt_mean_spread, load_average, markdown_table, start_provenance, write_results,
 )
 from gam.bench.paper import (
-    METRICS, PaperConfig, _epoch_cell, diverged_lines, metric_cell, add_common_training_args, aggregate,
-    config_kwargs, cpu_schedule_help, field_headers, plot_by_position, position_cells, position_summary, rank_cells,
+    METRICS, PaperConfig, _epoch_cell, diverged_lines, metric_cell, aggregate,
+    field_headers, plot_by_position, position_cells, position_summary, rank_cells,
     table_notes, with_defaults, UNIGRAM_LABEL, fmt_params, parameter_counts, unigram_ppl, plot_curves, resolve,
     setup_lines, train_grid,
 )
@@ -163,27 +162,3 @@ def run(cfg: PaperConfig, variants: list[str], out: str | Path,
     paths.append(plot_by_position(runs, specs, out / "loss_by_position.png", title))
     return {"markdown": "\n".join(lines), "table": table, "runs": runs, "summary": summary, "paths": paths,
             "wall_s": wall}
-
-
-def add_parser(bench_sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = bench_sub.add_parser(
-        "ablation", help="Table 3: the four GAM variants trained on WikiText-2",
-        description="Train the full GAM and its three ablations (Global Only, Sum Fusion, Local Only) on "
-                    "WikiText-2 with the same data, steps and seeds, and tabulate parameters, time per epoch, "
-                    "tokens/s, the best and final validation perplexity and the loss inside and beyond the "
-                    "paper GAM's receptive field beside the paper's Table 3 (mean ± sd over seeds, ties "
-                    "marked). Writes ablation.md/.json/.csv, curves.png and loss_by_position.png into --out.")
-    add_common_training_args(p, cpu_schedule_help(NAME))
-    p.add_argument("--dataset", default="wikitext2", help="wikitext2 (the paper's), tinystories or a path")
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
-    p.add_argument("--out", default="results/ablation", help="results folder (default results/ablation)")
-    p.set_defaults(func=cmd, accepts_overrides=True)
-    return p
-
-
-def cmd(args: argparse.Namespace) -> None:
-    cfg = PaperConfig(datasets=(args.dataset,), **config_kwargs(args))
-    result = run(cfg, parse_name_list(args.variants, VARIANTS, "variant"), args.out)
-    print()
-    print(result["table"])
-    print(f"wrote {', '.join(str(p) for p in result['paths'])} in {result['wall_s'] / 60:.1f} min")

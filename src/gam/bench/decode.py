@@ -40,7 +40,7 @@ class _Runner:
     """One model with a prefilled cache per context length, stepped one token at a time."""
 
     def __init__(self, name: str, contexts: Sequence[int], *, n_embd: int, n_layer: int, vocab_size: int,
-                 batch_size: int, total_steps: int, device: torch.device, seed: int = 0):
+                 batch_size: int, total_steps: int, device, seed: int = 0):
         import torch
 
         torch.manual_seed(seed)

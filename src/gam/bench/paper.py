@@ -43,7 +43,6 @@ command prints its projected time before it starts).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -58,8 +57,7 @@ from gam.models import registry
 from gam.models.registry import ModelSpec
 
 from gam.bench.common import (
-    describe_environment, environment, fmt_mean_spread, start_provenance, load_average, markdown_table, mean_spread, parse_name_list,
-    write_results,
+    describe_environment, environment, fmt_mean_spread, start_provenance, load_average, markdown_table, mean_spread, write_results,
 )
 
 NAME = "paper"
@@ -911,77 +909,3 @@ def plot_curves(runs: list[dict[str, Any]], specs: dict[str, ModelSpec], path: P
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-# ----------------------------------------------------------------------------- command line
-
-def cpu_schedule_help(bench: str) -> str:
-    epochs = CPU_BUDGET["epochs"][bench]
-    return (f"width {CPU_BUDGET['model']['n_embd']}, {epochs} epoch{'s' if epochs != 1 else ''} of WikiText-2, "
-            f"{CPU_BUDGET['seeds']} seeds, bf16 on {CPU_BUDGET['threads']} threads: projected to fit "
-            f"{CPU_BUDGET['minutes']} minutes on 2 cores (the projection is printed at the start)")
-
-
-def add_common_training_args(p: argparse.ArgumentParser, default_steps: str) -> None:
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--preset", default="cpu", choices=["cpu", "paper"],
-                   help=f"cpu: small model, {default_steps}; paper: the paper's model and 5-epoch schedule (GPU)")
-    p.add_argument("--seeds", type=int, default=None,
-                   help="runs per model (seeds SEED .. SEED+N-1); mean ± sd (default: cpu preset 3, paper preset 1)")
-    p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (overrides the preset)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (without --max-steps)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--valid-tokens", type=int, default=None,
-                   help=f"validation tokens used (default: cpu preset {CPU_VALID_TOKENS:,}; paper preset all 5,000 rows)")
-    p.add_argument("--data-source", default="auto", choices=["auto", "hub", "shipped"])
-    p.add_argument("--cache-dir", default=None, help="tokenizer/token cache (default $GAM_CACHE_DIR or ~/.cache/gam)")
-    p.add_argument("--runs-dir", default=None, help="keep checkpoints and metrics here (default: a temporary folder)")
-    p.epilog = ("Any model or training field can be overridden as in gam train: --n-layer 2, --lr 1e-3, "
-                "--d-state 8, --eval-every 50, ...")
-
-
-def add_parser(bench_sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = bench_sub.add_parser(
-        "paper", help="Table 1: GAM vs Transformer vs Mamba trained on WikiText-2 and TinyStories",
-        description="Train GAM, the Transformer and Mamba on WikiText-2 and TinyStories (cpu preset: "
-                    "WikiText-2 only; same tokenizer, data, steps and seeds for every model) and tabulate parameters, time per epoch, "
-                    "tokens/s, validation loss and perplexity, and the loss inside and beyond the paper "
-                    "GAM's receptive field, beside the paper's Table 1 (mean ± sd over seeds, ties marked). "
-                    "cpu preset: the baselines as the paper ran them (naive attention, bare Mamba mixers) "
-                    "and the fair ones (SDPA, standard Mamba wiring) side by side, bf16 for all; paper "
-                    "preset: the paper's wiring in fp32, or with --fair the fair baselines in one mixed "
-                    "precision. Writes paper.md/.json/.csv, curves.png and loss_by_position.png into --out.")
-    add_common_training_args(p, cpu_schedule_help(NAME))
-    p.add_argument("--fair", action="store_true",
-                   help="only the fair baselines: SDPA attention, standard Mamba wiring, same mixed precision")
-    p.add_argument("--datasets", default=None,
-                   help="comma-separated: wikitext2, tinystories or paths (default: cpu preset wikitext2, paper "
-                        "preset both)")
-    p.add_argument("--models", default=None,
-                   help=f"comma-separated, from: {', '.join(MODEL_NAMES)} (default: cpu preset "
-                        f"{','.join(CPU_DEFAULT_MODELS)}; paper preset or --fair {','.join(DEFAULT_MODELS)})")
-    p.add_argument("--out", default="results/paper", help="results folder (default results/paper)")
-    p.set_defaults(func=cmd, accepts_overrides=True)
-    return p
-
-
-def config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    from gam.train_cli import parse_overrides
-
-    model_over, train_over = parse_overrides(list(getattr(args, "overrides", None) or []))
-    return dict(model_overrides=model_over, train_overrides=train_over,device=args.device, preset=args.preset, seeds=args.seeds, seed=args.seed, precision=args.precision,
-                max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
-                valid_tokens=args.valid_tokens, data_source=args.data_source, cache_dir=args.cache_dir,
-                runs_dir=args.runs_dir)
-
-
-def cmd(args: argparse.Namespace) -> None:
-    datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip()) if args.datasets else None
-    models = tuple(parse_name_list(args.models, MODEL_NAMES, "model")) if args.models else None
-    cfg = PaperConfig(fair=args.fair, datasets=datasets, models=models, **config_kwargs(args))
-    result = run(cfg, args.out)
-    print()
-    print(result["table"])
-    print(f"wrote {', '.join(str(p) for p in result['paths'])} in {result['wall_s'] / 60:.1f} min")

@@ -9,7 +9,6 @@ level down and its plots linked relative to the report.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -73,22 +72,3 @@ def render(folders: Sequence[str | Path], out: str | Path | None = None, title: 
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
     return text
-
-
-def add_parser(bench_sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = bench_sub.add_parser("report", help="collect results folders into one markdown report",
-                             description="Read the NAME.md / NAME.json files of each results folder and "
-                                         "write one markdown report (stdout, or --out FILE).")
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="results folders written by gam bench ...")
-    p.add_argument("--out", default=None, help="write the report here (plots linked relative to it)")
-    p.add_argument("--title", default="Benchmark report")
-    p.set_defaults(func=cmd)
-    return p
-
-
-def cmd(args: argparse.Namespace) -> None:
-    text = render(args.dirs, args.out, args.title)
-    if args.out:
-        print(f"wrote {args.out} ({len(args.dirs)} folder(s))")
-    else:
-        print(text, end="")

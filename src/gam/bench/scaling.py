@@ -28,15 +28,13 @@ past the budget); a model that failed at some T is not run at larger T.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from gam.bench.common import (
-    MIB, describe_environment, median, environment, fit_exponent, load_average, markdown_table, parse_int_list,
-    parse_name_list, start_provenance, write_results,
+    MIB, describe_environment, median, environment, fit_exponent, load_average, markdown_table, start_provenance, write_results,
 )
 
 from gam.models import registry
@@ -559,63 +557,3 @@ def run(cfg: ScalingConfig, out: str | Path, log: Callable[[str], None] = print)
              + (f", {cfg.threads} thread(s)" if cfg.threads and not cfg.device.startswith("cuda") else ""))
     paths += plot(cfg, rows, fits, out, title)
     return {"markdown": markdown, "table": render_table(cfg, rows, fits), "rows": rows, "exponents": fits, "paths": paths, "wall_s": wall}
-
-
-# ----------------------------------------------------------------------------- command line
-
-def add_parser(bench_sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = bench_sub.add_parser(
-        "scaling", help="Table 2: one block's forward+backward time and peak memory vs sequence length",
-        description="One block each of GAM, the Transformer (naive attention as the paper, and SDPA) and "
-                    "Mamba; forward+backward time (median, warm-up excluded) and peak memory for each T, "
-                    "every point in a fresh subprocess. CUDA defaults follow the paper's scale.py (batch 16, "
-                    "fp16 autocast, 5 warm-up + 20 timed runs); CPU defaults fit a shared 2-core machine in "
-                    "under 10 minutes (batch 1, fp32, 1 thread, 1 warm-up + 3 timed runs, 60 s and "
-                    "min(6 GiB, 40%% of available memory) per point). Writes scaling.md/.json/.csv, "
-                    "compute_time.png and peak_memory.png into --out.")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--out", default="results/scaling", help="results folder (default results/scaling)")
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                   help=f"comma-separated, from: {', '.join(block_specs())}")
-    p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), help="comma-separated T values")
-    p.add_argument("--batch-size", type=int, default=None, help="default 16 on CUDA (paper), 1 on CPU")
-    p.add_argument("--n-embd", type=int, default=512)
-    p.add_argument("--n-head", type=int, default=8)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="default fp16 autocast on CUDA (paper), fp32 on CPU")
-    p.add_argument("--warmup", type=int, default=None, help="untimed runs per point (default 5 CUDA, 1 CPU)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per point (default 20 CUDA, 3 CPU)")
-    p.add_argument("--min-time", type=float, default=None,
-                   help="add timed runs (up to --max-repeats) until they add up to this many seconds "
-                        "(default 3 on CPU, 0 on CUDA)")
-    p.add_argument("--max-repeats", type=int, default=None, help="default 15 on CPU")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="measure the cheap points again in this many rounds in all (default 2 CPU, 1 CUDA)")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout in the blocks (paper: 0.1, training mode)")
-    p.add_argument("--time-budget", type=float, default=None, help="seconds per point (default 300 CUDA, 60 CPU)")
-    p.add_argument("--memory-budget-gib", type=float, default=None,
-                   help="per point (default: all GPU memory; CPU min(6, 40%% of available))")
-    p.add_argument("--threads", type=int, default=None, help="CPU torch threads (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd)
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> ScalingConfig:
-    return ScalingConfig(
-        device=args.device, models=tuple(parse_name_list(args.models, block_specs(), "model")),
-        lengths=tuple(parse_int_list(args.lengths, "--lengths")), batch_size=args.batch_size,
-        n_embd=args.n_embd, n_head=args.n_head, dropout=args.dropout, precision=args.precision,
-        warmup=args.warmup, repeats=args.repeats, min_time_s=args.min_time, rounds=args.rounds, max_repeats=args.max_repeats, time_budget_s=args.time_budget, memory_budget_gib=args.memory_budget_gib,
-        threads=args.threads, seed=args.seed)
-
-
-def cmd(args: argparse.Namespace) -> None:
-    result = run(config_from_args(args), args.out)
-    print()
-    print(result["table"])
-    fits = result["exponents"]
-    specs = block_specs()
-    print("fitted exponents (time, memory): " + "; ".join(
-        f"{specs[m].label} {_fmt_exp(f['time'])}, {_fmt_exp(f['memory'])}" for m, f in fits.items()))
-    print(f"wrote {', '.join(str(p) for p in result['paths'])} in {result['wall_s'] / 60:.1f} min")
