@@ -208,7 +208,7 @@ def test_evaluation_progress_bars_only_on_a_terminal(monkeypatch, stderr, env, s
     ({}, "auto", True), ({"HF_HUB_OFFLINE": "1"}, "auto", False), ({}, "shipped", False)])
 def test_hub_unreachable_is_one_clean_line(monkeypatch, capsys, env, data_source, message):
     import gam.train
-    from gam.data import load_corpus
+    from gam.corpus import load_corpus
 
     monkeypatch.setenv("HF_ENDPOINT", "http://192.0.2.1:9")  # TEST-NET-1: never answers
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -261,9 +261,3 @@ def test_docs_error_examples_are_what_the_command_prints(capsys, monkeypatch, tm
     for command, printed in examples:
         assert main(shlex.split(command)[1:]) == 2, command
         assert capsys.readouterr().err.strip() == printed, command
-
-
-def test_config_knows_the_tokenizer_kinds():
-    from gam import config, tokenizer
-
-    assert config.TOKENIZER_KINDS == tokenizer.TOKENIZER_KINDS

@@ -1,4 +1,4 @@
-"""Tests for gam.data: corpora loading, token files, block datasets (the tokenizer: test_tokenizer.py)."""
+"""Tests for gam.corpus (corpora loading) and gam.data (token files, block datasets); the tokenizer: test_tokenizer.py."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from gam import corpus as C
 from gam import data as D
 from gam import tokenizer as T
-from gam.data import BlockDataset, DataError, DataWarning
+from gam.corpus import DataError, DataWarning
+from gam.data import BlockDataset
 
 LINES = [f"line {i}: the quick brown fox number {i} jumps over the lazy dog." for i in range(40)]
 
@@ -47,7 +49,7 @@ def _parquet(path, rows, column="text"):
 
 def test_txt_file_holds_out_last_10_percent(tmp_path):
     p = _write(tmp_path / "corpus.txt", "\n".join(LINES) + "\n")
-    c = D.load_corpus(p, split_rows=None)
+    c = C.load_corpus(p, split_rows=None)
     assert c.train == LINES[:36] and c.valid == LINES[36:]
     assert c.test is None and c.name == "corpus"
     assert c.source.startswith(f"local: {p.resolve()}") and "held out" in c.source
@@ -55,28 +57,28 @@ def test_txt_file_holds_out_last_10_percent(tmp_path):
 
 def test_txt_crlf_and_row_trimming(tmp_path):
     p = _write(tmp_path / "c.txt", "\r\n".join(LINES))
-    c = D.load_corpus(p, split_rows=(5, 2))
+    c = C.load_corpus(p, split_rows=(5, 2))
     assert c.train == LINES[:5] and c.valid == LINES[36:38]
     assert "train 5/36 rows" in c.source and "valid 2/4 rows" in c.source
-    c2 = D.load_corpus(p, split_rows=(None, 1))
+    c2 = C.load_corpus(p, split_rows=(None, 1))
     assert len(c2.train) == 36 and c2.valid == [LINES[36]]
 
 
 def test_txt_gz_file(tmp_path):
     p = _write(tmp_path / "c.txt.gz", gzip.compress("\n".join(LINES).encode()))
-    c = D.load_corpus(p, split_rows=None)
+    c = C.load_corpus(p, split_rows=None)
     assert c.train + c.valid == LINES and c.name == "c"
 
 
 def test_jsonl_file(tmp_path):
     p = _write(tmp_path / "c.jsonl", _jsonl(LINES[:20]) + "\n\n" + _jsonl(LINES[20:]))
-    c = D.load_corpus(p, split_rows=None)
+    c = C.load_corpus(p, split_rows=None)
     assert c.train + c.valid == LINES and len(c.valid) == 4
 
 
 def test_parquet_file(tmp_path):
     p = _parquet(tmp_path / "c.parquet", LINES[:30] + [None] + LINES[30:])
-    c = D.load_corpus(p, split_rows=None)
+    c = C.load_corpus(p, split_rows=None)
     assert c.train + c.valid == LINES[:30] + [""] + LINES[30:]
 
 
@@ -86,7 +88,7 @@ def test_folder_without_splits_concatenates_sorted(tmp_path):
     _write(d / "a.jsonl", _jsonl(LINES[:20]))
     _write(d / "README.md", "# not data")
     _write(d / ".hidden.txt", "hidden")
-    c = D.load_corpus(d, split_rows=None)
+    c = C.load_corpus(d, split_rows=None)
     assert c.train == LINES[:36] and c.valid == LINES[36:]
     assert "2 file(s)" in c.source
 
@@ -96,7 +98,7 @@ def test_folder_with_split_files(tmp_path):
     _write(d / "wiki.train.txt", "\n".join(LINES[:30]))
     _write(d / "validation.jsonl", _jsonl(LINES[30:35]))
     _write(d / "test.txt.gz", gzip.compress("\n".join(LINES[35:]).encode()))
-    c = D.load_corpus(d, split_rows=None)
+    c = C.load_corpus(d, split_rows=None)
     assert c.train == LINES[:30] and c.valid == LINES[30:35] and c.test == LINES[35:]
     assert "folder splits" in c.source
 
@@ -106,12 +108,12 @@ def test_folder_hf_layout_parquet_shards_and_valid_holdout(tmp_path):
     _parquet(d / "data" / "train-00000-of-00002.parquet", LINES[:10])
     _parquet(d / "data" / "train-00001-of-00002.parquet", LINES[10:30])
     _parquet(d / "data" / "validation-00000-of-00001.parquet", LINES[30:])
-    c = D.load_corpus(d, split_rows=(25, None))
+    c = C.load_corpus(d, split_rows=(25, None))
     assert c.train == LINES[:25] and c.valid == LINES[30:]
     # train files only: the last 10% of the train rows become valid
     e = tmp_path / "only_train"
     _write(e / "train" / "part0.txt", "\n".join(LINES))
-    c2 = D.load_corpus(e, split_rows=None)
+    c2 = C.load_corpus(e, split_rows=None)
     assert c2.train == LINES[:36] and c2.valid == LINES[36:]
 
 
@@ -121,7 +123,7 @@ def test_folder_split_files_ignores_others_with_warning(tmp_path):
     _write(d / "valid.txt", "\n".join(LINES[:3]))
     _write(d / "notes.txt", "stray")
     with pytest.warns(DataWarning, match="notes.txt"):
-        c = D.load_corpus(d, split_rows=None)
+        c = C.load_corpus(d, split_rows=None)
     assert c.train == LINES and c.valid == LINES[:3]
 
 
@@ -129,7 +131,7 @@ def test_undecodable_bytes_replaced_with_one_warning(tmp_path):
     p = _write(tmp_path / "bad.txt", b"hello \xff\xfe world\n" + b"ok \xc3 line\n" * 20)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        c = D.load_corpus(p, split_rows=None)
+        c = C.load_corpus(p, split_rows=None)
     ours = [w for w in rec if issubclass(w.category, DataWarning)]
     assert len(ours) == 1 and "bad.txt" in str(ours[0].message)
     assert "\ufffd" in c.train[0] and c.train[0].startswith("hello ")
@@ -140,7 +142,7 @@ def test_undecodable_bytes_replaced_with_one_warning(tmp_path):
 
 def _err(path_or_name, match, **kw):
     with pytest.raises(DataError, match=match) as ei:
-        D.load_corpus(path_or_name, **kw)
+        C.load_corpus(path_or_name, **kw)
     msg = str(ei.value)
     assert "\n" not in msg
     assert isinstance(ei.value, ValueError)
@@ -220,30 +222,30 @@ def test_shipped_files_match_sources_checksums():
             "5fc1fb0113df62b567fb271806cd645ce8d75f59c58ca0b764c03d3b6ff34ca6",
     }
     for rel, sha in want.items():
-        f = D.CORPORA_DIR / rel
+        f = C.CORPORA_DIR / rel
         assert f.stat().st_size < 5 * 2**20, rel
         assert hashlib.sha256(gzip.decompress(f.read_bytes())).hexdigest() == sha, rel
-        assert rel in (D.CORPORA_DIR / "SOURCES.md").read_text()
-    assert "CC BY-SA 3.0" in (D.CORPORA_DIR / "LICENSES.md").read_text()
-    assert "CDLA-Sharing-1.0" in (D.CORPORA_DIR / "LICENSES.md").read_text()
+        assert rel in (C.CORPORA_DIR / "SOURCES.md").read_text()
+    assert "CC BY-SA 3.0" in (C.CORPORA_DIR / "LICENSES.md").read_text()
+    assert "CDLA-Sharing-1.0" in (C.CORPORA_DIR / "LICENSES.md").read_text()
 
 
 def test_shipped_wikitext2():
-    c = D.load_corpus("wikitext2", split_rows=None, source="shipped")
+    c = C.load_corpus("wikitext2", split_rows=None, source="shipped")
     assert (len(c.train), len(c.valid), len(c.test)) == (36718, 3760, 4358)
     assert c.train[1] == " = Valkyria Chronicles III = "
     assert c.valid[1] == " = Homarus gammarus = " and c.test[1] == " = Robert <unk> = "
     assert c.source.startswith("shipped: WikiText-2 tokenized release")
     # the paper's 50,000 / 5,000 trimming keeps all of WikiText-2
-    c2 = D.load_corpus("WikiText-2", source="shipped")
+    c2 = C.load_corpus("WikiText-2", source="shipped")
     assert (len(c2.train), len(c2.valid)) == (36718, 3760)
-    c3 = D.load_corpus("wikitext2", split_rows=(100, 10), source="shipped")
+    c3 = C.load_corpus("wikitext2", split_rows=(100, 10), source="shipped")
     assert c3.train == c.train[:100] and c3.valid == c.valid[:10] and len(c3.test) == 4358
     assert "train 100/36718 rows" in c3.source
 
 
 def test_shipped_tinystories():
-    c = D.load_corpus("tinystories", split_rows=None, source="shipped")
+    c = C.load_corpus("tinystories", split_rows=None, source="shipped")
     assert len(c.train) == 1097 and len(c.valid) == 789 and c.test is None
     assert c.train[0].startswith("One day, a little girl named Lily found a needle in her room.")
     assert c.train[1].startswith("Once upon a time, there was a little car named Beep.")
@@ -270,18 +272,18 @@ def test_hub_fallback_on_connection_error(monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(D, "_probe_hub", lambda *a: (True, None))
+    monkeypatch.setattr(C, "_probe_hub", lambda *a: (True, None))
     monkeypatch.setattr(datasets, "load_dataset", fail)
     t0 = time.perf_counter()
     with pytest.warns(DataWarning, match="hub load failed"):
-        c = D.load_corpus("wikitext2")
+        c = C.load_corpus("wikitext2")
     assert time.perf_counter() - t0 < 5
     assert calls and calls[0][0] == ("wikitext", "wikitext-2-raw-v1")
     assert "trust_remote_code" not in calls[0][1]
     assert c.source.startswith("shipped: WikiText-2 tokenized release")
     assert "ConnectionError" in c.fallback_reason
     with pytest.raises(DataError, match="hub load failed"):
-        D.load_corpus("wikitext2", source="hub")
+        C.load_corpus("wikitext2", source="hub")
 
 
 def test_hub_unreachable_probe_is_fast(monkeypatch):
@@ -292,19 +294,19 @@ def test_hub_unreachable_probe_is_fast(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", _no_load)
     t0 = time.perf_counter()
     with pytest.warns(DataWarning, match="hub unreachable"):
-        c = D.load_corpus("tinystories", hub_timeout=1.0)
+        c = C.load_corpus("tinystories", hub_timeout=1.0)
     assert time.perf_counter() - t0 < 4
     assert c.source.startswith("shipped: TinyStories") and "unreachable" in c.fallback_reason
     t0 = time.perf_counter()
     with pytest.raises(DataError, match="hub unreachable"):
-        D.load_corpus("tinystories", source="hub", hub_timeout=0.5)
+        C.load_corpus("tinystories", source="hub", hub_timeout=0.5)
     assert time.perf_counter() - t0 < 3
 
 
 def test_hub_offline_env_skips_probe(monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(D, "_probe_hub", lambda *a: pytest.fail("probe must be skipped offline"))
+    monkeypatch.setattr(C, "_probe_hub", lambda *a: pytest.fail("probe must be skipped offline"))
 
     def offline(*a, **k):
         raise ConnectionError("Couldn't reach 'wikitext' on the Hub (OfflineModeIsEnabled)")
@@ -312,7 +314,7 @@ def test_hub_offline_env_skips_probe(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)  # offline, falling back to the shipped copy is silent
-        c = D.load_corpus("wikitext2")
+        c = C.load_corpus("wikitext2")
     assert c.source.startswith("shipped:") and "OfflineModeIsEnabled" in c.fallback_reason
 
 
@@ -323,9 +325,9 @@ def test_hub_success_uses_hub_rows(monkeypatch):
         "validation": datasets.Dataset.from_dict({"text": [f"valid row {i}\n" for i in range(8)]}),
         "test": datasets.Dataset.from_dict({"text": ["test row\n"] * 3}),
     })
-    monkeypatch.setattr(D, "_probe_hub", lambda *a: (True, None))
+    monkeypatch.setattr(C, "_probe_hub", lambda *a: (True, None))
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: fake)
-    c = D.load_corpus("wikitext2", split_rows=(20, 5), source="hub")
+    c = C.load_corpus("wikitext2", split_rows=(20, 5), source="hub")
     assert c.train == [f"train row {i}\n" for i in range(20)] and len(c.valid) == 5 and len(c.test) == 3
     assert c.source.startswith("hub: wikitext/wikitext-2-raw-v1") and "train 20/30 rows" in c.source
     assert c.fallback_reason is None

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gam.cli import main
-from gam.generation import encode_prompt, generate, load_pretrained, sample_next
+from gam.checkpoint import load_checkpoint
+from gam.generation import encode_prompt, generate, sample_next
 
 from conftest import TINY, tiny
 
@@ -178,29 +179,60 @@ def make_checkpoint(path, name="gam", tokenizer=True, kind="bytelevel", **fields
     return model, tok
 
 
-def test_load_pretrained_round_trip(tmp_path):
+def test_load_checkpoint_round_trip(tmp_path):
     model, _ = make_checkpoint(tmp_path / "ckpt-000001")
     (tmp_path / "latest").write_text("ckpt-000001\n")  # a run folder resolves to its latest checkpoint
-    loaded, tok = load_pretrained(tmp_path)
+    ckpt = load_checkpoint(tmp_path)
+    loaded, tok = ckpt.build_model(), ckpt.tokenizer()
     idx = torch.randint(0, model.config.vocab_size, (2, 9))
     assert torch.equal(loaded(idx)[0], model(idx)[0])
     assert loaded.head.weight is loaded.token_embedding.weight
     assert tok.get_vocab_size() == model.config.vocab_size
 
 
-def test_load_pretrained_reads_and_verifies_trainer_checkpoints(tmp_path):
+def test_load_checkpoint_reads_and_verifies_trainer_checkpoints(tmp_path):
     from gam.checkpoint import save_checkpoint
 
     tok = make_tokenizer()
     model = tiny("gam", vocab_size=tok.get_vocab_size())
     save_checkpoint(tmp_path, 3, model, {}, tok.to_str())
-    loaded, _ = load_pretrained(tmp_path)
+    loaded = load_checkpoint(tmp_path).build_model()
     idx = torch.randint(0, model.config.vocab_size, (1, 7))
     assert torch.equal(loaded(idx)[0], model(idx)[0])
     weights = tmp_path / "ckpt-000003" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
     with pytest.raises(ValueError, match="truncated or corrupted"):
-        load_pretrained(tmp_path)
+        load_checkpoint(tmp_path)
+
+
+def test_load_checkpoint_one_tied_head_rule(tmp_path):
+    """The head is the embedding: stored under either name (or both, equal), wrapper prefixes removed."""
+    from safetensors.torch import save_file
+
+    model, _ = make_checkpoint(tmp_path)
+    idx = torch.randint(0, model.config.vocab_size, (1, 7))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for stored in ({k: v for k, v in state.items() if k != "head.weight"},
+                   {k: v for k, v in state.items() if k != "token_embedding.weight"},
+                   {f"_orig_mod.{k}": v for k, v in state.items()}):  # saved from a torch.compile'd model
+        save_file(stored, str(tmp_path / "model.safetensors"))
+        loaded = load_checkpoint(tmp_path).build_model()
+        assert loaded.head.weight is loaded.token_embedding.weight
+        assert torch.equal(loaded(idx)[0], model(idx)[0])
+    untied = dict(state, **{"head.weight": state["head.weight"] + 1})
+    save_file(untied, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="head.weight differs from token_embedding.weight"):
+        load_checkpoint(tmp_path).build_model()
+
+
+def test_load_checkpoint_refuses_a_trainer_checkpoint_without_its_manifest(tmp_path):
+    from gam.checkpoint import save_checkpoint
+
+    tok = make_tokenizer()
+    ckpt = save_checkpoint(tmp_path, 3, tiny("gam", vocab_size=tok.get_vocab_size()), {}, tok.to_str())
+    (ckpt / "manifest.json").unlink()  # the trainer writes it last: without it the save did not finish
+    with pytest.raises(ValueError, match="incomplete or unverifiable"):
+        load_checkpoint(tmp_path)
 
 
 def test_unknown_characters_become_unk_with_a_warning():

@@ -120,6 +120,16 @@ def test_export_checkpoint_to_transformers(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
+def test_an_export_folder_is_not_a_checkpoint(tmp_path):
+    from gam.checkpoint import CheckpointError, load_checkpoint
+    from test_generation import make_checkpoint
+
+    make_checkpoint(tmp_path / "ckpt")
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    with pytest.raises(CheckpointError, match="a gam export folder .* load it with transformers"):
+        load_checkpoint(tmp_path / "hf")
+
+
 def test_pipeline_text_reads_as_typed(tmp_path):
     from transformers import pipeline
 

@@ -60,12 +60,12 @@ def test_mamba_ssm_layout_loads_the_same_model(hf_mamba, tmp_path):
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
 
 
-def test_converted_folder_loads_with_load_pretrained(hf_mamba, tmp_path):
-    from gam.generation import load_pretrained
+def test_converted_folder_loads_with_load_checkpoint(hf_mamba, tmp_path):
+    from gam.checkpoint import load_checkpoint
 
     hf, folder = hf_mamba
     out = convert_mamba_checkpoint(folder, tmp_path / "gam")
-    model, _ = load_pretrained(out, tokenizer=False)
+    model = load_checkpoint(out).build_model()
     idx = torch.randint(0, VOCAB, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-5, rtol=1e-5)
@@ -107,7 +107,7 @@ def test_standard_mamba_uses_rmsnorm_and_an_old_layernorm_checkpoint_says_why_it
     from safetensors.torch import save_file
 
     from conftest import tiny
-    from gam.generation import load_pretrained
+    from gam.checkpoint import load_checkpoint
     from gam.layers.mamba_block import RMSNorm
 
     model = tiny("mamba", mamba_backend="torch")
@@ -118,4 +118,4 @@ def test_standard_mamba_uses_rmsnorm_and_an_old_layernorm_checkpoint_says_why_it
     save_file(state, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"model_config": model.config.to_dict()}))
     with pytest.raises(ValueError, match="saved when it used LayerNorm"):
-        load_pretrained(tmp_path, tokenizer=False)
+        load_checkpoint(tmp_path).build_model()

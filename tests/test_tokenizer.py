@@ -10,7 +10,7 @@ import pytest
 
 from gam import data as D
 from gam import tokenizer as T
-from gam.data import DataError
+from gam.corpus import DataError
 
 MIXED = ("Hello world, the history of Café naïve — Ελληνικά, 東京タワー and 한국어; emoji 🙂🎉👍🏽 "
          "(flag 🇫🇷). The <unk> was a<unk>b! \"Quotes\" 'single' [brackets] {braces} 3.14 -- 50% & $5?\n"

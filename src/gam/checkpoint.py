@@ -41,11 +41,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 
 from gam.config import GAMConfig
 from gam.fileio import atomic_write, writer_errors_as_os_errors
 from gam.models.lm import DecoderLM
+from gam.resources import check_fits_in_memory
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -277,16 +278,27 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: not a checkpoint (no 'latest' file, no model.safetensors)")
 
 
+def read_config(ckpt: Path) -> dict[str, Any]:
+    """config.json of a checkpoint folder, which must hold a JSON object."""
+    path = ckpt / "config.json"
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt}: not a checkpoint folder (no config.json)") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} unreadable ({err})") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path} unreadable (not a JSON object)")
+    return info
+
+
 def verify(ckpt: Path) -> dict[str, Any]:
     """Check every file against the manifest; return config.json's content."""
     problems = manifest_problems(ckpt)
     if problems:
         more = f" (and {len(problems) - 1} more problems; gam verify {ckpt} lists them)" if len(problems) > 1 else ""
         raise CheckpointError(problems[0] + more)
-    try:
-        return json.loads((ckpt / "config.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{ckpt}/config.json unreadable ({err})") from None
+    return read_config(ckpt)
 
 
 @dataclass
@@ -314,22 +326,46 @@ class Checkpoint:
             raise CheckpointError(f"{path}: unreadable tokenizer ({str(err).splitlines()[0]})") from None
 
     def load_weights(self, model: nn.Module) -> None:
+        """Load ``model.safetensors`` into ``model`` (unwrapped from DDP and torch.compile), strictly.
+
+        The head is the token embedding (tied): stored once, under either name
+        (safetensors keeps one name of a shared tensor, a converted folder the
+        other); both names must then hold the same tensor. Names saved from a
+        wrapped model lose the wrapper's prefix.
+        """
         bare = unwrap(model)
+        path = self.path / "model.safetensors"
         try:
-            missing, unexpected = load_model(bare, str(self.path / "model.safetensors"), strict=False)
-        except Exception as err:  # safetensors raises plain RuntimeErrors on shape mismatch
-            raise CheckpointError(f"{self.path}: weights do not fit this model ({str(err).splitlines()[0]})") from None
-        if missing or unexpected:  # lists or sets, depending on the safetensors version
-            raise CheckpointError(f"{self.path}: weights do not fit this model "
-                                  f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+            state = load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types on a bad file
+            raise CheckpointError(f"{path}: unreadable weights ({str(err).splitlines()[0]})") from None
+        state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+        tied = [name for name in ("head.weight", "token_embedding.weight") if name in state]
+        if len(tied) == 2 and not torch.equal(state[tied[0]], state[tied[1]]):
+            raise CheckpointError(f"{path}: head.weight differs from token_embedding.weight, "
+                                  "but the model ties its head to the embedding")
+        if len(tied) == 1:
+            state["head.weight"] = state["token_embedding.weight"] = state[tied[0]]
+        expected = bare.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+        if missing or unexpected or shapes:
+            old_norm = bare.config.model == "mamba" and any(k.endswith("norm.bias") or k == "ln_f.bias"
+                                                             for k in unexpected)
+            hint = ("; this is a standard-wiring Mamba saved when it used LayerNorm, before it took "
+                    "mamba-ssm's RMSNorm: retrain it with this version") if old_norm else ""
+            raise CheckpointError(f"{self.path}: weights do not fit this model (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]}){hint}")
+        bare.load_state_dict(state, strict=True)
 
     def build_model(self, device: str | torch.device = "cpu") -> DecoderLM:
-        from gam.resources import check_fits_in_memory
-
+        """The model with its weights on ``device``, in eval mode; refused with one line
+        when its parameters alone exceed the memory ``device`` has free."""
         check_fits_in_memory(self.model_config, torch.device(device))
         model = DecoderLM(self.model_config)
         self.load_weights(model)
-        return model.to(device)
+        return model.to(device).eval()
 
     def trainer_state(self) -> dict[str, Any]:
         path = self.path / "trainer_state.pt"
@@ -348,18 +384,33 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a run folder's latest checkpoint (or a checkpoint folder), verified."""
+    """Open a checkpoint folder, or the one a run folder's ``latest`` names, checked.
+
+    The one loader of the project: training (resume), ``gam eval``, ``gam generate``,
+    ``gam export`` and the benches open checkpoints here, then take what they need
+    (:meth:`Checkpoint.build_model`, :meth:`Checkpoint.tokenizer`, ...). A folder with a
+    manifest is verified file by file; the trainer's checkpoints (``format_version``
+    in config.json) must have one, since it is written last. A folder without one
+    (``python -m gam.models.mamba_convert`` writes such) is read as it is. config.json
+    holds the model's GAMConfig fields under ``"model_config"``. Every problem is one
+    line, a :class:`CheckpointError`.
+    """
     ckpt = resolve(path)
-    info = verify(ckpt)
-    if isinstance(info, dict) and "format_version" not in info:
-        raise CheckpointError(f"{ckpt}: not a gam training checkpoint (its config.json has no format_version; "
-                              "a gam export folder loads with transformers)")
-    if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{ckpt}: unknown checkpoint format "
-                              f"{info.get('format_version') if isinstance(info, dict) else None!r}")
+    has_manifest = (ckpt / MANIFEST).is_file()
+    info = verify(ckpt) if has_manifest else read_config(ckpt)
+    if "format_version" in info:
+        if info["format_version"] != FORMAT_VERSION:
+            raise CheckpointError(f"{ckpt}: unknown checkpoint format {info['format_version']!r}")
+        if not has_manifest:
+            raise CheckpointError(manifest_problems(ckpt)[0])
+    if "model_config" not in info:
+        if info.get("model_type") == "gam":
+            raise CheckpointError(f"{ckpt}: a gam export folder (Hugging Face layout), not a gam checkpoint: "
+                                  "load it with transformers (import gam.hf; AutoModelForCausalLM.from_pretrained)")
+        raise CheckpointError(f"{ckpt}: not a gam checkpoint (its config.json has no model_config)")
     try:
         GAMConfig.from_dict(info["model_config"])
-    except (KeyError, ValueError, TypeError) as err:
+    except (ValueError, TypeError) as err:
         raise CheckpointError(f"{ckpt}: bad model config ({err})") from None
     return Checkpoint(ckpt, info)
 

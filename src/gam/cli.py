@@ -130,15 +130,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     import torch
 
-    from gam.generation import TextStreamer, check_sampling, encode_prompt, load_pretrained, stream
-
+    from gam.checkpoint import load_checkpoint
+    from gam.generation import TextStreamer, check_sampling, encode_prompt, stream
     from gam.train import Dist, pick_device
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     if not args.prompt:
         raise ValueError("empty prompt: give some text with --prompt")
     device = pick_device(args.device, Dist())  # one-line error for cuda on a CPU build, or a bad name
-    model, tokenizer = load_pretrained(args.dir, device=device)
+    ckpt = load_checkpoint(args.dir)
+    tokenizer = ckpt.tokenizer()
+    model = ckpt.build_model(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ids = encode_prompt(tokenizer, args.prompt)

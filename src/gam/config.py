@@ -216,7 +216,7 @@ def ModelConfig(**fields: Any) -> GAMConfig:  # noqa: N802 - the official code's
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOGGERS = ("none", "wandb", "tensorboard")
 DATA_SOURCES = ("auto", "hub", "shipped")
-TOKENIZER_KINDS = ("bytelevel", "paper")  # gam.tokenizer.TOKENIZER_KINDS (which imports torch); a test keeps them equal
+TOKENIZER_KINDS = ("bytelevel", "paper")  # what gam.tokenizer trains
 
 
 @dataclass

@@ -18,8 +18,11 @@ What the state holds:
 
 :class:`InferenceCache` gathers the per-layer dicts of a :class:`DecoderLM`
 with the position of the next token. :func:`forward_cached` runs a prefill when
-the cache is empty, else one step per token; :func:`generate` (also
-``DecoderLM.generate``) samples from it.
+the cache is empty, else one step per token; :func:`generate` samples from it.
+:class:`GenerationMixin` makes them methods of the model (``model.generate``),
+as mamba-ssm's ``GenerationMixin`` does: ``DecoderLM`` inherits it, and this
+module reads the model only through its ``config``, ``embed``, ``blocks``,
+``ln_f`` and ``head``, so it imports no model module.
 
 Padding: a left-padded batch (``attention_mask``, see :mod:`gam.models.lm`)
 is given at prefill. Each block keeps the pads out of its state (GAM and
@@ -37,21 +40,19 @@ constant-size state however long the text.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from gam.config import GAMConfig
-from gam.models.lm import DecoderLM, check_token_ids, padding_mask, positions_from_mask
+from gam.inputs import check_token_ids, padding_mask, positions_from_mask
 
 
 class InferenceCache:
-    """Decoding state of a :class:`DecoderLM`: one dict per block.
+    """Decoding state of a :class:`gam.models.lm.DecoderLM`: one dict per block.
 
     ``position`` is the number of tokens the state holds (the position of the
     next token); ``seen_tokens`` counts every token fed since allocation
@@ -72,7 +73,7 @@ class InferenceCache:
         self.pad_lengths: torch.Tensor | None = None  # (B,) left-pad count per row of a padded prompt
 
     @classmethod
-    def allocate(cls, model: DecoderLM, batch_size: int, max_seqlen: int | None = None,
+    def allocate(cls, model: nn.Module, batch_size: int, max_seqlen: int | None = None,
                  dtype: torch.dtype | None = None, device=None) -> "InferenceCache":
         if max_seqlen is None:
             max_seqlen = model.config.max_seq_len or model.config.block_size
@@ -80,7 +81,7 @@ class InferenceCache:
                   for block in model.blocks]
         return cls(layers, batch_size, max_seqlen)
 
-    def restart(self, model: DecoderLM) -> None:
+    def restart(self, model: nn.Module) -> None:
         """Empty the state (fresh buffers), keeping ``seen_tokens``: a window slide."""
         fresh = InferenceCache.allocate(model, self.batch_size, self.max_seqlen)
         self.layers, self.position, self.pad_lengths = fresh.layers, 0, None
@@ -108,7 +109,7 @@ class InferenceCache:
                 f"position={self.position}, seen_tokens={self.seen_tokens})")
 
 
-def forward_cached(model: DecoderLM, idx: torch.Tensor, cache: InferenceCache,
+def forward_cached(model: nn.Module, idx: torch.Tensor, cache: InferenceCache,
                    last_only: bool = False, attention_mask: torch.Tensor | None = None,
                    hidden_states: list | None = None) -> torch.Tensor:
     """Logits for tokens ``idx`` (B, T) that continue the sequence in ``cache``.
@@ -211,7 +212,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _prompt(model: DecoderLM, idx: Any) -> torch.Tensor:
+def _prompt(model: nn.Module, idx: Any) -> torch.Tensor:
     if isinstance(idx, torch.Tensor) and idx.numel() == 0:
         raise ValueError("empty prompt: generation needs at least one token")
     if isinstance(idx, torch.Tensor) and idx.dim() == 1:
@@ -226,7 +227,7 @@ def _prompt_mask(idx: torch.Tensor, attention_mask: Any) -> torch.Tensor | None:
     return padding_mask(attention_mask, idx, prompt=True)
 
 
-def stream(model: DecoderLM, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None,
            seed: int | None = None, attention_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield each new token (B,) as it is sampled; see :func:`generate`."""
@@ -279,7 +280,7 @@ def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, real=No
         model.train(was_training)
 
 
-def generate(model: DecoderLM, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Extend prompt ``idx`` (B, T) by ``max_new_tokens`` tokens: returns (B, T + max_new_tokens).
@@ -305,85 +306,33 @@ def generate(model: DecoderLM, idx: torch.Tensor, max_new_tokens: int, temperatu
     return out[0] if one_d else out
 
 
-# ---------------------------------------------------------------- checkpoints and text
+class GenerationMixin:
+    """Cached decoding as methods of a language model (``DecoderLM`` inherits it)."""
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder whose ``latest`` file names one (which
-    must lie inside it: :func:`gam.checkpoint.resolve` holds the rule)."""
-    from gam.checkpoint import resolve
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int | None = None,
+                                 dtype: torch.dtype | None = None, device=None) -> InferenceCache:
+        """Per-layer decoding state for ``batch_size`` sequences."""
+        return InferenceCache.allocate(self, batch_size, max_seqlen, dtype=dtype, device=device)
 
-    path = resolve(path)
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path}: not a checkpoint folder (no {name})")
-    return path
+    def forward_cached(self, idx: torch.Tensor, cache: InferenceCache, last_only: bool = False,
+                       attention_mask: torch.Tensor | None = None,
+                       hidden_states: list | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for tokens that continue the sequence held in ``cache``:
+        one parallel pass when the cache is empty (prefill), then one step per token."""
+        return forward_cached(self, idx, cache, last_only=last_only, attention_mask=attention_mask,
+                              hidden_states=hidden_states)
 
-
-def read_model_config(ckpt: Path) -> GAMConfig:
-    try:
-        info = json.loads((ckpt / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{ckpt}/config.json: not valid JSON ({err})") from None
-    fields = info.get("model_config", info)  # trainer layout, or bare GAMConfig fields
-    return GAMConfig.from_dict(fields)
-
-
-def load_weights(model: DecoderLM, path: Path) -> None:
-    """Load ``model.safetensors`` strictly; the tied head may be stored once under either name."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
-    tied = ("head.weight", "token_embedding.weight")
-    for a, b in (tied, tied[::-1]):
-        if a not in state and b in state:
-            state[a] = state[b]
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        old_norm = model.config.model == "mamba" and any(k.endswith("norm.bias") or k == "ln_f.bias"
-                                                          for k in unexpected)
-        hint = ("; this is a standard-wiring Mamba saved when it used LayerNorm, before it took "
-                "mamba-ssm's RMSNorm: retrain it with this version") if old_norm else ""
-        raise ValueError(f"{path}: weights do not fit the config (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}, wrong shape {shapes[:3]}){hint}")
-    model.load_state_dict(state, strict=True)
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompt (B, T) -> (B, T + max_new_tokens) with the inference cache;
+        ``temperature=0`` is greedy. See :func:`generate`."""
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, seed=seed, attention_mask=attention_mask)
 
 
-def load_tokenizer(ckpt: str | Path):
-    """The ``tokenizers.Tokenizer`` saved with a checkpoint (``tokenizer.json``)."""
-    from tokenizers import Tokenizer
-
-    path = Path(ckpt) / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{ckpt}: no tokenizer.json in this checkpoint folder "
-                                "(the tokenizer the model was trained with is needed to read text)")
-    return Tokenizer.from_file(str(path))
-
-
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
-                    tokenizer: bool = True):
-    """Load a training checkpoint folder: ``(model, tokenizer)`` (tokenizer None if not asked).
-
-    The folder holds ``config.json`` (GAMConfig fields under ``"model_config"``),
-    ``model.safetensors`` and ``tokenizer.json``; a run folder with a ``latest``
-    file resolves to the checkpoint it names. The model is returned in eval mode.
-    """
-    from gam.checkpoint import MANIFEST, verify
-    from gam.resources import check_fits_in_memory
-
-    ckpt = resolve_checkpoint(path)
-    if (ckpt / MANIFEST).is_file():  # the trainer's checkpoints: every file checked, none unlisted
-        verify(ckpt)
-    config = read_model_config(ckpt)
-    tok = load_tokenizer(ckpt) if tokenizer else None
-    check_fits_in_memory(config, torch.device(device))
-    model = DecoderLM(config)
-    load_weights(model, ckpt / "model.safetensors")
-    return model.to(device).eval(), tok
-
+# ---------------------------------------------------------------- text
 
 def unk_token_of(tokenizer) -> str | None:
     unk = getattr(tokenizer.model, "unk_token", None)

@@ -272,8 +272,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     import shutil
     import tempfile
 
-    from gam.checkpoint import TEMP_PREFIX, write_manifest
-    from gam.generation import load_pretrained
+    from gam.checkpoint import TEMP_PREFIX, load_checkpoint, write_manifest
 
     out = Path(out)
     if any(parent.exists() and not parent.is_dir() for parent in out.parents):
@@ -282,7 +281,9 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
         raise ValueError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: output folder exists and is not empty")
-    model, tokenizer = load_pretrained(checkpoint)
+    ckpt = load_checkpoint(checkpoint)
+    tokenizer = ckpt.tokenizer()
+    model = ckpt.build_model()
     hf = GAMForCausalLM.from_gam(model)
     tok = hf_tokenizer(tokenizer, model.config.max_seq_len)
     if tok.pad_token_id is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from gam.config import ConfigError, GAMConfig
+from gam.models.lm import DecoderLM
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -30,8 +31,6 @@ def available_memory(device: torch.device) -> int | None:
 def parameter_count(config: GAMConfig) -> int | None:
     """Parameters of ``DecoderLM(config)``, counted on the meta device (nothing
     allocated); None when the sizes overflow what a tensor can hold."""
-    from gam.models.lm import DecoderLM
-
     try:
         with torch.device("meta"):
             model = DecoderLM(config)

@@ -18,7 +18,8 @@ different number of tokens).
 
 Tokenizers are cached as JSON under ``<cache_dir>/tokenizers/``, keyed by the kind, the corpus
 (name, source, row limits, a fingerprint of the rows), the vocabulary size and the training
-splits; :mod:`gam.data` keys its token cache on the same path.
+splits; :mod:`gam.data` keys its token cache on the same path. The kinds are listed in
+:data:`gam.config.TOKENIZER_KINDS` (which ``gam train --help`` reads without this module).
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from gam.data import Corpus, DataError, default_cache_dir
+from gam.config import TOKENIZER_KINDS
+from gam.corpus import Corpus, DataError, default_cache_dir
 from gam.fileio import atomic_write
 
 __all__ = [
-    "TOKENIZER_KINDS",
     "PAPER_SPECIAL_TOKENS",
     "BYTELEVEL_SPECIAL_TOKENS",
     "TEXT_TOKENS",
@@ -53,7 +54,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_KINDS = ("bytelevel", "paper")
 PAPER_SPECIAL_TOKENS = ["[UNK]", "[PAD]", "[SOS]", "[EOS]"]
 BYTELEVEL_SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
 # Kept whole and decoded as text (not special): WikiText marks rare words with <unk>.

@@ -12,7 +12,7 @@ import re
 
 import datasets
 
-from gam.data import load_corpus
+from gam.corpus import load_corpus
 
 _HEADING = re.compile(r"^ = [^=].* = $")  # a WikiText article title (" = Title = ")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")

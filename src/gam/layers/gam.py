@@ -111,7 +111,7 @@ class GAMBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``attention_mask``: None, or the bool padding mask of a left-padded batch
-        (``gam.models.lm.padding_mask``); padded batches take the reference path."""
+        (``gam.inputs.padding_mask``); padded batches take the reference path."""
         from gam.ops.fused_block import gam_block_fast, use_fast_path
 
         if attention_mask is None and use_fast_path(self.impl, x):

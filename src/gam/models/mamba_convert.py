@@ -21,7 +21,7 @@ one-line error. ``residual_in_fp32`` is not an option here: the residual
 stream is kept in the parameters' dtype (fp32 unless you cast the model).
 
 Command line (writes a folder that ``gam generate`` / ``gam eval`` and
-:func:`gam.generation.load_pretrained` read; the tokenizer is copied)::
+:func:`gam.checkpoint.load_checkpoint` read; the tokenizer is copied)::
 
     python -m gam.models.mamba_convert path/to/mamba-130m-hf runs/mamba-130m
 """
