@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-COMMAND_LINE = {"gam.cli", "gam.train_cli"}
+COMMAND_LINE = {"gam.cli", "gam.train_cli", "gam.cli_bench"}
 # The command-line modules, the only ones that may import COMMAND_LINE.
-COMMAND_LINE_IMPORTERS = {"gam.cli", "gam.train_cli", "gam.cli_args", "gam.__main__"}
+COMMAND_LINE_IMPORTERS = {*COMMAND_LINE, "gam.cli_args", "gam.__main__"}
 
 
 def module_files() -> dict[str, Path]:
@@ -96,18 +96,27 @@ def test_no_import_cycles():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def library_importers_of_the_command_line(exclude: tuple[str, ...] = ()) -> list[str]:
+def library_importers_of_the_command_line() -> list[str]:
     return sorted(f"{name} imports {target}" for name, targets in import_graph().items()
-                  for target in targets & COMMAND_LINE
-                  if name not in COMMAND_LINE_IMPORTERS and not name.startswith(exclude))
+                  for target in targets & COMMAND_LINE if name not in COMMAND_LINE_IMPORTERS)
 
 
 def test_no_library_module_imports_the_command_line():
-    """The command line sits on top: nothing below it imports it (gam.bench aside, next test)."""
-    assert library_importers_of_the_command_line(exclude=("gam.bench",)) == []
-
-
-@pytest.mark.xfail(strict=False, reason="gam.bench.paper still imports gam.train_cli.parse_overrides: "
-                                        "the bench refactor of issue 23 moves it")
-def test_no_bench_module_imports_the_command_line():
+    """The command line sits on top: nothing below it, the benchmarks included, imports it."""
     assert library_importers_of_the_command_line() == []
+
+
+def test_no_benchmark_module_parses_options():
+    """A benchmark is a config dataclass + run + write: its options are built by the command line."""
+    graph_files = module_files()
+    parsing = [name for name, path in graph_files.items()
+               if name.startswith("gam.bench") and "argparse" in path.read_text()]
+    assert parsing == []
+
+
+def test_one_model_registry_and_one_optimizer_construction():
+    """Every model list comes from gam.models.registry; AdamW is built in one place (make_optimizer)."""
+    sources = {name: path.read_text() for name, path in module_files().items()}
+    assert [n for n, text in sources.items() if "optim.AdamW(" in text] == ["gam.train"]
+    assert sum(text.count("optim.AdamW(") for text in sources.values()) == 1
+    assert [n for n, text in sources.items() if "class ModelSpec" in text] == ["gam.models.registry"]
