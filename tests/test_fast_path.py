@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from gam import ConfigError, GAMConfig, build_model
 from gam.layers.gam import GAMBlock
 from gam.ops.cross_entropy import cross_entropy, linear_cross_entropy, lm_loss
-from gam.ops.fused_block import causal_depthwise_conv, dropout_mask, gam_block_fast
+from gam.ops.fused_block import causal_depthwise_conv, dropout_mask
 from gam.ops.fused_block import dropout as fused_dropout
 from gam.ops.memory_read import memory_read, memory_read_reference
 
@@ -137,7 +137,7 @@ def test_block_fast_matches_reference_fp32(variant, memory, B, T):
     x = torch.randn(B, T, 32, requires_grad=True)
     g = torch.randn(B, T, 32)
     y_ref, g_ref = block_outputs(block, x, g, block.forward_reference)
-    y, g_fast = block_outputs(block, x, g, lambda t: gam_block_fast(block, t))
+    y, g_fast = block_outputs(block, x, g, block.forward_fast)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     for (name, _), a, b in zip([("x", None)] + list(block.named_parameters()), g_fast, g_ref):
         assert (a is None) == (b is None), name
@@ -156,7 +156,7 @@ def test_block_fast_matches_reference_fp64_across_chunks(variant, memory, monkey
     x = torch.randn(2, 29, 32, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 29, 32, dtype=torch.float64)
     y_ref, g_ref = block_outputs(block, x, g, block.forward_reference)
-    y, g_fast = block_outputs(block, x, g, lambda t: gam_block_fast(block, t))
+    y, g_fast = block_outputs(block, x, g, block.forward_fast)
     torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-10)
     for a, b in zip(g_fast, g_ref):
         if a is not None:
@@ -170,7 +170,7 @@ def test_block_fast_bf16_autocast(variant, memory):
     g = torch.randn(2, 33, 64)
     y_ref, g_ref = block_outputs(block, x, g, block.forward_reference)      # fp32 truth
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, g_fast = block_outputs(block, x, g, lambda t: gam_block_fast(block, t))
+        y, g_fast = block_outputs(block, x, g, block.forward_fast)
         y_rb, g_rb = block_outputs(block, x, g, block.forward_reference)    # reference in bf16
     assert y.dtype == torch.float32  # residual stream stays fp32
     assert rel_rms(y, y_ref) < 1e-2
@@ -189,7 +189,27 @@ def test_block_eval_and_no_grad():
     block = make_block("full", dropout=0.1).eval()
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
-        torch.testing.assert_close(gam_block_fast(block, x), block.forward_reference(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(block.forward_fast(x), block.forward_reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_block_ops_take_tensors():
+    """The fused ops see parameters, not the block: plain tensors give the block's output."""
+    from gam.ops.fused_block import ffn_residual, gam_mixer_residual
+
+    block = make_block("sum_fusion", seed=8)
+    x = torch.randn(2, 9, 32)
+    params = {name: p.detach().clone() for name, p in block.named_parameters()}
+    with torch.no_grad():
+        mixed = gam_mixer_residual(x, params["ln1.weight"], params["ln1.bias"], 1e-5,
+                                   conv_weight=params["causal_conv.weight"], conv_bias=params["causal_conv.bias"],
+                                   memory_bank=params["memory_bank"])
+        out = ffn_residual(mixed, params["ln2.weight"], params["ln2.bias"], 1e-5, params["ffn.0.weight"],
+                           params["ffn.0.bias"], params["ffn.2.weight"], params["ffn.2.bias"])
+        assert torch.equal(out, block.forward_fast(x))
+    with pytest.raises(ValueError, match="needs conv_weight, memory_bank or both"):
+        gam_mixer_residual(x, None, None, 1e-5)
+    with pytest.raises(ValueError, match="needs conv_weight and memory_bank"):
+        gam_mixer_residual(x, None, None, 1e-5, gate_weight=params["ffn.0.weight"], memory_bank=params["memory_bank"])
 
 
 def test_dropout_mask_rate_and_scale():
@@ -225,7 +245,7 @@ def test_block_dropout_is_unbiased_and_masks_ffn_only():
         mixed = x + block.mix(block.ln1(x))           # the token-mixing half has no dropout
         ffn = block.ffn[2](block.ffn[1](block.ffn[0](block.ln2(mixed))))
         torch.manual_seed(0)
-        outs = torch.stack([gam_block_fast(block, x) for _ in range(400)])
+        outs = torch.stack([block.forward_fast(x) for _ in range(400)])
     dropped = outs - mixed                             # = keep * ffn / (1 - p)
     is_kept = (dropped - 2 * ffn).abs() < 1e-5
     is_zero = dropped.abs() < 1e-5
@@ -253,12 +273,10 @@ def test_impls_share_parameters_and_checkpoints():
 
 
 def test_reference_impl_runs_the_reference_code(monkeypatch):
-    import gam.ops.fused_block as fb
-
     def boom(*a, **k):
         raise AssertionError("fast path used")
 
-    monkeypatch.setattr(fb, "gam_block_fast", boom)
+    monkeypatch.setattr(GAMBlock, "forward_fast", boom)
     model = build_model("gam", n_layer=1, n_embd=16, num_memory_slots=8, vocab_size=20, gam_impl="reference")
     model(torch.randint(0, 20, (1, 5)))
     fast = build_model("gam", n_layer=1, n_embd=16, num_memory_slots=8, vocab_size=20, gam_impl="fast")
@@ -505,7 +523,7 @@ def test_fast_path_under_torch_compile():
     x = torch.randn(2, 11, 32, requires_grad=True)
     g = torch.randn(2, 11, 32)
     y_ref, g_ref = block_outputs(block, x, g, block.forward_reference)
-    compiled = torch.compile(lambda t: gam_block_fast(block, t), backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(block.forward_fast, backend="aot_eager", fullgraph=True)
     y, g_fast = block_outputs(block, x, g, compiled)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_fast, g_ref):
@@ -606,13 +624,13 @@ def test_block_fast_on_cuda_matches_reference():
     x = torch.randn(2, 300, 128, device="cuda", requires_grad=True)
     g = torch.randn(2, 300, 128, device="cuda")
     y_ref, g_ref = block_outputs(block, x, g, block.forward_reference)
-    y, g_fast = block_outputs(block, x, g, lambda t: gam_block_fast(block, t))
+    y, g_fast = block_outputs(block, x, g, block.forward_fast)
     assert rel_rms(y, y_ref) < 1e-5
     for a, b in zip(g_fast, g_ref):
         assert rel_rms(a, b) < 1e-4
     for dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cuda", dtype=dtype):
-            y, g_fast = block_outputs(block, x, g, lambda t: gam_block_fast(block, t))
+            y, g_fast = block_outputs(block, x, g, block.forward_fast)
         assert rel_rms(y, y_ref) < 1e-2
         for a, b in zip(g_fast, g_ref):
             assert rel_rms(a, b) < 2e-2
@@ -620,7 +638,7 @@ def test_block_fast_on_cuda_matches_reference():
     # CUDA's layer_norm refuses mixed dtypes, so the fast path casts as autocast does
     x16 = x.detach().half().requires_grad_()
     with torch.autocast("cuda", dtype=torch.float16):
-        y, _ = block_outputs(block, x16, g.half(), lambda t: gam_block_fast(block, t))
+        y, _ = block_outputs(block, x16, g.half(), block.forward_fast)
         y_ref16, _ = block_outputs(block, x16, g.half(), block.forward_reference)
     assert rel_rms(y, y_ref16) < 1e-2
 

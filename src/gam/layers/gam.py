@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gam.config import GAMConfig
+from gam.ops.fused_block import ffn_residual, gam_mixer_residual, use_fast_path
 
 
 def feed_forward(n_embd: int, dropout: float) -> nn.Sequential:
@@ -112,11 +113,27 @@ class GAMBlock(nn.Module):
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``attention_mask``: None, or the bool padding mask of a left-padded batch
         (``gam.inputs.padding_mask``); padded batches take the reference path."""
-        from gam.ops.fused_block import gam_block_fast, use_fast_path
-
         if attention_mask is None and use_fast_path(self.impl, x):
-            return gam_block_fast(self, x)  # same function, fused ops (gam.ops.fused_block)
+            return self.forward_fast(x)
         return self.forward_reference(x, attention_mask)
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function as :meth:`forward_reference` (unpadded input) on the fused
+        ops of :mod:`gam.ops.fused_block`. With ``memory="kv_slots"`` the mixer is the
+        eager one (its chunked form is batched matmuls already) and the FFN is fused."""
+        if self.memory == "static":
+            x = gam_mixer_residual(
+                x, self.ln1.weight, self.ln1.bias, self.ln1.eps,
+                conv_weight=self.causal_conv.weight if self.has_local else None,
+                conv_bias=self.causal_conv.bias if self.has_local else None,
+                gate_weight=self.gate.weight if self.variant == "full" else None,
+                gate_bias=self.gate.bias if self.variant == "full" else None,
+                memory_bank=self.memory_bank if self.has_global else None)
+        else:  # under the caller's autocast, as the reference
+            x = x + self.mix(self.ln1(x))
+        linear1, linear2, dropout = self.ffn[0], self.ffn[2], self.ffn[3]
+        return ffn_residual(x, self.ln2.weight, self.ln2.bias, self.ln2.eps, linear1.weight, linear1.bias,
+                            linear2.weight, linear2.bias, dropout_p=dropout.p if dropout.training else 0.0)
 
     def forward_reference(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The paper's eager code, unchanged (plus the padding mask): the oracle and the speed baseline."""

@@ -1,6 +1,8 @@
 """The fast path of the GAM block: the same function as the paper's eager code
 (:meth:`gam.layers.gam.GAMBlock.forward_reference`), with fewer passes over
-memory and less kept for backward.
+memory and less kept for backward. The ops take tensors and parameters; the
+block passes its own in (:meth:`gam.layers.gam.GAMBlock.forward_fast`): the
+mixing half is :func:`gam_mixer_residual`, the FFN half :func:`ffn_residual`.
 
 - LayerNorm in fp32, its output cast once to the compute dtype (the autocast
   dtype, else the input's) and shared by the gate, the convolution and the
@@ -167,7 +169,6 @@ class GatedMixerResidual(torch.autograd.Function):
 
 # ---------------------------------------------------------------- FFN
 
-DROPOUT_BITS = 16
 # Tokens per FFN chunk: 2048 x 4C x 4 bytes = 16 MiB of hidden activations at C = 512.
 # A training batch of the paper (8-32 x 256 tokens) is one to four chunks; 1024 was
 # ~5% slower in bf16 on the 2-core CPU (smaller GEMMs), 4096 no faster.
@@ -302,55 +303,67 @@ class FFNResidual(torch.autograd.Function):
                 db2, None, None, None)
 
 
-# ---------------------------------------------------------------- the block
+# ---------------------------------------------------------------- the block's two halves
 
-def _layer_norm(x: torch.Tensor, ln, dtype: torch.dtype) -> torch.Tensor:
-    """LayerNorm computed as autocast does (input in the parameters' dtype, fp32
-    under mixed precision), returned in the compute dtype. The cast matters for an
-    fp16 residual stream with fp32 parameters: CUDA's kernel refuses mixed dtypes."""
-    if ln.weight is not None and x.dtype != ln.weight.dtype:
-        x = x.to(ln.weight.dtype)
-    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps).to(dtype)
-
-
-def _paper_mixer_residual(block, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` + the paper's mixer (static memory read) on the fused ops; autocast off."""
-    h = _layer_norm(x, block.ln1, dtype)
-    if block.variant == "full":
-        conv = block.causal_conv
-        chunk = memory_read_ops.DEFAULT_CHUNK_CUDA if x.is_cuda else memory_read_ops.DEFAULT_CHUNK
-        return GatedMixerResidual.apply(x, h, block.gate.weight, block.gate.bias, conv.weight, conv.bias,
-                                        block.memory_bank, chunk)
-    local = glob = None
-    if block.has_local:
-        conv = block.causal_conv
-        local = causal_depthwise_conv(h, conv.weight, conv.bias)
-    if block.has_global:
-        glob = memory_read(h, block.memory_bank)
-    if block.variant == "sum_fusion":
-        return x + (local + glob)
-    return x + (glob if local is None else local)
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                dtype: torch.dtype) -> torch.Tensor:
+    """LayerNorm over the last dimension computed as autocast does (input in the
+    parameters' dtype, fp32 under mixed precision), returned in the compute dtype. The
+    cast matters for an fp16 residual stream with fp32 parameters: CUDA's kernel
+    refuses mixed dtypes."""
+    if weight is not None and x.dtype != weight.dtype:
+        x = x.to(weight.dtype)
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps).to(dtype)
 
 
-def gam_block_fast(block, x: torch.Tensor) -> torch.Tensor:
-    """Fast forward of a :class:`gam.layers.gam.GAMBlock` (any variant). With
-    ``memory="kv_slots"`` the mixer is the eager one (its chunked form is
-    batched matmuls already) and the FFN takes the fused path."""
+def gam_mixer_residual(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None,
+                       ln_eps: float, *, conv_weight: torch.Tensor | None = None,
+                       conv_bias: torch.Tensor | None = None, gate_weight: torch.Tensor | None = None,
+                       gate_bias: torch.Tensor | None = None,
+                       memory_bank: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` + the paper's token mixer of ``h = LayerNorm(x)`` (static memory read), fused.
+
+    The variant follows from the parameters given: the gate (with the convolution's
+    Conv1d weights (C, 1, k) and the memory bank) is ``full``, the convolution and the
+    bank without a gate ``sum_fusion``, one of them alone ``local_only`` or
+    ``global_only``. Matmuls run in the compute dtype (autocast's, else the input's),
+    the residual keeps its dtype.
+    """
+    if conv_weight is None and memory_bank is None:
+        raise ValueError("gam_mixer_residual needs conv_weight, memory_bank or both")
+    if gate_weight is not None and (conv_weight is None or memory_bank is None):
+        raise ValueError("gam_mixer_residual: the gate fuses two paths, it needs conv_weight and memory_bank")
     dtype = compute_dtype(x)
-    device_type = x.device.type
-    if block.memory != "static":  # autocast as the caller set it
-        x = x + block.mix(block.ln1(x))
-    with _no_autocast(device_type):
-        if block.memory == "static":
-            x = _paper_mixer_residual(block, x, dtype)
+    with _no_autocast(x.device.type):
+        h = _layer_norm(x, ln_weight, ln_bias, ln_eps, dtype)
+        if gate_weight is not None:
+            chunk = memory_read_ops.DEFAULT_CHUNK_CUDA if x.is_cuda else memory_read_ops.DEFAULT_CHUNK
+            return GatedMixerResidual.apply(x, h, gate_weight, gate_bias, conv_weight, conv_bias, memory_bank,
+                                            chunk)
+        local = None if conv_weight is None else causal_depthwise_conv(h, conv_weight, conv_bias)
+        glob = None if memory_bank is None else memory_read(h, memory_bank)
+        if local is not None and glob is not None:
+            return x + (local + glob)
+        return x + (glob if local is None else local)
 
-        ln2, lin1, lin2, drop = block.ln2, block.ffn[0], block.ffn[2], block.ffn[3]
-        h = _layer_norm(x, ln2, dtype)
+
+def ffn_residual(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, ln_eps: float,
+                 w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                 dropout_p: float = 0.0) -> torch.Tensor:
+    """``x + Dropout(Linear2(GELU(Linear1(LayerNorm(x)))))``, fused (:class:`FFNResidual`).
+
+    ``dropout_p``: the drop probability, 0 outside training; the mask is the 16-bit one
+    of :func:`dropout_mask`. Matmuls run in the compute dtype (autocast's, else the
+    input's), the residual keeps its dtype.
+    """
+    dtype = compute_dtype(x)
+    with _no_autocast(x.device.type):
+        h = _layer_norm(x, ln_weight, ln_bias, ln_eps, dtype)
         mask, scale = None, 1.0
-        if drop.training and drop.p > 0:
-            mask, scale = dropout_mask(x.shape, drop.p, x.device)
+        if dropout_p > 0:
+            mask, scale = dropout_mask(x.shape, dropout_p, x.device)
         chunk = FFN_CHUNK_CUDA if x.is_cuda else FFN_CHUNK
-        return FFNResidual.apply(x, h, lin1.weight, lin1.bias, lin2.weight, lin2.bias, mask, scale, chunk)
+        return FFNResidual.apply(x, h, w1, b1, w2, b2, mask, scale, chunk)
 
 
 def use_fast_path(impl: str, x: torch.Tensor) -> bool:
