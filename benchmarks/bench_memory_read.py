@@ -152,7 +152,7 @@ def main() -> None:
             M = (torch.randn(S, C, device=dev) * C ** -0.25).requires_grad_()
             g = torch.randn(N, C, device=dev).to(dtype)
 
-            def step(fn):
+            def step(fn, h=h, M=M, g=g, dtype=dtype):  # bound now: called within this iteration
                 with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
                     out = fn(h, M)
                 torch.autograd.grad(out, [h, M], g)

@@ -108,8 +108,8 @@ def make_methods(tune):
     }
     for spec in tune:
         c, b = (int(v) for v in spec.split(":"))
-        methods[f"fast[{c}:{b}]"] = (lambda c, b: lambda **kw: selective_scan_fn(
-            **kw, delta_softplus=True, chunk_size=c, block_size=b))(c, b)
+        methods[f"fast[{c}:{b}]"] = lambda c=c, b=b, **kw: selective_scan_fn(
+            **kw, delta_softplus=True, chunk_size=c, block_size=b)
     return methods
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 COMMAND_LINE = {"gam.cli", "gam.train_cli", "gam.cli_bench"}

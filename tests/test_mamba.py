@@ -81,7 +81,7 @@ def test_fast_scan_matches_reference(L, chunk, block):
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(last, last_ref, atol=1e-5, rtol=1e-5)
     for k in NAMES:
-        torch.testing.assert_close(g[k], g_ref[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"grad {k}: {m}")
+        torch.testing.assert_close(g[k], g_ref[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"grad {k}: {m}")
 
 
 def test_fast_scan_without_optional_args():

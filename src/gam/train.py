@@ -178,12 +178,13 @@ def batches(tokens: np.ndarray, block_size: int, order: torch.Tensor, start: int
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int,
-             device: torch.device, precision: str, d: Dist = Dist()) -> dict[str, float]:
+             device: torch.device, precision: str, d: Dist | None = None) -> dict[str, float]:
     """Mean cross-entropy over every validation block, in order (deterministic).
 
     Shows a progress bar on a terminal (gam.progress): it takes tens of seconds on a CPU."""
     from gam.progress import progress
 
+    d = d or Dist()
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"evaluation batch size must be an integer >= 1, got {batch_size!r}")
     n_blocks = len(tokens) // (block_size + 1)
