@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from gam.bench.common import end_provenance, start_provenance  # noqa: E402
-from gam.checkpoint import CheckpointError, TEMP_PREFIX, load_checkpoint, verify_folder  # noqa: E402
+from gam.checkpoint import TEMP_PREFIX, CheckpointError, load_checkpoint, verify_folder  # noqa: E402
 
 TINY = ["--data", "wikitext2", "--data-source", "shipped", "--train-rows", "2000", "--valid-rows", "200",
         "--vocab-size", "512", "--block-size", "32", "--n-embd", "32", "--n-layer", "2", "--n-head", "2",

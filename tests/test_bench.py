@@ -255,8 +255,15 @@ def test_rank_cells_tie_rule():
 def test_cpu_budget_projection():
     """The cpu preset fits 90 minutes on the budget machine by the committed speed measurements."""
     from gam.bench.ablation import variant_specs
-    from gam.bench.paper import (CPU_BUDGET, CPU_DEFAULT_MODELS, PaperConfig, model_specs, project_grid,
-                                 projected_tokens_per_s, resolve)
+    from gam.bench.paper import (
+        CPU_BUDGET,
+        CPU_DEFAULT_MODELS,
+        PaperConfig,
+        model_specs,
+        project_grid,
+        projected_tokens_per_s,
+        resolve,
+    )
     from gam.train import preset
 
     cpu_model = preset("cpu")[0]

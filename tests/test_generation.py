@@ -6,11 +6,10 @@ import warnings
 import pytest
 import torch
 
-from gam.cli import main
-from gam.checkpoint import load_checkpoint
-from gam.generation import encode_prompt, generate, sample_next
-
 from conftest import TINY, tiny
+from gam.checkpoint import load_checkpoint
+from gam.cli import main
+from gam.generation import encode_prompt, generate, sample_next
 
 MODELS = [
     ("gam", {"variant": "full"}),

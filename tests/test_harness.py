@@ -62,8 +62,9 @@ def export_dir(tmp_path_factory):
 
 
 def load_export(path):
-    import gam.hf  # noqa: F401 - registers the gam model type
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import gam.hf  # noqa: F401 - registers the gam model type
 
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-
 SRC = Path(__file__).resolve().parents[1] / "src"
 COMMAND_LINE = {"gam.cli", "gam.train_cli", "gam.cli_bench"}
 # The command-line modules, the only ones that may import COMMAND_LINE.

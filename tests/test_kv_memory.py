@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from gam import ConfigError, GAMConfig, build_model
 from gam.layers.gam import GAMBlock
-from gam.ops.kv_memory import (LOG_ALPHA_MIN, MAX_CHUNK, kv_memory_chunked, kv_memory_final_state,
-                               kv_memory_recurrent)
+from gam.ops.kv_memory import LOG_ALPHA_MIN, MAX_CHUNK, kv_memory_chunked, kv_memory_final_state, kv_memory_recurrent
 
 
 def inputs(B=2, T=21, d=8, S=6, seed=0, gate_scale=2.0, dtype=torch.float32):

@@ -4,9 +4,8 @@ forward, the cached prefill/step path, generate() and transformers' pipeline."""
 import pytest
 import torch
 
-from gam.generation import forward_cached, generate
-
 from conftest import TINY, tiny
+from gam.generation import forward_cached, generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

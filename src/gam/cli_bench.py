@@ -18,6 +18,7 @@ from gam.bench.scaling import DEFAULT_LENGTHS, ScalingConfig, block_specs
 from gam.bench.scaling import DEFAULT_MODELS as SCALING_DEFAULT_MODELS
 from gam.train_cli import parse_overrides
 
+
 def cpu_schedule_help(bench: str) -> str:
     epochs = CPU_BUDGET["epochs"][bench]
     return (f"width {CPU_BUDGET['model']['n_embd']}, {epochs} epoch{'s' if epochs != 1 else ''} of WikiText-2, "

@@ -131,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from gam.checkpoint import load_checkpoint
     from gam.data import prepare_data
-    from gam.train import evaluate, pick_device, Dist, unigram_perplexity
+    from gam.train import Dist, evaluate, pick_device, unigram_perplexity
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be an integer >= 1, got {args.batch_size}")

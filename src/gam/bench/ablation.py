@@ -15,20 +15,40 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from gam.bench.common import (
-    fmt_mean_spread, load_average, markdown_table, start_provenance, write_results,
+    fmt_mean_spread,
+    load_average,
+    markdown_table,
+    start_provenance,
+    write_results,
 )
 from gam.bench.paper import (
-    METRICS, PaperConfig, _epoch_cell, diverged_lines, metric_cell, aggregate,
-    field_headers, plot_by_position, position_cells, position_summary, rank_cells,
-    table_notes, with_defaults, UNIGRAM_LABEL, fmt_params, parameter_counts, unigram_ppl, plot_curves, resolve,
-    setup_lines, train_grid,
+    METRICS,
+    UNIGRAM_LABEL,
+    PaperConfig,
+    _epoch_cell,
+    aggregate,
+    diverged_lines,
+    field_headers,
+    fmt_params,
+    metric_cell,
+    parameter_counts,
+    plot_by_position,
+    plot_curves,
+    position_cells,
+    position_summary,
+    rank_cells,
+    resolve,
+    setup_lines,
+    table_notes,
+    train_grid,
+    unigram_ppl,
+    with_defaults,
 )
-
 from gam.models import registry
 from gam.models.registry import ModelSpec
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 # ---------------------------------------------------------------- data
 
 

@@ -53,12 +53,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from gam.bench.common import (
+    describe_environment,
+    environment,
+    fmt_mean_spread,
+    load_average,
+    markdown_table,
+    mean_spread,
+    start_provenance,
+    write_results,
+)
 from gam.models import registry
 from gam.models.registry import ModelSpec
-
-from gam.bench.common import (
-    describe_environment, environment, fmt_mean_spread, start_provenance, load_average, markdown_table, mean_spread, write_results,
-)
 
 NAME = "paper"
 DATASETS = ("wikitext2", "tinystories")

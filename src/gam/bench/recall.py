@@ -40,7 +40,6 @@ from gam.bench.common import end_provenance, environment, start_provenance, writ
 from gam.config import GAMConfig, TrainConfig, described
 from gam.models import registry
 
-
 # ---------------------------------------------------------------- models
 
 # The command line's short names -> registry keys (gam.models.registry).

@@ -34,9 +34,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from gam.bench.common import (
-    MIB, describe_environment, median, environment, fit_exponent, load_average, markdown_table, start_provenance, write_results,
+    MIB,
+    describe_environment,
+    environment,
+    fit_exponent,
+    load_average,
+    markdown_table,
+    median,
+    start_provenance,
+    write_results,
 )
-
 from gam.models import registry
 from gam.models.registry import ModelSpec
 

@@ -54,12 +54,19 @@ from typing import Any
 
 from gam.bench import block_memory
 from gam.bench.common import (
-    describe_environment, describe_provenance, end_provenance, environment, markdown_table, start_provenance,
-    synchronize, write_results,
+    describe_environment,
+    describe_provenance,
+    end_provenance,
+    environment,
+    markdown_table,
+    start_provenance,
+    synchronize,
+    write_results,
 )
 from gam.config import described
 from gam.models import registry
 from gam.models.registry import ModelSpec
+
 
 @dataclass(frozen=True)
 class Row:

@@ -49,9 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gam.ops.kv_memory import (kv_memory_chunked, kv_memory_final_state, kv_memory_recurrent,
-                               kv_memory_step)
-
+from gam.ops.kv_memory import kv_memory_chunked, kv_memory_final_state, kv_memory_recurrent, kv_memory_step
 
 RETENTION_TOKENS = (4.0, 256.0)  # initial retention times of each head's slots, shortest and longest
 

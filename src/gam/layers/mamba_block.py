@@ -18,7 +18,6 @@ import torch.nn as nn
 from gam.config import GAMConfig
 from gam.layers.mamba import Mamba
 
-
 RMS_NORM_EPS = 1e-5  # mamba-ssm's RMSNorm and Hugging Face's layer_norm_epsilon default
 
 
