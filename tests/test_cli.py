@@ -146,6 +146,53 @@ def test_overrides_for_bench_share_the_field_parser():
         parse_overrides(["--model", "mamba"])
 
 
+def bench_config(argv: list[str], monkeypatch):
+    """The config ``gam bench ...`` would run, without running it."""
+    import gam.cli
+
+    seen = {}
+
+    def capture(bench, args):
+        fields = gam.cli.given_fields(args, bench.Config)
+        if getattr(bench, "ACCEPTS_OVERRIDES", False):
+            fields["model_overrides"], fields["train_overrides"] = parse_overrides(list(args.overrides or []))
+        seen["config"] = bench.Config(**fields)
+
+    monkeypatch.setattr(gam.cli, "cmd_bench", capture)
+    assert main(argv) == 0
+    return seen["config"]
+
+
+def test_every_bench_takes_its_options_from_its_config(monkeypatch):
+    """One parser per benchmark, generated from its Config: every described field is an
+    option and every option (but --out) a field; the flags of the hand-written parsers
+    they replaced still read the same."""
+    import argparse
+    import dataclasses
+
+    from gam.bench import ablation, decode, paper, recall, scaling, speed
+    from gam.cli import build_parser
+    from gam.cli_args import field_flag
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bench_sub = next(a for a in sub.choices["bench"]._actions if isinstance(a, argparse._SubParsersAction))
+    for bench in (decode, speed, recall, scaling, paper, ablation):
+        options = {s for a in bench_sub.choices[bench.NAME]._actions for s in a.option_strings if s.startswith("--")}
+        fields = {field_flag(f) for f in dataclasses.fields(bench.Config) if "help" in f.metadata}
+        assert options - {"--help", "--out"} == fields, bench.NAME
+    cfg = bench_config(["bench", "scaling", "--min-time", "0", "--time-budget", "5", "--lengths", "64,128",
+                        "--models", "gam,mamba"], monkeypatch)
+    assert (cfg.min_time_s, cfg.time_budget_s, cfg.lengths, cfg.models) == (0.0, 5.0, (64, 128), ("gam", "mamba"))
+    cfg = bench_config(["bench", "paper", "--fair", "--models", "transformer", "--datasets", "wikitext2",
+                        "--n-layer", "2", "--lr", "1e-3"], monkeypatch)
+    assert cfg.fair is True and cfg.models == ("transformer",) and cfg.datasets == ("wikitext2",)
+    assert cfg.model_overrides == {"n_layer": 2} and cfg.train_overrides == {"lr": 1e-3}
+    cfg = bench_config(["bench", "ablation", "--dataset", "tinystories", "--variants", "full,kv_slots"], monkeypatch)
+    assert cfg.dataset == "tinystories" and cfg.variants == ("full", "kv_slots")
+    assert main(["bench", "ablation", "--variants", "full,nope"]) == 2  # a one-line error, not a traceback
+    assert main(["bench", "scaling", "--n-layer", "2"]) == 2  # no overrides where the bench trains nothing
+
+
 def test_train_applies_fields_over_the_preset(monkeypatch, tmp_path):
     import gam.train
 

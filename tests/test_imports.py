@@ -13,7 +13,7 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-COMMAND_LINE = {"gam.cli", "gam.train_cli", "gam.cli_bench"}
+COMMAND_LINE = {"gam.cli", "gam.train_cli"}
 # The command-line modules, the only ones that may import COMMAND_LINE.
 COMMAND_LINE_IMPORTERS = {*COMMAND_LINE, "gam.cli_args", "gam.__main__"}
 

@@ -157,7 +157,7 @@ def test_get_tokenizer_cache_hit_and_key(tmp_path, monkeypatch):
 
 
 def test_which_runs_use_which_tokenizer():
-    from gam.bench.paper import bench_preset
+    from gam.bench.trained import bench_preset
     from gam.train import TrainConfig, preset
 
     assert TrainConfig().tokenizer == "bytelevel"

@@ -192,42 +192,59 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """The ``gam bench`` group: one sub-command per benchmark."""
     bench = sub.add_parser("bench", help="benchmarks: speed, decode, recall, scaling, paper, ablation, report")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
-    from gam.bench import decode, recall, speed
+    from gam.bench import ablation, decode, paper, recall, scaling, speed
 
-    for bench in (decode, speed, recall):  # each a Config dataclass + run + write + summary
+    # each a Config dataclass + run + write + summary; a new benchmark is one more module here
+    for bench in (decode, speed, recall, scaling, paper, ablation):
         add_bench_command(bench_sub, bench)
-    # more benchmarks: define add_bench_<name>_parser(bench_sub) like the one below and call it here
-    add_bench_paper_parsers(bench_sub)
+    add_report_parser(bench_sub)
 
 
 def add_bench_command(bench_sub: argparse._SubParsersAction, bench) -> None:
     """``gam bench NAME``: the options are the fields of the benchmark's config dataclass
     (``bench.Config``, described as ``gam train``'s), plus ``--out``. The command runs
     ``bench.run(config)``, writes the results folder (``bench.write``) and prints the
-    benchmark's ``summary`` of the result."""
+    benchmark's ``summary`` of the result. A benchmark that trains models
+    (``ACCEPTS_OVERRIDES``) also takes any model or training field, as ``gam train``."""
     doc = " ".join((bench.Config.__doc__ or "").split())
     p = bench_sub.add_parser(bench.NAME, help=bench.HELP, description=doc)
     p.add_argument("--out", default=bench.DEFAULT_OUT, metavar="DIR",
                    help=f"results folder (default {bench.DEFAULT_OUT})")
     add_field_arguments(p, "settings", bench.Config)
-    p.set_defaults(func=lambda args: cmd_bench(bench, args))
+    p.set_defaults(func=lambda args: cmd_bench(bench, args),
+                   accepts_overrides=getattr(bench, "ACCEPTS_OVERRIDES", False))
 
 
 def cmd_bench(bench, args: argparse.Namespace) -> None:
-    config = bench.Config(**given_fields(args, bench.Config))
+    fields = given_fields(args, bench.Config)
+    if getattr(bench, "ACCEPTS_OVERRIDES", False):
+        fields["model_overrides"], fields["train_overrides"] = train_cli.parse_overrides(
+            list(getattr(args, "overrides", None) or []))
+    config = bench.Config(**fields)
     result = bench.run(config)
     paths = bench.write(result, args.out)
     print(bench.summary(result))
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
-def add_bench_paper_parsers(bench_sub: argparse._SubParsersAction) -> None:
-    """``gam bench scaling|paper|ablation|report``: the paper's tables (parsers in gam.cli_bench)."""
-    from gam import cli_bench
+def add_report_parser(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("report", help="collect results folders into one markdown report",
+                             description="Read the NAME.md / NAME.json files of each results folder and "
+                                         "write one markdown report (stdout, or --out FILE).")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="results folders written by gam bench ...")
+    p.add_argument("--out", default=None, help="write the report here (plots linked relative to it)")
+    p.add_argument("--title", default="Benchmark report")
+    p.set_defaults(func=cmd_report)
 
-    for add_parser in (cli_bench.add_scaling_parser, cli_bench.add_paper_parser, cli_bench.add_ablation_parser,
-                       cli_bench.add_report_parser):
-        add_parser(bench_sub)
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from gam.bench import report
+
+    text = report.render(args.dirs, args.out, args.title)
+    if args.out:
+        print(f"wrote {args.out} ({len(args.dirs)} folder(s))")
+    else:
+        print(text, end="")
 
 
 def add_params_parser(sub: argparse._SubParsersAction) -> None:

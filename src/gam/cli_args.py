@@ -174,8 +174,9 @@ def add_field_arguments(parser: argparse.ArgumentParser, title: str, config_clas
                    if field.name in values and values[field.name] != field.default]
         default = field.default if field.default is not dataclasses.MISSING else None
         choices = field.metadata.get("choices")
-        text = (f"{field_meaning(field)}" + (f" [{' | '.join(choices)}]" if choices else "")
-                + f" (default: {'; '.join([show(default), *changed])})")
+        text = f"{field_meaning(field)}" + (f" [{' | '.join(choices)}]" if choices else "")
+        if not (default is None and "default" in text and not changed):  # a meaning that says its own default
+            text += f" (default: {'; '.join([show(default), *changed])})"
         extra: dict[str, Any] = {"nargs": "?", "const": True} if bool in kinds else {}
         item = _list_of(kinds[0])
         metavar = (_METAVARS.get(item, "VALUE") + ",...") if item else _METAVARS.get(kinds[0], "VALUE")

@@ -3,7 +3,7 @@
 Full GAM (gated fusion of the local convolution and the global memory read),
 Global Only (memory read, no convolution, no gate), Sum Fusion (both paths
 added, no gate) and Local Only (convolution, no memory, no gate), trained the
-same way (same data, steps and seeds; see :mod:`gam.bench.paper`). Table 3
+same way (same data, steps and seeds; see :mod:`gam.bench.trained`). Table 3
 reports the *best* validation perplexity seen during training, so the runs
 evaluate a few times (``eval_every``) and the table shows the best and the
 final perplexity. Beside ours: the paper's parameter counts and perplexities,
@@ -14,45 +14,37 @@ paper's rounded figure).
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from gam.bench.common import (
-    fmt_mean_spread,
-    load_average,
-    markdown_table,
-    start_provenance,
-    write_results,
-)
-from gam.bench.paper import (
+from gam.bench.common import fmt_mean_spread, markdown_table
+from gam.bench.tables import (
     METRICS,
     UNIGRAM_LABEL,
-    PaperConfig,
-    _epoch_cell,
     aggregate,
     diverged_lines,
+    epoch_cell,
     field_headers,
     fmt_params,
     metric_cell,
-    parameter_counts,
-    plot_by_position,
-    plot_curves,
     position_cells,
     position_summary,
     rank_cells,
-    resolve,
     setup_lines,
     table_notes,
-    train_grid,
     unigram_ppl,
-    with_defaults,
+    write_trained,
 )
+from gam.bench.trained import TrainedConfig, check_datasets, default_seeds, parameter_counts, train_models
+from gam.config import described
 from gam.models import registry
 from gam.models.registry import ModelSpec
 
 NAME = "ablation"
+HELP = "Table 3: the four GAM variants trained on WikiText-2"
+DEFAULT_OUT = "results/ablation"
+ACCEPTS_OVERRIDES = True  # any model or training field: --n-layer 2, --lr 1e-3, ...
 
 # ``--variants`` names -> registry keys (gam.models.registry).
 VARIANTS = {"full": "gam", "global_only": "gam_global_only", "sum_fusion": "gam_sum_fusion",
@@ -107,7 +99,7 @@ def render_table3(variants: list[str], runs: list[dict[str, Any]], paper_counts:
         body.append([
             spec.label, _mark(gating), _mark(local), _mark(glob), ranks[key],
             fmt_params(rs[0]["params"]), fmt_params(rs[0]["non_embedding_params"]),
-            f"{paper_counts[key]:,}", _epoch_cell(rs),
+            f"{paper_counts[key]:,}", epoch_cell(rs),
             fmt_mean_spread([r["tokens_per_s"] for r in rs if not r.get("diverged")], "{:,.0f}"),
             metric_cell(rs, "best_val_loss", "{:.4f}"), metric_cell(rs, "best_val_ppl", "{:.2f}"),
             metric_cell(rs, "val_ppl", "{:.2f}"), *position_cells(rs), metric_cell(rs, "last_quarter_gain", "{:.4f}"),
@@ -120,41 +112,40 @@ def render_table3(variants: list[str], runs: list[dict[str, Any]], paper_counts:
     return markdown_table(headers, body, "lllll" + "r" * 13)
 
 
-def run(cfg: PaperConfig, variants: list[str], out: str | Path,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train the variants on ``cfg.datasets[0]`` (WikiText-2 by default); write ablation.md/.json/.csv, curves.png."""
-    from gam.bench.common import environment
+@dataclass
+class AblationConfig(TrainedConfig):
+    """Train the full GAM and its three ablations (Global Only, Sum Fusion, Local Only) on
+    WikiText-2 with the same data, steps and seeds, and tabulate parameters, time per epoch,
+    tokens/s, the best and final validation perplexity and the loss inside and beyond the paper
+    GAM's receptive field beside the paper's Table 3 (mean ± sd over seeds, ties marked). Any
+    model or training field can be overridden as in gam train: --n-layer 2, --lr 1e-3, ..."""
+
+    dataset: str = described("wikitext2", "wikitext2 (the paper's), tinystories or a path")
+    variants: tuple[str, ...] = described(DEFAULT_VARIANTS, "the variants, in the table's order",
+                                          choices=tuple(VARIANTS))
+
+
+Config = AblationConfig
+
+
+def run(config: AblationConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train the variants on ``config.dataset``; the result :func:`write` turns into the results folder."""
+    from gam.evaluation import paper_receptive_field
     from gam.train import preset as train_preset
 
-    cfg.validate()
-    cfg = with_defaults(cfg, NAME)
-    provenance = start_provenance()
+    config.validate()
+    check_datasets([config.dataset])
+    config = replace(config, seeds=config.seeds if config.seeds is not None else default_seeds(config.preset))
+    variants = list(config.variants)
     specs = variant_specs(variants)
-    model_fields, train_fields, valid_tokens = resolve(cfg, NAME)
-    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     paper_fields = train_preset("paper")[0]
     paper_counts = {k: parameter_counts("gam", {**paper_fields, **specs[k].fields})["total"] for k in variants}
-    start = time.perf_counter()
-    import torch
-
-    if train_fields.get("threads"):
-        torch.set_num_threads(train_fields["threads"])
-    env = environment(cfg.device)
-    dataset = cfg.datasets[0]
-    log(f"ablation: {', '.join(variants)} on {dataset}; preset {cfg.preset}, {train_fields['precision']} on "
-        f"{cfg.device}, seeds {seeds}")
-    runs, data_info, projection = train_grid([dataset], list(specs.values()), seeds, model_fields, train_fields,
-                                 device=cfg.device, valid_tokens=valid_tokens, data_source=cfg.data_source,
-                                 cache_dir=cfg.cache_dir, runs_dir=cfg.runs_dir, log=log)
-    wall = time.perf_counter() - start
-    env["load_average_end"] = load_average()
-    uni = [r["unigram_ppl"] for r in runs if r.get("unigram_ppl")]
-    data_info[dataset]["unigram_ppl"] = uni[0] if uni else None
-    from gam.evaluation import paper_receptive_field
-
-    table = render_table3(variants, runs, paper_counts, paper_receptive_field(model_fields))
+    grid = train_models(config, NAME, [config.dataset], specs, log=log)
+    runs = grid["runs"]
+    table = render_table3(variants, runs, paper_counts, paper_receptive_field(grid["model_fields"]))
     lines = ["# Ablations (Table 3): the four GAM variants", "",
-             *setup_lines(cfg, model_fields, train_fields, valid_tokens, data_info, env, wall, seeds, projection),
+             *setup_lines(config.preset, grid["model_fields"], grid["train_fields"], grid["valid_tokens"],
+                          grid["data"], grid["environment"], grid["wall_s"], grid["seeds"], grid["projection"]),
              table, "", *table_notes(runs, "best validation loss"), "",
              *diverged_lines(runs, {k: s.label for k, s in specs.items()}),
              "Best val loss / PPL: the lowest of the evaluations during training "
@@ -164,21 +155,25 @@ def run(cfg: PaperConfig, variants: list[str], out: str | Path,
              "vocab 10,000, 512 slots), which rounds to the paper's figure.",
              "The paper's columns are its Table 3 (WikiText-2, T4 GPU, fp32, 5 epochs)."
              + (" They compare with ours only in direction: the `cpu` preset is a much smaller model trained "
-                "on far fewer tokens." if cfg.preset == "cpu" else ""), ""]
+                "on far fewer tokens." if config.preset == "cpu" else ""), ""]
     summary = [{"model": k, "label": specs[k].label, **dict(zip(("gating", "local", "global"), paths_of(specs[k]))),
                 "params": rs[0]["params"],
                 "non_embedding_params": rs[0]["non_embedding_params"], "params_paper_config": paper_counts[k],
                 **aggregate(rs, METRICS), "loss_by_position": position_summary(rs), "paper": PAPER_TABLE3.get(k)}
                for k in variants if (rs := [r for r in runs if r["model"] == k])]
-    raw = {"bench": NAME, "config": cfg, "variants": variants, "model_fields": model_fields,
-           "train_fields": train_fields, "valid_tokens": valid_tokens, "seeds": seeds, "environment": env,
-           "wall_s": wall, "projection": projection, "data": data_info, "models": specs, "summary": summary, "rows": runs,
-           "paper_table3": PAPER_TABLE3, "provenance": provenance}
-    csv_rows = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in runs]
-    out = Path(out)
-    paths = write_results(out, NAME, "\n".join(lines), raw, csv_rows)
-    title = f"{cfg.preset} preset, {train_fields['precision']}, {env['device_name']}"
-    paths.append(plot_curves(runs, specs, out / "curves.png", title))
-    paths.append(plot_by_position(runs, specs, out / "loss_by_position.png", title))
-    return {"markdown": "\n".join(lines), "table": table, "runs": runs, "summary": summary, "paths": paths,
-            "wall_s": wall}
+    return {**grid, "bench": NAME, "config": config, "variants": variants, "specs": specs, "summary": summary,
+            "table": table, "markdown": "\n".join(lines)}
+
+
+def write(result: dict[str, Any], out: str | Path) -> list[Path]:
+    raw = {"bench": NAME, "config": result["config"], "variants": result["variants"],
+           "model_fields": result["model_fields"], "train_fields": result["train_fields"],
+           "valid_tokens": result["valid_tokens"], "seeds": result["seeds"], "environment": result["environment"],
+           "wall_s": result["wall_s"], "projection": result["projection"], "data": result["data"],
+           "models": result["specs"], "summary": result["summary"], "rows": result["runs"],
+           "paper_table3": PAPER_TABLE3, "provenance": result["provenance"]}
+    return write_trained(out, NAME, result, raw)
+
+
+def summary(result: dict[str, Any]) -> str:
+    return f"\n{result['table']}\ntrained in {result['wall_s'] / 60:.1f} min"

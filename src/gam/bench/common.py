@@ -273,27 +273,6 @@ def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
 
 
-def parse_int_list(text: str, name: str = "list") -> list[int]:
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise ValueError(f"{name} must be integers >= 1, got {text!r}")
-    return sorted(set(values))
-
-
-def parse_name_list(text: str, known: Iterable[str], name: str) -> list[str]:
-    known = list(known)
-    values = [v.strip() for v in str(text).split(",") if v.strip()]
-    for v in values:
-        if v not in known:
-            raise ValueError(f"unknown {name} {v!r}; choose from {', '.join(known)}")
-    if not values:
-        raise ValueError(f"{name}: empty list")
-    return values
-
-
 # ----------------------------------------------------------------------------- timing
 
 def synchronize(device: Any) -> None:

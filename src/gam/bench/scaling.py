@@ -44,10 +44,13 @@ from gam.bench.common import (
     start_provenance,
     write_results,
 )
+from gam.config import described
 from gam.models import registry
 from gam.models.registry import ModelSpec
 
 NAME = "scaling"
+HELP = "Table 2: one block's forward+backward time and peak memory vs sequence length"
+DEFAULT_OUT = "results/scaling"
 DEFAULT_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 
 
@@ -67,24 +70,36 @@ DEFAULT_MODELS = ("gam", "transformer_naive", "transformer_sdpa", "mamba")
 
 @dataclass
 class ScalingConfig:
-    device: str = "cpu"
-    models: tuple[str, ...] = DEFAULT_MODELS
-    lengths: tuple[int, ...] = DEFAULT_LENGTHS
-    batch_size: int | None = None  # default: 16 on CUDA (paper), 1 on CPU
-    n_embd: int = 512
-    n_head: int = 8
-    dropout: float = 0.1
-    precision: str | None = None  # default: fp16 autocast on CUDA (paper), fp32 on CPU
-    warmup: int | None = None  # default: 5 on CUDA (paper), 1 on CPU
-    repeats: int | None = None  # default: 20 on CUDA (paper), 3 on CPU
-    min_time_s: float | None = None  # more timed runs (up to max_repeats) until they add up to this
-    rounds: int | None = None  # default: 2 on CPU (cheap points measured twice), 1 on CUDA
+    """One block each of GAM, the Transformer (naive attention as the paper, and SDPA) and Mamba;
+    forward+backward time (median, warm-up excluded) and peak memory for each T, every point in a
+    fresh subprocess. CUDA defaults follow the paper's scale.py (batch 16, fp16 autocast, 5 warm-up
+    + 20 timed runs); CPU defaults fit a shared 2-core machine in under 10 minutes (batch 1, fp32,
+    1 thread, 1 warm-up + 3 timed runs, 60 s and min(6 GiB, 40% of available memory) per point).
+    Writes scaling.md/.json/.csv, compute_time.png and peak_memory.png into --out."""
+
+    device: str = described("cpu", "where to measure", choices=("cpu", "cuda"))
+    models: tuple[str, ...] = described(DEFAULT_MODELS, "the blocks", choices=MODEL_NAMES)
+    lengths: tuple[int, ...] = described(DEFAULT_LENGTHS, "sequence lengths T")
+    batch_size: int | None = described(None, "default 16 on CUDA (paper), 1 on CPU")
+    n_embd: int = described(512, "block width")
+    n_head: int = described(8, "attention heads")
+    dropout: float = described(0.1, "dropout in the blocks (paper: 0.1, training mode)")
+    precision: str | None = described(None, "default fp16 autocast on CUDA (paper), fp32 on CPU",
+                                      choices=("fp32", "bf16", "fp16"))
+    warmup: int | None = described(None, "untimed runs per point (default 5 CUDA, 1 CPU)")
+    repeats: int | None = described(None, "timed runs per point (default 20 CUDA, 3 CPU)")
+    min_time_s: float | None = described(None, "add timed runs (up to --max-repeats) until they add up to this many "
+                                               "seconds (default 3 on CPU, 0 on CUDA)", flag="--min-time")
+    rounds: int | None = described(None, "measure the cheap points again in this many rounds in all "
+                                         "(default 2 CPU, 1 CUDA)")
     rerun_below_s: float = 20.0  # later rounds repeat the points whose first run took less than this
-    max_repeats: int | None = None
-    time_budget_s: float | None = None  # per point; default 300 on CUDA, 60 on CPU
-    memory_budget_gib: float | None = None  # default: the GPU's memory; CPU min(6, 40% of available)
-    threads: int | None = None  # CPU torch threads; default 1 (steadiest on a shared machine)
-    seed: int = 0
+    max_repeats: int | None = described(None, "default 15 on CPU")
+    time_budget_s: float | None = described(None, "seconds per point (default 300 CUDA, 60 CPU)",
+                                            flag="--time-budget")
+    memory_budget_gib: float | None = described(None, "per point (default: all GPU memory; CPU min(6, 40% of "
+                                                      "available))")
+    threads: int | None = described(None, "CPU torch threads (default 1, steadiest on a shared machine)")
+    seed: int = described(0, "seed of the blocks and inputs")
 
     def resolved(self) -> "ScalingConfig":
         cuda = self.device.startswith("cuda")
@@ -101,7 +116,12 @@ class ScalingConfig:
         c.rounds = self.rounds or (1 if cuda else 2)
         c.time_budget_s = self.time_budget_s or (300.0 if cuda else 60.0)
         if self.memory_budget_gib is None and not cuda:
-            c.memory_budget_gib = round(min(6.0, 0.4 * _mem_available_gib()), 2)
+            import torch
+
+            from gam.resources import available_memory
+
+            free = available_memory(torch.device("cpu"))
+            c.memory_budget_gib = round(min(6.0, 0.4 * (free / 2**30 if free else 8.0)), 2)
         c.threads = self.threads if self.threads is not None else (None if cuda else 1)
         return c
 
@@ -126,16 +146,6 @@ class ScalingConfig:
             raise ValueError(f"warmup must be >= 0, got {self.warmup!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-
-
-def _mem_available_gib() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable"):
-                return int(line.split()[1]) / 1024 / 1024
-    except (OSError, ValueError):
-        pass
-    return 8.0
 
 
 # ----------------------------------------------------------------------------- one point (subprocess)
@@ -314,33 +324,16 @@ def _predict(previous: list[dict[str, Any]], T: int, key: str, low: float) -> fl
     return last[key] * (T / last["T"]) ** exponent
 
 
-def check_available(spec: ModelSpec) -> str | None:
-    """None if the block can be built here, else why not (e.g. a module not yet installed)."""
-    try:
-        from gam.config import GAMConfig
-        from gam.models.lm import make_block
-
-        tiny = dict(n_embd=16, n_head=2, num_memory_slots=4, d_state=2, expand=1, block_size=8)
-        make_block(GAMConfig(model=spec.model, **{**tiny, **spec.fields}))  # the spec's fields win
-    except Exception as err:  # noqa: BLE001
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
 def sweep(cfg: ScalingConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Every (model, T) point, length by length: the models at one T run one after
     another, so a change in the machine's load hits them alike."""
     specs = block_specs()
-    why = {key: check_available(specs[key]) for key in cfg.models}
     done: dict[str, list[dict[str, Any]]] = {key: [] for key in cfg.models}
     failed: dict[str, dict[str, Any] | None] = {key: None for key in cfg.models}
     for T in cfg.lengths:
         for key in cfg.models:
             spec = specs[key]
-            if why[key] is not None:
-                row = {"model": key, "T": T, "batch_size": cfg.batch_size, "status": "unavailable",
-                       "note": why[key]}
-            elif failed[key] is not None:
+            if failed[key] is not None:
                 row = {"model": key, "T": T, "batch_size": cfg.batch_size, "status": failed[key]["status"],
                        "note": f"not run: {failed[key]['status']} at T={failed[key]['T']}"}
             else:
@@ -415,7 +408,7 @@ PAPER_TABLE2 = {
     8192: (217.30, None, 4707.35, None),
 }
 
-_STATUS_TEXT = {"oom": "OOM", "time": "> budget", "unavailable": "n/a", "error": "error"}
+_STATUS_TEXT = {"oom": "OOM", "time": "> budget", "error": "error"}
 
 
 def _cell(row: dict[str, Any] | None, key: str, fmt: str) -> str:
@@ -426,7 +419,7 @@ def _cell(row: dict[str, Any] | None, key: str, fmt: str) -> str:
     return fmt.format(row[key])
 
 
-def _fmt_exp(value: float | None) -> str:
+def fmt_exponent(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
@@ -439,8 +432,8 @@ def render_table(cfg: ScalingConfig, rows: list[dict[str, Any]], fits: dict[str,
     for T in cfg.lengths:
         body.append([f"{T:,}"] + [_cell(by.get((m, T)), "median_ms", "{:,.1f}") for m in cfg.models]
                     + [_cell(by.get((m, T)), "peak_mib", "{:,.1f}") for m in cfg.models])
-    body.append(["**exponent**"] + [_fmt_exp(fits[m]["time"]) for m in cfg.models]
-                + [_fmt_exp(fits[m]["memory"]) for m in cfg.models])
+    body.append(["**exponent**"] + [fmt_exponent(fits[m]["time"]) for m in cfg.models]
+                + [fmt_exponent(fits[m]["memory"]) for m in cfg.models])
     return markdown_table(headers, body)
 
 
@@ -473,8 +466,8 @@ def render_markdown(cfg: ScalingConfig, rows: list[dict[str, Any]], fits: dict[s
         "time budget; n/a: the block cannot be built here.", "",
     ]
     notes = [f"- {specs[m].label}: {specs[m].note}" for m in cfg.models if specs[m].note]
-    unavailable = {r["model"]: r["note"] for r in rows if r["status"] in ("unavailable", "error")}
-    notes += [f"- {specs[m].label}: {why}" for m, why in unavailable.items()]
+    errors = {r["model"]: r["note"] for r in rows if r["status"] == "error"}
+    notes += [f"- {specs[m].label}: {why}" for m, why in errors.items()]
     lines += ["Blocks:", *notes, ""]
     paper_rows = [[f"{T:,}"] + [("Failed (OOM)" if v is None else f"{v:,.2f}") for v in PAPER_TABLE2[T]]
                   for T in cfg.lengths if T in PAPER_TABLE2]
@@ -530,17 +523,19 @@ def plot(cfg: ScalingConfig, rows: list[dict[str, Any]], fits: dict[str, Any], o
 CSV_COLUMNS = ("model", "label", "T", "batch_size", "status", "median_ms", "peak_mib", "times_ms", "note")
 
 
-def run(cfg: ScalingConfig, out: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the sweep and write scaling.md/.json/.csv, compute_time.png, peak_memory.png into ``out``."""
+Config = ScalingConfig
+
+
+def run(config: ScalingConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the sweep; the result :func:`write` turns into the results folder."""
     provenance = start_provenance()
-    cfg.validate()
-    cfg = cfg.resolved()
+    config.validate()
+    cfg = config.resolved()
     if cfg.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device available")
-    out = Path(out)
     start = time.perf_counter()
     log(f"scaling: {', '.join(cfg.models)} at T = {', '.join(map(str, cfg.lengths))}; batch {cfg.batch_size}, "
         f"{cfg.precision} on {cfg.device}" + (f", {cfg.threads} thread(s)" if cfg.threads else ""))
@@ -553,14 +548,27 @@ def run(cfg: ScalingConfig, out: str | Path, log: Callable[[str], None] = print)
     wall = time.perf_counter() - start
     env["load_average_end"] = load_average()
     fits = exponents(rows, cfg.models)
-    markdown = render_markdown(cfg, rows, fits, env, wall)
+    return {"bench": NAME, "config": cfg, "environment": env, "wall_s": wall, "rows": rows, "exponents": fits,
+            "blocks": {m: block_specs()[m] for m in cfg.models}, "provenance": provenance,
+            "markdown": render_markdown(cfg, rows, fits, env, wall), "table": render_table(cfg, rows, fits)}
+
+
+def write(result: dict[str, Any], out: str | Path) -> list[Path]:
+    cfg, rows, fits, env = result["config"], result["rows"], result["exponents"], result["environment"]
     csv_rows = [{**r, "times_ms": " ".join(f"{t:.2f}" for t in r["times_ms"]) if r.get("times_ms") else ""}
                 for r in rows]
-    raw = {"bench": NAME, "config": cfg, "environment": env, "wall_s": wall, "rows": rows,
-           "exponents": fits, "blocks": {m: block_specs()[m] for m in cfg.models},
-           "paper_table2": PAPER_TABLE2, "provenance": provenance}
-    paths = write_results(out, NAME, markdown, raw, csv_rows, CSV_COLUMNS)
+    raw = {"bench": NAME, "config": cfg, "environment": env, "wall_s": result["wall_s"], "rows": rows,
+           "exponents": fits, "blocks": result["blocks"], "paper_table2": PAPER_TABLE2,
+           "provenance": result["provenance"]}
+    out = Path(out)
+    paths = write_results(out, NAME, result["markdown"], raw, csv_rows, CSV_COLUMNS)
     title = (f"one block, batch {cfg.batch_size}, C {cfg.n_embd}, {cfg.precision}, {env['device_name']}"
              + (f", {cfg.threads} thread(s)" if cfg.threads and not cfg.device.startswith("cuda") else ""))
-    paths += plot(cfg, rows, fits, out, title)
-    return {"markdown": markdown, "table": render_table(cfg, rows, fits), "rows": rows, "exponents": fits, "paths": paths, "wall_s": wall}
+    return paths + plot(cfg, rows, fits, out, title)
+
+
+def summary(result: dict[str, Any]) -> str:
+    specs = block_specs()
+    return "\n".join(["", result["table"], "fitted exponents (time, memory): " + "; ".join(
+        f"{specs[m].label} {fmt_exponent(f['time'])}, {fmt_exponent(f['memory'])}"
+        for m, f in result["exponents"].items()), f"measured in {result['wall_s'] / 60:.1f} min"])
