@@ -170,13 +170,13 @@ def test_every_bench_takes_its_options_from_its_config(monkeypatch):
     import argparse
     import dataclasses
 
-    from gam.bench import ablation, decode, paper, recall, scaling, speed
+    from gam.bench import ablation, decode, paper, recall, scaling, speed, zoology
     from gam.cli import build_parser
     from gam.cli_args import field_flag
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     bench_sub = next(a for a in sub.choices["bench"]._actions if isinstance(a, argparse._SubParsersAction))
-    for bench in (decode, speed, recall, scaling, paper, ablation):
+    for bench in (decode, speed, recall, zoology, scaling, paper, ablation):
         options = {s for a in bench_sub.choices[bench.NAME]._actions for s in a.option_strings if s.startswith("--")}
         fields = {field_flag(f) for f in dataclasses.fields(bench.Config) if "help" in f.metadata}
         assert options - {"--help", "--out"} == fields, bench.NAME

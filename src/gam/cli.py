@@ -190,12 +190,12 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """The ``gam bench`` group: one sub-command per benchmark."""
-    bench = sub.add_parser("bench", help="benchmarks: speed, decode, recall, scaling, paper, ablation, report")
+    bench = sub.add_parser("bench", help="benchmarks: speed, decode, recall, zoology, scaling, paper, ablation, report")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
-    from gam.bench import ablation, decode, paper, recall, scaling, speed
+    from gam.bench import ablation, decode, paper, recall, scaling, speed, zoology
 
     # each a Config dataclass + run + write + summary; a new benchmark is one more module here
-    for bench in (decode, speed, recall, scaling, paper, ablation):
+    for bench in (decode, speed, recall, zoology, scaling, paper, ablation):
         add_bench_command(bench_sub, bench)
     add_report_parser(bench_sub)
 

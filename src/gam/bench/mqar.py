@@ -6,8 +6,10 @@ again, one by one, at power-law distances, among filler tokens::
     k1 v1 k2 v2 ... kP vP | . . k2 . . . . k1 . . . kP ...     (the answer to k is its v)
 
 Keys come from the lower half of the vocabulary (token 0 excluded), values
-from the upper half; fillers from the value half, so a key occurs only at its
-pair and at its query. Query i sits at position ``2P + 2*gap_i``; the gaps are
+from the upper half; fillers from the value half (``fillers="values"``), so a
+key occurs only at its pair and at its query, or, as Zoology's generator, from
+the whole vocabulary (``fillers="vocabulary"``; with a large vocabulary a
+filler rarely repeats a key). Query i sits at position ``2P + 2*gap_i``; the gaps are
 distinct and drawn without replacement with ``P(gap = g) ∝ (g + 1)^(a - 1)``
 (``a = 0.01``: mostly short gaps, a long tail), as Zoology's generator. Loss
 and accuracy count the answer positions only (targets are -100 elsewhere): at
@@ -41,9 +43,15 @@ def gap_probabilities(space: int, power_a: float = 0.01) -> torch.Tensor:
     return p / p.sum()
 
 
+FILLERS = ("values", "vocabulary")
+
+
 def mqar(num_examples: int, seq_len: int, num_pairs: int, vocab_size: int, power_a: float = 0.01,
-         seed: int | None = None, generator: torch.Generator | None = None) -> MQARBatch:
+         seed: int | None = None, generator: torch.Generator | None = None,
+         fillers: str = "values") -> MQARBatch:
     """Generate ``num_examples`` MQAR sequences (see the module docstring)."""
+    if fillers not in FILLERS:
+        raise ValueError(f"fillers must be one of {', '.join(FILLERS)}, got {fillers!r}")
     P, T, V = num_pairs, seq_len, vocab_size
     if P < 1 or T < 4 * P or T % 2:
         raise ValueError(f"need num_pairs >= 1, an even seq_len >= 4*num_pairs; got {P} pairs, length {T}")
@@ -67,8 +75,8 @@ def mqar(num_examples: int, seq_len: int, num_pairs: int, vocab_size: int, power
 
     # Fillers from the value half: never a key, so a key occurs exactly at its pair and at
     # its query (Zoology draws fillers from the whole vocabulary; with its 8,192 tokens a
-    # filler rarely repeats a key, with the small vocabularies here it often would).
-    inputs = torch.randint(half, V, (N, T), generator=generator)
+    # filler rarely repeats a key, with the small vocabularies of the recall presets it often would).
+    inputs = torch.randint(half if fillers == "values" else 0, V, (N, T), generator=generator)
     inputs[:, 0:context:2] = keys
     inputs[:, 1:context:2] = values
     inputs.scatter_(1, query_pos, keys)
