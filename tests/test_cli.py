@@ -151,8 +151,8 @@ def test_train_applies_fields_over_the_preset(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_train(model_config, cfg, out, resume=False, explicit=None):
-        seen.update(model=model_config, cfg=cfg, out=out, resume=resume, explicit=explicit)
+    def fake_train(model_config, cfg, out, resume=False, explicit=None, allow_change=()):
+        seen.update(model=model_config, cfg=cfg, out=out, resume=resume, explicit=explicit, allow_change=allow_change)
         raise ValueError("stop here")
 
     monkeypatch.setattr(gam.train, "train", fake_train)
@@ -168,7 +168,23 @@ def test_train_applies_fields_over_the_preset(monkeypatch, tmp_path):
 
     # --resume: the fields given on purpose are the ones the run may change (or refuse)
     assert main(["train", "--resume", "--out", str(tmp_path), "--lr", "1e-3", "--epochs", "2"]) == 2
-    assert seen["resume"] and seen["explicit"] == {"lr", "epochs", "max_steps"}
+    assert seen["resume"] and seen["explicit"] == {"lr": "", "epochs": "", "max_steps": "--epochs"}
+    # ... and every field of a preset given again, marked as the preset's for the messages
+    assert main(["train", "--resume", "--out", str(tmp_path), "--preset", "cpu", "--lr", "1e-3",
+                 "--allow-change", "lr,--warmup-steps"]) == 2
+    assert seen["explicit"]["lr"] == "" and seen["explicit"]["n_embd"] == "--preset cpu"
+    assert set(seen["explicit"]) == {"lr", *PRESETS["cpu"][0], *PRESETS["cpu"][1]}
+    assert seen["allow_change"] == {"lr", "warmup_steps"}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--allow-change", "lr"], "--allow-change applies only with --resume"),
+    (["--resume", "--allow-change", "seed,lr"], "--allow-change: seed cannot be changed on resume; it takes beta1"),
+])
+def test_allow_change_is_checked_before_training(tmp_path, capsys, argv, message):
+    assert main(["train", "--out", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ evaluation progress bar
@@ -221,7 +237,7 @@ def test_hub_unreachable_is_one_clean_line(monkeypatch, capsys, env, data_source
 
     monkeypatch.setattr("datasets.load_dataset", no_cached_copy)
 
-    def load_only(model_config, cfg, out, resume=False, explicit=None):  # train()'s data step, without the training
+    def load_only(model_config, cfg, out, resume=False, explicit=None, allow_change=()):  # train()'s data step, without the training
         load_corpus(cfg.data, source=cfg.data_source, hub_timeout=0.5)
         raise KeyboardInterrupt
 

@@ -19,8 +19,8 @@ import torch
 
 from gam.checkpoint import CheckpointError, load_checkpoint, verify_folder
 from gam.cli import main
-from gam.train import (RESUME_NOTICED, RESUME_REFUSED, RESUME_SILENT, TrainConfig, TrainingDiverged, evaluate,
-                       train)
+from gam.train import (RESUME_NOTICED, RESUME_ON_REQUEST, RESUME_REFUSED, RESUME_SILENT, TrainConfig,
+                       TrainingDiverged, evaluate, train)
 from test_train import REPO, TINY_ARGS, corpus, data, quiet, tiny_model, tiny_train, weights  # noqa: F401
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src")}
@@ -81,11 +81,12 @@ def test_divergence_then_resume_with_a_lower_lr(tmp_path, data):
     with pytest.raises(TrainingDiverged, match="loss became nan at step 4") as caught:
         train(tiny_model(data.vocab_size), cfg, run, data=data, print_fn=quiet)
     kept = load_checkpoint(run)
-    assert kept.step == 3 and str(kept.path) in str(caught.value) and "--resume --lr 100" in str(caught.value)
+    assert kept.step == 3 and str(kept.path) in str(caught.value)
+    assert "--resume --lr 100 --allow-change lr" in str(caught.value)
     val = evaluate(kept.build_model(), data.valid, 16, 8, torch.device("cpu"), "fp32")["val_loss"]
     assert math.isfinite(val)
     done = train(tiny_model(data.vocab_size), dataclasses.replace(cfg, lr=1e-3), run, data=data, resume=True,
-                 explicit={"lr"}, print_fn=quiet)
+                 explicit={"lr"}, allow_change={"lr"}, print_fn=quiet)
     assert done.step == 10 and math.isfinite(done.metrics["val_loss"])
     assert load_checkpoint(run).info["train_config"]["lr"] == 1e-3
 
@@ -126,13 +127,12 @@ def test_a_fresh_run_does_not_overwrite_an_existing_run(tmp_path, data):
 
 def test_resume_rules_cover_every_training_field():
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    groups = [RESUME_REFUSED, RESUME_NOTICED, RESUME_SILENT]
+    groups = [RESUME_REFUSED, RESUME_ON_REQUEST, RESUME_NOTICED, RESUME_SILENT]
     assert set().union(*groups) == names
     assert sum(len(g) for g in groups) == len(names)  # each field has exactly one rule
 
 
-def test_resume_refuses_changed_data_and_shape_and_applies_lr_with_a_notice(tmp_path, corpus, capsys,
-                                                                          monkeypatch):
+def test_resume_refuses_changed_data_shape_and_lr_and_applies_lr_on_request(tmp_path, corpus, capsys, monkeypatch):
     monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
     run = tmp_path / "run"
     assert main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "3", "--lr", "2e-3",
@@ -141,20 +141,57 @@ def test_resume_refuses_changed_data_and_shape_and_applies_lr_with_a_notice(tmp_
     before = snapshot(run)
     other = tmp_path / "other.txt"
     other.write_text(corpus.read_text())
-    for args, field in ((["--batch-size", "8"], "batch_size 8"), (["--data", str(other)], "data"),
-                        (["--n-embd", "32"], "n_embd 32"), (["--seed", "3"], "seed 3")):
+    for args, field in ((["--batch-size", "8"], "batch_size 4 -> 8"), (["--data", str(other)], "data"),
+                        (["--n-embd", "32"], "n_embd 16 -> 32"), (["--seed", "3"], "seed 0 -> 3"),
+                        (["--lr", "1e-3"], "lr 0.002 -> 0.001")):
         err = error_line(capsys, ["train", "--out", str(run), "--resume", "--max-steps", "5", *args])
         assert "cannot change" in err and field in err
+    assert err.endswith("to apply lr on purpose add --allow-change lr")
     assert snapshot(run) == before  # nothing written by a refused resume
-    assert main(["train", "--out", str(run), "--resume", "--max-steps", "5", "--lr", "1e-3"]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "5", "--lr", "1e-3",
+                 "--allow-change", "lr"]) == 0
     out = capsys.readouterr().out
-    assert "lr changed from 0.002 to 0.001" in out and "max_steps changed from 3 to 5" in out
+    assert "resume: lr 0.002 -> 0.001, as given" in out and "resume: max_steps 3 -> 5, as given" in out
     ckpt = load_checkpoint(run)
     assert ckpt.step == 5 and ckpt.info["train_config"]["lr"] == 1e-3
     assert ckpt.info["train_config"]["batch_size"] == 4  # kept from the run, not the cpu preset's 16
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
     assert records[-1]["step"] == 5 and "val_loss" in records[-1]
+
+
+def test_the_starting_command_with_resume_added_ends_where_the_uninterrupted_run_ends(tmp_path, corpus, capsys,
+                                                                                      monkeypatch):
+    """The README's `gam train --model transformer --data tinystories --preset cpu --max-steps 300`, in small:
+    the same command line, stopped midway, then re-run with --resume appended, ends with the weights
+    and validation loss of the run that was never stopped. --preset cpu again matches field by field."""
+    import gam.train
+
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
+    command = ["train", "--model", "transformer", "--data", str(corpus), "--preset", "cpu", "--max-steps", "6",
+               *TINY_ARGS, "--dropout", "0.1"]  # dropout: the RNG state must come back too
+    assert main([*command, "--out", str(tmp_path / "whole")]) == 0
+    real_train = gam.train.train
+    monkeypatch.setattr(gam.train, "train", lambda *a, **kw: real_train(*a, **kw, stop_after=3))
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--out", str(tmp_path / "part")])
+    assert stopped.value.code == 130  # stopped after step 3, saved
+    monkeypatch.setattr(gam.train, "train", real_train)
+    capsys.readouterr()
+    assert main([*command, "--out", str(tmp_path / "part"), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resume:" not in out  # nothing differed from the run's settings
+    whole, part = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "part")
+    assert part.step == whole.step == 6
+    assert part.info["final_metrics"]["val_loss"] == whole.info["final_metrics"]["val_loss"]
+    assert weights(tmp_path / "part").keys() == weights(tmp_path / "whole").keys()
+    assert all(torch.equal(a, b) for a, b in zip(weights(tmp_path / "part").values(),
+                                                   weights(tmp_path / "whole").values()))
+    # Another preset is another run: each of its fields that differs is named, with where it came from.
+    err = error_line(capsys, ["train", "--model", "transformer", "--data", str(corpus), "--preset", "paper",
+                              *TINY_ARGS, "--out", str(tmp_path / "part"), "--resume"])
+    assert "dropout 0.1 -> 0.0" not in err  # given on the command line (0.1), as the run's
+    assert "tokenizer 'bytelevel' -> 'paper' (--preset paper)" in err and "lr 0.002 -> 0.0003 (--preset paper)" in err
 
 
 def test_printed_resume_command_continues_to_the_original_end(tmp_path, corpus, monkeypatch, capsys):
