@@ -801,8 +801,11 @@ def _cached_tokens(tokenizer, tok_hash: str, rows: list[str], path: Path) -> np.
                 return arr
         except DataError as e:
             log.warning("re-encoding: %s", e)
+    from gam.progress import heartbeat
+
     t0 = time.perf_counter()
-    arr = encode_to_file(tokenizer, rows, path)
+    with heartbeat(f"encoding {len(rows):,} rows into {path.name}"):  # minutes on a large corpus
+        arr = encode_to_file(tokenizer, rows, path)
     log.info("encoded %d rows -> %d tokens in %.1fs: %s", len(rows), len(arr),
              time.perf_counter() - t0, path)
     return arr

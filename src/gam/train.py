@@ -119,7 +119,8 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_
              device: torch.device, precision: str, d: Dist = Dist()) -> dict[str, float]:
     """Mean cross-entropy over every validation block, in order (deterministic).
 
-    Shows a progress bar on a terminal (gam.progress): it takes tens of seconds on a CPU."""
+    It takes tens of seconds to minutes on a CPU: a progress bar on a terminal, a line every
+    GAM_PROGRESS_SECONDS in a log (gam.progress)."""
     from gam.progress import progress
 
     if not isinstance(batch_size, int) or batch_size < 1:
