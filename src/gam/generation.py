@@ -358,8 +358,14 @@ def load_tokenizer(ckpt: str | Path):
 
     path = Path(ckpt) / "tokenizer.json"
     if not path.is_file():
+        try:
+            converted = "converted_from" in json.loads((Path(ckpt) / "config.json").read_text())
+        except (OSError, ValueError, TypeError):
+            converted = False
+        how = ("; convert again with python -m gam.models.mamba_convert SOURCE OUT --tokenizer FILE" if converted
+               else "")
         raise FileNotFoundError(f"{ckpt}: no tokenizer.json in this checkpoint folder "
-                                "(the tokenizer the model was trained with is needed to read text)")
+                                f"(the tokenizer the model was trained with is needed to read text){how}")
     return Tokenizer.from_file(str(path))
 
 
