@@ -409,6 +409,30 @@ def test_a_killed_save_leaves_a_temp_folder_that_the_next_run_removes(tmp_path, 
     assert any(left[0] in s for s in said) and load_checkpoint(run).step == 3
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_checkpoints_and_exports_follow_the_users_umask(tmp_path, data, mask):
+    """safetensors writes 0600 and mkdtemp/mkstemp make 0700/0600, whatever the umask: a serving
+    process under another user could not read an export. Every file and folder gets the mode an
+    ordinary write gives: with umask 022, readable by all (644/755); with 077, private."""
+    pytest.importorskip("transformers")
+    from gam.hf import export
+
+    run = tmp_path / "run"
+    old = os.umask(mask)
+    try:
+        train(tiny_model(data.vocab_size), tiny_train(max_steps=2), run, data=data, print_fn=quiet)
+        export(run, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    for folder in (load_checkpoint(run).path, tmp_path / "hf"):
+        assert oct(folder.stat().st_mode & 0o777) == oct(dir_mode), folder
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == \
+            {p.name: oct(file_mode) for p in folder.iterdir()}
+    for name in ("latest", "metrics.jsonl"):
+        assert oct((run / name).stat().st_mode & 0o777) == oct(file_mode), name
+
+
 # ---------------------------------------------------------------- 7. bad input: one line each
 
 def test_eval_batch_size_must_be_positive(tmp_path, data, capsys):

@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
 from gam.config import GAMConfig
-from gam.fileio import atomic_write, writer_errors_as_os_errors
+from gam.fileio import apply_umask, atomic_write, make_temp_dir, writer_errors_as_os_errors
 from gam.models.lm import DecoderLM
 
 FORMAT_VERSION = 1
@@ -155,7 +154,7 @@ def save_checkpoint(
             break
         name = f"ckpt-{step:06d}-{n}"
     final = run_dir / name
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f"{TEMP_PREFIX}{name}-"))
+    tmp = make_temp_dir(run_dir, f"{TEMP_PREFIX}{name}-")
     try:
         bare = unwrap(model)
         with writer_errors_as_os_errors(tmp / "model.safetensors"):
@@ -170,6 +169,7 @@ def save_checkpoint(
                 torch.save(trainer_state, tmp / "trainer_state.pt")
         if metrics_path is not None and metrics_path.exists():
             shutil.copyfile(metrics_path, tmp / "metrics.jsonl")
+        apply_umask(tmp)
         write_manifest(tmp)
         os.replace(tmp, final)
     except OSError as err:

@@ -286,9 +286,9 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     place when complete, so a failed export leaves nothing half-written.
     """
     import shutil
-    import tempfile
 
     from gam.checkpoint import TEMP_PREFIX, write_manifest
+    from gam.fileio import apply_umask, make_temp_dir
     from gam.generation import load_pretrained
 
     out = Path(out)
@@ -308,7 +308,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     # that names the tokenizer class; without it pipeline("text-generation", model=OUT) has none.
     hf.config.tokenizer_class = "PreTrainedTokenizerFast"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{TEMP_PREFIX}{out.name}-"))
+    tmp = make_temp_dir(out.parent, f"{TEMP_PREFIX}{out.name}-")
     try:
         with writer_errors_as_os_errors(tmp / "model.safetensors"):
             hf.save_pretrained(tmp, safe_serialization=True)
@@ -320,8 +320,8 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
             data = json.loads(tok_config.read_text())
             data["tokenizer_class"] = "PreTrainedTokenizerFast"
             tok_config.write_text(json.dumps(data, indent=2) + "\n")
+        apply_umask(tmp)  # safetensors writes 0600: a serving process under another user could not read it
         write_manifest(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
         os.replace(tmp, out)  # onto a missing or empty folder: atomic
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
