@@ -4,6 +4,7 @@ bars for evaluation, one clean line when the hub is unreachable."""
 
 import dataclasses
 import io
+import json
 import os
 import re
 import subprocess
@@ -310,10 +311,11 @@ def test_gam_eval_into_a_log_file_leaves_progress_lines(tmp_path):
 
 @pytest.mark.parametrize("env,data_source,message", [
     ({}, "auto", True), ({"HF_HUB_OFFLINE": "1"}, "auto", False), ({}, "shipped", False)])
-def test_hub_unreachable_is_one_clean_line(monkeypatch, capsys, env, data_source, message):
+def test_hub_unreachable_is_one_clean_line(monkeypatch, capsys, tmp_path, env, data_source, message):
     import gam.train
     from gam.data import load_corpus
 
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path))  # a fresh cache: its first fallback warns
     monkeypatch.setenv("HF_ENDPOINT", "http://192.0.2.1:9")  # TEST-NET-1: never answers
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(key, raising=False)
@@ -339,6 +341,32 @@ def test_hub_unreachable_is_one_clean_line(monkeypatch, capsys, env, data_source
     assert len(lines) == 2
     assert lines[0].startswith("gam train: warning: roneneldan/TinyStories: hub unreachable (")
     assert lines[0].endswith("; using the shipped copy (--data-source shipped or HF_HUB_OFFLINE=1 skips this check)")
+
+
+def test_a_run_on_the_shipped_copy_resumes_and_evaluates_without_checking_the_hub(monkeypatch, capsys, tmp_path):
+    """The hub warning came again on every resume and evaluation of a run trained on the shipped
+    copy, where it said nothing useful. Such a run reads its own copy: no check, no warning."""
+    import gam.data
+    from test_train import TINY_ARGS
+
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(gam.data, "_probe_hub", lambda *a: (False, "no network here"))
+    run = tmp_path / "run"
+    command = ["train", "--data", "tinystories", "--train-rows", "100", "--valid-rows", "50", "--out", str(run),
+               *TINY_ARGS]
+    assert main([*command, "--max-steps", "2"]) == 0
+    assert capsys.readouterr().err.count("hub unreachable (no network here); using the shipped copy") == 1
+
+    def no_hub_check(*args):
+        raise AssertionError("a run trained on the shipped copy needs no hub check")
+
+    monkeypatch.setattr(gam.data, "_probe_hub", no_hub_check)
+    assert main([*command, "--max-steps", "3", "--resume"]) == 0
+    assert main(["eval", str(run), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning" not in err and json.loads(out.splitlines()[-1])["data"].startswith("shipped: TinyStories")
 
 
 # ------------------------------------------------------------------ docs/cli.md stays true

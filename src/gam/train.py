@@ -383,6 +383,16 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
             lock.release()
 
 
+def copy_trained_on(info: dict[str, Any], source: str) -> str:
+    """The ``data_source`` that reads a named corpus from the copy a run trained on, as its checkpoint
+    records it: "shipped" or "hub" for "auto". A resume then continues on the same text (the hub and
+    shipped copies differ), and a run trained on the shipped copy neither probes the hub nor warns."""
+    used = str(info.get("data_source") or "")
+    if source != "auto":
+        return source
+    return "shipped" if used.startswith("shipped:") else "hub" if used.startswith("hub:") else source
+
+
 def prepare(model_config: GAMConfig, cfg: TrainConfig, data, ckpt,
             say: Callable[[str], None]) -> tuple[Any, GAMConfig, TrainConfig]:
     """The data (tokenized with the run's own tokenizer on resume), the model
@@ -392,8 +402,9 @@ def prepare(model_config: GAMConfig, cfg: TrainConfig, data, ckpt,
         from gam.data import prepare_data
 
         extra = {"tokenizer": ckpt.tokenizer()} if ckpt is not None else {}
+        source = cfg.data_source if ckpt is None else copy_trained_on(ckpt.info, cfg.data_source)
         data = prepare_data(cfg.data, block_size=model_config.block_size, vocab_size=model_config.vocab_size,
-                            source=cfg.data_source, train_rows=cfg.train_rows, valid_rows=cfg.valid_rows,
+                            source=source, train_rows=cfg.train_rows, valid_rows=cfg.valid_rows,
                             tokenizer_kind=cfg.tokenizer, **extra)
     if data.tokenizer_kind != cfg.tokenizer:
         # Prepared data given by the caller, or a run saved before the field existed: record the

@@ -151,7 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from gam.checkpoint import load_checkpoint
     from gam.data import prepare_data
-    from gam.train import evaluate, pick_device, Dist, unigram_perplexity
+    from gam.train import Dist, copy_trained_on, evaluate, pick_device, unigram_perplexity
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
@@ -162,8 +162,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     device = pick_device(args.device, Dist())
     model = ckpt.build_model(device)
     config = model.config
+    source = train_cfg.get("data_source", "auto")
+    if data_name == train_cfg.get("data") and copy_trained_on(ckpt.info, source) == "shipped":
+        # Its own copy, without probing the hub and warning. A run trained on the hub copy keeps
+        # "auto": evaluated on the shipped copy when the hub is away, with a warning that matters.
+        source = "shipped"
     data = prepare_data(data_name, block_size=config.block_size, vocab_size=config.vocab_size,
-                        source=train_cfg.get("data_source", "auto"),
+                        source=source,
                         train_rows=train_cfg.get("train_rows"), valid_rows=train_cfg.get("valid_rows"),
                         tokenizer=ckpt.tokenizer())
     with torch.no_grad():
