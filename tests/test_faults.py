@@ -490,6 +490,23 @@ def test_tokens_per_s_is_averaged_over_the_logged_interval(tmp_path, data):
     assert epoch["tokens_per_s"] == pytest.approx(6 * 4 * 16 / epoch["epoch_train_s"])
 
 
+def test_the_summary_calls_a_partial_epoch_what_it_is(tmp_path, data, capsys):
+    """A run that ends mid-epoch times a part of the epoch: not an "epoch train time"."""
+    blocks = len(data.train) // 17
+    capsys.readouterr()
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=6), tmp_path / "part", data=data, print_fn=quiet)
+    line = [l for l in capsys.readouterr().out.splitlines() if "val loss" in l][-1]  # tqdm.write: stdout
+    assert "epoch train time" not in line and f"(6 of epoch 0's {blocks // 4} steps; data " in line
+    record = [json.loads(l) for l in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["epoch_steps"] == 6
+    # a whole epoch, in a few large batches
+    batch = blocks // 3
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=None, epochs=1, batch_size=batch, warmup_steps=1),
+          tmp_path / "whole", data=data, print_fn=quiet)
+    line = [l for l in capsys.readouterr().out.splitlines() if "val loss" in l][-1]
+    assert line.startswith("step 3: val loss") and "s (epoch 0; data " in line
+
+
 @pytest.mark.slow
 def test_fault_script_two_kills(tmp_path):
     """benchmarks/faults.py end to end, kept tiny: one kill aimed at a save, one anywhere."""

@@ -269,3 +269,36 @@ def test_generate_on_an_export_warns_of_nothing_deprecated_and_reuses_its_cache(
     assert torch.equal(beams, hf.generate(ids, max_new_tokens=5, num_beams=2, do_sample=False, use_cache=False))
     out = hf.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
     assert isinstance(getattr(out, CACHE_NAME), InferenceCache)
+
+
+def test_an_export_says_how_to_load_it(tmp_path, capsys):
+    """Without `import gam.hf`, transformers does not know the model type and suggests upgrading
+    itself. Every message about an export names `import gam.hf`: gam export's, the export's
+    README.md, and those of gam generate and gam eval given an export."""
+    import subprocess
+    import sys
+
+    from test_generation import make_checkpoint
+
+    make_checkpoint(tmp_path / "ckpt")
+    hf = tmp_path / "hf-gam"
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "ckpt"), str(hf)]) == 0
+    assert f"import gam.hf; transformers.AutoModelForCausalLM.from_pretrained('{hf}')" in capsys.readouterr().out
+    readme = (hf / "README.md").read_text()
+    assert "import gam.hf" in readme and f'AutoModelForCausalLM.from_pretrained("{hf}")' in readme
+    # the model card is not in the manifest: editing it keeps the folder verified and loadable
+    (hf / "README.md").write_text(readme + "\nFine-tuned on nothing yet.\n")
+    assert main(["verify", str(hf)]) == 0
+    assert isinstance(AutoModelForCausalLM.from_pretrained(hf), GAMForCausalLM)
+    capsys.readouterr()
+    for command in (["generate", str(hf), "--prompt", "the cat"], ["eval", str(hf)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"import gam.hf; transformers.AutoModelForCausalLM.from_pretrained('{hf}')" in err, command
+    # transformers alone: its own message, the one the README quotes and answers
+    alone = subprocess.run([sys.executable, "-c", "import sys, transformers; "
+                            "transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])", str(hf)],
+                           capture_output=True, text=True, timeout=120)
+    assert alone.returncode != 0 and "does not recognize this architecture" in alone.stderr
+    assert "does not recognize this architecture" in readme

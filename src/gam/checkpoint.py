@@ -347,13 +347,21 @@ class Checkpoint:
         return state
 
 
+def how_to_load_an_export(folder: str | Path) -> str:
+    """What every message about a ``gam export`` folder says. Without ``import gam.hf``,
+    transformers does not know the "gam" model type and suggests upgrading itself, which cannot help."""
+    return (f"a gam export loads with: import gam.hf; "
+            f"transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r})")
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Open a run folder's latest checkpoint (or a checkpoint folder), verified."""
     ckpt = resolve(path)
     info = verify(ckpt)
     if isinstance(info, dict) and "format_version" not in info:
-        raise CheckpointError(f"{ckpt}: not a gam training checkpoint (its config.json has no format_version; "
-                              "a gam export folder loads with transformers)")
+        export = f"; {how_to_load_an_export(ckpt)}" if info.get("model_type") == "gam" else ""
+        raise CheckpointError(f"{ckpt}: not a gam training checkpoint (its config.json has no format_version)"
+                              f"{export}")
     if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{ckpt}: unknown checkpoint format "
                               f"{info.get('format_version') if isinstance(info, dict) else None!r}")

@@ -324,6 +324,11 @@ def read_model_config(ckpt: Path) -> GAMConfig:
         info = json.loads((ckpt / "config.json").read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{ckpt}/config.json: not valid JSON ({err})") from None
+    if isinstance(info, dict) and "model_config" not in info and info.get("model_type") == "gam":
+        from gam.checkpoint import how_to_load_an_export
+
+        raise ValueError(f"{ckpt}: a Hugging Face export (gam export), not a training checkpoint; "
+                         f"{how_to_load_an_export(ckpt)}, or give the run folder it came from")
     fields = info.get("model_config", info)  # trainer layout, or bare GAMConfig fields
     return GAMConfig.from_dict(fields)
 

@@ -277,6 +277,33 @@ def hf_tokenizer(tokenizer, model_max_length: int | None = None):
                                    **special_token_roles(tokenizer), **limit)
 
 
+def export_readme(out: Path, checkpoint: str | Path, config: GAMConfig) -> str:
+    """The export's model card: how to load it. transformers alone does not know the "gam" model
+    type and answers that it "does not recognize this architecture" (update transformers)."""
+    return f"""# {config.model} language model (gam export)
+
+Exported by `gam export` from `{checkpoint}`: a {config.model} model with {config.n_layer} layers,
+width {config.n_embd}, vocabulary {config.vocab_size:,}, context {config.max_seq_len or "unlimited"}.
+
+transformers does not know the `gam` model type by itself: **`import gam.hf` first** (`pip install
+"gam[hf]"`), which registers it with the Auto classes (no `trust_remote_code`). Without it,
+transformers says it "does not recognize this architecture" and suggests updating transformers,
+which does not help.
+
+```python
+import gam.hf  # registers model_type "gam" with transformers' Auto classes
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{out}")
+tok = AutoTokenizer.from_pretrained("{out}")
+ids = tok("The history of", return_tensors="pt").input_ids
+print(tok.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0]))
+```
+
+`gam verify {out}` checks every file against `manifest.json` (this README is not in it: edit it freely).
+"""
+
+
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Convert a training checkpoint folder to a ``save_pretrained`` folder
     (safetensors + tokenizer + a manifest of every file's sha256, which
@@ -322,6 +349,10 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
             tok_config.write_text(json.dumps(data, indent=2) + "\n")
         apply_umask(tmp)  # safetensors writes 0600: a serving process under another user could not read it
         write_manifest(tmp)
+        # After the manifest: a model card is never loaded, so editing it (say before pushing it to
+        # the hub) leaves the folder verified.
+        (tmp / "README.md").write_text(export_readme(out, checkpoint, model.config))
+        apply_umask(tmp)
         os.replace(tmp, out)  # onto a missing or empty folder: atomic
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

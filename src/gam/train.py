@@ -695,15 +695,19 @@ def evaluate_and_log(t: Trainer, epoch: int, train_loss: float, epoch_stats: dic
     metrics = evaluate(t.model, t.data.valid, t.block_size, t.cfg.eval_batch_size, t.device, t.cfg.precision, t.d)
     metrics["eval_s"] = time.perf_counter() - te
     record = {"step": t.step, "epoch": epoch, "train_loss": train_loss, **metrics}
+    timed = ""
     if epoch_stats is not None:
+        # The steps timed: the epoch's, or fewer (a run that ends mid-epoch, or resumed in one)
+        steps = round(epoch_stats["tokens"] / (t.cfg.batch_size * t.block_size))
         record.update({"epoch_train_s": epoch_stats["train_s"], "epoch_data_s": epoch_stats["data_s"],
-                       "tokens_per_s": epoch_stats["tokens"] / max(epoch_stats["train_s"], 1e-9)})
+                       "epoch_steps": steps, "tokens_per_s": epoch_stats["tokens"] / max(epoch_stats["train_s"], 1e-9)})
+        what = f"epoch {epoch}" if steps == t.steps_per_epoch else \
+            f"{steps:,} of epoch {epoch}'s {t.steps_per_epoch:,} steps"
+        timed = (f"; train time {epoch_stats['train_s']:.1f}s ({what}; data {epoch_stats['data_s']:.1f}s), "
+                 f"eval {metrics['eval_s']:.1f}s, {record['tokens_per_s']:.0f} tokens/s")
     t.log.write(record)
     if t.d.main:
-        bar.write(f"step {t.step}: val loss {metrics['val_loss']:.4f}, ppl {metrics['val_ppl']:.2f}"
-                  + (f"; epoch train time {record['epoch_train_s']:.1f}s (data "
-                     f"{record['epoch_data_s']:.1f}s), eval {metrics['eval_s']:.1f}s, "
-                     f"{record['tokens_per_s']:.0f} tokens/s" if epoch_stats is not None else ""))
+        bar.write(f"step {t.step}: val loss {metrics['val_loss']:.4f}, ppl {metrics['val_ppl']:.2f}{timed}")
     return record
 
 
