@@ -306,7 +306,7 @@ def test_export_has_a_manifest_and_flipped_bytes_are_refused(tmp_path, capsys):
     assert main(["export", str(tmp_path / "ckpt"), str(out)]) == 0
     assert main(["verify", str(out)]) == 0
     listed = set(json.loads((out / "manifest.json").read_text())["files"])
-    assert listed == {p.name for p in out.iterdir()} - {"manifest.json"}
+    assert listed == {p.name for p in out.iterdir()} - {"manifest.json", "README.md"}  # the card: never loaded
     AutoModelForCausalLM.from_pretrained(out)
     raw = bytearray((out / "model.safetensors").read_bytes())
     raw[-3] ^= 0x01
