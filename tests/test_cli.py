@@ -283,10 +283,9 @@ def test_a_step_that_cannot_count_says_it_is_still_working(monkeypatch):
 
 def test_gam_eval_into_a_log_file_leaves_progress_lines(tmp_path):
     """The issue's case: `gam eval RUN > log 2>&1` showed nothing while it ran."""
-    from test_train import quiet, tiny_model, tiny_train, write_corpus
-
     from gam.data import prepare_data
     from gam.train import train
+    from test_train import quiet, tiny_model, tiny_train, write_corpus
 
     corpus = write_corpus(tmp_path / "tiny.txt")
     cache = tmp_path / "cache"

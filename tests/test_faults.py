@@ -19,8 +19,16 @@ import torch
 
 from gam.checkpoint import CheckpointError, load_checkpoint, verify_folder
 from gam.cli import main
-from gam.train import (RESUME_NOTICED, RESUME_ON_REQUEST, RESUME_REFUSED, RESUME_SILENT, TrainConfig,
-                       TrainingDiverged, evaluate, train)
+from gam.train import (
+    RESUME_NOTICED,
+    RESUME_ON_REQUEST,
+    RESUME_REFUSED,
+    RESUME_SILENT,
+    TrainConfig,
+    TrainingDiverged,
+    evaluate,
+    train,
+)
 from test_train import REPO, TINY_ARGS, corpus, data, quiet, tiny_model, tiny_train, weights  # noqa: F401
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src")}

@@ -12,11 +12,10 @@ pytest.importorskip("transformers")
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from conftest import TINY, tiny  # noqa: E402
 from gam.cli import main  # noqa: E402
 from gam.generation import InferenceCache, encode_prompt  # noqa: E402
 from gam.hf import CACHE_NAME, GAMForCausalLM, GAMHFConfig  # noqa: E402
-
-from conftest import TINY, tiny  # noqa: E402
 
 MODELS = [
     ("gam", {}),

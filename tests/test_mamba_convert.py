@@ -142,7 +142,6 @@ def test_converted_folder_passes_gam_verify_generate_export_and_eval(hf_mamba_an
     """The converter's output fits the other tools: a manifest (gam verify), and a tokenizer given
     with --tokenizer when the source has none (gam generate, gam export, gam eval --data)."""
     from gam.cli import main as gam
-
     from test_train import write_corpus
 
     source, tokenizer_file = hf_mamba_and_tokenizer

@@ -28,9 +28,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gam.checkpoint import CheckpointError, RunLock, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from gam.config import ConfigError, GAMConfig, TrainConfig, preset  # noqa: F401 - TrainConfig, preset: gam.train's API
-from gam.config import (RESUME_NOT_COMPARED, RESUME_NOTICED, RESUME_ON_REQUEST, RESUME_REFUSED,  # noqa: F401
-                        RESUME_SILENT)
+from gam.config import (
+    RESUME_NOT_COMPARED,
+    RESUME_NOTICED,  # noqa: F401 - gam.train's API, as TrainConfig and preset
+    RESUME_ON_REQUEST,
+    RESUME_REFUSED,
+    RESUME_SILENT,
+    ConfigError,
+    GAMConfig,
+    TrainConfig,
+    preset,  # noqa: F401
+)
 from gam.fileio import atomic_write
 from gam.models.lm import DecoderLM
 from gam.resources import check_fits_in_memory
