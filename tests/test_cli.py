@@ -207,7 +207,7 @@ def tiny_eval_inputs():
 @pytest.mark.parametrize("stderr,env,expected", [
     (Terminal, {}, "bar"),
     (io.StringIO, {"GAM_PROGRESS_SECONDS": "0"}, "lines"),  # a log: a line after every batch, then "done"
-    (io.StringIO, {}, ""),  # a log, a step shorter than the 10 s between lines: nothing to say
+    (io.StringIO, {}, ""),  # a log, a step shorter than the 5 s between lines: nothing to say
     (Terminal, {"TQDM_DISABLE": "1"}, ""),
     (io.StringIO, {"TQDM_DISABLE": "1", "GAM_PROGRESS_SECONDS": "0"}, ""),
 ])
@@ -246,8 +246,8 @@ def test_progress_lines_come_every_n_seconds(monkeypatch):
     clock = iter(range(0, 1000, 4))  # each look at the clock: 4 s later
     monkeypatch.setattr(gam.progress.time, "monotonic", lambda: next(clock))
     monkeypatch.setattr(sys, "stderr", io.StringIO())
-    for key in ("TQDM_DISABLE", "GAM_PROGRESS_SECONDS"):
-        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setenv("GAM_PROGRESS_SECONDS", "10")
     assert list(gam.progress.progress(range(10), "evaluating")) == list(range(10))
     lines = sys.stderr.getvalue().splitlines()
     # a line once 10 s have passed since the last one: after batches 3 (12 s), 6 (24 s) and 9 (36 s)

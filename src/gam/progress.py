@@ -3,7 +3,7 @@ training a tokenizer; encoding a corpus).
 
 On a terminal, a bar. Anywhere else (a log file, a pipe, ``gam eval RUN > log 2>&1``) a bar's
 carriage-return updates are noise, and no output at all makes a long step look stuck, so a
-plain line is written every ``GAM_PROGRESS_SECONDS`` seconds (default 10) instead, and one
+plain line is written every ``GAM_PROGRESS_SECONDS`` seconds (default 5) instead, and one
 when the step ends if any was written. ``TQDM_DISABLE=1`` hides both.
 """
 
@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
-DEFAULT_SECONDS = 10.0
+DEFAULT_SECONDS = 5.0  # "longer than a few seconds": a shorter step says nothing
 
 
 def disabled_by_env() -> bool:

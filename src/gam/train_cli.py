@@ -67,7 +67,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint",
                        description="Validation loss and perplexity of a checkpoint, on the data it was trained "
                                    "on (or --data), next to a unigram model's perplexity on the same tokens. "
-                                   "Progress: a bar on a terminal, a line every GAM_PROGRESS_SECONDS (default 10) "
+                                   "Progress: a bar on a terminal, a line every GAM_PROGRESS_SECONDS (default 5) "
                                    "in a log or pipe; TQDM_DISABLE=1 hides both.")
     p.add_argument("dir", help="a run folder (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--data", default=None, help="wikitext2 | tinystories | a path (default: the data the model "
