@@ -4,9 +4,13 @@ bars for evaluation, one clean line when the hub is unreachable."""
 
 import dataclasses
 import io
+import json
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -198,8 +202,8 @@ def test_train_applies_fields_over_the_preset(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_train(model_config, cfg, out, resume=False, explicit=None):
-        seen.update(model=model_config, cfg=cfg, out=out, resume=resume, explicit=explicit)
+    def fake_train(model_config, cfg, out, resume=False, explicit=None, allow_change=()):
+        seen.update(model=model_config, cfg=cfg, out=out, resume=resume, explicit=explicit, allow_change=allow_change)
         raise ValueError("stop here")
 
     monkeypatch.setattr(gam.train, "train", fake_train)
@@ -215,48 +219,149 @@ def test_train_applies_fields_over_the_preset(monkeypatch, tmp_path):
 
     # --resume: the fields given on purpose are the ones the run may change (or refuse)
     assert main(["train", "--resume", "--out", str(tmp_path), "--lr", "1e-3", "--epochs", "2"]) == 2
-    assert seen["resume"] and seen["explicit"] == {"lr", "epochs", "max_steps"}
+    assert seen["resume"] and seen["explicit"] == {"lr": "", "epochs": "", "max_steps": "--epochs"}
+    # ... and every field of a preset given again, marked as the preset's for the messages
+    assert main(["train", "--resume", "--out", str(tmp_path), "--preset", "cpu", "--lr", "1e-3",
+                 "--allow-change", "lr,--warmup-steps"]) == 2
+    assert seen["explicit"]["lr"] == "" and seen["explicit"]["n_embd"] == "--preset cpu"
+    assert set(seen["explicit"]) == {"lr", *PRESETS["cpu"][0], *PRESETS["cpu"][1]}
+    assert seen["allow_change"] == {"lr", "warmup_steps"}
 
 
-# ------------------------------------------------------------------ evaluation progress bar
+@pytest.mark.parametrize("argv,message", [
+    (["--allow-change", "lr"], "--allow-change applies only with --resume"),
+    (["--resume", "--allow-change", "seed,lr"], "--allow-change: seed cannot be changed on resume; it takes beta1"),
+])
+def test_allow_change_is_checked_before_training(tmp_path, capsys, argv, message):
+    assert main(["train", "--out", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ evaluation progress
 
 class Terminal(io.StringIO):
     def isatty(self):
         return True
 
 
-@pytest.mark.parametrize("stderr,env,shown", [(Terminal, {}, True), (io.StringIO, {}, False),
-                                              (Terminal, {"TQDM_DISABLE": "1"}, False)])
-def test_evaluation_progress_bars_only_on_a_terminal(monkeypatch, stderr, env, shown):
+def tiny_eval_inputs():
+    torch.manual_seed(0)
+    model = build_model("gam", vocab_size=32, block_size=8, n_embd=16, n_layer=1, num_memory_slots=4)
+    return model, np.random.default_rng(0).integers(0, 32, 9 * 6).astype(np.int64)  # 6 blocks: 3 batches of 2
+
+
+@pytest.mark.parametrize("stderr,env,expected", [
+    (Terminal, {}, "bar"),
+    (io.StringIO, {"GAM_PROGRESS_SECONDS": "0"}, "lines"),  # a log: a line after every batch, then "done"
+    (io.StringIO, {}, ""),  # a log, a step shorter than the 5 s between lines: nothing to say
+    (Terminal, {"TQDM_DISABLE": "1"}, ""),
+    (io.StringIO, {"TQDM_DISABLE": "1", "GAM_PROGRESS_SECONDS": "0"}, ""),
+])
+def test_evaluation_progress_is_a_bar_on_a_terminal_and_lines_in_a_log(monkeypatch, stderr, env, expected):
     from gam.evaluation import loss_by_position
     from gam.train import Dist, evaluate
 
-    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    for key in ("TQDM_DISABLE", "GAM_PROGRESS_SECONDS"):
+        monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    torch.manual_seed(0)
-    model = build_model("gam", vocab_size=32, block_size=8, n_embd=16, n_layer=1, num_memory_slots=4)
-    tokens = np.random.default_rng(0).integers(0, 32, 9 * 6).astype(np.int64)
+    model, tokens = tiny_eval_inputs()
     for run, label in ((lambda: evaluate(model, tokens, 8, 2, torch.device("cpu"), "fp32"), "evaluating"),
                        (lambda: loss_by_position(model, tokens, 8, 2, "cpu"), "loss by position")):
         fake_stderr = stderr()
         monkeypatch.setattr(sys, "stderr", fake_stderr)
         run()
-        assert (label in fake_stderr.getvalue()) == shown, label
+        text = fake_stderr.getvalue()
+        if expected == "bar":
+            assert label in text and "\r" in text
+        elif expected == "lines":
+            assert text.splitlines() == [f"{label}: batch 1 of 3 (33%, about 0 s left), 0 s so far",
+                                         f"{label}: batch 2 of 3 (67%, about 0 s left), 0 s so far",
+                                         f"{label}: done, 3 batches in 0 s"], label
+        else:
+            assert text == "", label
     second_process = Terminal()
     monkeypatch.setattr(sys, "stderr", second_process)
     evaluate(model, tokens, 8, 2, torch.device("cpu"), "fp32", Dist(rank=1, world=1))
-    assert second_process.getvalue() == ""  # only process 0 draws
+    assert second_process.getvalue() == ""  # only process 0 reports
+
+
+def test_progress_lines_come_every_n_seconds(monkeypatch):
+    import gam.progress
+
+    clock = iter(range(0, 1000, 4))  # each look at the clock: 4 s later
+    monkeypatch.setattr(gam.progress.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setenv("GAM_PROGRESS_SECONDS", "10")
+    assert list(gam.progress.progress(range(10), "evaluating")) == list(range(10))
+    lines = sys.stderr.getvalue().splitlines()
+    # a line once 10 s have passed since the last one: after batches 3 (12 s), 6 (24 s) and 9 (36 s)
+    assert lines == ["evaluating: batch 3 of 10 (30%, about 28 s left), 12 s so far",
+                     "evaluating: batch 6 of 10 (60%, about 16 s left), 24 s so far",
+                     "evaluating: batch 9 of 10 (90%, about 4 s left), 36 s so far",
+                     "evaluating: done, 10 batches in 44 s"]
+    monkeypatch.setenv("GAM_PROGRESS_SECONDS", "soon")
+    with pytest.raises(ValueError, match="GAM_PROGRESS_SECONDS must be a number of seconds >= 0, got 'soon'"):
+        list(gam.progress.progress(range(2), "evaluating"))
+
+
+def test_a_step_that_cannot_count_says_it_is_still_working(monkeypatch):
+    import gam.progress
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setenv("GAM_PROGRESS_SECONDS", "0")  # a heartbeat waits at least 1 s
+    with gam.progress.heartbeat("training the tokenizer"):
+        pass
+    assert sys.stderr.getvalue() == ""  # shorter than the interval: nothing
+    beats = []
+    monkeypatch.setattr(gam.progress, "say", beats.append)
+    real_wait = threading.Event.wait
+    monkeypatch.setattr(threading.Event, "wait", lambda self, timeout=None: real_wait(self, 0.01))
+    with gam.progress.heartbeat("training the tokenizer"):
+        deadline = time.monotonic() + 5
+        while len(beats) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert beats[0].startswith("training the tokenizer: ") and beats[0].endswith(" s so far")
+    assert beats[-1].startswith("training the tokenizer: done in ")
+
+
+def test_gam_eval_into_a_log_file_leaves_progress_lines(tmp_path):
+    """The issue's case: `gam eval RUN > log 2>&1` showed nothing while it ran."""
+    from gam.data import prepare_data
+    from gam.train import train
+    from test_train import quiet, tiny_model, tiny_train, write_corpus
+
+    corpus = write_corpus(tmp_path / "tiny.txt")
+    cache = tmp_path / "cache"
+    data = prepare_data(str(corpus), block_size=16, vocab_size=512, cache_dir=cache, train_rows=None,
+                        valid_rows=None)
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(data=str(corpus), train_rows=None, valid_rows=None, max_steps=2),
+          run, data=data, print_fn=quiet)
+    log = tmp_path / "log"
+    env = {**ENV, "GAM_CACHE_DIR": str(cache), "GAM_PROGRESS_SECONDS": "0"}
+    env.pop("TQDM_DISABLE", None)
+    done = subprocess.run(f"{sys.executable} -m gam.cli eval {run} --batch-size 8 > {log} 2>&1", shell=True,
+                          env=env, timeout=120)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    batches = re.search(r"^evaluating: batch 1 of (\d+) \(", text, flags=re.M)
+    assert batches and f"\nevaluating: done, {batches[1]} batches in " in text
+    assert "\r" not in text and "val loss" in text
 
 
 # ------------------------------------------------------------------ hub unreachable: one line
 
 @pytest.mark.parametrize("env,data_source,message", [
     ({}, "auto", True), ({"HF_HUB_OFFLINE": "1"}, "auto", False), ({}, "shipped", False)])
-def test_hub_unreachable_is_one_clean_line(monkeypatch, capsys, env, data_source, message):
+def test_hub_unreachable_is_one_clean_line(monkeypatch, capsys, tmp_path, env, data_source, message):
     import gam.train
     from gam.corpus import load_corpus
 
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path))  # a fresh cache: its first fallback warns
     monkeypatch.setenv("HF_ENDPOINT", "http://192.0.2.1:9")  # TEST-NET-1: never answers
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(key, raising=False)
@@ -268,7 +373,7 @@ def test_hub_unreachable_is_one_clean_line(monkeypatch, capsys, env, data_source
 
     monkeypatch.setattr("datasets.load_dataset", no_cached_copy)
 
-    def load_only(model_config, cfg, out, resume=False, explicit=None):  # train()'s data step, without the training
+    def load_only(model_config, cfg, out, resume=False, explicit=None, allow_change=()):  # train()'s data step, without the training
         load_corpus(cfg.data, source=cfg.data_source, hub_timeout=0.5)
         raise KeyboardInterrupt
 
@@ -282,6 +387,32 @@ def test_hub_unreachable_is_one_clean_line(monkeypatch, capsys, env, data_source
     assert len(lines) == 2
     assert lines[0].startswith("gam train: warning: roneneldan/TinyStories: hub unreachable (")
     assert lines[0].endswith("; using the shipped copy (--data-source shipped or HF_HUB_OFFLINE=1 skips this check)")
+
+
+def test_a_run_on_the_shipped_copy_resumes_and_evaluates_without_checking_the_hub(monkeypatch, capsys, tmp_path):
+    """The hub warning came again on every resume and evaluation of a run trained on the shipped
+    copy, where it said nothing useful. Such a run reads its own copy: no check, no warning."""
+    import gam.corpus
+    from test_train import TINY_ARGS
+
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(gam.corpus, "_probe_hub", lambda *a: (False, "no network here"))
+    run = tmp_path / "run"
+    command = ["train", "--data", "tinystories", "--train-rows", "100", "--valid-rows", "50", "--out", str(run),
+               *TINY_ARGS]
+    assert main([*command, "--max-steps", "2"]) == 0
+    assert capsys.readouterr().err.count("hub unreachable (no network here); using the shipped copy") == 1
+
+    def no_hub_check(*args):
+        raise AssertionError("a run trained on the shipped copy needs no hub check")
+
+    monkeypatch.setattr(gam.corpus, "_probe_hub", no_hub_check)
+    assert main([*command, "--max-steps", "3", "--resume"]) == 0
+    assert main(["eval", str(run), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning" not in err and json.loads(out.splitlines()[-1])["data"].startswith("shipped: TinyStories")
 
 
 # ------------------------------------------------------------------ docs/cli.md stays true

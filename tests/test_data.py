@@ -262,8 +262,9 @@ def _no_load(*a, **k):  # pragma: no cover - must not be called
     raise AssertionError("load_dataset must not be called")
 
 
-def test_hub_fallback_on_connection_error(monkeypatch):
+def test_hub_fallback_on_connection_error(monkeypatch, tmp_path):
     datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path))  # a fresh cache: its first fallback warns
     calls = []
 
     def fail(*a, **k):
@@ -286,8 +287,9 @@ def test_hub_fallback_on_connection_error(monkeypatch):
         C.load_corpus("wikitext2", source="hub")
 
 
-def test_hub_unreachable_probe_is_fast(monkeypatch):
+def test_hub_unreachable_probe_is_fast(monkeypatch, tmp_path):
     datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path))  # a fresh cache: its first fallback warns
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://192.0.2.1:9")  # TEST-NET-1: never answers
@@ -316,6 +318,31 @@ def test_hub_offline_env_skips_probe(monkeypatch):
         warnings.simplefilter("error", DataWarning)  # offline, falling back to the shipped copy is silent
         c = C.load_corpus("wikitext2")
     assert c.source.startswith("shipped:") and "OfflineModeIsEnabled" in c.fallback_reason
+
+
+def test_the_fallback_warning_comes_once_per_cache_until_the_hub_answers(monkeypatch, tmp_path):
+    """Without the hub every command warned again, a resume of a run trained on the shipped copy
+    too; the corpus source (printed on every run) still says which copy was used."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(C, "_probe_hub", lambda *a: (False, "no network here"))
+    with pytest.warns(DataWarning, match=r"hub unreachable \(no network here\); using the shipped copy"):
+        C.load_corpus("tinystories", cache_dir=tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        again = C.load_corpus("tinystories", cache_dir=tmp_path / "a")
+    assert again.source.startswith("shipped: TinyStories") and again.fallback_reason.startswith("hub unreachable")
+    with pytest.warns(DataWarning, match="hub unreachable"):
+        C.load_corpus("tinystories", cache_dir=tmp_path / "b")  # another cache: news to its user
+    fake = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a story"] * 3}),
+                                 "validation": datasets.Dataset.from_dict({"text": ["another"] * 2})})
+    monkeypatch.setattr(C, "_probe_hub", lambda *a: (True, None))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: fake)
+    assert C.load_corpus("tinystories", cache_dir=tmp_path / "a").source.startswith("hub:")
+    monkeypatch.setattr(C, "_probe_hub", lambda *a: (False, "gone again"))
+    with pytest.warns(DataWarning, match="gone again"):  # the hub answered in between: a new outage is news
+        C.load_corpus("tinystories", cache_dir=tmp_path / "a")
 
 
 def test_hub_success_uses_hub_rows(monkeypatch):

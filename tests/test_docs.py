@@ -107,3 +107,22 @@ def test_checker_finds_missing_files_and_anchors(tmp_path):
     assert len(problems) == 3, problems
     assert "missing.md (no such file)" in problems[0]
     assert "#nope" in problems[1] and "#not-a-heading" in problems[2]
+
+
+def test_the_folders_the_docs_write_into_are_ignored_by_git():
+    """Following the docs in a clone must not leave untracked files: `gam export RUN hf-gam/`
+    and `gam train` (runs/) write where .gitignore covers."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    outputs = {"runs"}
+    for page in PAGES:
+        for folder in re.findall(r"gam export runs/\S+ ([\w.-]+)", page.read_text(encoding="utf-8")):
+            outputs.add(folder)
+    assert "hf-gam" in outputs  # the folder the README and docs export into
+    not_ignored = [folder for folder in sorted(outputs)
+                   if subprocess.run(["git", "check-ignore", "-q", f"{folder}/model.safetensors"],
+                                     cwd=ROOT).returncode != 0]
+    assert not_ignored == []

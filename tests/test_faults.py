@@ -19,7 +19,16 @@ import torch
 
 from gam.checkpoint import CheckpointError, load_checkpoint, verify_folder
 from gam.cli import main
-from gam.train import RESUME_NOTICED, RESUME_REFUSED, RESUME_SILENT, TrainConfig, TrainingDiverged, evaluate, train
+from gam.train import (
+    RESUME_NOTICED,
+    RESUME_ON_REQUEST,
+    RESUME_REFUSED,
+    RESUME_SILENT,
+    TrainConfig,
+    TrainingDiverged,
+    evaluate,
+    train,
+)
 from test_train import REPO, TINY_ARGS, corpus, data, quiet, tiny_model, tiny_train, weights  # noqa: F401
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src")}
@@ -80,11 +89,12 @@ def test_divergence_then_resume_with_a_lower_lr(tmp_path, data):
     with pytest.raises(TrainingDiverged, match="loss became nan at step 4") as caught:
         train(tiny_model(data.vocab_size), cfg, run, data=data, print_fn=quiet)
     kept = load_checkpoint(run)
-    assert kept.step == 3 and str(kept.path) in str(caught.value) and "--resume --lr 100" in str(caught.value)
+    assert kept.step == 3 and str(kept.path) in str(caught.value)
+    assert "--resume --lr 100 --allow-change lr" in str(caught.value)
     val = evaluate(kept.build_model(), data.valid, 16, 8, torch.device("cpu"), "fp32")["val_loss"]
     assert math.isfinite(val)
     done = train(tiny_model(data.vocab_size), dataclasses.replace(cfg, lr=1e-3), run, data=data, resume=True,
-                 explicit={"lr"}, print_fn=quiet)
+                 explicit={"lr"}, allow_change={"lr"}, print_fn=quiet)
     assert done.step == 10 and math.isfinite(done.metrics["val_loss"])
     assert load_checkpoint(run).info["train_config"]["lr"] == 1e-3
 
@@ -125,13 +135,12 @@ def test_a_fresh_run_does_not_overwrite_an_existing_run(tmp_path, data):
 
 def test_resume_rules_cover_every_training_field():
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    groups = [RESUME_REFUSED, RESUME_NOTICED, RESUME_SILENT]
+    groups = [RESUME_REFUSED, RESUME_ON_REQUEST, RESUME_NOTICED, RESUME_SILENT]
     assert set().union(*groups) == names
     assert sum(len(g) for g in groups) == len(names)  # each field has exactly one rule
 
 
-def test_resume_refuses_changed_data_and_shape_and_applies_lr_with_a_notice(tmp_path, corpus, capsys,
-                                                                          monkeypatch):
+def test_resume_refuses_changed_data_shape_and_lr_and_applies_lr_on_request(tmp_path, corpus, capsys, monkeypatch):
     monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
     run = tmp_path / "run"
     assert main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "3", "--lr", "2e-3",
@@ -140,20 +149,57 @@ def test_resume_refuses_changed_data_and_shape_and_applies_lr_with_a_notice(tmp_
     before = snapshot(run)
     other = tmp_path / "other.txt"
     other.write_text(corpus.read_text())
-    for args, field in ((["--batch-size", "8"], "batch_size 8"), (["--data", str(other)], "data"),
-                        (["--n-embd", "32"], "n_embd 32"), (["--seed", "3"], "seed 3")):
+    for args, field in ((["--batch-size", "8"], "batch_size 4 -> 8"), (["--data", str(other)], "data"),
+                        (["--n-embd", "32"], "n_embd 16 -> 32"), (["--seed", "3"], "seed 0 -> 3"),
+                        (["--lr", "1e-3"], "lr 0.002 -> 0.001")):
         err = error_line(capsys, ["train", "--out", str(run), "--resume", "--max-steps", "5", *args])
         assert "cannot change" in err and field in err
+    assert err.endswith("to apply lr on purpose add --allow-change lr")
     assert snapshot(run) == before  # nothing written by a refused resume
-    assert main(["train", "--out", str(run), "--resume", "--max-steps", "5", "--lr", "1e-3"]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "5", "--lr", "1e-3",
+                 "--allow-change", "lr"]) == 0
     out = capsys.readouterr().out
-    assert "lr changed from 0.002 to 0.001" in out and "max_steps changed from 3 to 5" in out
+    assert "resume: lr 0.002 -> 0.001, as given" in out and "resume: max_steps 3 -> 5, as given" in out
     ckpt = load_checkpoint(run)
     assert ckpt.step == 5 and ckpt.info["train_config"]["lr"] == 1e-3
     assert ckpt.info["train_config"]["batch_size"] == 4  # kept from the run, not the cpu preset's 16
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
     assert records[-1]["step"] == 5 and "val_loss" in records[-1]
+
+
+def test_the_starting_command_with_resume_added_ends_where_the_uninterrupted_run_ends(tmp_path, corpus, capsys,
+                                                                                      monkeypatch):
+    """The README's `gam train --model transformer --data tinystories --preset cpu --max-steps 300`, in small:
+    the same command line, stopped midway, then re-run with --resume appended, ends with the weights
+    and validation loss of the run that was never stopped. --preset cpu again matches field by field."""
+    import gam.train
+
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
+    command = ["train", "--model", "transformer", "--data", str(corpus), "--preset", "cpu", "--max-steps", "6",
+               *TINY_ARGS, "--dropout", "0.1"]  # dropout: the RNG state must come back too
+    assert main([*command, "--out", str(tmp_path / "whole")]) == 0
+    real_train = gam.train.train
+    monkeypatch.setattr(gam.train, "train", lambda *a, **kw: real_train(*a, **kw, stop_after=3))
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--out", str(tmp_path / "part")])
+    assert stopped.value.code == 130  # stopped after step 3, saved
+    monkeypatch.setattr(gam.train, "train", real_train)
+    capsys.readouterr()
+    assert main([*command, "--out", str(tmp_path / "part"), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resume:" not in out  # nothing differed from the run's settings
+    whole, part = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "part")
+    assert part.step == whole.step == 6
+    assert part.info["final_metrics"]["val_loss"] == whole.info["final_metrics"]["val_loss"]
+    assert weights(tmp_path / "part").keys() == weights(tmp_path / "whole").keys()
+    assert all(torch.equal(a, b) for a, b in zip(weights(tmp_path / "part").values(),
+                                                   weights(tmp_path / "whole").values()))
+    # Another preset is another run: each of its fields that differs is named, with where it came from.
+    err = error_line(capsys, ["train", "--model", "transformer", "--data", str(corpus), "--preset", "paper",
+                              *TINY_ARGS, "--out", str(tmp_path / "part"), "--resume"])
+    assert "dropout 0.1 -> 0.0" not in err  # given on the command line (0.1), as the run's
+    assert "tokenizer 'bytelevel' -> 'paper' (--preset paper)" in err and "lr 0.002 -> 0.0003 (--preset paper)" in err
 
 
 def test_printed_resume_command_continues_to_the_original_end(tmp_path, corpus, monkeypatch, capsys):
@@ -268,7 +314,7 @@ def test_export_has_a_manifest_and_flipped_bytes_are_refused(tmp_path, capsys):
     assert main(["export", str(tmp_path / "ckpt"), str(out)]) == 0
     assert main(["verify", str(out)]) == 0
     listed = set(json.loads((out / "manifest.json").read_text())["files"])
-    assert listed == {p.name for p in out.iterdir()} - {"manifest.json"}
+    assert listed == {p.name for p in out.iterdir()} - {"manifest.json", "README.md"}  # the card: never loaded
     AutoModelForCausalLM.from_pretrained(out)
     raw = bytearray((out / "model.safetensors").read_bytes())
     raw[-3] ^= 0x01
@@ -371,6 +417,30 @@ def test_a_killed_save_leaves_a_temp_folder_that_the_next_run_removes(tmp_path, 
     assert any(left[0] in s for s in said) and load_checkpoint(run).step == 3
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_checkpoints_and_exports_follow_the_users_umask(tmp_path, data, mask):
+    """safetensors writes 0600 and mkdtemp/mkstemp make 0700/0600, whatever the umask: a serving
+    process under another user could not read an export. Every file and folder gets the mode an
+    ordinary write gives: with umask 022, readable by all (644/755); with 077, private."""
+    pytest.importorskip("transformers")
+    from gam.hf import export
+
+    run = tmp_path / "run"
+    old = os.umask(mask)
+    try:
+        train(tiny_model(data.vocab_size), tiny_train(max_steps=2), run, data=data, print_fn=quiet)
+        export(run, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    for folder in (load_checkpoint(run).path, tmp_path / "hf"):
+        assert oct(folder.stat().st_mode & 0o777) == oct(dir_mode), folder
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == \
+            {p.name: oct(file_mode) for p in folder.iterdir()}
+    for name in ("latest", "metrics.jsonl"):
+        assert oct((run / name).stat().st_mode & 0o777) == oct(file_mode), name
+
+
 # ---------------------------------------------------------------- 7. bad input: one line each
 
 def test_eval_batch_size_must_be_positive(tmp_path, data, capsys):
@@ -426,6 +496,23 @@ def test_tokens_per_s_is_averaged_over_the_logged_interval(tmp_path, data):
     assert log["step"] == epoch["step"] == 6 and "epoch_train_s" in epoch
     assert log["tokens_per_s"] == pytest.approx(epoch["tokens_per_s"], rel=1e-12)
     assert epoch["tokens_per_s"] == pytest.approx(6 * 4 * 16 / epoch["epoch_train_s"])
+
+
+def test_the_summary_calls_a_partial_epoch_what_it_is(tmp_path, data, capsys):
+    """A run that ends mid-epoch times a part of the epoch: not an "epoch train time"."""
+    blocks = len(data.train) // 17
+    capsys.readouterr()
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=6), tmp_path / "part", data=data, print_fn=quiet)
+    line = [l for l in capsys.readouterr().out.splitlines() if "val loss" in l][-1]  # tqdm.write: stdout
+    assert "epoch train time" not in line and f"(6 of epoch 0's {blocks // 4} steps; data " in line
+    record = [json.loads(l) for l in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["epoch_steps"] == 6
+    # a whole epoch, in a few large batches
+    batch = blocks // 3
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=None, epochs=1, batch_size=batch, warmup_steps=1),
+          tmp_path / "whole", data=data, print_fn=quiet)
+    line = [l for l in capsys.readouterr().out.splitlines() if "val loss" in l][-1]
+    assert line.startswith("step 3: val loss") and "s (epoch 0; data " in line
 
 
 @pytest.mark.slow

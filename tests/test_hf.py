@@ -1,6 +1,9 @@
 """Hugging Face transformers integration: config, generate(), save/load, export."""
 
 import json
+import logging
+import re
+import warnings
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa
 from conftest import TINY, tiny  # noqa: E402
 from gam.cli import main  # noqa: E402
 from gam.generation import InferenceCache, encode_prompt  # noqa: E402
-from gam.hf import GAMForCausalLM, GAMHFConfig  # noqa: E402
+from gam.hf import CACHE_NAME, GAMForCausalLM, GAMHFConfig  # noqa: E402
 
 MODELS = [
     ("gam", {}),
@@ -51,7 +54,7 @@ def test_generate_uses_our_cache():
     hf = GAMForCausalLM.from_gam(tiny("gam"))
     out = hf.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=4, do_sample=False,
                       return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_NAME)
     assert isinstance(cache, InferenceCache) and cache.nbytes() == 2 * 16 * 2 * 4  # k-1 vectors per layer
 
 
@@ -181,7 +184,7 @@ def test_output_hidden_states_are_embeddings_block_outputs_and_final_norm(name, 
         assert hf(idx).hidden_states is None
         # the cached path (prefill, then steps) gives the same states
         cached = hf(idx[:, :4], use_cache=True, output_hidden_states=True)
-        step = hf(idx[:, 4:], past_key_values=cached.past_key_values, output_hidden_states=True)
+        step = hf(idx[:, 4:], **{CACHE_NAME: getattr(cached, CACHE_NAME)}, output_hidden_states=True)
         for full, first, rest in zip(states, cached.hidden_states, step.hidden_states):
             torch.testing.assert_close(torch.cat([first, rest], dim=1), full, atol=1e-5, rtol=1e-5)
     generated = hf.generate(idx, max_new_tokens=3, do_sample=False, output_hidden_states=True,
@@ -224,3 +227,87 @@ def test_trainer_two_steps_then_from_pretrained_reloads_the_weights(tmp_path):
     assert set(loaded.state_dict()) == set(trained)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.items())
     assert not torch.equal(trained["model.head.weight"], before["model.head.weight"])  # it did train
+
+
+@pytest.fixture
+def deprecations_are_errors():
+    """DeprecationWarning and FutureWarning raise, and so does a transformers log record saying
+    something is deprecated or will be removed: transformers warns through its logger, once per
+    message and process, so that once-cache is emptied first (an earlier test may have drawn it)."""
+
+    class Raise(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if re.search(r"deprecat|will be removed|no longer supported", message, flags=re.I):
+                raise AssertionError(f"transformers warned: {message}")
+
+    logger = logging.getLogger("transformers")
+    handler = Raise(level=logging.WARNING)
+    logger.addHandler(handler)
+    once = getattr(logging.Logger, "warning_once", None)
+    if hasattr(once, "cache_clear"):
+        once.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            warnings.simplefilter("error", FutureWarning)
+            yield
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_generate_on_an_export_warns_of_nothing_deprecated_and_reuses_its_cache(tmp_path, deprecations_are_errors):
+    """transformers 5.25 renamed past_key_values to cache and warned on every generate(); before
+    the rename was followed, it also dropped our cache after the first step (each new token
+    re-ran the whole sequence). Greedy, sampling and beam search on the current transformers."""
+    from test_generation import make_checkpoint
+
+    model, tok = make_checkpoint(tmp_path / "ckpt")
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = hf_tok("the cat sat", return_tensors="pt").input_ids
+    fed = []
+    hf.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs["input_ids"].shape[1]),
+                                 with_kwargs=True)
+    greedy = hf.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(greedy, model.generate(ids, 5, temperature=0))
+    assert fed == [ids.shape[1], 1, 1, 1, 1]  # the prompt once, then one new token per step
+    assert hf.generate(ids, max_new_tokens=5, do_sample=True, top_k=5).shape == (1, ids.shape[1] + 5)
+    beams = hf.generate(ids, max_new_tokens=5, num_beams=2, do_sample=False)
+    assert torch.equal(beams, hf.generate(ids, max_new_tokens=5, num_beams=2, do_sample=False, use_cache=False))
+    out = hf.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(getattr(out, CACHE_NAME), InferenceCache)
+
+
+def test_an_export_says_how_to_load_it(tmp_path, capsys):
+    """Without `import gam.hf`, transformers does not know the model type and suggests upgrading
+    itself. Every message about an export names `import gam.hf`: gam export's, the export's
+    README.md, and those of gam generate and gam eval given an export."""
+    import subprocess
+    import sys
+
+    from test_generation import make_checkpoint
+
+    make_checkpoint(tmp_path / "ckpt")
+    hf = tmp_path / "hf-gam"
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "ckpt"), str(hf)]) == 0
+    assert f"import gam.hf; transformers.AutoModelForCausalLM.from_pretrained('{hf}')" in capsys.readouterr().out
+    readme = (hf / "README.md").read_text()
+    assert "import gam.hf" in readme and f'AutoModelForCausalLM.from_pretrained("{hf}")' in readme
+    # the model card is not in the manifest: editing it keeps the folder verified and loadable
+    (hf / "README.md").write_text(readme + "\nFine-tuned on nothing yet.\n")
+    assert main(["verify", str(hf)]) == 0
+    assert isinstance(AutoModelForCausalLM.from_pretrained(hf), GAMForCausalLM)
+    capsys.readouterr()
+    for command in (["generate", str(hf), "--prompt", "the cat"], ["eval", str(hf)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"import gam.hf; transformers.AutoModelForCausalLM.from_pretrained('{hf}')" in err, command
+    # transformers alone: its own message, the one the README quotes and answers
+    alone = subprocess.run([sys.executable, "-c", "import sys, transformers; "
+                            "transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])", str(hf)],
+                           capture_output=True, text=True, timeout=120)
+    assert alone.returncode != 0 and "does not recognize this architecture" in alone.stderr
+    assert "does not recognize this architecture" in readme

@@ -119,3 +119,72 @@ def test_standard_mamba_uses_rmsnorm_and_an_old_layernorm_checkpoint_says_why_it
     (tmp_path / "config.json").write_text(json.dumps({"model_config": model.config.to_dict()}))
     with pytest.raises(ValueError, match="saved when it used LayerNorm"):
         load_checkpoint(tmp_path).build_model()
+
+
+@pytest.fixture(scope="module")
+def hf_mamba_and_tokenizer(tmp_path_factory):
+    """A tiny MambaForCausalLM whose embedding has rows for every token of a small tokenizer (and
+    3 more, as real checkpoints pad their vocabulary), the tokenizer saved apart from it."""
+    from test_generation import make_tokenizer
+
+    tok = make_tokenizer("paper")
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=tok.get_vocab_size() + 3, hidden_size=32, state_size=8, num_hidden_layers=2,
+                         expand=2, conv_kernel=4)
+    folder = tmp_path_factory.mktemp("hf-mamba-no-tokenizer")
+    MambaForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer_file = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    tok.save(str(tokenizer_file))
+    return folder, tokenizer_file
+
+
+def test_converted_folder_passes_gam_verify_generate_export_and_eval(hf_mamba_and_tokenizer, tmp_path, capsys):
+    """The converter's output fits the other tools: a manifest (gam verify), and a tokenizer given
+    with --tokenizer when the source has none (gam generate, gam export, gam eval --data)."""
+    from gam.cli import main as gam
+    from test_train import write_corpus
+
+    source, tokenizer_file = hf_mamba_and_tokenizer
+    bare = tmp_path / "bare"
+    assert main([str(source), str(bare)]) == 0
+    assert "convert again with --tokenizer FILE" in capsys.readouterr().out
+    assert gam(["verify", str(bare)]) == 0
+    assert gam(["generate", str(bare), "--prompt", "the cat"]) == 2
+    assert "convert again with python -m gam.models.mamba_convert SOURCE OUT --tokenizer FILE" in capsys.readouterr().err
+
+    out = tmp_path / "converted"
+    assert main([str(source), str(out), "--tokenizer", str(tokenizer_file)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "manifest.json", "model.safetensors",
+                                                     "tokenizer.json"]
+    assert gam(["verify", str(out)]) == 0
+    capsys.readouterr()
+    assert gam(["generate", str(out), "--prompt", "the cat", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("the cat")
+    assert gam(["export", str(out), str(tmp_path / "hf")]) == 0
+    assert gam(["verify", str(tmp_path / "hf")]) == 0
+    corpus = write_corpus(tmp_path / "text.txt", lines=800)
+    assert gam(["eval", str(out), "--data", str(corpus), "--json", "--batch-size", "4"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 0
+
+
+@pytest.mark.parametrize("what,message", [
+    ("missing", "no such tokenizer file"),
+    ("folder", "no tokenizer.json there"),
+    ("garbled", "not a tokenizers tokenizer.json"),
+    ("too large", "the tokenizer has 293 tokens, more than the model's 45 embedding rows"),
+])
+def test_a_tokenizer_that_does_not_fit_is_one_line(hf_mamba_and_tokenizer, tmp_path, capsys, what, message):
+    from test_generation import make_tokenizer
+
+    source, _ = hf_mamba_and_tokenizer
+    tokenizer = tmp_path / "tokenizer.json"
+    if what == "folder":
+        tokenizer = tmp_path
+    elif what == "garbled":
+        tokenizer.write_text("{not json")
+    elif what == "too large":
+        make_tokenizer("bytelevel").save(str(tokenizer))
+    assert main([str(source), str(tmp_path / "out"), "--tokenizer", str(tokenizer)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))

@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_model
 
 from gam.config import GAMConfig
-from gam.fileio import atomic_write, writer_errors_as_os_errors
+from gam.fileio import apply_umask, atomic_write, make_temp_dir, writer_errors_as_os_errors
 from gam.models.lm import DecoderLM
 from gam.resources import check_fits_in_memory
 
@@ -156,7 +155,7 @@ def save_checkpoint(
             break
         name = f"ckpt-{step:06d}-{n}"
     final = run_dir / name
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f"{TEMP_PREFIX}{name}-"))
+    tmp = make_temp_dir(run_dir, f"{TEMP_PREFIX}{name}-")
     try:
         bare = unwrap(model)
         with writer_errors_as_os_errors(tmp / "model.safetensors"):
@@ -171,6 +170,7 @@ def save_checkpoint(
                 torch.save(trainer_state, tmp / "trainer_state.pt")
         if metrics_path is not None and metrics_path.exists():
             shutil.copyfile(metrics_path, tmp / "metrics.jsonl")
+        apply_umask(tmp)
         write_manifest(tmp)
         os.replace(tmp, final)
     except OSError as err:
@@ -319,7 +319,10 @@ class Checkpoint:
 
         path = self.path / "tokenizer.json"
         if not path.is_file():
-            raise CheckpointError(f"{self.path}: no tokenizer.json saved with this checkpoint")
+            how = ("; convert again with python -m gam.models.mamba_convert SOURCE OUT --tokenizer FILE"
+                   if "converted_from" in self.info else "")
+            raise CheckpointError(f"{self.path}: no tokenizer.json saved with this checkpoint "
+                                  f"(the tokenizer the model was trained with is needed to read text){how}")
         try:
             return Tokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception on bad JSON
@@ -383,15 +386,23 @@ class Checkpoint:
         return state
 
 
+def how_to_load_an_export(folder: str | Path) -> str:
+    """What every message about a ``gam export`` folder says. Without ``import gam.hf``,
+    transformers does not know the "gam" model type and suggests upgrading itself, which cannot help."""
+    return (f"a gam export loads with: import gam.hf; "
+            f"transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r})")
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint folder, or the one a run folder's ``latest`` names, checked.
 
     The one loader of the project: training (resume), ``gam eval``, ``gam generate``,
     ``gam export`` and the benches open checkpoints here, then take what they need
     (:meth:`Checkpoint.build_model`, :meth:`Checkpoint.tokenizer`, ...). A folder with a
-    manifest is verified file by file; the trainer's checkpoints (``format_version``
-    in config.json) must have one, since it is written last. A folder without one
-    (``python -m gam.models.mamba_convert`` writes such) is read as it is. config.json
+    manifest is verified file by file; the trainer's checkpoints and the converter's
+    (``format_version`` in config.json) must have one, since it is written last. A folder
+    without one (what ``python -m gam.models.mamba_convert`` wrote before it wrote
+    manifests) is read as it is. config.json
     holds the model's GAMConfig fields under ``"model_config"``. Every problem is one
     line, a :class:`CheckpointError`.
     """
@@ -406,7 +417,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if "model_config" not in info:
         if info.get("model_type") == "gam":
             raise CheckpointError(f"{ckpt}: a gam export folder (Hugging Face layout), not a gam checkpoint: "
-                                  "load it with transformers (import gam.hf; AutoModelForCausalLM.from_pretrained)")
+                                  f"load it with transformers ({how_to_load_an_export(ckpt)}), or give the "
+                                  "run folder it came from")
         raise CheckpointError(f"{ckpt}: not a gam checkpoint (its config.json has no model_config)")
     try:
         GAMConfig.from_dict(info["model_config"])

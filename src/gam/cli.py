@@ -162,9 +162,10 @@ def cmd_export(args: argparse.Namespace) -> None:
         from gam.hf import export
     except ImportError as err:
         raise ValueError(f"gam export needs transformers: pip install 'gam[hf]' ({err})") from None
+    from gam.checkpoint import how_to_load_an_export
+
     out = export(args.dir, args.out)
-    print(f"wrote {out} (load with: import gam.hf; "
-          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    print(f"wrote {out} ({how_to_load_an_export(out)}; see its README.md)")
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:

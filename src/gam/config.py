@@ -271,6 +271,22 @@ class TrainConfig:
             raise ConfigError(f"tokenizer must be bytelevel or paper, got {self.tokenizer!r}")
 
 
+# What --resume does with a training field whose value differs from the run's saved
+# one (docs/reliability.md). Every model field is refused too: the weights have that
+# shape. A field not given keeps the run's value; one given with the run's value is fine.
+RESUME_REFUSED = frozenset({"data", "data_source", "train_rows", "valid_rows", "tokenizer", "batch_size",
+                            "grad_accum", "seed"})  # the data and its order: changing them makes a different run
+# What every step computes: refused, unless named in ``allow_change`` (--allow-change), as a
+# lower --lr after a divergence. A re-run command that differs here by mistake must not pass.
+RESUME_ON_REQUEST = frozenset({"lr", "min_lr", "beta1", "beta2", "weight_decay", "warmup_steps", "grad_clip",
+                               "precision"})
+RESUME_NOTICED = frozenset({"max_steps", "epochs", "eval_batch_size", "eval_every", "save_every",
+                            "log_every"})  # where the run ends, how often it reports: applied, with a notice
+RESUME_SILENT = frozenset({"device", "threads", "logger", "compile"})  # where it runs, not what it computes
+# Never compared: the run's saved tokenizer decides the vocabulary (a request of 8192 may give fewer tokens).
+RESUME_NOT_COMPARED = frozenset({"vocab_size"})
+
+
 # Presets: the paper's exact hyper-parameters, and a small CPU configuration
 # that learns something real on 2 cores in a few minutes.
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {

@@ -11,6 +11,7 @@ the first 50,000 train / 5,000 validation rows. A named corpus comes from the Hu
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -24,6 +25,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from gam.fileio import atomic_write
 
 __all__ = [
     "DataError",
@@ -134,13 +137,16 @@ def load_corpus(
     *,
     hub_timeout: float = 3.0,
     valid_fraction: float = 0.1,
+    cache_dir: str | os.PathLike | None = None,
 ) -> Corpus:
     """Load a named corpus ("wikitext2", "tinystories") or a local file/folder.
 
     ``split_rows``: (train_rows, valid_rows) kept from the start of each split, as the paper
     (50,000 / 5,000); ``None`` (or a ``None`` entry) keeps everything. The test split is never
     trimmed. ``source``: "auto" (hub, else the shipped copy), "hub", "shipped"; for a local path
-    "auto" or "local". ``hub_timeout``: seconds allowed for the hub reachability probe.
+    "auto" or "local". ``hub_timeout``: seconds allowed for the hub reachability probe. The warning
+    that "auto" fell back to the shipped copy is given once per cache (``cache_dir``, default
+    :func:`default_cache_dir`), until the hub answers again: the source line says the rest.
 
     Known names win over same-named folders in the working directory; write ``./name`` for
     the folder. Local files: ``.txt``/``.txt.gz`` (one row per line), ``.jsonl`` (field
@@ -163,7 +169,7 @@ def load_corpus(
     if key is not None and not raw.startswith((".", "/", "~")):
         if source == "local":
             raise DataError(f"{raw!r}: source='local' needs a path, not a corpus name")
-        return _load_named(key, split_rows, source, hub_timeout)
+        return _load_named(key, split_rows, source, hub_timeout, cache_dir)
 
     path = Path(raw).expanduser()
     if path.exists():
@@ -243,7 +249,27 @@ def _load_hub(key: str, split_rows: tuple[int | None, int | None]) -> Corpus:
     return Corpus(key, src, train, valid, test, split_rows)
 
 
-def _load_named(key: str, split_rows, source: str, hub_timeout: float) -> Corpus:
+def _fallback_marker(dataset_id: str, cache_dir: str | os.PathLike | None) -> Path:
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / "hub-fallback-warned" / re.sub(r"[^\w.-]", "_", dataset_id)
+
+
+def _first_fallback(dataset_id: str, cache_dir: str | os.PathLike | None, reason: str) -> bool:
+    """Whether this is the cache's first fallback to the shipped copy of ``dataset_id`` (it is
+    then remembered): on a machine without the hub every command would repeat the warning."""
+    marker = _fallback_marker(dataset_id, cache_dir)
+    if marker.exists():
+        return False
+    try:
+        with atomic_write(marker, "w") as f:
+            f.write(reason + "\n")
+    except OSError:  # a read-only cache: warn every time rather than never
+        pass
+    return True
+
+
+def _load_named(key: str, split_rows, source: str, hub_timeout: float,
+                cache_dir: str | os.PathLike | None = None) -> Corpus:
     if source == "shipped":
         return _load_shipped(key, split_rows)
     dataset_id = KNOWN_CORPORA[key][0]
@@ -260,7 +286,10 @@ def _load_named(key: str, split_rows, source: str, hub_timeout: float) -> Corpus
                 raise DataError(f"{dataset_id}: {reason}")
     if reason is None:
         try:
-            return _load_hub(key, split_rows)
+            corpus = _load_hub(key, split_rows)
+            with contextlib.suppress(OSError):  # the hub answers again: the next fallback is news, and warns
+                _fallback_marker(dataset_id, cache_dir).unlink(missing_ok=True)
+            return corpus
         except DataError:
             if source == "hub":
                 raise
@@ -273,7 +302,8 @@ def _load_named(key: str, split_rows, source: str, hub_timeout: float) -> Corpus
             reason += " [HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set]"
     corpus = _load_shipped(key, split_rows)
     corpus.fallback_reason = reason
-    if not offline:  # offline, the shipped copy is what the user asked for: no message
+    # Offline, the shipped copy is what the user asked for: no message. Otherwise once per cache.
+    if not offline and _first_fallback(dataset_id, cache_dir, reason):
         # One line (the CLI prints it as "gam CMD: warning: ..."); the corpus source says the rest.
         warnings.warn(f"{dataset_id}: {reason}; using the shipped copy "
                       f"(--data-source shipped or HF_HUB_OFFLINE=1 skips this check)", DataWarning, stacklevel=3)

@@ -249,8 +249,11 @@ def _cached_tokens(tokenizer, tok_hash: str, rows: list[str], path: Path) -> np.
                 return arr
         except DataError as e:
             log.warning("re-encoding: %s", e)
+    from gam.progress import heartbeat
+
     t0 = time.perf_counter()
-    arr = encode_to_file(tokenizer, rows, path)
+    with heartbeat(f"encoding {len(rows):,} rows into {path.name}"):  # minutes on a large corpus
+        arr = encode_to_file(tokenizer, rows, path)
     log.info("encoded %d rows -> %d tokens in %.1fs: %s", len(rows), len(arr),
              time.perf_counter() - t0, path)
     return arr
@@ -283,7 +286,8 @@ def prepare_data(
     """
     if int(block_size) < 1:
         raise DataError(f"block_size must be >= 1, got {block_size}")
-    corpus = load_corpus(name_or_path, (train_rows, valid_rows), source, hub_timeout=hub_timeout)
+    corpus = load_corpus(name_or_path, (train_rows, valid_rows), source, hub_timeout=hub_timeout,
+                         cache_dir=cache_dir)
     if tokenizer is None:
         kind = tokenizer_kind
         tok = get_tokenizer(corpus, vocab_size, cache_dir, splits=tokenizer_splits, kind=kind)

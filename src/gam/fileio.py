@@ -21,6 +21,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE & ~umask())  # mkstemp's 0600, renamed into place, would make the file private
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -30,6 +31,41 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+# What open() and mkdir() ask for; the umask then takes away what the user wants kept private.
+FILE_MODE, DIR_MODE = 0o666, 0o777
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where the kernel reports it (Linux):
+    setting it to read it back would briefly change the mode of files other threads create."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """``tempfile.mkdtemp`` with the mode an ordinary mkdir gives: mkdtemp makes 0700, which a
+    folder renamed into place (a checkpoint, an export) would keep, unreadable to other users."""
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    path.chmod(DIR_MODE & ~umask())
+    return path
+
+
+def apply_umask(folder: str | os.PathLike) -> None:
+    """Give the files in ``folder`` the mode an ordinary write gives: some writers make their
+    files private whatever the umask (safetensors writes 0600)."""
+    mode = FILE_MODE & ~umask()
+    for p in Path(folder).iterdir():
+        if p.is_file() and not p.is_symlink():
+            p.chmod(mode)
 
 
 def describe_os_error(err: OSError) -> str:

@@ -15,7 +15,8 @@ One wrapper serves the three model kinds (``config.model``: gam, transformer,
 mamba): :class:`GAMForCausalLM` holds a :class:`gam.models.lm.DecoderLM` under
 ``.model``, so its weights are ``model.<our names>`` in ``model.safetensors``
 (the tied head stored once). ``generate()`` decodes with our per-layer
-:class:`gam.generation.InferenceCache` (passed as ``past_key_values``), so a GAM
+:class:`gam.generation.InferenceCache` (passed as ``cache``, or ``past_key_values`` in older
+``transformers``), so a GAM
 layer keeps k-1 vectors, not a KV cache.
 
 Batched prompts of different lengths: **left** padding with an
@@ -55,6 +56,11 @@ from gam.models.lm import DecoderLM
 
 _GAM_FIELDS = {f.name: f.default for f in dataclasses.fields(GAMConfig)}
 _TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])
+# The name under which generate() hands the cache to the model and reads it back from its output:
+# `cache` in newer transformers (5.25 renamed it, warning on every use of the old name, which a
+# later release removes), `past_key_values` before. Read from the installed version's own output
+# class, so both ends of the supported range use their own name and none warns.
+CACHE_NAME = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
 class GAMHFConfig(PretrainedConfig):
@@ -161,10 +167,13 @@ class GAMForCausalLM(PreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         output_hidden_states: bool | None = None,
+        cache: InferenceCache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
-        """Logits for ``input_ids``; with ``past_key_values`` (an InferenceCache) or
-        ``use_cache=True`` they continue the cached sequence. ``labels`` are
+        """Logits for ``input_ids``; with ``cache`` or ``past_key_values`` (an InferenceCache,
+        under either name: newer transformers pass ``cache``, older ``past_key_values``) or
+        ``use_cache=True`` they continue the cached sequence; the output holds the cache under
+        the installed version's name (:data:`CACHE_NAME`). ``labels`` are
         shifted inside, as in every ``transformers`` causal LM. ``attention_mask``:
         left padding for prompts (cached continuations are real tokens); right
         padding only in a plain forward (it cannot reach a real token)."""
@@ -173,9 +182,11 @@ class GAMForCausalLM(PreTrainedModel, GenerationMixin):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         hidden_states: list | None = [] if output_hidden_states else None
-        if past_key_values is not None and not isinstance(past_key_values, InferenceCache):
-            raise ValueError(f"past_key_values must be a gam InferenceCache, got {type(past_key_values).__name__}")
-        cache = past_key_values
+        if cache is not None and past_key_values is not None:
+            raise ValueError("give the cache as cache or as past_key_values, not both")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, InferenceCache):
+            raise ValueError(f"the cache must be a gam InferenceCache, got {type(cache).__name__}")
         if cache is None and use_cache:
             cache = self._new_cache(input_ids)
         if cache is not None:
@@ -197,7 +208,7 @@ class GAMForCausalLM(PreTrainedModel, GenerationMixin):
                                    reduction="mean" if num_items is None else "sum")
             if num_items is not None:
                 loss = loss / torch.as_tensor(num_items, device=loss.device)
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache,
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache},
                                         hidden_states=None if hidden_states is None else tuple(hidden_states))
         if return_dict is False:
             return output.to_tuple()
@@ -209,9 +220,13 @@ class GAMForCausalLM(PreTrainedModel, GenerationMixin):
         past_key_values: InferenceCache | None = None,
         attention_mask: torch.Tensor | None = None,
         use_cache: bool = True,
+        cache: InferenceCache | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Feed only the tokens the cache has not seen; slide the window past block_size.
+
+        generate() passes the cache as ``cache`` (newer transformers) or ``past_key_values``
+        (older); it goes back to forward() under the same name.
 
         With learned positions, once the sequence outgrows ``block_size`` the
         cache restarts and the last ``block_size`` tokens are prefilled, the
@@ -225,7 +240,8 @@ class GAMForCausalLM(PreTrainedModel, GenerationMixin):
             if attention_mask is not None and limit is not None:
                 inputs["attention_mask"] = attention_mask[:, -limit:]
             return inputs
-        cache = past_key_values if past_key_values is not None else self._new_cache(input_ids)
+        if cache is None:
+            cache = past_key_values if past_key_values is not None else self._new_cache(input_ids)
         new = input_ids[:, cache.seen_tokens:]
         if limit is not None and cache.position + new.shape[1] > limit:
             cache.restart(self.model)
@@ -233,7 +249,7 @@ class GAMForCausalLM(PreTrainedModel, GenerationMixin):
             new = input_ids[:, -limit:]
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask[:, -new.shape[1]:]
-        inputs.update(input_ids=new, past_key_values=cache, use_cache=True)
+        inputs.update({"input_ids": new, CACHE_NAME: cache, "use_cache": True})
         return inputs
 
     def _reorder_cache(self, past_key_values: InferenceCache, beam_idx: torch.Tensor) -> InferenceCache:
@@ -261,6 +277,33 @@ def hf_tokenizer(tokenizer, model_max_length: int | None = None):
                                    **special_token_roles(tokenizer), **limit)
 
 
+def export_readme(out: Path, checkpoint: str | Path, config: GAMConfig) -> str:
+    """The export's model card: how to load it. transformers alone does not know the "gam" model
+    type and answers that it "does not recognize this architecture" (update transformers)."""
+    return f"""# {config.model} language model (gam export)
+
+Exported by `gam export` from `{checkpoint}`: a {config.model} model with {config.n_layer} layers,
+width {config.n_embd}, vocabulary {config.vocab_size:,}, context {config.max_seq_len or "unlimited"}.
+
+transformers does not know the `gam` model type by itself: **`import gam.hf` first** (`pip install
+"gam[hf]"`), which registers it with the Auto classes (no `trust_remote_code`). Without it,
+transformers says it "does not recognize this architecture" and suggests updating transformers,
+which does not help.
+
+```python
+import gam.hf  # registers model_type "gam" with transformers' Auto classes
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{out}")
+tok = AutoTokenizer.from_pretrained("{out}")
+ids = tok("The history of", return_tensors="pt").input_ids
+print(tok.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0]))
+```
+
+`gam verify {out}` checks every file against `manifest.json` (this README is not in it: edit it freely).
+"""
+
+
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Convert a training checkpoint folder to a ``save_pretrained`` folder
     (safetensors + tokenizer + a manifest of every file's sha256, which
@@ -270,9 +313,9 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     place when complete, so a failed export leaves nothing half-written.
     """
     import shutil
-    import tempfile
 
     from gam.checkpoint import TEMP_PREFIX, load_checkpoint, write_manifest
+    from gam.fileio import apply_umask, make_temp_dir
 
     out = Path(out)
     if any(parent.exists() and not parent.is_dir() for parent in out.parents):
@@ -289,8 +332,11 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     if tok.pad_token_id is not None:
         hf.config.pad_token_id = tok.pad_token_id
         hf.generation_config.pad_token_id = tok.pad_token_id
+    # Older transformers' pipeline() loads a tokenizer only for a model type it knows or a config
+    # that names the tokenizer class; without it pipeline("text-generation", model=OUT) has none.
+    hf.config.tokenizer_class = "PreTrainedTokenizerFast"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{TEMP_PREFIX}{out.name}-"))
+    tmp = make_temp_dir(out.parent, f"{TEMP_PREFIX}{out.name}-")
     try:
         with writer_errors_as_os_errors(tmp / "model.safetensors"):
             hf.save_pretrained(tmp, safe_serialization=True)
@@ -302,8 +348,12 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
             data = json.loads(tok_config.read_text())
             data["tokenizer_class"] = "PreTrainedTokenizerFast"
             tok_config.write_text(json.dumps(data, indent=2) + "\n")
+        apply_umask(tmp)  # safetensors writes 0600: a serving process under another user could not read it
         write_manifest(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+        # After the manifest: a model card is never loaded, so editing it (say before pushing it to
+        # the hub) leaves the folder verified.
+        (tmp / "README.md").write_text(export_readme(out, checkpoint, model.config))
+        apply_umask(tmp)
         os.replace(tmp, out)  # onto a missing or empty folder: atomic
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -208,8 +208,11 @@ def get_tokenizer(corpus: Corpus, vocab_size: int = 10000, cache_dir: str | os.P
         texts.extend(corpus.split(s))
     if not any(t.strip() for t in texts):
         raise DataError(f"{corpus.name}: empty corpus (no text to train the tokenizer on)")
+    from gam.progress import heartbeat
+
     t0 = time.perf_counter()
-    tok = train_tokenizer(row_texts(kind, texts), vocab_size, kind)
+    with heartbeat(f"training the {kind} tokenizer on {len(texts):,} rows"):  # minutes on a large corpus
+        tok = train_tokenizer(row_texts(kind, texts), vocab_size, kind)
     log.info("trained %s tokenizer (vocab %d) on %d rows in %.1fs", kind, tok.get_vocab_size(), len(texts),
              time.perf_counter() - t0)
     _write(path, tok.to_str().encode("utf-8"))

@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -28,7 +28,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gam.checkpoint import CheckpointError, RunLock, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from gam.config import ConfigError, GAMConfig, TrainConfig, preset  # noqa: F401 - TrainConfig, preset: gam.train's API
+from gam.config import (
+    RESUME_NOT_COMPARED,
+    RESUME_NOTICED,  # noqa: F401 - gam.train's API, as TrainConfig and preset
+    RESUME_ON_REQUEST,
+    RESUME_REFUSED,
+    RESUME_SILENT,
+    ConfigError,
+    GAMConfig,
+    TrainConfig,
+    preset,  # noqa: F401
+)
 from gam.fileio import atomic_write
 from gam.models.lm import DecoderLM
 from gam.resources import check_fits_in_memory
@@ -181,7 +191,8 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_
              device: torch.device, precision: str, d: Dist | None = None) -> dict[str, float]:
     """Mean cross-entropy over every validation block, in order (deterministic).
 
-    Shows a progress bar on a terminal (gam.progress): it takes tens of seconds on a CPU."""
+    It takes tens of seconds to minutes on a CPU: a progress bar on a terminal, a line every
+    GAM_PROGRESS_SECONDS in a log (gam.progress)."""
     from gam.progress import progress
 
     d = d or Dist()
@@ -288,24 +299,16 @@ class RunResult:
     resume_command: str | None = None  # printed when interrupted
 
 
-# What --resume does with a training field given again with a value that differs
-# from the run's (docs/reliability.md). Every model field is refused too: the
-# weights have that shape. A field not given explicitly keeps the run's value.
-RESUME_REFUSED = frozenset({"data", "data_source", "train_rows", "valid_rows", "tokenizer", "batch_size",
-                            "grad_accum", "seed"})  # the data and its order: changing them makes a different run
-RESUME_NOTICED = frozenset({"max_steps", "epochs", "lr", "min_lr", "beta1", "beta2", "weight_decay",
-                            "warmup_steps", "grad_clip", "precision", "eval_batch_size", "eval_every",
-                            "save_every", "log_every"})  # applied, with a printed notice
-RESUME_SILENT = frozenset({"device", "threads", "logger", "compile"})  # where it runs, not what it computes
-
-
-def resume_settings(ckpt, model_config: GAMConfig, cfg: TrainConfig, explicit: set[str] | None,
-                    say: Callable[[str], None]) -> tuple[GAMConfig, TrainConfig]:
+def resume_settings(ckpt, model_config: GAMConfig, cfg: TrainConfig, explicit: Mapping[str, str] | set[str] | None,
+                    say: Callable[[str], None], allow_change: Iterable[str] = ()) -> tuple[GAMConfig, TrainConfig]:
     """The run's saved configuration, with the explicitly given fields applied or refused.
 
     ``explicit`` names the fields the caller gave on purpose (the command line's
-    flags); None means every field of ``model_config`` and ``cfg`` except
-    ``vocab_size`` (which the saved tokenizer decides).
+    flags, and the fields of a --preset given again); a mapping says where each
+    came from (``{"lr": "--preset cpu"}``), for the messages. None means every
+    field of ``model_config`` and ``cfg``. A field whose value equals the run's
+    passes; a change is applied or refused by the ``RESUME_*`` sets, and the
+    refusal names every changed field with the run's value and the new one.
     """
     saved_model = ckpt.model_config
     try:
@@ -315,24 +318,36 @@ def resume_settings(ckpt, model_config: GAMConfig, cfg: TrainConfig, explicit: s
     model_names = {f.name for f in dataclasses.fields(GAMConfig)}
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
     if explicit is None:
-        explicit = (model_names - {"vocab_size"}) | train_names
-    refused, changes, notices = [], {}, []
-    for name in sorted(explicit & model_names):
+        explicit = model_names | train_names
+    origin = dict(explicit) if isinstance(explicit, Mapping) else {name: "" for name in explicit}
+    allow_change = set(allow_change)
+
+    def change(name: str, old: Any, new: Any) -> str:
+        return f"{name} {old!r} -> {new!r}" + (f" ({origin[name]})" if origin.get(name) else "")
+
+    refused, on_request, changes, notices = [], [], {}, []
+    for name in sorted((origin.keys() & model_names) - RESUME_NOT_COMPARED):
         if getattr(model_config, name) != getattr(saved_model, name):
-            refused.append(f"{name} {getattr(model_config, name)!r} (the run's: {getattr(saved_model, name)!r})")
-    for name in sorted(explicit & train_names):
+            refused.append(change(name, getattr(saved_model, name), getattr(model_config, name)))
+    for name in sorted(origin.keys() & train_names):
         new, old = getattr(cfg, name), getattr(saved_cfg, name)
         if new == old:
             continue
         if name in RESUME_REFUSED:
-            refused.append(f"{name} {new!r} (the run's: {old!r})")
-            continue
-        changes[name] = new
-        if name in RESUME_NOTICED:
-            notices.append(f"resume: {name} changed from {old!r} to {new!r}, as given")
+            refused.append(change(name, old, new))
+        elif name in RESUME_ON_REQUEST and name not in allow_change:
+            refused.append(change(name, old, new))
+            on_request.append(name)
+        else:
+            changes[name] = new
+            if name not in RESUME_SILENT:
+                notices.append(f"resume: {change(name, old, new)}, as given")
     if refused:
+        how = f"; to apply {', '.join(on_request)} on purpose add --allow-change {','.join(on_request)}" \
+            if on_request else ""
         raise ConfigError(f"--resume continues the run in {ckpt.path.parent} and cannot change "
-                          f"{'; '.join(refused)}: drop those options, or start a new run with another --out")
+                          f"{'; '.join(refused)}: give the run's values or drop those options, or start a new "
+                          f"run with another --out{how}")
     for notice in notices:
         say(notice)
     cfg = dataclasses.replace(saved_cfg, **changes)
@@ -387,13 +402,14 @@ class Trainer:
 
 def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
           data=None, stop_after: int | None = None, print_fn: Callable[[str], None] = print,
-          explicit: set[str] | None = None) -> RunResult:
+          explicit: Mapping[str, str] | set[str] | None = None, allow_change: Iterable[str] = ()) -> RunResult:
     """Train ``model_config`` with ``cfg``; checkpoints go to ``run_dir``.
 
     ``data`` is a prepared dataset (``gam.data.prepare_data``); None prepares
     ``cfg.data``. ``resume`` continues the run in ``run_dir`` with its saved
     configuration; ``explicit`` names the fields of ``model_config``/``cfg``
-    given on purpose, which are applied or refused (see :func:`resume_settings`).
+    given on purpose, which are applied or refused (see :func:`resume_settings`);
+    ``allow_change`` names fields of ``RESUME_ON_REQUEST`` a resume may change.
     ``stop_after`` ends the run after that many optimizer steps as if
     interrupted (for tests of exact resume).
     """
@@ -414,7 +430,7 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
         ckpt = None
         if resume:
             ckpt = load_checkpoint(run_dir)
-            model_config, cfg = resume_settings(ckpt, model_config, cfg, explicit, say)
+            model_config, cfg = resume_settings(ckpt, model_config, cfg, explicit, say, allow_change)
         elif (run_dir / "latest").exists():
             raise ConfigError(f"{run_dir} already holds a run (latest: "
                               f"{(run_dir / 'latest').read_text(errors='replace').strip()}); continue it with "
@@ -439,6 +455,16 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
             lock.release()
 
 
+def copy_trained_on(info: dict[str, Any], source: str) -> str:
+    """The ``data_source`` that reads a named corpus from the copy a run trained on, as its checkpoint
+    records it: "shipped" or "hub" for "auto". A resume then continues on the same text (the hub and
+    shipped copies differ), and a run trained on the shipped copy neither probes the hub nor warns."""
+    used = str(info.get("data_source") or "")
+    if source != "auto":
+        return source
+    return "shipped" if used.startswith("shipped:") else "hub" if used.startswith("hub:") else source
+
+
 def prepare(model_config: GAMConfig, cfg: TrainConfig, data, ckpt,
             say: Callable[[str], None]) -> tuple[Any, GAMConfig, TrainConfig]:
     """The data (tokenized with the run's own tokenizer on resume), the model
@@ -448,8 +474,9 @@ def prepare(model_config: GAMConfig, cfg: TrainConfig, data, ckpt,
         from gam.data import prepare_data
 
         extra = {"tokenizer": ckpt.tokenizer()} if ckpt is not None else {}
+        source = cfg.data_source if ckpt is None else copy_trained_on(ckpt.info, cfg.data_source)
         data = prepare_data(cfg.data, block_size=model_config.block_size, vocab_size=model_config.vocab_size,
-                            source=cfg.data_source, train_rows=cfg.train_rows, valid_rows=cfg.valid_rows,
+                            source=source, train_rows=cfg.train_rows, valid_rows=cfg.valid_rows,
                             tokenizer_kind=cfg.tokenizer, **extra)
     if data.tokenizer_kind != cfg.tokenizer:
         # Prepared data given by the caller, or a run saved before the field existed: record the
@@ -571,7 +598,7 @@ def diverged(t: Trainer, what: str) -> TrainingDiverged:
         kept = f"no checkpoint had been saved in {t.run_dir}"
     else:
         kept = (f"the last good checkpoint, {t.last_good} (its weights gave a finite loss), is kept; resume "
-                f"from it with a lower learning rate: {t.resume_command()} --lr {t.cfg.lr / 10:g}")
+                f"from it with a lower learning rate: {t.resume_command()} --lr {t.cfg.lr / 10:g} --allow-change lr")
     return TrainingDiverged(f"{what}; stopped without saving: {kept}")
 
 
@@ -728,15 +755,19 @@ def evaluate_and_log(t: Trainer, epoch: int, train_loss: float, epoch_stats: dic
     metrics = evaluate(t.model, t.data.valid, t.block_size, t.cfg.eval_batch_size, t.device, t.cfg.precision, t.d)
     metrics["eval_s"] = time.perf_counter() - te
     record = {"step": t.step, "epoch": epoch, "train_loss": train_loss, **metrics}
+    timed = ""
     if epoch_stats is not None:
+        # The steps timed: the epoch's, or fewer (a run that ends mid-epoch, or resumed in one)
+        steps = round(epoch_stats["tokens"] / (t.cfg.batch_size * t.block_size))
         record.update({"epoch_train_s": epoch_stats["train_s"], "epoch_data_s": epoch_stats["data_s"],
-                       "tokens_per_s": epoch_stats["tokens"] / max(epoch_stats["train_s"], 1e-9)})
+                       "epoch_steps": steps, "tokens_per_s": epoch_stats["tokens"] / max(epoch_stats["train_s"], 1e-9)})
+        what = f"epoch {epoch}" if steps == t.steps_per_epoch else \
+            f"{steps:,} of epoch {epoch}'s {t.steps_per_epoch:,} steps"
+        timed = (f"; train time {epoch_stats['train_s']:.1f}s ({what}; data {epoch_stats['data_s']:.1f}s), "
+                 f"eval {metrics['eval_s']:.1f}s, {record['tokens_per_s']:.0f} tokens/s")
     t.log.write(record)
     if t.d.main:
-        bar.write(f"step {t.step}: val loss {metrics['val_loss']:.4f}, ppl {metrics['val_ppl']:.2f}"
-                  + (f"; epoch train time {record['epoch_train_s']:.1f}s (data "
-                     f"{record['epoch_data_s']:.1f}s), eval {metrics['eval_s']:.1f}s, "
-                     f"{record['tokens_per_s']:.0f} tokens/s" if epoch_stats is not None else ""))
+        bar.write(f"step {t.step}: val loss {metrics['val_loss']:.4f}, ppl {metrics['val_ppl']:.2f}{timed}")
     return record
 
 

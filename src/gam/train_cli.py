@@ -9,7 +9,7 @@ from typing import Any
 
 from gam import cli_args
 from gam.cli_args import Parser, UsageError, add_field_arguments, given_fields
-from gam.config import PRESETS, ConfigError, GAMConfig, TrainConfig, preset
+from gam.config import PRESETS, RESUME_ON_REQUEST, ConfigError, GAMConfig, TrainConfig, preset
 
 TRAIN_HELP = """\
 Train GAM, the Transformer or Mamba on WikiText-2, TinyStories or your own text.
@@ -22,7 +22,8 @@ Every model field (GAMConfig) and training field (TrainConfig) below can be
 set: --n-layer 4 --lr 1e-3 --precision bf16 --variant sum_fusion --compile.
 A preset (--preset cpu, the default, or paper) sets some fields first; what
 you give on the command line wins. Values: numbers, text, true/false, none.
-Ctrl-C saves a checkpoint; --resume continues exactly where it stopped.
+Ctrl-C saves a checkpoint; the same command with --resume added continues
+exactly where it stopped.
 Multi-process: torchrun --nproc-per-node N -m gam.cli train ... (also --nnodes for
 several machines).
 """
@@ -33,20 +34,24 @@ FIELD_GROUPS = (
     ("training fields (TrainConfig)", TrainConfig, {name: fields for name, (_, fields) in PRESETS.items()}),
 )
 
-TRAIN_USAGE = "gam train [--preset NAME] [--out DIR] [--resume] [--FIELD VALUE ...]"
+TRAIN_USAGE = "gam train [--preset NAME] [--out DIR] [--resume [--allow-change FIELDS]] [--FIELD VALUE ...]"
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (default: the cpu preset GAM on WikiText-2)", allow_abbrev=False,
                        description=TRAIN_HELP, usage=TRAIN_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("run")
-    # default None, not "cpu": --resume refuses a preset given on purpose
+    # default None, not "cpu": on --resume only a preset given on purpose is compared with the run
     run.add_argument("--preset", default=None, metavar="NAME",
                      help=f"starting values for the fields: {' | '.join(PRESETS)} (default: cpu)")
     run.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/MODEL-PRESET-DATA)")
     run.add_argument("--resume", action="store_true",
-                     help="continue the run in --out from its last checkpoint, with its saved settings "
-                          "(fields given again are applied with a notice, or refused: docs/reliability.md)")
+                     help="continue the run in --out from its last checkpoint: the same command with --resume "
+                          "added continues it; a changed field is applied with a notice or refused "
+                          "(docs/reliability.md)")
+    run.add_argument("--allow-change", default="", metavar="FIELDS",
+                     help=f"with --resume: apply these changed fields, which are otherwise refused "
+                          f"(comma-separated: {', '.join(sorted(RESUME_ON_REQUEST))})")
     for title, config_class, presets in FIELD_GROUPS:
         add_field_arguments(p, title, config_class, presets)
     p.set_defaults(func=cmd_train)
@@ -62,7 +67,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint",
                        description="Validation loss and perplexity of a checkpoint, on the data it was trained "
                                    "on (or --data), next to a unigram model's perplexity on the same tokens. "
-                                   "A progress bar shows on a terminal (TQDM_DISABLE=1 hides it).")
+                                   "Progress: a bar on a terminal, a line every GAM_PROGRESS_SECONDS (default 5) "
+                                   "in a log or pipe; TQDM_DISABLE=1 hides both.")
     p.add_argument("dir", help="a run folder (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--data", default=None, help="wikitext2 | tinystories | a path (default: the data the model "
                                                  "was trained on)")
@@ -94,23 +100,27 @@ def parse_overrides(tokens: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 def cmd_train(args: argparse.Namespace) -> None:
     from gam.train import train
 
-    if args.resume and args.preset is not None:
-        raise ConfigError("--preset does not apply with --resume (the run's saved settings are used); "
-                          "give the single fields to change instead")
+    allow_change = _allow_change(args.allow_change)
+    if allow_change and not args.resume:
+        raise ConfigError("--allow-change applies only with --resume (a new run takes every field as given)")
     preset_name = args.preset or "cpu"
     model_fields, train_fields = preset(preset_name)
     given_model, given_train = given_fields(args, GAMConfig), given_fields(args, TrainConfig)
-    # What was given on purpose: on --resume only these may differ from the run's settings.
-    explicit = set(given_model) | set(given_train)
+    # On --resume, what the command says on purpose is compared with the run's saved settings: each
+    # flag given, and each field of a --preset given (the command that started the run, re-run with
+    # --resume, matches it). The value: where the field came from, for the messages.
+    origin = {name: f"--preset {args.preset}" for name in (*model_fields, *train_fields)} if args.preset else {}
+    origin.update({name: "" for name in (*given_model, *given_train)})
     model_fields.update(given_model)
     if "epochs" in given_train and "max_steps" not in given_train:
         train_fields["max_steps"] = None  # --epochs alone means: train for that many epochs
-        explicit.add("max_steps")
+        origin["max_steps"] = "--epochs"
     train_fields.update(given_train)
     model_config = GAMConfig(**model_fields)
     cfg = TrainConfig(**train_fields)
     out = args.out or f"runs/{model_config.model}-{preset_name}-{_slug(cfg.data)}"
-    result = train(model_config, cfg, out, resume=args.resume, explicit=explicit if args.resume else None)
+    result = train(model_config, cfg, out, resume=args.resume, explicit=origin if args.resume else None,
+                   allow_change=allow_change)
     if result.interrupted:
         sys.exit(130)
     m = result.metrics
@@ -118,6 +128,16 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"\nvalidation: loss {m['val_loss']:.4f}, perplexity {m['val_ppl']:.2f} "
               f"(a unigram model on the same {m['tokens']:,} tokens: {m['unigram_ppl']:.2f})")
     print(f"checkpoint: {out}  (gam eval {out}; gam generate {out} --prompt ...)")
+
+
+def _allow_change(text: str) -> set[str]:
+    """``--allow-change lr,warmup-steps`` -> {"lr", "warmup_steps"}; only fields a resume may change on request."""
+    names = {word.strip().removeprefix("--").replace("-", "_") for word in text.split(",") if word.strip()}
+    other = sorted(names - RESUME_ON_REQUEST)
+    if other:
+        raise ConfigError(f"--allow-change: {', '.join(other)} cannot be changed on resume; it takes "
+                          f"{', '.join(sorted(RESUME_ON_REQUEST))} (docs/reliability.md)")
+    return names
 
 
 def _slug(text: str) -> str:
@@ -131,7 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from gam.checkpoint import load_checkpoint
     from gam.data import prepare_data
-    from gam.train import Dist, evaluate, pick_device, unigram_perplexity
+    from gam.train import Dist, copy_trained_on, evaluate, pick_device, unigram_perplexity
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
@@ -142,8 +162,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     device = pick_device(args.device, Dist())
     model = ckpt.build_model(device)
     config = model.config
+    source = train_cfg.get("data_source", "auto")
+    if data_name == train_cfg.get("data") and copy_trained_on(ckpt.info, source) == "shipped":
+        # Its own copy, without probing the hub and warning. A run trained on the hub copy keeps
+        # "auto": evaluated on the shipped copy when the hub is away, with a warning that matters.
+        source = "shipped"
     data = prepare_data(data_name, block_size=config.block_size, vocab_size=config.vocab_size,
-                        source=train_cfg.get("data_source", "auto"),
+                        source=source,
                         train_rows=train_cfg.get("train_rows"), valid_rows=train_cfg.get("valid_rows"),
                         tokenizer=ckpt.tokenizer())
     with torch.no_grad():

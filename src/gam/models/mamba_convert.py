@@ -20,23 +20,30 @@ RMSNorm eps other than 1e-5, Mamba-2 or attention layers) are refused with a
 one-line error. ``residual_in_fp32`` is not an option here: the residual
 stream is kept in the parameters' dtype (fp32 unless you cast the model).
 
-Command line (writes a folder that ``gam generate`` / ``gam eval`` and
-:func:`gam.checkpoint.load_checkpoint` read; the tokenizer is copied)::
+Command line: writes a checkpoint folder (weights, config, tokenizer, and a manifest of
+every file's sha256, as the trainer's checkpoints) that ``gam verify``, ``gam generate``,
+``gam export``, ``gam eval --data ...`` and :func:`gam.checkpoint.load_checkpoint` read. The
+tokenizer is the source's ``tokenizer.json``, or the one ``--tokenizer`` names (mamba-ssm's
+checkpoints ship none: they use EleutherAI/gpt-neox-20b's)::
 
     python -m gam.models.mamba_convert path/to/mamba-130m-hf runs/mamba-130m
+    python -m gam.models.mamba_convert path/to/mamba-130m runs/mamba-130m --tokenizer path/to/tokenizer.json
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 
+from gam.checkpoint import FORMAT_VERSION, TEMP_PREFIX, write_manifest
 from gam.config import GAMConfig
+from gam.fileio import apply_umask, make_temp_dir
 from gam.layers.mamba_block import RMS_NORM_EPS
 from gam.models.lm import DecoderLM
 
@@ -183,22 +190,67 @@ def load_mamba_checkpoint(folder: str | Path, device: str | torch.device = "cpu"
     return model.to(device).eval()
 
 
-def convert_mamba_checkpoint(folder: str | Path, out: str | Path) -> Path:
-    """Write a checkpoint folder of the project (config.json, model.safetensors,
-    and tokenizer.json when the source has one) from a Mamba checkpoint folder."""
+def _read_tokenizer(path: Path, vocab_size: int):
+    """The tokenizer at ``path`` (a tokenizer.json, or a folder holding one), checked to fit the model."""
+    from tokenizers import Tokenizer
+
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{path}: no tokenizer.json there" if path.is_dir() else f"{path}: no such tokenizer file")
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises a bare Exception on bad JSON
+        raise ValueError(f"{file}: not a tokenizers tokenizer.json ({str(err).splitlines()[0]})") from None
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise ValueError(f"{file}: the tokenizer has {tokenizer.get_vocab_size():,} tokens, more than the model's "
+                         f"{vocab_size:,} embedding rows (not this model's tokenizer?)")
+    return file
+
+
+def convert_mamba_checkpoint(folder: str | Path, out: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """Write a checkpoint folder of the project (config.json, model.safetensors, tokenizer.json,
+    manifest.json) from a Mamba checkpoint folder. ``tokenizer``: a tokenizer.json (or a folder
+    with one) to include; default: the source's tokenizer.json, if it has one.
+
+    The folder is written under a temporary name beside ``out`` and renamed into place when
+    complete, as ``gam export`` does: a failed conversion leaves nothing half-written.
+    """
     from safetensors.torch import save_model
 
     folder, out = Path(folder), Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: output folder exists and is not empty")
     model = load_mamba_checkpoint(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / "model.safetensors"))
-    info = {"model_config": model.config.to_dict(), "converted_from": str(folder.resolve())}
-    (out / "config.json").write_text(json.dumps(info, indent=2) + "\n")
-    if (folder / "tokenizer.json").is_file():
-        shutil.copy(folder / "tokenizer.json", out / "tokenizer.json")
+    if tokenizer is not None:
+        tokenizer_file = _read_tokenizer(Path(tokenizer), model.config.vocab_size)
+    elif (folder / "tokenizer.json").is_file():
+        tokenizer_file = _read_tokenizer(folder / "tokenizer.json", model.config.vocab_size)
+    else:
+        tokenizer_file = None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(out.parent, f"{TEMP_PREFIX}{out.name}-")
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        # format_version and step: the layout of a training checkpoint (weights only), so the
+        # commands that read checkpoints read this one too
+        info = {"format_version": FORMAT_VERSION, "step": 0, "model_config": model.config.to_dict(),
+                "converted_from": str(folder.resolve())}
+        (tmp / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        apply_umask(tmp)
+        write_manifest(tmp)
+        os.replace(tmp, out)  # onto a missing or empty folder: atomic
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+NO_TOKENIZER = ("no tokenizer.json in the source: gam generate and gam export need one; convert again with "
+                "--tokenizer FILE (mamba-ssm's checkpoints use EleutherAI/gpt-neox-20b's tokenizer.json)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,17 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gam.models.mamba_convert",
         description="Convert a Hugging Face MambaForCausalLM or mamba-ssm checkpoint folder "
-                    "into a checkpoint folder of the project (gam generate / gam eval read it).")
+                    "into a checkpoint folder of the project (gam verify / generate / export / eval read it).")
     parser.add_argument("source", help="folder with config.json and the weights")
     parser.add_argument("out", help="new (or empty) output folder")
+    parser.add_argument("--tokenizer", default=None, metavar="FILE",
+                        help="tokenizer.json (or a folder with one) to include (default: the source's)")
     args = parser.parse_args(argv)
     try:
-        out = convert_mamba_checkpoint(args.source, args.out)
+        out = convert_mamba_checkpoint(args.source, args.out, tokenizer=args.tokenizer)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    note = "" if (out / "tokenizer.json").is_file() else " (no tokenizer.json in the source: add one to read text)"
-    print(f"wrote {out}{note}")
+    note = "" if (out / "tokenizer.json").is_file() else f" ({NO_TOKENIZER})"
+    print(f"wrote {out}{note}; gam verify {out} checks it")
     return 0
 
 
