@@ -349,7 +349,7 @@ def test_paper_table_has_paper_figures():
            "last_quarter_gain": 0.01}
     from gam.bench.paper import model_specs
 
-    table = render_table1(PaperConfig(models=("gam",), datasets=("wikitext2",)), [run], model_specs(("gam",), fair=False))
+    table = render_table1(PaperConfig(models=("gam",), datasets=("wikitext2",)), [run], model_specs(("gam",), fair=False), 13)
     (row,) = table_rows(table, "dataset")
     assert row[:5] == ["WikiText-2", "GAM", "1", "22.60 M", "17.35 M"]
     assert row[9:12] == ["6.9000", "6.4000", "0.0100"]  # loss 0-12, loss 13+, last ¼ gain

@@ -67,9 +67,20 @@ def test_buckets_and_split():
     assert [b["loss"] for b in evaluation.bucket_means(losses)] == [5.0, 4.0, 3.0, 2.0]
     assert evaluation.split_at(losses, 2) == (4.5, 2.5)
     assert evaluation.split_at(losses, 6) == (pytest.approx(19 / 6), None)
-    # the paper GAM: 1 + n_layer * (kernel - 1) tokens, from the config
-    assert evaluation.paper_receptive_field({"n_layer": 6, "conv_kernel_size": 3}) == 13
-    assert evaluation.paper_receptive_field({"n_layer": 4, "conv_kernel_size": 3, "n_embd": 128}) == 9
+
+
+def test_the_benches_split_at_the_measured_receptive_field():
+    """The window of the loss-by-position split is measured with autograd on the trained
+    configuration (1 + n_layer (k - 1) tokens: 13 at the paper's 6 layers, 9 at the cpu preset's 4)."""
+    from gam.bench.trained import bench_preset, measured_receptive_field
+
+    small = {"n_embd": 32, "n_head": 2, "vocab_size": 64, "block_size": 32}
+    assert measured_receptive_field({**small, "n_layer": 6, "conv_kernel_size": 3}) == 13
+    assert measured_receptive_field({**small, "n_layer": 4, "conv_kernel_size": 3}) == 9
+    assert measured_receptive_field({**small, "n_layer": 2, "conv_kernel_size": 5}) == 9
+    assert measured_receptive_field({**small, "block_size": 8, "n_layer": 6}) == 8  # the whole block
+    model_fields = {**bench_preset("cpu", "paper", "cpu")[0], "vocab_size": 64}
+    assert measured_receptive_field(model_fields) == 9
 
 
 def test_eval_cli_by_position(tmp_path, monkeypatch, capsys):

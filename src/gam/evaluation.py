@@ -94,14 +94,6 @@ def split_at(losses: Sequence[float], field: int) -> tuple[float, float | None]:
     return inside, beyond
 
 
-def paper_receptive_field(model_fields: dict[str, Any]) -> int:
-    """Tokens the paper's GAM (static memory, full variant) sees with these model fields."""
-    from gam.config import GAMConfig
-
-    fields = {k: v for k, v in model_fields.items() if k in GAMConfig.__dataclass_fields__}
-    return GAMConfig(**{**fields, "model": "gam", "memory": "static", "variant": "full"}).receptive_field()
-
-
 def draw_loss_by_position(ax, curves: dict[str, tuple[Sequence[float], Sequence[float] | None]],
                           receptive_field: int | None = None, field_label: str = "paper GAM receptive field") -> bool:
     """Draw on ``ax`` one line per model (``label -> (mean per position, spread per position or None)``):

@@ -82,7 +82,7 @@ def _mark(flag: bool) -> str:
 
 
 def render_table3(variants: list[str], runs: list[dict[str, Any]], paper_counts: dict[str, int],
-                  receptive_field: int = 13) -> str:
+                  receptive_field: int) -> str:
     specs = variant_specs(variants)
     inside, beyond = field_headers(runs, receptive_field)
     headers = ["configuration", "gating", "local", "global", "rank", "params", "w/o emb.", "params at paper config",
@@ -130,7 +130,6 @@ Config = AblationConfig
 
 def run(config: AblationConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train the variants on ``config.dataset``; the result :func:`write` turns into the results folder."""
-    from gam.evaluation import paper_receptive_field
     from gam.train import preset as train_preset
 
     config.validate()
@@ -142,7 +141,7 @@ def run(config: AblationConfig, log: Callable[[str], None] = print) -> dict[str,
     paper_counts = {k: parameter_counts("gam", {**paper_fields, **specs[k].fields})["total"] for k in variants}
     grid = train_models(config, NAME, [config.dataset], specs, log=log)
     runs = grid["runs"]
-    table = render_table3(variants, runs, paper_counts, paper_receptive_field(grid["model_fields"]))
+    table = render_table3(variants, runs, paper_counts, grid["receptive_field"])
     lines = ["# Ablations (Table 3): the four GAM variants", "",
              *setup_lines(config.preset, grid["model_fields"], grid["train_fields"], grid["valid_tokens"],
                           grid["data"], grid["environment"], grid["wall_s"], grid["seeds"], grid["projection"]),

@@ -134,7 +134,7 @@ def with_defaults(cfg: PaperConfig) -> PaperConfig:
 
 
 def render_table1(cfg: PaperConfig, runs: list[dict[str, Any]], specs: dict[str, ModelSpec],
-                  receptive_field: int = 13) -> str:
+                  receptive_field: int) -> str:
     inside, beyond = field_headers(runs, receptive_field)
     headers = ["dataset", "model", "rank", "params", "w/o emb.", "s / epoch", "tokens/s", "val loss", "val PPL",
                inside, beyond, "last ¼ gain", "paper params", "paper s / epoch", "paper val loss", "paper val PPL"]
@@ -163,8 +163,6 @@ def render_table1(cfg: PaperConfig, runs: list[dict[str, Any]], specs: dict[str,
 
 def run(config: PaperConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train the grid; the result :func:`write` turns into the results folder."""
-    from gam.evaluation import paper_receptive_field
-
     config.validate()
     cfg = with_defaults(config)
     check_datasets(cfg.datasets)
@@ -172,7 +170,7 @@ def run(config: PaperConfig, log: Callable[[str], None] = print) -> dict[str, An
     mode = " (fair baselines)" if cfg.fair else " (baselines as the paper ran them)"
     grid = train_models(cfg, NAME, cfg.datasets, specs, fair=cfg.fair, mode=mode, log=log)
     runs, train_fields = grid["runs"], grid["train_fields"]
-    table = render_table1(cfg, runs, specs, paper_receptive_field(grid["model_fields"]))
+    table = render_table1(cfg, runs, specs, grid["receptive_field"])
     precision = train_fields["precision"]
     if cfg.fair:
         mode = f"fair baselines: SDPA attention, standard Mamba wiring, {precision} for all"

@@ -271,20 +271,42 @@ def train_one(spec: ModelSpec, fields: dict[str, Any], run_fields: dict[str, Any
             **summarize_run(_read_metrics(run_dir), final, steps_per_epoch, cfg.batch_size, fields["block_size"])}
 
 
+def measured_receptive_field(model_fields: dict[str, Any]) -> int:
+    """Tokens the paper GAM with these model fields sees, measured with autograd (``gam
+    receptive-field``, :func:`gam.analysis.receptive_field`) on a model of that configuration
+    at its last position, and checked against ``GAMConfig.receptive_field``: the window every
+    loss-by-position split of the bench uses."""
+    import torch
+
+    from gam.analysis import receptive_field
+    from gam.config import GAMConfig
+    from gam.models.lm import DecoderLM
+
+    fields = {k: v for k, v in model_fields.items() if k in GAMConfig.__dataclass_fields__}
+    config = GAMConfig(**{**fields, "model": "gam", "memory": "static", "variant": "full", "dropout": 0.0})
+    torch.manual_seed(0)
+    T = config.block_size
+    first, _ = receptive_field(DecoderLM(config), T, T - 1)
+    measured = T - first
+    if measured != min(config.receptive_field(), T):
+        raise AssertionError(f"measured receptive field {measured} != GAMConfig.receptive_field() "
+                             f"{config.receptive_field()} at {fields}")
+    return measured
+
+
 def train_grid(datasets: Sequence[str], specs: Sequence[ModelSpec], seeds: Sequence[int],
                model_fields: dict[str, Any], train_fields: dict[str, Any], *, device: str,
                valid_tokens: int | None, data_source: str = "auto", cache_dir: str | Path | None = None,
-               runs_dir: str | Path | None = None,
+               runs_dir: str | Path | None = None, field_tokens: int,
                log: Callable[[str], None] = print) -> tuple[list, dict, dict | None]:
     """Train every (dataset, model, seed); return (run records, per-dataset data info,
     the projected time of the grid or None).
 
     Every dataset is prepared first, so the projected time of the whole grid is
-    printed before the first run starts.
+    printed before the first run starts. The loss of every run is split at
+    ``field_tokens``, the paper GAM's receptive field measured on this
+    configuration (:func:`measured_receptive_field`), whatever the model.
     """
-    from gam.evaluation import paper_receptive_field
-
-    field_tokens = paper_receptive_field(model_fields)
     prepared = {}
     data_info: dict[str, Any] = {}
     for dataset in datasets:
@@ -362,16 +384,18 @@ def train_models(cfg: TrainedConfig, bench: str, datasets: Sequence[str], specs:
     if train_fields.get("threads"):
         torch.set_num_threads(train_fields["threads"])
     env = environment(cfg.device)
+    field_tokens = measured_receptive_field(model_fields)
     log(f"{bench}: {', '.join(specs)} on {', '.join(datasets)}; preset {cfg.preset}{mode}, "
         f"{train_fields['precision']} on {cfg.device}, seeds {seeds}")
     runs, data_info, projection = train_grid(datasets, list(specs.values()), seeds, model_fields, train_fields,
                                              device=cfg.device, valid_tokens=valid_tokens,
                                              data_source=cfg.data_source, cache_dir=cfg.cache_dir,
-                                             runs_dir=cfg.runs_dir, log=log)
+                                             runs_dir=cfg.runs_dir, field_tokens=field_tokens, log=log)
     env["load_average_end"] = load_average()
     for dataset in data_info:
         uni = [r["unigram_ppl"] for r in runs if r["dataset"] == dataset and r.get("unigram_ppl")]
         data_info[dataset]["unigram_ppl"] = uni[0] if uni else None
     return {"model_fields": model_fields, "train_fields": train_fields, "valid_tokens": valid_tokens,
             "seeds": seeds, "environment": env, "wall_s": time.perf_counter() - start, "projection": projection,
+            "receptive_field": field_tokens,
             "data": data_info, "runs": runs, "provenance": provenance}
