@@ -256,6 +256,20 @@ def test_cli_generate_echoes_the_prompt_and_streams_normal_text(tmp_path, capsys
     assert out == prompt + tok.decode(new) + "\n"  # the prompt exactly as typed, then the text
 
 
+def test_cli_generate_with_bf16_weights_decodes_as_the_bf16_model(tmp_path, capsys):
+    """--precision bf16: the weights and the decoding state in bf16 (half the bytes per token);
+    the text is what the bf16 model generates greedily."""
+    model, tok = make_checkpoint(tmp_path)
+    prompt = "the cat"
+    assert main(["generate", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0",
+                 "--precision", "bf16"]) == 0
+    out = capsys.readouterr().out
+    ids = tok.encode(prompt).ids
+    new = model.to(torch.bfloat16).generate(torch.tensor([ids]), 12, temperature=0)[0, len(ids):].tolist()
+    assert out == prompt + tok.decode(new) + "\n"
+    assert main(["generate", str(tmp_path), "--prompt", prompt, "--precision", "fp16"]) == 2
+
+
 def test_cli_generate_with_an_old_paper_tokenizer_checkpoint(tmp_path, capsys):
     model, tok = make_checkpoint(tmp_path, kind="paper")
     assert main(["generate", str(tmp_path), "--prompt", "the cat ü", "--max-new-tokens", "20",
@@ -305,7 +319,29 @@ def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys):
     assert len(gam_state) == 1  # constant-size state
     assert set(data["summary"]) >= {"gam_longest_over_shortest", "transformer_over_gam_at_longest"}
     table = (out / "decode.md").read_text()
-    assert "| model | context | ms / token (median) |" in table and table.count("| GAM |") == 2
+    assert "| model | weights | context | ms / token (median) |" in table and table.count("| GAM |") == 2
     assert (out / "decode.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", "decode", "--contexts", "0"]) == 2
     assert data["provenance"]["argv"] and data["provenance"]["end_utc"]
+    # the floor: measured bandwidth, each row's bytes (weights once + its state traffic), time over it
+    gbs = data["stream_read_gbs"]["used"]
+    assert gbs > 0.1 and gbs == max(data["stream_read_gbs"]["before"], data["stream_read_gbs"]["after"])
+    for r in data["results"]:
+        assert r["bytes_per_token"] > r["weight_bytes"] > 0
+        assert r["floor_ms"] == pytest.approx(r["bytes_per_token"] / (gbs * 1e9) * 1e3)
+        assert r["over_floor"] == pytest.approx(r["ms_per_token"] / r["floor_ms"])
+    gam, transformer = ([r for r in data["results"] if r["model"] == m] for m in ("gam", "transformer"))
+    assert gam[0]["bytes_per_token"] == gam[1]["bytes_per_token"]  # flat in the context
+    # the Transformer reads its keys and values: 2 x layers x L x C x 4 bytes more at L = 24 than at 8
+    assert transformer[1]["bytes_per_token"] - transformer[0]["bytes_per_token"] == 2 * 1 * 16 * 16 * 4
+
+
+def test_bench_decode_bf16_rows_halve_the_bytes(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "decode", "--out", str(out), "--contexts", "8", "--models", "gam,mamba",
+                 "--precisions", "fp32,bf16", "--n-embd", "16", "--n-layer", "1", "--vocab-size", "32",
+                 "--steps", "2", "--warmup", "1", "--threads", "1"]) == 0
+    rows = {(r["model"], r["precision"]): r for r in json.loads((out / "decode.json").read_text())["results"]}
+    assert set(rows) == {("gam", "fp32"), ("gam", "bf16"), ("mamba", "fp32"), ("mamba", "bf16")}
+    assert rows[("gam", "bf16")]["weight_bytes"] * 2 == rows[("gam", "fp32")]["weight_bytes"]
+    assert rows[("gam", "bf16")]["floor_ms"] < rows[("gam", "fp32")]["floor_ms"]

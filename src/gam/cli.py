@@ -141,6 +141,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ckpt = load_checkpoint(args.dir)
     tokenizer = ckpt.tokenizer()
     model = ckpt.build_model(device)
+    if args.precision == "bf16":  # the cache is allocated in the weights' dtype; sampling is in fp32
+        model = model.to(torch.bfloat16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ids = encode_prompt(tokenizer, args.prompt)
@@ -179,6 +181,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling, in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output (default: unseeded)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="weights and decoding state: bf16 halves the bytes each token reads (default: fp32)")
     p.set_defaults(func=cmd_generate)
 
 

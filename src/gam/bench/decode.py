@@ -12,6 +12,15 @@ reported is the median step time after warm-up.
 
 A GAM layer's state is its last k-1 normalized inputs, so its per-token cost
 does not depend on L; a Transformer step reads a KV cache that grows with L.
+
+**The floor.** At batch 1 a decode step is bound by memory traffic: it reads
+every weight once (the tied embedding once, as the output head) and the
+decoding state (a recurrent state is also written back). The same run
+measures the bandwidth its threads reach streaming a large buffer
+(:func:`stream_read_gbs`, ``torch.sum`` over 400 MB) and reports each row's
+bytes per token, the time those bytes take at that bandwidth (the floor) and
+the measured time over it. ``precisions`` adds rows with bf16 weights and
+state: half the bytes, so half the floor.
 """
 
 from __future__ import annotations
@@ -34,21 +43,49 @@ DEFAULT_CONTEXTS = (256, 512, 1024, 2048, 4096, 8192)
 ALIASES = {"gam": "gam", "transformer": "transformer_sdpa", "mamba": "mamba_standard"}
 MODELS = tuple(ALIASES)
 LABELS = {"gam": "GAM", "transformer": "Transformer (KV cache)", "mamba": "Mamba"}
+PRECISIONS = ("fp32", "bf16")
+STREAM_BYTES = 400 * 2**20  # far past any cache: the bandwidth of memory, not of L3
+
+
+def stream_read_gbs(device, repeats: int = 7) -> float:
+    """GB/s reading a 400 MB fp32 buffer with ``torch.sum`` (median of ``repeats`` after one
+    warm-up), with the threads torch has now: the bandwidth a decode step can reach."""
+    import torch
+
+    x = torch.ones(STREAM_BYTES // 4, device=device)
+    times = []
+    for i in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        x.sum()
+        synchronize(device)
+        if i:
+            times.append(time.perf_counter() - start)
+    return STREAM_BYTES / statistics.median(times) / 1e9
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights a decode step reads: every parameter once (``parameters()``
+    yields a tied embedding once: it is read whole as the output head)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 class _Runner:
     """One model with a prefilled cache per context length, stepped one token at a time."""
 
     def __init__(self, name: str, contexts: Sequence[int], *, n_embd: int, n_layer: int, vocab_size: int,
-                 batch_size: int, total_steps: int, device, seed: int = 0):
+                 batch_size: int, total_steps: int, device, precision: str = "fp32", seed: int = 0):
         import torch
+
+        from gam.train import precision_dtype
 
         torch.manual_seed(seed)
         spec = registry.select([name], ALIASES)[0]
         sizing = {"n_head": max(h for h in (8, 4, 2, 1) if n_embd % h == 0)} if spec.model == "transformer" else {}
         shape = dict(n_embd=n_embd, n_layer=n_layer, vocab_size=vocab_size, dropout=0.0, pos_embedding="none")
-        self.model = spec.build(shape, sizing).to(device).eval()
-        self.name, self.device, self.batch_size = name, device, batch_size
+        self.model = spec.build(shape, sizing).to(device, precision_dtype(precision) or torch.float32).eval()
+        self.name, self.precision, self.device, self.batch_size = name, precision, device, batch_size
+        self.recurrent = spec.model != "transformer"  # its whole state is written back every step
         self.caches, self.tokens, self.prefill_s = {}, {}, {}
         with torch.no_grad():
             for L in contexts:
@@ -83,7 +120,7 @@ def time_steps(runners: Sequence[_Runner], contexts: Sequence[int], steps: int, 
     for r, L in pairs:
         for _ in range(warmup):
             r.step(L)
-    times: dict[tuple[str, int], list[float]] = {(r.name, L): [] for r, L in pairs}
+    times: dict[tuple[_Runner, int], list[float]] = {(r, L): [] for r, L in pairs}
     gc_was_enabled = gc.isenabled()
     gc.disable()  # no GC pauses inside timed steps
     try:
@@ -92,33 +129,51 @@ def time_steps(runners: Sequence[_Runner], contexts: Sequence[int], steps: int, 
             order = pairs[:]
             rng.shuffle(order)
             for r, L in order:
-                times[(r.name, L)].append(r.step(L))
+                times[(r, L)].append(r.step(L))
     finally:
         if gc_was_enabled:
             gc.enable()
     rows = []
     for r, L in pairs:
-        t = sorted(times[(r.name, L)])
+        t = sorted(times[(r, L)])
         median = statistics.median(t)
+        state = r.caches[L].nbytes()
+        weights = weight_bytes(r.model)
+        if r.recurrent:  # read and written back whole
+            state_traffic = 2 * state
+        else:  # the keys and values of the L tokens in the cache (its buffers are preallocated longer)
+            cfg, size = r.model.config, next(r.model.parameters()).element_size()
+            state_traffic = 2 * cfg.n_layer * r.batch_size * L * cfg.n_embd * size
         rows.append({
-            "model": r.name, "context": L, "batch_size": r.batch_size,
+            "model": r.name, "precision": r.precision, "context": L, "batch_size": r.batch_size,
             "ms_per_token": median * 1e3,
             "p10_ms": t[len(t) // 10] * 1e3, "p90_ms": t[(9 * len(t)) // 10] * 1e3,
             "tokens_per_s": r.batch_size / median,
-            "state_bytes": r.caches[L].nbytes(),
+            "state_bytes": state,
+            "weight_bytes": weights,
+            "bytes_per_token": weights + state_traffic,
             "prefill_s": r.prefill_s[L],
             "timed_steps": len(t),
         })
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | context | ms / token (median) | p10–p90 ms | tokens/s | decode state | prefill s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+def add_floor(rows: list[dict[str, Any]], gbs: float) -> None:
+    """Each row's floor (its bytes at the measured bandwidth) and its time over the floor."""
     for r in rows:
-        lines.append(f"| {LABELS.get(r['model'], r['model'])} | {r['context']:,} | {r['ms_per_token']:.2f} | "
-                     f"{r['p10_ms']:.2f}–{r['p90_ms']:.2f} | {r['tokens_per_s']:,.1f} | "
-                     f"{_size(r['state_bytes'])} | {r['prefill_s']:.2f} |")
+        r["floor_ms"] = r["bytes_per_token"] / (gbs * 1e9) * 1e3
+        r["over_floor"] = r["ms_per_token"] / r["floor_ms"]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | weights | context | ms / token (median) | p10–p90 ms | tokens/s | decode state | "
+             "bytes / token | floor ms | x floor | prefill s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {LABELS.get(r['model'], r['model'])} | {r['precision']} | {r['context']:,} | "
+                     f"{r['ms_per_token']:.2f} | {r['p10_ms']:.2f}–{r['p90_ms']:.2f} | {r['tokens_per_s']:,.1f} | "
+                     f"{_size(r['state_bytes'])} | {_size(r['bytes_per_token'])} | {r['floor_ms']:.2f} | "
+                     f"{r['over_floor']:.2f} | {r['prefill_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -131,8 +186,10 @@ def _size(n: int) -> str:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """GAM's per-token time at the longest vs the shortest context, and vs the Transformer."""
-    by = {(r["model"], r["context"]): r["ms_per_token"] for r in rows}
+    """GAM's per-token time at the longest vs the shortest context, and vs the Transformer
+    (the first precision's rows)."""
+    first = rows[0]["precision"]
+    by = {(r["model"], r["context"]): r["ms_per_token"] for r in rows if r["precision"] == first}
     contexts = sorted({r["context"] for r in rows})
     lo, hi = contexts[0], contexts[-1]
     out: dict[str, Any] = {"shortest_context": lo, "longest_context": hi}
@@ -153,9 +210,10 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name in MODELS:
-        pts = [(r["context"], r["ms_per_token"]) for r in rows if r["model"] == name]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=LABELS[name])
+        for precision, style in zip(PRECISIONS, ("-", "--")):
+            pts = [(r["context"], r["ms_per_token"]) for r in rows if r["model"] == name and r["precision"] == precision]
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", label=f"{LABELS[name]}, {precision} weights")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens already in the cache)")
     ax.set_ylabel("ms per generated token (median)")
@@ -183,6 +241,8 @@ class DecodeConfig:
     device: str = described("cpu", "where to decode", choices=("cpu", "cuda"))
     contexts: tuple[int, ...] = described(DEFAULT_CONTEXTS, "context lengths already in the cache")
     models: tuple[str, ...] = described(MODELS, "models to decode with", choices=MODELS)
+    precisions: tuple[str, ...] = described(("fp32",), "weights and state in these precisions, a row each",
+                                            choices=PRECISIONS)
     n_embd: int = described(512, "width (paper: 512)")
     n_layer: int = described(6, "depth (paper: 6)")
     vocab_size: int = described(10000, "vocabulary size")
@@ -231,22 +291,29 @@ def _run(config: DecodeConfig, log, dev) -> dict[str, Any]:
     skipped: dict[str, str] = {}
     runners = []
     for name in config.models:
-        try:
-            log(f"{LABELS[name]}: prefilling {', '.join(map(str, contexts))} tokens ...")
-            runners.append(_Runner(name, contexts, n_embd=config.n_embd, n_layer=config.n_layer,
-                                   vocab_size=config.vocab_size, batch_size=config.batch_size,
-                                   total_steps=config.warmup + config.steps, device=dev, seed=config.seed))
-        except ImportError as err:  # e.g. a missing optional kernel
-            skipped[name] = str(err)
-            log(f"{LABELS[name]}: skipped ({err})")
-    log(f"timing {config.steps} decode steps per model and context, interleaved ...")
+        for precision in config.precisions:
+            try:
+                log(f"{LABELS[name]}, {precision}: prefilling {', '.join(map(str, contexts))} tokens ...")
+                runners.append(_Runner(name, contexts, n_embd=config.n_embd, n_layer=config.n_layer,
+                                       vocab_size=config.vocab_size, batch_size=config.batch_size,
+                                       total_steps=config.warmup + config.steps, device=dev,
+                                       precision=precision, seed=config.seed))
+            except ImportError as err:  # e.g. a missing optional kernel
+                skipped[name] = str(err)
+                log(f"{LABELS[name]}: skipped ({err})")
+    gbs = stream_read_gbs(dev)
+    log(f"streaming read: {gbs:.1f} GB/s; timing {config.steps} decode steps per model and context, interleaved ...")
     rows = time_steps(runners, contexts, config.steps, config.warmup, config.seed)
+    gbs_after = stream_read_gbs(dev)
+    add_floor(rows, max(gbs, gbs_after))
     title = (f"decode on {config.device} ({platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads): width {config.n_embd}, {config.n_layer} layers, "
              f"batch {config.batch_size}")
     return {
         "bench": NAME, "config": config, "title": title,
-        "settings": {"pos_embedding": "none", "dtype": "float32"},
+        "settings": {"pos_embedding": "none"},
+        "stream_read_gbs": {"before": gbs, "after": gbs_after, "used": max(gbs, gbs_after),
+                            "how": f"torch.sum over {STREAM_BYTES // 2**20} MB of fp32, median of 7"},
         "results": rows, "summary": summarize(rows) if rows else {}, "skipped": skipped,
         "wall_s": time.perf_counter() - wall_start, "table": markdown_table(rows),
         "environment": environment(config.device), "provenance": end_provenance(provenance),
@@ -257,6 +324,12 @@ def render(result: dict[str, Any]) -> str:
     notes = ["# Decode benchmark", "", result["title"] + ".", "",
              "All models use pos_embedding='none' (no block_size limit); per-token time is the median "
              "of single-token decode steps after warm-up, with the context already in the cache.", "",
+             f"Floor: bytes per token (the weights once, the decoding state read, a recurrent state also "
+             f"written) at the streaming-read bandwidth measured in this run with the same threads, "
+             f"{result['stream_read_gbs']['used']:.1f} GB/s ({result['stream_read_gbs']['how']}; "
+             f"{result['stream_read_gbs']['before']:.1f} before the timed steps, "
+             f"{result['stream_read_gbs']['after']:.1f} after; the higher is used). `x floor`: the measured "
+             "time over it.", "",
              result["table"], ""]
     notes += summary_lines(result)
     for name, why in result["skipped"].items():
