@@ -123,6 +123,30 @@ def test_lrs_override_runs_every_learning_rate(tmp_path, capsys):
     assert "did you mean kv_slots" in capsys.readouterr().err
 
 
+def test_equal_footing_chooses_the_rate_on_validation_and_reruns_it_with_more_seeds():
+    """One grid for every model, every rate run; the rate with the best validation accuracy is
+    run with the other seeds; the reported accuracy is the test draw's at the step the
+    validation chose (the test draw chooses nothing); the grid is in the JSON."""
+    from dataclasses import replace
+
+    preset = replace(PRESETS["smoke"], lrs=(3e-3, 1e-2), select_on_validation=True, seeds=3,
+                     skip_lrs_after=float("inf"), steps=6)
+    result = run(RecallConfig(preset_override=preset, models=("gam", "transformer")), log=None)
+    assert result["meta"]["grid"] == {"gam": [3e-3, 1e-2], "transformer": [3e-3, 1e-2]}
+    for model in ("gam", "transformer"):
+        rs = [r for r in result["runs"] if r["model"] == model]
+        sweep = [r for r in rs if r["seed"] == 0]
+        assert sorted(r["lr"] for r in sweep) == [3e-3, 1e-2] and len(rs) == 4
+        chosen = max(sweep, key=lambda r: (r["best"]["valid_accuracy"], -r["steps"]))
+        assert sorted((r["lr"], r["seed"]) for r in rs if r["lr"] == chosen["lr"]) == \
+            [(chosen["lr"], 0), (chosen["lr"], 1), (chosen["lr"], 2)]
+        for r in rs:
+            picked = max(r["history"], key=lambda h: h["valid_accuracy"])  # the first best on validation
+            assert r["best"]["accuracy"] == picked["accuracy"] and r["best"]["step"] == picked["step"]
+    assert "(n=3)" in result["table"] and "@ " in result["table"]
+    assert PRESETS["cpu-equal"].lrs == PRESETS["cpu-hard-equal"].lrs and not PRESETS["cpu-equal"].model_lrs
+
+
 def test_presets_are_sane():
     for preset in PRESETS.values():
         assert all(T >= 4 * P and T % 2 == 0 for T, P, _ in preset.settings)

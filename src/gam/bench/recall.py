@@ -107,6 +107,10 @@ class Preset:
     # Models whose learning-rate window lies elsewhere (Zoology: recurrent models learn MQAR
     # only in a narrow window): model -> their lrs instead of ``lrs``.
     model_lrs: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    # Equal footing: the rate of each (model, setting) is chosen on a validation draw (not on
+    # the test draw the table reports), then run with `seeds` seeds in all (mean ± sd).
+    select_on_validation: bool = False
+    seeds: int = 1
 
     def lrs_of(self, model: str) -> tuple[float, ...]:
         return self.model_lrs.get(model, self.lrs)
@@ -140,6 +144,15 @@ PRESETS = {
                        patience=500, min_steps=1000,
                        models=("gam", "kv_slots", "transformer"),
                        model_lrs={"kv_slots": (3e-3,)}),
+    # The cpu and cpu-hard settings on equal footing (issue 24): one grid of five rates from 1e-4
+    # to 1e-2 for every model, every rate run, the rate chosen on a validation draw, 3 seeds.
+    "cpu-equal": Preset(settings=((64, 4, 64), (64, 8, 64), (128, 8, 64), (64, 4, 32)),
+                        lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2), steps=500, patience=200, min_steps=300,
+                        models=("gam", "kv_slots", "transformer"), skip_lrs_after=float("inf"),
+                        select_on_validation=True, seeds=3),
+    "cpu-hard-equal": Preset(settings=((256, 16, 128),), lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2), steps=2000,
+                             vocab_size=64, patience=500, min_steps=1000, models=("gam", "kv_slots", "transformer"),
+                             skip_lrs_after=float("inf"), select_on_validation=True, seeds=3),
     "smoke": Preset(settings=((16, 2, 16),), lrs=(3e-3,), steps=4, batch_size=8, vocab_size=32,
                     test_examples=16, eval_every=2),
 }
@@ -154,8 +167,13 @@ def train_config(lr: float, preset: Preset) -> TrainConfig:
 
 def train_run(key: str, seq_len: int, pairs: int, width: int, lr: float, preset: Preset,
               test, device, seed: int = 0,
-              progress: Callable[[dict], None] | None = None) -> dict:
+              progress: Callable[[dict], None] | None = None, valid=None) -> dict:
     """Train one model at one setting and learning rate; return its best test accuracy.
+
+    With a validation draw ``valid``, the evaluations, the early stop and the best step
+    go by the validation accuracy, and ``best`` holds the test accuracy at that step
+    (the test draw chooses nothing); ``steps_to_threshold``: the first evaluation whose
+    validation accuracy reached ``preset.stop_at``.
 
     The step is the trainer's (:class:`gam.train.TrainingStep`) with the loss on the
     answers only (targets -100 elsewhere); the logits are computed whole and the
@@ -175,6 +193,8 @@ def train_run(key: str, seq_len: int, pairs: int, width: int, lr: float, preset:
     gen = torch.Generator().manual_seed(10_000 + seed)
     rf = gam_receptive_field(preset.n_layer, preset.kernel)
     best = {"accuracy": -1.0}
+    selection = -1.0
+    reached = None
     history = []
     start = time.perf_counter()
     loss_value = float("nan")
@@ -186,23 +206,32 @@ def train_run(key: str, seq_len: int, pairs: int, width: int, lr: float, preset:
             break
         if (step + 1) % preset.eval_every == 0 or step + 1 == preset.steps:
             result = evaluate(model, test, device, rf)
+            chosen_on = result["accuracy"]
+            if valid is not None:
+                chosen_on = evaluate(model, valid, device, rf)["accuracy"]
+                result["valid_accuracy"] = chosen_on
             history.append({"step": step + 1, "loss": loss_value, **result})
             if progress:
                 progress(history[-1])
-            if result["accuracy"] > best["accuracy"]:
-                best = {**result, "step": step + 1}
-            if result["accuracy"] >= preset.stop_at:
+            if chosen_on > selection:
+                selection, best = chosen_on, {**result, "step": step + 1}
+            if chosen_on >= preset.stop_at:
+                reached = step + 1
                 break
             if preset.patience and step + 1 >= preset.min_steps:
-                before = [h["accuracy"] for h in history if h["step"] <= step + 1 - preset.patience]
-                if before and best["accuracy"] < max(before) + preset.min_delta:
+                key_name = "accuracy" if valid is None else "valid_accuracy"
+                before = [h[key_name] for h in history if h["step"] <= step + 1 - preset.patience]
+                if before and selection < max(before) + preset.min_delta:
                     break  # no progress in the last `patience` steps
     wall = time.perf_counter() - start
     if best["accuracy"] < 0:  # diverged before the first evaluation
         best = {**evaluate(model, test, device, rf), "step": step + 1}
-    return {"model": key, "label": label_of(key), "seq_len": seq_len, "pairs": pairs, "width": width, "lr": lr,
-            "steps": step + 1, "train_loss": loss_value, "wall_s": round(wall, 2),
-            "best": best, "history": history}
+    run = {"model": key, "label": label_of(key), "seq_len": seq_len, "pairs": pairs, "width": width, "lr": lr,
+           "steps": step + 1, "train_loss": loss_value, "wall_s": round(wall, 2),
+           "best": best, "history": history}
+    if valid is not None:
+        run.update(seed=seed, steps_to_threshold=reached)
+    return run
 
 
 def label_of(key: str) -> str:
@@ -219,6 +248,51 @@ def best_over_lrs(runs: list[dict]) -> dict[tuple, dict]:
         if key not in best or r["best"]["accuracy"] > best[key]["best"]["accuracy"]:
             best[key] = r
     return best
+
+
+def chosen_rates(runs: list[dict]) -> dict[tuple, list[dict]]:
+    """Per (model, length, pairs, width): the runs of the rate that was run with more than one
+    seed (the one chosen on validation), or of the best rate on validation."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["model"], r["seq_len"], r["pairs"], r["width"]), []).append(r)
+    chosen = {}
+    for k, rs in groups.items():
+        by_lr: dict[float, list[dict]] = {}
+        for r in rs:
+            by_lr.setdefault(r["lr"], []).append(r)
+        lr = max(by_lr, key=lambda x: (len(by_lr[x]), max(r["best"].get("valid_accuracy", -1) for r in by_lr[x])))
+        chosen[k] = by_lr[lr]
+    return chosen
+
+
+def seeds_table(runs: list[dict], models: Sequence[str]) -> str:
+    """Equal footing: test accuracy at the rate chosen on validation, mean ± sd over seeds;
+    the rate; steps to the threshold (mean over the seeds that reached it); wall time."""
+    from gam.bench.common import fmt_mean_spread
+
+    chosen = chosen_rates(runs)
+    settings = sorted({k[1:] for k in chosen})
+    head = "| model | " + " | ".join(f"T={t}, P={p}, d={w}" for t, p, w in settings) + " |"
+    lines = [head, "|---|" + "---:|" * len(settings)]
+    for m in models:
+        cells = []
+        for s in settings:
+            rs = chosen.get((m, *s))
+            if not rs:
+                cells.append("–")
+                continue
+            reached = [r["steps_to_threshold"] for r in rs if r.get("steps_to_threshold")]
+            speed = (f".99 in {sum(reached) / len(reached):.0f} steps ({len(reached)}/{len(rs)})" if reached
+                     else ".99 not reached")
+            cells.append(f"{fmt_mean_spread([r['best']['accuracy'] for r in rs], '{:.3f}')} (n={len(rs)}) "
+                         f"@ {rs[0]['lr']:.0e}; {speed}")
+        lines.append(f"| {label_of(m)} | " + " | ".join(cells) + " |")
+    wall = sum(r["wall_s"] for r in runs)
+    lines += ["", "Test accuracy at the learning rate chosen on a validation draw (the same grid for every "
+              "model), mean ± sd over seeds (n); `.99 in`: mean steps until the validation accuracy reached "
+              f"0.99, over the seeds that did. Training time of all runs: {wall:.0f} s (process time, summed)."]
+    return "\n".join(lines)
 
 
 def markdown_table(runs: list[dict], models: Sequence[str], rf: int) -> str:
@@ -374,12 +448,14 @@ def run(config: RecallConfig, log: Callable[[str], None] | None = print) -> dict
              + "".join(f"; {label_of(m)}: {', '.join(f'{x:g}' for x in v)}" for m, v in p.model_lrs.items()
                        if m in keys))
     meta = {"preset": asdict(p), "device": str(dev), "jobs": jobs,
+            "grid": {m: list(p.lrs_of(m)) for m in keys},
             "threads": (threads or 1) if jobs > 1 else torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "wall_s": round(wall, 1), "receptive_field_gam": rf,
             "chance": 1.0 / (p.vocab_size - p.vocab_size // 2), "title": title}
     return {"bench": NAME, "config": config, "meta": meta, "models": keys,
             "labels": {m: label_of(m) for m in keys}, "runs": runs,
-            "table": markdown_table(runs, keys, rf), "environment": environment(str(dev)),
+            "table": seeds_table(runs, keys) if p.seeds > 1 else markdown_table(runs, keys, rf),
+            "environment": environment(str(dev)),
             "provenance": end_provenance(provenance)}
 
 
@@ -423,9 +499,14 @@ def _task(arg) -> list[dict]:
 
     (key, T, P, W), p, device, seed = arg
     test = mqar(p.test_examples, T, P, p.vocab_size, seed=1_000_000 + 7 * T + P)
+    valid = mqar(p.test_examples, T, P, p.vocab_size, seed=2_000_000 + 7 * T + P) if p.select_on_validation else None
     results = []
     for lr in p.lrs_of(key):
-        results.append(train_run(key, T, P, W, lr, p, test, torch.device(device), seed))
+        results.append(train_run(key, T, P, W, lr, p, test, torch.device(device), seed, valid=valid))
         if results[-1]["best"]["accuracy"] >= p.skip_lrs_after:
             break
+    if p.seeds > 1:  # the rate best on validation (then the fewer steps), with the other seeds
+        chosen = max(results, key=lambda r: (r["best"].get("valid_accuracy", r["best"]["accuracy"]), -r["steps"]))
+        for s in range(seed + 1, seed + p.seeds):
+            results.append(train_run(key, T, P, W, chosen["lr"], p, test, torch.device(device), s, valid=valid))
     return results
