@@ -374,7 +374,7 @@ def test_forget_bias_starts_slots_at_log_spaced_retention_times():
     assert biases and all(torch.equal(b, mem.forget.bias) for b in biases)
 
 
-def test_bench_kv_memory_script_times_each_length_and_checks_the_recurrence():
+def test_bench_kv_memory_script_times_both_forms_and_checks_the_recurrence():
     import subprocess
     import sys
     from pathlib import Path
@@ -383,9 +383,17 @@ def test_bench_kv_memory_script_times_each_length_and_checks_the_recurrence():
     proc = subprocess.run([sys.executable, str(script), "--batch-heads", "2", "--dim", "8", "--slots", "4",
                            "--lengths", "20,48", "--repeats", "1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    error = float(proc.stdout.split("max relative error vs the recurrence (outputs and gradients, T <= 40): ")[1].split()[0])
-    assert error < 1e-5
-    rows = [line.strip("|").split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
-    assert [r[0].strip() for r in rows] == ["20", "48"] and all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+    errors = proc.stdout.split("max relative error vs the recurrence (outputs and gradients, T <= 40, fp32): ")[1]
+    errors = dict(e.rsplit(" ", 1) for e in errors.splitlines()[0].split(", "))
+    assert set(errors) == {"autograd", "hand-written"} and all(float(e) < 1e-5 for e in errors.values())
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and "ms" not in line]
+    assert [(r[0], r[1]) for r in rows] == [("20", "autograd"), ("20", "hand-written"),
+                                            ("48", "autograd"), ("48", "hand-written")]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 and r[5].endswith("x") for r in rows)
+    bf16 = subprocess.run([sys.executable, str(script), "--batch-heads", "2", "--dim", "8", "--slots", "4",
+                           "--lengths", "20", "--repeats", "1", "--dtype", "bf16", "--forms", "hand-written"],
+                          capture_output=True, text=True, timeout=300)
+    assert bf16.returncode == 0 and "| 20 | hand-written |" in bf16.stdout and "bf16" in bf16.stdout, bf16.stderr
     bad = subprocess.run([sys.executable, str(script), "--lengths", "long"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--lengths must be comma-separated integers" in bad.stderr
