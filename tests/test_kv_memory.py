@@ -76,11 +76,12 @@ def clamped_gates(B, T, S, seed=0, dtype=torch.float64):
     return log_alpha.requires_grad_()
 
 
-@pytest.mark.parametrize("T,chunk,tile", [(7, 3, None), (2, 4, None), (16, 16, None), (9, 4, 4 * 4), (9, 2, 2 * 4 * 3)])
+@pytest.mark.parametrize("T,chunk,tile", [(7, 3, None), (2, 4, None), (16, 16, None), (9, 4, 4 * 4), (9, 2, 64)])
 def test_hand_written_backward_passes_gradcheck(T, chunk, tile, monkeypatch):
     """fp64 finite differences through every input, the initial state and into the final
-    state, across the clamp; ``tile`` (elements): one row cut along time, rows in tiles
-    (there the fast mode, random projections of the Jacobian: the full one takes seconds)."""
+    state, across the clamp; ``tile`` (elements): tiles of one row by one chunk, of two rows
+    by four chunks (there the fast mode, random projections of the Jacobian: the full one
+    takes seconds)."""
     if tile is not None:
         monkeypatch.setattr(kv_ops, "TILE_ELEMENTS", tile)
     B, d, S = 2, 3, 4
@@ -116,7 +117,8 @@ def test_hand_written_backward_equals_autograd_through_the_clamp():
 
 @pytest.mark.parametrize("tile", [6 * 4, 6 * 4 * 2, 6 * 4 * 6 * 2])
 def test_tiles_give_the_recurrent_outputs_and_gradients(tile, monkeypatch):
-    """Tiles of one chunk, of a row cut along time, of several rows (S = 6, chunk 4)."""
+    """Tiles of one row by one chunk, one row by two chunks, three rows by four chunks
+    (S = 6, chunk 4: 5 rows of 6 chunks)."""
     monkeypatch.setattr(kv_ops, "TILE_ELEMENTS", tile)
     args = inputs(B=5, T=21)
     ref_out, ref_grads = outputs_and_grads(kv_memory_recurrent, *args)

@@ -54,7 +54,10 @@ State = tuple[torch.Tensor, torch.Tensor]
 LOG_ALPHA_MIN = -4.0  # alpha >= 0.018
 MAX_CHUNK = 16
 DEFAULT_CHUNK = 16
-TILE_ELEMENTS = 2**17  # gate-sized elements per tile of KVMemoryChunked (512 KiB in fp32)
+# KVMemoryChunked's tiles: gate-sized elements (512 KiB in fp32) and the fewest chunks per
+# tile when rows are plenty (measured on CPU: tiles of one chunk were 5% slower; whole tensors 2x)
+TILE_ELEMENTS = 2**17
+TILE_CHUNKS = 4
 
 
 def bounded_gate(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -175,18 +178,18 @@ def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
 
 
 def _tiles(B: int, N: int, Q: int, S: int) -> list[tuple[slice, slice]]:
-    """(rows, chunks) of the tiles :class:`KVMemoryChunked` works in, in the order
-    the state flows (a row's chunks in time order): whole rows, as many as hold
-    about :data:`TILE_ELEMENTS` gate-sized elements, or one row cut along time.
-    Under ``torch.compile``, one tile: the compiler fuses the passes itself."""
+    """(rows, chunks) of the tiles :class:`KVMemoryChunked` works in, about
+    :data:`TILE_ELEMENTS` gate-sized elements each, in the order the state flows
+    (each group of rows, its chunks in time order). Tall tiles: the state is
+    carried from chunk to chunk by one small op per chunk and group of rows, so
+    as many rows as fit with :data:`TILE_CHUNKS` chunks. Under ``torch.compile``,
+    one tile: the compiler fuses the passes itself."""
     if torch.compiler.is_compiling():
         return [(slice(0, B), slice(0, N))]
-    per_row = N * Q * S
-    if per_row <= TILE_ELEMENTS:
-        rows = TILE_ELEMENTS // per_row
-        return [(slice(b, min(b + rows, B)), slice(0, N)) for b in range(0, B, rows)]
-    chunks = max(1, TILE_ELEMENTS // (Q * S))
-    return [(slice(b, b + 1), slice(c, min(c + chunks, N))) for b in range(B) for c in range(0, N, chunks)]
+    rows = min(B, max(1, TILE_ELEMENTS // (TILE_CHUNKS * Q * S)))
+    chunks = max(1, TILE_ELEMENTS // (rows * Q * S))
+    return [(slice(b, min(b + rows, B)), slice(c, min(c + chunks, N)))
+            for b in range(0, B, rows) for c in range(0, N, chunks)]
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -204,17 +207,8 @@ def _slot_scores(q: torch.Tensor, k: torch.Tensor, K_start: torch.Tensor, decay:
     return qk, scores, torch.softmax(scores, dim=-1)
 
 
-def _side_by_side(keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(..., S, d) twice -> (..., S, 2d) in ``dtype``: the key and the value slots as one
-    tensor, so that one update per chunk carries both."""
-    both = keys.new_empty(*keys.shape[:-1], 2 * keys.shape[-1], dtype=dtype)
-    both[..., : keys.shape[-1]] = keys
-    both[..., keys.shape[-1]:] = values
-    return both
-
-
 def _chunk_start_states(keep: torch.Tensor, writes: torch.Tensor, state: torch.Tensor):
-    """The state at each chunk's start (b, n, S, 2d) and after the last chunk:
+    """The state at each chunk's start (b, n, S, d) and after the last chunk:
     ``state_{c+1} = keep_c state_c + writes_c``, ``keep`` (b, n, S, 1)."""
     starts = []
     for keep_c, writes_c in zip(keep.unbind(1), writes.unbind(1)):
@@ -225,7 +219,7 @@ def _chunk_start_states(keep: torch.Tensor, writes: torch.Tensor, state: torch.T
 
 def _chunk_end_gradients(keep: torch.Tensor, local: torch.Tensor, grad: torch.Tensor):
     """Backward of :func:`_chunk_start_states`: the gradient of the state at each
-    chunk's end (b, n, S, 2d), from the gradients ``local`` of the chunk-start states
+    chunk's end (b, n, S, d), from the gradients ``local`` of the chunk-start states
     through the chunk's reads and ``grad`` of the state after the last chunk; and
     the gradient of the state before the first."""
     ends = []
@@ -235,27 +229,29 @@ def _chunk_end_gradients(keep: torch.Tensor, local: torch.Tensor, grad: torch.Te
     return torch.stack(ends[::-1], 1), grad
 
 
-def _tile_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, state: torch.Tensor):
-    """One tile of chunks (b, n, Q, X), bounded gates, and the state (b, S, 2d: K and V
-    side by side, fp32 at least) at its start: the reads (b n, Q, d), the chunk-start
-    key and value slots (b, n, S, d, in the compute dtype) and the state after the tile."""
-    dtype, d = q.dtype, q.shape[-1]
+def _tile_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor,
+                  K: torch.Tensor, V: torch.Tensor):
+    """One tile of chunks (b, n, Q, X), bounded gates, and the state (b, S, d each, fp32
+    at least) at its start: the reads (b n, Q, d), the chunk-start key and value slots
+    (b, n, S, d, in the compute dtype) and the state after the tile."""
+    dtype = q.dtype
     decay, u, chunk_decay, to_end = chunk_decays(gates)
-    to_end = to_end.to(dtype).transpose(-1, -2)
-    starts, state = _chunk_start_states(chunk_decay.transpose(-1, -2),
-                                        _side_by_side(to_end @ k, to_end @ v, state.dtype), state)
-    K_start, V_start = starts[..., :d].to(dtype), starts[..., d:].to(dtype)
+    keep, to_end = chunk_decay.transpose(-1, -2), to_end.to(dtype).transpose(-1, -2)
+    K_start, K = _chunk_start_states(keep, (to_end @ k).to(K.dtype), K)
+    V_start, V = _chunk_start_states(keep, (to_end @ v).to(V.dtype), V)
+    K_start, V_start = K_start.to(dtype), V_start.to(dtype)
 
     u, decay = _flat(u.to(dtype)), _flat(decay)
     _, _, p = _slot_scores(_flat(q), _flat(k), _flat(K_start), decay, u)
     r = (p * decay).to(dtype)
     mix = torch.bmm(r, u.transpose(1, 2)).tril_()  # weight of v_j in the read at i
     out = torch.baddbmm(torch.bmm(mix, _flat(v)), r, _flat(V_start))
-    return out, K_start, V_start, state
+    return out, K_start, V_start, K, V
 
 
 def _tile_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor,
-                   K_start: torch.Tensor, V_start: torch.Tensor, d_out: torch.Tensor, d_state: torch.Tensor):
+                   K_start: torch.Tensor, V_start: torch.Tensor, d_out: torch.Tensor,
+                   dK: torch.Tensor, dV: torch.Tensor):
     """Gradients of :func:`_tile_forward` given those of its reads ``d_out`` (b, n, Q, d)
     and of the state after the tile: dq, dk, dv (b n, Q, d), the gates' (b, n, Q, S,
     fp32) and the state's at the tile's start.
@@ -265,11 +261,11 @@ def _tile_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: tor
     ``scores = A X``, ``X = q K_start^T + qk u``, ``qk = tril(q k^T)``. Then the state
     gradient carried back over the chunks (``(K, V)_{c+1} = A_Q (K, V)_c + to_end^T (k, v)``)
     and the terms that need it."""
-    dtype, d = q.dtype, q.shape[-1]
+    dtype = q.dtype
     decay, u32, chunk_decay, to_end32 = chunk_decays(gates)
     q, k, v, dO = _flat(q), _flat(k), _flat(v), _flat(d_out)
     u, to_end, decay3 = _flat(u32.to(dtype)), _flat(to_end32.to(dtype)), _flat(decay)
-    starts_shape = (*K_start.shape[:-1], 2 * d)
+    starts_shape = K_start.shape
     K_start, V_start = _flat(K_start), _flat(V_start)
 
     qk, scores, p = _slot_scores(q, k, K_start, decay3, u)  # the forward's, recomputed
@@ -291,10 +287,11 @@ def _tile_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: tor
     # where the terms cancel, so its bf16 rounding would be amplified (1.9% -> 1.1% RMS error)
     acc = dX32.dtype
     du = torch.baddbmm(torch.bmm(qk.transpose(1, 2).to(acc), dX32), d_mix.transpose(1, 2).to(acc), r32)
-    d_starts = _side_by_side(torch.bmm(dX.transpose(1, 2), q), torch.bmm(r.transpose(1, 2), dO), d_state.dtype)
 
-    ends, d_state = _chunk_end_gradients(chunk_decay.transpose(-1, -2), d_starts.view(starts_shape), d_state)
-    dK_end, dV_end = _flat(ends[..., :d].to(dtype)), _flat(ends[..., d:].to(dtype))
+    keep = chunk_decay.transpose(-1, -2)
+    dK_end, dK = _chunk_end_gradients(keep, torch.bmm(dX.transpose(1, 2), q).view(starts_shape).to(dK.dtype), dK)
+    dV_end, dV = _chunk_end_gradients(keep, torch.bmm(r.transpose(1, 2), dO).view(starts_shape).to(dV.dtype), dV)
+    dK_end, dV_end = _flat(dK_end.to(dtype)), _flat(dV_end.to(dtype))
     dk = torch.baddbmm(dk, to_end, dK_end)
     dv = torch.baddbmm(dv, to_end, dV_end)
     d_to_end = torch.baddbmm(torch.bmm(k, dK_end.transpose(1, 2)), v, dV_end.transpose(1, 2))
@@ -307,28 +304,28 @@ def _tile_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: tor
     du = torch.addcmul(du.view(shape), chunk_decay, d_to_end.view(shape))  # all of u's gradient
     da = torch.addcmul(rdr, d_scores, scores).view(shape).addcmul_(du, u32, value=-1)
     # products in the compute dtype, sums in fp32
-    carried = (K_start * dK_end).sum(-1, dtype=decay.dtype) + (V_start * dV_end).sum(-1, dtype=decay.dtype)
+    carried = (K_start * dK_end).sum(-1, dtype=acc) + (V_start * dV_end).sum(-1, dtype=acc)
     da[:, :, -1] += chunk_decay[:, :, 0] * carried.view(*shape[:2], -1) + (d_to_end.view(shape) * to_end32).sum(2)
     # u_j also depends on log alpha_j itself: d u_j / d log alpha_j = -alpha_j / A_j = u_j - 1 / A_j
-    # (no exp: a subtraction, whose error is that of u_j's own term)
-    d_gates = _reverse_cumsum(da).addcmul_(du, u32 - torch.reciprocal(decay))
-    return dq, dk, dv, d_gates, d_state
+    # (no exp: a difference, whose error is that of u_j's own term)
+    d_gates = _reverse_cumsum(da).addcmul_(du, u32).addcdiv_(du, decay, value=-1)
+    return dq, dk, dv, d_gates, dK, dV
 
 
 class KVMemoryChunked(torch.autograd.Function):
     """:func:`kv_memory_chunked_autograd` with a hand-written backward: q, k, v (B, T, d)
     in the compute dtype, ``log_alpha`` (B, T, S), the initial state (B, S, 2d: the key
-    and the value slots side by side) and the chunk size in; the reads and the final
-    state (in the initial state's dtype) out. Gradients flow into all of them.
+    and the value slots side by side, one tensor even where both are the same, as the
+    layer's memory bank) and the chunk size in; the reads and the final state (in the
+    initial state's dtype) out. Gradients flow into all of them.
 
-    Keeps the inputs and the chunk-start states (O(T S d / Q), carried in fp32 at
-    least, the key and the value slots side by side); the backward recomputes
-    the decays, the scores and their softmax (O(T S) each) instead of storing
-    them. Matmuls run in the inputs' dtype; decays, softmax and every sum of
-    gates in fp32. Both passes go over tiles of about :data:`TILE_ELEMENTS`
-    gate-sized elements (:func:`_tiles`; the forward in time order, carrying
-    the state, the backward in reverse, carrying its gradient), so that the
-    intermediates, a few dozen passes over (T, S) in all, stay in cache.
+    Keeps the inputs and the chunk-start states (O(T S d / Q), in the compute dtype;
+    carried in fp32 at least); the backward recomputes the decays, the scores and
+    their softmax (O(T S) each) instead of storing them. Matmuls run in the inputs'
+    dtype; decays, softmax and every sum of gates in fp32. Both passes go over tiles
+    of about :data:`TILE_ELEMENTS` gate-sized elements (:func:`_tiles`; the forward in
+    time order, carrying the state, the backward in reverse, carrying its gradient),
+    so that the intermediates, a few dozen passes over (T, S) in all, stay in cache.
     """
 
     @staticmethod
@@ -336,22 +333,22 @@ class KVMemoryChunked(torch.autograd.Function):
         B, T, d = q.shape
         Q, log_alpha, (q, k, v) = split_into_chunks(chunk_size, log_alpha, q, k, v)
         N, S = log_alpha.shape[1], log_alpha.shape[-1]
-        state_dtype, initial = initial.dtype, initial.to(torch.promote_types(initial.dtype, torch.float32))
-        final = torch.empty_like(initial)
+        state = initial.to(torch.promote_types(initial.dtype, torch.float32))
+        final = torch.empty_like(state)
         out = q.new_empty(B, N, Q, d)
         chunk_starts = []  # each tile's K_start, V_start
         for rows, chunks in _tiles(B, N, Q, S):
             if chunks.start == 0:
-                state = initial[rows]
-            tile_out, K_start, V_start, state = _tile_forward(
-                q[rows, chunks], k[rows, chunks], v[rows, chunks], bounded_gate(log_alpha[rows, chunks]), state)
+                K, V = state[rows, :, :d], state[rows, :, d:]
+            tile_out, K_start, V_start, K, V = _tile_forward(
+                q[rows, chunks], k[rows, chunks], v[rows, chunks], bounded_gate(log_alpha[rows, chunks]), K, V)
             out[rows, chunks] = tile_out.view(out[rows, chunks].shape)
             chunk_starts += [K_start, V_start]
             if chunks.stop == N:
-                final[rows] = state
+                final[rows, :, :d], final[rows, :, d:] = K, V
         ctx.save_for_backward(q, k, v, log_alpha, *chunk_starts)
-        ctx.state_dtype, ctx.T = state_dtype, T
-        return out.view(B, N * Q, d)[:, :T], final.to(state_dtype)
+        ctx.state_dtype, ctx.T = initial.dtype, T
+        return out.view(B, N * Q, d)[:, :T], final.to(initial.dtype)
 
     @staticmethod
     @once_differentiable
@@ -370,12 +367,12 @@ class KVMemoryChunked(torch.autograd.Function):
             for i in reversed(range(len(tiles))):
                 rows, chunks = tiles[i]
                 if chunks.stop == N:
-                    d_state = d_final[rows]
+                    dK, dV = d_final[rows, :, :d], d_final[rows, :, d:]
                 raw = log_alpha[rows, chunks]
                 gates = bounded_gate(raw)
-                tile_dq, tile_dk, tile_dv, d_gates, d_state = _tile_backward(
+                tile_dq, tile_dk, tile_dv, d_gates, dK, dV = _tile_backward(
                     q[rows, chunks], k[rows, chunks], v[rows, chunks], gates, *chunk_starts[2 * i: 2 * i + 2],
-                    d_out[rows, chunks], d_state)
+                    d_out[rows, chunks], dK, dV)
                 for grad, tile_grad in ((dq, tile_dq), (dk, tile_dk), (dv, tile_dv)):
                     grad[rows, chunks] = tile_grad.view(grad[rows, chunks].shape)
                 # The clamp passes no gradient outside its range. A float mask: making and
@@ -383,7 +380,7 @@ class KVMemoryChunked(torch.autograd.Function):
                 tile_grad = d_log_alpha[rows, chunks]
                 torch.eq(gates, raw, out=tile_grad).mul_(d_gates)
                 if chunks.start == 0:
-                    d_initial[rows] = d_state
+                    d_initial[rows, :, :d], d_initial[rows, :, d:] = dK, dV
 
         def unpadded(x):
             return x.view(B, N * Q, -1)[:, :T]
