@@ -7,7 +7,8 @@ gradient (as the layer's memory bank), in two forms side by side in the same run
 intermediate kept) and ``kv_memory_chunked`` (its hand-written backward). For each T, the
 median forward time and backward time of each (one warm-up excluded; the forms take turns
 each repeat, so that a change of load reaches both), the time per token, which should stay
-flat in T, and the autograd form's time over the hand-written one's. Also checks each
+flat in T, the memory each keeps for its backward (distinct storages of the saved tensors,
+inputs included) and the autograd form's time over the hand-written one's. Also checks each
 form's output and gradients against the step-by-step recurrence at the shortest T (fp32),
 so a fast but wrong form cannot pass unnoticed.
 
@@ -60,9 +61,27 @@ def max_error_vs_recurrence(form, bh: int, T: int, d: int, slots: int) -> float:
     return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(*results))
 
 
+def autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def kept_for_backward(form, q, k, v, log_alpha, state, bf16: bool) -> int:
+    """Bytes of the distinct storages a forward keeps for its backward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(bf16):
+        form(q, k, v, log_alpha, state)
+    return sum(storages.values())
+
+
 def time_forms(forms: list[str], bh: int, T: int, d: int, slots: int, repeats: int,
-               bf16: bool) -> dict[str, tuple[float, float]]:
-    """Median (forward, backward) seconds of each form; the forms take turns each repeat."""
+               bf16: bool) -> dict[str, tuple[float, float, int]]:
+    """Median (forward, backward) seconds of each form, the forms taking turns each
+    repeat, and the bytes it keeps for backward."""
     q, k, v, log_alpha, state = inputs(bh, T, d, slots)
     leaves = (q, k, v, log_alpha, *state)
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in forms}
@@ -70,9 +89,8 @@ def time_forms(forms: list[str], bh: int, T: int, d: int, slots: int, repeats: i
         for name in forms:
             for x in leaves:
                 x.grad = None
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
             t0 = time.perf_counter()
-            with autocast:
+            with autocast(bf16):
                 out, _ = FORMS[name](q, k, v, log_alpha, state)
             t1 = time.perf_counter()
             out.float().square().sum().backward()
@@ -80,7 +98,9 @@ def time_forms(forms: list[str], bh: int, T: int, d: int, slots: int, repeats: i
             if i:  # the first run is the warm-up
                 times[name][0].append(t1 - t0)
                 times[name][1].append(t2 - t1)
-    return {name: (statistics.median(fwd), statistics.median(bwd)) for name, (fwd, bwd) in times.items()}
+    return {name: (statistics.median(fwd), statistics.median(bwd),
+                   kept_for_backward(FORMS[name], q, k, v, log_alpha, state, bf16))
+            for name, (fwd, bwd) in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,13 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kv-slot memory, chunked form: batch x heads {args.batch_heads}, d {args.dim}, {args.slots} slots, "
           f"{args.threads} thread(s), {args.dtype}, {malloc}; median of {args.repeats} after 1 warm-up")
     print(f"max relative error vs the recurrence (outputs and gradients, T <= 40, fp32): {errors}")
-    print("| T | form | forward ms | backward ms | µs per token (fwd + bwd) | autograd time / this |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print("| T | form | forward ms | backward ms | µs per token (fwd + bwd) | kept for backward MiB "
+          "| autograd time / this |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for T in lengths:
         times = time_forms(forms, args.batch_heads, T, args.dim, args.slots, args.repeats, args.dtype == "bf16")
-        for name, (fwd, bwd) in times.items():
-            ratio = f"{sum(times['autograd']) / (fwd + bwd):.2f}x" if "autograd" in times else "–"
-            print(f"| {T:,} | {name} | {fwd * 1e3:,.1f} | {bwd * 1e3:,.1f} | {(fwd + bwd) * 1e6 / T:,.1f} | {ratio} |")
+        for name, (fwd, bwd, kept) in times.items():
+            ratio = f"{sum(times['autograd'][:2]) / (fwd + bwd):.2f}x" if "autograd" in times else "–"
+            print(f"| {T:,} | {name} | {fwd * 1e3:,.1f} | {bwd * 1e3:,.1f} | {(fwd + bwd) * 1e6 / T:,.1f} "
+                  f"| {kept / 2**20:,.2f} | {ratio} |")
     return 0
 
 
