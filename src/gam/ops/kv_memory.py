@@ -317,7 +317,8 @@ class KVMemoryChunked(torch.autograd.Function):
     in the compute dtype, ``log_alpha`` (B, T, S), the initial state (B, S, 2d: the key
     and the value slots side by side, one tensor even where both are the same, as the
     layer's memory bank) and the chunk size in; the reads and the final state (in the
-    initial state's dtype) out. Gradients flow into all of them.
+    initial state's dtype) out. Gradients flow into all of them (once: the backward
+    is not itself differentiable).
 
     Keeps the inputs and the chunk-start states (O(T S d / Q), in the compute dtype;
     carried in fp32 at least); the backward recomputes the decays, the scores and
