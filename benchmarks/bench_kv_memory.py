@@ -1,11 +1,21 @@
 """Benchmark the kv-slot memory's chunked training form, forward and backward, over T.
 
-``kv_memory_chunked`` alone (heads folded into the batch), with random q, k, v of
-(batch x heads, T, d) and gates ``logsigmoid(z) / 8`` of (batch x heads, T, slots): the median
-forward time and backward time (warm-up excluded), so that a cost that grows faster than T
-shows at once (the time per token column should stay flat). Also checks the output and the
-gradients against the step-by-step recurrence at the shortest T (fp32), so a fast but wrong
-form cannot pass unnoticed.
+The op alone (heads folded into the batch), with random q, k, v of (batch x heads, T, d),
+gates ``logsigmoid(z) / 8`` of (batch x heads, T, slots) and an initial state that needs a
+gradient (as the layer's memory bank), in two forms side by side in the same run:
+``kv_memory_chunked_autograd`` (the chunk form differentiated by autograd, every
+intermediate kept) and ``kv_memory_chunked`` (its hand-written backward). For each T, the
+median forward time and backward time of each (one warm-up excluded; the forms take turns
+each repeat, so that a change of load reaches both), the time per token, which should stay
+flat in T, the memory each keeps for its backward (distinct storages of the saved tensors,
+inputs included) and the autograd form's time over the hand-written one's. Also checks each
+form's output and gradients against the step-by-step recurrence at the shortest T (fp32),
+so a fast but wrong form cannot pass unnoticed.
+
+``--dtype bf16`` runs both under bf16 autocast with the state in fp32, as the layer trains.
+glibc's malloc keeps freed memory (``gam.bench.speed.tune_cpu_allocator``, as ``gam bench
+speed`` does) unless ``--no-tune-malloc``: otherwise every large buffer is page-faulted in
+afresh, a cost that lands unevenly on the two forms.
 
 Usage::
 
@@ -16,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -26,45 +37,70 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from gam.ops.kv_memory import kv_memory_chunked, kv_memory_recurrent  # noqa: E402
+from gam.bench.speed import tune_cpu_allocator  # noqa: E402
+from gam.ops.kv_memory import kv_memory_chunked, kv_memory_chunked_autograd, kv_memory_recurrent  # noqa: E402
+
+FORMS = {"autograd": kv_memory_chunked_autograd, "hand-written": kv_memory_chunked}
 
 
 def inputs(bh: int, T: int, d: int, slots: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(bh, T, d, generator=gen).requires_grad_() for _ in range(3))
     log_alpha = (F.logsigmoid(torch.randn(bh, T, slots, generator=gen)) / 8).requires_grad_()
-    state = (torch.randn(bh, slots, d, generator=gen), torch.randn(bh, slots, d, generator=gen))
+    state = tuple(torch.randn(bh, slots, d, generator=gen).requires_grad_() for _ in range(2))
     return q, k, v, log_alpha, state
 
 
-def max_error_vs_recurrence(bh: int, T: int, d: int, slots: int) -> float:
-    errors = []
+def max_error_vs_recurrence(form, bh: int, T: int, d: int, slots: int) -> float:
     results = []
-    for form in (kv_memory_chunked, kv_memory_recurrent):
+    for f in (form, kv_memory_recurrent):
         q, k, v, log_alpha, state = inputs(bh, T, d, slots)
-        out, _ = form(q, k, v, log_alpha, state)
+        out, _ = f(q, k, v, log_alpha, state)
         out.square().sum().backward()
-        results.append([out.detach(), q.grad, k.grad, v.grad, log_alpha.grad])
-    for a, b in zip(*results):
-        errors.append(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item())
-    return max(errors)
+        results.append([out.detach(), q.grad, k.grad, v.grad, log_alpha.grad, state[0].grad, state[1].grad])
+    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(*results))
 
 
-def time_one(bh: int, T: int, d: int, slots: int, repeats: int) -> tuple[float, float]:
+def autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def kept_for_backward(form, q, k, v, log_alpha, state, bf16: bool) -> int:
+    """Bytes of the distinct storages a forward keeps for its backward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(bf16):
+        form(q, k, v, log_alpha, state)
+    return sum(storages.values())
+
+
+def time_forms(forms: list[str], bh: int, T: int, d: int, slots: int, repeats: int,
+               bf16: bool) -> dict[str, tuple[float, float, int]]:
+    """Median (forward, backward) seconds of each form, the forms taking turns each
+    repeat, and the bytes it keeps for backward."""
     q, k, v, log_alpha, state = inputs(bh, T, d, slots)
-    forward, backward = [], []
+    leaves = (q, k, v, log_alpha, *state)
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in forms}
     for i in range(repeats + 1):
-        for x in (q, k, v, log_alpha):
-            x.grad = None
-        t0 = time.perf_counter()
-        out, _ = kv_memory_chunked(q, k, v, log_alpha, state)
-        t1 = time.perf_counter()
-        out.square().sum().backward()
-        t2 = time.perf_counter()
-        if i:  # the first run is the warm-up
-            forward.append(t1 - t0)
-            backward.append(t2 - t1)
-    return statistics.median(forward), statistics.median(backward)
+        for name in forms:
+            for x in leaves:
+                x.grad = None
+            t0 = time.perf_counter()
+            with autocast(bf16):
+                out, _ = FORMS[name](q, k, v, log_alpha, state)
+            t1 = time.perf_counter()
+            out.float().square().sum().backward()
+            t2 = time.perf_counter()
+            if i:  # the first run is the warm-up
+                times[name][0].append(t1 - t0)
+                times[name][1].append(t2 - t1)
+    return {name: (statistics.median(fwd), statistics.median(bwd),
+                   kept_for_backward(FORMS[name], q, k, v, log_alpha, state, bf16))
+            for name, (fwd, bwd) in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,25 +109,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=64, help="features per head")
     p.add_argument("--slots", type=int, default=64, help="slots per head")
     p.add_argument("--lengths", default="1024,2048,4096,8192", help="comma-separated T")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per T (after 1 warm-up)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per T and form (after 1 warm-up)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--forms", default="autograd,hand-written",
+                   help=f"comma-separated forms to time, of {', '.join(FORMS)}")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: under bf16 autocast, the state in fp32 (as the layer trains)")
+    p.add_argument("--no-tune-malloc", action="store_true", help="keep glibc's default malloc thresholds")
     args = p.parse_args(argv)
     try:
         lengths = [int(t) for t in args.lengths.split(",")]
     except ValueError:
         p.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
+    forms = args.forms.split(",")
+    if not forms or any(f not in FORMS for f in forms):
+        p.error(f"--forms must be comma-separated names of {', '.join(FORMS)}, got {args.forms!r}")
     if min(lengths) < 1 or min(args.batch_heads, args.dim, args.slots, args.repeats, args.threads) < 1:
         p.error("lengths, --batch-heads, --dim, --slots, --repeats and --threads must be >= 1")
     torch.set_num_threads(args.threads)
-    error = max_error_vs_recurrence(min(args.batch_heads, 4), min(min(lengths), 40), args.dim, args.slots)
-    print(f"kv_memory_chunked: batch x heads {args.batch_heads}, d {args.dim}, {args.slots} slots, "
-          f"{args.threads} thread(s), fp32; median of {args.repeats} after 1 warm-up")
-    print(f"max relative error vs the recurrence (outputs and gradients, T <= 40): {error:.1e}")
-    print("| T | forward ms | backward ms | µs per token (fwd + bwd) |")
-    print("|---:|---:|---:|---:|")
+    malloc = "default malloc" if args.no_tune_malloc else f"malloc tuned: {tune_cpu_allocator()}"
+    check = (min(args.batch_heads, 4), min(min(lengths), 40), args.dim, args.slots)
+    errors = ", ".join(f"{name} {max_error_vs_recurrence(FORMS[name], *check):.1e}" for name in forms)
+    print(f"kv-slot memory, chunked form: batch x heads {args.batch_heads}, d {args.dim}, {args.slots} slots, "
+          f"{args.threads} thread(s), {args.dtype}, {malloc}; median of {args.repeats} after 1 warm-up")
+    print(f"max relative error vs the recurrence (outputs and gradients, T <= 40, fp32): {errors}")
+    print("| T | form | forward ms | backward ms | µs per token (fwd + bwd) | kept for backward MiB "
+          "| autograd time / this |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for T in lengths:
-        fwd, bwd = time_one(args.batch_heads, T, args.dim, args.slots, args.repeats)
-        print(f"| {T:,} | {fwd * 1e3:,.1f} | {bwd * 1e3:,.1f} | {(fwd + bwd) * 1e6 / T:,.1f} |")
+        times = time_forms(forms, args.batch_heads, T, args.dim, args.slots, args.repeats, args.dtype == "bf16")
+        for name, (fwd, bwd, kept) in times.items():
+            ratio = f"{sum(times['autograd'][:2]) / (fwd + bwd):.2f}x" if "autograd" in times else "–"
+            print(f"| {T:,} | {name} | {fwd * 1e3:,.1f} | {bwd * 1e3:,.1f} | {(fwd + bwd) * 1e6 / T:,.1f} "
+                  f"| {kept / 2**20:,.2f} | {ratio} |")
     return 0
 
 

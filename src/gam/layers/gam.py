@@ -120,7 +120,9 @@ class GAMBlock(nn.Module):
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         """The same function as :meth:`forward_reference` (unpadded input) on the fused
         ops of :mod:`gam.ops.fused_block`. With ``memory="kv_slots"`` the mixer is the
-        eager one (its chunked form is batched matmuls already) and the FFN is fused."""
+        eager one around the slot memory's own op (the chunked form with its
+        hand-written backward, :func:`gam.ops.kv_memory.kv_memory_chunked`) and the FFN
+        is fused."""
         if self.memory == "static":
             x = gam_mixer_residual(
                 x, self.ln1.weight, self.ln1.bias, self.ln1.eps,

@@ -113,7 +113,9 @@ class KVSlotMemory(nn.Module):
 
     def forward(self, h: torch.Tensor, key_source: torch.Tensor, memory_bank: torch.Tensor,
                 reference: bool = False, real: torch.Tensor | None = None) -> torch.Tensor:
-        """Reads (B, T, C) for normalized input h and the key source (B, T, C)."""
+        """Reads (B, T, C) for normalized input h and the key source (B, T, C): the
+        chunked form with its hand-written backward, or with ``reference`` the
+        step-by-step recurrence."""
         q, k, v, log_alpha = self.inputs(h, key_source, real)
         state = self.initial_state(memory_bank, h.shape[0])
         if reference:

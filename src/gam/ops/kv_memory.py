@@ -16,7 +16,7 @@ Heads are folded into the batch by the caller: every function here sees
 ``(K, V)``, two (B, S, d) tensors. Every form first bounds the forget gate,
 ``log_alpha >= LOG_ALPHA_MIN`` (at most 98% of a slot is replaced per token),
 and computes the decays in fp32 (a bf16 cumulative sum of gates would be off by
-a quarter in the exponent). Three forms of the same function:
+a quarter in the exponent). Forms of the same function:
 
 - :func:`kv_memory_recurrent`: one token at a time. The reference.
 - :func:`kv_memory_chunked`: O(T) training form, all batched matmuls. Chunks of
@@ -33,20 +33,31 @@ a quarter in the exponent). Three forms of the same function:
   T x T matrix and no Q x Q x S tensor: memory O(T S). The factorization needs
   ``exp(-a_j)`` to stay finite: with the gate bound, ``|a| <= Q |LOG_ALPHA_MIN|``,
   so the chunk is at most ``MAX_CHUNK`` tokens (exponents <= 64; fp32 and bf16
-  hold e^88).
-- :func:`kv_memory_step`: one decoding step on the state.
+  hold e^88). Its backward is written by hand (:class:`KVMemoryChunked`): it
+  keeps the inputs and the chunk-start states and recomputes the rest.
+- :func:`kv_memory_chunked_autograd`: the same chunk form in plain PyTorch,
+  differentiated by autograd: the reference for the hand-written backward.
+- :func:`kv_memory_step`: one decoding step on the state;
+  :func:`kv_memory_final_state`: the state after a prompt, without the reads.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from gam.ops.memory_read import compute_dtype
 
 State = tuple[torch.Tensor, torch.Tensor]
 
 LOG_ALPHA_MIN = -4.0  # alpha >= 0.018
 MAX_CHUNK = 16
 DEFAULT_CHUNK = 16
+# KVMemoryChunked's tiles: gate-sized elements (512 KiB in fp32) and the fewest chunks per
+# tile when rows are plenty (measured on CPU: tiles of one chunk were 5% slower; whole tensors 2x)
+TILE_ELEMENTS = 2**17
+TILE_CHUNKS = 4
 
 
 def bounded_gate(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -103,27 +114,38 @@ def suffix_weights(log_alpha: torch.Tensor, dim: int) -> tuple[torch.Tensor, tor
     return after.exp() * -torch.expm1(log_alpha), suffix.narrow(dim, 0, 1).exp()
 
 
-def kv_memory_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
-                      state: State, chunk_size: int | None = None) -> tuple[torch.Tensor, State]:
-    """Chunked parallel form of :func:`kv_memory_recurrent` (same arguments and results).
-    Any T: the last chunk is padded with no-op tokens (alpha = 1, nothing written)."""
+def _checked_chunk_size(chunk_size: int | None) -> int:
     chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
     if not 1 <= chunk_size <= MAX_CHUNK:
         raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK} (the decay factorization's range), got {chunk_size}")
+    return chunk_size
+
+
+def chunk_decays(log_alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decay factors of bounded gates in chunks (B, N, Q, S), in their dtype (fp32 at
+    least): ``A_i = exp(a_i)``, ``u_j = (1 - alpha_j) / A_j``, the chunk's decay ``A_Q``
+    (B, N, 1, S) and the weight ``A_Q u_j`` of write j in the state at the chunk's end."""
+    decay = torch.cumsum(log_alpha, dim=2).exp()  # a_i in [Q LOG_ALPHA_MIN, 0]
+    u = torch.expm1(log_alpha) / -decay
+    chunk_decay = decay[:, :, -1:]
+    return decay, u, chunk_decay, chunk_decay * u
+
+
+def kv_memory_chunked_autograd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
+                               state: State, chunk_size: int | None = None) -> tuple[torch.Tensor, State]:
+    """The chunked form in plain PyTorch, differentiated by autograd (every
+    intermediate kept): the reference of :func:`kv_memory_chunked`'s backward.
+    Same arguments and results."""
+    chunk_size = _checked_chunk_size(chunk_size)
     B, T, d = q.shape
     Q, log_alpha, (q, k, v) = split_into_chunks(chunk_size, bounded_gate(log_alpha), q, k, v)
-    N = log_alpha.shape[1]
     dtype = q.dtype
 
-    # Inside each chunk: prod_{j < l <= i} alpha_l (1 - alpha_j) = A_i u_j.
-    cum = torch.cumsum(log_alpha, dim=2)  # a_i, in [Q LOG_ALPHA_MIN, 0]
-    decay32 = cum.exp()  # A_i
-    u32 = (-cum).exp() * -torch.expm1(log_alpha)  # (1 - alpha_j) / A_j
-    # The same factors give the chunk's effect on the state: write j reaches the chunk's
-    # end with weight A_Q u_j, and the state decays by A_Q (fp32 products, then cast).
-    chunk_decay = decay32[:, :, -1:]  # (B, N, 1, S)
-    to_end = (chunk_decay * u32).to(dtype)
-    decay, u = decay32.to(dtype), u32.to(dtype)
+    # Inside each chunk: prod_{j < l <= i} alpha_l (1 - alpha_j) = A_i u_j. The same
+    # factors give the chunk's effect on the state: write j reaches the chunk's end
+    # with weight A_Q u_j, and the state decays by A_Q (fp32 products, then cast).
+    decay32, u32, chunk_decay, to_end32 = chunk_decays(log_alpha)
+    to_end, decay, u = to_end32.to(dtype), decay32.to(dtype), u32.to(dtype)
 
     # Chunk-start states: (K, V)_{c+1} = A_Q (K, V)_c + the chunk's writes (N small steps).
     writes_k = to_end.transpose(-1, -2) @ k  # (B, N, S, d)
@@ -145,7 +167,240 @@ def kv_memory_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alp
     r = torch.softmax(scores, dim=-1) * decay
     mix = (r @ u.transpose(-1, -2)).masked_fill(~causal, 0.0)  # weight of v_j in the read at i
     out = r @ V_start + mix @ v
-    return out.reshape(B, N * Q, d)[:, :T], (K, V)
+    return out.reshape(B, -1, d)[:, :T], (K, V)
+
+
+def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """``sum_{l >= j} x_l`` inside each chunk of ``x`` (b, n, Q, S): a matmul with a
+    triangle of ones, faster on CPU than flipping around a cumsum."""
+    Q = x.shape[2]
+    return torch.ones(Q, Q, dtype=x.dtype, device=x.device).triu_() @ x
+
+
+def _tiles(B: int, N: int, Q: int, S: int) -> list[tuple[slice, slice]]:
+    """(rows, chunks) of the tiles :class:`KVMemoryChunked` works in, about
+    :data:`TILE_ELEMENTS` gate-sized elements each, in the order the state flows
+    (each group of rows, its chunks in time order). Tall tiles: the state is
+    carried from chunk to chunk by one small op per chunk and group of rows, so
+    as many rows as fit with :data:`TILE_CHUNKS` chunks. Under ``torch.compile``,
+    one tile: the compiler fuses the passes itself."""
+    if torch.compiler.is_compiling():
+        return [(slice(0, B), slice(0, N))]
+    rows = min(B, max(1, TILE_ELEMENTS // (TILE_CHUNKS * Q * S)))
+    chunks = max(1, TILE_ELEMENTS // (rows * Q * S))
+    return [(slice(b, min(b + rows, B)), slice(c, min(c + chunks, N)))
+            for b in range(0, B, rows) for c in range(0, N, chunks)]
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """(b, n, X, Y) -> (b n, X, Y): the chunks of a tile as one batch of matrices."""
+    return x.reshape(-1, *x.shape[2:])
+
+
+def _slot_scores(q: torch.Tensor, k: torch.Tensor, K_start: torch.Tensor, decay: torch.Tensor,
+                 u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chunks flattened to (b n, Q, X): ``qk`` (q_i . k_j for j <= i, zero above the
+    diagonal; compute dtype), the slot scores ``K_i q_i`` and their softmax (fp32).
+    ``decay`` in fp32, the rest in the compute dtype."""
+    qk = torch.bmm(q, k.transpose(1, 2)).tril_()
+    scores = decay * torch.baddbmm(torch.bmm(qk, u), q, K_start.transpose(1, 2))
+    return qk, scores, torch.softmax(scores, dim=-1)
+
+
+def _chunk_start_states(keep: torch.Tensor, writes: torch.Tensor, state: torch.Tensor):
+    """The state at each chunk's start (b, n, S, d) and after the last chunk:
+    ``state_{c+1} = keep_c state_c + writes_c``, ``keep`` (b, n, S, 1)."""
+    starts = []
+    for keep_c, writes_c in zip(keep.unbind(1), writes.unbind(1)):
+        starts.append(state)
+        state = torch.addcmul(writes_c, keep_c, state)
+    return torch.stack(starts, 1), state
+
+
+def _chunk_end_gradients(keep: torch.Tensor, local: torch.Tensor, grad: torch.Tensor):
+    """Backward of :func:`_chunk_start_states`: the gradient of the state at each
+    chunk's end (b, n, S, d), from the gradients ``local`` of the chunk-start states
+    through the chunk's reads and ``grad`` of the state after the last chunk; and
+    the gradient of the state before the first."""
+    ends = []
+    for keep_c, local_c in zip(reversed(keep.unbind(1)), reversed(local.unbind(1))):
+        ends.append(grad)
+        grad = torch.addcmul(local_c, keep_c, grad)
+    return torch.stack(ends[::-1], 1), grad
+
+
+def _tile_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor,
+                  K: torch.Tensor, V: torch.Tensor):
+    """One tile of chunks (b, n, Q, X), bounded gates, and the state (b, S, d each, fp32
+    at least) at its start: the reads (b n, Q, d), the chunk-start key and value slots
+    (b, n, S, d, in the compute dtype) and the state after the tile."""
+    dtype = q.dtype
+    decay, u, chunk_decay, to_end = chunk_decays(gates)
+    keep, to_end = chunk_decay.transpose(-1, -2), to_end.to(dtype).transpose(-1, -2)
+    K_start, K = _chunk_start_states(keep, (to_end @ k).to(K.dtype), K)
+    V_start, V = _chunk_start_states(keep, (to_end @ v).to(V.dtype), V)
+    K_start, V_start = K_start.to(dtype), V_start.to(dtype)
+
+    u, decay = _flat(u.to(dtype)), _flat(decay)
+    _, _, p = _slot_scores(_flat(q), _flat(k), _flat(K_start), decay, u)
+    r = (p * decay).to(dtype)
+    mix = torch.bmm(r, u.transpose(1, 2)).tril_()  # weight of v_j in the read at i
+    out = torch.baddbmm(torch.bmm(mix, _flat(v)), r, _flat(V_start))
+    return out, K_start, V_start, K, V
+
+
+def _tile_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor,
+                   K_start: torch.Tensor, V_start: torch.Tensor, d_out: torch.Tensor,
+                   dK: torch.Tensor, dV: torch.Tensor):
+    """Gradients of :func:`_tile_forward` given those of its reads ``d_out`` (b, n, Q, d)
+    and of the state after the tile: dq, dk, dv (b n, Q, d), the gates' (b, n, Q, S,
+    fp32) and the state's at the tile's start.
+
+    Each chunk's own terms first, batched over the tile: the reads are
+    ``out = r V_start + mix v``, ``mix = tril(r u^T)``, ``r = softmax(scores) A``,
+    ``scores = A X``, ``X = q K_start^T + qk u``, ``qk = tril(q k^T)``. Then the state
+    gradient carried back over the chunks (``(K, V)_{c+1} = A_Q (K, V)_c + to_end^T (k, v)``)
+    and the terms that need it."""
+    dtype = q.dtype
+    decay, u32, chunk_decay, to_end32 = chunk_decays(gates)
+    q, k, v, dO = _flat(q), _flat(k), _flat(v), _flat(d_out)
+    u, to_end, decay3 = _flat(u32.to(dtype)), _flat(to_end32.to(dtype)), _flat(decay)
+    starts_shape = K_start.shape
+    K_start, V_start = _flat(K_start), _flat(V_start)
+
+    qk, scores, p = _slot_scores(q, k, K_start, decay3, u)  # the forward's, recomputed
+    r32 = p * decay3
+    r = r32.to(dtype)
+    mix = torch.bmm(r, u.transpose(1, 2)).tril_()
+
+    d_mix = torch.bmm(dO, v.transpose(1, 2)).tril_()
+    dr = torch.baddbmm(torch.bmm(d_mix, u), dO, V_start.transpose(1, 2))
+    rdr = r32 * dr  # = p dp, with dp = dr A
+    d_scores = torch.addcmul(rdr, p, rdr.sum(-1, keepdim=True), value=-1)  # the softmax's backward
+    dX32 = d_scores * decay3
+    dX = dX32.to(dtype)
+    d_qk = torch.bmm(dX, u.transpose(1, 2)).tril_()
+    dq = torch.baddbmm(torch.bmm(d_qk, k), dX, K_start)
+    dk = torch.bmm(d_qk.transpose(1, 2), q)
+    dv = torch.bmm(mix.transpose(1, 2), dO)
+    # fp32 even from bf16 inputs: du_j multiplies u_j (up to e^64) in the gates' gradient,
+    # where the terms cancel, so its bf16 rounding would be amplified (1.9% -> 1.1% RMS error)
+    acc = dX32.dtype
+    du = torch.baddbmm(torch.bmm(qk.transpose(1, 2).to(acc), dX32), d_mix.transpose(1, 2).to(acc), r32)
+
+    keep = chunk_decay.transpose(-1, -2)
+    dK_end, dK = _chunk_end_gradients(keep, torch.bmm(dX.transpose(1, 2), q).view(starts_shape).to(dK.dtype), dK)
+    dV_end, dV = _chunk_end_gradients(keep, torch.bmm(r.transpose(1, 2), dO).view(starts_shape).to(dV.dtype), dV)
+    dK_end, dV_end = _flat(dK_end.to(dtype)), _flat(dV_end.to(dtype))
+    dk = torch.baddbmm(dk, to_end, dK_end)
+    dv = torch.baddbmm(dv, to_end, dV_end)
+    d_to_end = torch.baddbmm(torch.bmm(k, dK_end.transpose(1, 2)), v, dV_end.transpose(1, 2))
+
+    # The gates, in fp32. With da_i the gradient of a_i = sum_{l <= i} log alpha_l:
+    # A_i = exp(a_i) enters r and the scores (dA_i A_i = dr_i r_i + dscores_i scores_i),
+    # u_j = (1 - alpha_j) exp(-a_j) enters the reads and to_end_j = A_Q u_j (du_j u_j,
+    # subtracted), and A_Q = A_{Q-1} scales the carried state and to_end.
+    shape = gates.shape
+    du = torch.addcmul(du.view(shape), chunk_decay, d_to_end.view(shape))  # all of u's gradient
+    da = torch.addcmul(rdr, d_scores, scores).view(shape).addcmul_(du, u32, value=-1)
+    # products in the compute dtype, sums in fp32
+    carried = (K_start * dK_end).sum(-1, dtype=acc) + (V_start * dV_end).sum(-1, dtype=acc)
+    da[:, :, -1] += chunk_decay[:, :, 0] * carried.view(*shape[:2], -1) + (d_to_end.view(shape) * to_end32).sum(2)
+    # u_j also depends on log alpha_j itself: d u_j / d log alpha_j = -alpha_j / A_j = u_j - 1 / A_j
+    # (no exp: a difference, whose error is that of u_j's own term)
+    d_gates = _reverse_cumsum(da).addcmul_(du, u32).addcdiv_(du, decay, value=-1)
+    return dq, dk, dv, d_gates, dK, dV
+
+
+class KVMemoryChunked(torch.autograd.Function):
+    """:func:`kv_memory_chunked_autograd` with a hand-written backward: q, k, v (B, T, d)
+    in the compute dtype, ``log_alpha`` (B, T, S), the initial state (B, S, 2d: the key
+    and the value slots side by side, one tensor even where both are the same, as the
+    layer's memory bank) and the chunk size in; the reads and the final state (in the
+    initial state's dtype) out. Gradients flow into all of them (once: the backward
+    is not itself differentiable).
+
+    Keeps the inputs and the chunk-start states (O(T S d / Q), in the compute dtype;
+    carried in fp32 at least); the backward recomputes the decays, the scores and
+    their softmax (O(T S) each) instead of storing them. Matmuls run in the inputs'
+    dtype; decays, softmax and every sum of gates in fp32. Both passes go over tiles
+    of about :data:`TILE_ELEMENTS` gate-sized elements (:func:`_tiles`; the forward in
+    time order, carrying the state, the backward in reverse, carrying its gradient),
+    so that the intermediates, a few dozen passes over (T, S) in all, stay in cache.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_alpha, initial, chunk_size: int):
+        B, T, d = q.shape
+        Q, log_alpha, (q, k, v) = split_into_chunks(chunk_size, log_alpha, q, k, v)
+        N, S = log_alpha.shape[1], log_alpha.shape[-1]
+        state = initial.to(torch.promote_types(initial.dtype, torch.float32))
+        final = torch.empty_like(state)
+        out = q.new_empty(B, N, Q, d)
+        chunk_starts = []  # each tile's K_start, V_start
+        for rows, chunks in _tiles(B, N, Q, S):
+            if chunks.start == 0:
+                K, V = state[rows, :, :d], state[rows, :, d:]
+            tile_out, K_start, V_start, K, V = _tile_forward(
+                q[rows, chunks], k[rows, chunks], v[rows, chunks], bounded_gate(log_alpha[rows, chunks]), K, V)
+            out[rows, chunks] = tile_out.view(out[rows, chunks].shape)
+            chunk_starts += [K_start, V_start]
+            if chunks.stop == N:
+                final[rows, :, :d], final[rows, :, d:] = K, V
+        ctx.save_for_backward(q, k, v, log_alpha, *chunk_starts)
+        ctx.state_dtype, ctx.T = initial.dtype, T
+        return out.view(B, N * Q, d)[:, :T], final.to(initial.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_final):
+        q, k, v, log_alpha, *chunk_starts = ctx.saved_tensors
+        B, N, Q, d = q.shape
+        S, T = log_alpha.shape[-1], ctx.T
+        with torch.autocast(q.device.type, enabled=False):
+            pad = N * Q - T
+            d_out = (F.pad(d_out, (0, 0, 0, pad)) if pad else d_out).to(q.dtype).reshape(B, N, Q, d)
+            d_final = d_final.to(torch.promote_types(d_final.dtype, torch.float32))
+            d_initial = torch.empty_like(d_final)
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+            d_log_alpha = torch.empty_like(log_alpha)
+            tiles = _tiles(B, N, Q, S)
+            for i in reversed(range(len(tiles))):
+                rows, chunks = tiles[i]
+                if chunks.stop == N:
+                    dK, dV = d_final[rows, :, :d], d_final[rows, :, d:]
+                raw = log_alpha[rows, chunks]
+                gates = bounded_gate(raw)
+                tile_dq, tile_dk, tile_dv, d_gates, dK, dV = _tile_backward(
+                    q[rows, chunks], k[rows, chunks], v[rows, chunks], gates, *chunk_starts[2 * i: 2 * i + 2],
+                    d_out[rows, chunks], dK, dV)
+                for grad, tile_grad in ((dq, tile_dq), (dk, tile_dk), (dv, tile_dv)):
+                    grad[rows, chunks] = tile_grad.view(grad[rows, chunks].shape)
+                # The clamp passes no gradient outside its range. A float mask: making and
+                # applying a bool one is about 5x slower on CPU.
+                tile_grad = d_log_alpha[rows, chunks]
+                torch.eq(gates, raw, out=tile_grad).mul_(d_gates)
+                if chunks.start == 0:
+                    d_initial[rows, :, :d], d_initial[rows, :, d:] = dK, dV
+
+        def unpadded(x):
+            return x.view(B, N * Q, -1)[:, :T]
+
+        return unpadded(dq), unpadded(dk), unpadded(dv), unpadded(d_log_alpha), d_initial.to(ctx.state_dtype), None
+
+
+def kv_memory_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
+                      state: State, chunk_size: int | None = None) -> tuple[torch.Tensor, State]:
+    """Chunked parallel form of :func:`kv_memory_recurrent` (same arguments and results),
+    the training form: :class:`KVMemoryChunked`. Any T: the last chunk is padded with
+    no-op tokens (alpha = 1, nothing written). Under autocast, matmuls run in the
+    autocast dtype; the final state has the initial state's dtype."""
+    chunk_size = _checked_chunk_size(chunk_size)
+    dtype, d = compute_dtype(q), q.shape[-1]
+    with torch.autocast(q.device.type, enabled=False):
+        out, final = KVMemoryChunked.apply(q.to(dtype), k.to(dtype), v.to(dtype), log_alpha,
+                                           torch.cat(state, dim=-1), chunk_size)
+    return out, (final[..., :d], final[..., d:])
 
 
 def kv_memory_final_state(k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
