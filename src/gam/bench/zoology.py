@@ -315,10 +315,11 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, state, acc in PUBLISHED:
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, (label, state, acc) in enumerate(PUBLISHED):
         ax.scatter(state, acc, marker="s", facecolors="none", edgecolors="grey")
-        ax.annotate(label, (state, acc), fontsize=7, color="grey", xytext=(4, -8), textcoords="offset points")
+        ax.annotate(f"{label} (published)", (state, acc), fontsize=6, color="grey", rotation=0,
+                    xytext=(-40, -10 - 8 * (i % 3)), textcoords="offset points")
     markers = dict(zip(MODELS, "o^Dv"))
     for (m, w), r in best_runs(result["runs"]).items():
         acc = sum(r["test"]) / len(r["test"])
@@ -328,9 +329,10 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel(f"state elements per layer at {result['preset']['test'][-1][0]} tokens")
     ax.set_ylabel("mean test accuracy over the slices")
-    ax.set_title("MQAR, Zoology's original suite: filled = measured here; open squares = published "
-                 "(Zoology's README, read by eye; other hardware and budget)", fontsize=8)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("MQAR, Zoology's original suite. Filled: measured here (this budget).\n"
+                 "Open squares: published (Zoology's README plot, read by eye; other hardware and budget)",
+                 fontsize=8)
+    ax.legend(fontsize=7, loc="center left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
