@@ -289,6 +289,17 @@ def test_cpu_budget_projection(tmp_path):
         assert set(projection["per_model_s"]) == {s.label for s in specs}
 
 
+def test_the_size_matched_control_has_the_kv_slot_models_size_at_the_cpu_preset():
+    from gam.bench.trained import bench_preset, parameter_counts
+    from gam.models.registry import get
+
+    fields = {**bench_preset("cpu", "paper", "cpu")[0], "vocab_size": 8192}
+    count = {key: parameter_counts(get(key).model, {**fields, **get(key).fields})["non_embedding"]
+             for key in ("gam", "gam_kv_slots", "gam_slots_matched")}
+    assert abs(count["gam_slots_matched"] - count["gam_kv_slots"]) / count["gam_kv_slots"] < 1e-3
+    assert count["gam_kv_slots"] > 1.5 * count["gam"]
+
+
 def test_paper_fair_mode(corpus, tmp_path):
     assert main(["bench", "paper", "--fair", "--models", "transformer", "--seeds", "1", "--out", str(tmp_path / "fair"),
                  "--datasets", str(corpus), "--cache-dir", str(tmp_path / "cache"), *TINY_TRAIN, *TINY_MODEL]) == 0

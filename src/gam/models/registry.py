@@ -63,6 +63,13 @@ _SPECS = (
               "extension", {},
               "opt-in memory='kv_slots', 64 slots per head: key and value slots that tokens write "
               "(gam.layers.kv_memory)"),
+    # Size-matched control for the kv-slot memory (issue 24): the paper GAM with its own memory grown
+    # until its non-embedding parameters equal the kv-slot model's at the cpu preset (width 96, 4
+    # layers: 646,080 vs 646,048). The slots are the paper's memory, a per-token function: if this
+    # model does not gain what the kv-slot model gains, the kind of memory, not its size, does.
+    ModelSpec("gam_slots_matched", "GAM, 707 slots (size of the kv-slot model)", "gam", {"num_memory_slots": 707},
+              "ablation", {}, "the paper's model with 707 memory slots: the kv-slot model's non-embedding "
+              "parameter count at the cpu preset (tests/test_bench.py checks it)"),
     ModelSpec("transformer_naive", "Transformer (naive attn.)", "transformer", {"attn_impl": "naive"}, "paper",
               {"Table 1": "Transformer", "Table 2": "Transformer"}, "materialized T x T scores and mask, as the paper's code"),
     ModelSpec("transformer_sdpa", "Transformer (SDPA)", "transformer", {"attn_impl": "sdpa"}, "baseline", {},
