@@ -338,10 +338,10 @@ def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys):
 
 def test_bench_decode_bf16_rows_halve_the_bytes(tmp_path):
     out = tmp_path / "bench"
-    assert main(["bench", "decode", "--out", str(out), "--contexts", "8", "--models", "gam,mamba",
+    assert main(["bench", "decode", "--out", str(out), "--contexts", "8", "--models", "gam,mamba,kv_slots",
                  "--precisions", "fp32,bf16", "--n-embd", "16", "--n-layer", "1", "--vocab-size", "32",
                  "--steps", "2", "--warmup", "1", "--threads", "1"]) == 0
     rows = {(r["model"], r["precision"]): r for r in json.loads((out / "decode.json").read_text())["results"]}
-    assert set(rows) == {("gam", "fp32"), ("gam", "bf16"), ("mamba", "fp32"), ("mamba", "bf16")}
+    assert set(rows) == {(m, p) for m in ("gam", "mamba", "kv_slots") for p in ("fp32", "bf16")}
     assert rows[("gam", "bf16")]["weight_bytes"] * 2 == rows[("gam", "fp32")]["weight_bytes"]
     assert rows[("gam", "bf16")]["floor_ms"] < rows[("gam", "fp32")]["floor_ms"]

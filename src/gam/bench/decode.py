@@ -40,9 +40,10 @@ from gam.models import registry
 
 DEFAULT_CONTEXTS = (256, 512, 1024, 2048, 4096, 8192)
 # This benchmark's names -> registry keys (gam.models.registry)
-ALIASES = {"gam": "gam", "transformer": "transformer_sdpa", "mamba": "mamba_standard"}
+ALIASES = {"gam": "gam", "transformer": "transformer_sdpa", "mamba": "mamba_standard", "kv_slots": "gam_kv_slots"}
 MODELS = tuple(ALIASES)
-LABELS = {"gam": "GAM", "transformer": "Transformer (KV cache)", "mamba": "Mamba"}
+DEFAULT_MODELS = ("gam", "transformer", "mamba")
+LABELS = {"gam": "GAM", "transformer": "Transformer (KV cache)", "mamba": "Mamba", "kv_slots": "GAM (kv-slot memory)"}
 PRECISIONS = ("fp32", "bf16")
 STREAM_BYTES = 400 * 2**20  # far past any cache: the bandwidth of memory, not of L3
 
@@ -240,7 +241,7 @@ class DecodeConfig:
 
     device: str = described("cpu", "where to decode", choices=("cpu", "cuda"))
     contexts: tuple[int, ...] = described(DEFAULT_CONTEXTS, "context lengths already in the cache")
-    models: tuple[str, ...] = described(MODELS, "models to decode with", choices=MODELS)
+    models: tuple[str, ...] = described(DEFAULT_MODELS, "models to decode with", choices=MODELS)
     precisions: tuple[str, ...] = described(("fp32",), "weights and state in these precisions, a row each",
                                             choices=PRECISIONS)
     n_embd: int = described(512, "width (paper: 512)")
