@@ -42,6 +42,7 @@ from gam.bench.tables import (
     rank_cells,
     setup_lines,
     table_notes,
+    trained_summary,
     unigram_ppl,
     write_trained,
 )
@@ -212,5 +213,4 @@ def write(result: dict[str, Any], out: str | Path) -> list[Path]:
     return write_trained(out, NAME, result, raw)
 
 
-def summary(result: dict[str, Any]) -> str:
-    return f"\n{result['table']}\ntrained in {result['wall_s'] / 60:.1f} min"
+summary = trained_summary

@@ -299,6 +299,11 @@ def plot_curves(runs: list[dict[str, Any]], specs: dict[str, ModelSpec], path: P
 
 
 
+def trained_summary(result: dict[str, Any]) -> str:
+    """What ``gam bench paper|ablation`` print at the end: the table and the training time."""
+    return f"\n{result['table']}\ntrained in {result['wall_s'] / 60:.1f} min"
+
+
 def write_trained(out: str | Path, name: str, result: dict[str, Any], raw: dict[str, Any]) -> list[Path]:
     """``NAME.md/.json/.csv``, ``curves.png`` and ``loss_by_position.png`` of a trained bench."""
     runs, specs = result["runs"], result["specs"]
