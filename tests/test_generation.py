@@ -22,6 +22,7 @@ MODELS = [
     ("transformer", {"attn_impl": "sdpa"}),
     ("transformer", {"attn_impl": "naive"}),
     ("transformer", {"pos_embedding": "none"}),
+    ("transformer", {"attn_short_conv": 3, "pos_embedding": "none"}),
     ("gam", {"memory": "kv_slots", "memory_heads": 2}),
     ("gam", {"memory": "kv_slots", "memory_heads": 2, "variant": "global_only"}),
     ("mamba", {"mamba_wiring": "standard", "mamba_backend": "torch"}),

@@ -22,6 +22,7 @@ MODELS = [
     ("gam", {"variant": "global_only"}),
     ("gam", {"pos_embedding": "none"}),
     ("transformer", {}),
+    ("transformer", {"attn_short_conv": 3}),
     ("mamba", {"mamba_backend": "torch"}),
 ]
 
@@ -165,7 +166,7 @@ def test_export_of_an_old_paper_tokenizer_checkpoint(tmp_path):
                        model.generate(ids, 12, temperature=0))
 
 
-@pytest.mark.parametrize("name,fields", [MODELS[0], MODELS[3], MODELS[4]])
+@pytest.mark.parametrize("name,fields", [MODELS[0], MODELS[3], MODELS[5]])
 def test_output_hidden_states_are_embeddings_block_outputs_and_final_norm(name, fields):
     model = tiny(name, **fields)
     hf = GAMForCausalLM.from_gam(model)

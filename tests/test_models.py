@@ -21,6 +21,7 @@ ALL_MODELS = [
     ("gam", {"pos_embedding": "none"}),
     ("transformer", {"attn_impl": "sdpa"}),
     ("transformer", {"attn_impl": "naive"}),
+    ("transformer", {"attn_short_conv": 4}),
 ]
 
 
@@ -296,6 +297,8 @@ def test_ignored_targets_are_allowed():
     ({"pos_init_std": 0}, "pos_init_std"),
     ({"pos_init_std": float("nan")}, "pos_init_std"),
     ({"n_layers": 3}, "unknown config field"),
+    ({"model": "transformer", "attn_short_conv": -1}, "attn_short_conv must be an integer >= 0"),
+    ({"model": "gam", "attn_short_conv": 3}, "attn_short_conv is a Transformer option"),
 ])
 def test_bad_config_raises(fields, message):
     with pytest.raises(ConfigError, match=message):
@@ -311,3 +314,20 @@ def test_config_round_trip():
     config = GAMConfig(model="transformer", n_layer=3, attn_impl="naive")
     assert GAMConfig.from_dict(config.to_dict()) == config
     assert config.replace(n_layer=4).n_layer == 4
+
+
+def test_short_conv_adds_the_previous_tokens_to_the_attention_input():
+    """attn_short_conv = 3 with the kernel set to pick the previous position: attention reads
+    h_t + h_(t-1) (h = LayerNorm1(x)); the first position sees a zero before it."""
+    model = tiny("transformer", n_layer=1, attn_short_conv=3, pos_embedding="none")
+    block = model.blocks[0]
+    assert block.short_conv.kernel_size == (3,)
+    assert tiny("transformer", n_layer=1).blocks[0].short_conv is None
+    with torch.no_grad():
+        block.short_conv.weight.zero_()
+        block.short_conv.weight[:, 0, 1] = 1.0  # taps: t-2, t-1, t
+        block.short_conv.bias.zero_()
+        x = torch.randn(2, 6, TINY["n_embd"], generator=torch.Generator().manual_seed(0))
+        h = block.ln1(x)
+        previous = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
+        torch.testing.assert_close(block.attention_input(x), h + previous)

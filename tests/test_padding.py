@@ -16,6 +16,7 @@ MODELS = [
     ("gam", {"variant": "sum_fusion", "pos_embedding": "none"}),
     ("transformer", {}),
     ("transformer", {"attn_impl": "naive"}),
+    ("transformer", {"attn_short_conv": 3}),
     ("mamba", {"mamba_backend": "torch"}),
     ("mamba", {"mamba_backend": "torch", "mamba_wiring": "paper"}),
 ]

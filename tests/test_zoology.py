@@ -47,19 +47,27 @@ def test_batches_cover_every_example_once_per_epoch():
 
 
 def test_state_size_is_the_decoding_cache():
-    from gam.bench.recall import model_fields
-    from gam.bench.zoology import state_elements
+    from gam.bench.zoology import fields, state_elements
     from gam.config import GAMConfig
     from gam.models.lm import DecoderLM
 
     def state(key, T):
-        return state_elements(DecoderLM(GAMConfig(**model_fields(key, 128, 32, 64))), T)
+        return state_elements(DecoderLM(GAMConfig(**fields(key, 128, 32, 64))), T)
 
-    assert state("transformer", 64) == 2 * 64 * 32 and state("transformer", 128) == 2 * 128 * 32
+    # keys and values at every position, plus the short convolution's last k - 1 = 2 inputs
+    assert state("transformer", 64) == 2 * 64 * 32 + 32 * 2 and state("transformer", 128) == 2 * 128 * 32 + 32 * 2
     assert state("gam", 64) == state("gam", 128) == 32 * 2  # the convolution's last k - 1 = 2 inputs
     # kv slots: keys and values, 2 heads x 32 slots x 16 features each, plus the convolution state
     assert state("kv_slots", 64) == state("kv_slots", 128) == 2 * 2 * 32 * 16 + 32 * 2
     assert state("mamba", 64) == state("mamba", 128) > 0
+
+
+def test_suite_models_have_a_short_convolution_and_no_positions():
+    from gam.bench.zoology import MODELS, fields
+
+    for key in MODELS:
+        assert fields(key, 64, 32, 64)["pos_embedding"] == "none"
+    assert fields("transformer", 64, 32, 64)["attn_short_conv"] == 3
 
 
 def test_tiny_preset_end_to_end(tmp_path, capsys):

@@ -99,6 +99,10 @@ class GAMConfig:
     gam_impl: str = described("auto", "GAM code path: auto | reference (paper's eager code) | fast (fused ops, same function)")
     # Transformer
     attn_impl: str = described("sdpa", "Transformer attention: sdpa (fused kernel) | naive (materialized mask, as the paper)")
+    # Zoology's attention baseline puts a short convolution in front of attention: the previous
+    # tokens' features then reach each key without an induction head learned through positions.
+    attn_short_conv: int = described(0, "Transformer: kernel of a causal depthwise convolution on the "
+                                        "attention input, added to it (Zoology's hybrid); 0: none")
     # Mamba
     d_state: int = described(16, "Mamba: SSM state size per channel")
     d_conv: int = described(4, "Mamba: width of the causal convolution")
@@ -174,6 +178,11 @@ class GAMConfig:
         choice("attn_impl", ATTN_IMPLS)
         choice("mamba_wiring", MAMBA_WIRINGS)
         choice("mamba_backend", MAMBA_BACKENDS)
+        need(isinstance(self.attn_short_conv, int) and not isinstance(self.attn_short_conv, bool)
+             and self.attn_short_conv >= 0,
+             f"attn_short_conv must be an integer >= 0, got {self.attn_short_conv!r}")
+        need(self.model == "transformer" or self.attn_short_conv == 0,
+             f"attn_short_conv is a Transformer option; model {self.model!r} has its own convolution")
         if self.model == "transformer":
             need(
                 self.n_embd % self.n_head == 0,

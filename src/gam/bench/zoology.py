@@ -12,9 +12,14 @@ The "original MQAR" configuration of Zoology (Arora et al. 2023,
 - test slices, longer and with more pairs than any training sequence: 64/4,
   64/8, 64/16, 128/32, 256/64, 512/128, 1,024/256 (the last needs a vocabulary
   of at least :data:`MIN_VOCAB`);
-- 2 layers, no MLP in Zoology (here each model's own block: the paper GAM and
-  the kv-slot GAM with their FFN, the Transformer with its MLP, Mamba's block);
-  learning rates 10^-3 .. 10^-1.5 (four, log-spaced), the same grid for every model.
+- 2 layers, each with a short convolution: Zoology's attention is a hybrid
+  (a short convolution, then attention), here the registry's ``transformer_conv``
+  (a causal depthwise convolution of kernel 3 added to the attention input);
+  Mamba, the paper GAM and the kv-slot GAM have their own;
+- no position embeddings (Zoology's are off for these configurations): only the
+  convolutions and the mixers order the tokens, so no model meets an untrained
+  position at the long test slices;
+- learning rates 10^-3 .. 10^-1.5 (four, log-spaced), the same grid for every model.
 
 The cpu preset keeps the mixture's proportions and the test slices at a
 fraction of Zoology's examples and epochs (see :data:`PRESETS`); the lr of
@@ -24,10 +29,8 @@ decoding cache (``allocate_inference_cache`` at the test length): the
 Transformer's keys and values grow with the length, the recurrent models'
 state does not (their short-convolution state included).
 
-Departures from Zoology, stated in the results: position embeddings are the
-models' own learned ones (Zoology uses none and puts a short convolution in
-front of attention), sized to the longest test length, so positions past the
-training lengths are never trained; the blocks keep their FFN.
+Departures from Zoology, stated in the results: the blocks keep their FFN (Zoology
+has no MLP), the budget is a fraction of Zoology's (the cpu preset).
 """
 
 from __future__ import annotations
@@ -40,14 +43,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gam.bench.common import end_provenance, environment, markdown_table, start_provenance, write_results
-from gam.bench.recall import ALIASES, label_of, model_fields
+from gam.bench.recall import model_fields
 from gam.config import described
+from gam.models import registry
 
 NAME = "zoology"
 HELP = "Zoology's MQAR suite: a mixture of lengths in training, longer tests, accuracy vs state size"
 DEFAULT_OUT = "results/zoology"
 
-MODELS = ("transformer", "mamba", "gam", "kv_slots")
+# The suite's model names -> registry keys: the Transformer with Zoology's short convolution.
+MODEL_KEYS = {"transformer": "transformer_conv", "mamba": "mamba_standard", "gam": "gam", "kv_slots": "gam_kv_slots"}
+MODELS = tuple(MODEL_KEYS)
 # Zoology's grid: np.logspace(-3, -1.5, 4)
 LRS = tuple(10 ** (-3 + 0.5 * i) for i in range(4))
 # (sequence length, pairs, examples in Zoology's training set)
@@ -97,7 +103,7 @@ class ZoologyConfig:
 
     preset: str = described("cpu", "cpu: a twentieth of Zoology's examples, 4 epochs, vocabulary 1,024; "
                                    "tiny: seconds (tests)", choices=tuple(PRESETS))
-    models: tuple[str, ...] = described(MODELS, "models to train", choices=tuple(ALIASES))
+    models: tuple[str, ...] = described(MODELS, "models to train", choices=MODELS)
     widths: tuple[int, ...] = described((64, 128), "model widths (d_model)")
     lrs: tuple[float, ...] = described(LRS, "the learning-rate grid, the same for every model")
     epochs: int | None = described(None, "epochs over the training mixture (default: the preset's)")
@@ -154,6 +160,12 @@ def batch_order(train, batch_size: int, epochs: int, seed: int) -> list[tuple[in
     return order
 
 
+def fields(key: str, seq_len: int, width: int, vocab_size: int) -> dict[str, Any]:
+    """GAMConfig fields of a suite model: the recall bench's sizing (16-dim heads, the paper's
+    slots = width), 2 layers, no position embeddings."""
+    return {**model_fields(MODEL_KEYS[key], seq_len, width, vocab_size), "pos_embedding": "none"}
+
+
 def state_elements(model, seq_len: int) -> int:
     """Elements one layer carries while decoding at ``seq_len`` tokens (Zoology's "state size"):
     the numel of its block's inference cache at batch 1."""
@@ -183,9 +195,7 @@ def train_run(key: str, width: int, lr: float, preset: Preset, seed: int, device
     train, valid, test = data(preset, seed)
     longest = max(T for T, _ in preset.test)
     torch.manual_seed(seed)
-    model = DecoderLM(GAMConfig(**model_fields(key, longest, width, preset.vocab_size)))
-    torch.nn.init.normal_(model.pos_embedding.weight, std=0.02)  # as the recall bench (GPT-2 style)
-    model = model.to(device)
+    model = DecoderLM(GAMConfig(**fields(key, longest, width, preset.vocab_size))).to(device)
     order = batch_order(train, preset.batch_size, preset.epochs, seed)
     schedule = RecallPreset(settings=(), lrs=(lr,), steps=len(order))  # recall's warm-up, cosine, AdamW
     step_fn = TrainingStep(model, train_config(lr, schedule), device, len(order), fused_optimizer=False,
@@ -197,7 +207,7 @@ def train_run(key: str, width: int, lr: float, preset: Preset, seed: int, device
         if not math.isfinite(loss):
             break
     wall = time.perf_counter() - start
-    return {"model": key, "label": label_of(key), "width": width, "lr": lr, "steps": len(order),
+    return {"model": key, "label": registry.get(MODEL_KEYS[key]).label, "width": width, "lr": lr, "steps": len(order),
             "train_loss": loss, "wall_s": round(wall, 1),
             "valid": mean_accuracy(model, valid, device), "test": mean_accuracy(model, test, device),
             "state_elements": [state_elements(model, T) for T, _ in preset.test],
@@ -299,8 +309,9 @@ def render(result: dict[str, Any]) -> str:
         "Columns `T/P`: test accuracy on sequences of T tokens with P key-value pairs (training saw at most "
         "256 tokens and 64 pairs). State: elements one layer carries while decoding at that length (its "
         "inference cache: the Transformer's keys and values grow with T; the recurrent models' state, "
-        "short-convolution state included, does not). Position embeddings are learned and sized to the "
-        "longest test; positions past 255 are never trained.", "",
+        "short-convolution state included, does not). No position embeddings (as Zoology): the "
+        "convolutions and the mixers order the tokens. The Transformer is Zoology's hybrid: a short "
+        "convolution (kernel 3) added to its attention input.", "",
         f"Wall time {result['wall_s'] / 60:.1f} min ({result['jobs']} process(es) x "
         f"{result['config'].threads} thread(s)); load average {prov['load_average_start']} at start, "
         f"{prov['load_average_end']} at end; git {str(prov['git_commit'])[:10]}"

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gam.config import GAMConfig
+from gam.layers import short_conv
 from gam.layers.gam import feed_forward
 
 
@@ -133,27 +134,46 @@ class CausalSelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    """Pre-LN attention + FFN. With ``attn_short_conv = k`` the attention reads
+    ``h + conv(h)`` (h = LayerNorm1(x), conv causal depthwise with kernel k), as
+    Zoology's attention baseline; its decoding state adds the last k - 1 h's."""
+
     def __init__(self, config: GAMConfig):
         super().__init__()
         self.ln1 = nn.LayerNorm(config.n_embd)
+        k = getattr(config, "attn_short_conv", 0)
+        self.short_conv = nn.Conv1d(config.n_embd, config.n_embd, k, padding=k - 1,
+                                    groups=config.n_embd) if k else None
         self.attn = CausalSelfAttention(config)
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.ffn = feed_forward(config.n_embd, config.dropout)
 
+    def attention_input(self, x: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.ln1(x)
+        return h if self.short_conv is None else h + short_conv.causal_conv(self.short_conv, h, real)
+
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), attention_mask)
+        x = x + self.attn(self.attention_input(x, attention_mask), attention_mask)
         return x + self.ffn(self.ln2(x))
 
     # decoding: see CausalSelfAttention and gam.generation
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int,
                                  dtype: torch.dtype | None = None,
                                  device: torch.device | str | None = None) -> dict:
-        return self.attn.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, device=device)
+        cache = self.attn.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, device=device)
+        if self.short_conv is not None:
+            cache["conv_state"] = short_conv.new_state(self.short_conv, batch_size, dtype, device)
+        return cache
 
     def prefill(self, x: torch.Tensor, cache: dict, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn.prefill(self.ln1(x), cache, attention_mask)
+        if self.short_conv is not None:
+            short_conv.fill_state(cache["conv_state"], self.ln1(x), attention_mask)
+        x = x + self.attn.prefill(self.attention_input(x, attention_mask), cache, attention_mask)
         return x + self.ffn(self.ln2(x))
 
     def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        x = x + self.attn.step(self.ln1(x), cache)
+        h = self.ln1(x)
+        if self.short_conv is not None:
+            h = h + short_conv.step(self.short_conv, cache["conv_state"], h)
+        x = x + self.attn.step(h, cache)
         return x + self.ffn(self.ln2(x))

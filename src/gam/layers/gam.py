@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gam.config import GAMConfig
+from gam.layers import short_conv
 from gam.ops.fused_block import ffn_residual, gam_mixer_residual, use_fast_path
 
 
@@ -78,10 +79,7 @@ class GAMBlock(nn.Module):
     def local_context(self, h: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
         """Causal depthwise conv of h; with a padding mask, pad positions enter the
         conv as zeros, which is what a real token sees left of the sequence start."""
-        if real is not None:
-            h = h * real.unsqueeze(-1).to(h.dtype)
-        T = h.shape[1]
-        return self.causal_conv(h.transpose(1, 2))[:, :, :T].transpose(1, 2)
+        return short_conv.causal_conv(self.causal_conv, h, real)
 
     def global_context(self, h: torch.Tensor, cache: dict | None = None,
                        real: torch.Tensor | None = None, local: torch.Tensor | None = None) -> torch.Tensor:
@@ -153,10 +151,7 @@ class GAMBlock(nn.Module):
                                  device: torch.device | str | None = None) -> dict:
         cache: dict = {}
         if self.has_local:
-            w = self.causal_conv.weight
-            k = self.causal_conv.kernel_size[0]
-            cache["conv_state"] = torch.zeros(batch_size, w.shape[0], k - 1,
-                                              dtype=dtype or w.dtype, device=device or w.device)
+            cache["conv_state"] = short_conv.new_state(self.causal_conv, batch_size, dtype, device)
         if self.memory == "kv_slots":  # key and value slots, (heads, slots, C / heads) per sequence
             mem = self.kv_memory
             bank = self.memory_bank.detach().view(mem.num_slots, mem.num_heads, mem.head_dim).transpose(0, 1)
@@ -170,13 +165,7 @@ class GAMBlock(nn.Module):
         pad positions of a left-padded prompt are kept out of the state (zeros)."""
         h = self.ln1(x)
         if self.has_local:
-            state = cache["conv_state"]
-            keep = state.shape[-1]
-            if keep:
-                window = h if attention_mask is None else h * attention_mask.unsqueeze(-1).to(h.dtype)
-                window = window[:, -keep:].transpose(1, 2)  # (B, C, <=k-1)
-                state.zero_()
-                state[:, :, keep - window.shape[-1]:] = window
+            short_conv.fill_state(cache["conv_state"], h, attention_mask)
         if self.memory == "kv_slots":
             key_source = self.local_context(h, attention_mask) if self.has_local else h
             keys, values = self.kv_memory.final_state(h, key_source, self.memory_bank, real=attention_mask)
@@ -189,12 +178,7 @@ class GAMBlock(nn.Module):
         h = self.ln1(x)
         local = None
         if self.has_local:
-            state = cache["conv_state"]
-            window = torch.cat([state, h.transpose(1, 2)], dim=-1)  # (B, C, k)
-            state.copy_(window[:, :, 1:])
-            # the depthwise conv at one position, as a product-sum (no conv kernel launch)
-            local = ((window * self.causal_conv.weight[:, 0]).sum(-1)
-                     + self.causal_conv.bias).unsqueeze(1)  # (B, 1, C)
+            local = short_conv.step(self.causal_conv, cache["conv_state"], h)
         if self.variant == "full":
             g_local, g_global = self.gate(h).chunk(2, dim=-1)
             mixed = (torch.sigmoid(g_local) * local

@@ -75,6 +75,9 @@ _SPECS = (
     ModelSpec("transformer_sdpa", "Transformer (SDPA)", "transformer", {"attn_impl": "sdpa"}, "baseline", {},
               "F.scaled_dot_product_attention(is_causal=True); on CPU with attention dropout > 0 (training "
               "mode) PyTorch falls back to its math kernel, which materializes the scores like the naive code"),
+    ModelSpec("transformer_conv", "Transformer + short conv", "transformer", {"attn_impl": "sdpa", "attn_short_conv": 3},
+              "baseline", {}, "Zoology's attention baseline: a causal depthwise convolution (kernel 3) on the "
+              "attention input, added to it"),
     ModelSpec("mamba_paper", "Mamba (paper wiring)", "mamba", {"mamba_wiring": "paper"}, "paper", {"Table 1": "Mamba"},
               "bare mixers, no norm, no residual, as the paper's code"),
     ModelSpec("mamba_standard", "Mamba (standard)", "mamba", {"mamba_wiring": "standard"}, "baseline", {},
