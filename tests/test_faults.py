@@ -548,3 +548,35 @@ def test_torch_save_on_a_full_disk_becomes_an_os_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="something else"):
         with writer_errors_as_os_errors(target):
             raise RuntimeError("something else")
+
+
+# ---------------------------------------------------------------- value checks shared by CLI, API and benches
+
+@pytest.mark.parametrize("args, message", [
+    (["--min-lr", "1e-2", "--lr", "1e-3"], "min_lr (0.01) must not exceed lr (0.001)"),
+    (["--weight-decay", "-0.1"], "weight_decay must be >= 0, got -0.1"),
+    (["--threads", "-1"], "threads must be an integer >= 1"),
+    (["--threads", "0"], "threads must be an integer >= 1"),
+    (["--lr", "nan"], "lr must be a finite number, got nan"),
+    (["--beta2", "1"], "beta2 must be in [0, 1)"),
+])
+def test_schedule_and_optimizer_values_are_refused_before_anything_is_written(tmp_path, corpus, args, message,
+                                                                             capsys, monkeypatch):
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
+    line = error_line(capsys, ["train", "--data", str(corpus), "--out", str(tmp_path / "run"), *TINY_ARGS,
+                               "--max-steps", "2", *args])
+    assert message in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_api_and_the_benches_share_the_configs_checks(capsys):
+    from gam.config import ConfigError
+
+    with pytest.raises(ConfigError, match="min_lr"):
+        TrainConfig(lr=1e-3, min_lr=1e-2)
+    with pytest.raises(ConfigError, match="weight_decay"):
+        dataclasses.replace(TrainConfig(), weight_decay=-1.0)
+    for bench in ("speed", "decode", "recall", "zoology"):
+        assert "threads must be an integer >= 1" in error_line(capsys, ["bench", bench, "--threads", "-1"])
+    # used to divide by zero while counting steps per epoch
+    assert "batch_size must be an integer >= 1, got 0" in error_line(capsys, ["bench", "paper", "--batch-size", "0"])

@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 from gam.bench.common import end_provenance, environment, markdown_table, start_provenance, write_results
 from gam.bench.recall import ALIASES, label_of, model_fields
-from gam.config import described
+from gam.config import check_threads, described
 
 NAME = "zoology"
 HELP = "Zoology's MQAR suite: a mixture of lengths in training, longer tests, accuracy vs state size"
@@ -107,6 +107,7 @@ class ZoologyConfig:
     seed: int = described(0, "seed of the data, the initialization and the batch order")
 
     def resolved_preset(self) -> Preset:
+        check_threads(self.threads)
         p = PRESETS[self.preset]
         if self.epochs is not None:
             if self.epochs < 1:
