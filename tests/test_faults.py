@@ -580,3 +580,51 @@ def test_the_api_and_the_benches_share_the_configs_checks(capsys):
         assert "threads must be an integer >= 1" in error_line(capsys, ["bench", bench, "--threads", "-1"])
     # used to divide by zero while counting steps per epoch
     assert "batch_size must be an integer >= 1, got 0" in error_line(capsys, ["bench", "paper", "--batch-size", "0"])
+
+
+# ---------------------------------------------------------------- pruning: by step, and only after success
+
+def test_pruning_past_step_999999_keeps_the_newest_checkpoints(tmp_path):
+    """As text ckpt-1000000 sorts before ckpt-999990: pruning by name deleted the newest."""
+    from gam.checkpoint import save_checkpoint
+    from gam.models.lm import DecoderLM
+
+    model = DecoderLM(tiny_model())
+    for step in (999_980, 999_990, 1_000_000, 1_000_010):
+        save_checkpoint(tmp_path, step, model, {}, None)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-1000000", "ckpt-1000010"]
+    assert load_checkpoint(tmp_path).step == 1_000_010
+
+
+def test_a_refused_resume_keeps_the_runs_metrics(tmp_path, data, monkeypatch):
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=6), run, data=data, stop_after=3, print_fn=quiet)
+    logged = (run / "metrics.jsonl").read_bytes()
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ValueError, match="wandb is not installed"):
+        train(tiny_model(data.vocab_size), tiny_train(max_steps=6, logger="wandb"), run, resume=True,
+              data=data, explicit={"logger"}, print_fn=quiet)
+    assert (run / "metrics.jsonl").read_bytes() == logged
+
+
+def test_a_reader_retries_the_newest_when_the_checkpoint_it_reads_is_pruned(tmp_path, data, monkeypatch):
+    """A run still training saves twice while `gam eval RUN` verifies the checkpoint it opened:
+    that folder is pruned under the reader, which then reads the newest instead."""
+    import gam.checkpoint as checkpoint
+
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=2), run, data=data, print_fn=quiet)
+    model = load_checkpoint(run).build_model()
+    hash_file = checkpoint._sha256
+    run_saved = []
+
+    def hash_while_the_run_saves(path):
+        if not run_saved:
+            run_saved.append(True)  # before saving: the saves hash their own files
+            for step in (3, 4):
+                checkpoint.save_checkpoint(run, step, model, {}, None)
+        return hash_file(path)
+
+    monkeypatch.setattr(checkpoint, "_sha256", hash_while_the_run_saves)
+    assert load_checkpoint(run).step == 4
+    assert not (run / "ckpt-000002").exists()

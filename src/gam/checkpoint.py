@@ -32,6 +32,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from gam.resources import check_fits_in_memory
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 KEEP_LAST = 2
+READS_OF_A_PRUNED_RUN = 3  # tries of a reader whose checkpoint the run prunes meanwhile
 LOCK = ".lock"
 TEMP_PREFIX = ".tmp-"  # folders of saves in progress; a killed save leaves one behind
 
@@ -187,9 +189,19 @@ def save_checkpoint(
     return final
 
 
+# ckpt-STEP, or ckpt-STEP-N when a checkpoint of that step exists already (see save_checkpoint)
+CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)(?:-(\d+))?")
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """The checkpoint folders of a run, oldest first: ordered by step, not by name
+    (as text, ckpt-1000000 sorts before ckpt-999990)."""
+    found = [p for p in run_dir.glob("ckpt-*") if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda p: tuple(int(n or 0) for n in CHECKPOINT_NAME.fullmatch(p.name).groups()))
+
+
 def _prune(run_dir: Path, keep: str) -> None:
-    checkpoints = sorted(p for p in run_dir.glob("ckpt-*") if p.is_dir())
-    for old in checkpoints[:-KEEP_LAST]:
+    for old in checkpoint_folders(run_dir)[:-KEEP_LAST]:
         if old.name != keep:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -407,6 +419,20 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     line, a :class:`CheckpointError`.
     """
     ckpt = resolve(path)
+    for _ in range(READS_OF_A_PRUNED_RUN - 1):
+        try:
+            return _open_checked(ckpt)
+        except (CheckpointError, FileNotFoundError):
+            # A run still training prunes old checkpoints: if `latest` has moved on, the folder
+            # was pruned while being read, so read the newest one instead.
+            newest = resolve(path)
+            if newest == ckpt:
+                raise
+            ckpt = newest
+    return _open_checked(ckpt)
+
+
+def _open_checked(ckpt: Path) -> Checkpoint:
     has_manifest = (ckpt / MANIFEST).is_file()
     info = verify(ckpt) if has_manifest else read_config(ckpt)
     if "format_version" in info:
@@ -442,7 +468,7 @@ def verify_folder(path: str | Path) -> tuple[list[str], list[str]]:
             resolve(path)
         except CheckpointError as err:
             problems.append(str(err))
-        folders = sorted(p for p in path.glob("ckpt-*") if p.is_dir())
+        folders = checkpoint_folders(path)
         if not folders:
             problems.append(f"{path}: a run folder with no checkpoint folder")
         for folder in folders:

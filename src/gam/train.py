@@ -443,7 +443,7 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
             say(f"{run_dir} is finished: step {ckpt.step} of {t.total_steps}; nothing to do "
                 f"(to train further: {t.resume_command()} --max-steps N, N > {ckpt.step})")
             return RunResult(run_dir, ckpt.step, dict(ckpt.info.get("final_metrics") or {}), already_finished=True)
-        build(t)
+        build(t, fresh=ckpt is None)
         if ckpt is not None:
             restore(t, ckpt)
             say(f"resuming from {ckpt.path} (step {ckpt.step})")
@@ -497,8 +497,9 @@ def prepare(model_config: GAMConfig, cfg: TrainConfig, data, ckpt,
     return data, model_config, cfg
 
 
-def build(t: Trainer) -> None:
-    """Model, optimizer, wrappers and the metrics log of a run (fresh weights)."""
+def build(t: Trainer, fresh: bool) -> None:
+    """Model, optimizer, wrappers and the metrics log of a run (fresh weights); ``fresh``: a new run,
+    not a resume."""
     cfg, d = t.cfg, t.d
     if cfg.batch_size % (d.world * cfg.grad_accum):
         raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
@@ -520,10 +521,10 @@ def build(t: Trainer) -> None:
     t.stepper = TrainingStep(t.model, cfg, t.device, t.total_steps, forward=t.train_model)
     t.info = {"train_config": dataclasses.asdict(cfg), "data_source": t.data.source,
               "unigram_ppl": None, "parameters": parameters}
-    if d.main and (t.run_dir / "metrics.jsonl").exists():
-        (t.run_dir / "metrics.jsonl").unlink()  # a fresh run; restore() brings a resumed run's log back
     run_config = {"model": t.model_config.to_dict(), "train": dataclasses.asdict(cfg)}
-    t.log = MetricsLog(t.run_dir, cfg.logger, d.main, run_config)
+    t.log = MetricsLog(t.run_dir, cfg.logger, d.main, run_config)  # may refuse (a logger not installed)
+    if fresh and d.main and t.log.path.exists():
+        t.log.path.unlink()  # what a run killed before its first checkpoint logged; resume: restore() replaces it
 
 
 def restore(t: Trainer, ckpt) -> None:
