@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -628,3 +629,113 @@ def test_a_reader_retries_the_newest_when_the_checkpoint_it_reads_is_pruned(tmp_
     monkeypatch.setattr(checkpoint, "_sha256", hash_while_the_run_saves)
     assert load_checkpoint(run).step == 4
     assert not (run / "ckpt-000002").exists()
+
+
+# ---------------------------------------------------------------- every signal that ends runs saves first
+
+COMPARED = ("step", "loss", "lr", "train_loss", "val_loss")  # a metrics record without its timings
+
+
+def records(run: Path) -> list[dict]:
+    return [{k: r[k] for k in COMPARED if k in r}
+            for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def signal_on_forward(monkeypatch, signum: int, when) -> dict:
+    """Make the model send ``signum`` to this process on the forward pass ``when(training, calls)``
+    picks (calls: forward passes in that mode so far, this one included); returns the counts."""
+    import gam.train as train_module
+
+    calls = {True: 0, False: 0}
+    real = train_module.DecoderLM
+
+    class Signalling(real):
+        def forward(self, idx, targets=None, **kwargs):
+            if torch.is_grad_enabled() or not self.training:  # not next_batch_loss's check before a save
+                calls[self.training] += 1
+                if when(self.training, calls[self.training]):
+                    os.kill(os.getpid(), signum)
+            return super().forward(idx, targets, **kwargs)
+
+    monkeypatch.setattr(train_module, "DecoderLM", Signalling)
+    return calls
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+def test_sighup_and_sigterm_during_training_save_within_a_step_and_resume_exactly(tmp_path, data, monkeypatch,
+                                                                                    signum):
+    config, cfg = tiny_model(data.vocab_size), tiny_train(max_steps=12)
+    full = train(config, cfg, tmp_path / "full", data=data, print_fn=quiet)
+    signal_on_forward(monkeypatch, signum, lambda training, n: training and n == 5)  # during step index 4
+    part = train(config, cfg, tmp_path / "part", data=data, print_fn=quiet)
+    assert part.interrupted and part.stop_signal == signum and part.step == 5
+    assert load_checkpoint(tmp_path / "part").step == 5
+    monkeypatch.undo()
+    resumed = train(config, cfg, tmp_path / "part", data=data, resume=True, print_fn=quiet)
+    assert resumed.metrics["val_loss"] == full.metrics["val_loss"]
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert records(tmp_path / "part") == records(tmp_path / "full")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+def test_a_stop_during_an_evaluation_abandons_it_saves_and_the_resume_evaluates_first(tmp_path, data, monkeypatch,
+                                                                                       signum):
+    config, cfg = tiny_model(data.vocab_size), tiny_train(max_steps=8, eval_every=4, eval_batch_size=2)
+    full = train(config, cfg, tmp_path / "full", data=data, print_fn=quiet)
+    calls = signal_on_forward(monkeypatch, signum, lambda training, n: not training and n == 2)
+    part = train(config, cfg, tmp_path / "part", data=data, print_fn=quiet)
+    blocks = len(data.valid) // (config.block_size + 1)
+    assert calls[False] == 2 < blocks // 2  # the pass stopped at its next batch, not at its end
+    assert part.interrupted and part.stop_signal == signum and part.step == 4
+    saved = load_checkpoint(tmp_path / "part")
+    assert saved.step == 4 and saved.info["evaluation_owed"]["epoch"] == 0
+    assert not any("val_loss" in r for r in records(tmp_path / "part"))
+    monkeypatch.undo()
+    resumed = train(config, cfg, tmp_path / "part", data=data, resume=True, print_fn=quiet)
+    assert resumed.metrics["val_loss"] == full.metrics["val_loss"]
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert records(tmp_path / "part") == records(tmp_path / "full")  # the step-4 evaluation included
+
+
+def test_a_stop_during_the_final_evaluation_is_resumed_not_called_finished(tmp_path, data, monkeypatch):
+    config, cfg = tiny_model(data.vocab_size), tiny_train(max_steps=4, eval_batch_size=2)
+    full = train(config, cfg, tmp_path / "full", data=data, print_fn=quiet)
+    signal_on_forward(monkeypatch, signal.SIGTERM, lambda training, n: not training and n == 1)
+    part = train(config, cfg, tmp_path / "part", data=data, print_fn=quiet)
+    assert part.interrupted and part.step == 4 and "final_metrics" not in load_checkpoint(tmp_path / "part").info
+    monkeypatch.undo()
+    resumed = train(config, cfg, tmp_path / "part", data=data, resume=True, print_fn=quiet)
+    assert not resumed.already_finished and resumed.metrics["val_loss"] == full.metrics["val_loss"]
+    assert load_checkpoint(tmp_path / "part").info["final_metrics"]["val_loss"] == full.metrics["val_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)], ids=["SIGTERM", "SIGHUP"])
+def test_gam_train_exits_with_the_signals_conventional_code_after_saving(tmp_path, corpus, signum, code):
+    env = {**ENV, "GAM_CACHE_DIR": str(tmp_path / "cache")}
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "gam.cli", "train", "--data", str(corpus), "--out", str(run),
+                             "--max-steps", "100000", *TINY_ARGS], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert f"{signal.Signals(signum).name}: saved a checkpoint at step" in out and "Traceback" not in err
+    assert load_checkpoint(run).step > 0
+
+
+def test_sigterm_during_start_up_is_one_line_with_its_code(monkeypatch, capsys):
+    import gam.cli as cli
+
+    def terminated():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    monkeypatch.setattr(cli, "build_parser", terminated)
+    assert error_line(capsys, ["train"], 143) == "gam: interrupted (SIGTERM)"  # before the command is known
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back once the command ended

@@ -4,7 +4,7 @@
 
 Runs on CPU or GPU, in fp32, bf16 or fp16 autocast, on one process or many
 (``torchrun``: DistributedDataParallel, gloo on CPU, NCCL on GPU). A run
-interrupted at any point (Ctrl-C, SIGTERM, a crash) resumes from its last
+interrupted at any point (Ctrl-C, SIGTERM, SIGHUP, a crash) resumes from its last
 checkpoint and ends with the same weights as an uninterrupted run.
 """
 
@@ -188,11 +188,14 @@ def batches(tokens: np.ndarray, block_size: int, order: torch.Tensor, start: int
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int,
-             device: torch.device, precision: str, d: Dist | None = None) -> dict[str, float]:
+             device: torch.device, precision: str, d: Dist | None = None,
+             should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """Mean cross-entropy over every validation block, in order (deterministic).
 
     It takes tens of seconds to minutes on a CPU: a progress bar on a terminal, a line every
-    GAM_PROGRESS_SECONDS in a log (gam.progress)."""
+    GAM_PROGRESS_SECONDS in a log (gam.progress). ``should_stop``, asked before each batch:
+    when it answers True the pass is abandoned (:class:`Interrupted`), so a stop asked for
+    during a long evaluation is not held up by it."""
     from gam.progress import progress
 
     d = d or Dist()
@@ -207,6 +210,9 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     total_tokens = torch.zeros((), dtype=torch.float64, device=device)
     for start in progress(range(d.rank * batch_size, n_blocks, batch_size * d.world), "evaluating", rank=d.rank):
+        if should_stop is not None and should_stop():
+            model.train(was_training)
+            raise Interrupted()
         xy = batches(tokens, block_size, order, start, batch_size).to(device)
         with autocast_context(precision, device):
             logits, _ = model(xy[:, :-1])
@@ -282,7 +288,11 @@ class MetricsLog:
 # ----------------------------------------------------------------------------- the run
 
 class Interrupted(Exception):
-    pass
+    """A stop was asked for (a signal, or ``stop_after``): save at the step boundary and return."""
+
+
+# What ends runs in practice: Ctrl-C, a scheduler's or the system's SIGTERM, a closed terminal's SIGHUP.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class TrainingDiverged(RuntimeError):
@@ -295,6 +305,7 @@ class RunResult:
     step: int
     metrics: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
+    stop_signal: int | None = None  # the signal that stopped an interrupted run (None: stop_after)
     already_finished: bool = False  # a resume of a run that had reached its end: nothing was done
     resume_command: str | None = None  # printed when interrupted
 
@@ -372,6 +383,8 @@ class Trainer:
     log: MetricsLog | None = None
     step: int = 0
     last_good: Path | None = None  # newest checkpoint whose weights gave a finite loss
+    # {"epoch", "train_loss"} of the evaluation a stop abandoned just before the checkpoint resumed from
+    evaluation_owed: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -439,7 +452,7 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
             torch.set_num_threads(cfg.threads)
         data, model_config, cfg = prepare(model_config, cfg, data, ckpt, say)
         t = Trainer(run_dir, cfg, model_config, d, device, data, say)
-        if ckpt is not None and ckpt.step >= t.total_steps:
+        if ckpt is not None and ckpt.step >= t.total_steps and "evaluation_owed" not in ckpt.info:
             say(f"{run_dir} is finished: step {ckpt.step} of {t.total_steps}; nothing to do "
                 f"(to train further: {t.resume_command()} --max-steps N, N > {ckpt.step})")
             return RunResult(run_dir, ckpt.step, dict(ckpt.info.get("final_metrics") or {}), already_finished=True)
@@ -551,6 +564,7 @@ def restore(t: Trainer, ckpt) -> None:
         with atomic_write(t.log.path, "wb") as f:
             f.write((ckpt.path / "metrics.jsonl").read_bytes())
     t.last_good = ckpt.path
+    t.evaluation_owed = ckpt.info.get("evaluation_owed")
 
 
 # ----------------------------------------------------------------------------- saving
@@ -634,8 +648,14 @@ def run_loop(t: Trainer, stop_after: int | None) -> RunResult:
     def on_signal(signum, _frame):
         stop["signal"] = signum
 
+    def asked_to_stop() -> bool:
+        return stop["signal"] is not None
+
+    # An evaluation abandons its pass when asked to stop, on one process only: processes
+    # evaluating different blocks could not agree on where to stop without a sync per batch.
+    evaluation_stop = asked_to_stop if d.world == 1 else None
     handlers = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         try:
             handlers[sig] = signal.signal(sig, on_signal)
         except ValueError:  # not the main thread
@@ -655,7 +675,11 @@ def run_loop(t: Trainer, stop_after: int | None) -> RunResult:
     # The training bar also goes to logs (a run's only progress there); TQDM_DISABLE hides it.
     bar = tqdm(total=t.total_steps, initial=t.step, disable=not d.main or disabled_by_env(), dynamic_ncols=True,
                mininterval=1.0, file=sys.stderr)
+    owed = t.evaluation_owed
     try:
+        if owed is not None:
+            result.metrics = evaluate_and_log(t, owed["epoch"], owed["train_loss"], None, bar, evaluation_stop)
+            owed = None
         while t.step < t.total_steps:
             if t.step // t.steps_per_epoch != epoch:
                 epoch = t.step // t.steps_per_epoch
@@ -682,14 +706,17 @@ def run_loop(t: Trainer, stop_after: int | None) -> RunResult:
                 interval = {"train_s": 0.0, "tokens": 0}
             end_of_epoch = t.step % t.steps_per_epoch == 0 or t.step == t.total_steps
             if (cfg.eval_every and t.step % cfg.eval_every == 0) or end_of_epoch:
-                result.metrics = evaluate_and_log(t, epoch, loss, epoch_stats if end_of_epoch else None, bar)
+                owed = {"epoch": epoch, "train_loss": loss}
+                result.metrics = evaluate_and_log(t, epoch, loss, epoch_stats if end_of_epoch else None, bar,
+                                                  evaluation_stop)
+                owed = None
                 if end_of_epoch:
                     epoch_stats = {"train_s": 0.0, "data_s": 0.0, "tokens": 0}
             if t.step == t.total_steps:
                 break  # the end: saved below after the final evaluation, even if a signal came
             if cfg.save_every and t.step % cfg.save_every == 0:
                 pending.hold(t)
-            stopping = stop["signal"] is not None
+            stopping = asked_to_stop()
             if d.world > 1:  # every process must agree to stop at the same step
                 flag = torch.tensor(float(stopping), device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -705,8 +732,11 @@ def run_loop(t: Trainer, stop_after: int | None) -> RunResult:
         loss = next_batch_loss(t, order)
         if not math.isfinite(loss):
             raise diverged(t, f"stopped at step {t.step}, whose weights give a loss of {loss}") from None
+        if owed is not None:  # abandoned: the resumed run evaluates first, as this one would have
+            t.info["evaluation_owed"] = owed
         pending.confirm(t)
         result.interrupted = True
+        result.stop_signal = stop["signal"]
         result.resume_command = t.resume_command()
         name = signal.Signals(stop["signal"]).name if stop["signal"] else "stop_after"
         t.say(f"\n{name}: saved a checkpoint at step {t.step} in {t.run_dir}. "
@@ -751,9 +781,10 @@ def optimizer_step(t: Trainer) -> float:
 
 
 def evaluate_and_log(t: Trainer, epoch: int, train_loss: float, epoch_stats: dict[str, Any] | None,
-                     bar) -> dict[str, Any]:
+                     bar, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
     te = time.perf_counter()
-    metrics = evaluate(t.model, t.data.valid, t.block_size, t.cfg.eval_batch_size, t.device, t.cfg.precision, t.d)
+    metrics = evaluate(t.model, t.data.valid, t.block_size, t.cfg.eval_batch_size, t.device, t.cfg.precision, t.d,
+                       should_stop)
     metrics["eval_s"] = time.perf_counter() - te
     record = {"step": t.step, "epoch": epoch, "train_loss": train_loss, **metrics}
     timed = ""

@@ -22,7 +22,7 @@ Every model field (GAMConfig) and training field (TrainConfig) below can be
 set: --n-layer 4 --lr 1e-3 --precision bf16 --variant sum_fusion --compile.
 A preset (--preset cpu, the default, or paper) sets some fields first; what
 you give on the command line wins. Values: numbers, text, true/false, none.
-Ctrl-C saves a checkpoint; the same command with --resume added continues
+Ctrl-C, SIGTERM and SIGHUP save a checkpoint; the same command with --resume added continues
 exactly where it stopped.
 Multi-process: torchrun --nproc-per-node N -m gam.cli train ... (also --nnodes for
 several machines).
@@ -121,8 +121,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = args.out or f"runs/{model_config.model}-{preset_name}-{_slug(cfg.data)}"
     result = train(model_config, cfg, out, resume=args.resume, explicit=origin if args.resume else None,
                    allow_change=allow_change)
-    if result.interrupted:
-        sys.exit(130)
+    if result.interrupted:  # saved; the shell's convention for the signal: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
+        sys.exit(128 + result.stop_signal if result.stop_signal else 130)  # no signal: stop_after, as Ctrl-C
     m = result.metrics
     if "val_loss" in m:
         print(f"\nvalidation: loss {m['val_loss']:.4f}, perplexity {m['val_ppl']:.2f} "
