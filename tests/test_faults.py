@@ -616,7 +616,7 @@ def test_a_reader_retries_the_newest_when_the_checkpoint_it_reads_is_pruned(tmp_
     run = tmp_path / "run"
     train(tiny_model(data.vocab_size), tiny_train(max_steps=2), run, data=data, print_fn=quiet)
     model = load_checkpoint(run).build_model()
-    hash_file = checkpoint._sha256
+    hash_file = checkpoint.sha256_of_file
     run_saved = []
 
     def hash_while_the_run_saves(path):
@@ -626,7 +626,7 @@ def test_a_reader_retries_the_newest_when_the_checkpoint_it_reads_is_pruned(tmp_
                 checkpoint.save_checkpoint(run, step, model, {}, None)
         return hash_file(path)
 
-    monkeypatch.setattr(checkpoint, "_sha256", hash_while_the_run_saves)
+    monkeypatch.setattr(checkpoint, "sha256_of_file", hash_while_the_run_saves)
     assert load_checkpoint(run).step == 4
     assert not (run / "ckpt-000002").exists()
 
@@ -739,3 +739,83 @@ def test_sigterm_during_start_up_is_one_line_with_its_code(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", terminated)
     assert error_line(capsys, ["train"], 143) == "gam: interrupted (SIGTERM)"  # before the command is known
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back once the command ended
+
+
+# ---------------------------------------------------------------- fingerprints: a run knows what it read
+
+def sha256_hex(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_resume_and_eval_refuse_a_corpus_that_changed_naming_the_file_and_both_hashes(tmp_path, corpus, capsys,
+                                                                                       monkeypatch):
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    text = Path(tmp_path / "tiny.txt")
+    text.write_bytes(corpus.read_bytes())
+    run = tmp_path / "run"
+    assert main(["train", "--data", "tiny.txt", "--out", str(run), *TINY_ARGS, "--max-steps", "4"]) == 0
+    before = sha256_hex(text)
+    with open(text, "a") as f:
+        f.write("a line the run never saw\n")
+    after = sha256_hex(text)
+    resume = ["train", "--data", "tiny.txt", "--out", str(run), "--resume", "--max-steps", "6"]
+    for line in (error_line(capsys, resume), error_line(capsys, ["eval", str(run)])):
+        assert f"{text}: sha256 {before[:16]}" in line and f"-> sha256 {after[:16]}" in line
+    assert load_checkpoint(run).step == 4 and "data_changes" not in load_checkpoint(run).info
+    # from another working directory, tiny.txt is another file: refused too, naming both paths
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "tiny.txt").write_text("other text\n" * 50)
+    monkeypatch.chdir(elsewhere)
+    assert f"tiny.txt: {text} -> {elsewhere / 'tiny.txt'}" in error_line(capsys, ["eval", str(run)])
+    # continuing on purpose is recorded in the run; naming the data evaluates it as it is
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main([*resume, "--allow-change", "corpus"]) == 0
+    assert "resume: continuing on changed data, as allowed" in capsys.readouterr().out
+    saved = load_checkpoint(run)
+    assert saved.step == 6 and saved.info["data_changes"][0]["step"] == 4
+    assert saved.info["data_fingerprint"]["corpus"]["tiny.txt"]["sha256"] == after
+    assert main(["eval", str(run)]) == 0
+
+
+def test_a_cached_token_file_rewritten_with_same_size_garbage_is_re_encoded(tmp_path, corpus):
+    from gam.corpus import DataWarning
+    from gam.data import DataError, load_tokens, prepare_data
+
+    def prepared():
+        return prepare_data(str(corpus), block_size=16, vocab_size=300, cache_dir=tmp_path, train_rows=None,
+                            valid_rows=None)
+
+    first = prepared()
+    tokens = first.token_paths["train"]
+    good = tokens.read_bytes()
+    tokens.write_bytes(bytes(reversed(good)))  # the same size, other tokens
+    with pytest.raises(DataError, match="content does not match its sidecar"):
+        load_tokens(tokens)
+    with pytest.warns(DataWarning, match=r"train-.*\.bin: content does not match its sidecar.*; re-encoding"):
+        again = prepared()
+    assert again.train.tobytes() == good and tokens.read_bytes() == good
+
+
+def test_an_edited_cached_tokenizer_is_retrained_not_trusted(tmp_path, corpus):
+    from gam.corpus import DataWarning
+    from gam.data import prepare_data
+
+    def prepared():
+        return prepare_data(str(corpus), block_size=16, vocab_size=300, cache_dir=tmp_path, train_rows=None,
+                            valid_rows=None)
+
+    first = prepared()
+    spec = json.loads(first.tokenizer_path.read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[-2:]  # swap two learned tokens' ids: still a valid tokenizer, another one
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    first.tokenizer_path.write_text(json.dumps(spec))
+    with pytest.warns(DataWarning, match=r"cached tokenizer .*: does not match its .*meta\.json.*; retraining"):
+        again = prepared()
+    assert again.tokenizer_hash == first.tokenizer_hash
+    assert again.train.tobytes() == first.train.tobytes()

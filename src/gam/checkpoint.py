@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -44,7 +43,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_model
 
 from gam.config import GAMConfig
-from gam.fileio import apply_umask, atomic_write, make_temp_dir, writer_errors_as_os_errors
+from gam.fileio import apply_umask, atomic_write, make_temp_dir, sha256_of_file, writer_errors_as_os_errors
 from gam.models.lm import DecoderLM
 from gam.resources import check_fits_in_memory
 
@@ -64,18 +63,10 @@ class RunFolderBusy(ValueError):
     """Another process holds the run folder's lock."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path) -> None:
     """Record the sha256 and size of every file in ``folder`` (written last, fsynced
     with the files, so a manifest only exists beside complete data)."""
-    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+    files = {p.name: {"sha256": sha256_of_file(p), "bytes": p.stat().st_size}
              for p in sorted(folder.iterdir()) if p.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
     for p in folder.iterdir():  # make the data durable before the caller's rename
@@ -116,7 +107,7 @@ def manifest_problems(folder: Path) -> list[str]:
             problems.append(f"{p}: missing (listed in the manifest)")
         elif p.stat().st_size != size:
             problems.append(f"{p}: truncated or corrupted ({p.stat().st_size} bytes, expected {size})")
-        elif _sha256(p) != sha256:
+        elif sha256_of_file(p) != sha256:
             problems.append(f"{p}: corrupted (sha256 does not match the manifest)")
     for p in sorted(folder.iterdir()):
         if p.name != MANIFEST and p.name not in expected and not never_loaded(p.name):

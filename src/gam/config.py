@@ -318,6 +318,9 @@ RESUME_NOTICED = frozenset({"max_steps", "epochs", "eval_batch_size", "eval_ever
 RESUME_SILENT = frozenset({"device", "threads", "logger", "compile"})  # where it runs, not what it computes
 # Never compared: the run's saved tokenizer decides the vocabulary (a request of 8192 may give fewer tokens).
 RESUME_NOT_COMPARED = frozenset({"vocab_size"})
+# Not a field: --allow-change corpus continues a run on data whose content changed since the run
+# read it (refused otherwise); the change is recorded in the run's checkpoints.
+ALLOW_DATA_CHANGE = "corpus"
 
 
 # Presets: the paper's exact hyper-parameters, and a small CPU configuration

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from gam.checkpoint import CheckpointError, RunLock, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from gam.config import (
+    ALLOW_DATA_CHANGE,
     RESUME_NOT_COMPARED,
     RESUME_NOTICED,  # noqa: F401 - gam.train's API, as TrainConfig and preset
     RESUME_ON_REQUEST,
@@ -428,6 +429,7 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
     """
     cfg.validate()
     run_dir = Path(run_dir)
+    allow_change = set(allow_change)
     device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     d = setup_distributed(device_type)
     device = pick_device(cfg.device, d)
@@ -451,6 +453,7 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
         if cfg.threads and device.type == "cpu":
             torch.set_num_threads(cfg.threads)
         data, model_config, cfg = prepare(model_config, cfg, data, ckpt, say)
+        data_changes = check_data_unchanged(ckpt, data, allow_change, say) if ckpt is not None else []
         t = Trainer(run_dir, cfg, model_config, d, device, data, say)
         if ckpt is not None and ckpt.step >= t.total_steps and "evaluation_owed" not in ckpt.info:
             say(f"{run_dir} is finished: step {ckpt.step} of {t.total_steps}; nothing to do "
@@ -459,6 +462,10 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
         build(t, fresh=ckpt is None)
         if ckpt is not None:
             restore(t, ckpt)
+            accepted = ckpt.info.get("data_changes", []) + ([{"step": ckpt.step, "changes": data_changes}]
+                                                             if data_changes else [])
+            if accepted:  # every change continued on purpose, kept in each later checkpoint
+                t.info["data_changes"] = accepted
             say(f"resuming from {ckpt.path} (step {ckpt.step})")
         else:
             torch.manual_seed(cfg.seed + d.rank)  # dropout masks differ across processes; the data order does not
@@ -466,6 +473,21 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
     finally:
         if lock is not None:
             lock.release()
+
+
+def check_data_unchanged(ckpt, data, allow_change: Iterable[str], say: Callable[[str], None]) -> list[str]:
+    """What changed in the data since the run read it (:func:`gam.data.fingerprint_changes`):
+    refused, unless ``allow_change`` names ``corpus``; then each change is said and returned."""
+    from gam.data import fingerprint_changes
+
+    changes = fingerprint_changes(ckpt.info.get("data_fingerprint"), data.fingerprint())
+    if changes and ALLOW_DATA_CHANGE not in set(allow_change):
+        raise ConfigError(f"--resume: the data changed since the run read it: {'; '.join(changes)}; resume on "
+                          f"the data the run read, or continue on this data on purpose with --allow-change "
+                          f"{ALLOW_DATA_CHANGE}")
+    for change in changes:
+        say(f"resume: continuing on changed data, as allowed: {change}")
+    return changes
 
 
 def copy_trained_on(info: dict[str, Any], source: str) -> str:
@@ -533,7 +555,7 @@ def build(t: Trainer, fresh: bool) -> None:
         t.train_model = DDP(t.train_model, device_ids=[t.device.index] if t.device.type == "cuda" else None)
     t.stepper = TrainingStep(t.model, cfg, t.device, t.total_steps, forward=t.train_model)
     t.info = {"train_config": dataclasses.asdict(cfg), "data_source": t.data.source,
-              "unigram_ppl": None, "parameters": parameters}
+              "data_fingerprint": t.data.fingerprint(), "unigram_ppl": None, "parameters": parameters}
     run_config = {"model": t.model_config.to_dict(), "train": dataclasses.asdict(cfg)}
     t.log = MetricsLog(t.run_dir, cfg.logger, d.main, run_config)  # may refuse (a logger not installed)
     if fresh and d.main and t.log.path.exists():
