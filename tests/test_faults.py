@@ -819,3 +819,78 @@ def test_an_edited_cached_tokenizer_is_retrained_not_trusted(tmp_path, corpus):
         again = prepared()
     assert again.tokenizer_hash == first.tokenizer_hash
     assert again.train.tobytes() == first.train.tobytes()
+
+
+# ---------------------------------------------------------------- one line instead of a traceback
+
+@pytest.mark.parametrize("prompt", ["a\udcff b", "\ud800"], ids=["non-UTF-8 byte", "lone surrogate"])
+def test_a_prompt_that_is_not_utf8_is_one_line(tmp_path, data, capsys, prompt):
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=1), run, data=data, print_fn=quiet)
+    line = error_line(capsys, ["generate", str(run), "--prompt", prompt, "--max-new-tokens", "2"])
+    assert "the prompt is not valid UTF-8 text" in line
+
+
+def test_a_corrupt_gzip_corpus_is_one_line(tmp_path, capsys):
+    import gzip
+
+    packed = bytearray(gzip.compress(b"some text that compresses into more than a stored block\n" * 20))
+    packed[12:16] = b"\xff\xff\xff\xff"  # a deflate stream zlib rejects (zlib.error, not OSError)
+    corrupt = tmp_path / "corpus.txt.gz"
+    corrupt.write_bytes(bytes(packed))
+    line = error_line(capsys, ["train", "--data", str(corrupt), "--out", str(tmp_path / "run")])
+    assert f"{corrupt}: unreadable gzip file (error: " in line
+
+
+def test_a_full_disk_while_building_the_token_cache_names_the_file(tmp_path, corpus, capsys, monkeypatch):
+    """numpy's tofile says "N requested and 0 written" (no errno, no file); fsync an errno without a file."""
+    import gam.fileio
+
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
+    real_fsync = os.fsync
+
+    def full(fd):
+        written = os.readlink(f"/proc/self/fd/{fd}")
+        if ".bin." in written and written.endswith(".tmp"):  # the token cache's temp file
+            raise OSError("1234 requested and 0 written")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(gam.fileio.os, "fsync", full)
+    monkeypatch.setattr(gam.fileio, "_nearly_full", lambda folder: True)
+    line = error_line(capsys, ["train", "--data", str(corpus), "--out", str(tmp_path / "run"), *TINY_ARGS], 1)
+    assert line.startswith(f"gam train: error: {tmp_path / 'cache' / 'tokens'}/") and \
+        line.endswith(".bin: No space left on device")
+    assert not list((tmp_path / "cache" / "tokens").rglob("*.tmp"))
+
+
+def test_temporaries_of_killed_writers_are_removed_by_the_next_run(tmp_path, corpus, data):
+    """kill -9 leaves atomic_write's temp files (token cache) and export folders; a live writer's
+    (locked) and a brand-new one are kept."""
+    import fcntl
+
+    from gam.data import prepare_data
+    from gam.hf import export
+
+    def prepared():
+        return prepare_data(str(corpus), block_size=16, vocab_size=300, cache_dir=tmp_path / "cache",
+                            train_rows=None, valid_rows=None)
+
+    token_dir = prepared().token_paths["train"].parent
+    an_hour_ago = time.time() - 3600
+    orphan, live, new = (token_dir / f".train-x.bin.{name}.tmp" for name in ("orphan", "live", "new"))
+    for p in (orphan, live, new):
+        p.write_bytes(b"half a token file")
+    for p in (orphan, live):
+        os.utime(p, (an_hour_ago, an_hour_ago))
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a writer still running holds it
+        prepared()
+        assert not orphan.exists() and live.exists() and new.exists()
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=1), run, data=data, print_fn=quiet)
+    killed_export = tmp_path / ".tmp-hf-abc123"
+    killed_export.mkdir()
+    (killed_export / "model.safetensors").write_bytes(b"partial")
+    os.utime(killed_export, (an_hour_ago, an_hour_ago))
+    export(run, tmp_path / "hf")
+    assert not killed_export.exists() and (tmp_path / "hf" / "model.safetensors").is_file()

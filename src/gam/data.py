@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gam.corpus import DataError, DataWarning, default_cache_dir, load_corpus
-from gam.fileio import atomic_write, sha256_of_file
+from gam.fileio import atomic_write, is_atomic_write_temporary, remove_orphaned_temporaries, sha256_of_file
 from gam.tokenizer import get_tokenizer, row_texts, slug, tokenizer_hash, tokenizer_path
 from gam.tokenizer import tokenizer_kind as kind_of  # prepare_data has a tokenizer_kind argument
 
@@ -319,6 +319,8 @@ def prepare_data(
         tok, tok_path, th, kind = tokenizer, None, tokenizer_hash(tokenizer), kind_of(tokenizer)
         root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         tok_dir = root / "tokens" / f"{slug(corpus.name)}-given-{kind}-{th}"
+    for folder in {tok_dir, tok_dir.parent.parent / "tokenizers"}:  # what killed cache writers left
+        remove_orphaned_temporaries(folder, is_atomic_write_temporary)
     arrays: dict[str, np.ndarray | None] = {}
     paths: dict[str, Path] = {}
     for split in ("train", "valid", "test"):
