@@ -799,6 +799,9 @@ def test_a_cached_token_file_rewritten_with_same_size_garbage_is_re_encoded(tmp_
     with pytest.warns(DataWarning, match=r"train-.*\.bin: content does not match its sidecar.*; re-encoding"):
         again = prepared()
     assert again.train.tobytes() == good and tokens.read_bytes() == good
+    Path(f"{tokens}.json").unlink()  # its sidecar lost (say a copy of the cache without it)
+    with pytest.warns(DataWarning, match=r"missing token sidecar .*; re-encoding"):
+        assert prepared().train.tobytes() == good
 
 
 def test_an_edited_cached_tokenizer_is_retrained_not_trusted(tmp_path, corpus):

@@ -261,7 +261,7 @@ class PreparedData:
 
 
 def _cached_tokens(tokenizer, tok_hash: str, rows: list[str], path: Path) -> np.ndarray:
-    if path.exists() and _sidecar(path).exists():
+    if path.exists():  # a token file without its sidecar is damaged too: re-encoded, with a note
         try:
             meta = _read_sidecar(path)
             if meta.get("tokenizer_hash") == tok_hash and meta.get("format") == _FORMAT_VERSION:

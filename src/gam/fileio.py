@@ -35,11 +35,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.fsync(f.fileno())
             os.replace(tmp, path)  # while still locked: a temp file is never unlocked before its rename
     except OSError as err:
+        # judged before the temp file goes: removing it frees the space a full disk lacked
+        code = err.errno or (errno.ENOSPC if _nearly_full(path.parent) else errno.EIO)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if err.filename is not None:
             raise
-        code = err.errno or (errno.ENOSPC if _nearly_full(path.parent) else errno.EIO)
         raise OSError(code, err.strerror or os.strerror(code), str(path)) from err
     except BaseException:
         with contextlib.suppress(OSError):
