@@ -475,13 +475,13 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
             lock.release()
 
 
-def check_data_unchanged(ckpt, data, allow_change: Iterable[str], say: Callable[[str], None]) -> list[str]:
+def check_data_unchanged(ckpt, data, allow_change: set[str], say: Callable[[str], None]) -> list[str]:
     """What changed in the data since the run read it (:func:`gam.data.fingerprint_changes`):
     refused, unless ``allow_change`` names ``corpus``; then each change is said and returned."""
     from gam.data import fingerprint_changes
 
     changes = fingerprint_changes(ckpt.info.get("data_fingerprint"), data.fingerprint())
-    if changes and ALLOW_DATA_CHANGE not in set(allow_change):
+    if changes and ALLOW_DATA_CHANGE not in allow_change:
         raise ConfigError(f"--resume: the data changed since the run read it: {'; '.join(changes)}; resume on "
                           f"the data the run read, or continue on this data on purpose with --allow-change "
                           f"{ALLOW_DATA_CHANGE}")
