@@ -360,6 +360,22 @@ def test_hub_success_uses_hub_rows(monkeypatch):
     assert c.fallback_reason is None
 
 
+def test_a_hub_corpus_records_its_dataset_and_the_hash_of_its_rows(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def hub(rows):
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": rows}),
+                                     "validation": datasets.Dataset.from_dict({"text": ["valid row\n"] * 4})})
+
+    monkeypatch.setattr(C, "_probe_hub", lambda *a: (True, None))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: hub([f"row {i}\n" for i in range(10)]))
+    record = C.load_corpus("wikitext2", source="hub").files["hub:wikitext/wikitext-2-raw-v1"]
+    assert record["dataset"] == "wikitext" and record["config"] == "wikitext-2-raw-v1"
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: hub([f"row {i}\n" for i in range(11)]))
+    assert C.load_corpus("wikitext2", source="hub").files["hub:wikitext/wikitext-2-raw-v1"]["sha256"] \
+        != record["sha256"]  # the hub copy changed: so does its fingerprint
+
+
 # ------------------------------------------------------------------------------ tokenizer
 
 

@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -548,3 +549,351 @@ def test_torch_save_on_a_full_disk_becomes_an_os_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="something else"):
         with writer_errors_as_os_errors(target):
             raise RuntimeError("something else")
+
+
+# ---------------------------------------------------------------- value checks shared by CLI, API and benches
+
+@pytest.mark.parametrize("args, message", [
+    (["--min-lr", "1e-2", "--lr", "1e-3"], "min_lr (0.01) must not exceed lr (0.001)"),
+    (["--weight-decay", "-0.1"], "weight_decay must be >= 0, got -0.1"),
+    (["--threads", "-1"], "threads must be an integer >= 1"),
+    (["--threads", "0"], "threads must be an integer >= 1"),
+    (["--lr", "nan"], "lr must be a finite number, got nan"),
+    (["--beta2", "1"], "beta2 must be in [0, 1)"),
+])
+def test_schedule_and_optimizer_values_are_refused_before_anything_is_written(tmp_path, corpus, args, message,
+                                                                             capsys, monkeypatch):
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
+    line = error_line(capsys, ["train", "--data", str(corpus), "--out", str(tmp_path / "run"), *TINY_ARGS,
+                               "--max-steps", "2", *args])
+    assert message in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_api_and_the_benches_share_the_configs_checks(capsys):
+    from gam.config import ConfigError
+
+    with pytest.raises(ConfigError, match="min_lr"):
+        TrainConfig(lr=1e-3, min_lr=1e-2)
+    with pytest.raises(ConfigError, match="weight_decay"):
+        dataclasses.replace(TrainConfig(), weight_decay=-1.0)
+    for bench in ("speed", "decode", "recall", "zoology"):
+        assert "threads must be an integer >= 1" in error_line(capsys, ["bench", bench, "--threads", "-1"])
+    # used to divide by zero while counting steps per epoch
+    assert "batch_size must be an integer >= 1, got 0" in error_line(capsys, ["bench", "paper", "--batch-size", "0"])
+
+
+# ---------------------------------------------------------------- pruning: by step, and only after success
+
+def test_pruning_past_step_999999_keeps_the_newest_checkpoints(tmp_path):
+    """As text ckpt-1000000 sorts before ckpt-999990: pruning by name deleted the newest."""
+    from gam.checkpoint import save_checkpoint
+    from gam.models.lm import DecoderLM
+
+    model = DecoderLM(tiny_model())
+    for step in (999_980, 999_990, 1_000_000, 1_000_010):
+        save_checkpoint(tmp_path, step, model, {}, None)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-1000000", "ckpt-1000010"]
+    assert load_checkpoint(tmp_path).step == 1_000_010
+
+
+def test_a_refused_resume_keeps_the_runs_metrics(tmp_path, data, monkeypatch):
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=6), run, data=data, stop_after=3, print_fn=quiet)
+    logged = (run / "metrics.jsonl").read_bytes()
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ValueError, match="wandb is not installed"):
+        train(tiny_model(data.vocab_size), tiny_train(max_steps=6, logger="wandb"), run, resume=True,
+              data=data, explicit={"logger"}, print_fn=quiet)
+    assert (run / "metrics.jsonl").read_bytes() == logged
+
+
+def test_a_reader_retries_the_newest_when_the_checkpoint_it_reads_is_pruned(tmp_path, data, monkeypatch):
+    """A run still training saves twice while `gam eval RUN` verifies the checkpoint it opened:
+    that folder is pruned under the reader, which then reads the newest instead."""
+    import gam.checkpoint as checkpoint
+
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=2), run, data=data, print_fn=quiet)
+    model = load_checkpoint(run).build_model()
+    hash_file = checkpoint.sha256_of_file
+    run_saved = []
+
+    def hash_while_the_run_saves(path):
+        if not run_saved:
+            run_saved.append(True)  # before saving: the saves hash their own files
+            for step in (3, 4):
+                checkpoint.save_checkpoint(run, step, model, {}, None)
+        return hash_file(path)
+
+    monkeypatch.setattr(checkpoint, "sha256_of_file", hash_while_the_run_saves)
+    assert load_checkpoint(run).step == 4
+    assert not (run / "ckpt-000002").exists()
+
+
+# ---------------------------------------------------------------- every signal that ends runs saves first
+
+COMPARED = ("step", "loss", "lr", "train_loss", "val_loss")  # a metrics record without its timings
+
+
+def records(run: Path) -> list[dict]:
+    return [{k: r[k] for k in COMPARED if k in r}
+            for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def signal_on_forward(monkeypatch, signum: int, when) -> dict:
+    """Make the model send ``signum`` to this process on the forward pass ``when(training, calls)``
+    picks (calls: forward passes in that mode so far, this one included); returns the counts."""
+    import gam.train as train_module
+
+    calls = {True: 0, False: 0}
+    real = train_module.DecoderLM
+
+    class Signalling(real):
+        def forward(self, idx, targets=None, **kwargs):
+            if torch.is_grad_enabled() or not self.training:  # not next_batch_loss's check before a save
+                calls[self.training] += 1
+                if when(self.training, calls[self.training]):
+                    os.kill(os.getpid(), signum)
+            return super().forward(idx, targets, **kwargs)
+
+    monkeypatch.setattr(train_module, "DecoderLM", Signalling)
+    return calls
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+def test_sighup_and_sigterm_during_training_save_within_a_step_and_resume_exactly(tmp_path, data, monkeypatch,
+                                                                                    signum):
+    config, cfg = tiny_model(data.vocab_size), tiny_train(max_steps=12)
+    full = train(config, cfg, tmp_path / "full", data=data, print_fn=quiet)
+    signal_on_forward(monkeypatch, signum, lambda training, n: training and n == 5)  # during step index 4
+    part = train(config, cfg, tmp_path / "part", data=data, print_fn=quiet)
+    assert part.interrupted and part.stop_signal == signum and part.step == 5
+    assert load_checkpoint(tmp_path / "part").step == 5
+    monkeypatch.undo()
+    resumed = train(config, cfg, tmp_path / "part", data=data, resume=True, print_fn=quiet)
+    assert resumed.metrics["val_loss"] == full.metrics["val_loss"]
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert records(tmp_path / "part") == records(tmp_path / "full")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+def test_a_stop_during_an_evaluation_abandons_it_saves_and_the_resume_evaluates_first(tmp_path, data, monkeypatch,
+                                                                                       signum):
+    config, cfg = tiny_model(data.vocab_size), tiny_train(max_steps=8, eval_every=4, eval_batch_size=2)
+    full = train(config, cfg, tmp_path / "full", data=data, print_fn=quiet)
+    calls = signal_on_forward(monkeypatch, signum, lambda training, n: not training and n == 2)
+    part = train(config, cfg, tmp_path / "part", data=data, print_fn=quiet)
+    blocks = len(data.valid) // (config.block_size + 1)
+    assert calls[False] == 2 < blocks // 2  # the pass stopped at its next batch, not at its end
+    assert part.interrupted and part.stop_signal == signum and part.step == 4
+    saved = load_checkpoint(tmp_path / "part")
+    assert saved.step == 4 and saved.info["evaluation_owed"]["epoch"] == 0
+    assert not any("val_loss" in r for r in records(tmp_path / "part"))
+    monkeypatch.undo()
+    resumed = train(config, cfg, tmp_path / "part", data=data, resume=True, print_fn=quiet)
+    assert resumed.metrics["val_loss"] == full.metrics["val_loss"]
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert records(tmp_path / "part") == records(tmp_path / "full")  # the step-4 evaluation included
+
+
+def test_a_stop_during_the_final_evaluation_is_resumed_not_called_finished(tmp_path, data, monkeypatch):
+    config, cfg = tiny_model(data.vocab_size), tiny_train(max_steps=4, eval_batch_size=2)
+    full = train(config, cfg, tmp_path / "full", data=data, print_fn=quiet)
+    signal_on_forward(monkeypatch, signal.SIGTERM, lambda training, n: not training and n == 1)
+    part = train(config, cfg, tmp_path / "part", data=data, print_fn=quiet)
+    assert part.interrupted and part.step == 4 and "final_metrics" not in load_checkpoint(tmp_path / "part").info
+    monkeypatch.undo()
+    resumed = train(config, cfg, tmp_path / "part", data=data, resume=True, print_fn=quiet)
+    assert not resumed.already_finished and resumed.metrics["val_loss"] == full.metrics["val_loss"]
+    assert load_checkpoint(tmp_path / "part").info["final_metrics"]["val_loss"] == full.metrics["val_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)], ids=["SIGTERM", "SIGHUP"])
+def test_gam_train_exits_with_the_signals_conventional_code_after_saving(tmp_path, corpus, signum, code):
+    env = {**ENV, "GAM_CACHE_DIR": str(tmp_path / "cache")}
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "gam.cli", "train", "--data", str(corpus), "--out", str(run),
+                             "--max-steps", "100000", *TINY_ARGS], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert f"{signal.Signals(signum).name}: saved a checkpoint at step" in out and "Traceback" not in err
+    assert load_checkpoint(run).step > 0
+
+
+def test_sigterm_during_start_up_is_one_line_with_its_code(monkeypatch, capsys):
+    import gam.cli as cli
+
+    def terminated():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    monkeypatch.setattr(cli, "build_parser", terminated)
+    assert error_line(capsys, ["train"], 143) == "gam: interrupted (SIGTERM)"  # before the command is known
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back once the command ended
+
+
+# ---------------------------------------------------------------- fingerprints: a run knows what it read
+
+def sha256_hex(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_resume_and_eval_refuse_a_corpus_that_changed_naming_the_file_and_both_hashes(tmp_path, corpus, capsys,
+                                                                                       monkeypatch):
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    text = Path(tmp_path / "tiny.txt")
+    text.write_bytes(corpus.read_bytes())
+    run = tmp_path / "run"
+    assert main(["train", "--data", "tiny.txt", "--out", str(run), *TINY_ARGS, "--max-steps", "4"]) == 0
+    before = sha256_hex(text)
+    with open(text, "a") as f:
+        f.write("a line the run never saw\n")
+    after = sha256_hex(text)
+    resume = ["train", "--data", "tiny.txt", "--out", str(run), "--resume", "--max-steps", "6"]
+    for line in (error_line(capsys, resume), error_line(capsys, ["eval", str(run)])):
+        assert f"{text}: sha256 {before[:16]}" in line and f"-> sha256 {after[:16]}" in line
+    assert load_checkpoint(run).step == 4 and "data_changes" not in load_checkpoint(run).info
+    # from another working directory, tiny.txt is another file: refused too, naming both paths
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "tiny.txt").write_text("other text\n" * 50)
+    monkeypatch.chdir(elsewhere)
+    assert f"tiny.txt: {text} -> {elsewhere / 'tiny.txt'}" in error_line(capsys, ["eval", str(run)])
+    # continuing on purpose is recorded in the run; naming the data evaluates it as it is
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main([*resume, "--allow-change", "corpus"]) == 0
+    assert "resume: continuing on changed data, as allowed" in capsys.readouterr().out
+    saved = load_checkpoint(run)
+    assert saved.step == 6 and saved.info["data_changes"][0]["step"] == 4
+    assert saved.info["data_fingerprint"]["corpus"]["tiny.txt"]["sha256"] == after
+    assert main(["eval", str(run)]) == 0
+
+
+def test_a_cached_token_file_rewritten_with_same_size_garbage_is_re_encoded(tmp_path, corpus):
+    from gam.corpus import DataWarning
+    from gam.data import DataError, load_tokens, prepare_data
+
+    def prepared():
+        return prepare_data(str(corpus), block_size=16, vocab_size=300, cache_dir=tmp_path, train_rows=None,
+                            valid_rows=None)
+
+    first = prepared()
+    tokens = first.token_paths["train"]
+    good = tokens.read_bytes()
+    tokens.write_bytes(bytes(reversed(good)))  # the same size, other tokens
+    with pytest.raises(DataError, match="content does not match its sidecar"):
+        load_tokens(tokens)
+    with pytest.warns(DataWarning, match=r"train-.*\.bin: content does not match its sidecar.*; re-encoding"):
+        again = prepared()
+    assert again.train.tobytes() == good and tokens.read_bytes() == good
+    Path(f"{tokens}.json").unlink()  # its sidecar lost (say a copy of the cache without it)
+    with pytest.warns(DataWarning, match=r"missing token sidecar .*; re-encoding"):
+        assert prepared().train.tobytes() == good
+
+
+def test_an_edited_cached_tokenizer_is_retrained_not_trusted(tmp_path, corpus):
+    from gam.corpus import DataWarning
+    from gam.data import prepare_data
+
+    def prepared():
+        return prepare_data(str(corpus), block_size=16, vocab_size=300, cache_dir=tmp_path, train_rows=None,
+                            valid_rows=None)
+
+    first = prepared()
+    spec = json.loads(first.tokenizer_path.read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[-2:]  # swap two learned tokens' ids: still a valid tokenizer, another one
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    first.tokenizer_path.write_text(json.dumps(spec))
+    with pytest.warns(DataWarning, match=r"cached tokenizer .*: does not match its .*meta\.json.*; retraining"):
+        again = prepared()
+    assert again.tokenizer_hash == first.tokenizer_hash
+    assert again.train.tobytes() == first.train.tobytes()
+
+
+# ---------------------------------------------------------------- one line instead of a traceback
+
+@pytest.mark.parametrize("prompt", ["a\udcff b", "\ud800"], ids=["non-UTF-8 byte", "lone surrogate"])
+def test_a_prompt_that_is_not_utf8_is_one_line(tmp_path, data, capsys, prompt):
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=1), run, data=data, print_fn=quiet)
+    line = error_line(capsys, ["generate", str(run), "--prompt", prompt, "--max-new-tokens", "2"])
+    assert "the prompt is not valid UTF-8 text" in line
+
+
+def test_a_corrupt_gzip_corpus_is_one_line(tmp_path, capsys):
+    import gzip
+
+    packed = bytearray(gzip.compress(b"some text that compresses into more than a stored block\n" * 20))
+    packed[12:16] = b"\xff\xff\xff\xff"  # a deflate stream zlib rejects (zlib.error, not OSError)
+    corrupt = tmp_path / "corpus.txt.gz"
+    corrupt.write_bytes(bytes(packed))
+    line = error_line(capsys, ["train", "--data", str(corrupt), "--out", str(tmp_path / "run")])
+    assert f"{corrupt}: unreadable gzip file (error: " in line
+
+
+def test_a_full_disk_while_building_the_token_cache_names_the_file(tmp_path, corpus, capsys, monkeypatch):
+    """numpy's tofile says "N requested and 0 written" (no errno, no file); fsync an errno without a file."""
+    import gam.fileio
+
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
+    real_fsync = os.fsync
+
+    def full(fd):
+        written = os.readlink(f"/proc/self/fd/{fd}")
+        if ".bin." in written and written.endswith(".tmp"):  # the token cache's temp file
+            raise OSError("1234 requested and 0 written")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(gam.fileio.os, "fsync", full)
+    monkeypatch.setattr(gam.fileio, "_nearly_full", lambda folder: True)
+    line = error_line(capsys, ["train", "--data", str(corpus), "--out", str(tmp_path / "run"), *TINY_ARGS], 1)
+    assert line.startswith(f"gam train: error: {tmp_path / 'cache' / 'tokens'}/") and \
+        line.endswith(".bin: No space left on device")
+    assert not list((tmp_path / "cache" / "tokens").rglob("*.tmp"))
+
+
+def test_temporaries_of_killed_writers_are_removed_by_the_next_run(tmp_path, corpus, data):
+    """kill -9 leaves atomic_write's temp files (token cache) and export folders; a live writer's
+    (locked) and a brand-new one are kept."""
+    import fcntl
+
+    from gam.data import prepare_data
+    from gam.hf import export
+
+    def prepared():
+        return prepare_data(str(corpus), block_size=16, vocab_size=300, cache_dir=tmp_path / "cache",
+                            train_rows=None, valid_rows=None)
+
+    token_dir = prepared().token_paths["train"].parent
+    an_hour_ago = time.time() - 3600
+    orphan, live, new = (token_dir / f".train-x.bin.{name}.tmp" for name in ("orphan", "live", "new"))
+    for p in (orphan, live, new):
+        p.write_bytes(b"half a token file")
+    for p in (orphan, live):
+        os.utime(p, (an_hour_ago, an_hour_ago))
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a writer still running holds it
+        prepared()
+        assert not orphan.exists() and live.exists() and new.exists()
+    run = tmp_path / "run"
+    train(tiny_model(data.vocab_size), tiny_train(max_steps=1), run, data=data, print_fn=quiet)
+    killed_export = tmp_path / ".tmp-hf-abc123"
+    killed_export.mkdir()
+    (killed_export / "model.safetensors").write_bytes(b"partial")
+    os.utime(killed_export, (an_hour_ago, an_hour_ago))
+    export(run, tmp_path / "hf")
+    assert not killed_export.exists() and (tmp_path / "hf" / "model.safetensors").is_file()

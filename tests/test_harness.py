@@ -139,3 +139,54 @@ def test_generate_until_batch_1_and_left_padded_batch_2(export_dir, tmp_path, mo
         assert sample["resps"][0][0] == expected
         assert responses[2][doc_id]["resps"][0][0] == expected
     assert len(lengths) > 1  # the batches of two were padded
+
+
+def harness_error(capsys, args) -> str:
+    """``gam harness ARGS`` in this process: exit 2 and one error line, no traceback."""
+    from gam.cli import main
+
+    capsys.readouterr()
+    assert main(["harness", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("gam harness: error: ")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def test_lm_evals_failures_are_one_line(export_dir, tmp_path, capsys, monkeypatch):
+    """Missing path, unknown task, a run folder instead of an export, a tampered export: lm-eval's
+    (or our manifest's) message, not its stack."""
+    import shutil
+
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    tampered = tmp_path / "tampered"
+    shutil.copytree(export_dir, tampered)
+    weights = bytearray((tampered / "model.safetensors").read_bytes())
+    weights[-5] ^= 0xFF
+    (tampered / "model.safetensors").write_bytes(bytes(weights))
+    run = Path(export_dir).parent / "run"
+
+    def harness(pretrained, task="gam_wikitext2"):
+        return harness_error(capsys, ["--model", "hf", "--model_args", f"pretrained={pretrained}", "--tasks", task,
+                                      "--limit", "1"])
+
+    assert "/no/such/export" in harness("/no/such/export")
+    assert "Tasks not found: no_such_task" in harness(export_dir, "no_such_task")
+    assert f"{run}" in harness(run)
+    assert "model.safetensors: corrupted (sha256 does not match the manifest)" in harness(tampered)
+
+
+def test_a_bare_assert_in_lm_eval_shows_the_line_that_raised_it(monkeypatch, capsys):
+    """lm-eval asserts, with no message, that a continuation fits the model's block."""
+    lm_eval_main = pytest.importorskip("lm_eval.__main__")
+
+    def continuation_longer_than_the_block():
+        raise AssertionError  # as lm-eval's bare assert (pytest rewrites the asserts of this module)
+
+    monkeypatch.setattr(lm_eval_main, "cli_evaluate", continuation_longer_than_the_block)
+    line = continuation_longer_than_the_block.__code__.co_firstlineno + 1
+    assert harness_error(capsys, ["--tasks", "x"]) == (
+        f"gam harness: error: AssertionError in test_harness.py:{line}: raise AssertionError  # as lm-eval's "
+        "bare assert (pytest rewrites the asserts of this module)")

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -43,13 +43,14 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_model
 
 from gam.config import GAMConfig
-from gam.fileio import apply_umask, atomic_write, make_temp_dir, writer_errors_as_os_errors
+from gam.fileio import apply_umask, atomic_write, make_temp_dir, sha256_of_file, writer_errors_as_os_errors
 from gam.models.lm import DecoderLM
 from gam.resources import check_fits_in_memory
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 KEEP_LAST = 2
+READS_OF_A_PRUNED_RUN = 3  # tries of a reader whose checkpoint the run prunes meanwhile
 LOCK = ".lock"
 TEMP_PREFIX = ".tmp-"  # folders of saves in progress; a killed save leaves one behind
 
@@ -62,18 +63,10 @@ class RunFolderBusy(ValueError):
     """Another process holds the run folder's lock."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path) -> None:
     """Record the sha256 and size of every file in ``folder`` (written last, fsynced
     with the files, so a manifest only exists beside complete data)."""
-    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+    files = {p.name: {"sha256": sha256_of_file(p), "bytes": p.stat().st_size}
              for p in sorted(folder.iterdir()) if p.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
     for p in folder.iterdir():  # make the data durable before the caller's rename
@@ -114,7 +107,7 @@ def manifest_problems(folder: Path) -> list[str]:
             problems.append(f"{p}: missing (listed in the manifest)")
         elif p.stat().st_size != size:
             problems.append(f"{p}: truncated or corrupted ({p.stat().st_size} bytes, expected {size})")
-        elif _sha256(p) != sha256:
+        elif sha256_of_file(p) != sha256:
             problems.append(f"{p}: corrupted (sha256 does not match the manifest)")
     for p in sorted(folder.iterdir()):
         if p.name != MANIFEST and p.name not in expected and not never_loaded(p.name):
@@ -187,9 +180,19 @@ def save_checkpoint(
     return final
 
 
+# ckpt-STEP, or ckpt-STEP-N when a checkpoint of that step exists already (see save_checkpoint)
+CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)(?:-(\d+))?")
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """The checkpoint folders of a run, oldest first: ordered by step, not by name
+    (as text, ckpt-1000000 sorts before ckpt-999990)."""
+    found = [p for p in run_dir.glob("ckpt-*") if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda p: tuple(int(n or 0) for n in CHECKPOINT_NAME.fullmatch(p.name).groups()))
+
+
 def _prune(run_dir: Path, keep: str) -> None:
-    checkpoints = sorted(p for p in run_dir.glob("ckpt-*") if p.is_dir())
-    for old in checkpoints[:-KEEP_LAST]:
+    for old in checkpoint_folders(run_dir)[:-KEEP_LAST]:
         if old.name != keep:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -407,6 +410,20 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     line, a :class:`CheckpointError`.
     """
     ckpt = resolve(path)
+    for _ in range(READS_OF_A_PRUNED_RUN - 1):
+        try:
+            return _open_checked(ckpt)
+        except (CheckpointError, FileNotFoundError):
+            # A run still training prunes old checkpoints: if `latest` has moved on, the folder
+            # was pruned while being read, so read the newest one instead.
+            newest = resolve(path)
+            if newest == ckpt:
+                raise
+            ckpt = newest
+    return _open_checked(ckpt)
+
+
+def _open_checked(ckpt: Path) -> Checkpoint:
     has_manifest = (ckpt / MANIFEST).is_file()
     info = verify(ckpt) if has_manifest else read_config(ckpt)
     if "format_version" in info:
@@ -442,7 +459,7 @@ def verify_folder(path: str | Path) -> tuple[list[str], list[str]]:
             resolve(path)
         except CheckpointError as err:
             problems.append(str(err))
-        folders = sorted(p for p in path.glob("ckpt-*") if p.is_dir())
+        folders = checkpoint_folders(path)
         if not folders:
             problems.append(f"{path}: a run folder with no checkpoint folder")
         for folder in folders:

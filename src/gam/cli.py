@@ -9,7 +9,10 @@ the ``cmd_*`` functions, so building the parser, ``gam --help`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -350,6 +353,34 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP outside the training loop (which saves first): the command ends as on
+    Ctrl-C, through every ``finally`` and ``except BaseException``, so temporary files go."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_end_the_command():
+    """SIGTERM and SIGHUP raise :class:`Stopped` while a command runs (Python's default for both
+    is to die on the spot, leaving temporary files behind); the previous handlers come back after."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, _raise_stopped)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["harness"]:
@@ -357,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return harness_main(argv[1:])
     command = "gam"  # until the sub-command is known
-    with warnings.catch_warnings():  # restores showwarning when main returns
+    with warnings.catch_warnings(), stop_signals_end_the_command():  # restores showwarning when main returns
         try:
             parser = build_parser()
             args, extra = parser.parse_known_args(argv)
@@ -381,9 +412,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"{command}: error: {err}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
-            print(f"{command}: interrupted", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as err:
+            signum = getattr(err, "signum", signal.SIGINT)
+            print(f"{command}: interrupted" + (f" ({err})" if signum != signal.SIGINT else ""), file=sys.stderr)
+            return 128 + signum  # the shell's convention: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ paper's minimal example runs with only its import line changed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -260,6 +261,10 @@ class TrainConfig:
     logger: str = described("none", "also log to: none | wandb | tensorboard")
     threads: int | None = described(None, "torch CPU threads; none = torch's choice")
 
+    def __post_init__(self) -> None:
+        # Checked where the config is made, so gam train, train() and the benches refuse the same values.
+        self.validate()
+
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
@@ -270,14 +275,42 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ConfigError("lr must be > 0, warmup_steps and grad_clip >= 0")
+        check_threads(self.threads)
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if not self._finite("lr") > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        for name in ("min_lr", "weight_decay", "grad_clip"):
+            if self._finite(name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= self._finite(name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr ({self.min_lr:g}) must not exceed lr ({self.lr:g}): the schedule decays "
+                              "from lr to min_lr")
         if self.logger not in LOGGERS:
             raise ConfigError(f"logger must be none, wandb or tensorboard, got {self.logger!r}")
         if self.data_source not in DATA_SOURCES:
             raise ConfigError(f"data_source must be auto, hub or shipped, got {self.data_source!r}")
         if self.tokenizer not in TOKENIZER_KINDS:
             raise ConfigError(f"tokenizer must be bytelevel or paper, got {self.tokenizer!r}")
+
+    def _finite(self, name: str) -> float:
+        value = getattr(self, name)
+        if not is_number(value) or not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return value
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_threads(threads: Any, name: str = "threads") -> None:
+    """None (the library's choice) or a positive integer: the check of every command that sets CPU threads."""
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ConfigError(f"{name} must be an integer >= 1 (or none: torch's choice), got {threads!r}")
 
 
 # What --resume does with a training field whose value differs from the run's saved
@@ -294,6 +327,9 @@ RESUME_NOTICED = frozenset({"max_steps", "epochs", "eval_batch_size", "eval_ever
 RESUME_SILENT = frozenset({"device", "threads", "logger", "compile"})  # where it runs, not what it computes
 # Never compared: the run's saved tokenizer decides the vocabulary (a request of 8192 may give fewer tokens).
 RESUME_NOT_COMPARED = frozenset({"vocab_size"})
+# Not a field: --allow-change corpus continues a run on data whose content changed since the run
+# read it (refused otherwise); the change is recorded in the run's checkpoints.
+ALLOW_DATA_CHANGE = "corpus"
 
 
 # Presets: the paper's exact hyper-parameters, and a small CPU configuration

@@ -22,11 +22,12 @@ import threading
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from gam.fileio import atomic_write
+from gam.fileio import atomic_write, sha256_of_file
 
 __all__ = [
     "DataError",
@@ -59,6 +60,9 @@ class Corpus:
 
     ``source`` says exactly which copy was used (hub / shipped / local path, and row counts).
     ``test`` is only set when the copy has a test split (WikiText-2, local folders with test files).
+    ``files``: what was read, by name: a file's absolute path, size and sha256, or a hub
+    dataset's id, config, revision and the sha256 of its rows (:meth:`fingerprint`); a run
+    records it to know what it was trained on.
     """
 
     name: str
@@ -68,6 +72,7 @@ class Corpus:
     test: list[str] | None = None
     split_rows: tuple[int | None, int | None] = (None, None)
     fallback_reason: str | None = None
+    files: dict[str, dict] = field(default_factory=dict)
 
     def split(self, name: str) -> list[str]:
         rows = {"train": self.train, "valid": self.valid, "test": self.test}.get(name)
@@ -246,7 +251,13 @@ def _load_hub(key: str, split_rows: tuple[int | None, int | None]) -> Corpus:
     cfg = f"/{config}" if config else ""
     src = f"hub: {path}{cfg} (train {_count(train, n_tr)}, validation {_count(valid, n_va)}"
     src += f", test {len(test)} rows)" if test is not None else ")"
-    return Corpus(key, src, train, valid, test, split_rows)
+    corpus = Corpus(key, src, train, valid, test, split_rows)
+    cached = ds["train"].cache_files
+    # datasets caches a hub copy under .../<config>/<version>/<revision>/: the repository's commit
+    revision = Path(cached[0]["filename"]).parent.name if cached else None
+    corpus.files = {f"hub:{path}{cfg}": {"dataset": path, "config": config, "revision": revision,
+                                         "sha256": corpus.fingerprint(("train", "valid", "test"))}}
+    return corpus
 
 
 def _fallback_marker(dataset_id: str, cache_dir: str | os.PathLike | None) -> Path:
@@ -323,15 +334,22 @@ def _read_lines(text: str) -> list[str]:
     return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
 
 
-def _shipped_text(rel: str) -> str:
+def _shipped_text(rel: str, read: dict[str, dict]) -> str:
+    """The text of a shipped corpus file; records it in ``read``."""
     p = CORPORA_DIR / rel
     try:
         data = gzip.decompress(p.read_bytes())
+        read[rel] = _file_record(p)
     except FileNotFoundError:
         raise DataError(f"{p}: shipped corpus file missing (broken installation?)") from None
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{p}: unreadable shipped corpus file ({type(e).__name__}: {e})") from None
     return _decode(data, p)
+
+
+def _file_record(path: Path) -> dict:
+    """What a run records of a corpus file it read: where, how large, its sha256."""
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": sha256_of_file(path)}
 
 
 _STORY_START = re.compile(r"^(Once upon a time|Once there\b|Once, there\b)")
@@ -358,29 +376,30 @@ def _tinystories_valid_rows(text: str) -> list[str]:
 
 
 def _load_shipped(key: str, split_rows) -> Corpus:
+    read: dict[str, dict] = {}
     if key == "wikitext2":
-        train_all = _read_lines(_shipped_text("wikitext-2/train.txt.gz"))
-        valid_all = _read_lines(_shipped_text("wikitext-2/valid.txt.gz"))
-        test = _read_lines(_shipped_text("wikitext-2/test.txt.gz"))
+        train_all = _read_lines(_shipped_text("wikitext-2/train.txt.gz", read))
+        valid_all = _read_lines(_shipped_text("wikitext-2/valid.txt.gz", read))
+        test = _read_lines(_shipped_text("wikitext-2/test.txt.gz", read))
         train, valid = _trim(train_all, split_rows[0]), _trim(valid_all, split_rows[1])
         src = (
             "shipped: WikiText-2 tokenized release (wikitext-2-v1, rare words as <unk>; not the "
             f"paper's raw release), train {_count(train, len(train_all))}, "
             f"valid {_count(valid, len(valid_all))}, test {len(test)} rows"
         )
-        return Corpus(key, src, train, valid, test, split_rows)
+        return Corpus(key, src, train, valid, test, split_rows, files=read)
     if key == "tinystories":
         train_all = _tinystories_train_rows(
-            _shipped_text("tinystories/TinyStories-train_first1000rows.txt.gz"))
+            _shipped_text("tinystories/TinyStories-train_first1000rows.txt.gz", read))
         valid_all = _tinystories_valid_rows(
-            _shipped_text("tinystories/TinyStories-valid_head.txt.gz"))
+            _shipped_text("tinystories/TinyStories-valid_head.txt.gz", read))
         train, valid = _trim(train_all, split_rows[0]), _trim(valid_all, split_rows[1])
         src = (
             "shipped: TinyStories partial sample (roneneldan/TinyStories train rows 0-999 split "
             "on single newlines; validation head regrouped into ~stories; paper uses 50000/5000 "
             f"rows), train {_count(train, len(train_all))}, valid {_count(valid, len(valid_all))}"
         )
-        return Corpus(key, src, train, valid, None, split_rows)
+        return Corpus(key, src, train, valid, None, split_rows, files=read)
     raise DataError(f"{key!r}: no shipped copy")  # pragma: no cover
 
 
@@ -431,7 +450,7 @@ def _read_file_rows(path: Path) -> list[str]:
         raw = _read_bytes(path)
         try:
             data = gzip.decompress(raw)
-        except (OSError, EOFError, ValueError) as e:
+        except (OSError, EOFError, ValueError, zlib.error) as e:  # zlib.error: corrupt compressed data
             raise DataError(f"{path}: unreadable gzip file ({type(e).__name__}: {e})") from None
         return _read_lines(_decode(data, path))
     if ext == ".jsonl":
@@ -533,7 +552,9 @@ def _load_local(path: Path, split_rows, valid_fraction: float) -> Corpus:
             name = name[: -len(e)]
     held = f"last {valid_fraction:.0%} of rows held out as valid"
     test = None
+    read: list[Path] = []  # the files whose rows are used, recorded below
     if path.is_file():
+        read.append(path)
         rows = _read_file_rows(path)
         if not _nonempty(rows):
             raise DataError(f"{path}: empty corpus (no text)")
@@ -557,17 +578,18 @@ def _load_local(path: Path, split_rows, valid_fraction: float) -> Corpus:
             for f in by_split.get(None, []):
                 warnings.warn(f"{f}: not a train/valid/test file; ignored", DataWarning, stacklevel=3)
 
-            def read(split: str) -> list[str]:
+            def rows_of(split: str) -> list[str]:
                 out: list[str] = []
                 for f in named.get(split, []):
+                    read.append(f)
                     out.extend(_read_file_rows(f))
                 return out
 
-            train_all = read("train")
+            train_all = rows_of("train")
             if not _nonempty(train_all):
                 raise DataError(f"{path}: empty corpus (train files have no text)")
             if "valid" in named:
-                valid_all = read("valid")
+                valid_all = rows_of("valid")
                 if not _nonempty(valid_all):
                     raise DataError(f"{path}: empty corpus (valid files have no text)")
                 how = "folder splits"
@@ -575,10 +597,11 @@ def _load_local(path: Path, split_rows, valid_fraction: float) -> Corpus:
                 train_all, valid_all = _holdout(train_all, valid_fraction, path)
                 how = f"folder splits; no valid files, {held} from train"
             if "test" in named:
-                test = read("test")
+                test = rows_of("test")
         else:
             rows = []
             for f in files:
+                read.append(f)
                 rows.extend(_read_file_rows(f))
             if not _nonempty(rows):
                 raise DataError(f"{path}: empty corpus (no text in {len(files)} file(s))")
@@ -591,7 +614,8 @@ def _load_local(path: Path, split_rows, valid_fraction: float) -> Corpus:
         raise DataError(f"{path}: empty corpus (train rows kept after trimming have no text)")
     src = f"local: {path} ({how}; train {_count(train, len(train_all))}, valid {_count(valid, len(valid_all))}"
     src += f", test {len(test)} rows)" if test is not None else ")"
-    return Corpus(name, src, train, valid, test, split_rows)
+    files = {(f.name if f == path else f.relative_to(path).as_posix()): _file_record(f) for f in read}
+    return Corpus(name, src, train, valid, test, split_rows, files=files)
 
 # --------------------------------------------------------------------------------------------
 # Cache folder

@@ -14,11 +14,13 @@ The one call a trainer needs is :func:`prepare_data`.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -27,8 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gam.corpus import DataError, default_cache_dir, load_corpus
-from gam.fileio import atomic_write
+from gam.corpus import DataError, DataWarning, default_cache_dir, load_corpus
+from gam.fileio import atomic_write, is_atomic_write_temporary, remove_orphaned_temporaries, sha256_of_file
 from gam.tokenizer import get_tokenizer, row_texts, slug, tokenizer_hash, tokenizer_path
 from gam.tokenizer import tokenizer_kind as kind_of  # prepare_data has a tokenizer_kind argument
 
@@ -39,11 +41,12 @@ __all__ = [
     "epoch_order",
     "PreparedData",
     "prepare_data",
+    "fingerprint_changes",
 ]
 
 log = logging.getLogger(__name__)
 
-_FORMAT_VERSION = 1  # bump to invalidate every cached token file
+_FORMAT_VERSION = 2  # bump to invalidate every cached token file (2: the sidecar holds the sha256)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -67,7 +70,8 @@ def encode_to_file(tokenizer, texts: Sequence[str], path: str | os.PathLike, *,
     As the paper: each row is encoded separately (batch encode) and the ids are concatenated in
     row order with no separator; empty rows contribute nothing. dtype is uint16 when the vocab
     has <= 65535 entries, else uint32. Both files are written atomically (temp + os.replace);
-    the sidecar (dtype, count, tokenizer hash) is written last. Returns :func:`load_tokens`.
+    the sidecar (dtype, count, sha256 of the file, tokenizer hash) is written last. Returns the
+    tokens as :func:`load_tokens` does.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +79,7 @@ def encode_to_file(tokenizer, texts: Sequence[str], path: str | os.PathLike, *,
     dtype = np.dtype(np.uint16 if vocab <= 65535 else np.uint32)
     encode = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
     count = 0
+    digest = hashlib.sha256()
     with atomic_write(path) as f:
         for i in range(0, len(texts), batch_size):
             batch = [t for t in texts[i:i + batch_size] if t]
@@ -86,11 +91,12 @@ def encode_to_file(tokenizer, texts: Sequence[str], path: str | os.PathLike, *,
                 continue
             arr = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=n)
             arr.tofile(f)
+            digest.update(arr)
             count += n
-    meta = {"format": _FORMAT_VERSION, "dtype": dtype.name, "count": count,
+    meta = {"format": _FORMAT_VERSION, "dtype": dtype.name, "count": count, "sha256": digest.hexdigest(),
             "tokenizer_hash": tokenizer_hash(tokenizer), "vocab_size": vocab, "rows": len(texts)}
     _atomic_write_bytes(_sidecar(path), json.dumps(meta, indent=1).encode())
-    return load_tokens(path)
+    return _token_array(path, dtype, count)
 
 
 def _read_sidecar(path: Path) -> dict:
@@ -108,16 +114,25 @@ def _read_sidecar(path: Path) -> dict:
 
 def load_tokens(path: str | os.PathLike) -> np.ndarray:
     """Read-only ``np.memmap`` of a token file written by :func:`encode_to_file`
-    (a plain empty array when the file holds no tokens)."""
+    (a plain empty array when the file holds no tokens), checked against its sidecar:
+    the size, then the content (sha256), so same-size garbage is refused, not trained on."""
     path = Path(path)
     meta = _read_sidecar(path)
     dtype, count = np.dtype(meta["dtype"]), int(meta["count"])
     try:
         size = path.stat().st_size
+        actual = sha256_of_file(path) if size == count * dtype.itemsize else None
     except OSError as e:
         raise DataError(f"{path}: unreadable token file ({e.strerror or e})") from None
-    if size != count * dtype.itemsize:
+    if actual is None:
         raise DataError(f"{path}: token file has {size} bytes, sidecar says {count} x {dtype.name}")
+    if actual != meta.get("sha256"):
+        recorded = str(meta["sha256"])[:16] if meta.get("sha256") else "none (an older cache format)"
+        raise DataError(f"{path}: content does not match its sidecar (sha256 {actual[:16]}, recorded {recorded})")
+    return _token_array(path, dtype, count)
+
+
+def _token_array(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
     if count == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
@@ -213,6 +228,12 @@ class PreparedData:
     tokenizer_kind: str = "bytelevel"
     fallback_reason: str | None = None
     token_paths: dict = field(default_factory=dict)
+    corpus_files: dict = field(default_factory=dict)  # gam.corpus.Corpus.files: what was read
+
+    def fingerprint(self) -> dict:
+        """What a run records to know what it was trained on: the corpus files read (path,
+        size, sha256; a hub dataset's id, revision and rows' sha256) and the tokenizer's hash."""
+        return {"corpus": self.corpus_files, "tokenizer": self.tokenizer_hash}
 
     def train_dataset(self) -> BlockDataset:
         return BlockDataset(self.train, self.block_size, name=f"{self.name} train")
@@ -240,15 +261,15 @@ class PreparedData:
 
 
 def _cached_tokens(tokenizer, tok_hash: str, rows: list[str], path: Path) -> np.ndarray:
-    if path.exists() and _sidecar(path).exists():
+    if path.exists():  # a token file without its sidecar is damaged too: re-encoded, with a note
         try:
             meta = _read_sidecar(path)
             if meta.get("tokenizer_hash") == tok_hash and meta.get("format") == _FORMAT_VERSION:
                 arr = load_tokens(path)
                 log.info("token cache hit: %s", path)
                 return arr
-        except DataError as e:
-            log.warning("re-encoding: %s", e)
+        except DataError as e:  # a damaged cache is rebuilt, never trusted
+            warnings.warn(f"{e}; re-encoding", DataWarning, stacklevel=3)
     from gam.progress import heartbeat
 
     t0 = time.perf_counter()
@@ -298,6 +319,8 @@ def prepare_data(
         tok, tok_path, th, kind = tokenizer, None, tokenizer_hash(tokenizer), kind_of(tokenizer)
         root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         tok_dir = root / "tokens" / f"{slug(corpus.name)}-given-{kind}-{th}"
+    for folder in {tok_dir, tok_dir.parent.parent / "tokenizers"}:  # what killed cache writers left
+        remove_orphaned_temporaries(folder, is_atomic_write_temporary)
     arrays: dict[str, np.ndarray | None] = {}
     paths: dict[str, Path] = {}
     for split in ("train", "valid", "test"):
@@ -321,5 +344,37 @@ def prepare_data(
         name=corpus.name, source=corpus.source, tokenizer=tok, vocab_size=tok.get_vocab_size(),
         block_size=int(block_size), train=arrays["train"], valid=arrays["valid"],
         test=arrays["test"], tokenizer_path=tok_path, tokenizer_hash=th, tokenizer_kind=kind,
-        fallback_reason=corpus.fallback_reason, token_paths=paths,
+        fallback_reason=corpus.fallback_reason, token_paths=paths, corpus_files=corpus.files,
     )
+
+
+def _describe(record: dict) -> str:
+    parts = [f"revision {record['revision']}"] if record.get("revision") else []
+    parts.append(f"sha256 {str(record.get('sha256'))[:16]}")
+    if "bytes" in record:
+        parts.append(f"{record['bytes']:,} bytes")
+    return ", ".join(parts)
+
+
+def fingerprint_changes(recorded: dict | None, now: dict) -> list[str]:
+    """What differs between the data a run recorded (:meth:`PreparedData.fingerprint`) and ``now``,
+    one phrase per file: its path and its old and new hash. A file read from another place with
+    the same content is no change. ``recorded`` None (a run saved before fingerprints): nothing known."""
+    if recorded is None:
+        return []
+    changes = []
+    old_files, new_files = recorded.get("corpus", {}), now["corpus"]
+    for name in sorted(old_files.keys() | new_files.keys()):
+        old, new = old_files.get(name), new_files.get(name)
+        if new is None:
+            changes.append(f"{old.get('path', name)} ({_describe(old)}) is not read now")
+        elif old is None:
+            changes.append(f"{new.get('path', name)} ({_describe(new)}) was not read by the run")
+        elif old.get("sha256") != new.get("sha256"):
+            where = new.get("path", name)
+            if old.get("path", name) != where:
+                where = f"{name}: {old.get('path', name)} -> {where}"
+            changes.append(f"{where}: {_describe(old)} -> {_describe(new)}")
+    if recorded.get("tokenizer") != now["tokenizer"]:
+        changes.append(f"the tokenizer: hash {recorded.get('tokenizer')} -> {now['tokenizer']}")
+    return changes

@@ -342,7 +342,14 @@ def unk_token_of(tokenizer) -> str | None:
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text``; characters the tokenizer cannot encode become [UNK], with a warning."""
+    """Token ids of ``text``; characters the tokenizer cannot encode become [UNK], with a warning.
+    Text that is not Unicode (a lone surrogate: what Python makes of non-UTF-8 bytes on a
+    command line) is a one-line ValueError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"the prompt is not valid UTF-8 text: {text[err.start:err.end]!r} at character "
+                         f"{err.start} (bytes that are not UTF-8, or a lone surrogate)") from None
     enc = tokenizer.encode(text, add_special_tokens=False)
     unk = unk_token_of(tokenizer)
     unk_id = tokenizer.token_to_id(unk) if unk else None

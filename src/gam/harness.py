@@ -15,6 +15,7 @@ shipped corpora, no download) are added: ``gam_wikitext2`` (word/byte perplexity
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 TASKS_DIR = Path(__file__).resolve().parent / "harness_tasks"
@@ -27,6 +28,16 @@ def lm_eval_argv(args: list[str]) -> list[str]:
     if given or not args or args[0] in ("-h", "--help"):
         return ["lm_eval", *args]
     return ["lm_eval", *args, "--include_path", str(TASKS_DIR)]
+
+
+def one_line(err: Exception) -> str:
+    """An exception from lm-eval (or transformers under it) as one line: its type and the first
+    line of its message; a bare ``assert`` has none, so the line that raised it stands in."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if lines:
+        return f"{type(err).__name__}: {lines[0]}"
+    frame = traceback.extract_tb(err.__traceback__)[-1]
+    return f"{type(err).__name__} in {Path(frame.filename).name}:{frame.lineno}: {frame.line}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         lm_eval.__main__.cli_evaluate()
     except SystemExit as exit_:  # argparse errors and --help end this way
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except KeyboardInterrupt:
+        print("gam harness: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - our boundary: lm-eval's message, not its stack
+        print(f"gam harness: error: {one_line(err)}", file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved
     return 0

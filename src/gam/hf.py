@@ -315,7 +315,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     import shutil
 
     from gam.checkpoint import TEMP_PREFIX, load_checkpoint, write_manifest
-    from gam.fileio import apply_umask, make_temp_dir
+    from gam.fileio import apply_umask, lock_temp_dir, make_temp_dir, remove_orphaned_temporaries
 
     out = Path(out)
     if any(parent.exists() and not parent.is_dir() for parent in out.parents):
@@ -336,7 +336,10 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     # that names the tokenizer class; without it pipeline("text-generation", model=OUT) has none.
     hf.config.tokenizer_class = "PreTrainedTokenizerFast"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out.parent, f"{TEMP_PREFIX}{out.name}-")
+    temp_prefix = f"{TEMP_PREFIX}{out.name}-"
+    remove_orphaned_temporaries(out.parent, lambda name: name.startswith(temp_prefix))  # a killed export's
+    tmp = make_temp_dir(out.parent, temp_prefix)
+    lock = lock_temp_dir(tmp)
     try:
         with writer_errors_as_os_errors(tmp / "model.safetensors"):
             hf.save_pretrained(tmp, safe_serialization=True)
@@ -358,4 +361,6 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
     return out

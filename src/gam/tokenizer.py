@@ -31,11 +31,12 @@ import logging
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from gam.config import TOKENIZER_KINDS
-from gam.corpus import Corpus, DataError, default_cache_dir
+from gam.corpus import Corpus, DataError, DataWarning, default_cache_dir
 from gam.fileio import atomic_write
 
 __all__ = [
@@ -189,18 +190,26 @@ def get_tokenizer(corpus: Corpus, vocab_size: int = 10000, cache_dir: str | os.P
     """Trained tokenizer of ``kind`` for ``corpus``, cached as JSON under ``cache_dir/tokenizers/``.
 
     ``splits`` defaults to the train split; ``("train", "valid", "test")`` mimics the paper's
-    released script, which trains the tokenizer on every (trimmed) split.
+    released script, which trains the tokenizer on every (trimmed) split. A cached tokenizer
+    is used only if its hash is the one its ``.meta.json`` recorded; one that is unreadable or
+    edited is retrained, with a warning, never trusted.
     """
     from tokenizers import Tokenizer
 
     path, meta = tokenizer_path(corpus, vocab_size, cache_dir, splits, kind)
+    meta_path = path.with_suffix(".meta.json")
     if path.exists():
         try:
             tok = Tokenizer.from_file(str(path))
-            log.info("tokenizer cache hit: %s", path)
-            return tok
-        except Exception as e:  # corrupt cache entry: retrain
-            log.warning("ignoring unreadable cached tokenizer %s (%s)", path, e)
+            recorded = json.loads(meta_path.read_text())["tokenizer_hash"]
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
+            problem = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        else:
+            if tokenizer_hash(tok) == recorded:
+                log.info("tokenizer cache hit: %s", path)
+                return tok
+            problem = f"does not match its {meta_path.name} (hash {tokenizer_hash(tok)}, recorded {recorded})"
+        warnings.warn(f"cached tokenizer {path}: {problem}; retraining", DataWarning, stacklevel=3)
     texts: list[str] = []
     for s in splits:
         if s == "test" and corpus.test is None:
@@ -217,7 +226,7 @@ def get_tokenizer(corpus: Corpus, vocab_size: int = 10000, cache_dir: str | os.P
              time.perf_counter() - t0)
     _write(path, tok.to_str().encode("utf-8"))
     meta = dict(meta, tokenizer_hash=tokenizer_hash(tok), actual_vocab_size=tok.get_vocab_size())
-    _write(path.with_suffix(".meta.json"), json.dumps(meta, indent=1).encode())
+    _write(meta_path, json.dumps(meta, indent=1).encode())
     return tok
 
 

@@ -4,7 +4,7 @@
 
 Runs on CPU or GPU, in fp32, bf16 or fp16 autocast, on one process or many
 (``torchrun``: DistributedDataParallel, gloo on CPU, NCCL on GPU). A run
-interrupted at any point (Ctrl-C, SIGTERM, a crash) resumes from its last
+interrupted at any point (Ctrl-C, SIGTERM, SIGHUP, a crash) resumes from its last
 checkpoint and ends with the same weights as an uninterrupted run.
 """
 
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from gam.checkpoint import CheckpointError, RunLock, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from gam.config import (
+    ALLOW_DATA_CHANGE,
     RESUME_NOT_COMPARED,
     RESUME_NOTICED,  # noqa: F401 - gam.train's API, as TrainConfig and preset
     RESUME_ON_REQUEST,
@@ -188,11 +189,14 @@ def batches(tokens: np.ndarray, block_size: int, order: torch.Tensor, start: int
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int,
-             device: torch.device, precision: str, d: Dist | None = None) -> dict[str, float]:
+             device: torch.device, precision: str, d: Dist | None = None,
+             should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """Mean cross-entropy over every validation block, in order (deterministic).
 
     It takes tens of seconds to minutes on a CPU: a progress bar on a terminal, a line every
-    GAM_PROGRESS_SECONDS in a log (gam.progress)."""
+    GAM_PROGRESS_SECONDS in a log (gam.progress). ``should_stop``, asked before each batch:
+    when it answers True the pass is abandoned (:class:`Interrupted`), so a stop asked for
+    during a long evaluation is not held up by it."""
     from gam.progress import progress
 
     d = d or Dist()
@@ -207,6 +211,9 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     total_tokens = torch.zeros((), dtype=torch.float64, device=device)
     for start in progress(range(d.rank * batch_size, n_blocks, batch_size * d.world), "evaluating", rank=d.rank):
+        if should_stop is not None and should_stop():
+            model.train(was_training)
+            raise Interrupted()
         xy = batches(tokens, block_size, order, start, batch_size).to(device)
         with autocast_context(precision, device):
             logits, _ = model(xy[:, :-1])
@@ -282,7 +289,11 @@ class MetricsLog:
 # ----------------------------------------------------------------------------- the run
 
 class Interrupted(Exception):
-    pass
+    """A stop was asked for (a signal, or ``stop_after``): save at the step boundary and return."""
+
+
+# What ends runs in practice: Ctrl-C, a scheduler's or the system's SIGTERM, a closed terminal's SIGHUP.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class TrainingDiverged(RuntimeError):
@@ -295,6 +306,7 @@ class RunResult:
     step: int
     metrics: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
+    stop_signal: int | None = None  # the signal that stopped an interrupted run (None: stop_after)
     already_finished: bool = False  # a resume of a run that had reached its end: nothing was done
     resume_command: str | None = None  # printed when interrupted
 
@@ -372,6 +384,8 @@ class Trainer:
     log: MetricsLog | None = None
     step: int = 0
     last_good: Path | None = None  # newest checkpoint whose weights gave a finite loss
+    # {"epoch", "train_loss"} of the evaluation a stop abandoned just before the checkpoint resumed from
+    evaluation_owed: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -415,6 +429,7 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
     """
     cfg.validate()
     run_dir = Path(run_dir)
+    allow_change = set(allow_change)
     device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     d = setup_distributed(device_type)
     device = pick_device(cfg.device, d)
@@ -438,14 +453,19 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
         if cfg.threads and device.type == "cpu":
             torch.set_num_threads(cfg.threads)
         data, model_config, cfg = prepare(model_config, cfg, data, ckpt, say)
+        data_changes = check_data_unchanged(ckpt, data, allow_change, say) if ckpt is not None else []
         t = Trainer(run_dir, cfg, model_config, d, device, data, say)
-        if ckpt is not None and ckpt.step >= t.total_steps:
+        if ckpt is not None and ckpt.step >= t.total_steps and "evaluation_owed" not in ckpt.info:
             say(f"{run_dir} is finished: step {ckpt.step} of {t.total_steps}; nothing to do "
                 f"(to train further: {t.resume_command()} --max-steps N, N > {ckpt.step})")
             return RunResult(run_dir, ckpt.step, dict(ckpt.info.get("final_metrics") or {}), already_finished=True)
-        build(t)
+        build(t, fresh=ckpt is None)
         if ckpt is not None:
             restore(t, ckpt)
+            accepted = ckpt.info.get("data_changes", []) + ([{"step": ckpt.step, "changes": data_changes}]
+                                                             if data_changes else [])
+            if accepted:  # every change continued on purpose, kept in each later checkpoint
+                t.info["data_changes"] = accepted
             say(f"resuming from {ckpt.path} (step {ckpt.step})")
         else:
             torch.manual_seed(cfg.seed + d.rank)  # dropout masks differ across processes; the data order does not
@@ -453,6 +473,21 @@ def train(model_config: GAMConfig, cfg: TrainConfig, run_dir: str | Path, resume
     finally:
         if lock is not None:
             lock.release()
+
+
+def check_data_unchanged(ckpt, data, allow_change: set[str], say: Callable[[str], None]) -> list[str]:
+    """What changed in the data since the run read it (:func:`gam.data.fingerprint_changes`):
+    refused, unless ``allow_change`` names ``corpus``; then each change is said and returned."""
+    from gam.data import fingerprint_changes
+
+    changes = fingerprint_changes(ckpt.info.get("data_fingerprint"), data.fingerprint())
+    if changes and ALLOW_DATA_CHANGE not in allow_change:
+        raise ConfigError(f"--resume: the data changed since the run read it: {'; '.join(changes)}; resume on "
+                          f"the data the run read, or continue on this data on purpose with --allow-change "
+                          f"{ALLOW_DATA_CHANGE}")
+    for change in changes:
+        say(f"resume: continuing on changed data, as allowed: {change}")
+    return changes
 
 
 def copy_trained_on(info: dict[str, Any], source: str) -> str:
@@ -497,8 +532,9 @@ def prepare(model_config: GAMConfig, cfg: TrainConfig, data, ckpt,
     return data, model_config, cfg
 
 
-def build(t: Trainer) -> None:
-    """Model, optimizer, wrappers and the metrics log of a run (fresh weights)."""
+def build(t: Trainer, fresh: bool) -> None:
+    """Model, optimizer, wrappers and the metrics log of a run (fresh weights); ``fresh``: a new run,
+    not a resume."""
     cfg, d = t.cfg, t.d
     if cfg.batch_size % (d.world * cfg.grad_accum):
         raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
@@ -519,11 +555,11 @@ def build(t: Trainer) -> None:
         t.train_model = DDP(t.train_model, device_ids=[t.device.index] if t.device.type == "cuda" else None)
     t.stepper = TrainingStep(t.model, cfg, t.device, t.total_steps, forward=t.train_model)
     t.info = {"train_config": dataclasses.asdict(cfg), "data_source": t.data.source,
-              "unigram_ppl": None, "parameters": parameters}
-    if d.main and (t.run_dir / "metrics.jsonl").exists():
-        (t.run_dir / "metrics.jsonl").unlink()  # a fresh run; restore() brings a resumed run's log back
+              "data_fingerprint": t.data.fingerprint(), "unigram_ppl": None, "parameters": parameters}
     run_config = {"model": t.model_config.to_dict(), "train": dataclasses.asdict(cfg)}
-    t.log = MetricsLog(t.run_dir, cfg.logger, d.main, run_config)
+    t.log = MetricsLog(t.run_dir, cfg.logger, d.main, run_config)  # may refuse (a logger not installed)
+    if fresh and d.main and t.log.path.exists():
+        t.log.path.unlink()  # what a run killed before its first checkpoint logged; resume: restore() replaces it
 
 
 def restore(t: Trainer, ckpt) -> None:
@@ -550,6 +586,7 @@ def restore(t: Trainer, ckpt) -> None:
         with atomic_write(t.log.path, "wb") as f:
             f.write((ckpt.path / "metrics.jsonl").read_bytes())
     t.last_good = ckpt.path
+    t.evaluation_owed = ckpt.info.get("evaluation_owed")
 
 
 # ----------------------------------------------------------------------------- saving
@@ -633,8 +670,14 @@ def run_loop(t: Trainer, stop_after: int | None) -> RunResult:
     def on_signal(signum, _frame):
         stop["signal"] = signum
 
+    def asked_to_stop() -> bool:
+        return stop["signal"] is not None
+
+    # An evaluation abandons its pass when asked to stop, on one process only: processes
+    # evaluating different blocks could not agree on where to stop without a sync per batch.
+    evaluation_stop = asked_to_stop if d.world == 1 else None
     handlers = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         try:
             handlers[sig] = signal.signal(sig, on_signal)
         except ValueError:  # not the main thread
@@ -654,7 +697,11 @@ def run_loop(t: Trainer, stop_after: int | None) -> RunResult:
     # The training bar also goes to logs (a run's only progress there); TQDM_DISABLE hides it.
     bar = tqdm(total=t.total_steps, initial=t.step, disable=not d.main or disabled_by_env(), dynamic_ncols=True,
                mininterval=1.0, file=sys.stderr)
+    owed = t.evaluation_owed
     try:
+        if owed is not None:
+            result.metrics = evaluate_and_log(t, owed["epoch"], owed["train_loss"], None, bar, evaluation_stop)
+            owed = None
         while t.step < t.total_steps:
             if t.step // t.steps_per_epoch != epoch:
                 epoch = t.step // t.steps_per_epoch
@@ -681,14 +728,17 @@ def run_loop(t: Trainer, stop_after: int | None) -> RunResult:
                 interval = {"train_s": 0.0, "tokens": 0}
             end_of_epoch = t.step % t.steps_per_epoch == 0 or t.step == t.total_steps
             if (cfg.eval_every and t.step % cfg.eval_every == 0) or end_of_epoch:
-                result.metrics = evaluate_and_log(t, epoch, loss, epoch_stats if end_of_epoch else None, bar)
+                owed = {"epoch": epoch, "train_loss": loss}
+                result.metrics = evaluate_and_log(t, epoch, loss, epoch_stats if end_of_epoch else None, bar,
+                                                  evaluation_stop)
+                owed = None
                 if end_of_epoch:
                     epoch_stats = {"train_s": 0.0, "data_s": 0.0, "tokens": 0}
             if t.step == t.total_steps:
                 break  # the end: saved below after the final evaluation, even if a signal came
             if cfg.save_every and t.step % cfg.save_every == 0:
                 pending.hold(t)
-            stopping = stop["signal"] is not None
+            stopping = asked_to_stop()
             if d.world > 1:  # every process must agree to stop at the same step
                 flag = torch.tensor(float(stopping), device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -704,8 +754,11 @@ def run_loop(t: Trainer, stop_after: int | None) -> RunResult:
         loss = next_batch_loss(t, order)
         if not math.isfinite(loss):
             raise diverged(t, f"stopped at step {t.step}, whose weights give a loss of {loss}") from None
+        if owed is not None:  # abandoned: the resumed run evaluates first, as this one would have
+            t.info["evaluation_owed"] = owed
         pending.confirm(t)
         result.interrupted = True
+        result.stop_signal = stop["signal"]
         result.resume_command = t.resume_command()
         name = signal.Signals(stop["signal"]).name if stop["signal"] else "stop_after"
         t.say(f"\n{name}: saved a checkpoint at step {t.step} in {t.run_dir}. "
@@ -750,9 +803,10 @@ def optimizer_step(t: Trainer) -> float:
 
 
 def evaluate_and_log(t: Trainer, epoch: int, train_loss: float, epoch_stats: dict[str, Any] | None,
-                     bar) -> dict[str, Any]:
+                     bar, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
     te = time.perf_counter()
-    metrics = evaluate(t.model, t.data.valid, t.block_size, t.cfg.eval_batch_size, t.device, t.cfg.precision, t.d)
+    metrics = evaluate(t.model, t.data.valid, t.block_size, t.cfg.eval_batch_size, t.device, t.cfg.precision, t.d,
+                       should_stop)
     metrics["eval_s"] = time.perf_counter() - te
     record = {"step": t.step, "epoch": epoch, "train_loss": train_loss, **metrics}
     timed = ""

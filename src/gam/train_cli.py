@@ -9,7 +9,7 @@ from typing import Any
 
 from gam import cli_args
 from gam.cli_args import Parser, UsageError, add_field_arguments, given_fields
-from gam.config import PRESETS, RESUME_ON_REQUEST, ConfigError, GAMConfig, TrainConfig, preset
+from gam.config import ALLOW_DATA_CHANGE, PRESETS, RESUME_ON_REQUEST, ConfigError, GAMConfig, TrainConfig, preset
 
 TRAIN_HELP = """\
 Train GAM, the Transformer or Mamba on WikiText-2, TinyStories or your own text.
@@ -22,7 +22,7 @@ Every model field (GAMConfig) and training field (TrainConfig) below can be
 set: --n-layer 4 --lr 1e-3 --precision bf16 --variant sum_fusion --compile.
 A preset (--preset cpu, the default, or paper) sets some fields first; what
 you give on the command line wins. Values: numbers, text, true/false, none.
-Ctrl-C saves a checkpoint; the same command with --resume added continues
+Ctrl-C, SIGTERM and SIGHUP save a checkpoint; the same command with --resume added continues
 exactly where it stopped.
 Multi-process: torchrun --nproc-per-node N -m gam.cli train ... (also --nnodes for
 several machines).
@@ -51,7 +51,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                           "(docs/reliability.md)")
     run.add_argument("--allow-change", default="", metavar="FIELDS",
                      help=f"with --resume: apply these changed fields, which are otherwise refused "
-                          f"(comma-separated: {', '.join(sorted(RESUME_ON_REQUEST))})")
+                          f"(comma-separated: {', '.join(sorted(RESUME_ON_REQUEST))}), or "
+                          f"{ALLOW_DATA_CHANGE}: continue on data whose content changed since the run read it")
     for title, config_class, presets in FIELD_GROUPS:
         add_field_arguments(p, title, config_class, presets)
     p.set_defaults(func=cmd_train)
@@ -121,8 +122,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = args.out or f"runs/{model_config.model}-{preset_name}-{_slug(cfg.data)}"
     result = train(model_config, cfg, out, resume=args.resume, explicit=origin if args.resume else None,
                    allow_change=allow_change)
-    if result.interrupted:
-        sys.exit(130)
+    if result.interrupted:  # saved; the shell's convention for the signal: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
+        sys.exit(128 + result.stop_signal if result.stop_signal else 130)  # no signal: stop_after, as Ctrl-C
     m = result.metrics
     if "val_loss" in m:
         print(f"\nvalidation: loss {m['val_loss']:.4f}, perplexity {m['val_ppl']:.2f} "
@@ -131,12 +132,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _allow_change(text: str) -> set[str]:
-    """``--allow-change lr,warmup-steps`` -> {"lr", "warmup_steps"}; only fields a resume may change on request."""
+    """``--allow-change lr,warmup-steps`` -> {"lr", "warmup_steps"}; only fields a resume may change on
+    request, and ``corpus`` (the data's content)."""
     names = {word.strip().removeprefix("--").replace("-", "_") for word in text.split(",") if word.strip()}
-    other = sorted(names - RESUME_ON_REQUEST)
+    other = sorted(names - RESUME_ON_REQUEST - {ALLOW_DATA_CHANGE})
     if other:
         raise ConfigError(f"--allow-change: {', '.join(other)} cannot be changed on resume; it takes "
-                          f"{', '.join(sorted(RESUME_ON_REQUEST))} (docs/reliability.md)")
+                          f"{', '.join(sorted(RESUME_ON_REQUEST))} and {ALLOW_DATA_CHANGE} (docs/reliability.md)")
     return names
 
 
@@ -150,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import torch
 
     from gam.checkpoint import load_checkpoint
-    from gam.data import prepare_data
+    from gam.data import fingerprint_changes, prepare_data
     from gam.train import Dist, copy_trained_on, evaluate, pick_device, unigram_perplexity
 
     if args.batch_size < 1:
@@ -171,6 +173,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
                         source=source,
                         train_rows=train_cfg.get("train_rows"), valid_rows=train_cfg.get("valid_rows"),
                         tokenizer=ckpt.tokenizer())
+    changes = [] if args.data else fingerprint_changes(ckpt.info.get("data_fingerprint"), data.fingerprint())
+    if changes:  # --data names the data on purpose: then it is evaluated as it is
+        raise ConfigError(f"the data changed since the run read it: {'; '.join(changes)}; to evaluate on it "
+                          f"as it is now, name it: --data {data_name}")
     with torch.no_grad():
         metrics = evaluate(model, data.valid, config.block_size, args.batch_size, device, precision)
     metrics["unigram_ppl"] = unigram_perplexity(data.train, data.valid, config.vocab_size, config.block_size)

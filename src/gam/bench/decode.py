@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gam.bench.common import end_provenance, environment, start_provenance, synchronize, write_results
-from gam.config import described
+from gam.config import check_threads, described
 from gam.models import registry
 
 DEFAULT_CONTEXTS = (256, 512, 1024, 2048, 4096, 8192)
@@ -259,6 +259,7 @@ class DecodeConfig:
                 raise ValueError(f"{label} must be >= 1, got {getattr(self, label)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        check_threads(self.threads)
         if not self.contexts or any(v < 1 for v in self.contexts):
             raise ValueError(f"contexts must be integers >= 1, got {self.contexts}")
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from gam.bench.common import end_provenance, environment, start_provenance, write_results
-from gam.config import GAMConfig, TrainConfig, described
+from gam.config import GAMConfig, TrainConfig, check_threads, described
 from gam.models import registry
 
 # ---------------------------------------------------------------- models
@@ -378,6 +378,7 @@ class RecallConfig:
     preset_override: Preset | None = field(default=None, init=True, repr=False)  # a custom Preset (tests)
 
     def resolved_preset(self) -> Preset:
+        check_threads(self.threads)
         p = self.preset_override or PRESETS[self.preset]
         if self.steps is not None:
             if self.steps < 1:

@@ -63,7 +63,7 @@ from gam.bench.common import (
     synchronize,
     write_results,
 )
-from gam.config import described
+from gam.config import check_threads, described
 from gam.models import registry
 from gam.models.registry import ModelSpec
 
@@ -250,6 +250,7 @@ class SpeedConfig:
         for name in ("batch", "seq", "steps", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1")
+        check_threads(self.threads)
 
 
 Config = SpeedConfig

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 from gam.bench.common import end_provenance, environment, markdown_table, start_provenance, write_results
 from gam.bench.recall import model_fields
-from gam.config import described
+from gam.config import check_threads, described
 from gam.models import registry
 
 NAME = "zoology"
@@ -113,6 +113,7 @@ class ZoologyConfig:
     seed: int = described(0, "seed of the data, the initialization and the batch order")
 
     def resolved_preset(self) -> Preset:
+        check_threads(self.threads)
         p = PRESETS[self.preset]
         if self.epochs is not None:
             if self.epochs < 1:
