@@ -712,7 +712,8 @@ def test_a_stop_during_the_final_evaluation_is_resumed_not_called_finished(tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_gam_train_exits_with_the_signals_conventional_code_after_saving(tmp_path, corpus, signum, code):
     env = {**ENV, "GAM_CACHE_DIR": str(tmp_path / "cache")}
     run = tmp_path / "run"
@@ -726,7 +727,13 @@ def test_gam_train_exits_with_the_signals_conventional_code_after_saving(tmp_pat
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert f"{signal.Signals(signum).name}: saved a checkpoint at step" in out and "Traceback" not in err
-    assert load_checkpoint(run).step > 0
+    assert "--resume" in out
+    step = load_checkpoint(run).step
+    assert step > 0
+    done = subprocess.run([sys.executable, "-m", "gam.cli", "train", "--data", str(corpus), "--out", str(run),
+                           "--resume", "--max-steps", str(step + 3)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert load_checkpoint(run).step == step + 3
 
 
 def test_sigterm_during_start_up_is_one_line_with_its_code(monkeypatch, capsys):
