@@ -1,4 +1,4 @@
-"""Shared by the test modules: the tiny model settings and a one-thread fixture."""
+"""Shared by the test modules: the tiny model settings, a one-thread fixture, the bf16 comparison."""
 
 import pytest
 import torch
@@ -23,3 +23,9 @@ def tiny(name, **fields):
     """A tiny model in eval mode, the same weights on every call."""
     torch.manual_seed(0)
     return build_model(name, **{**TINY, **fields}).eval()
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    """RMS of (a - b) over RMS of b (b: the fp32/fp64 reference): how bf16 results are compared."""
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import rel_rms
 from gam import ConfigError, GAMConfig, build_model
 from gam.layers.gam import GAMBlock
 from gam.ops.cross_entropy import cross_entropy, linear_cross_entropy, lm_loss
@@ -24,12 +25,6 @@ VARIANTS = ["full", "sum_fusion", "global_only", "local_only"]
 # (variant, memory) of the block tests: the paper's four, and the opt-in kv-slot memory
 # (eager mixer, fused FFN)
 BLOCKS = [(v, "static") for v in VARIANTS] + [("full", "kv_slots"), ("global_only", "kv_slots")]
-
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    """RMS of (a - b) over RMS of b (b: the fp32/fp64 reference)."""
-    a, b = a.double(), b.double()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def grads(out, inputs, g):

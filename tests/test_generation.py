@@ -320,7 +320,7 @@ def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys):
     assert len(gam_state) == 1  # constant-size state
     assert set(data["summary"]) >= {"gam_longest_over_shortest", "transformer_over_gam_at_longest"}
     table = (out / "decode.md").read_text()
-    assert "| model | weights | context | ms / token (median) |" in table and table.count("| GAM |") == 2
+    assert "| model | weights | steps | context | ms / token (median) |" in table and table.count("| GAM |") == 2
     assert (out / "decode.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", "decode", "--contexts", "0"]) == 2
     assert data["provenance"]["argv"] and data["provenance"]["end_utc"]

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import gam.ops.kv_memory as kv_ops
+from conftest import rel_rms
 from gam import ConfigError, GAMConfig, build_model
 from gam.layers.gam import GAMBlock
 from gam.ops.kv_memory import (
@@ -144,10 +145,6 @@ def test_chunk_size_beyond_the_factorization_range_is_refused():
     q, k, v, z, K0, V0 = inputs(T=40)
     with pytest.raises(ValueError, match="chunk_size"):
         kv_memory_chunked(q, k, v, F.logsigmoid(z), (K0, V0), chunk_size=MAX_CHUNK + 1)
-
-
-def rel_rms(a, b):
-    return ((a.float() - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
 
 
 @pytest.mark.parametrize("form,bound", [(kv_memory_chunked, 2e-2), (kv_memory_chunked_autograd, 3e-2)])

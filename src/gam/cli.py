@@ -156,9 +156,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     streamer = TextStreamer(tokenizer, ids, args.prompt)
     print(streamer.printed, end="", flush=True)
-    for token in stream(model, idx, args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed):
-        print(streamer.push(int(token[0])), end="", flush=True)
+    tokens = stream(model, idx, args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, compiled=args.compile)
+    try:
+        for token in tokens:
+            print(streamer.push(int(token[0])), end="", flush=True)
+    except torch._dynamo.exc.BackendCompilerFailed as err:  # no C++ compiler (CPU) or Triton (CUDA)
+        print(file=sys.stderr)
+        reason = str(err.inner_exception).strip().splitlines()[0][:200] if str(err.inner_exception).strip() else ""
+        raise ValueError(f"--compile: torch.compile failed ({type(err.inner_exception).__name__}: {reason}); "
+                         "run without --compile") from None
     print(streamer.finish())
 
 
@@ -186,6 +193,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="weights and decoding state: bf16 halves the bytes each token reads (default: fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through one torch.compile'd step (compiles first, then about 2x faster at batch 1 "
+                        "on CPU; needs a C++ compiler)")
     p.set_defaults(func=cmd_generate)
 
 

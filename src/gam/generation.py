@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gam.inputs import check_token_ids, padding_mask, positions_from_mask
+from gam.ops import decode
 
 
 class InferenceCache:
@@ -64,26 +65,28 @@ class InferenceCache:
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, layers: list[dict], batch_size: int, max_seqlen: int):
+    def __init__(self, layers: list[dict], batch_size: int, max_seqlen: int, compiled: bool = False):
         self.layers = layers
         self.batch_size = batch_size
         self.max_seqlen = max_seqlen
+        self.compiled = compiled  # steps through the torch.compile'd token step (:func:`compiled_step`)
+        self.warm = False  # a compiled step has run with this cache
         self.position = 0
         self.seen_tokens = 0
         self.pad_lengths: torch.Tensor | None = None  # (B,) left-pad count per row of a padded prompt
 
     @classmethod
     def allocate(cls, model: nn.Module, batch_size: int, max_seqlen: int | None = None,
-                 dtype: torch.dtype | None = None, device=None) -> "InferenceCache":
+                 dtype: torch.dtype | None = None, device=None, compiled: bool = False) -> "InferenceCache":
         if max_seqlen is None:
             max_seqlen = model.config.max_seq_len or model.config.block_size
         layers = [block.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, device=device)
                   for block in model.blocks]
-        return cls(layers, batch_size, max_seqlen)
+        return cls(layers, batch_size, max_seqlen, compiled)
 
     def restart(self, model: nn.Module) -> None:
         """Empty the state (fresh buffers), keeping ``seen_tokens``: a window slide."""
-        fresh = InferenceCache.allocate(model, self.batch_size, self.max_seqlen)
+        fresh = InferenceCache.allocate(model, self.batch_size, self.max_seqlen, compiled=self.compiled)
         self.layers, self.position, self.pad_lengths = fresh.layers, 0, None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -147,6 +150,21 @@ def forward_cached(model: nn.Module, idx: torch.Tensor, cache: InferenceCache,
             x = block.prefill(x, state) if real is None else block.prefill(x, state, real)
         if last_only:
             x = x[:, -1:]
+    elif cache.compiled and not collect:
+        step, logits = compiled_step(), []
+        for t in range(T):
+            positions = _step_positions(model, cache, cache.position + t)
+            # After this cache's first step the graph for this model, batch and dtype exists, and
+            # nothing a guard checks changes between steps: only the guards that tell compiled
+            # graphs apart are evaluated (a full check costs ~0.1-0.3 ms a token on CPU).
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=cache.warm):
+                # (fresh strides: a graph is specialized to its inputs' strides)
+                token = idx[:, t:t + 1].clone(memory_format=torch.contiguous_format)
+                logits.append(step(model, token, positions, cache.layers))
+            cache.warm = True
+        cache.position += T
+        cache.seen_tokens += T
+        return logits[-1] if last_only else torch.cat(logits, dim=1)
     else:
         outs, layer_inputs = [], [[] for _ in model.blocks]
         for t in range(T):
@@ -169,6 +187,50 @@ def forward_cached(model: nn.Module, idx: torch.Tensor, cache: InferenceCache,
     if collect:
         hidden_states.append(h)
     return model.head(h)
+
+
+def token_step(model: nn.Module, idx: torch.Tensor, positions: torch.Tensor | None,
+               layers: list[dict]) -> torch.Tensor:
+    """One token per row (B, 1) through every block's ``step`` and the head: logits (B, 1, V),
+    the layers' state updated in place. ``positions``: (B, 1), or None without position
+    embeddings. The computation of :func:`forward_cached`'s step loop for one token, as one
+    function that :func:`compiled_step` compiles whole."""
+    x = model.embed(idx, positions=positions)
+    for block, state in zip(model.blocks, layers):
+        x = block.step(x, state)
+    return decode.linear(model.ln_f(x), model.head.weight, model.head.bias)
+
+
+_COMPILED_STEP = None
+
+
+def compiled_step():
+    """:func:`token_step` under ``torch.compile`` (one graph, static shapes). At batch 1 each
+    product with a weight becomes one streaming loop over it (:mod:`gam.ops.decode`), and the
+    step's small ops fuse: what brings batch-1 decoding near the time to read the weights
+    (docs/speed.md). The first call for a model, batch size or dtype compiles (seconds to a
+    minute on CPU); later calls reuse it."""
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        # Inductor inlines a cheap elementwise producer into the loop that consumes it; inside a
+        # product with a weight that means recomputing it once per weight row (GELU 512 times per
+        # layer). At batch 1 every activation is a vector, so writing each one out costs nothing:
+        # threshold 0 writes them all (measured: 1.3x faster, docs/speed.md).
+        _COMPILED_STEP = torch.compile(token_step, fullgraph=True, dynamic=False,
+                                       options={"realize_opcount_threshold": 0})
+    return _COMPILED_STEP
+
+
+def _step_positions(model: nn.Module, cache: InferenceCache, start: int) -> torch.Tensor | None:
+    """Positions (B, 1) of the next token, as a tensor (a new Python int per step would make
+    the compiled step recompile); None without position embeddings."""
+    if model.config.pos_embedding != "learned":
+        return None
+    device = cache.pad_lengths.device if cache.pad_lengths is not None else model.head.weight.device
+    positions = torch.full((cache.batch_size, 1), start, dtype=torch.long, device=device)
+    if cache.pad_lengths is not None:  # each row counts from its first real token
+        positions = positions - cache.pad_lengths[:, None]
+    return positions
 
 
 # ---------------------------------------------------------------- sampling
@@ -229,15 +291,16 @@ def _prompt_mask(idx: torch.Tensor, attention_mask: Any) -> torch.Tensor | None:
 
 def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None,
-           seed: int | None = None, attention_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+           seed: int | None = None, attention_mask: torch.Tensor | None = None,
+           compiled: bool = False) -> Iterator[torch.Tensor]:
     """Yield each new token (B,) as it is sampled; see :func:`generate`."""
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     idx = _prompt(model, idx)
     real = _prompt_mask(idx, attention_mask)
-    return _stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, real)
+    return _stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, real, compiled)
 
 
-def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, real=None):
+def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, real=None, compiled=False):
     if max_new_tokens == 0:
         return
     generator = None
@@ -254,7 +317,7 @@ def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, real=No
             real = real[:, -limit:]
         with torch.no_grad():
             max_seqlen = limit if limit is not None else T + max_new_tokens
-            cache = model.allocate_inference_cache(B, max_seqlen, device=idx.device)
+            cache = model.allocate_inference_cache(B, max_seqlen, device=idx.device, compiled=compiled)
             logits = forward_cached(model, tokens, cache, last_only=True, attention_mask=real)[:, -1]
         for i in range(max_new_tokens):
             with torch.no_grad():
@@ -282,7 +345,8 @@ def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, real=No
 
 def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+             seed: int | None = None, attention_mask: torch.Tensor | None = None,
+             compiled: bool = False) -> torch.Tensor:
     """Extend prompt ``idx`` (B, T) by ``max_new_tokens`` tokens: returns (B, T + max_new_tokens).
 
     ``temperature=0`` picks the most likely token (greedy); otherwise tokens are
@@ -296,12 +360,15 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperatu
     ``attention_mask`` (B, T) 1 at real tokens and 0 at the padding: each row
     then generates what it generates alone (greedy), and the result keeps the
     padding in front.
+
+    ``compiled``: each step after the prompt runs through :func:`compiled_step`, one
+    ``torch.compile``'d graph for the whole model (the first step compiles it).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     one_d = isinstance(idx, torch.Tensor) and idx.dim() == 1
     idx = _prompt(model, idx)
     real = _prompt_mask(idx, attention_mask)
-    new = list(_stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, real))
+    new = list(_stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, real, compiled))
     out = torch.cat([idx] + [t[:, None].to(idx.dtype) for t in new], dim=1)
     return out[0] if one_d else out
 
@@ -310,9 +377,12 @@ class GenerationMixin:
     """Cached decoding as methods of a language model (``DecoderLM`` inherits it)."""
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int | None = None,
-                                 dtype: torch.dtype | None = None, device=None) -> InferenceCache:
-        """Per-layer decoding state for ``batch_size`` sequences."""
-        return InferenceCache.allocate(self, batch_size, max_seqlen, dtype=dtype, device=device)
+                                 dtype: torch.dtype | None = None, device=None,
+                                 compiled: bool = False) -> InferenceCache:
+        """Per-layer decoding state for ``batch_size`` sequences; ``compiled``: steps run
+        through the compiled token step (:func:`compiled_step`)."""
+        return InferenceCache.allocate(self, batch_size, max_seqlen, dtype=dtype, device=device,
+                                       compiled=compiled)
 
     def forward_cached(self, idx: torch.Tensor, cache: InferenceCache, last_only: bool = False,
                        attention_mask: torch.Tensor | None = None,
@@ -325,11 +395,12 @@ class GenerationMixin:
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 seed: int | None = None, attention_mask: torch.Tensor | None = None,
+                 compiled: bool = False) -> torch.Tensor:
         """Prompt (B, T) -> (B, T + max_new_tokens) with the inference cache;
         ``temperature=0`` is greedy. See :func:`generate`."""
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, seed=seed, attention_mask=attention_mask)
+                        top_p=top_p, seed=seed, attention_mask=attention_mask, compiled=compiled)
 
 
 # ---------------------------------------------------------------- text

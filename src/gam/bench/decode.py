@@ -20,7 +20,10 @@ measures the bandwidth its threads reach streaming a large buffer
 (:func:`stream_read_gbs`, ``torch.sum`` over 400 MB) and reports each row's
 bytes per token, the time those bytes take at that bandwidth (the floor) and
 the measured time over it. ``precisions`` adds rows with bf16 weights and
-state: half the bytes, so half the floor.
+state: half the bytes, so half the floor. ``modes`` adds rows whose steps run through
+one ``torch.compile``'d graph for the whole model (:func:`gam.generation.compiled_step`:
+every product with a weight one streaming loop over it), for the models with a
+constant-size state (the Transformer's KV cache grows each step, which would recompile).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ MODELS = tuple(ALIASES)
 DEFAULT_MODELS = ("gam", "transformer", "mamba")
 LABELS = {"gam": "GAM", "transformer": "Transformer (KV cache)", "mamba": "Mamba", "kv_slots": "GAM (kv-slot memory)"}
 PRECISIONS = ("fp32", "bf16")
+MODES = ("eager", "compiled")
+COMPILABLE = ("gam", "kv_slots", "mamba")  # constant-size state: one graph serves every step
 STREAM_BYTES = 400 * 2**20  # far past any cache: the bandwidth of memory, not of L3
 
 
@@ -75,7 +80,8 @@ class _Runner:
     """One model with a prefilled cache per context length, stepped one token at a time."""
 
     def __init__(self, name: str, contexts: Sequence[int], *, n_embd: int, n_layer: int, vocab_size: int,
-                 batch_size: int, total_steps: int, device, precision: str = "fp32", seed: int = 0):
+                 batch_size: int, total_steps: int, device, precision: str = "fp32", mode: str = "eager",
+                 seed: int = 0):
         import torch
 
         from gam.train import precision_dtype
@@ -85,19 +91,22 @@ class _Runner:
         sizing = {"n_head": max(h for h in (8, 4, 2, 1) if n_embd % h == 0)} if spec.model == "transformer" else {}
         shape = dict(n_embd=n_embd, n_layer=n_layer, vocab_size=vocab_size, dropout=0.0, pos_embedding="none")
         self.model = spec.build(shape, sizing).to(device, precision_dtype(precision) or torch.float32).eval()
-        self.name, self.precision, self.device, self.batch_size = name, precision, device, batch_size
+        self.name, self.precision, self.device, self.batch_size, self.mode = name, precision, device, batch_size, mode
         self.recurrent = spec.model != "transformer"  # its whole state is written back every step
         self.caches, self.tokens, self.prefill_s = {}, {}, {}
         with torch.no_grad():
             for L in contexts:
                 prompt = torch.randint(0, vocab_size, (batch_size, L), device=device)
-                cache = self.model.allocate_inference_cache(batch_size, L + total_steps + 1, device=device)
+                cache = self.model.allocate_inference_cache(batch_size, L + total_steps + 2, device=device,
+                                                            compiled=mode == "compiled")
                 synchronize(device)
                 start = time.perf_counter()
                 logits = self.model.forward_cached(prompt, cache, last_only=True)
                 synchronize(device)
                 self.prefill_s[L] = time.perf_counter() - start
                 self.caches[L], self.tokens[L] = cache, logits[:, -1].argmax(-1, keepdim=True)
+        # the first step compiles (compiled mode); it stays out of the timed steps
+        self.first_step_s = max(self.step(L) for L in contexts)
 
     def step(self, L: int) -> float:
         """Decode one token at context L (greedy); return its wall time."""
@@ -153,7 +162,9 @@ def time_steps(runners: Sequence[_Runner], contexts: Sequence[int], steps: int, 
             "state_bytes": state,
             "weight_bytes": weights,
             "bytes_per_token": weights + state_traffic,
+            "mode": r.mode,
             "prefill_s": r.prefill_s[L],
+            "first_step_s": r.first_step_s,
             "timed_steps": len(t),
         })
     return rows
@@ -167,11 +178,11 @@ def add_floor(rows: list[dict[str, Any]], gbs: float) -> None:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | weights | context | ms / token (median) | p10–p90 ms | tokens/s | decode state | "
+    lines = ["| model | weights | steps | context | ms / token (median) | p10–p90 ms | tokens/s | decode state | "
              "bytes / token | floor ms | x floor | prefill s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {LABELS.get(r['model'], r['model'])} | {r['precision']} | {r['context']:,} | "
+        lines.append(f"| {LABELS.get(r['model'], r['model'])} | {r['precision']} | {r['mode']} | {r['context']:,} | "
                      f"{r['ms_per_token']:.2f} | {r['p10_ms']:.2f}–{r['p90_ms']:.2f} | {r['tokens_per_s']:,.1f} | "
                      f"{_size(r['state_bytes'])} | {_size(r['bytes_per_token'])} | {r['floor_ms']:.2f} | "
                      f"{r['over_floor']:.2f} | {r['prefill_s']:.2f} |")
@@ -188,9 +199,10 @@ def _size(n: int) -> str:
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """GAM's per-token time at the longest vs the shortest context, and vs the Transformer
-    (the first precision's rows)."""
-    first = rows[0]["precision"]
-    by = {(r["model"], r["context"]): r["ms_per_token"] for r in rows if r["precision"] == first}
+    (the first precision's and mode's rows); each compiled row's speed-up over its eager row."""
+    first, mode = rows[0]["precision"], rows[0]["mode"]
+    by = {(r["model"], r["context"]): r["ms_per_token"] for r in rows
+          if r["precision"] == first and r["mode"] == mode}
     contexts = sorted({r["context"] for r in rows})
     lo, hi = contexts[0], contexts[-1]
     out: dict[str, Any] = {"shortest_context": lo, "longest_context": hi}
@@ -200,6 +212,12 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["transformer_over_gam_at_longest"] = by[("transformer", hi)] / by[("gam", hi)]
     if ("gam", hi) in by and ("mamba", hi) in by:
         out["mamba_over_gam_at_longest"] = by[("mamba", hi)] / by[("gam", hi)]
+    eager = {(r["model"], r["precision"], r["context"]): r["ms_per_token"] for r in rows if r["mode"] == "eager"}
+    speedups = {f"{r['model']} {r['precision']}": eager[(r["model"], r["precision"], hi)] / r["ms_per_token"]
+                for r in rows if r["mode"] == "compiled" and r["context"] == hi
+                and (r["model"], r["precision"], hi) in eager}
+    if speedups:
+        out["compiled_over_eager_at_longest"] = speedups
     return out
 
 
@@ -212,16 +230,18 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name in MODELS:
         for precision, style in zip(PRECISIONS, ("-", "--")):
-            pts = [(r["context"], r["ms_per_token"]) for r in rows if r["model"] == name and r["precision"] == precision]
-            if pts:
-                ax.plot(*zip(*pts), style, marker="o", label=f"{LABELS[name]}, {precision} weights")
+            for mode, marker in zip(MODES, ("o", "s")):
+                pts = [(r["context"], r["ms_per_token"]) for r in rows
+                       if r["model"] == name and r["precision"] == precision and r["mode"] == mode]
+                if pts:
+                    ax.plot(*zip(*pts), style, marker=marker, label=f"{LABELS[name]}, {precision}, {mode}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens already in the cache)")
     ax.set_ylabel("ms per generated token (median)")
     ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -244,6 +264,8 @@ class DecodeConfig:
     models: tuple[str, ...] = described(DEFAULT_MODELS, "models to decode with", choices=MODELS)
     precisions: tuple[str, ...] = described(("fp32",), "weights and state in these precisions, a row each",
                                             choices=PRECISIONS)
+    modes: tuple[str, ...] = described(("eager",), "steps run eagerly or through one torch.compile'd graph "
+                                       f"(models {', '.join(COMPILABLE)}), a row each", choices=MODES)
     n_embd: int = described(512, "width (paper: 512)")
     n_layer: int = described(6, "depth (paper: 6)")
     vocab_size: int = described(10000, "vocabulary size")
@@ -260,6 +282,8 @@ class DecodeConfig:
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         check_threads(self.threads)
+        if not self.modes or not self.precisions or not self.models:
+            raise ValueError("models, precisions and modes each need at least one value")
         if not self.contexts or any(v < 1 for v in self.contexts):
             raise ValueError(f"contexts must be integers >= 1, got {self.contexts}")
 
@@ -294,15 +318,25 @@ def _run(config: DecodeConfig, log, dev) -> dict[str, Any]:
     runners = []
     for name in config.models:
         for precision in config.precisions:
-            try:
-                log(f"{LABELS[name]}, {precision}: prefilling {', '.join(map(str, contexts))} tokens ...")
-                runners.append(_Runner(name, contexts, n_embd=config.n_embd, n_layer=config.n_layer,
-                                       vocab_size=config.vocab_size, batch_size=config.batch_size,
-                                       total_steps=config.warmup + config.steps, device=dev,
-                                       precision=precision, seed=config.seed))
-            except ImportError as err:  # e.g. a missing optional kernel
-                skipped[name] = str(err)
-                log(f"{LABELS[name]}: skipped ({err})")
+            for mode in config.modes:
+                what = f"{LABELS[name]}, {precision}, {mode}"
+                if mode == "compiled" and name not in COMPILABLE:
+                    skipped[what] = "its state grows every step (a compiled step would recompile)"
+                    continue
+                try:
+                    log(f"{what}: prefilling {', '.join(map(str, contexts))} tokens ...")
+                    runners.append(_Runner(name, contexts, n_embd=config.n_embd, n_layer=config.n_layer,
+                                           vocab_size=config.vocab_size, batch_size=config.batch_size,
+                                           total_steps=config.warmup + config.steps, device=dev,
+                                           precision=precision, mode=mode, seed=config.seed))
+                except ImportError as err:  # e.g. a missing optional kernel
+                    skipped[what] = str(err)
+                    log(f"{what}: skipped ({err})")
+                except Exception as err:  # noqa: BLE001 - Inductor needs a C++ compiler (CPU) or Triton (CUDA)
+                    if mode != "compiled":
+                        raise
+                    skipped[what] = f"torch.compile failed: {str(err).strip().splitlines()[0][:200]}"
+                    log(f"{what}: skipped ({skipped[what]})")
     gbs = stream_read_gbs(dev)
     log(f"streaming read: {gbs:.1f} GB/s; timing {config.steps} decode steps per model and context, interleaved ...")
     rows = time_steps(runners, contexts, config.steps, config.warmup, config.seed)
@@ -334,8 +368,8 @@ def render(result: dict[str, Any]) -> str:
              "time over it.", "",
              result["table"], ""]
     notes += summary_lines(result)
-    for name, why in result["skipped"].items():
-        notes.append(f"{LABELS[name]} skipped: {why}")
+    for what, why in result["skipped"].items():
+        notes.append(f"{what} skipped: {why}")
     return "\n".join(notes) + "\n"
 
 
@@ -347,6 +381,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     if "transformer_over_gam_at_longest" in s:
         lines.append(f"Transformer / GAM per-token time at {s['longest_context']:,} tokens: "
                      f"{s['transformer_over_gam_at_longest']:.2f}x")
+    for what, ratio in s.get("compiled_over_eager_at_longest", {}).items():
+        lines.append(f"{what}: compiled step {ratio:.2f}x faster than eager at {s['longest_context']:,} tokens")
     return lines
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from gam.config import GAMConfig
 from gam.layers import short_conv
+from gam.ops import decode
 from gam.ops.fused_block import ffn_residual, gam_mixer_residual, use_fast_path
 
 
@@ -90,6 +91,8 @@ class GAMBlock(nn.Module):
             if cache is None:
                 return self.kv_memory(h, key_source, self.memory_bank, real=real)
             return self.kv_memory.step(h, key_source, cache["key_slots"], cache["value_slots"])
+        if cache is not None:  # one token: the bank streamed once per product when compiled (gam.ops.decode)
+            return decode.weighted_rows(F.softmax(decode.linear(h, self.memory_bank), dim=-1), self.memory_bank)
         weights = F.softmax(h @ self.memory_bank.T, dim=-1)  # (B, T, slots)
         return weights @ self.memory_bank
 
@@ -180,7 +183,7 @@ class GAMBlock(nn.Module):
         if self.has_local:
             local = short_conv.step(self.causal_conv, cache["conv_state"], h)
         if self.variant == "full":
-            g_local, g_global = self.gate(h).chunk(2, dim=-1)
+            g_local, g_global = decode.linear(h, self.gate.weight, self.gate.bias).chunk(2, dim=-1)
             mixed = (torch.sigmoid(g_local) * local
                      + torch.sigmoid(g_global) * self.global_context(h, cache, local=local))
         elif self.variant == "sum_fusion":
@@ -190,4 +193,5 @@ class GAMBlock(nn.Module):
         else:
             mixed = local
         x = x + mixed
-        return x + self.ffn(self.ln2(x))
+        up, act, down, dropout = self.ffn
+        return x + dropout(decode.linear(act(decode.linear(self.ln2(x), up.weight, up.bias)), down.weight, down.bias))

@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gam.ops import decode
 from gam.ops.kv_memory import kv_memory_chunked, kv_memory_final_state, kv_memory_recurrent, kv_memory_step
 
 RETENTION_TOKENS = (4.0, 256.0)  # initial retention times of each head's slots, shortest and longest
@@ -91,13 +92,14 @@ class KVSlotMemory(nn.Module):
         """q, k, v (B*H, T, d) and log_alpha (B*H, T, S). With a padding mask
         ``real`` (B, T), pad positions get alpha = 1: they write nothing."""
         B, T, _ = h.shape
-        log_alpha = F.logsigmoid(self.forget(h)) / self.gate_normalizer  # (B, T, H*S)
+        log_alpha = F.logsigmoid(decode.linear(h, self.forget.weight, self.forget.bias)) / self.gate_normalizer
         if real is not None:
             log_alpha = log_alpha * real.unsqueeze(-1).to(log_alpha.dtype)
         log_alpha = log_alpha.view(B, T, self.num_heads, self.num_slots).transpose(1, 2).reshape(
             B * self.num_heads, T, self.num_slots)
-        q = self._heads(self.query(h)) * self.head_dim ** -0.5
-        return q, self._heads(self.key(key_source)), self._heads(self.value(h)), log_alpha
+        q = self._heads(decode.linear(h, self.query.weight)) * self.head_dim ** -0.5
+        k, v = decode.linear(key_source, self.key.weight), decode.linear(h, self.value.weight)
+        return q, self._heads(k), self._heads(v), log_alpha
 
     def initial_state(self, memory_bank: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The bank (S, C) as the key and the value slots of every head: two (B*H, S, d)."""
@@ -109,7 +111,8 @@ class KVSlotMemory(nn.Module):
         """(B*H, T, d) -> (B, T, C): per-head RMSNorm, heads concatenated, projected."""
         reads = self.norm(reads.to(self.norm.weight.dtype))  # as the weight (fp32 under autocast): one fused kernel
         T = reads.shape[1]
-        return self.out(reads.view(batch, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(batch, T, -1))
+        heads = reads.view(batch, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(batch, T, -1)
+        return decode.linear(heads, self.out.weight)
 
     def forward(self, h: torch.Tensor, key_source: torch.Tensor, memory_bank: torch.Tensor,
                 reference: bool = False, real: torch.Tensor | None = None) -> torch.Tensor:
