@@ -7,8 +7,11 @@ use ``pos_embedding="none"`` so contexts beyond the paper's block_size of 256
 are possible (with learned positions generation would slide a 256-token
 window instead). After every prompt is prefilled, steps are timed in sweeps
 that visit every (model, context) pair once, in a fresh random order each
-time, so a slow-down of the machine hits all pairs alike; the figure
-reported is the median step time after warm-up.
+time, so a slow-down of the machine hits all pairs alike. A visit is a run of
+``run_length`` consecutive steps, as a user generating text sees them: the
+first step of a visit follows another model (the CPU's caches hold that
+model's data) and is reported apart (``after a switch``); the figure reported
+is the median of the others.
 
 A GAM layer's state is its last k-1 normalized inputs, so its per-token cost
 does not depend on L; a Transformer step reads a KV cache that grows with L.
@@ -122,24 +125,30 @@ class _Runner:
 
 
 def time_steps(runners: Sequence[_Runner], contexts: Sequence[int], steps: int, warmup: int,
-               seed: int = 0) -> list[dict[str, Any]]:
-    """Median step times. Each sweep visits every (model, context) pair once, one step
-    each, in a fresh random order: whatever else the machine does at a given moment,
-    and whichever model ran just before, hits all pairs alike."""
+               seed: int = 0, run_length: int = 8) -> list[dict[str, Any]]:
+    """Median step times. Each sweep visits every (model, context) pair once, in a fresh
+    random order: whatever else the machine does at a given moment, and whichever model ran
+    just before, hits all pairs alike. A visit runs ``run_length`` consecutive steps; the
+    first (after another pair's) is kept apart from the ``steps`` timed ones."""
     pairs = [(r, L) for r in runners for L in contexts]
     for r, L in pairs:
         for _ in range(warmup):
             r.step(L)
     times: dict[tuple[_Runner, int], list[float]] = {(r, L): [] for r, L in pairs}
+    switch: dict[tuple[_Runner, int], list[float]] = {(r, L): [] for r, L in pairs}
     gc_was_enabled = gc.isenabled()
     gc.disable()  # no GC pauses inside timed steps
     try:
         rng = random.Random(seed)
-        for _ in range(steps):
+        for _ in range(visits(steps, run_length)):
             order = pairs[:]
             rng.shuffle(order)
             for r, L in order:
-                times[(r, L)].append(r.step(L))
+                switch[(r, L)].append(r.step(L))
+                if run_length == 1:  # every step follows another pair's
+                    times[(r, L)].append(switch[(r, L)][-1])
+                for _ in range(run_length - 1):
+                    times[(r, L)].append(r.step(L))
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -158,6 +167,7 @@ def time_steps(runners: Sequence[_Runner], contexts: Sequence[int], steps: int, 
             "model": r.name, "precision": r.precision, "context": L, "batch_size": r.batch_size,
             "ms_per_token": median * 1e3,
             "p10_ms": t[len(t) // 10] * 1e3, "p90_ms": t[(9 * len(t)) // 10] * 1e3,
+            "after_switch_ms": statistics.median(switch[(r, L)]) * 1e3,
             "tokens_per_s": r.batch_size / median,
             "state_bytes": state,
             "weight_bytes": weights,
@@ -170,6 +180,11 @@ def time_steps(runners: Sequence[_Runner], contexts: Sequence[int], steps: int, 
     return rows
 
 
+def visits(steps: int, run_length: int) -> int:
+    """Visits per (model, context) pair that give at least ``steps`` timed steps."""
+    return -(-steps // max(run_length - 1, 1))
+
+
 def add_floor(rows: list[dict[str, Any]], gbs: float) -> None:
     """Each row's floor (its bytes at the measured bandwidth) and its time over the floor."""
     for r in rows:
@@ -179,13 +194,13 @@ def add_floor(rows: list[dict[str, Any]], gbs: float) -> None:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| model | weights | steps | context | ms / token (median) | p10–p90 ms | tokens/s | decode state | "
-             "bytes / token | floor ms | x floor | prefill s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "bytes / token | floor ms | x floor | after a switch ms | prefill s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {LABELS.get(r['model'], r['model'])} | {r['precision']} | {r['mode']} | {r['context']:,} | "
                      f"{r['ms_per_token']:.2f} | {r['p10_ms']:.2f}–{r['p90_ms']:.2f} | {r['tokens_per_s']:,.1f} | "
                      f"{_size(r['state_bytes'])} | {_size(r['bytes_per_token'])} | {r['floor_ms']:.2f} | "
-                     f"{r['over_floor']:.2f} | {r['prefill_s']:.2f} |")
+                     f"{r['over_floor']:.2f} | {r['after_switch_ms']:.2f} | {r['prefill_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -272,11 +287,14 @@ class DecodeConfig:
     batch_size: int = described(1, "sequences decoded together")
     steps: int = described(128, "timed decode steps per model and context (median reported)")
     warmup: int = described(4, "untimed steps per context first")
+    run_length: int = described(8, "consecutive steps of one model and context per visit; the first of each "
+                                "(after another model's) is reported apart, the others timed (1: every step "
+                                "after another model's)")
     threads: int | None = described(None, "torch CPU threads (1 is steadiest on a busy machine)")
     seed: int = described(0, "seed of the weights, prompts and visiting order")
 
     def validate(self) -> None:
-        for label in ("steps", "batch_size", "n_embd", "n_layer", "vocab_size"):
+        for label in ("steps", "batch_size", "n_embd", "n_layer", "vocab_size", "run_length"):
             if getattr(self, label) < 1:
                 raise ValueError(f"{label} must be >= 1, got {getattr(self, label)}")
         if self.warmup < 0:
@@ -327,7 +345,8 @@ def _run(config: DecodeConfig, log, dev) -> dict[str, Any]:
                     log(f"{what}: prefilling {', '.join(map(str, contexts))} tokens ...")
                     runners.append(_Runner(name, contexts, n_embd=config.n_embd, n_layer=config.n_layer,
                                            vocab_size=config.vocab_size, batch_size=config.batch_size,
-                                           total_steps=config.warmup + config.steps, device=dev,
+                                           total_steps=config.warmup + config.run_length
+                                           * visits(config.steps, config.run_length), device=dev,
                                            precision=precision, mode=mode, seed=config.seed))
                 except ImportError as err:  # e.g. a missing optional kernel
                     skipped[what] = str(err)
@@ -339,7 +358,7 @@ def _run(config: DecodeConfig, log, dev) -> dict[str, Any]:
                     log(f"{what}: skipped ({skipped[what]})")
     gbs = stream_read_gbs(dev)
     log(f"streaming read: {gbs:.1f} GB/s; timing {config.steps} decode steps per model and context, interleaved ...")
-    rows = time_steps(runners, contexts, config.steps, config.warmup, config.seed)
+    rows = time_steps(runners, contexts, config.steps, config.warmup, config.seed, config.run_length)
     gbs_after = stream_read_gbs(dev)
     add_floor(rows, max(gbs, gbs_after))
     title = (f"decode on {config.device} ({platform.processor() or platform.machine()}, "
@@ -359,7 +378,10 @@ def _run(config: DecodeConfig, log, dev) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     notes = ["# Decode benchmark", "", result["title"] + ".", "",
              "All models use pos_embedding='none' (no block_size limit); per-token time is the median "
-             "of single-token decode steps after warm-up, with the context already in the cache.", "",
+             "of single-token decode steps after warm-up, with the context already in the cache, taken in "
+             f"runs of {result['config'].run_length} consecutive steps of one model and context (as generation "
+             "runs); `after a switch`: the median first step of a run, which follows another model's steps "
+             "(its weights and state not in the CPU's caches).", "",
              f"Floor: bytes per token (the weights once, the decoding state read, a recurrent state also "
              f"written) at the streaming-read bandwidth measured in this run with the same threads, "
              f"{result['stream_read_gbs']['used']:.1f} GB/s ({result['stream_read_gbs']['how']}; "
