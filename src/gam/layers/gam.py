@@ -92,7 +92,7 @@ class GAMBlock(nn.Module):
                 return self.kv_memory(h, key_source, self.memory_bank, real=real)
             return self.kv_memory.step(h, key_source, cache["key_slots"], cache["value_slots"])
         if cache is not None:  # one token: the bank streamed once per product when compiled (gam.ops.decode)
-            return decode.weighted_rows(F.softmax(decode.linear(h, self.memory_bank), dim=-1), self.memory_bank)
+            return F.softmax(decode.linear(h, self.memory_bank), dim=-1) @ self.memory_bank
         weights = F.softmax(h @ self.memory_bank.T, dim=-1)  # (B, T, slots)
         return weights @ self.memory_bank
 
