@@ -104,6 +104,7 @@ ROWS = (
     Row("mamba_bf16", "mamba_standard", "bf16"),
     # The opt-in key-value slot memory (docs/kv-memory.md), beside the paper GAM's fast path.
     Row("gam_kv_slots_bf16", "gam_kv_slots", "bf16"),
+    Row("gam_kv_slots_compiled_bf16", "gam_kv_slots", "bf16", compiled=True),
 )
 ROW_KEYS = tuple(r.key for r in ROWS)
 BASELINE = "gam_ref_fp32"
