@@ -217,6 +217,63 @@ def test_config_field_and_validation():
         GAMConfig(memory="kv_slots", variant="local_only")
     with pytest.raises(ConfigError, match="removed"):  # the tied-slot memory it replaced
         GAMConfig(memory="causal")
+    with pytest.raises(ConfigError, match="memory_key_source must be one of"):
+        GAMConfig(memory="kv_slots", memory_key_source="previous")
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(ConfigError, match="memory_gate_normalizer"):
+            GAMConfig(memory="kv_slots", memory_gate_normalizer=bad)
+    with pytest.raises(ConfigError, match="memory_output_gate"):
+        GAMConfig(memory="kv_slots", memory_output_gate="yes")
+
+
+# The design choices the ablation varies (issue 24), each a config field
+DESIGNS = {"keys_input": {"memory_key_source": "input"}, "keys_shift": {"memory_key_source": "shift"},
+           "normalizer_1": {"memory_gate_normalizer": 1.0}, "output_gate": {"memory_output_gate": True}}
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_design_choices_decode_as_they_train_and_stay_causal(design):
+    """Each ablated design: decoding (prefill, then steps) equals the full forward, a padded
+    row equals itself alone, and no position sees a later token."""
+    torch.manual_seed(0)
+    model = build_model("gam", memory="kv_slots", **TINY, **DESIGNS[design]).eval()
+    idx = torch.randint(1, 50, (2, 20))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.allocate_inference_cache(2, 32)
+        steps = torch.cat([model.forward_cached(idx[:, :7], cache), model.forward_cached(idx[:, 7:], cache)], 1)
+        changed = idx.clone()
+        changed[:, 12:] = changed[:, 12:] % 49 + 1
+        later, _ = model(changed)
+        mask = torch.tensor([[0, 0, 0] + [1] * 20])
+        padded = model(torch.cat([torch.ones(1, 3, dtype=torch.long), idx[:1]], 1), attention_mask=mask)[0][:, 3:]
+    torch.testing.assert_close(steps, full, atol=2e-5, rtol=0)
+    torch.testing.assert_close(later[:, :12], full[:, :12], atol=1e-6, rtol=0)
+    torch.testing.assert_close(padded, full[:1], atol=1e-5, rtol=0)
+
+
+def test_design_choices_change_what_they_say():
+    """The key source is what the keys read; the normalizer divides the gate; the output
+    gate adds one C x C projection per layer."""
+    torch.manual_seed(0)
+    h = torch.randn(1, 5, 16)
+    local = torch.randn(1, 5, 16)
+    blocks = {name: GAMBlock(GAMConfig(**TINY, memory="kv_slots", **fields)) for name, fields in DESIGNS.items()}
+    assert torch.equal(blocks["keys_input"].keys_from(h, local), h)
+    shifted = blocks["keys_shift"].keys_from(h, local)
+    assert torch.equal(shifted[:, 1:], h[:, :-1]) and not shifted[:, 0].any()
+    assert torch.equal(GAMBlock(GAMConfig(**TINY, memory="kv_slots")).keys_from(h, local), local)
+    assert blocks["normalizer_1"].kv_memory.gate_normalizer == 1.0
+    z = torch.randn(1, 5, 16)
+    for block, normalizer in ((blocks["normalizer_1"], 1.0), (blocks["keys_input"], 8.0)):
+        memory = block.kv_memory
+        expected = F.logsigmoid(F.linear(z, memory.forget.weight, memory.forget.bias)) / normalizer
+        log_alpha = memory.inputs(z, z)[3]
+        torch.testing.assert_close(log_alpha, expected.view(1, 5, 2, 6).transpose(1, 2).reshape(2, 5, 6))
+    plain = build_model("gam", memory="kv_slots", **TINY)
+    gated = build_model("gam", memory="kv_slots", memory_output_gate=True, **TINY)
+    extra = {n for n, _ in gated.named_parameters()} - {n for n, _ in plain.named_parameters()}
+    assert extra == {f"blocks.{i}.kv_memory.out_gate.weight" for i in range(2)}
 
 
 def test_static_default_unchanged_and_kv_slots_adds_its_own_parameters():

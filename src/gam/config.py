@@ -24,6 +24,7 @@ from typing import Any
 MODELS = ("gam", "transformer", "mamba")
 GAM_VARIANTS = ("full", "sum_fusion", "global_only", "local_only")
 GAM_MEMORIES = ("static", "kv_slots")
+KEY_SOURCES = ("conv", "input", "shift")
 GAM_IMPLS = ("auto", "reference", "fast")
 POS_EMBEDDINGS = ("learned", "none")
 ATTN_IMPLS = ("sdpa", "naive")
@@ -97,6 +98,12 @@ class GAMConfig:
     memory: str = described("static", "GAM memory: static (paper: fixed bank) | kv_slots (key and value "
                                       "slots written together)")
     memory_heads: int = described(4, "GAM kv_slots memory: heads (n_embd / heads features each)")
+    # Design choices of the kv-slot memory, fields so that each can be ablated (docs/kv-memory.md)
+    memory_key_source: str = described("conv", "GAM kv_slots: what the keys read: conv (the local path's "
+                                               "output) | input (the token's own h) | shift (the previous token's h)")
+    memory_gate_normalizer: float = described(8.0, "GAM kv_slots: the forget gate is sigmoid(z)^(1/this) (GSA: 8)")
+    memory_output_gate: bool = described(False, "GAM kv_slots: the read times swish(W_g h) before the output "
+                                                "projection, as GSA")
     gam_impl: str = described("auto", "GAM code path: auto | reference (paper's eager code) | fast (fused ops, same function)")
     # Transformer
     attn_impl: str = described("sdpa", "Transformer attention: sdpa (fused kernel) | naive (materialized mask, as the paper)")
@@ -175,6 +182,12 @@ class GAMConfig:
         if self.model == "gam" and self.memory == "kv_slots":
             need(self.n_embd % self.memory_heads == 0,
                  f"n_embd ({self.n_embd}) must be divisible by memory_heads ({self.memory_heads})")
+        choice("memory_key_source", KEY_SOURCES)
+        need(isinstance(self.memory_gate_normalizer, (int, float)) and not isinstance(self.memory_gate_normalizer, bool)
+             and 0.0 < self.memory_gate_normalizer < float("inf"),
+             f"memory_gate_normalizer must be a positive number, got {self.memory_gate_normalizer!r}")
+        need(isinstance(self.memory_output_gate, bool),
+             f"memory_output_gate must be true or false, got {self.memory_output_gate!r}")
         choice("gam_impl", GAM_IMPLS)
         choice("attn_impl", ATTN_IMPLS)
         choice("mamba_wiring", MAMBA_WIRINGS)

@@ -70,7 +70,10 @@ class GAMBlock(nn.Module):
         if self.memory == "kv_slots":  # new parameters only in this case
             from gam.layers.kv_memory import KVSlotMemory
 
-            self.kv_memory = KVSlotMemory(C, config.num_memory_slots, config.memory_heads)
+            self.kv_memory = KVSlotMemory(C, config.num_memory_slots, config.memory_heads,
+                                          gate_normalizer=config.memory_gate_normalizer,
+                                          output_gate=config.memory_output_gate)
+            self.key_source = config.memory_key_source
         if config.variant == "full":
             self.gate = nn.Linear(C, 2 * C)
         self.ln2 = nn.LayerNorm(C)
@@ -87,14 +90,31 @@ class GAMBlock(nn.Module):
         """``local``: the conv output at the same positions, which kv_slots' keys read
         (None without a local path: the keys read h)."""
         if self.memory == "kv_slots":  # key and value slots written by tokens <= t
-            key_source = h if local is None else local
+            keys = self.keys_from(h, local, real, cache)
             if cache is None:
-                return self.kv_memory(h, key_source, self.memory_bank, real=real)
-            return self.kv_memory.step(h, key_source, cache["key_slots"], cache["value_slots"])
+                return self.kv_memory(h, keys, self.memory_bank, real=real)
+            return self.kv_memory.step(h, keys, cache["key_slots"], cache["value_slots"])
         if cache is not None:  # one token: the bank streamed once per product when compiled (gam.ops.decode)
             return F.softmax(decode.linear(h, self.memory_bank), dim=-1) @ self.memory_bank
         weights = F.softmax(h @ self.memory_bank.T, dim=-1)  # (B, T, slots)
         return weights @ self.memory_bank
+
+    def keys_from(self, h: torch.Tensor, local: torch.Tensor | None, real: torch.Tensor | None = None,
+                  cache: dict | None = None) -> torch.Tensor:
+        """What the kv-slot memory's keys read (``memory_key_source``): the conv output
+        (h without a local path), h itself, or the previous token's h (zeros before the
+        first; a pad counts as zeros, as in the conv). While decoding, the previous h is
+        ``cache["previous_input"]``, updated here."""
+        if self.key_source == "input" or (self.key_source == "conv" and local is None):
+            return h
+        if self.key_source == "conv":
+            return local
+        if cache is not None:  # one step
+            previous = cache["previous_input"].clone()
+            cache["previous_input"].copy_(h)
+            return previous
+        h = h if real is None else h * real.unsqueeze(-1).to(h.dtype)
+        return F.pad(h, (0, 0, 1, 0))[:, :-1]
 
     def mix(self, h: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
         """The token-mixing part (what replaces attention), from normalized input h;
@@ -161,6 +181,8 @@ class GAMBlock(nn.Module):
             bank = bank.to(dtype=dtype or bank.dtype, device=device or bank.device)
             cache["key_slots"] = bank.expand(batch_size, *bank.shape).clone()
             cache["value_slots"] = bank.expand(batch_size, *bank.shape).clone()
+            if self.key_source == "shift":  # the last token's normalized input
+                cache["previous_input"] = bank.new_zeros(batch_size, 1, bank.shape[0] * bank.shape[-1])
         return cache
 
     def prefill(self, x: torch.Tensor, cache: dict, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -170,8 +192,12 @@ class GAMBlock(nn.Module):
         if self.has_local:
             short_conv.fill_state(cache["conv_state"], h, attention_mask)
         if self.memory == "kv_slots":
-            key_source = self.local_context(h, attention_mask) if self.has_local else h
-            keys, values = self.kv_memory.final_state(h, key_source, self.memory_bank, real=attention_mask)
+            local = self.local_context(h, attention_mask) if self.has_local else None
+            keys, values = self.kv_memory.final_state(h, self.keys_from(h, local, attention_mask),
+                                                      self.memory_bank, real=attention_mask)
+            if self.key_source == "shift":
+                last = h[:, -1:] if attention_mask is None else h[:, -1:] * attention_mask[:, -1:, None].to(h.dtype)
+                cache["previous_input"].copy_(last)
             cache["key_slots"].copy_(keys)
             cache["value_slots"].copy_(values)
         return self(x, attention_mask)

@@ -69,7 +69,7 @@ class KVSlotMemory(nn.Module):
     initial content is passed in (the block's ``memory_bank``)."""
 
     def __init__(self, n_embd: int, num_slots: int, num_heads: int, gate_normalizer: float = 8.0,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, output_gate: bool = False):
         super().__init__()
         self.num_heads, self.num_slots, self.head_dim = num_heads, num_slots, n_embd // num_heads
         self.query = nn.Linear(n_embd, n_embd, bias=False)
@@ -80,6 +80,8 @@ class KVSlotMemory(nn.Module):
             self.forget.bias.copy_(retention_bias(num_slots, gate_normalizer).repeat(num_heads))
         self.norm = nn.RMSNorm(self.head_dim, eps=1e-5)
         self.out = nn.Linear(n_embd, n_embd, bias=False)
+        # GSA's output gate (off by default: docs/kv-memory.md, "Design choices, measured")
+        self.out_gate = nn.Linear(n_embd, n_embd, bias=False) if output_gate else None
         self.gate_normalizer = gate_normalizer
         self.chunk_size = chunk_size
 
@@ -107,11 +109,14 @@ class KVSlotMemory(nn.Module):
         bank = bank.unsqueeze(0).expand(batch, -1, -1, -1).reshape(batch * self.num_heads, self.num_slots, -1)
         return bank, bank
 
-    def _output(self, reads: torch.Tensor, batch: int) -> torch.Tensor:
-        """(B*H, T, d) -> (B, T, C): per-head RMSNorm, heads concatenated, projected."""
+    def _output(self, reads: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """(B*H, T, d) -> (B, T, C): per-head RMSNorm, heads concatenated, (gated by
+        swish(W_g h) with the output gate,) projected."""
         reads = self.norm(reads.to(self.norm.weight.dtype))  # as the weight (fp32 under autocast): one fused kernel
-        T = reads.shape[1]
+        batch, T = h.shape[:2]
         heads = reads.view(batch, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(batch, T, -1)
+        if self.out_gate is not None:
+            heads = heads * F.silu(decode.linear(h, self.out_gate.weight))
         return decode.linear(heads, self.out.weight)
 
     def forward(self, h: torch.Tensor, key_source: torch.Tensor, memory_bank: torch.Tensor,
@@ -125,7 +130,7 @@ class KVSlotMemory(nn.Module):
             reads, _ = kv_memory_recurrent(q, k, v, log_alpha, state)
         else:
             reads, _ = kv_memory_chunked(q, k, v, log_alpha, state, self.chunk_size)
-        return self._output(reads, h.shape[0])
+        return self._output(reads, h)
 
     def final_state(self, h: torch.Tensor, key_source: torch.Tensor, memory_bank: torch.Tensor,
                     real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,4 +150,4 @@ class KVSlotMemory(nn.Module):
                                      (key_slots.reshape(flat).to(h.dtype), value_slots.reshape(flat).to(h.dtype)))
         key_slots.copy_(K.view_as(key_slots))
         value_slots.copy_(V.view_as(value_slots))
-        return self._output(out.unsqueeze(1), B)
+        return self._output(out.unsqueeze(1), h)

@@ -79,6 +79,19 @@ _SPECS = (
               {"memory": "kv_slots", "num_memory_slots": 64, "n_embd": 76}, "ablation", {},
               "the kv-slot model at width 76: the paper GAM's non-embedding parameter count at the cpu preset "
               "(tests/test_bench.py checks it)"),
+    # The kv-slot memory's design choices, one changed at a time (issue 24; docs/kv-memory.md,
+    # "Design choices, measured"): what the keys read, the gate's normalizer, GSA's output gate, heads.
+    *(ModelSpec(f"gam_kv_slots_{name}", f"GAM (kv-slot memory), {label}", "gam",
+                {"memory": "kv_slots", "num_memory_slots": 64, **change}, "ablation", {},
+                f"the kv-slot model with {label}")
+      for name, label, change in (
+          ("keys_input", "keys from the token's own h", {"memory_key_source": "input"}),
+          ("keys_shift", "keys from the previous token's h", {"memory_key_source": "shift"}),
+          ("normalizer_1", "gate normalizer 1 (a plain sigmoid forget gate)", {"memory_gate_normalizer": 1.0}),
+          ("output_gate", "GSA's output gate", {"memory_output_gate": True}),
+          ("heads_2", "2 heads", {"memory_heads": 2}),
+          ("heads_8", "8 heads", {"memory_heads": 8}),
+      )),
     ModelSpec("transformer_naive", "Transformer (naive attn.)", "transformer", {"attn_impl": "naive"}, "paper",
               {"Table 1": "Transformer", "Table 2": "Transformer"}, "materialized T x T scores and mask, as the paper's code"),
     ModelSpec("transformer_sdpa", "Transformer (SDPA)", "transformer", {"attn_impl": "sdpa"}, "baseline", {},
