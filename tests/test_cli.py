@@ -442,3 +442,24 @@ def test_docs_error_examples_are_what_the_command_prints(capsys, monkeypatch, tm
     for command, printed in examples:
         assert main(shlex.split(command)[1:]) == 2, command
         assert capsys.readouterr().err.strip() == printed, command
+
+
+def test_progress_reaches_a_log_file_line_by_line(tmp_path):
+    """stdout redirected to a file: each progress line is written when printed, not when the
+    command ends (Python's block buffering would hold a long bench's lines back)."""
+    import subprocess
+    import time
+
+    log = tmp_path / "log"
+    script = ("import sys, time\nfrom gam.cli import line_buffered_output\nline_buffered_output()\n"
+              "print('first line')\ntime.sleep(30)\n")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=out)
+        try:
+            deadline = time.monotonic() + 20
+            while "first line" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert log.read_text() == "first line\n"
+        finally:
+            proc.kill()
+            proc.wait()

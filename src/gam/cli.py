@@ -391,8 +391,18 @@ def stop_signals_end_the_command():
             signal.signal(sig, handler)
 
 
+def line_buffered_output() -> None:
+    """Python buffers stdout in blocks when it is a file or a pipe, so a long bench's progress
+    lines (``gam bench recall ... > log``) would reach the log only at its end: one line at a
+    time instead, as on a terminal."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and not sys.stdout.isatty():
+        reconfigure(line_buffering=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    line_buffered_output()
     if argv[:1] == ["harness"]:
         from gam.harness import main as harness_main
 
