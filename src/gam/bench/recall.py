@@ -146,7 +146,7 @@ PRESETS = {
                        model_lrs={"kv_slots": (3e-3,)}),
     # The cpu and cpu-hard settings on equal footing (issue 24): one grid of five rates from 1e-4
     # to 1e-2 for every model, every rate run, the rate chosen on a validation draw, 3 seeds.
-    # cpu-equal: 816 s on 2 cores (docs/kv-memory.md); cpu-hard-equal: about an hour, not yet run.
+    # cpu-equal: 816 s on 2 cores; cpu-hard-equal: 5,510 s under load (docs/kv-memory.md).
     "cpu-equal": Preset(settings=((64, 4, 64), (64, 8, 64), (128, 8, 64), (64, 4, 32)),
                         lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2), steps=500, patience=200, min_steps=300,
                         models=("gam", "kv_slots", "transformer"), skip_lrs_after=float("inf"),
