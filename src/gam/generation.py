@@ -156,7 +156,7 @@ def forward_cached(model: nn.Module, idx: torch.Tensor, cache: InferenceCache,
             positions = _step_positions(model, cache, cache.position + t)
             # After this cache's first step the graph for this model, batch and dtype exists, and
             # nothing a guard checks changes between steps: only the guards that tell compiled
-            # graphs apart are evaluated (a full check costs ~0.1-0.3 ms a token on CPU).
+            # graphs apart are evaluated (the full check cost ~0.02 ms a step here).
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=cache.warm):
                 # (fresh strides: a graph is specialized to its inputs' strides)
                 token = idx[:, t:t + 1].clone(memory_format=torch.contiguous_format)
@@ -169,10 +169,7 @@ def forward_cached(model: nn.Module, idx: torch.Tensor, cache: InferenceCache,
         outs, layer_inputs = [], [[] for _ in model.blocks]
         for t in range(T):
             start = cache.position + t
-            positions = None
-            if cache.pad_lengths is not None:  # each row counts from its first real token
-                positions = (start - cache.pad_lengths)[:, None]
-            x_t = model.embed(idx[:, t:t + 1], start, positions=positions)
+            x_t = model.embed(idx[:, t:t + 1], start, positions=_step_positions(model, cache, start))
             for inputs, block, state in zip(layer_inputs, model.blocks, cache.layers):
                 if collect:
                     inputs.append(x_t)
@@ -208,22 +205,23 @@ def compiled_step():
     """:func:`token_step` under ``torch.compile`` (one graph, static shapes). At batch 1 each
     product with a weight becomes one streaming loop over it (:mod:`gam.ops.decode`), and the
     step's small ops fuse: what brings batch-1 decoding near the time to read the weights
-    (docs/speed.md). The first call for a model, batch size or dtype compiles (seconds to a
+    (docs/generation-and-hf.md). The first call for a model, batch size or dtype compiles (seconds to a
     minute on CPU); later calls reuse it."""
     global _COMPILED_STEP
     if _COMPILED_STEP is None:
         # Inductor inlines a cheap elementwise producer into the loop that consumes it; inside a
         # product with a weight that means recomputing it once per weight row (GELU 512 times per
         # layer). At batch 1 every activation is a vector, so writing each one out costs nothing:
-        # threshold 0 writes them all (measured: 1.3x faster, docs/speed.md).
+        # threshold 0 writes them all (measured: 5.0 -> 3.1 ms a token, docs/generation-and-hf.md).
         _COMPILED_STEP = torch.compile(token_step, fullgraph=True, dynamic=False,
                                        options={"realize_opcount_threshold": 0})
     return _COMPILED_STEP
 
 
 def _step_positions(model: nn.Module, cache: InferenceCache, start: int) -> torch.Tensor | None:
-    """Positions (B, 1) of the next token, as a tensor (a new Python int per step would make
-    the compiled step recompile); None without position embeddings."""
+    """Positions (B, 1) of the token at ``start``, each row counted from its first real token;
+    a tensor (a new Python int per step would make the compiled step recompile); None
+    without position embeddings."""
     if model.config.pos_embedding != "learned":
         return None
     device = cache.pad_lengths.device if cache.pad_lengths is not None else model.head.weight.device

@@ -13,7 +13,8 @@ tokens, dropout 0.1 active):
   weights), eager, and the same model wrapped in ``torch.compile`` (Inductor fuses
   the elementwise work between the matmuls; ``gam train --compile``);
 - Transformer (SDPA) and Mamba (when ``gam.layers.mamba`` is importable) in fp32 and
-  bf16, and the Transformer compiled in bf16, so the compiled GAM has a compiled peer.
+  bf16, and the Transformer compiled in bf16, so the compiled GAM has a compiled peer;
+- the opt-in kv-slot memory (``memory="kv_slots"``) in bf16, eager and compiled.
 
 Compiled rows compile during their warm-up steps (at least one); compilation time
 is logged, not timed.

@@ -5,8 +5,8 @@ stream the weights from memory. PyTorch's CPU matmul for one row (MKL's sgemv, o
 for bf16) reads a weight at 13-17 GB/s on our 2-core host, where a plain streaming
 reduction (``torch.sum``) reaches 36-40 GB/s. Written as an elementwise product summed
 over the input features, the same product becomes, under ``torch.compile`` (Inductor),
-one vectorized loop that reads the weight once at 33-42 GB/s (docs/speed.md, "Decoding
-at the floor"). Eagerly that expression would first write the whole product to memory,
+one vectorized loop that reads the weight once at 33-39 GB/s (docs/generation-and-hf.md,
+"Decoding at the floor"). Eagerly that expression would first write the whole product to memory,
 so each op here takes the reduction form only while being compiled and for a single
 row, and is the ordinary matmul otherwise: one function, the same values (up to the
 order of the sums).
