@@ -53,7 +53,8 @@ def _logits_per_step(model, prompt, steps, compiled, attention_mask=None):
 @pytest.mark.parametrize("fields", [
     {},  # the paper's GAM, learned positions
     {"memory": "kv_slots", "memory_heads": 2, "pos_embedding": "none"},
-], ids=["paper", "kv_slots"])
+    {"memory": "kv_slots", "memory_heads": 2, "memory_write": "delta"},
+], ids=["paper", "kv_slots", "kv_delta"])
 def test_compiled_steps_equal_eager_steps(fields, one_thread):
     """Greedy decoding, batch 1 (the streamed products) and a left-padded batch of 2 (the
     matmuls, per-row positions): every step's logits equal the eager step's."""

@@ -224,11 +224,14 @@ def test_config_field_and_validation():
             GAMConfig(memory="kv_slots", memory_gate_normalizer=bad)
     with pytest.raises(ConfigError, match="memory_output_gate"):
         GAMConfig(memory="kv_slots", memory_output_gate="yes")
+    with pytest.raises(ConfigError, match="memory_write must be one of"):
+        GAMConfig(memory="kv_slots", memory_write="overwrite")
 
 
 # The design choices the ablation varies (issue 24), each a config field
 DESIGNS = {"keys_input": {"memory_key_source": "input"}, "keys_shift": {"memory_key_source": "shift"},
-           "normalizer_1": {"memory_gate_normalizer": 1.0}, "output_gate": {"memory_output_gate": True}}
+           "normalizer_1": {"memory_gate_normalizer": 1.0}, "output_gate": {"memory_output_gate": True},
+           "delta": {"memory_write": "delta"}, "delta_keys_shift": {"memory_write": "delta", "memory_key_source": "shift"}}
 
 
 @pytest.mark.parametrize("design", DESIGNS)

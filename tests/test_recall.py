@@ -163,3 +163,18 @@ def test_kv_slot_row_has_16_dim_heads_and_at_most_64_slots_per_head(width, slots
     cfg = make_model("kv_slots", seq_len=32, width=width, vocab_size=32).config
     assert (cfg.memory, cfg.memory_heads, cfg.num_memory_slots) == ("kv_slots", width // 16, slots)
     assert make_model("gam", seq_len=32, width=width, vocab_size=32).config.num_memory_slots == width
+
+
+def test_design_variants_are_sized_as_the_kv_slot_row_and_keep_their_change(capsys):
+    """The ablation's variants run on MQAR by registry key, with the kv-slot row's heads and
+    slots; the ones that change heads or width (which this bench sizes) are not offered."""
+    from gam.bench.recall import KV_VARIANTS, make_model
+
+    assert "gam_kv_slots_delta" in KV_VARIANTS and "gam_kv_slots_normalizer_1" in KV_VARIANTS
+    assert not {"gam_kv_slots_heads_2", "gam_kv_slots_heads_8", "gam_kv_slots_narrow"} & set(KV_VARIANTS)
+    delta = make_model("gam_kv_slots_delta", seq_len=32, width=64, vocab_size=32).config
+    assert (delta.memory_write, delta.memory_heads) == ("delta", 4)
+    slow = make_model("gam_kv_slots_normalizer_1", seq_len=32, width=64, vocab_size=32).config
+    assert (slow.memory_gate_normalizer, slow.memory_heads, slow.num_memory_slots) == (1.0, 4, 64)
+    assert main(["bench", "recall", "--preset", "smoke", "--models", "gam_kv_slots_heads_2"]) == 2
+    assert "is not one of" in capsys.readouterr().err

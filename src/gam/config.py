@@ -24,6 +24,7 @@ from typing import Any
 MODELS = ("gam", "transformer", "mamba")
 GAM_VARIANTS = ("full", "sum_fusion", "global_only", "local_only")
 GAM_MEMORIES = ("static", "kv_slots")
+MEMORY_WRITES = ("slots", "delta")
 KEY_SOURCES = ("conv", "input", "shift")
 GAM_IMPLS = ("auto", "reference", "fast")
 POS_EMBEDDINGS = ("learned", "none")
@@ -104,6 +105,8 @@ class GAMConfig:
     memory_gate_normalizer: float = described(8.0, "GAM kv_slots: the forget gate is sigmoid(z)^(1/this) (GSA: 8)")
     memory_output_gate: bool = described(False, "GAM kv_slots: the read times swish(W_g h) before the output "
                                                 "projection, as GSA")
+    memory_write: str = described("slots", "GAM kv_slots: the write rule: slots (gated slot writes, GSA) | "
+                                           "delta (one matrix per head, the gated delta rule; no bank)")
     gam_impl: str = described("auto", "GAM code path: auto | reference (paper's eager code) | fast (fused ops, same function)")
     # Transformer
     attn_impl: str = described("sdpa", "Transformer attention: sdpa (fused kernel) | naive (materialized mask, as the paper)")
@@ -183,6 +186,7 @@ class GAMConfig:
             need(self.n_embd % self.memory_heads == 0,
                  f"n_embd ({self.n_embd}) must be divisible by memory_heads ({self.memory_heads})")
         choice("memory_key_source", KEY_SOURCES)
+        choice("memory_write", MEMORY_WRITES)
         need(isinstance(self.memory_gate_normalizer, (int, float)) and not isinstance(self.memory_gate_normalizer, bool)
              and 0.0 < self.memory_gate_normalizer < float("inf"),
              f"memory_gate_normalizer must be a positive number, got {self.memory_gate_normalizer!r}")

@@ -46,7 +46,11 @@ from gam.models import registry
 ALIASES = {"gam": "gam", "sum_fusion": "gam_sum_fusion", "global_only": "gam_global_only",
            "local_only": "gam_local_only", "kv_slots": "gam_kv_slots", "transformer": "transformer_sdpa",
            "mamba": "mamba_standard"}
-ALL_MODELS = tuple(ALIASES)
+# The kv-slot memory's design variants (docs/kv-memory.md, "Design choices, measured") by their
+# registry keys; not the ones that change the heads or the width, which this bench's sizing sets
+KV_VARIANTS = tuple(key for key, spec in registry.MODELS.items()
+                    if key.startswith("gam_kv_slots_") and not {"memory_heads", "n_embd"} & set(spec.fields))
+ALL_MODELS = (*ALIASES, *KV_VARIANTS)
 
 
 def model_fields(key: str, seq_len: int, width: int, vocab_size: int, n_layer: int = 2,
@@ -411,11 +415,12 @@ def run(config: RecallConfig, log: Callable[[str], None] | None = print) -> dict
     threads, jobs = config.threads, config.jobs
     if threads and (jobs or 1) == 1:
         torch.set_num_threads(threads)
-    keys = list(config.models or p.models or ALL_MODELS)
+    keys = list(config.models or p.models or ALIASES)
     registry.select(keys, ALIASES)  # one-line error for an unknown name
     rf = gam_receptive_field(p.n_layer, p.kernel)
     tasks = [(m, T, P, W) for T, P, W in p.settings for m in keys]
     cost = {"kv_slots": 2.0, "mamba": 10.0, "transformer": 1.3}  # rough step cost, GAM = 1
+    cost.update(dict.fromkeys(KV_VARIANTS, 2.0))
     schedule = sorted(tasks, key=lambda t: -cost.get(t[0], 1.0) * t[1] * t[3] * len(p.lrs_of(t[0])))
     if jobs is None:
         jobs = 1 if dev.type == "cuda" else min(2, os.cpu_count() or 1)

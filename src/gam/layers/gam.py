@@ -63,16 +63,23 @@ class GAMBlock(nn.Module):
             # padding=k-1 on both sides, then keep the first T outputs: output t
             # sees inputs t-k+1 .. t only (causal).
             self.causal_conv = nn.Conv1d(C, C, k, padding=k - 1, groups=C)
-        if self.has_global:
+        self.memory = getattr(config, "memory", "static")  # static (paper) | kv_slots
+        delta = self.memory == "kv_slots" and config.memory_write == "delta"
+        if self.has_global and not delta:  # the delta rule's state starts empty: no bank
             self.memory_bank = nn.Parameter(torch.empty(config.num_memory_slots, C))
             nn.init.xavier_uniform_(self.memory_bank)
-        self.memory = getattr(config, "memory", "static")  # static (paper) | kv_slots
+        else:
+            self.register_parameter("memory_bank", None)
         if self.memory == "kv_slots":  # new parameters only in this case
-            from gam.layers.kv_memory import KVSlotMemory
+            from gam.layers.kv_memory import DeltaRuleMemory, KVSlotMemory
 
-            self.kv_memory = KVSlotMemory(C, config.num_memory_slots, config.memory_heads,
-                                          gate_normalizer=config.memory_gate_normalizer,
-                                          output_gate=config.memory_output_gate)
+            if delta:
+                self.kv_memory = DeltaRuleMemory(C, config.memory_heads, gate_normalizer=config.memory_gate_normalizer,
+                                                 output_gate=config.memory_output_gate)
+            else:
+                self.kv_memory = KVSlotMemory(C, config.num_memory_slots, config.memory_heads,
+                                              gate_normalizer=config.memory_gate_normalizer,
+                                              output_gate=config.memory_output_gate)
             self.key_source = config.memory_key_source
         if config.variant == "full":
             self.gate = nn.Linear(C, 2 * C)
@@ -93,7 +100,7 @@ class GAMBlock(nn.Module):
             keys = self.keys_from(h, local, real, cache)
             if cache is None:
                 return self.kv_memory(h, keys, self.memory_bank, real=real)
-            return self.kv_memory.step(h, keys, cache["key_slots"], cache["value_slots"])
+            return self.kv_memory.step(h, keys, cache)
         if cache is not None:  # one token: the bank streamed once per product when compiled (gam.ops.decode)
             return F.softmax(decode.linear(h, self.memory_bank), dim=-1) @ self.memory_bank
         weights = F.softmax(h @ self.memory_bank.T, dim=-1)  # (B, T, slots)
@@ -175,14 +182,12 @@ class GAMBlock(nn.Module):
         cache: dict = {}
         if self.has_local:
             cache["conv_state"] = short_conv.new_state(self.causal_conv, batch_size, dtype, device)
-        if self.memory == "kv_slots":  # key and value slots, (heads, slots, C / heads) per sequence
-            mem = self.kv_memory
-            bank = self.memory_bank.detach().view(mem.num_slots, mem.num_heads, mem.head_dim).transpose(0, 1)
-            bank = bank.to(dtype=dtype or bank.dtype, device=device or bank.device)
-            cache["key_slots"] = bank.expand(batch_size, *bank.shape).clone()
-            cache["value_slots"] = bank.expand(batch_size, *bank.shape).clone()
+        if self.memory == "kv_slots":  # the memory's state: slots (B, H, S, C / H) or matrices (B, H, d, d)
+            cache.update(self.kv_memory.new_cache(batch_size, self.memory_bank, dtype, device))
             if self.key_source == "shift":  # the last token's normalized input
-                cache["previous_input"] = bank.new_zeros(batch_size, 1, bank.shape[0] * bank.shape[-1])
+                weight = self.ln1.weight
+                cache["previous_input"] = torch.zeros(batch_size, 1, weight.shape[0], dtype=dtype or weight.dtype,
+                                                      device=device or weight.device)
         return cache
 
     def prefill(self, x: torch.Tensor, cache: dict, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -193,13 +198,11 @@ class GAMBlock(nn.Module):
             short_conv.fill_state(cache["conv_state"], h, attention_mask)
         if self.memory == "kv_slots":
             local = self.local_context(h, attention_mask) if self.has_local else None
-            keys, values = self.kv_memory.final_state(h, self.keys_from(h, local, attention_mask),
-                                                      self.memory_bank, real=attention_mask)
+            self.kv_memory.fill_cache(cache, h, self.keys_from(h, local, attention_mask), self.memory_bank,
+                                      real=attention_mask)
             if self.key_source == "shift":
                 last = h[:, -1:] if attention_mask is None else h[:, -1:] * attention_mask[:, -1:, None].to(h.dtype)
                 cache["previous_input"].copy_(last)
-            cache["key_slots"].copy_(keys)
-            cache["value_slots"].copy_(values)
         return self(x, attention_mask)
 
     def step(self, x: torch.Tensor, cache: dict) -> torch.Tensor:

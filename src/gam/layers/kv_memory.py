@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gam.ops import decode
+from gam.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
 from gam.ops.kv_memory import kv_memory_chunked, kv_memory_final_state, kv_memory_recurrent, kv_memory_step
 
 RETENTION_TOKENS = (4.0, 256.0)  # initial retention times of each head's slots, shortest and longest
@@ -140,9 +141,25 @@ class KVSlotMemory(nn.Module):
         K, V = kv_memory_final_state(k, v, log_alpha, self.initial_state(memory_bank, B))
         return K.view(B, self.num_heads, self.num_slots, -1), V.view(B, self.num_heads, self.num_slots, -1)
 
-    def step(self, h: torch.Tensor, key_source: torch.Tensor, key_slots: torch.Tensor,
-             value_slots: torch.Tensor) -> torch.Tensor:
-        """One token per row, (B, 1, C); updates the slots (B, H, S, d) in place."""
+    # the cache contract of both write rules (GAMBlock.allocate_inference_cache / prefill / step)
+    def new_cache(self, batch: int, memory_bank: torch.Tensor, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> dict:
+        """Key and value slots, (B, H, S, d) each, holding the bank."""
+        bank = memory_bank.detach().view(self.num_slots, self.num_heads, self.head_dim).transpose(0, 1)
+        bank = bank.to(dtype=dtype or bank.dtype, device=device or bank.device)
+        return {"key_slots": bank.expand(batch, *bank.shape).clone(),
+                "value_slots": bank.expand(batch, *bank.shape).clone()}
+
+    def fill_cache(self, cache: dict, h: torch.Tensor, key_source: torch.Tensor, memory_bank: torch.Tensor,
+                   real: torch.Tensor | None = None) -> None:
+        """The slots after a prompt, without the reads."""
+        keys, values = self.final_state(h, key_source, memory_bank, real)
+        cache["key_slots"].copy_(keys)
+        cache["value_slots"].copy_(values)
+
+    def step(self, h: torch.Tensor, key_source: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One token per row, (B, 1, C); updates the cache's slots in place."""
+        key_slots, value_slots = cache["key_slots"], cache["value_slots"]
         B = h.shape[0]
         q, k, v, log_alpha = self.inputs(h, key_source)
         flat = (B * self.num_heads, self.num_slots, self.head_dim)
@@ -150,4 +167,99 @@ class KVSlotMemory(nn.Module):
                                      (key_slots.reshape(flat).to(h.dtype), value_slots.reshape(flat).to(h.dtype)))
         key_slots.copy_(K.view_as(key_slots))
         value_slots.copy_(V.view_as(value_slots))
+        return self._output(out.unsqueeze(1), h)
+
+
+class DeltaRuleMemory(nn.Module):
+    """The kv-slot GAM's alternative write rule (``memory_write="delta"``): per head
+    one d x d matrix written by the gated delta rule (Gated DeltaNet; the
+    recurrence and its forms in :mod:`gam.ops.delta_rule`)::
+
+        q_t = l2norm(W_q h_t) / sqrt(d)   k_t = l2norm(W_k local_t)   v_t = W_v h_t     (split in H heads)
+        log alpha_t = logsigmoid(W_f h_t + b_f) / gate_normalizer     beta_t = sigmoid(W_b h_t)   (H each)
+        S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   S_0 = 0
+        read_t = W_o RMSNorm(S_t^T q_t)
+
+    Keys and queries are unit length, which keeps ``I - beta k k^T`` a
+    contraction (the delta rule's stability condition, as in DeltaNet). One
+    forget gate per head (a scalar, as Gated DeltaNet), its bias starting the
+    heads at retention times log-spaced over :data:`RETENTION_TOKENS` as the
+    slots' are. No memory bank: the state starts empty. The keys' source, the
+    normalizer, the RMSNorm and the output projection (and the optional output
+    gate) are the slot memory's, so the write rule is the one thing changed.
+    """
+
+    def __init__(self, n_embd: int, num_heads: int, gate_normalizer: float = 8.0,
+                 chunk_size: int | None = None, output_gate: bool = False):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, n_embd // num_heads
+        self.query = nn.Linear(n_embd, n_embd, bias=False)
+        self.key = nn.Linear(n_embd, n_embd, bias=False)
+        self.value = nn.Linear(n_embd, n_embd, bias=False)
+        self.forget = nn.Linear(n_embd, num_heads)
+        self.write_strength = nn.Linear(n_embd, num_heads)  # beta, 0.5 at the start
+        with torch.no_grad():
+            self.forget.bias.copy_(retention_bias(num_heads, gate_normalizer))
+            self.write_strength.bias.zero_()
+        self.norm = nn.RMSNorm(self.head_dim, eps=1e-5)
+        self.out = nn.Linear(n_embd, n_embd, bias=False)
+        self.out_gate = nn.Linear(n_embd, n_embd, bias=False) if output_gate else None
+        self.gate_normalizer = gate_normalizer
+        self.chunk_size = chunk_size
+
+    _heads = KVSlotMemory._heads
+    _output = KVSlotMemory._output
+
+    def _per_head(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) -> (B*H, T)."""
+        return x.transpose(1, 2).reshape(-1, x.shape[1])
+
+    def inputs(self, h: torch.Tensor, key_source: torch.Tensor, real: torch.Tensor | None = None):
+        """q, k, v (B*H, T, d), log_alpha and beta (B*H, T). With a padding mask
+        ``real`` (B, T), pad positions get alpha = 1 and beta = 0: they change nothing."""
+        log_alpha = F.logsigmoid(decode.linear(h, self.forget.weight, self.forget.bias)) / self.gate_normalizer
+        beta = torch.sigmoid(decode.linear(h, self.write_strength.weight, self.write_strength.bias))
+        if real is not None:
+            keep = real.unsqueeze(-1).to(log_alpha.dtype)
+            log_alpha, beta = log_alpha * keep, beta * keep
+        q = F.normalize(self._heads(decode.linear(h, self.query.weight)), dim=-1) * self.head_dim ** -0.5
+        k = F.normalize(self._heads(decode.linear(key_source, self.key.weight)), dim=-1)
+        v = self._heads(decode.linear(h, self.value.weight))
+        return q, k, v, self._per_head(log_alpha), self._per_head(beta)
+
+    def _empty_state(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        return like.new_zeros(batch * self.num_heads, self.head_dim, self.head_dim)
+
+    def forward(self, h: torch.Tensor, key_source: torch.Tensor, memory_bank: None = None,
+                reference: bool = False, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Reads (B, T, C): the chunked form, or with ``reference`` the recurrence."""
+        q, k, v, log_alpha, beta = self.inputs(h, key_source, real)
+        state = self._empty_state(h.shape[0], v)
+        if reference:
+            reads, _ = delta_rule_recurrent(q, k, v, log_alpha, beta, state)
+        else:
+            reads, _ = delta_rule_chunked(q, k, v, log_alpha, beta, state, self.chunk_size)
+        return self._output(reads, h)
+
+    def new_cache(self, batch: int, memory_bank: None = None, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> dict:
+        """The matrix of every head, (B, H, d, d), empty."""
+        weight = self.value.weight
+        return {"delta_state": torch.zeros(batch, self.num_heads, self.head_dim, self.head_dim,
+                                           dtype=dtype or weight.dtype, device=device or weight.device)}
+
+    def fill_cache(self, cache: dict, h: torch.Tensor, key_source: torch.Tensor, memory_bank: None = None,
+                   real: torch.Tensor | None = None) -> None:
+        """The state after a prompt (the chunked form's; its reads are dropped)."""
+        q, k, v, log_alpha, beta = self.inputs(h, key_source, real)
+        _, state = delta_rule_chunked(q, k, v, log_alpha, beta, self._empty_state(h.shape[0], v), self.chunk_size)
+        cache["delta_state"].copy_(state.view_as(cache["delta_state"]))
+
+    def step(self, h: torch.Tensor, key_source: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One token per row, (B, 1, C); updates the cache's state in place."""
+        state = cache["delta_state"]
+        q, k, v, log_alpha, beta = self.inputs(h, key_source)
+        out, new = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], log_alpha[:, 0], beta[:, 0],
+                                   state.reshape(-1, self.head_dim, self.head_dim).to(h.dtype))
+        state.copy_(new.view_as(state))
         return self._output(out.unsqueeze(1), h)

@@ -80,7 +80,8 @@ _SPECS = (
               "the kv-slot model at width 76: the paper GAM's non-embedding parameter count at the cpu preset "
               "(tests/test_bench.py checks it)"),
     # The kv-slot memory's design choices, one changed at a time (issue 24; docs/kv-memory.md,
-    # "Design choices, measured"): what the keys read, the gate's normalizer, GSA's output gate, heads.
+    # "Design choices, measured"): what the keys read, the gate's normalizer, GSA's output gate, heads,
+    # the write rule.
     *(ModelSpec(f"gam_kv_slots_{name}", f"GAM (kv-slot memory), {label}", "gam",
                 {"memory": "kv_slots", "num_memory_slots": 64, **change}, "ablation", {},
                 f"the kv-slot model with {label}")
@@ -91,6 +92,7 @@ _SPECS = (
           ("output_gate", "GSA's output gate", {"memory_output_gate": True}),
           ("heads_2", "2 heads", {"memory_heads": 2}),
           ("heads_8", "8 heads", {"memory_heads": 8}),
+          ("delta", "the gated delta-rule write (one matrix per head, no bank)", {"memory_write": "delta"}),
       )),
     ModelSpec("transformer_naive", "Transformer (naive attn.)", "transformer", {"attn_impl": "naive"}, "paper",
               {"Table 1": "Transformer", "Table 2": "Transformer"}, "materialized T x T scores and mask, as the paper's code"),
