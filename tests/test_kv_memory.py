@@ -230,7 +230,7 @@ def test_config_field_and_validation():
 
 # The design choices the ablation varies (issue 24), each a config field
 DESIGNS = {"keys_input": {"memory_key_source": "input"}, "keys_shift": {"memory_key_source": "shift"},
-           "normalizer_1": {"memory_gate_normalizer": 1.0}, "output_gate": {"memory_output_gate": True},
+           "normalizer_8": {"memory_gate_normalizer": 8.0}, "output_gate": {"memory_output_gate": True},
            "delta": {"memory_write": "delta"}, "delta_keys_shift": {"memory_write": "delta", "memory_key_source": "shift"}}
 
 
@@ -266,9 +266,9 @@ def test_design_choices_change_what_they_say():
     shifted = blocks["keys_shift"].keys_from(h, local)
     assert torch.equal(shifted[:, 1:], h[:, :-1]) and not shifted[:, 0].any()
     assert torch.equal(GAMBlock(GAMConfig(**TINY, memory="kv_slots")).keys_from(h, local), local)
-    assert blocks["normalizer_1"].kv_memory.gate_normalizer == 1.0
+    assert blocks["normalizer_8"].kv_memory.gate_normalizer == 8.0
     z = torch.randn(1, 5, 16)
-    for block, normalizer in ((blocks["normalizer_1"], 1.0), (blocks["keys_input"], 8.0)):
+    for block, normalizer in ((blocks["normalizer_8"], 8.0), (blocks["keys_input"], 1.0)):
         memory = block.kv_memory
         expected = F.logsigmoid(F.linear(z, memory.forget.weight, memory.forget.bias)) / normalizer
         log_alpha = memory.inputs(z, z)[3]

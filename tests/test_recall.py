@@ -170,11 +170,11 @@ def test_design_variants_are_sized_as_the_kv_slot_row_and_keep_their_change(caps
     slots; the ones that change heads or width (which this bench sizes) are not offered."""
     from gam.bench.recall import KV_VARIANTS, make_model
 
-    assert "gam_kv_slots_delta" in KV_VARIANTS and "gam_kv_slots_normalizer_1" in KV_VARIANTS
+    assert "gam_kv_slots_delta" in KV_VARIANTS and "gam_kv_slots_normalizer_8" in KV_VARIANTS
     assert not {"gam_kv_slots_heads_2", "gam_kv_slots_heads_8", "gam_kv_slots_narrow"} & set(KV_VARIANTS)
     delta = make_model("gam_kv_slots_delta", seq_len=32, width=64, vocab_size=32).config
     assert (delta.memory_write, delta.memory_heads) == ("delta", 4)
-    slow = make_model("gam_kv_slots_normalizer_1", seq_len=32, width=64, vocab_size=32).config
-    assert (slow.memory_gate_normalizer, slow.memory_heads, slow.num_memory_slots) == (1.0, 4, 64)
+    slow = make_model("gam_kv_slots_normalizer_8", seq_len=32, width=64, vocab_size=32).config
+    assert (slow.memory_gate_normalizer, slow.memory_heads, slow.num_memory_slots) == (8.0, 4, 64)
     assert main(["bench", "recall", "--preset", "smoke", "--models", "gam_kv_slots_heads_2"]) == 2
     assert "is not one of" in capsys.readouterr().err

@@ -102,7 +102,8 @@ class GAMConfig:
     # Design choices of the kv-slot memory, fields so that each can be ablated (docs/kv-memory.md)
     memory_key_source: str = described("conv", "GAM kv_slots: what the keys read: conv (the local path's "
                                                "output) | input (the token's own h) | shift (the previous token's h)")
-    memory_gate_normalizer: float = described(8.0, "GAM kv_slots: the forget gate is sigmoid(z)^(1/this) (GSA: 8)")
+    memory_gate_normalizer: float = described(1.0, "GAM kv_slots: the forget gate is sigmoid(z)^(1/this) (GSA: 8; "
+                                                   "1 measured better on text)")
     memory_output_gate: bool = described(False, "GAM kv_slots: the read times swish(W_g h) before the output "
                                                 "projection, as GSA")
     memory_write: str = described("slots", "GAM kv_slots: the write rule: slots (gated slot writes, GSA) | "

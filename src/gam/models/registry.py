@@ -88,7 +88,7 @@ _SPECS = (
       for name, label, change in (
           ("keys_input", "keys from the token's own h", {"memory_key_source": "input"}),
           ("keys_shift", "keys from the previous token's h", {"memory_key_source": "shift"}),
-          ("normalizer_1", "gate normalizer 1 (a plain sigmoid forget gate)", {"memory_gate_normalizer": 1.0}),
+          ("normalizer_8", "GSA's gate normalizer 8 (the default until the ablation)", {"memory_gate_normalizer": 8.0}),
           ("output_gate", "GSA's output gate", {"memory_output_gate": True}),
           ("heads_2", "2 heads", {"memory_heads": 2}),
           ("heads_8", "8 heads", {"memory_heads": 8}),
