@@ -94,7 +94,8 @@ def test_block_has_no_bank_and_its_own_parameters():
     assert kv.blocks[0].kv_memory.forget.out_features == 2  # one gate per head
 
 
-def test_block_chunked_matches_reference_recurrence_and_training_reaches_every_parameter():
+def test_block_chunked_matches_reference_recurrence():
+    """(Training, every parameter reached: tests/test_kv_memory.py, both write rules.)"""
     torch.manual_seed(0)
     block = GAMBlock(GAMConfig(**{k: v for k, v in TINY.items() if k not in ("vocab_size",)}))
     block.kv_memory.chunk_size = 4
@@ -103,18 +104,6 @@ def test_block_chunked_matches_reference_recurrence_and_training_reaches_every_p
     local = block.local_context(h)
     torch.testing.assert_close(block.kv_memory(h, local), block.kv_memory(h, local, reference=True),
                                atol=1e-5, rtol=0)
-    model = build_model("gam", **TINY)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    idx = torch.randint(0, 50, (4, 32))
-    losses = []
-    for _ in range(5):
-        _, loss = model(idx, idx)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "kv_memory" in n)
 
 
 def test_block_compiles_without_graph_breaks():

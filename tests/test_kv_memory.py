@@ -399,10 +399,11 @@ def test_hf_export_and_generate():
     assert torch.equal(out, ours)
 
 
-def test_training_step_decreases_loss_and_reaches_every_parameter():
-    """It trains, and every parameter of the memory gets a gradient."""
+@pytest.mark.parametrize("write", ["slots", "delta"])
+def test_training_step_decreases_loss_and_reaches_every_parameter(write):
+    """It trains, and every parameter of the memory gets a gradient (both write rules)."""
     torch.manual_seed(0)
-    model = build_model("gam", memory="kv_slots", **TINY)
+    model = build_model("gam", memory="kv_slots", memory_write=write, **TINY)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     idx = torch.randint(0, 50, (4, 32))
     losses = []
