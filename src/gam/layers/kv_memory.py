@@ -27,8 +27,8 @@ Why each choice:
   start below, 1 was 0.025 nats better on WikiText-2 over 3 seeds and recalls as
   well on MQAR (docs/kv-memory.md, "Design choices, measured").
 - The forget bias starts each head's slots at retention times ``1 / (1 - alpha)``
-  log-spaced from 4 to 256 tokens (:func:`retention_bias`), not all at the zero
-  bias's 12: with 16 pairs queried up to 224 tokens later (MQAR, T = 256) the
+  log-spaced from 4 to 256 tokens (:func:`retention_bias`), not all at a zero
+  bias's (12 tokens with GSA's normalizer 8, 2 with 1): with 16 pairs queried up to 224 tokens later (MQAR, T = 256) the
   uniform start stayed on the 1/P plateau for 1,000 steps and this one reached
   0.995 in 300 (docs/kv-memory.md).
 - The gate is bounded, ``log alpha >= -4`` (:data:`gam.ops.kv_memory.LOG_ALPHA_MIN`),

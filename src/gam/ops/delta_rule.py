@@ -39,7 +39,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK = 32  # fwd+bwd at the cpu preset's shape (64 rows x 128 tokens x 24): 16-64 alike, 128 2x slower
+# fwd+bwd at the cpu preset's shape (64 rows x 128 tokens x 24), timed beside a bench (noisy):
+# 16-64 within the noise (23-54 ms), 128 about 2x slower
+DEFAULT_CHUNK = 32
 
 
 def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
