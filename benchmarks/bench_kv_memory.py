@@ -8,9 +8,13 @@ intermediate kept) and ``kv_memory_chunked`` (its hand-written backward). For ea
 median forward time and backward time of each (one warm-up excluded; the forms take turns
 each repeat, so that a change of load reaches both), the time per token, which should stay
 flat in T, the memory each keeps for its backward (distinct storages of the saved tensors,
-inputs included) and the autograd form's time over the hand-written one's. Also checks each
+inputs included) and the first form's time over each one's. Also checks each
 form's output and gradients against the step-by-step recurrence at the shortest T (fp32),
 so a fast but wrong form cannot pass unnoticed.
+
+``--baseline FILE`` adds a third form, ``baseline``: ``kv_memory_chunked`` of another
+version's ``src/gam/ops/kv_memory.py`` (``git show REV:src/gam/ops/kv_memory.py > old.py``),
+timed in the same turns, so a change of the op is measured before and after in one run.
 
 ``--dtype bf16`` runs both under bf16 autocast with the state in fp32, as the layer trains.
 glibc's malloc keeps freed memory (``gam.bench.speed.tune_cpu_allocator``, as ``gam bench
@@ -21,12 +25,14 @@ Usage::
 
     python benchmarks/bench_kv_memory.py                                   # 8 x T x 64, 64 slots
     python benchmarks/bench_kv_memory.py --batch-heads 256 --dim 16 --slots 64 --lengths 256
+    python benchmarks/bench_kv_memory.py --forms baseline,hand-written --baseline old.py --dtype bf16
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import statistics
 import sys
@@ -41,6 +47,16 @@ from gam.bench.speed import tune_cpu_allocator  # noqa: E402
 from gam.ops.kv_memory import kv_memory_chunked, kv_memory_chunked_autograd, kv_memory_recurrent  # noqa: E402
 
 FORMS = {"autograd": kv_memory_chunked_autograd, "hand-written": kv_memory_chunked}
+
+
+def load_baseline(path: str):
+    """``kv_memory_chunked`` of another version's op file, imported under its own name."""
+    spec = importlib.util.spec_from_file_location("kv_memory_baseline", path)
+    if spec is None:
+        raise ImportError("not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.kv_memory_chunked
 
 
 def inputs(bh: int, T: int, d: int, slots: int, seed: int = 0):
@@ -112,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per T and form (after 1 warm-up)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--forms", default="autograd,hand-written",
-                   help=f"comma-separated forms to time, of {', '.join(FORMS)}")
+                   help=f"comma-separated forms to time, of {', '.join(FORMS)}, baseline (with --baseline)")
+    p.add_argument("--baseline", metavar="FILE", help="another version's src/gam/ops/kv_memory.py: form 'baseline'")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: under bf16 autocast, the state in fp32 (as the layer trains)")
     p.add_argument("--no-tune-malloc", action="store_true", help="keep glibc's default malloc thresholds")
@@ -122,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         p.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
     forms = args.forms.split(",")
+    if args.baseline:
+        if not os.path.isfile(args.baseline):
+            p.error(f"--baseline: no such file: {args.baseline}")
+        try:
+            FORMS["baseline"] = load_baseline(args.baseline)
+        except Exception as e:  # a file that is not an op of this library
+            p.error(f"--baseline: cannot load kv_memory_chunked from {args.baseline}: {type(e).__name__}: {e}")
     if not forms or any(f not in FORMS for f in forms):
         p.error(f"--forms must be comma-separated names of {', '.join(FORMS)}, got {args.forms!r}")
     if min(lengths) < 1 or min(args.batch_heads, args.dim, args.slots, args.repeats, args.threads) < 1:
@@ -134,14 +158,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.threads} thread(s), {args.dtype}, {malloc}; median of {args.repeats} after 1 warm-up")
     print(f"max relative error vs the recurrence (outputs and gradients, T <= 40, fp32): {errors}")
     print("| T | form | forward ms | backward ms | µs per token (fwd + bwd) | kept for backward MiB "
-          "| autograd time / this |")
+          f"| {forms[0]} time / this |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for T in lengths:
         times = time_forms(forms, args.batch_heads, T, args.dim, args.slots, args.repeats, args.dtype == "bf16")
         for name, (fwd, bwd, kept) in times.items():
-            ratio = f"{sum(times['autograd'][:2]) / (fwd + bwd):.2f}x" if "autograd" in times else "–"
+            ratio = f"{sum(times[forms[0]][:2]) / (fwd + bwd):.2f}x"
             print(f"| {T:,} | {name} | {fwd * 1e3:,.1f} | {bwd * 1e3:,.1f} | {(fwd + bwd) * 1e6 / T:,.1f} "
-                  f"| {kept / 2**20:,.2f} | {ratio} |")
+                  f"| {kept / 2**20:,.3g} | {ratio} |")
     return 0
 
 

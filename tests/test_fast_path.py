@@ -169,8 +169,9 @@ def test_block_fast_bf16_autocast(variant, memory):
         y_rb, g_rb = block_outputs(block, x, g, block.forward_reference)    # reference in bf16
     assert y.dtype == torch.float32  # residual stream stays fp32
     assert rel_rms(y, y_ref) < 1e-2
-    # the kv-slot mixer is the eager one in both (its chained bf16 matmuls: ~1.1% on some
-    # gradients); the bound relative to the reference's own bf16 error is the check there
+    # the kv-slot memory's op is the same chunked form in both (its chained bf16 matmuls:
+    # ~1.7% on the forget bias's gradient); the bound relative to the reference's own bf16
+    # error is the check there
     bound = 1e-2 if memory == "static" else 2e-2
     for (name, p), a, b, r in zip([("x", x)] + list(block.named_parameters()), g_fast, g_rb, g_ref):
         if r is None:

@@ -45,7 +45,8 @@ def outputs_and_grads(fn, q, k, v, z, K0, V0, **kw):
     return (out, K, V), torch.autograd.grad(loss, (q, k, v, z, K0, V0))
 
 
-@pytest.mark.parametrize("T,chunk", [(16, 4), (21, 4), (21, 8), (5, 8), (32, 16), (33, 16), (1, 4), (40, 1)])
+@pytest.mark.parametrize("T,chunk", [(16, 4), (21, 4), (21, 8), (5, 8), (32, 16), (33, 16), (1, 4), (40, 1),
+                                     (64, 32), (45, 32), (20, 32)])
 def test_chunked_matches_recurrent_outputs_and_gradients(T, chunk):
     args = inputs(T=T)
     ref_out, ref_grads = outputs_and_grads(kv_memory_recurrent, *args)
@@ -56,7 +57,7 @@ def test_chunked_matches_recurrent_outputs_and_gradients(T, chunk):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=f"gradient of {name}")
 
 
-@pytest.mark.parametrize("T,chunk", [(21, 4), (5, 8), (33, 16)])
+@pytest.mark.parametrize("T,chunk", [(21, 4), (5, 8), (33, 16), (45, 32)])
 def test_autograd_chunked_form_matches_recurrent(T, chunk):
     """The plain-PyTorch chunk form, the reference of the hand-written backward."""
     args = inputs(T=T)
@@ -77,7 +78,8 @@ def clamped_gates(B, T, S, seed=0, dtype=torch.float64):
     return log_alpha.requires_grad_()
 
 
-@pytest.mark.parametrize("T,chunk,tile", [(7, 3, None), (2, 4, None), (16, 16, None), (9, 4, 4 * 4), (9, 2, 64)])
+@pytest.mark.parametrize("T,chunk,tile", [(7, 3, None), (2, 4, None), (16, 16, None), (40, 32, None), (9, 4, 4 * 4),
+                                          (9, 2, 64)])
 def test_hand_written_backward_passes_gradcheck(T, chunk, tile, monkeypatch):
     """fp64 finite differences through every input, the initial state and into the final
     state, across the clamp; ``tile`` (elements): tiles of one row by one chunk, of two rows
@@ -128,17 +130,25 @@ def test_tiles_give_the_recurrent_outputs_and_gradients(tile, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-def test_chunked_matches_recurrent_with_saturated_gates():
-    q, k, v, z, K0, V0 = inputs(T=19, gate_scale=30.0)  # alphas from ~1 to ~e^-60: the bound applies
+@pytest.mark.parametrize("form", [kv_memory_chunked, kv_memory_chunked_autograd])
+@pytest.mark.parametrize("T,chunk,shift", [(19, 8, 1.0), (70, MAX_CHUNK, 1.0), (70, MAX_CHUNK, -60.0)])
+def test_chunked_matches_recurrent_with_saturated_gates(form, T, chunk, shift):
+    """Gates from ~1 to ~e^-60, where the bound applies; with ``shift`` -60 every gate
+    sits at the bound for whole chunks of MAX_CHUNK tokens, the factorization's widest
+    exponents (half a chunk times the bound each way)."""
+    q, k, v, z, K0, V0 = inputs(T=T, gate_scale=30.0)
+    z = (z + shift).detach().requires_grad_()
     ref, (rK, rV) = kv_memory_recurrent(q, k, v, F.logsigmoid(z), (K0, V0))
-    out, (K, V) = kv_memory_chunked(q, k, v, F.logsigmoid(z), (K0, V0), chunk_size=8)
+    out, (K, V) = form(q, k, v, F.logsigmoid(z), (K0, V0), chunk_size=chunk)
+    # fp32 on values of order 1: a chunk's sums span factors up to e^64 each way (1.3e-5 measured at 32)
+    atol = 1e-5 if chunk <= 16 else 3e-5
     for a, b in ((out, ref), (K, rK), (V, rV)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
     got = torch.autograd.grad(out.sum(), (q, k, v, z))
     want = torch.autograd.grad(ref.sum(), (q, k, v, z))
     for a, b in zip(got, want):
         assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
 
 
 def test_chunk_size_beyond_the_factorization_range_is_refused():
@@ -147,11 +157,12 @@ def test_chunk_size_beyond_the_factorization_range_is_refused():
         kv_memory_chunked(q, k, v, F.logsigmoid(z), (K0, V0), chunk_size=MAX_CHUNK + 1)
 
 
-@pytest.mark.parametrize("form,bound", [(kv_memory_chunked, 2e-2), (kv_memory_chunked_autograd, 3e-2)])
+@pytest.mark.parametrize("form,bound", [(kv_memory_chunked, 1e-2), (kv_memory_chunked_autograd, 3e-2)])
 def test_bf16_chunked_is_close_to_the_fp32_reference(form, bound):
     """bf16 inputs and state: outputs within 2% relative RMS of the fp32 recurrence,
     gradients within ``bound`` (the autograd form's state gradient carries bf16
-    rounding: 2.0%); the gates' cumulative sums stay fp32 inside."""
+    rounding: 2.0%; the hand-written form's worst, the gates', 0.65%: its in-chunk
+    products with the decay factors run in fp32); the gates' cumulative sums stay fp32 inside."""
     fp32 = inputs(T=45, d=16, S=12)
     low = [t.detach().bfloat16().requires_grad_() for t in fp32]
     (ref, *_), ref_grads = outputs_and_grads(kv_memory_recurrent, *fp32)

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from gam.config import GAMConfig
 from gam.layers import short_conv
 from gam.ops import decode
-from gam.ops.fused_block import ffn_residual, gam_mixer_residual, use_fast_path
+from gam.ops.fused_block import causal_depthwise_conv, ffn_residual, gam_mixer_residual, use_fast_path
+from gam.ops.memory_read import compute_dtype
 
 
 def feed_forward(n_embd: int, dropout: float) -> nn.Sequential:
@@ -147,10 +148,8 @@ class GAMBlock(nn.Module):
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         """The same function as :meth:`forward_reference` (unpadded input) on the fused
-        ops of :mod:`gam.ops.fused_block`. With ``memory="kv_slots"`` the mixer is the
-        eager one around the slot memory's own op (the chunked form with its
-        hand-written backward, :func:`gam.ops.kv_memory.kv_memory_chunked`) and the FFN
-        is fused."""
+        ops of :mod:`gam.ops.fused_block`; with ``memory="kv_slots"``, :meth:`mix_kv_fast`.
+        The FFN is fused."""
         if self.memory == "static":
             x = gam_mixer_residual(
                 x, self.ln1.weight, self.ln1.bias, self.ln1.eps,
@@ -159,11 +158,35 @@ class GAMBlock(nn.Module):
                 gate_weight=self.gate.weight if self.variant == "full" else None,
                 gate_bias=self.gate.bias if self.variant == "full" else None,
                 memory_bank=self.memory_bank if self.has_global else None)
-        else:  # under the caller's autocast, as the reference
+        elif self.has_global:
+            x = x + self.mix_kv_fast(x)
+        else:
             x = x + self.mix(self.ln1(x))
         linear1, linear2, dropout = self.ffn[0], self.ffn[2], self.ffn[3]
         return ffn_residual(x, self.ln2.weight, self.ln2.bias, self.ln2.eps, linear1.weight, linear1.bias,
                             linear2.weight, linear2.bias, dropout_p=dropout.p if dropout.training else 0.0)
+
+    def mix_kv_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`mix` of ``LayerNorm1(x)`` with the kv-slot memory (either write rule, any
+        variant with a memory), on fewer passes over memory: the LayerNorm output cast
+        once to the compute dtype (autocast casts it for every product), every
+        projection that reads it (the gate and the memory's query, value and gates) as
+        one matmul, and the convolution as shifted multiply-adds in (B, T, C) layout
+        (:func:`gam.ops.fused_block.causal_depthwise_conv`: no transposed copies).
+        The memory's own op is the same chunked form."""
+        memory = self.kv_memory
+        h = self.ln1(x).to(compute_dtype(x))
+        linears = ([self.gate] if self.variant == "full" else []) + memory.input_projections()
+        weight = torch.cat([m.weight for m in linears])
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
+        projected = list(F.linear(h, weight, bias).split([m.out_features for m in linears], dim=-1))
+        gates = projected.pop(0).chunk(2, dim=-1) if self.variant == "full" else None
+        local = causal_depthwise_conv(h, self.causal_conv.weight, self.causal_conv.bias) if self.has_local else None
+        keys = self.keys_from(h, local)
+        glob = memory.read(memory.from_projections(projected, F.linear(keys, memory.key.weight)), h, self.memory_bank)
+        if gates is not None:
+            return torch.sigmoid(gates[0]) * local + torch.sigmoid(gates[1]) * glob
+        return glob if local is None else local + glob
 
     def forward_reference(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The paper's eager code, unchanged (plus the padding mask): the oracle and the speed baseline."""

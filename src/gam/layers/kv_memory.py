@@ -92,18 +92,29 @@ class KVSlotMemory(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2).reshape(B * self.num_heads, T, -1)
 
-    def inputs(self, h: torch.Tensor, key_source: torch.Tensor, real: torch.Tensor | None = None):
-        """q, k, v (B*H, T, d) and log_alpha (B*H, T, S). With a padding mask
-        ``real`` (B, T), pad positions get alpha = 1: they write nothing."""
-        B, T, _ = h.shape
-        log_alpha = F.logsigmoid(decode.linear(h, self.forget.weight, self.forget.bias)) / self.gate_normalizer
+    def input_projections(self) -> list[nn.Linear]:
+        """The projections that read h, in the order :meth:`from_projections` takes their
+        outputs (the block's fast path runs them as one matmul)."""
+        return [self.query, self.value, self.forget]
+
+    def from_projections(self, projected: list[torch.Tensor], keys: torch.Tensor,
+                         real: torch.Tensor | None = None):
+        """q, k, v (B*H, T, d) and log_alpha (B*H, T, S) from the outputs (B, T, .) of
+        :meth:`input_projections` and the key projection. With a padding mask ``real``
+        (B, T), pad positions get alpha = 1: they write nothing."""
+        q, v, forget = projected
+        B, T, _ = q.shape
+        log_alpha = F.logsigmoid(forget) / self.gate_normalizer
         if real is not None:
             log_alpha = log_alpha * real.unsqueeze(-1).to(log_alpha.dtype)
         log_alpha = log_alpha.view(B, T, self.num_heads, self.num_slots).transpose(1, 2).reshape(
             B * self.num_heads, T, self.num_slots)
-        q = self._heads(decode.linear(h, self.query.weight)) * self.head_dim ** -0.5
-        k, v = decode.linear(key_source, self.key.weight), decode.linear(h, self.value.weight)
-        return q, self._heads(k), self._heads(v), log_alpha
+        return self._heads(q) * self.head_dim ** -0.5, self._heads(keys), self._heads(v), log_alpha
+
+    def inputs(self, h: torch.Tensor, key_source: torch.Tensor, real: torch.Tensor | None = None):
+        """q, k, v (B*H, T, d) and log_alpha (B*H, T, S) for normalized input h and the key source."""
+        projected = [decode.linear(h, m.weight, m.bias) for m in self.input_projections()]
+        return self.from_projections(projected, decode.linear(key_source, self.key.weight), real)
 
     def initial_state(self, memory_bank: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The bank (S, C) as the key and the value slots of every head: two (B*H, S, d)."""
@@ -126,7 +137,12 @@ class KVSlotMemory(nn.Module):
         """Reads (B, T, C) for normalized input h and the key source (B, T, C): the
         chunked form with its hand-written backward, or with ``reference`` the
         step-by-step recurrence."""
-        q, k, v, log_alpha = self.inputs(h, key_source, real)
+        return self.read(self.inputs(h, key_source, real), h, memory_bank, reference)
+
+    def read(self, inputs: tuple, h: torch.Tensor, memory_bank: torch.Tensor,
+             reference: bool = False) -> torch.Tensor:
+        """Reads (B, T, C) from :meth:`inputs` (or :meth:`from_projections`)."""
+        q, k, v, log_alpha = inputs
         state = self.initial_state(memory_bank, h.shape[0])
         if reference:
             reads, _ = kv_memory_recurrent(q, k, v, log_alpha, state)
@@ -215,18 +231,26 @@ class DeltaRuleMemory(nn.Module):
         """(B, T, H) -> (B*H, T)."""
         return x.transpose(1, 2).reshape(-1, x.shape[1])
 
-    def inputs(self, h: torch.Tensor, key_source: torch.Tensor, real: torch.Tensor | None = None):
-        """q, k, v (B*H, T, d), log_alpha and beta (B*H, T). With a padding mask
-        ``real`` (B, T), pad positions get alpha = 1 and beta = 0: they change nothing."""
-        log_alpha = F.logsigmoid(decode.linear(h, self.forget.weight, self.forget.bias)) / self.gate_normalizer
-        beta = torch.sigmoid(decode.linear(h, self.write_strength.weight, self.write_strength.bias))
+    def input_projections(self) -> list[nn.Linear]:
+        """The projections that read h, in the order :meth:`from_projections` takes them."""
+        return [self.query, self.value, self.forget, self.write_strength]
+
+    def from_projections(self, projected: list[torch.Tensor], keys: torch.Tensor,
+                         real: torch.Tensor | None = None):
+        """q, k, v (B*H, T, d), log_alpha and beta (B*H, T) from the outputs of
+        :meth:`input_projections` and the key projection. With a padding mask ``real``
+        (B, T), pad positions get alpha = 1 and beta = 0: they change nothing."""
+        q, v, forget, strength = projected
+        log_alpha = F.logsigmoid(forget) / self.gate_normalizer
+        beta = torch.sigmoid(strength)
         if real is not None:
             keep = real.unsqueeze(-1).to(log_alpha.dtype)
             log_alpha, beta = log_alpha * keep, beta * keep
-        q = F.normalize(self._heads(decode.linear(h, self.query.weight)), dim=-1) * self.head_dim ** -0.5
-        k = F.normalize(self._heads(decode.linear(key_source, self.key.weight)), dim=-1)
-        v = self._heads(decode.linear(h, self.value.weight))
-        return q, k, v, self._per_head(log_alpha), self._per_head(beta)
+        q = F.normalize(self._heads(q), dim=-1) * self.head_dim ** -0.5
+        k = F.normalize(self._heads(keys), dim=-1)
+        return q, k, self._heads(v), self._per_head(log_alpha), self._per_head(beta)
+
+    inputs = KVSlotMemory.inputs
 
     def _empty_state(self, batch: int, like: torch.Tensor) -> torch.Tensor:
         return like.new_zeros(batch * self.num_heads, self.head_dim, self.head_dim)
@@ -234,7 +258,11 @@ class DeltaRuleMemory(nn.Module):
     def forward(self, h: torch.Tensor, key_source: torch.Tensor, memory_bank: None = None,
                 reference: bool = False, real: torch.Tensor | None = None) -> torch.Tensor:
         """Reads (B, T, C): the chunked form, or with ``reference`` the recurrence."""
-        q, k, v, log_alpha, beta = self.inputs(h, key_source, real)
+        return self.read(self.inputs(h, key_source, real), h, memory_bank, reference)
+
+    def read(self, inputs: tuple, h: torch.Tensor, memory_bank: None = None, reference: bool = False) -> torch.Tensor:
+        """Reads (B, T, C) from :meth:`inputs` (or :meth:`from_projections`)."""
+        q, k, v, log_alpha, beta = inputs
         state = self._empty_state(h.shape[0], v)
         if reference:
             reads, _ = delta_rule_recurrent(q, k, v, log_alpha, beta, state)

@@ -30,10 +30,15 @@ a quarter in the exponent). Forms of the same function:
       o_i     = V_start^T r_i + sum_{j <= i} (r_i . u_j) v_j
 
   (the gated-linear-attention chunk form, with the gate on the slots). No
-  T x T matrix and no Q x Q x S tensor: memory O(T S). The factorization needs
-  ``exp(-a_j)`` to stay finite: with the gate bound, ``|a| <= Q |LOG_ALPHA_MIN|``,
-  so the chunk is at most ``MAX_CHUNK`` tokens (exponents <= 64; fp32 and bf16
-  hold e^88). Its backward is written by hand (:class:`KVMemoryChunked`): it
+  T x T matrix and no Q x Q x S tensor: memory O(T S). The factors are taken
+  about the chunk's middle token m (the product ``A_i u_j`` does not change):
+  ``A'_i = exp(a_i - a_m)`` and ``u_j = (1 - alpha_j) exp(a_m - a_j)`` in the
+  in-chunk terms, ``A_i <= 1`` on the chunk-start state, so that with the gate
+  bound every exponent is at most ``|LOG_ALPHA_MIN| Q / 2``: the chunk is at
+  most ``MAX_CHUNK`` tokens (exponents <= 64; fp32 and bf16 hold e^88). Centered,
+  a chunk holds twice the tokens that factors from its start allowed, and the
+  chunk-start states, S / Q times the size of q and the op's largest traffic,
+  halve. Its backward is written by hand (:class:`KVMemoryChunked`): it
   keeps the inputs and the chunk-start states and recomputes the rest.
 - :func:`kv_memory_chunked_autograd`: the same chunk form in plain PyTorch,
   differentiated by autograd: the reference for the hand-written backward.
@@ -42,6 +47,8 @@ a quarter in the exponent). Forms of the same function:
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +59,8 @@ from gam.ops.memory_read import compute_dtype
 State = tuple[torch.Tensor, torch.Tensor]
 
 LOG_ALPHA_MIN = -4.0  # alpha >= 0.018
-MAX_CHUNK = 16
-DEFAULT_CHUNK = 16
+MAX_CHUNK = 32
+DEFAULT_CHUNK = 32
 # KVMemoryChunked's tiles: gate-sized elements (512 KiB in fp32) and the fewest chunks per
 # tile when rows are plenty (measured on CPU: tiles of one chunk were 5% slower; whole tensors 2x)
 TILE_ELEMENTS = 2**17
@@ -121,14 +128,29 @@ def _checked_chunk_size(chunk_size: int | None) -> int:
     return chunk_size
 
 
-def chunk_decays(log_alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decay factors of bounded gates in chunks (B, N, Q, S), in their dtype (fp32 at
-    least): ``A_i = exp(a_i)``, ``u_j = (1 - alpha_j) / A_j``, the chunk's decay ``A_Q``
-    (B, N, 1, S) and the weight ``A_Q u_j`` of write j in the state at the chunk's end."""
-    decay = torch.cumsum(log_alpha, dim=2).exp()  # a_i in [Q LOG_ALPHA_MIN, 0]
-    u = torch.expm1(log_alpha) / -decay
+class Decays(NamedTuple):
+    """Decay factors of bounded gates in chunks (B, N, Q, S), fp32 at least, with
+    ``a_i = sum_{l <= i} log alpha_l`` inside the chunk and m its middle token."""
+
+    decay: torch.Tensor  # A_i = exp(a_i) <= 1: the weight of the chunk-start state at i
+    centered: torch.Tensor  # A'_i = exp(a_i - a_m)
+    u: torch.Tensor  # u_j = (1 - alpha_j) exp(a_m - a_j), so A'_i u_j = prod_{j < l <= i} alpha_l (1 - alpha_j)
+    inv_centered: torch.Tensor  # exp(a_m - a_j) = 1 / A'_j
+    chunk_decay: torch.Tensor  # A_Q (B, N, 1, S): how much of the chunk-start state is left at its end
+    to_end: torch.Tensor  # A'_Q u_j: the weight of write j in the state at the chunk's end
+
+
+def chunk_decays(log_alpha: torch.Tensor) -> Decays:
+    """:class:`Decays` of bounded gates (B, N, Q, S). Every exponent is at most
+    ``|LOG_ALPHA_MIN| Q / 2``: ``a_i - a_m`` and ``a_m - a_j`` span half a chunk each way."""
+    a = torch.cumsum(log_alpha, dim=2)  # in [Q LOG_ALPHA_MIN, 0]
+    middle = (a.shape[2] - 1) // 2
+    relative = a - a[:, :, middle:middle + 1]
+    centered, inv_centered = relative.exp(), (-relative).exp()
+    u = -torch.expm1(log_alpha) * inv_centered
+    decay = a.exp()
     chunk_decay = decay[:, :, -1:]
-    return decay, u, chunk_decay, chunk_decay * u
+    return Decays(decay, centered, u, inv_centered, chunk_decay, centered[:, :, -1:] * u)
 
 
 def kv_memory_chunked_autograd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
@@ -141,11 +163,12 @@ def kv_memory_chunked_autograd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     Q, log_alpha, (q, k, v) = split_into_chunks(chunk_size, bounded_gate(log_alpha), q, k, v)
     dtype = q.dtype
 
-    # Inside each chunk: prod_{j < l <= i} alpha_l (1 - alpha_j) = A_i u_j. The same
+    # Inside each chunk: prod_{j < l <= i} alpha_l (1 - alpha_j) = A'_i u_j. The same
     # factors give the chunk's effect on the state: write j reaches the chunk's end
-    # with weight A_Q u_j, and the state decays by A_Q (fp32 products, then cast).
-    decay32, u32, chunk_decay, to_end32 = chunk_decays(log_alpha)
-    to_end, decay, u = to_end32.to(dtype), decay32.to(dtype), u32.to(dtype)
+    # with weight A'_Q u_j, and the state decays by A_Q (fp32 products, then cast).
+    f = chunk_decays(log_alpha)
+    chunk_decay = f.chunk_decay
+    to_end, decay, centered, u = (x.to(dtype) for x in (f.to_end, f.decay, f.centered, f.u))
 
     # Chunk-start states: (K, V)_{c+1} = A_Q (K, V)_c + the chunk's writes (N small steps).
     writes_k = to_end.transpose(-1, -2) @ k  # (B, N, S, d)
@@ -163,10 +186,10 @@ def kv_memory_chunked_autograd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     causal = torch.ones(Q, Q, dtype=torch.bool, device=q.device).tril()
     qk = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)  # (B, N, Qi, Qj): q_i . k_j, j <= i
-    scores = decay * (q @ K_start.transpose(-1, -2) + qk @ u)
-    r = torch.softmax(scores, dim=-1) * decay
-    mix = (r @ u.transpose(-1, -2)).masked_fill(~causal, 0.0)  # weight of v_j in the read at i
-    out = r @ V_start + mix @ v
+    scores = decay * (q @ K_start.transpose(-1, -2)) + centered * (qk @ u)
+    p = torch.softmax(scores, dim=-1)
+    mix = ((p * centered) @ u.transpose(-1, -2)).masked_fill(~causal, 0.0)  # weight of v_j in the read at i
+    out = (p * decay) @ V_start + mix @ v
     return out.reshape(B, -1, d)[:, :T], (K, V)
 
 
@@ -198,35 +221,41 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def _slot_scores(q: torch.Tensor, k: torch.Tensor, K_start: torch.Tensor, decay: torch.Tensor,
-                 u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 centered: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunks flattened to (b n, Q, X): ``qk`` (q_i . k_j for j <= i, zero above the
-    diagonal; compute dtype), the slot scores ``K_i q_i`` and their softmax (fp32).
-    ``decay`` in fp32, the rest in the compute dtype."""
-    qk = torch.bmm(q, k.transpose(1, 2)).tril_()
-    scores = decay * torch.baddbmm(torch.bmm(qk, u), q, K_start.transpose(1, 2))
+    diagonal), the slot scores ``K_i q_i = A_i K_start q_i + A'_i (qk u)_i`` and their
+    softmax. q, k and ``K_start`` in the compute dtype; the decay factors, ``qk`` and
+    everything after in fp32 (at least): the in-chunk products with u, whose entries
+    span e^±64, are small (Q x Q x S) and in bf16 doubled the gates' gradient error."""
+    qk = torch.bmm(q, k.transpose(1, 2)).tril_().to(u.dtype)
+    scores = torch.addcmul(decay * torch.bmm(q, K_start.transpose(1, 2)), centered, torch.bmm(qk, u))
     return qk, scores, torch.softmax(scores, dim=-1)
 
 
 def _chunk_start_states(keep: torch.Tensor, writes: torch.Tensor, state: torch.Tensor):
-    """The state at each chunk's start (b, n, S, d) and after the last chunk:
-    ``state_{c+1} = keep_c state_c + writes_c``, ``keep`` (b, n, S, 1)."""
-    starts = []
-    for keep_c, writes_c in zip(keep.unbind(1), writes.unbind(1)):
-        starts.append(state)
-        state = torch.addcmul(writes_c, keep_c, state)
-    return torch.stack(starts, 1), state
+    """The state at each chunk's start (b, n, S, d, in the dtype of ``writes``) and after
+    the last chunk (in that of ``state``): ``state_{c+1} = keep_c state_c + writes_c``,
+    ``keep`` (b, n, S, 1). Each start is written once, cast on the way, into one buffer:
+    no fp32 stack and no separate cast (passes over state-sized tensors, S / Q times
+    the size of q, are most of the op's memory traffic)."""
+    starts = torch.empty_like(writes)
+    for c, (keep_c, writes_c) in enumerate(zip(keep.unbind(1), writes.unbind(1))):
+        starts[:, c].copy_(state)
+        state = torch.addcmul(writes_c, keep_c, state)  # promoted to the state's dtype
+    return starts, state
 
 
 def _chunk_end_gradients(keep: torch.Tensor, local: torch.Tensor, grad: torch.Tensor):
     """Backward of :func:`_chunk_start_states`: the gradient of the state at each
-    chunk's end (b, n, S, d), from the gradients ``local`` of the chunk-start states
-    through the chunk's reads and ``grad`` of the state after the last chunk; and
-    the gradient of the state before the first."""
-    ends = []
-    for keep_c, local_c in zip(reversed(keep.unbind(1)), reversed(local.unbind(1))):
-        ends.append(grad)
-        grad = torch.addcmul(local_c, keep_c, grad)
-    return torch.stack(ends[::-1], 1), grad
+    chunk's end (b, n, S, d, in the dtype of ``local``), from the gradients ``local``
+    of the chunk-start states through the chunk's reads and ``grad`` of the state
+    after the last chunk (carried in its dtype); and the gradient of the state before
+    the first."""
+    ends = torch.empty_like(local)
+    for c in reversed(range(local.shape[1])):
+        ends[:, c].copy_(grad)
+        grad = torch.addcmul(local[:, c], keep[:, c], grad)
+    return ends, grad
 
 
 def _tile_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor,
@@ -235,17 +264,15 @@ def _tile_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
     at least) at its start: the reads (b n, Q, d), the chunk-start key and value slots
     (b, n, S, d, in the compute dtype) and the state after the tile."""
     dtype = q.dtype
-    decay, u, chunk_decay, to_end = chunk_decays(gates)
-    keep, to_end = chunk_decay.transpose(-1, -2), to_end.to(dtype).transpose(-1, -2)
-    K_start, K = _chunk_start_states(keep, (to_end @ k).to(K.dtype), K)
-    V_start, V = _chunk_start_states(keep, (to_end @ v).to(V.dtype), V)
-    K_start, V_start = K_start.to(dtype), V_start.to(dtype)
+    f = chunk_decays(gates)
+    keep, to_end = f.chunk_decay.transpose(-1, -2), f.to_end.to(dtype).transpose(-1, -2)
+    K_start, K = _chunk_start_states(keep, to_end @ k, K)
+    V_start, V = _chunk_start_states(keep, to_end @ v, V)
 
-    u, decay = _flat(u.to(dtype)), _flat(decay)
-    _, _, p = _slot_scores(_flat(q), _flat(k), _flat(K_start), decay, u)
-    r = (p * decay).to(dtype)
-    mix = torch.bmm(r, u.transpose(1, 2)).tril_()  # weight of v_j in the read at i
-    out = torch.baddbmm(torch.bmm(mix, _flat(v)), r, _flat(V_start))
+    u, decay, centered = _flat(f.u), _flat(f.decay), _flat(f.centered)
+    _, _, p = _slot_scores(_flat(q), _flat(k), _flat(K_start), decay, centered, u)
+    mix = torch.bmm(p * centered, u.transpose(1, 2)).tril_().to(dtype)  # weight of v_j in the read at i
+    out = torch.baddbmm(torch.bmm(mix, _flat(v)), (p * decay).to(dtype), _flat(V_start))
     return out, K_start, V_start, K, V
 
 
@@ -257,58 +284,61 @@ def _tile_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: tor
     fp32) and the state's at the tile's start.
 
     Each chunk's own terms first, batched over the tile: the reads are
-    ``out = r V_start + mix v``, ``mix = tril(r u^T)``, ``r = softmax(scores) A``,
-    ``scores = A X``, ``X = q K_start^T + qk u``, ``qk = tril(q k^T)``. Then the state
-    gradient carried back over the chunks (``(K, V)_{c+1} = A_Q (K, V)_c + to_end^T (k, v)``)
-    and the terms that need it."""
+    ``out = r V_start + mix v``, ``r = p A``, ``mix = tril(r' u^T)``, ``r' = p A'``,
+    ``p = softmax(scores)``, ``scores = A (q K_start^T) + A' (qk u)``, ``qk = tril(q k^T)``
+    (the centre of A' and u, a function of the gates, cancels in every product, so it
+    is held constant). Then the state gradient carried back over the chunks
+    (``(K, V)_{c+1} = A_Q (K, V)_c + to_end^T (k, v)``) and the terms that need it."""
     dtype = q.dtype
-    decay, u32, chunk_decay, to_end32 = chunk_decays(gates)
+    f = chunk_decays(gates)
     q, k, v, dO = _flat(q), _flat(k), _flat(v), _flat(d_out)
-    u, to_end, decay3 = _flat(u32.to(dtype)), _flat(to_end32.to(dtype)), _flat(decay)
+    u, to_end = _flat(f.u), _flat(f.to_end.to(dtype))
+    decay, centered = _flat(f.decay), _flat(f.centered)
     starts_shape = K_start.shape
     K_start, V_start = _flat(K_start), _flat(V_start)
 
-    qk, scores, p = _slot_scores(q, k, K_start, decay3, u)  # the forward's, recomputed
-    r32 = p * decay3
-    r = r32.to(dtype)
-    mix = torch.bmm(r, u.transpose(1, 2)).tril_()
+    qk, scores, p = _slot_scores(q, k, K_start, decay, centered, u)  # the forward's, recomputed
+    r_mix32 = p * centered
+    mix = torch.bmm(r_mix32, u.transpose(1, 2)).tril_().to(dtype)
 
-    d_mix = torch.bmm(dO, v.transpose(1, 2)).tril_()
-    dr = torch.baddbmm(torch.bmm(d_mix, u), dO, V_start.transpose(1, 2))
-    rdr = r32 * dr  # = p dp, with dp = dr A
-    d_scores = torch.addcmul(rdr, p, rdr.sum(-1, keepdim=True), value=-1)  # the softmax's backward
-    dX32 = d_scores * decay3
-    dX = dX32.to(dtype)
-    d_qk = torch.bmm(dX, u.transpose(1, 2)).tril_()
+    d_mix = torch.bmm(dO, v.transpose(1, 2)).tril_().to(u.dtype)
+    # dp = A dr + A' dr', from r = p A (dr = dO V_start^T) and r' = p A' (dr' = d_mix u)
+    dp = torch.addcmul(decay * torch.bmm(dO, V_start.transpose(1, 2)), centered, torch.bmm(d_mix, u))
+    pdp = p * dp
+    d_scores = torch.addcmul(pdp, p, pdp.sum(-1, keepdim=True), value=-1)  # the softmax's backward
+    dX = (d_scores * decay).to(dtype)  # of q K_start^T
+    dY32 = d_scores * centered  # of qk u
+    d_qk = torch.bmm(dY32, u.transpose(1, 2)).tril_().to(dtype)
     dq = torch.baddbmm(torch.bmm(d_qk, k), dX, K_start)
     dk = torch.bmm(d_qk.transpose(1, 2), q)
     dv = torch.bmm(mix.transpose(1, 2), dO)
     # fp32 even from bf16 inputs: du_j multiplies u_j (up to e^64) in the gates' gradient,
     # where the terms cancel, so its bf16 rounding would be amplified (1.9% -> 1.1% RMS error)
-    acc = dX32.dtype
-    du = torch.baddbmm(torch.bmm(qk.transpose(1, 2).to(acc), dX32), d_mix.transpose(1, 2).to(acc), r32)
+    du = torch.baddbmm(torch.bmm(qk.transpose(1, 2), dY32), d_mix.transpose(1, 2), r_mix32)
 
-    keep = chunk_decay.transpose(-1, -2)
-    dK_end, dK = _chunk_end_gradients(keep, torch.bmm(dX.transpose(1, 2), q).view(starts_shape).to(dK.dtype), dK)
-    dV_end, dV = _chunk_end_gradients(keep, torch.bmm(r.transpose(1, 2), dO).view(starts_shape).to(dV.dtype), dV)
-    dK_end, dV_end = _flat(dK_end.to(dtype)), _flat(dV_end.to(dtype))
+    keep = f.chunk_decay.transpose(-1, -2)
+    dK_end, dK = _chunk_end_gradients(keep, torch.bmm(dX.transpose(1, 2), q).view(starts_shape), dK)
+    dV_end, dV = _chunk_end_gradients(keep, torch.bmm((p * decay).to(dtype).transpose(1, 2), dO).view(starts_shape), dV)
+    dK_end, dV_end = _flat(dK_end), _flat(dV_end)
     dk = torch.baddbmm(dk, to_end, dK_end)
     dv = torch.baddbmm(dv, to_end, dV_end)
     d_to_end = torch.baddbmm(torch.bmm(k, dK_end.transpose(1, 2)), v, dV_end.transpose(1, 2))
 
     # The gates, in fp32. With da_i the gradient of a_i = sum_{l <= i} log alpha_l:
-    # A_i = exp(a_i) enters r and the scores (dA_i A_i = dr_i r_i + dscores_i scores_i),
-    # u_j = (1 - alpha_j) exp(-a_j) enters the reads and to_end_j = A_Q u_j (du_j u_j,
-    # subtracted), and A_Q = A_{Q-1} scales the carried state and to_end.
+    # A_i = exp(a_i) and A'_i = exp(a_i - a_m) enter the reads and the scores
+    # (A dA + A' dA' = p dp + dscores scores), u_j = (1 - alpha_j) exp(a_m - a_j) enters
+    # the reads and to_end_j = A'_Q u_j (du_j u_j, subtracted), A_Q = A_{Q-1} scales the
+    # carried state and A'_Q to_end.
     shape = gates.shape
-    du = torch.addcmul(du.view(shape), chunk_decay, d_to_end.view(shape))  # all of u's gradient
-    da = torch.addcmul(rdr, d_scores, scores).view(shape).addcmul_(du, u32, value=-1)
+    du = torch.addcmul(du.view(shape), f.centered[:, :, -1:], d_to_end.view(shape))  # all of u's gradient
+    da = torch.addcmul(pdp, d_scores, scores).view(shape).addcmul_(du, f.u, value=-1)
     # products in the compute dtype, sums in fp32
+    acc = du.dtype
     carried = (K_start * dK_end).sum(-1, dtype=acc) + (V_start * dV_end).sum(-1, dtype=acc)
-    da[:, :, -1] += chunk_decay[:, :, 0] * carried.view(*shape[:2], -1) + (d_to_end.view(shape) * to_end32).sum(2)
-    # u_j also depends on log alpha_j itself: d u_j / d log alpha_j = -alpha_j / A_j = u_j - 1 / A_j
-    # (no exp: a difference, whose error is that of u_j's own term)
-    d_gates = _reverse_cumsum(da).addcmul_(du, u32).addcdiv_(du, decay, value=-1)
+    da[:, :, -1] += f.chunk_decay[:, :, 0] * carried.view(*shape[:2], -1) + (d_to_end.view(shape) * f.to_end).sum(2)
+    # u_j also depends on log alpha_j itself: d u_j / d log alpha_j = -alpha_j exp(a_m - a_j)
+    # = u_j - exp(a_m - a_j) (no exp of the gate: a difference, whose error is that of u_j's own term)
+    d_gates = _reverse_cumsum(da).addcmul_(du, f.u).addcmul_(du, f.inv_centered, value=-1)
     return dq, dk, dv, d_gates, dK, dV
 
 
