@@ -55,7 +55,6 @@ from typing import Any
 
 from gam.bench import block_memory
 from gam.bench.common import (
-    describe_environment,
     describe_provenance,
     end_provenance,
     environment,
@@ -426,11 +425,12 @@ def _run(config: SpeedConfig, log) -> dict[str, Any]:
 
 
 def render(result: dict[str, Any]) -> str:
-    c = result["config"]
+    c, env = result["config"], result["environment"]
+    # the machine from the environment; git, times, load and threads once, from the provenance
+    machine = f"{env.get('device_name')} ({env.get('device')}), {env.get('logical_cpus')} logical CPUs"
     return render_markdown(result["rows"], result["matmul_peak_gflops"], result["matmul_gflops"],
-                           result["block_memory"], result["summary"], result["environment"], c.batch, c.seq,
-                           c.steps, c.rounds, describe_environment(result["environment"]) + "; "
-                           + describe_provenance(result["provenance"]))
+                           result["block_memory"], result["summary"], env, c.batch, c.seq,
+                           c.steps, c.rounds, machine + "; " + describe_provenance(result["provenance"]))
 
 
 def write(result: dict[str, Any], out: str | Path) -> list[Path]:
