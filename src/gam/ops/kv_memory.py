@@ -145,10 +145,14 @@ def chunk_decays(log_alpha: torch.Tensor) -> Decays:
     ``|LOG_ALPHA_MIN| Q / 2``: ``a_i - a_m`` and ``a_m - a_j`` span half a chunk each way."""
     a = torch.cumsum(log_alpha, dim=2)  # in [Q LOG_ALPHA_MIN, 0]
     middle = (a.shape[2] - 1) // 2
-    relative = a - a[:, :, middle:middle + 1]
-    centered, inv_centered = relative.exp(), (-relative).exp()
+    centre = a[:, :, middle:middle + 1]
+    centered = (a - centre).exp()
+    # one exp over the chunk; a reciprocal and a product with the centre's exp are cheaper
+    # (within an ulp or two; where exp(a_i) underflows, so does the product). Not the
+    # reciprocal under autograd: its backward squares 1 / x, up to e^128 (inf in fp32).
+    inv_centered = (-(a - centre)).exp() if torch.is_grad_enabled() and a.requires_grad else centered.reciprocal()
     u = -torch.expm1(log_alpha) * inv_centered
-    decay = a.exp()
+    decay = centered * centre.exp()
     chunk_decay = decay[:, :, -1:]
     return Decays(decay, centered, u, inv_centered, chunk_decay, centered[:, :, -1:] * u)
 
