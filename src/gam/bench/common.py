@@ -391,3 +391,39 @@ def is_oom(err: BaseException) -> bool:
     text = str(err).lower()
     return (name == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
             or "cannot allocate memory" in text or "failed to allocate" in text)
+
+
+# ----------------------------------------------------------------------------- bench presets
+
+# The cpu preset: whole epochs of WikiText-2, 3 seeds, bf16 on both threads of
+# the 2-core budget machine, the same model in both benches. The width is the
+# one whose projected time (gam.bench.projection) leaves each command room under
+# 90 minutes; the calculation is written out in docs/loss-by-position.md.
+CPU_BUDGET: dict[str, Any] = {
+    "model": {"n_embd": 96, "n_head": 4},  # over the cpu training preset (width 192, 6 heads; 4 layers kept)
+    "epochs": {"paper": 1, "ablation": 3},
+    "datasets": {"paper": ("wikitext2",), "ablation": ("wikitext2",)},
+    "seeds": 3,
+    "threads": 2,
+    "minutes": 90,
+}
+CPU_VALID_TOKENS = 64 * 1024
+
+
+def bench_preset(preset: str, bench: str, device: str) -> tuple[dict[str, Any], dict[str, Any], int | None]:
+    """(model fields, TrainConfig fields, validation token cap) of a bench preset."""
+    from gam.config import preset as train_preset
+
+    model_fields, train_fields = train_preset(preset)
+    # The tokenizer is the training preset's: the paper's recipe at --preset paper (as its
+    # tables were made), the round-trip byte-level BPE at --preset cpu, like every other run.
+    valid_tokens = None
+    if preset == "cpu":
+        model_fields.update(CPU_BUDGET["model"])
+        train_fields.update(max_steps=None, epochs=CPU_BUDGET["epochs"][bench], log_every=25, eval_batch_size=64)
+        valid_tokens = CPU_VALID_TOKENS
+        if device == "cpu":
+            train_fields["threads"] = CPU_BUDGET["threads"]
+    else:
+        train_fields.setdefault("precision", "fp32")
+    return model_fields, train_fields, valid_tokens

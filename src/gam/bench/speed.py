@@ -45,6 +45,7 @@ rounds. Also reported:
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import os
 import statistics
@@ -55,6 +56,7 @@ from typing import Any
 
 from gam.bench import block_memory
 from gam.bench.common import (
+    bench_preset,
     describe_provenance,
     end_provenance,
     environment,
@@ -193,9 +195,26 @@ def speed_train_config(precision: str):
                        grad_clip=1.0, precision=precision)
 
 
-def make_trainer(row: Row, *, device, batch: int, seq: int, seed: int, overrides: dict | None = None):
+SIZES = ("paper", "cpu")
+SIZE_BATCH = {"paper": (8, 256), "cpu": (16, 128)}  # (sequences, tokens) per step
+
+
+def model_shape(size: str, seq: int) -> dict[str, Any]:
+    """GAMConfig fields every row is built at (each row's own fields win): ``paper``, the
+    registry's defaults (the paper's configuration: width 512, 6 layers, vocabulary
+    10,000) with dropout 0.1; ``cpu``, the cpu bench preset's model (width 96, 4 layers,
+    context 128, vocabulary 8,192, no dropout), the size every WikiText-2 and MQAR
+    figure of the cpu preset trains at."""
+    if size == "cpu":
+        fields = bench_preset("cpu", "paper", "cpu")[0]
+        return {**fields, "block_size": max(seq, fields["block_size"])}
+    return {"block_size": max(seq, 256), "dropout": 0.1}
+
+
+def make_trainer(row: Row, *, device, batch: int, seq: int, seed: int, overrides: dict | None = None,
+                 size: str = "paper"):
     """The row's model and a function that takes one training step on fixed random tokens
-    (the trainer's :class:`gam.train.TrainingStep`).
+    (the trainer's :class:`gam.train.TrainingStep`), at ``size`` (:func:`model_shape`).
 
     Reference rows are the paper's code end to end: its eager block, cross-entropy of the
     full logits and PyTorch's default (foreach) AdamW. Every other row takes the library's
@@ -205,7 +224,7 @@ def make_trainer(row: Row, *, device, batch: int, seq: int, seed: int, overrides
     from gam.train import TrainingStep
 
     torch.manual_seed(seed)
-    model = row.spec.build({"block_size": max(seq, 256), "dropout": 0.1}, overrides).to(device).train()
+    model = row.spec.build(model_shape(size, seq), overrides).to(device).train()
     forward = torch.compile(model) if row.compiled else model  # compiles on its first step
     stepper = TrainingStep(model, speed_train_config(row.precision), device, total_steps=1, forward=forward,
                            fused_optimizer=not row.paper_code, full_logits=row.paper_code)
@@ -234,8 +253,11 @@ class SpeedConfig:
     run; peak memory of one GAM block. Writes speed.md and speed.json."""
 
     device: str = described("cpu", "where to measure", choices=("cpu", "cuda"))
-    batch: int = described(8, "sequences per step")
-    seq: int = described(256, "tokens per sequence")
+    size: str = described("paper", "the models' size: paper (width 512, 6 layers, vocabulary 10,000, batch 8 x 256) "
+                                   "or cpu (the cpu bench preset's: width 96, 4 layers, vocabulary 8,192, "
+                                   "batch 16 x 128)", choices=SIZES)
+    batch: int | None = described(None, "sequences per step (default: the size's)")
+    seq: int | None = described(None, "tokens per sequence (default: the size's)")
     steps: int = described(4, "timed steps per row per round")
     rounds: int = described(3, "rounds over all rows (the median pools them)")
     warmup: int = described(2, "untimed steps per row first")
@@ -249,7 +271,7 @@ class SpeedConfig:
 
     def validate(self) -> None:
         for name in ("batch", "seq", "steps", "rounds"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1")
         check_threads(self.threads)
 
@@ -262,6 +284,8 @@ def run(config: SpeedConfig, log=print) -> dict[str, Any]:
     import torch
 
     config.validate()
+    batch, seq = SIZE_BATCH[config.size]
+    config = dataclasses.replace(config, batch=config.batch or batch, seq=config.seq or seq)  # as recorded
     threads = torch.get_num_threads()
     try:
         return _run(config, log)
@@ -271,7 +295,7 @@ def run(config: SpeedConfig, log=print) -> dict[str, Any]:
 
 def _run(config: SpeedConfig, log) -> dict[str, Any]:
     provenance = start_provenance()
-    device, batch, seq, steps = config.device, config.batch, config.seq, config.steps
+    device, batch, seq, steps, size = config.device, config.batch, config.seq, config.steps, config.size
     rounds, warmup, threads, seed = config.rounds, config.warmup, config.threads, config.seed
     memory_seq, memory_batch, overrides = config.memory_seq, config.memory_batch, config.overrides
     import torch
@@ -286,8 +310,8 @@ def _run(config: SpeedConfig, log) -> dict[str, Any]:
         raise ValueError("--device cuda: no CUDA device available")
 
     # GEMM peak, same dtypes as the rows.
-    N, C = batch * seq, (overrides or {}).get("n_embd", 512)
-    V = (overrides or {}).get("vocab_size", 10000)
+    shape = {**model_shape(size, seq), **(overrides or {})}
+    N, C, V = batch * seq, shape.get("n_embd", 512), shape.get("vocab_size", 10000)
     gemm_shapes = [(N, C, 4 * C), (N, 4 * C, C), (N, C, V), (2048, 2048, 2048)]
     precisions = sorted({r.precision for r in specs})
     gemm: dict[str, dict[str, list[float]]] = {p: {} for p in precisions}
@@ -308,7 +332,8 @@ def _run(config: SpeedConfig, log) -> dict[str, Any]:
     skipped_rows = {}
     for row in specs:
         key, compiled = row.key, row.compiled
-        model, step = make_trainer(row, device=device, batch=batch, seq=seq, seed=seed, overrides=overrides)
+        model, step = make_trainer(row, device=device, batch=batch, seq=seq, seed=seed, overrides=overrides,
+                                   size=size)
         t0 = time.perf_counter()
         try:
             for _ in range(max(warmup, 1) if compiled else warmup):  # compilation stays out of the timing
@@ -430,7 +455,8 @@ def render(result: dict[str, Any]) -> str:
     machine = f"{env.get('device_name')} ({env.get('device')}), {env.get('logical_cpus')} logical CPUs"
     return render_markdown(result["rows"], result["matmul_peak_gflops"], result["matmul_gflops"],
                            result["block_memory"], result["summary"], env, c.batch, c.seq,
-                           c.steps, c.rounds, machine + "; " + describe_provenance(result["provenance"]))
+                           c.steps, c.rounds, machine + "; " + describe_provenance(result["provenance"]),
+                           c.size)
 
 
 def write(result: dict[str, Any], out: str | Path) -> list[Path]:
@@ -441,9 +467,11 @@ def summary(result: dict[str, Any]) -> str:
     return render(result)
 
 
-def render_markdown(results, peaks, gemm, memory, summary, env, batch, seq, steps, rounds, env_line) -> str:
+def render_markdown(results, peaks, gemm, memory, summary, env, batch, seq, steps, rounds, env_line,
+                    size: str = "paper") -> str:
     on_cpu = env.get("device") == "cpu"  # CPU util means nothing for a GPU's host thread
-    lines = [f"# gam bench speed: training tokens/s, batch {batch} x {seq} tokens", "",
+    sized = "the paper's configuration" if size == "paper" else "the cpu bench preset's models (width 96, 4 layers)"
+    lines = [f"# gam bench speed: training tokens/s, {sized}, batch {batch} x {seq} tokens", "",
              env_line + f"; malloc tuned: {env.get('malloc_tuned')}; load average per round: "
              + ", ".join(f"{x:.2f}" for x in env.get("load_average_per_round", []) if x is not None), "",
              f"Median over {rounds} rounds x {steps} steps of a full training step (forward, backward, "

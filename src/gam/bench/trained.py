@@ -18,7 +18,7 @@ position of its final weights (:mod:`gam.evaluation`). One run's record holds:
 Presets: ``paper`` (the paper's model and schedule: 5 epochs, batch 32,
 first 50,000/5,000 rows; for a GPU) and ``cpu`` (a small model trained for
 whole epochs of WikiText-2 with 3 seeds, sized so each command fits in 90
-minutes on 2 cores: see :data:`CPU_BUDGET` and docs/loss-by-position.md; the
+minutes on 2 cores: see :data:`gam.bench.common.CPU_BUDGET` and docs/loss-by-position.md; the
 command prints its projected time, :mod:`gam.bench.projection`, before it starts).
 """
 
@@ -33,7 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from gam.bench.common import environment, load_average, start_provenance
+from gam.bench.common import (
+    CPU_BUDGET,
+    CPU_VALID_TOKENS,
+    bench_preset,
+    environment,
+    load_average,
+    start_provenance,
+)
 from gam.bench.projection import load_calibration, project_grid
 from gam.config import described
 from gam.models.registry import ModelSpec
@@ -41,19 +48,6 @@ from gam.models.registry import ModelSpec
 DATASETS = ("wikitext2", "tinystories")
 DATASET_LABELS = {"wikitext2": "WikiText-2", "tinystories": "TinyStories"}
 
-# The cpu preset: whole epochs of WikiText-2, 3 seeds, bf16 on both threads of
-# the 2-core budget machine, the same model in both benches. The width is the
-# one whose projected time (gam.bench.projection) leaves each command room under
-# 90 minutes; the calculation is written out in docs/loss-by-position.md.
-CPU_BUDGET: dict[str, Any] = {
-    "model": {"n_embd": 96, "n_head": 4},  # over the cpu training preset (width 192, 6 heads; 4 layers kept)
-    "epochs": {"paper": 1, "ablation": 3},
-    "datasets": {"paper": ("wikitext2",), "ablation": ("wikitext2",)},
-    "seeds": 3,
-    "threads": 2,
-    "minutes": 90,
-}
-CPU_VALID_TOKENS = 64 * 1024
 # Evaluations per run, evenly spaced (one at 75% of the steps, for the last-quarter
 # gain; and one at the end): the curve that shows whether the validation loss has
 # stopped improving.
@@ -112,25 +106,6 @@ def check_datasets(datasets: Sequence[str]) -> None:
     for d in datasets:
         if d not in DATASETS and not Path(d).exists():
             raise ValueError(f"unknown dataset {d!r}; use {', '.join(DATASETS)} or a path")
-
-
-def bench_preset(preset: str, bench: str, device: str) -> tuple[dict[str, Any], dict[str, Any], int | None]:
-    """(model fields, TrainConfig fields, validation token cap) of a bench preset."""
-    from gam.train import preset as train_preset
-
-    model_fields, train_fields = train_preset(preset)
-    # The tokenizer is the training preset's: the paper's recipe at --preset paper (as its
-    # tables were made), the round-trip byte-level BPE at --preset cpu, like every other run.
-    valid_tokens = None
-    if preset == "cpu":
-        model_fields.update(CPU_BUDGET["model"])
-        train_fields.update(max_steps=None, epochs=CPU_BUDGET["epochs"][bench], log_every=25, eval_batch_size=64)
-        valid_tokens = CPU_VALID_TOKENS
-        if device == "cpu":
-            train_fields["threads"] = CPU_BUDGET["threads"]
-    else:
-        train_fields.setdefault("precision", "fp32")
-    return model_fields, train_fields, valid_tokens
 
 
 def mixed_precision(device: str) -> str:
