@@ -721,6 +721,25 @@ def test_bench_speed_smoke(tmp_path):
     assert raw["provenance"]["argv"] and raw["provenance"]["end_utc"]
 
 
+def test_bench_speed_size_cpu_builds_the_cpu_preset_models():
+    """--size cpu: the rows at the cpu bench preset's size (width 96, 4 layers, vocabulary
+    8,192; the kv-slot row keeps its own 64 slots) and, unless given, batch 16 x 128."""
+    from gam.bench import speed
+
+    rows = {r.key: r for r in speed.ROWS}
+    model, _ = speed.make_trainer(rows["gam_fast_bf16"], device="cpu", batch=2, seq=8, seed=0, size="cpu")
+    c = model.config
+    assert (c.n_embd, c.n_layer, c.vocab_size, c.num_memory_slots, c.dropout) == (96, 4, 8192, 128, 0.0)
+    kv, _ = speed.make_trainer(rows["gam_kv_slots_bf16"], device="cpu", batch=2, seq=8, seed=0, size="cpu")
+    assert (kv.config.n_embd, kv.config.num_memory_slots, kv.config.memory) == (96, 64, "kv_slots")
+    result = speed.run(speed.SpeedConfig(size="cpu", steps=1, rounds=1, warmup=0, memory_seq=0, threads=1,
+                                         rows=("gam_fast_fp32",), overrides=dict(n_layer=1)), log=lambda *a: None)
+    assert (result["config"].batch, result["config"].seq) == (16, 128)
+    assert "the cpu bench preset's models" in speed.render(result)
+    with pytest.raises(ValueError, match="--batch"):
+        speed.SpeedConfig(batch=0).validate()
+
+
 def test_bench_speed_reports_a_compiled_row_that_fails_to_compile(tmp_path, monkeypatch):
     """No C++ compiler (CPU) or Triton (CUDA) for Inductor: the compiled row is reported
     as not measured, with the reason; the other rows are measured."""
