@@ -237,12 +237,19 @@ def test_config_field_and_validation():
         GAMConfig(memory="kv_slots", memory_output_gate="yes")
     with pytest.raises(ConfigError, match="memory_write must be one of"):
         GAMConfig(memory="kv_slots", memory_write="overwrite")
+    with pytest.raises(ConfigError, match="memory_feature_map must be one of"):
+        GAMConfig(memory="kv_slots", memory_feature_map="relu")
+    for low, high in ((1.0, 8.0), (64.0, 8.0), (4.0, float("inf")), (True, 8.0)):
+        with pytest.raises(ConfigError, match="memory_retention_min and memory_retention_max"):
+            GAMConfig(memory="kv_slots", memory_retention_min=low, memory_retention_max=high)
 
 
 # The design choices the ablation varies (issue 24), each a config field
 DESIGNS = {"keys_input": {"memory_key_source": "input"}, "keys_shift": {"memory_key_source": "shift"},
            "normalizer_8": {"memory_gate_normalizer": 8.0}, "output_gate": {"memory_output_gate": True},
-           "delta": {"memory_write": "delta"}, "delta_keys_shift": {"memory_write": "delta", "memory_key_source": "shift"}}
+           "delta": {"memory_write": "delta"}, "delta_keys_shift": {"memory_write": "delta", "memory_key_source": "shift"},
+           "swish": {"memory_feature_map": "swish"}, "delta_swish": {"memory_write": "delta", "memory_feature_map": "swish"},
+           "retention_long": {"memory_retention_min": 16.0, "memory_retention_max": 2048.0}}
 
 
 @pytest.mark.parametrize("design", DESIGNS)
@@ -284,6 +291,12 @@ def test_design_choices_change_what_they_say():
         expected = F.logsigmoid(F.linear(z, memory.forget.weight, memory.forget.bias)) / normalizer
         log_alpha = memory.inputs(z, z)[3]
         torch.testing.assert_close(log_alpha, expected.view(1, 5, 2, 6).transpose(1, 2).reshape(2, 5, 6))
+    # the feature map: swish on the projected queries and keys, before the heads split
+    memory, plain_memory = blocks["swish"].kv_memory, blocks["keys_input"].kv_memory
+    q, k = memory.inputs(z, z)[:2]
+    torch.testing.assert_close(q, memory._heads(F.silu(F.linear(z, memory.query.weight))) * memory.head_dim ** -0.5)
+    torch.testing.assert_close(k, memory._heads(F.silu(F.linear(z, memory.key.weight))))
+    assert plain_memory.feature_map is None
     plain = build_model("gam", memory="kv_slots", **TINY)
     gated = build_model("gam", memory="kv_slots", memory_output_gate=True, **TINY)
     extra = {n for n, _ in gated.named_parameters()} - {n for n, _ in plain.named_parameters()}
@@ -429,18 +442,20 @@ def test_training_step_decreases_loss_and_reaches_every_parameter(write):
                if "kv_memory" in n or "memory_bank" in n)
 
 
-def test_forget_bias_starts_slots_at_log_spaced_retention_times():
+@pytest.mark.parametrize("retention", [None, (16.0, 2048.0)])
+def test_forget_bias_starts_slots_at_log_spaced_retention_times(retention):
     from gam.layers.kv_memory import RETENTION_TOKENS, KVSlotMemory
 
-    mem = KVSlotMemory(n_embd=32, num_slots=5, num_heads=2)
+    low, high = retention or RETENTION_TOKENS
+    mem = KVSlotMemory(n_embd=32, num_slots=5, num_heads=2, retention=(low, high))
     alpha = torch.sigmoid(mem.forget.bias.double()) ** (1 / mem.gate_normalizer)
-    retention = (1 / (1 - alpha)).view(2, 5)
-    expected = torch.logspace(math.log10(RETENTION_TOKENS[0]), math.log10(RETENTION_TOKENS[1]), 5,
-                              dtype=torch.float64)
-    assert torch.allclose(retention, expected.expand(2, 5), rtol=1e-4)
+    measured = (1 / (1 - alpha)).view(2, 5)
+    expected = torch.logspace(math.log10(low), math.log10(high), 5, dtype=torch.float64)
+    assert torch.allclose(measured, expected.expand(2, 5), rtol=1e-4)
     # the model builder keeps it (nothing re-initializes the biases afterwards)
+    fields = {} if retention is None else {"memory_retention_min": low, "memory_retention_max": high}
     model = build_model("gam", vocab_size=64, block_size=16, n_embd=32, n_layer=1, memory="kv_slots",
-                        memory_heads=2, num_memory_slots=5)
+                        memory_heads=2, num_memory_slots=5, **fields)
     biases = [m.forget.bias for m in model.modules() if isinstance(m, KVSlotMemory)]
     assert biases and all(torch.equal(b, mem.forget.bias) for b in biases)
 

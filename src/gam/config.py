@@ -25,6 +25,7 @@ MODELS = ("gam", "transformer", "mamba")
 GAM_VARIANTS = ("full", "sum_fusion", "global_only", "local_only")
 GAM_MEMORIES = ("static", "kv_slots")
 MEMORY_WRITES = ("slots", "delta")
+FEATURE_MAPS = ("none", "swish")
 KEY_SOURCES = ("conv", "input", "shift")
 GAM_IMPLS = ("auto", "reference", "fast")
 POS_EMBEDDINGS = ("learned", "none")
@@ -108,6 +109,12 @@ class GAMConfig:
                                                 "projection, as GSA")
     memory_write: str = described("slots", "GAM kv_slots: the write rule: slots (gated slot writes, GSA) | "
                                            "delta (one matrix per head, the gated delta rule; no bank)")
+    memory_retention_min: float = described(4.0, "GAM kv_slots: initial retention 1 / (1 - alpha) of the "
+                                                 "shortest-lived slot (or head, delta), in tokens")
+    memory_retention_max: float = described(256.0, "GAM kv_slots: initial retention of the longest-lived one; "
+                                                   "the others log-spaced between")
+    memory_feature_map: str = described("none", "GAM kv_slots: a map on the queries and keys before the memory: "
+                                                "none | swish (GSA's default)")
     gam_impl: str = described("auto", "GAM code path: auto | reference (paper's eager code) | fast (fused ops, same function)")
     # Transformer
     attn_impl: str = described("sdpa", "Transformer attention: sdpa (fused kernel) | naive (materialized mask, as the paper)")
@@ -193,6 +200,11 @@ class GAMConfig:
              f"memory_gate_normalizer must be a positive number, got {self.memory_gate_normalizer!r}")
         need(isinstance(self.memory_output_gate, bool),
              f"memory_output_gate must be true or false, got {self.memory_output_gate!r}")
+        choice("memory_feature_map", FEATURE_MAPS)
+        retention = (self.memory_retention_min, self.memory_retention_max)
+        need(all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in retention)
+             and 1.0 < self.memory_retention_min <= self.memory_retention_max < float("inf"),
+             f"memory_retention_min and memory_retention_max must satisfy 1 < min <= max (tokens), got {retention!r}")
         choice("gam_impl", GAM_IMPLS)
         choice("attn_impl", ATTN_IMPLS)
         choice("mamba_wiring", MAMBA_WIRINGS)

@@ -74,13 +74,13 @@ class GAMBlock(nn.Module):
         if self.memory == "kv_slots":  # new parameters only in this case
             from gam.layers.kv_memory import DeltaRuleMemory, KVSlotMemory
 
+            design = dict(gate_normalizer=config.memory_gate_normalizer, output_gate=config.memory_output_gate,
+                          retention=(config.memory_retention_min, config.memory_retention_max),
+                          feature_map=config.memory_feature_map)
             if delta:
-                self.kv_memory = DeltaRuleMemory(C, config.memory_heads, gate_normalizer=config.memory_gate_normalizer,
-                                                 output_gate=config.memory_output_gate)
+                self.kv_memory = DeltaRuleMemory(C, config.memory_heads, **design)
             else:
-                self.kv_memory = KVSlotMemory(C, config.num_memory_slots, config.memory_heads,
-                                              gate_normalizer=config.memory_gate_normalizer,
-                                              output_gate=config.memory_output_gate)
+                self.kv_memory = KVSlotMemory(C, config.num_memory_slots, config.memory_heads, **design)
             self.key_source = config.memory_key_source
         if config.variant == "full":
             self.gate = nn.Linear(C, 2 * C)

@@ -54,16 +54,23 @@ from gam.ops import decode
 from gam.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
 from gam.ops.kv_memory import kv_memory_chunked, kv_memory_final_state, kv_memory_recurrent, kv_memory_step
 
-RETENTION_TOKENS = (4.0, 256.0)  # initial retention times of each head's slots, shortest and longest
+RETENTION_TOKENS = (4.0, 256.0)  # initial retention times of each head's slots, shortest and longest (the default)
 
 
-def retention_bias(num_slots: int, gate_normalizer: float) -> torch.Tensor:
+def retention_bias(num_slots: int, gate_normalizer: float,
+                   retention: tuple[float, float] = RETENTION_TOKENS) -> torch.Tensor:
     """Forget-gate biases (S,) that give slot s a retention ``1 / (1 - alpha_s)`` of
-    r_s tokens at z = bias, r_s log-spaced over :data:`RETENTION_TOKENS`:
+    r_s tokens at z = bias, r_s log-spaced over ``retention`` (shortest, longest):
     ``sigmoid(b)^(1/normalizer) = 1 - 1/r``."""
-    shortest, longest = RETENTION_TOKENS
+    shortest, longest = retention
     retention = torch.logspace(math.log10(shortest), math.log10(longest), num_slots, dtype=torch.float64)
     return torch.logit((1 - 1 / retention) ** gate_normalizer).float()
+
+
+def query_key_map(name: str):
+    """The map on queries and keys before the memory (``memory_feature_map``): none or
+    swish (GSA's default)."""
+    return F.silu if name == "swish" else None
 
 
 class KVSlotMemory(nn.Module):
@@ -71,7 +78,8 @@ class KVSlotMemory(nn.Module):
     initial content is passed in (the block's ``memory_bank``)."""
 
     def __init__(self, n_embd: int, num_slots: int, num_heads: int, gate_normalizer: float = 1.0,
-                 chunk_size: int | None = None, output_gate: bool = False):
+                 chunk_size: int | None = None, output_gate: bool = False,
+                 retention: tuple[float, float] = RETENTION_TOKENS, feature_map: str = "none"):
         super().__init__()
         self.num_heads, self.num_slots, self.head_dim = num_heads, num_slots, n_embd // num_heads
         self.query = nn.Linear(n_embd, n_embd, bias=False)
@@ -79,13 +87,14 @@ class KVSlotMemory(nn.Module):
         self.value = nn.Linear(n_embd, n_embd, bias=False)
         self.forget = nn.Linear(n_embd, num_heads * num_slots)
         with torch.no_grad():  # the weights start small, so the bias sets the initial retention
-            self.forget.bias.copy_(retention_bias(num_slots, gate_normalizer).repeat(num_heads))
+            self.forget.bias.copy_(retention_bias(num_slots, gate_normalizer, retention).repeat(num_heads))
         self.norm = nn.RMSNorm(self.head_dim, eps=1e-5)
         self.out = nn.Linear(n_embd, n_embd, bias=False)
         # GSA's output gate (off by default: docs/kv-memory.md, "Design choices, measured")
         self.out_gate = nn.Linear(n_embd, n_embd, bias=False) if output_gate else None
         self.gate_normalizer = gate_normalizer
         self.chunk_size = chunk_size
+        self.feature_map = query_key_map(feature_map)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B*H, T, d)."""
@@ -103,6 +112,8 @@ class KVSlotMemory(nn.Module):
         :meth:`input_projections` and the key projection. With a padding mask ``real``
         (B, T), pad positions get alpha = 1: they write nothing."""
         q, v, forget = projected
+        if self.feature_map is not None:
+            q, keys = self.feature_map(q), self.feature_map(keys)
         B, T, _ = q.shape
         log_alpha = F.logsigmoid(forget) / self.gate_normalizer
         if real is not None:
@@ -207,7 +218,8 @@ class DeltaRuleMemory(nn.Module):
     """
 
     def __init__(self, n_embd: int, num_heads: int, gate_normalizer: float = 1.0,
-                 chunk_size: int | None = None, output_gate: bool = False):
+                 chunk_size: int | None = None, output_gate: bool = False,
+                 retention: tuple[float, float] = RETENTION_TOKENS, feature_map: str = "none"):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, n_embd // num_heads
         self.query = nn.Linear(n_embd, n_embd, bias=False)
@@ -216,13 +228,14 @@ class DeltaRuleMemory(nn.Module):
         self.forget = nn.Linear(n_embd, num_heads)
         self.write_strength = nn.Linear(n_embd, num_heads)  # beta, 0.5 at the start
         with torch.no_grad():
-            self.forget.bias.copy_(retention_bias(num_heads, gate_normalizer))
+            self.forget.bias.copy_(retention_bias(num_heads, gate_normalizer, retention))
             self.write_strength.bias.zero_()
         self.norm = nn.RMSNorm(self.head_dim, eps=1e-5)
         self.out = nn.Linear(n_embd, n_embd, bias=False)
         self.out_gate = nn.Linear(n_embd, n_embd, bias=False) if output_gate else None
         self.gate_normalizer = gate_normalizer
         self.chunk_size = chunk_size
+        self.feature_map = query_key_map(feature_map)
 
     _heads = KVSlotMemory._heads
     _output = KVSlotMemory._output
@@ -241,6 +254,8 @@ class DeltaRuleMemory(nn.Module):
         :meth:`input_projections` and the key projection. With a padding mask ``real``
         (B, T), pad positions get alpha = 1 and beta = 0: they change nothing."""
         q, v, forget, strength = projected
+        if self.feature_map is not None:  # before the unit normalization, as Gated DeltaNet
+            q, keys = self.feature_map(q), self.feature_map(keys)
         log_alpha = F.logsigmoid(forget) / self.gate_normalizer
         beta = torch.sigmoid(strength)
         if real is not None:
