@@ -295,10 +295,12 @@ def test_the_size_matched_control_has_the_kv_slot_models_size_at_the_cpu_preset(
 
     fields = {**bench_preset("cpu", "paper", "cpu")[0], "vocab_size": 8192}
     count = {key: parameter_counts(get(key).model, {**fields, **get(key).fields})["non_embedding"]
-             for key in ("gam", "gam_kv_slots", "gam_slots_matched", "gam_kv_slots_narrow", "mamba_standard_wide")}
+             for key in ("gam", "gam_kv_slots", "gam_slots_matched", "gam_kv_slots_narrow", "mamba_standard_wide",
+                         "gam_wide")}
     assert abs(count["gam_slots_matched"] - count["gam_kv_slots"]) / count["gam_kv_slots"] < 1e-3
     assert abs(count["gam_kv_slots_narrow"] - count["gam"]) / count["gam"] < 1e-2
     assert abs(count["mamba_standard_wide"] - count["gam_kv_slots"]) / count["gam_kv_slots"] < 1e-3
+    assert abs(count["gam_wide"] - count["gam_kv_slots"]) / count["gam_kv_slots"] < 1e-2
     assert count["gam_kv_slots"] > 1.5 * count["gam"]
 
 

@@ -69,7 +69,7 @@ ACCEPTS_OVERRIDES = True  # any model or training field: --n-layer 2, --lr 1e-3,
 TABLE1_NAMES = ("gam", "transformer", "mamba")
 MODEL_NAMES = (*TABLE1_NAMES, "transformer_naive", "mamba_paper", "transformer_sdpa", "mamba_standard",
                *(key for key in registry.MODELS if key.startswith("gam_kv_slots")), "gam_slots_matched",
-               "mamba_standard_wide")
+               "gam_wide", "mamba_standard_wide")
 DEFAULT_MODELS = TABLE1_NAMES
 # The cpu preset (unless --fair): the paper's wiring and the fair baselines in one table.
 CPU_DEFAULT_MODELS = ("gam", "transformer_naive", "mamba_paper", "transformer_sdpa", "mamba_standard")

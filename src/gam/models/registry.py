@@ -70,6 +70,11 @@ _SPECS = (
     ModelSpec("gam_slots_matched", "GAM, 707 slots (size of the kv-slot model)", "gam", {"num_memory_slots": 707},
               "ablation", {}, "the paper's model with 707 memory slots: the kv-slot model's non-embedding "
               "parameter count at the cpu preset (tests/test_bench.py checks it)"),
+    # The same size reached by width instead (120 instead of 96: 644,880, -0.2%): width grows every part
+    # of the block and the embedding, the way the Mamba control below grows.
+    ModelSpec("gam_wide", "GAM, width 120 (size of the kv-slot model)", "gam", {"n_embd": 120}, "ablation", {},
+              "the paper's model at width 120: the kv-slot model's non-embedding parameter count at the cpu preset "
+              "(tests/test_bench.py checks it)"),
     # The other direction: the kv-slot model narrowed to the paper GAM's non-embedding count at the cpu
     # preset (width 76 instead of 96: 426,548 vs 423,744, +0.7%). Width, not FFN or slots: its memory's
     # projections alone (q, k, v, out, gates: 59k per layer at width 96) are more than the paper GAM's
