@@ -158,10 +158,8 @@ class GAMBlock(nn.Module):
                 gate_weight=self.gate.weight if self.variant == "full" else None,
                 gate_bias=self.gate.bias if self.variant == "full" else None,
                 memory_bank=self.memory_bank if self.has_global else None)
-        elif self.has_global:
+        else:  # kv_slots: every variant it allows has a memory (local_only is refused)
             x = x + self.mix_kv_fast(x)
-        else:
-            x = x + self.mix(self.ln1(x))
         linear1, linear2, dropout = self.ffn[0], self.ffn[2], self.ffn[3]
         return ffn_residual(x, self.ln2.weight, self.ln2.bias, self.ln2.eps, linear1.weight, linear1.bias,
                             linear2.weight, linear2.bias, dropout_p=dropout.p if dropout.training else 0.0)
