@@ -171,7 +171,8 @@ def test_design_variants_are_sized_as_the_kv_slot_row_and_keep_their_change(caps
     from gam.bench.recall import KV_VARIANTS, make_model
 
     assert "gam_kv_slots_delta" in KV_VARIANTS and "gam_kv_slots_normalizer_8" in KV_VARIANTS
-    assert not {"gam_kv_slots_heads_2", "gam_kv_slots_heads_8", "gam_kv_slots_narrow"} & set(KV_VARIANTS)
+    assert not {"gam_kv_slots_heads_2", "gam_kv_slots_heads_8", "gam_kv_slots_narrow",
+                "gam_kv_slots_slots_32", "gam_kv_slots_slots_128"} & set(KV_VARIANTS)
     delta = make_model("gam_kv_slots_delta", seq_len=32, width=64, vocab_size=32).config
     assert (delta.memory_write, delta.memory_heads) == ("delta", 4)
     slow = make_model("gam_kv_slots_normalizer_8", seq_len=32, width=64, vocab_size=32).config

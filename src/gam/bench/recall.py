@@ -47,9 +47,11 @@ ALIASES = {"gam": "gam", "sum_fusion": "gam_sum_fusion", "global_only": "gam_glo
            "local_only": "gam_local_only", "kv_slots": "gam_kv_slots", "transformer": "transformer_sdpa",
            "mamba": "mamba_standard"}
 # The kv-slot memory's design variants (docs/kv-memory.md, "Design choices, measured") by their
-# registry keys; not the ones that change the heads or the width, which this bench's sizing sets
+# registry keys; not the ones that change the heads, the slots per head or the width, which this
+# bench's sizing sets
 KV_VARIANTS = tuple(key for key, spec in registry.MODELS.items()
-                    if key.startswith("gam_kv_slots_") and not {"memory_heads", "n_embd"} & set(spec.fields))
+                    if key.startswith("gam_kv_slots_") and not {"memory_heads", "n_embd"} & set(spec.fields)
+                    and spec.fields["num_memory_slots"] == registry.MODELS["gam_kv_slots"].fields["num_memory_slots"])
 ALL_MODELS = (*ALIASES, *KV_VARIANTS)
 
 

@@ -86,7 +86,7 @@ _SPECS = (
               "(tests/test_bench.py checks it)"),
     # The kv-slot memory's design choices, one changed at a time (issue 24; docs/kv-memory.md,
     # "Design choices, measured"): what the keys read, the gate's normalizer, GSA's output gate, heads,
-    # the write rule.
+    # slots per head, the write rule, the retention range, a feature map.
     *(ModelSpec(f"gam_kv_slots_{name}", f"GAM (kv-slot memory), {label}", "gam",
                 {"memory": "kv_slots", "num_memory_slots": 64, **change}, "ablation", {},
                 f"the kv-slot model with {label}")
@@ -97,6 +97,8 @@ _SPECS = (
           ("output_gate", "GSA's output gate", {"memory_output_gate": True}),
           ("heads_2", "2 heads", {"memory_heads": 2}),
           ("heads_8", "8 heads", {"memory_heads": 8}),
+          ("slots_32", "32 slots per head", {"num_memory_slots": 32}),
+          ("slots_128", "128 slots per head", {"num_memory_slots": 128}),
           ("delta", "the gated delta-rule write (one matrix per head, no bank)", {"memory_write": "delta"}),
           ("retention_short", "slots starting at retention 2-32 tokens", {"memory_retention_min": 2.0,
                                                                           "memory_retention_max": 32.0}),
