@@ -255,8 +255,8 @@ def check_sampling(max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, V); temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+    if temperature == 0:  # fp32 first: the same index (exact), and PyTorch's bf16 argmax is
+        return logits.float().argmax(dim=-1)  # scalar on CPU (32 vs 9 us over 10,000 logits)
     logits = logits.float() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]

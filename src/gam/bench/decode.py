@@ -87,6 +87,7 @@ class _Runner:
                  seed: int = 0):
         import torch
 
+        from gam.generation import sample_next
         from gam.train import precision_dtype
 
         torch.manual_seed(seed)
@@ -95,6 +96,7 @@ class _Runner:
         shape = dict(n_embd=n_embd, n_layer=n_layer, vocab_size=vocab_size, dropout=0.0, pos_embedding="none")
         self.model = spec.build(shape, sizing).to(device, precision_dtype(precision) or torch.float32).eval()
         self.name, self.precision, self.device, self.batch_size, self.mode = name, precision, device, batch_size, mode
+        self.greedy = sample_next
         self.recurrent = spec.model != "transformer"  # its whole state is written back every step
         self.caches, self.tokens, self.prefill_s = {}, {}, {}
         with torch.no_grad():
@@ -107,7 +109,7 @@ class _Runner:
                 logits = self.model.forward_cached(prompt, cache, last_only=True)
                 synchronize(device)
                 self.prefill_s[L] = time.perf_counter() - start
-                self.caches[L], self.tokens[L] = cache, logits[:, -1].argmax(-1, keepdim=True)
+                self.caches[L], self.tokens[L] = cache, sample_next(logits[:, -1], temperature=0)[:, None]
         # the first step compiles (compiled mode); it stays out of the timed steps
         self.first_step_s = max(self.step(L) for L in contexts)
 
@@ -119,7 +121,7 @@ class _Runner:
             synchronize(self.device)
             start = time.perf_counter()
             logits = self.model.forward_cached(self.tokens[L], self.caches[L], last_only=True)
-            self.tokens[L] = logits[:, -1].argmax(-1, keepdim=True)
+            self.tokens[L] = self.greedy(logits[:, -1], temperature=0)[:, None]  # as generate picks
             synchronize(self.device)
             return time.perf_counter() - start
 
