@@ -28,7 +28,10 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int, max_len: int | None, nam
         )
     if torch.compiler.is_compiling():
         return
-    lo, hi = int(idx.min()), int(idx.max())
+    if idx.numel() == 1:  # a decode step: one read instead of two reductions
+        lo = hi = int(idx.item())
+    else:
+        lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name} holds token id {bad} outside [0, {vocab_size}) (vocab_size={vocab_size})")
