@@ -15,7 +15,8 @@ Only ``x @ W.T`` (a weight's rows against the input) gains: the other product of
 ``p @ M`` (the memory read's weights against the bank's rows), is faster as the matmul
 inside the compiled graph (2.75 vs 3.15 ms a token for the paper GAM: the reduction over
 the bank's first dimension walks it a column block at a time; in bf16 too, with the bank
-read as int32 pairs as below: 1.97 vs 1.77 ms, the bank still in L2 from the scores).
+read as int32 pairs as below: 1.97 vs 1.77 ms, measured under load; the bank is still in L2
+from the scores).
 
 A bf16 weight is converted to fp32 as it is read, and Inductor's conversion of a bf16
 vector (widen, then shift, for the weight and again for the input) made that loop
