@@ -132,6 +132,17 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert seen == {0, 1, 2}
 
 
+def test_greedy_pick_of_bf16_logits_is_the_argmax_first_index_on_ties():
+    """Greedy converts to fp32 before the argmax (exact): the same index as bf16's own
+    argmax, the first of tied maxima, one per row."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1000).to(torch.bfloat16)
+    logits[1, 7] = logits[1, 900] = logits[1].max() + 1  # a tie: the first wins
+    picked = sample_next(logits, temperature=0)
+    assert picked.dtype == torch.long and torch.equal(picked, logits.argmax(dim=-1))
+    assert int(picked[1]) == 7
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"idx": torch.zeros(1, 0, dtype=torch.long)}, "empty prompt"),
     ({"idx": torch.zeros(0, dtype=torch.long)}, "empty prompt"),
