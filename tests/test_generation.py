@@ -89,6 +89,19 @@ def test_gam_state_is_constant_size_and_kv_cache_grows():
     assert cache.layers[0]["length"] == 30 and cache.layers[0]["k"].shape[2] >= 30
 
 
+@pytest.mark.parametrize("token", [TINY["vocab_size"], -1])
+def test_an_out_of_range_id_in_a_decode_step_is_a_clear_error_and_leaves_the_cache(token):
+    """One token per step takes the id check's single-read path: the same one-line error,
+    raised before the cache moves."""
+    model = tiny("gam", pos_embedding="none")
+    cache = model.allocate_inference_cache(1, 8)
+    with torch.no_grad():
+        model.forward_cached(torch.zeros(1, 3, dtype=torch.long), cache)
+        with pytest.raises(ValueError, match=f"token id {token} outside"):
+            model.forward_cached(torch.tensor([[token]]), cache)
+    assert cache.position == 3
+
+
 def test_cache_past_block_size_and_batch_mismatch_are_clear_errors():
     model = tiny("gam")
     cache = model.allocate_inference_cache(1)

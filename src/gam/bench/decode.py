@@ -96,7 +96,7 @@ class _Runner:
         shape = dict(n_embd=n_embd, n_layer=n_layer, vocab_size=vocab_size, dropout=0.0, pos_embedding="none")
         self.model = spec.build(shape, sizing).to(device, precision_dtype(precision) or torch.float32).eval()
         self.name, self.precision, self.device, self.batch_size, self.mode = name, precision, device, batch_size, mode
-        self.greedy = sample_next
+        self.greedy = sample_next  # as generate picks (imported here: this module loads without torch)
         self.recurrent = spec.model != "transformer"  # its whole state is written back every step
         self.caches, self.tokens, self.prefill_s = {}, {}, {}
         with torch.no_grad():
@@ -109,7 +109,7 @@ class _Runner:
                 logits = self.model.forward_cached(prompt, cache, last_only=True)
                 synchronize(device)
                 self.prefill_s[L] = time.perf_counter() - start
-                self.caches[L], self.tokens[L] = cache, sample_next(logits[:, -1], temperature=0)[:, None]
+                self.caches[L], self.tokens[L] = cache, self.greedy(logits[:, -1], temperature=0)[:, None]
         # the first step compiles (compiled mode); it stays out of the timed steps
         self.first_step_s = max(self.step(L) for L in contexts)
 
