@@ -186,6 +186,17 @@ def test_bf16_autocast_with_an_fp32_state_as_the_layer_runs_it():
         assert a.dtype == x.dtype and rel_rms(a, b) < 2e-2, name
 
 
+def test_the_factors_the_backward_rebuilds_from_what_it_keeps_are_the_forwards_bit_for_bit():
+    # KVMemoryChunked keeps the results of the forward's exp passes and rebuilds the other
+    # decay factors by the same products: the backward must see exactly the forward's values
+    gates = kv_ops.bounded_gate(F.logsigmoid(3 * torch.randn(3, 4, 32, 6) + 1)).view(3, 4, 32, 6)
+    with torch.no_grad():
+        f = kv_ops.chunk_decays(gates)
+        rebuilt = kv_ops.Decays.from_kept(f.centered, f.u, f.decay)
+    for name in kv_ops.Decays._fields:
+        assert torch.equal(getattr(rebuilt, name), getattr(f, name)), name
+
+
 def test_final_state_matches_recurrent():
     q, k, v, z, K0, V0 = inputs(T=23)
     _, (K, V) = kv_memory_recurrent(q, k, v, F.logsigmoid(z), (K0, V0))

@@ -39,7 +39,8 @@ a quarter in the exponent). Forms of the same function:
   a chunk holds twice the tokens that factors from its start allowed, and the
   chunk-start states, S / Q times the size of q and the op's largest traffic,
   halve. Its backward is written by hand (:class:`KVMemoryChunked`): it
-  keeps the inputs and the chunk-start states and recomputes the rest.
+  keeps the inputs, the chunk-start states and the results of the forward's
+  transcendental passes, and recomputes the cheap rest.
 - :func:`kv_memory_chunked_autograd`: the same chunk form in plain PyTorch,
   differentiated by autograd: the reference for the hand-written backward.
 - :func:`kv_memory_step`: one decoding step on the state;
@@ -139,6 +140,13 @@ class Decays(NamedTuple):
     chunk_decay: torch.Tensor  # A_Q (B, N, 1, S): how much of the chunk-start state is left at its end
     to_end: torch.Tensor  # A'_Q u_j: the weight of write j in the state at the chunk's end
 
+    @classmethod
+    def from_kept(cls, centered: torch.Tensor, u: torch.Tensor, decay: torch.Tensor) -> "Decays":
+        """The factors from the three that need an ``exp`` (what :class:`KVMemoryChunked`
+        keeps for its backward), the others by the same products as :func:`chunk_decays`
+        outside autograd: bitwise its result."""
+        return cls(decay, centered, u, centered.reciprocal(), decay[:, :, -1:], centered[:, :, -1:] * u)
+
 
 def chunk_decays(log_alpha: torch.Tensor) -> Decays:
     """:class:`Decays` of bounded gates (B, N, Q, S). Every exponent is at most
@@ -153,8 +161,7 @@ def chunk_decays(log_alpha: torch.Tensor) -> Decays:
     inv_centered = (-(a - centre)).exp() if torch.is_grad_enabled() and a.requires_grad else centered.reciprocal()
     u = -torch.expm1(log_alpha) * inv_centered
     decay = centered * centre.exp()
-    chunk_decay = decay[:, :, -1:]
-    return Decays(decay, centered, u, inv_centered, chunk_decay, centered[:, :, -1:] * u)
+    return Decays(decay, centered, u, inv_centered, decay[:, :, -1:], centered[:, :, -1:] * u)
 
 
 def kv_memory_chunked_autograd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
@@ -237,11 +244,13 @@ def _slot_scores(q: torch.Tensor, k: torch.Tensor, K_start: torch.Tensor, decay:
 
 
 def _chunk_start_states(keep: torch.Tensor, writes: torch.Tensor, state: torch.Tensor):
-    """The state at each chunk's start (b, n, S, d, in the dtype of ``writes``) and after
+    """The state at each chunk's start (b, n, S, X, in the dtype of ``writes``) and after
     the last chunk (in that of ``state``): ``state_{c+1} = keep_c state_c + writes_c``,
     ``keep`` (b, n, S, 1). Each start is written once, cast on the way, into one buffer:
-    no fp32 stack and no separate cast (passes over state-sized tensors, S / Q times
-    the size of q, are most of the op's memory traffic)."""
+    no fp32 stack and no separate cast (passes over state-sized tensors, S / Q times the
+    size of q, are most of the op's memory traffic). The key and the value slots are
+    carried apart: side by side in one (.., 2d) state, one op per chunk for both, the
+    op's backward was 7-17% slower (strided halves in the matmuls, a concatenation)."""
     starts = torch.empty_like(writes)
     for c, (keep_c, writes_c) in enumerate(zip(keep.unbind(1), writes.unbind(1))):
         starts[:, c].copy_(state)
@@ -251,7 +260,7 @@ def _chunk_start_states(keep: torch.Tensor, writes: torch.Tensor, state: torch.T
 
 def _chunk_end_gradients(keep: torch.Tensor, local: torch.Tensor, grad: torch.Tensor):
     """Backward of :func:`_chunk_start_states`: the gradient of the state at each
-    chunk's end (b, n, S, d, in the dtype of ``local``), from the gradients ``local``
+    chunk's end (b, n, S, X, in the dtype of ``local``), from the gradients ``local``
     of the chunk-start states through the chunk's reads and ``grad`` of the state
     after the last chunk (carried in its dtype); and the gradient of the state before
     the first."""
@@ -266,7 +275,8 @@ def _tile_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
                   K: torch.Tensor, V: torch.Tensor):
     """One tile of chunks (b, n, Q, X), bounded gates, and the state (b, S, d each, fp32
     at least) at its start: the reads (b n, Q, d), the chunk-start key and value slots
-    (b, n, S, d, in the compute dtype) and the state after the tile."""
+    (b, n, S, d, in the compute dtype), the state after the tile and what the backward
+    keeps of the rest (:class:`Kept`)."""
     dtype = q.dtype
     f = chunk_decays(gates)
     keep, to_end = f.chunk_decay.transpose(-1, -2), f.to_end.to(dtype).transpose(-1, -2)
@@ -274,13 +284,28 @@ def _tile_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
     V_start, V = _chunk_start_states(keep, to_end @ v, V)
 
     u, decay, centered = _flat(f.u), _flat(f.decay), _flat(f.centered)
-    _, _, p = _slot_scores(_flat(q), _flat(k), _flat(K_start), decay, centered, u)
+    _, scores, p = _slot_scores(_flat(q), _flat(k), _flat(K_start), decay, centered, u)
     mix = torch.bmm(p * centered, u.transpose(1, 2)).tril_().to(dtype)  # weight of v_j in the read at i
     out = torch.baddbmm(torch.bmm(mix, _flat(v)), (p * decay).to(dtype), _flat(V_start))
-    return out, K_start, V_start, K, V
+    return out, K_start, V_start, K, V, Kept(f.centered, f.u, f.decay, scores, p)
 
 
-def _tile_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor,
+class Kept(NamedTuple):
+    """What :class:`KVMemoryChunked` keeps of a tile's forward besides its inputs and
+    chunk-start states: the results of its transcendental passes (the decay factors'
+    ``exp``, the softmax), whose recomputation took 14-18% of the backward (1 thread, at
+    the paper configuration's and the cpu preset's shapes); the cheap products are
+    recomputed (:meth:`Decays.from_kept`), so the backward sees bitwise the forward's
+    values. Five gate-sized fp32 tensors (T S each per row)."""
+
+    centered: torch.Tensor  # (b, n, Q, S)
+    u: torch.Tensor
+    decay: torch.Tensor
+    scores: torch.Tensor  # (b n, Q, S)
+    p: torch.Tensor
+
+
+def _tile_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: Kept,
                    K_start: torch.Tensor, V_start: torch.Tensor, d_out: torch.Tensor,
                    dK: torch.Tensor, dV: torch.Tensor):
     """Gradients of :func:`_tile_forward` given those of its reads ``d_out`` (b, n, Q, d)
@@ -294,14 +319,15 @@ def _tile_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: tor
     is held constant). Then the state gradient carried back over the chunks
     (``(K, V)_{c+1} = A_Q (K, V)_c + to_end^T (k, v)``) and the terms that need it."""
     dtype = q.dtype
-    f = chunk_decays(gates)
+    f = Decays.from_kept(kept.centered, kept.u, kept.decay)
     q, k, v, dO = _flat(q), _flat(k), _flat(v), _flat(d_out)
     u, to_end = _flat(f.u), _flat(f.to_end.to(dtype))
     decay, centered = _flat(f.decay), _flat(f.centered)
     starts_shape = K_start.shape
     K_start, V_start = _flat(K_start), _flat(V_start)
+    scores, p = kept.scores, kept.p
 
-    qk, scores, p = _slot_scores(q, k, K_start, decay, centered, u)  # the forward's, recomputed
+    qk = torch.bmm(q, k.transpose(1, 2)).tril_().to(u.dtype)  # the forward's, recomputed
     r_mix32 = p * centered
     mix = torch.bmm(r_mix32, u.transpose(1, 2)).tril_().to(dtype)
 
@@ -333,7 +359,7 @@ def _tile_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: tor
     # (A dA + A' dA' = p dp + dscores scores), u_j = (1 - alpha_j) exp(a_m - a_j) enters
     # the reads and to_end_j = A'_Q u_j (du_j u_j, subtracted), A_Q = A_{Q-1} scales the
     # carried state and A'_Q to_end.
-    shape = gates.shape
+    shape = kept.u.shape
     du = torch.addcmul(du.view(shape), f.centered[:, :, -1:], d_to_end.view(shape))  # all of u's gradient
     da = torch.addcmul(pdp, d_scores, scores).view(shape).addcmul_(du, f.u, value=-1)
     # products in the compute dtype, sums in fp32
@@ -354,13 +380,15 @@ class KVMemoryChunked(torch.autograd.Function):
     initial state's dtype) out. Gradients flow into all of them (once: the backward
     is not itself differentiable).
 
-    Keeps the inputs and the chunk-start states (O(T S d / Q), in the compute dtype;
-    carried in fp32 at least); the backward recomputes the decays, the scores and
-    their softmax (O(T S) each) instead of storing them. Matmuls run in the inputs'
-    dtype; decays, softmax and every sum of gates in fp32. Both passes go over tiles
-    of about :data:`TILE_ELEMENTS` gate-sized elements (:func:`_tiles`; the forward in
-    time order, carrying the state, the backward in reverse, carrying its gradient),
-    so that the intermediates, a few dozen passes over (T, S) in all, stay in cache.
+    Keeps the inputs, the chunk-start states (O(T S d / Q), in the compute dtype;
+    carried in fp32 at least) and the results of the forward's transcendental passes,
+    the decay factors and the slot scores with their softmax (:class:`Kept`, five
+    O(T S) tensors in fp32); the backward recomputes the cheap rest (the products of
+    those, ``q k^T`` and the in-chunk mix). Matmuls run in the inputs' dtype; decays,
+    softmax and every sum of gates in fp32. Both passes go over tiles of about
+    :data:`TILE_ELEMENTS` gate-sized elements (:func:`_tiles`; the forward in time
+    order, carrying the state, the backward in reverse, carrying its gradient), so
+    that the intermediates, a few dozen passes over (T, S) in all, stay in cache.
     """
 
     @staticmethod
@@ -371,26 +399,27 @@ class KVMemoryChunked(torch.autograd.Function):
         state = initial.to(torch.promote_types(initial.dtype, torch.float32))
         final = torch.empty_like(state)
         out = q.new_empty(B, N, Q, d)
-        chunk_starts = []  # each tile's K_start, V_start
+        per_tile = []  # each tile's K_start, V_start and Kept
         for rows, chunks in _tiles(B, N, Q, S):
             if chunks.start == 0:
                 K, V = state[rows, :, :d], state[rows, :, d:]
-            tile_out, K_start, V_start, K, V = _tile_forward(
+            tile_out, K_start, V_start, K, V, kept = _tile_forward(
                 q[rows, chunks], k[rows, chunks], v[rows, chunks], bounded_gate(log_alpha[rows, chunks]), K, V)
             out[rows, chunks] = tile_out.view(out[rows, chunks].shape)
-            chunk_starts += [K_start, V_start]
+            per_tile += [K_start, V_start, *kept]
             if chunks.stop == N:
                 final[rows, :, :d], final[rows, :, d:] = K, V
-        ctx.save_for_backward(q, k, v, log_alpha, *chunk_starts)
+        ctx.save_for_backward(q, k, v, log_alpha, *per_tile)
         ctx.state_dtype, ctx.T = initial.dtype, T
         return out.view(B, N * Q, d)[:, :T], final.to(initial.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_final):
-        q, k, v, log_alpha, *chunk_starts = ctx.saved_tensors
+        q, k, v, log_alpha, *per_tile = ctx.saved_tensors
         B, N, Q, d = q.shape
         S, T = log_alpha.shape[-1], ctx.T
+        saved = 2 + len(Kept._fields)  # per tile: K_start, V_start, then Kept
         with torch.autocast(q.device.type, enabled=False):
             pad = N * Q - T
             d_out = (F.pad(d_out, (0, 0, 0, pad)) if pad else d_out).to(q.dtype).reshape(B, N, Q, d)
@@ -403,17 +432,17 @@ class KVMemoryChunked(torch.autograd.Function):
                 rows, chunks = tiles[i]
                 if chunks.stop == N:
                     dK, dV = d_final[rows, :, :d], d_final[rows, :, d:]
-                raw = log_alpha[rows, chunks]
-                gates = bounded_gate(raw)
+                K_start, V_start, *kept = per_tile[saved * i: saved * (i + 1)]
                 tile_dq, tile_dk, tile_dv, d_gates, dK, dV = _tile_backward(
-                    q[rows, chunks], k[rows, chunks], v[rows, chunks], gates, *chunk_starts[2 * i: 2 * i + 2],
+                    q[rows, chunks], k[rows, chunks], v[rows, chunks], Kept(*kept), K_start, V_start,
                     d_out[rows, chunks], dK, dV)
                 for grad, tile_grad in ((dq, tile_dq), (dk, tile_dk), (dv, tile_dv)):
                     grad[rows, chunks] = tile_grad.view(grad[rows, chunks].shape)
                 # The clamp passes no gradient outside its range. A float mask: making and
                 # applying a bool one is about 5x slower on CPU.
+                raw = log_alpha[rows, chunks]
                 tile_grad = d_log_alpha[rows, chunks]
-                torch.eq(gates, raw, out=tile_grad).mul_(d_gates)
+                torch.eq(bounded_gate(raw), raw, out=tile_grad).mul_(d_gates)
                 if chunks.start == 0:
                     d_initial[rows, :, :d], d_initial[rows, :, d:] = dK, dV
 
