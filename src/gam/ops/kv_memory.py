@@ -244,7 +244,7 @@ def _slot_scores(q: torch.Tensor, k: torch.Tensor, K_start: torch.Tensor, decay:
 
 
 def _chunk_start_states(keep: torch.Tensor, writes: torch.Tensor, state: torch.Tensor):
-    """The state at each chunk's start (b, n, S, X, in the dtype of ``writes``) and after
+    """The state at each chunk's start (b, n, S, d, in the dtype of ``writes``) and after
     the last chunk (in that of ``state``): ``state_{c+1} = keep_c state_c + writes_c``,
     ``keep`` (b, n, S, 1). Each start is written once, cast on the way, into one buffer:
     no fp32 stack and no separate cast (passes over state-sized tensors, S / Q times the
@@ -260,7 +260,7 @@ def _chunk_start_states(keep: torch.Tensor, writes: torch.Tensor, state: torch.T
 
 def _chunk_end_gradients(keep: torch.Tensor, local: torch.Tensor, grad: torch.Tensor):
     """Backward of :func:`_chunk_start_states`: the gradient of the state at each
-    chunk's end (b, n, S, X, in the dtype of ``local``), from the gradients ``local``
+    chunk's end (b, n, S, d, in the dtype of ``local``), from the gradients ``local``
     of the chunk-start states through the chunk's reads and ``grad`` of the state
     after the last chunk (carried in its dtype); and the gradient of the state before
     the first."""
