@@ -47,11 +47,9 @@ ALIASES = {"gam": "gam", "sum_fusion": "gam_sum_fusion", "global_only": "gam_glo
            "local_only": "gam_local_only", "kv_slots": "gam_kv_slots", "transformer": "transformer_sdpa",
            "mamba": "mamba_standard"}
 # The kv-slot memory's design variants (docs/kv-memory.md, "Design choices, measured") by their
-# registry keys; not the ones that change the heads, the slots per head or the width, which this
-# bench's sizing sets
+# registry keys; not the ones that change the width, which this bench sets
 KV_VARIANTS = tuple(key for key, spec in registry.MODELS.items()
-                    if key.startswith("gam_kv_slots_") and not {"memory_heads", "n_embd"} & set(spec.fields)
-                    and spec.fields["num_memory_slots"] == registry.MODELS["gam_kv_slots"].fields["num_memory_slots"])
+                    if key.startswith("gam_kv_slots_") and "n_embd" not in spec.fields)
 ALL_MODELS = (*ALIASES, *KV_VARIANTS)
 
 
@@ -69,6 +67,10 @@ def model_fields(key: str, seq_len: int, width: int, vocab_size: int, n_layer: i
             # head as the paper's rule (= width) up to GSA's 64, the text benches' number (the
             # per-slot gates cost heads x slots per token, 8 x the width at 128 slots per head)
             sizing.update(memory_heads=max(1, width // 16), num_memory_slots=min(width, 64))
+            # a design variant that changes the heads or the slots per head keeps its own number
+            base = registry.MODELS["gam_kv_slots"].fields
+            sizing.update({field: spec.fields[field] for field in ("memory_heads", "num_memory_slots")
+                           if field in spec.fields and spec.fields[field] != base.get(field)})
     elif spec.model == "transformer":
         sizing.update(n_head=max(1, width // 16))
     return {"model": spec.model, **spec.config_fields(shape, sizing)}
