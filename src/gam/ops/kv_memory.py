@@ -250,7 +250,8 @@ def _chunk_start_states(keep: torch.Tensor, writes: torch.Tensor, state: torch.T
     no fp32 stack and no separate cast (passes over state-sized tensors, S / Q times the
     size of q, are most of the op's memory traffic). The key and the value slots are
     carried apart: side by side in one (.., 2d) state, one op per chunk for both, the
-    op's backward was 7-17% slower (strided halves in the matmuls, a concatenation)."""
+    op's backward was 7-17% slower (strided halves in the matmuls, a concatenation; one
+    A/B in one process, 1 thread, quiet, not kept as a results file)."""
     starts = torch.empty_like(writes)
     for c, (keep_c, writes_c) in enumerate(zip(keep.unbind(1), writes.unbind(1))):
         starts[:, c].copy_(state)
@@ -293,8 +294,9 @@ def _tile_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
 class Kept(NamedTuple):
     """What :class:`KVMemoryChunked` keeps of a tile's forward besides its inputs and
     chunk-start states: the results of its transcendental passes (the decay factors'
-    ``exp``, the softmax), whose recomputation took 14-18% of the backward (1 thread, at
-    the paper configuration's and the cpu preset's shapes); the cheap products are
+    ``exp``, the softmax): the backward is 1.12x / 1.25x faster without recomputing them at
+    the paper configuration's / the cpu preset's shapes
+    (results/bench-kv-memory-cpu/op-kept-before-after.md); the cheap products are
     recomputed (:meth:`Decays.from_kept`), so the backward sees bitwise the forward's
     values. Five gate-sized fp32 tensors (T S each per row)."""
 
