@@ -495,22 +495,3 @@ def test_bench_kv_memory_script_times_both_forms_and_checks_the_recurrence():
     assert bf16.returncode == 0 and "| 20 | hand-written |" in bf16.stdout and "bf16" in bf16.stdout, bf16.stderr
     bad = subprocess.run([sys.executable, str(script), "--lengths", "long"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--lengths must be comma-separated integers" in bad.stderr
-
-
-def test_design_round_variants_change_one_choice_of_its_base_and_the_default_is_what_it_chose():
-    """The design round's rows (docs/kv-memory.md) each differ from its base (retention 4-256) in
-    the fields they name; the default kv-slot model is the base with the retention the round chose."""
-    from gam.config import GAMConfig
-    from gam.models.registry import FIRST_ROUND_BASE, MODELS
-
-    base = MODELS["gam_kv_slots_retention_4_256"].fields
-    assert {**MODELS["gam_kv_slots"].fields, **FIRST_ROUND_BASE} == dict(base)
-    default = GAMConfig(memory="kv_slots")
-    assert (default.memory_retention_min, default.memory_retention_max) == (2.0, 32.0)
-    assert (default.memory_retention_min, default.memory_retention_max) != tuple(FIRST_ROUND_BASE.values())
-    variants = [s for k, s in MODELS.items() if k.startswith("gam_kv_slots_") and "n_embd" not in s.fields]
-    assert len(variants) >= 12
-    for spec in variants:
-        changed = {k for k in {**base, **spec.fields} if spec.fields.get(k) != base.get(k)}
-        assert len(changed) <= 2 and (len(changed) < 2 or changed == {"memory_retention_min", "memory_retention_max"}), \
-            (spec.key, changed)

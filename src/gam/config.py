@@ -109,10 +109,10 @@ class GAMConfig:
                                                 "projection, as GSA")
     memory_write: str = described("slots", "GAM kv_slots: the write rule: slots (gated slot writes, GSA) | "
                                            "delta (one matrix per head, the gated delta rule; no bank)")
-    memory_retention_min: float = described(2.0, "GAM kv_slots: initial retention 1 / (1 - alpha) of the "
+    memory_retention_min: float = described(4.0, "GAM kv_slots: initial retention 1 / (1 - alpha) of the "
                                                  "shortest-lived slot (or head, delta), in tokens")
-    memory_retention_max: float = described(32.0, "GAM kv_slots: initial retention of the longest-lived one; "
-                                                  "the others log-spaced between (2-32 measured better than 4-256)")
+    memory_retention_max: float = described(256.0, "GAM kv_slots: initial retention of the longest-lived one; "
+                                                   "the others log-spaced between")
     memory_feature_map: str = described("none", "GAM kv_slots: a map on the queries and keys before the memory: "
                                                 "none | swish (GSA's default)")
     gam_impl: str = described("auto", "GAM code path: auto | reference (paper's eager code) | fast (fused ops, same function)")

@@ -27,13 +27,10 @@ Why each choice:
   start below, 1 was 0.025 nats better on WikiText-2 over 3 seeds and recalls as
   well on MQAR (docs/kv-memory.md, "Design choices, measured").
 - The forget bias starts each head's slots at retention times ``1 / (1 - alpha)``
-  log-spaced from 2 to 32 tokens (:func:`retention_bias`), not all at a zero
-  bias's (12 tokens with GSA's normalizer 8, 2 with 1): with 16 pairs queried up
-  to 224 tokens later (MQAR, T = 256) the uniform start stayed on the 1/P plateau
-  for 1,000 steps, a 4-256 start reached 0.995 in 300. The second design round
-  measured 2-32 better than 4-256 on WikiText-2 (0.025 nats, 3 seeds) with the
-  same recall (docs/kv-memory.md, "Design choices, measured"): the gates learn
-  longer retention where the task needs it.
+  log-spaced from 4 to 256 tokens (:func:`retention_bias`), not all at a zero
+  bias's (12 tokens with GSA's normalizer 8, 2 with 1): with 16 pairs queried up to 224 tokens later (MQAR, T = 256) the
+  uniform start stayed on the 1/P plateau for 1,000 steps and this one reached
+  0.995 in 300 (docs/kv-memory.md).
 - The gate is bounded, ``log alpha >= -4`` (:data:`gam.ops.kv_memory.LOG_ALPHA_MIN`),
   which the chunked form's decay factorization needs: at most 98% of a slot is
   replaced per token (a forget logit below -4; with GSA's normalizer 8, below -32).
@@ -57,7 +54,7 @@ from gam.ops import decode
 from gam.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
 from gam.ops.kv_memory import kv_memory_chunked, kv_memory_final_state, kv_memory_recurrent, kv_memory_step
 
-RETENTION_TOKENS = (2.0, 32.0)  # initial retention times of each head's slots, shortest and longest (the default)
+RETENTION_TOKENS = (4.0, 256.0)  # initial retention times of each head's slots, shortest and longest (the default)
 
 
 def retention_bias(num_slots: int, gate_normalizer: float,

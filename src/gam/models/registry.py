@@ -46,10 +46,6 @@ class ModelSpec:
         return build_model(self.model, **self.config_fields(shape, overrides))
 
 
-# The base every design-round variant below changes one choice of: the default until the round
-# measured a shorter retention start better (docs/kv-memory.md).
-FIRST_ROUND_BASE = {"memory_retention_min": 4.0, "memory_retention_max": 256.0}
-
 _SPECS = (
     ModelSpec("gam", "GAM", "gam", {}, "paper", {"Table 1": "GAM", "Table 3": "Full"},
               "the paper's model (fused fast path where it applies; same function as its code)"),
@@ -90,15 +86,11 @@ _SPECS = (
               "(tests/test_bench.py checks it)"),
     # The kv-slot memory's design choices, one changed at a time (issue 24; docs/kv-memory.md,
     # "Design choices, measured"): what the keys read, the gate's normalizer, GSA's output gate, heads,
-    # slots per head, the write rule, the retention range, a feature map. Each changes one choice of
-    # the design round's base, which started the slots at retention 4-256 tokens (FIRST_ROUND_BASE):
-    # the round found 2-32 better and made it the default, so these keep 4-256 and their measured
-    # figures stay reproducible; gam_kv_slots_retention_4_256 is the base itself.
+    # slots per head, the write rule, the retention range, a feature map.
     *(ModelSpec(f"gam_kv_slots_{name}", f"GAM (kv-slot memory), {label}", "gam",
-                {"memory": "kv_slots", "num_memory_slots": 64, **FIRST_ROUND_BASE, **change}, "ablation", {},
+                {"memory": "kv_slots", "num_memory_slots": 64, **change}, "ablation", {},
                 f"the kv-slot model with {label}")
       for name, label, change in (
-          ("retention_4_256", "slots starting at retention 4-256 tokens (the design round's base)", {}),
           ("keys_input", "keys from the token's own h", {"memory_key_source": "input"}),
           ("keys_shift", "keys from the previous token's h", {"memory_key_source": "shift"}),
           ("normalizer_8", "GSA's gate normalizer 8 (the default until the ablation)", {"memory_gate_normalizer": 8.0}),
@@ -108,6 +100,8 @@ _SPECS = (
           ("slots_32", "32 slots per head", {"num_memory_slots": 32}),
           ("slots_128", "128 slots per head", {"num_memory_slots": 128}),
           ("delta", "the gated delta-rule write (one matrix per head, no bank)", {"memory_write": "delta"}),
+          ("retention_short", "slots starting at retention 2-32 tokens", {"memory_retention_min": 2.0,
+                                                                          "memory_retention_max": 32.0}),
           ("retention_long", "slots starting at retention 16-2,048 tokens", {"memory_retention_min": 16.0,
                                                                               "memory_retention_max": 2048.0}),
           ("swish", "a swish map on queries and keys (GSA's)", {"memory_feature_map": "swish"}),
