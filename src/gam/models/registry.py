@@ -104,6 +104,9 @@ _SPECS = (
                                                                           "memory_retention_max": 32.0}),
           ("retention_long", "slots starting at retention 16-2,048 tokens", {"memory_retention_min": 16.0,
                                                                               "memory_retention_max": 2048.0}),
+          # both ends: the short slots text preferred (2-32 won on text, lost recall) and the long ones recall needs
+          ("retention_2_256", "slots starting at retention 2-256 tokens", {"memory_retention_min": 2.0,
+                                                                         "memory_retention_max": 256.0}),
           ("swish", "a swish map on queries and keys (GSA's)", {"memory_feature_map": "swish"}),
       )),
     ModelSpec("transformer_naive", "Transformer (naive attn.)", "transformer", {"attn_impl": "naive"}, "paper",
