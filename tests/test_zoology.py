@@ -100,3 +100,20 @@ def test_tiny_preset_end_to_end(tmp_path, capsys):
         assert cells[-3:-1] == [f"{r['state_elements'][0]:,}", f"{r['state_elements'][-1]:,}"]
     assert main(["bench", "zoology", "--preset", "tiny", "--vocab-size", "8", "--out", str(out)]) == 2
     assert "vocab_size must be >=" in capsys.readouterr().err
+
+
+def test_kv_design_variants_run_with_their_own_fields(tmp_path):
+    """A kv-slot design variant runs under its registry key with its own fields (here the
+    retention range), the suite's sizing and no positions, as the default kv row does."""
+    from gam.bench.zoology import fields
+
+    default, variant = fields("kv_slots", 64, 32, 64), fields("gam_kv_slots_retention_2_256", 64, 32, 64)
+    assert (variant["memory_retention_min"], variant["memory_retention_max"]) == (2.0, 256.0)
+    assert {k: v for k, v in variant.items() if not k.startswith("memory_retention")} == \
+        {k: v for k, v in default.items() if not k.startswith("memory_retention")}
+    out = tmp_path / "zoo"
+    assert main(["bench", "zoology", "--preset", "tiny", "--jobs", "1", "--widths", "16", "--lrs", "1e-2",
+                 "--models", "gam_kv_slots_retention_2_256", "--out", str(out)]) == 0
+    runs = json.loads((out / "zoology.json").read_text())["runs"]
+    assert [r["model"] for r in runs] == ["gam_kv_slots_retention_2_256"]
+    assert main(["bench", "zoology", "--preset", "tiny", "--models", "gam_kv_slots_narrow", "--out", str(out)]) == 2

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gam.bench.common import end_provenance, environment, markdown_table, start_provenance, write_results
-from gam.bench.recall import model_fields
+from gam.bench.recall import KV_VARIANTS, model_fields
 from gam.config import check_threads, described
 from gam.models import registry
 
@@ -54,6 +54,9 @@ DEFAULT_OUT = "results/zoology"
 # The suite's model names -> registry keys: the Transformer with Zoology's short convolution.
 MODEL_KEYS = {"transformer": "transformer_conv", "mamba": "mamba_standard", "gam": "gam", "kv_slots": "gam_kv_slots"}
 MODELS = tuple(MODEL_KEYS)
+# The kv-slot memory's design variants run too, by their registry keys (as in `gam bench recall`)
+CHOICES = (*MODELS, *KV_VARIANTS)
+MODEL_KEYS.update({key: key for key in KV_VARIANTS})
 # Zoology's grid: np.logspace(-3, -1.5, 4)
 LRS = tuple(10 ** (-3 + 0.5 * i) for i in range(4))
 # (sequence length, pairs, examples in Zoology's training set)
@@ -103,7 +106,8 @@ class ZoologyConfig:
 
     preset: str = described("cpu", "cpu: a twentieth of Zoology's examples, 4 epochs, vocabulary 1,024; "
                                    "tiny: seconds (tests)", choices=tuple(PRESETS))
-    models: tuple[str, ...] = described(MODELS, "models to train", choices=MODELS)
+    models: tuple[str, ...] = described(MODELS, "models to train (the kv-slot design variants by their registry keys too)",
+                                         choices=CHOICES)
     widths: tuple[int, ...] = described((64, 128), "model widths (d_model)")
     lrs: tuple[float, ...] = described(LRS, "the learning-rate grid, the same for every model")
     epochs: int | None = described(None, "epochs over the training mixture (default: the preset's)")
@@ -243,7 +247,7 @@ def run(config: ZoologyConfig, log: Callable[[str], None] | None = print) -> dic
     if not config.lrs or any(not 0 < lr < 1 for lr in config.lrs):
         raise ValueError(f"learning rates must be in (0, 1), got {list(config.lrs)}")
     tasks = [(m, w, lr) for m in config.models for w in config.widths for lr in config.lrs]
-    cost = {"mamba": 4.0, "kv_slots": 2.0}  # rough step cost: longest first
+    cost = {"mamba": 4.0, "kv_slots": 2.0, **dict.fromkeys(KV_VARIANTS, 2.0)}  # rough step cost: longest first
     tasks.sort(key=lambda t: -cost.get(t[0], 1.0) * t[1])
     jobs = max(1, min(config.jobs or min(2, os.cpu_count() or 1), len(tasks)))
     args = [(t, preset, config.seed, config.threads) for t in tasks]
