@@ -52,11 +52,11 @@ HELP = "Zoology's MQAR suite: a mixture of lengths in training, longer tests, ac
 DEFAULT_OUT = "results/zoology"
 
 # The suite's model names -> registry keys: the Transformer with Zoology's short convolution.
-MODEL_KEYS = {"transformer": "transformer_conv", "mamba": "mamba_standard", "gam": "gam", "kv_slots": "gam_kv_slots"}
-MODELS = tuple(MODEL_KEYS)
+SUITE_KEYS = {"transformer": "transformer_conv", "mamba": "mamba_standard", "gam": "gam", "kv_slots": "gam_kv_slots"}
+MODELS = tuple(SUITE_KEYS)
 # The kv-slot memory's design variants run too, by their registry keys (as in `gam bench recall`)
-CHOICES = (*MODELS, *KV_VARIANTS)
-MODEL_KEYS.update({key: key for key in KV_VARIANTS})
+MODEL_KEYS = {**SUITE_KEYS, **{key: key for key in KV_VARIANTS}}
+CHOICES = tuple(MODEL_KEYS)
 # Zoology's grid: np.logspace(-3, -1.5, 4)
 LRS = tuple(10 ** (-3 + 0.5 * i) for i in range(4))
 # (sequence length, pairs, examples in Zoology's training set)
