@@ -118,6 +118,37 @@ def test_hand_written_backward_equals_autograd_through_the_clamp():
     assert outside.any() and (d_log_alpha[outside] == 0).all() and (d_log_alpha[~outside] != 0).all()
 
 
+def test_tile_size_follows_the_l2_cache_and_never_changes_the_results(monkeypatch, tmp_path):
+    """The tile holds one L2-sized fp32 tensor (a power of two of elements, from sysfs; 512 KiB
+    when unreadable), and any tile size gives bitwise the same outputs and gradients: it is a
+    speed knob only."""
+    assert kv_ops.TILE_ELEMENTS & (kv_ops.TILE_ELEMENTS - 1) == 0 and 2**15 <= kv_ops.TILE_ELEMENTS <= 2**20
+    assert kv_ops.l2_cache_bytes(default=123) > 0
+    fake = tmp_path / "cache"
+    for index, (level, size) in enumerate([("1", "48K"), ("2", "2048K"), ("3", "30M")]):
+        (fake / f"index{index}").mkdir(parents=True)
+        (fake / f"index{index}" / "level").write_text(level + "\n")
+        (fake / f"index{index}" / "size").write_text(size + "\n")
+    monkeypatch.setattr(kv_ops, "Path", lambda _: fake)
+    assert kv_ops.l2_cache_bytes() == 2 * 1024**2
+    monkeypatch.setattr(kv_ops, "Path", lambda _: tmp_path / "missing")
+    assert kv_ops.l2_cache_bytes() == 512 * 1024
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    R, T, d, S = 6, 70, 8, 16
+    q, k, v = (torch.randn(R, T, d, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    log_alpha = (torch.rand(R, T, S) * -0.5).requires_grad_()
+    state = torch.randn(R, S, 2 * d, requires_grad=True)
+    results = []
+    for tile in (S * 32, S * 32 * 2, 2**20):  # tiles of one row by one chunk, one row by two chunks, all
+        monkeypatch.setattr(kv_ops, "TILE_ELEMENTS", tile)
+        out, (K, V) = kv_memory_chunked(q, k, v, log_alpha, (state[..., :d], state[..., d:]))
+        loss = (out.float() ** 2).sum() + K.sum() + V.sum()
+        results.append([out, K, V, *torch.autograd.grad(loss, (q, k, v, log_alpha, state))])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
 @pytest.mark.parametrize("tile", [6 * 4, 6 * 4 * 2, 6 * 4 * 6 * 2])
 def test_tiles_give_the_recurrent_outputs_and_gradients(tile, monkeypatch):
     """Tiles of one row by one chunk, one row by two chunks, three rows by four chunks

@@ -86,11 +86,14 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     """Everything a benchmark number depends on, for the raw JSON."""
     import torch
 
+    from gam.ops.kv_memory import l2_cache_bytes
+
     env: dict[str, Any] = {
         "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
         "device_name": device_name(device),
         "cpu": cpu_name(),
+        "l2_cache_bytes": l2_cache_bytes(),  # sets the kv-slot op's tile size
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
