@@ -9,7 +9,8 @@ elementwise product summed over the input features, the same product becomes, un
 (docs/generation-and-hf.md, "Decoding at the floor"). How much that gains depends on the
 CPU: on an Intel Xeon host (AVX-512) MKL's fp32 product reads 27 GB/s and the loop 18-24
 (the compiled fp32 step 9.0 ms with it, 8.4 with the matmul: 7% slower), while in bf16 the
-loop wins there too (7.6 against 8.4 ms). Eagerly that expression would first write the
+loop wins there too (7.6 against 8.4 ms; one thread, the other job stopped, ad hoc runs not
+kept as results files; the host's decode bench: docs/speed.md, "Two CPU hosts"). Eagerly that expression would first write the
 whole product to memory, so each op here takes the reduction form only while being
 compiled and for a single row, and is the ordinary matmul otherwise: one function, the
 same values (up to the order of the sums).
@@ -18,15 +19,16 @@ Only ``x @ W.T`` (a weight's rows against the input) gains: the other product of
 ``p @ M`` (the memory read's weights against the bank's rows), is faster as the matmul
 inside the compiled graph (2.75 vs 3.15 ms a token for the paper GAM: the reduction over
 the bank's first dimension walks it a column block at a time; in bf16 too, with the bank
-read as int32 pairs (below): 1.97 vs 1.77 ms, measured under load; the bank is still in L2
+read as int32 pairs (a form since removed, below): 1.97 vs 1.77 ms, measured under load; the bank is still in L2
 from the scores).
 
 A bf16 weight goes through the same reduction: Inductor converts it to fp32 as it reads it
 (25-33 GB/s of bf16 on one thread on the AMD EPYC host, conversion-bound; 15-19 GB/s on an
 Intel Xeon host where PyTorch's bf16 product reads 11-14). Reading the weight as int32 lanes
-of two bf16 numbers, converted by integer shifts, was 2.5% faster on the EPYC host and ten
-times slower on the Xeon (Inductor vectorized that loop across the output rows, with 32 x 32
-transposes and the bit-casts done element by element): not kept (docs/generation-and-hf.md).
+of two bf16 numbers, converted by integer shifts, was 2.5% faster on the EPYC host and made
+the compiled step 2.7x slower than eager on the Xeon (Inductor vectorized that loop across the
+output rows, with 32 x 32 transposes and the bit-casts done element by element;
+results/decode-bf16-pairs-xeon): not kept (docs/generation-and-hf.md).
 
 Ops take tensors, never modules (:func:`linear` is ``F.linear``'s signature).
 """

@@ -83,8 +83,9 @@ def l2_cache_bytes(default: int = 512 * 1024) -> int:
 # are bitwise the same at any tile size), and the fewest chunks per tile when rows are plenty.
 # Measured (op forward + backward, bf16, 2 threads): on the AMD EPYC host of the earlier figures
 # 2^17 elements, 512 KiB, was best (tiles of one chunk 5% slower, whole tensors 2x; its L2 size
-# was not recorded); on an Intel Xeon host with 2 MiB of L2, 2^19 was 6% faster than 2^17 at the
-# paper configuration's shape and 20% at the cpu preset's (2026-12-05, the other job stopped).
+# was not recorded); on an Intel Xeon host with 2 MiB of L2, 2^19 made the op 1.08x faster than
+# 2^17 at the paper configuration's shape and 1.25x at the cpu preset's, in the same runs
+# (results/bench-kv-memory-cpu/op-tiles-l2-xeon.md).
 TILE_ELEMENTS = max(2**15, min(2**20, 1 << (l2_cache_bytes() // 4).bit_length() - 1))
 TILE_CHUNKS = 4
 
