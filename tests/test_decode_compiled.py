@@ -19,8 +19,22 @@ def _compiled(fn):
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
+@pytest.fixture(params=[False, True], ids=["streamed", "frozen"])
+def step_form(request, monkeypatch):
+    """Both forms of the compiled CPU step on any host: the streamed products (the weights
+    inputs of one shared graph) and the frozen weights with tuned matmuls (AMX hosts' form)."""
+    monkeypatch.setattr(decode, "TUNED_MATMULS", request.param)
+    return request.param
+
+
+@pytest.fixture
+def streamed(monkeypatch):
+    """The streamed products' form, whatever the host's default."""
+    monkeypatch.setattr(decode, "TUNED_MATMULS", False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_streamed_products_match_matmul(dtype):
+def test_streamed_products_match_matmul(dtype, streamed):
     """One row under compile takes the reduction form; its values are the matmul's (fp32 to
     rounding, bf16 to its precision); several rows, or no compile, are the matmul itself."""
     torch.manual_seed(0)
@@ -38,7 +52,7 @@ def test_streamed_products_match_matmul(dtype):
     torch.testing.assert_close(lin(x3, W, b), F.linear(x3, W, b))
 
 
-def test_bf16_weight_streamed_in_fp32():
+def test_bf16_weight_streamed_in_fp32(streamed):
     """A bf16 weight's streamed product is summed in fp32 (Inductor widens as it reads):
     within bf16's rounding of the fp64 product, any width (odd too) and a transposed weight."""
     torch.manual_seed(0)
@@ -68,9 +82,9 @@ def _logits_per_step(model, prompt, steps, compiled, attention_mask=None):
     {"memory": "kv_slots", "memory_heads": 2, "pos_embedding": "none"},
     {"memory": "kv_slots", "memory_heads": 2, "memory_write": "delta"},
 ], ids=["paper", "kv_slots", "kv_delta"])
-def test_compiled_steps_equal_eager_steps(fields, one_thread):
-    """Greedy decoding, batch 1 (the streamed products) and a left-padded batch of 2 (the
-    matmuls, per-row positions): every step's logits equal the eager step's."""
+def test_compiled_steps_equal_eager_steps(fields, step_form, one_thread):
+    """Greedy decoding, batch 1 (the streamed products, or the frozen weights' tuned matmuls)
+    and a left-padded batch of 2 (per-row positions): every step's logits equal the eager step's."""
     torch.manual_seed(0)
     model = build_model("gam", **{**TINY, **fields}).eval()
     prompt = torch.randint(0, TINY["vocab_size"], (1, 5))
@@ -83,7 +97,7 @@ def test_compiled_steps_equal_eager_steps(fields, one_thread):
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_generation_compiles_once_and_keeps_models_apart(one_thread):
+def test_compiled_generation_compiles_once_and_keeps_models_apart(step_form, one_thread):
     """Steps at new positions reuse the graph (positions are a tensor, not a constant), the
     window slide of learned positions included; two models decoded in turn each get their own
     graph even with the guards that cannot differ between steps skipped."""
@@ -97,7 +111,7 @@ def test_compiled_generation_compiles_once_and_keeps_models_apart(one_thread):
     torch._dynamo.reset()
     first = [m.generate(prompt, 2, temperature=0, compiled=True) for m in (a, b)]  # compiles both
     assert all(torch.equal(f, e[:, :6]) for f, e in zip(first, expected))
-    compiled = compiled_step()
+    compiled = [compiled_step(m) for m in (a, b)]
     with torch._dynamo.config.patch(error_on_recompile=True):
         caches = [m.allocate_inference_cache(1, 16, compiled=True) for m in (a, b)]
         tokens = [prompt, prompt]
@@ -109,10 +123,49 @@ def test_compiled_generation_compiles_once_and_keeps_models_apart(one_thread):
                     tokens[i] = torch.cat([tokens[i], logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     for got, want in zip(tokens, expected):
         assert torch.equal(got, want[:, :got.shape[1]])
-    assert compiled is compiled_step()
+    assert all(step is compiled_step(m) for step, m in zip(compiled, (a, b)))
     for m, want in zip((a, b), expected):  # the full generation, sliding the window, compiled
         with torch._dynamo.config.patch(error_on_recompile=True):
             assert torch.equal(m.generate(prompt, 20, temperature=0, compiled=True), want)
+
+
+def test_frozen_step_sees_every_change_of_the_weights(monkeypatch, one_thread):
+    """The frozen step holds the weights as constants: changed in place (an optimizer step,
+    load_state_dict), replaced by another tensor, or a block replaced, the next step is compiled
+    anew and equals the eager step; an unchanged model keeps its step, and a model's step goes
+    with it."""
+    import gc
+
+    import gam.generation
+
+    monkeypatch.setattr(decode, "TUNED_MATMULS", True)
+    torch.manual_seed(0)
+    model = build_model("gam", **{**TINY, "n_layer": 2}).eval()
+    prompt = torch.randint(0, TINY["vocab_size"], (1, 5))
+
+    def check():
+        torch.testing.assert_close(_logits_per_step(model, prompt, 3, compiled=True),
+                                   _logits_per_step(model, prompt, 3, compiled=False), atol=1e-5, rtol=1e-5)
+
+    check()
+    step = compiled_step(model)
+    assert compiled_step(model) is step  # nothing changed: the same step
+    with torch.no_grad():
+        model.blocks[0].ffn[0].weight.mul_(1.5)  # in place
+    check()
+    assert compiled_step(model) is not step
+    model.load_state_dict({k: v + 0.01 for k, v in model.state_dict().items()})
+    check()
+    model.blocks[1].gate.weight = torch.nn.Parameter(torch.randn_like(model.blocks[1].gate.weight))
+    check()
+    model.blocks[0] = build_model("gam", **{**TINY, "n_layer": 2}).blocks[0]
+    check()
+    other = build_model("gam", **{**TINY, "n_layer": 2}).eval()
+    compiled_step(other)
+    assert other in gam.generation._FROZEN_STEPS
+    del other
+    gc.collect()
+    assert len([m for m in gam.generation._FROZEN_STEPS if m is not model]) == 0
 
 
 def test_cli_generate_compiled_prints_the_eager_text(tmp_path, capsys):
@@ -159,7 +212,7 @@ def test_cli_generate_compile_failure_is_one_line(tmp_path, capsys, monkeypatch)
     def no_compiler(*args, **kwargs):
         raise torch._dynamo.exc.BackendCompilerFailed(no_compiler, RuntimeError("no C++ compiler found"), None)
 
-    monkeypatch.setattr(gam.generation, "compiled_step", lambda: no_compiler)
+    monkeypatch.setattr(gam.generation, "compiled_step", lambda model: no_compiler)
     make_checkpoint(tmp_path)
     assert main(["generate", str(tmp_path), "--prompt", "the cat", "--max-new-tokens", "4", "--compile"]) == 2
     err = capsys.readouterr().err

@@ -355,6 +355,11 @@ def test_bench_decode_writes_table_json_and_plot(tmp_path, capsys):
         assert r["bytes_per_token"] > r["weight_bytes"] > 0
         assert r["floor_ms"] == pytest.approx(r["bytes_per_token"] / (gbs * 1e9) * 1e3)
         assert r["over_floor"] == pytest.approx(r["ms_per_token"] / r["floor_ms"])
+        # the cached floor: the same bytes streamed again and again from a buffer of their size
+        assert r["cached_gbs"] > 0.01
+        assert r["cached_floor_ms"] == pytest.approx(r["bytes_per_token"] / (r["cached_gbs"] * 1e9) * 1e3)
+        assert r["over_cached_floor"] == pytest.approx(r["ms_per_token"] / r["cached_floor_ms"])
+    assert "| x floor | x cached floor |" in table
     gam, transformer = ([r for r in data["results"] if r["model"] == m] for m in ("gam", "transformer"))
     assert gam[0]["bytes_per_token"] == gam[1]["bytes_per_token"]  # flat in the context
     # the Transformer reads its keys and values: 2 x layers x L x C x 4 bytes more at L = 24 than at 8

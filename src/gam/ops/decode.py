@@ -30,6 +30,15 @@ the compiled step 2.7x slower than eager on the Xeon (Inductor vectorized that l
 output rows, with 32 x 32 transposes and the bit-casts done element by element;
 results/decode-bf16-pairs-xeon): not kept (docs/generation-and-hf.md).
 
+On a CPU with AMX tiles (the Intel Xeon host) neither form is the fastest: the compiled
+step takes the weights as constants of its graph (Inductor's freezing) and the products stay
+matmuls, for which Inductor's tuning (``max_autotune``) picks its own C++ GEMM kernels on
+weights packed once: the paper GAM's bf16 step 2.6x faster than with the reduction (2.4 vs
+6.2 ms; 14.1 vs 23.3 ms at 24 layers, whose 149 MB are beyond the caches), fp32 about 6%
+(:func:`gam.generation.compiled_step`, docs/generation-and-hf.md). Where that is the step's
+form, :data:`TUNED_MATMULS` is True and :func:`linear` is the matmul under compile too.
+Without AMX (the AMD EPYC host) freezing gained nothing and the reduction stays.
+
 Ops take tensors, never modules (:func:`linear` is ``F.linear``'s signature).
 """
 
@@ -39,9 +48,22 @@ import torch
 import torch.nn.functional as F
 
 
+def _has_amx() -> bool:
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a PyTorch without the query
+        return False
+
+
+# The compiled CPU step freezes its weights and tunes its matmuls (gam.generation.compiled_step).
+TUNED_MATMULS = _has_amx()
+
+
 def _streamed(x: torch.Tensor) -> bool:
-    """True where the reduction form is the fast one: one row of input, being compiled."""
-    return torch.compiler.is_compiling() and x.numel() == x.shape[-1]
+    """True where the reduction form is the fast one: one row of input, being compiled, and not
+    on a CPU whose compiled step tunes its matmuls (:data:`TUNED_MATMULS`)."""
+    return (torch.compiler.is_compiling() and x.numel() == x.shape[-1]
+            and not (TUNED_MATMULS and x.device.type == "cpu"))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
