@@ -247,10 +247,10 @@ def compiled_step(model: nn.Module):
     ``model``. The first call for a model, batch size or dtype compiles (seconds to a minute
     on CPU); later calls reuse it.
 
-    On a CPU with AMX tiles (:data:`gam.ops.decode.TUNED_MATMULS`) the step freezes the
-    weights: they are constants of the graph, packed once for the GEMM kernels Inductor's
-    tuning picks, 2.6x faster in bf16 than the streamed products on the Intel Xeon host
-    (docs/generation-and-hf.md). The packed copy costs the weights' bytes again, and a frozen
+    For bf16 weights on a CPU with AMX tiles (:func:`gam.ops.decode.tuned_matmul`) the step
+    freezes the weights: they are constants of the graph, packed once for the GEMM kernels
+    Inductor's tuning picks, 2.0-2.7x faster than the streamed products on the Intel Xeon
+    host (docs/generation-and-hf.md). The packed copy costs the weights' bytes again, and a frozen
     graph would not see a weight that has changed: each model gets its own step, compiled
     anew whenever a weight has changed since (in place: an optimizer step, ``load_state_dict``;
     or replaced by another tensor in its module).
@@ -259,7 +259,7 @@ def compiled_step(model: nn.Module):
     with a weight becomes one streaming loop over it (:mod:`gam.ops.decode`), and the step's
     small ops fuse: what brings batch-1 decoding near the time to read the weights."""
     global _COMPILED_STEP
-    if decode.TUNED_MATMULS and model.head.weight.device.type == "cpu":
+    if decode.tuned_matmul(model.head.weight):
         frozen = _FROZEN_STEPS.get(model)
         if frozen is None or frozen.current_version() != frozen.version:
             frozen = _FROZEN_STEPS[model] = _FrozenStep(model)

@@ -30,14 +30,16 @@ the compiled step 2.7x slower than eager on the Xeon (Inductor vectorized that l
 output rows, with 32 x 32 transposes and the bit-casts done element by element;
 results/decode-bf16-pairs-xeon): not kept (docs/generation-and-hf.md).
 
-On a CPU with AMX tiles (the Intel Xeon host) neither form is the fastest: the compiled
-step takes the weights as constants of its graph (Inductor's freezing) and the products stay
-matmuls, for which Inductor's tuning (``max_autotune``) picks its own C++ GEMM kernels on
-weights packed once: the paper GAM's bf16 step 2.6x faster than with the reduction (2.4 vs
-6.2 ms; 14.1 vs 23.3 ms at 24 layers, whose 149 MB are beyond the caches), fp32 about 6%
-(:func:`gam.generation.compiled_step`, docs/generation-and-hf.md). Where that is the step's
-form, :data:`TUNED_MATMULS` is True and :func:`linear` is the matmul under compile too.
-Without AMX (the AMD EPYC host) freezing gained nothing and the reduction stays.
+For bf16 weights on a CPU with AMX tiles (the Intel Xeon host) neither form is the fastest:
+the compiled step takes the weights as constants of its graph (Inductor's freezing) and the
+products stay matmuls, for which Inductor's tuning (``max_autotune``) picks its own C++ GEMM
+kernels (AMX's) on weights packed once: the paper GAM's bf16 step 2.7x faster than with the
+reduction (2.5 vs 6.9 ms in the decode bench; 14.1 vs 23.3 ms at 24 layers, whose 149 MB are
+beyond the caches, ad hoc), the kv-slot GAM's 2.0x (:func:`gam.generation.compiled_step`,
+docs/generation-and-hf.md). fp32 weights gain nothing from AMX (the kv-slot GAM's fp32 step was
+1.12x slower so) and keep the reduction, as does every CPU without AMX (the AMD EPYC host, where
+freezing alone gained nothing). Where the tuned form is the step's, :func:`tuned_matmul` is
+True and :func:`linear` is the matmul under compile too.
 
 Ops take tensors, never modules (:func:`linear` is ``F.linear``'s signature).
 """
@@ -55,20 +57,24 @@ def _has_amx() -> bool:
         return False
 
 
-# The compiled CPU step freezes its weights and tunes its matmuls (gam.generation.compiled_step).
+# The CPU has AMX tiles: its compiled step for bf16 weights freezes them and tunes its matmuls.
 TUNED_MATMULS = _has_amx()
 
 
-def _streamed(x: torch.Tensor) -> bool:
-    """True where the reduction form is the fast one: one row of input, being compiled, and not
-    on a CPU whose compiled step tunes its matmuls (:data:`TUNED_MATMULS`)."""
-    return (torch.compiler.is_compiling() and x.numel() == x.shape[-1]
-            and not (TUNED_MATMULS and x.device.type == "cpu"))
+def tuned_matmul(weight: torch.Tensor) -> bool:
+    """True where a compiled step freezes ``weight`` and tunes its products: bf16 on an AMX CPU."""
+    return TUNED_MATMULS and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+
+
+def _streamed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True where the reduction form is the fast one: one row of input, being compiled, and a
+    weight that is not frozen with tuned matmuls (:func:`tuned_matmul`)."""
+    return torch.compiler.is_compiling() and x.numel() == x.shape[-1] and not tuned_matmul(weight)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: x (..., K) @ weight (N, K).T + bias (N)."""
-    if not _streamed(x):
+    if not _streamed(x, weight):
         return F.linear(x, weight, bias)
     y = (x.unsqueeze(-2) * weight).sum(-1)  # each output reads one contiguous row of the weight
     return y if bias is None else y + bias
