@@ -129,16 +129,17 @@ def test_compiled_generation_compiles_once_and_keeps_models_apart(streamed, one_
             assert torch.equal(m.generate(prompt, 20, temperature=0, compiled=True), want)
 
 
-@pytest.mark.parametrize("fields", [{}, {"memory": "kv_slots", "memory_heads": 2, "pos_embedding": "none"}],
-                         ids=["paper", "kv_slots"])
-def test_frozen_bf16_steps_match_eager_steps(fields, frozen, one_thread):
+@pytest.mark.parametrize("kind, fields", [("gam", {}),
+                                          ("gam", {"memory": "kv_slots", "memory_heads": 2, "pos_embedding": "none"}),
+                                          ("mamba", {})], ids=["paper", "kv_slots", "mamba"])
+def test_frozen_bf16_steps_match_eager_steps(kind, fields, frozen, one_thread):
     """bf16 weights frozen into the step, its products tuned matmuls: each step's logits are
     the eager bf16 step's to bf16 precision (the same tokens fed to both), batch 1 and a
     left-padded batch of 2; fp32 weights keep the streamed form (nothing frozen)."""
     import gam.generation
 
     torch.manual_seed(0)
-    model = build_model("gam", **{**TINY, **fields}).eval()
+    model = build_model(kind, **{**TINY, **fields}).eval()
     assert not decode.tuned_matmul(model.head.weight)  # fp32: streamed
     model = model.to(torch.bfloat16)
     assert decode.tuned_matmul(model.head.weight)
