@@ -249,7 +249,7 @@ def compiled_step(model: nn.Module):
 
     For bf16 weights on a CPU with AMX tiles (:func:`gam.ops.decode.tuned_matmul`) the step
     freezes the weights: they are constants of the graph, packed once for the GEMM kernels
-    Inductor's tuning picks, 2.0-2.7x faster than the streamed products on the Intel Xeon
+    Inductor's tuning picks, 2.1-2.5x faster than the streamed products on the Intel Xeon
     host (docs/generation-and-hf.md). The packed copy costs the weights' bytes again, and a frozen
     graph would not see a weight that has changed: each model gets its own step, compiled
     anew whenever a weight has changed since (in place: an optimizer step, ``load_state_dict``;

@@ -33,12 +33,13 @@ results/decode-bf16-pairs-xeon): not kept (docs/generation-and-hf.md).
 For bf16 weights on a CPU with AMX tiles (the Intel Xeon host) neither form is the fastest:
 the compiled step takes the weights as constants of its graph (Inductor's freezing) and the
 products stay matmuls, for which Inductor's tuning (``max_autotune``) picks its own C++ GEMM
-kernels (AMX's) on weights packed once: the paper GAM's bf16 step 2.7x faster than with the
-reduction (2.5 vs 6.9 ms in the decode bench; 14.1 vs 23.3 ms at 24 layers, whose 149 MB are
-beyond the caches, ad hoc), the kv-slot GAM's 2.0x (:func:`gam.generation.compiled_step`,
-docs/generation-and-hf.md). fp32 weights gain nothing from AMX (the kv-slot GAM's fp32 step was
-1.12x slower so) and keep the reduction, as does every CPU without AMX (the AMD EPYC host, where
-freezing alone gained nothing). Where the tuned form is the step's, :func:`tuned_matmul` is
+kernels (AMX's) on weights packed once: the paper GAM's bf16 step 2.3-2.5x faster than with
+the reduction (2.52-2.55 vs 5.83-6.37 ms, results/decode-frozen-bf16-xeon and -before; 14.1 vs
+23.3 ms at 24 layers, whose 149 MB are beyond the caches, ad hoc), the kv-slot GAM's 2.1x
+(:func:`gam.generation.compiled_step`, docs/generation-and-hf.md). fp32 weights gain nothing
+from AMX (the kv-slot GAM's fp32 step was slower so, 11.0 vs 9.8 ms in one pair of runs, not
+kept) and keep the reduction, as does every CPU without AMX (the AMD EPYC host, where freezing
+alone gained nothing). Where the tuned form is the step's, :func:`tuned_matmul` is
 True and :func:`linear` is the matmul under compile too.
 
 Ops take tensors, never modules (:func:`linear` is ``F.linear``'s signature).
