@@ -244,3 +244,4 @@ def test_cli_generate_compile_failure_is_one_line(tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert "torch.compile failed (RuntimeError: no C++ compiler found); run without --compile" in err
     assert "Traceback" not in err and err.strip().count("\n") == 0
+

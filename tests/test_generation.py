@@ -375,3 +375,19 @@ def test_bench_decode_bf16_rows_halve_the_bytes(tmp_path):
     assert set(rows) == {(m, p) for m in ("gam", "mamba", "kv_slots") for p in ("fp32", "bf16")}
     assert rows[("gam", "bf16")]["weight_bytes"] * 2 == rows[("gam", "fp32")]["weight_bytes"]
     assert rows[("gam", "bf16")]["floor_ms"] < rows[("gam", "fp32")]["floor_ms"]
+
+
+def test_cli_generate_interrupted_ends_the_text_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while tokens stream: the text so far ends its line, then one line "interrupted", exit 130."""
+    import gam.generation
+
+    def interrupted_stream(*args, **kwargs):
+        yield torch.tensor([3])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gam.generation, "stream", interrupted_stream)
+    make_checkpoint(tmp_path)
+    assert main(["generate", str(tmp_path), "--prompt", "the cat", "--max-new-tokens", "4"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out.startswith("the cat") and captured.out.endswith("\n")
+    assert captured.err == "gam generate: interrupted\n"

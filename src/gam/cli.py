@@ -166,6 +166,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         reason = str(err.inner_exception).strip().splitlines()[0][:200] if str(err.inner_exception).strip() else ""
         raise ValueError(f"--compile: torch.compile failed ({type(err.inner_exception).__name__}: {reason}); "
                          "run without --compile") from None
+    except KeyboardInterrupt:
+        print(flush=True)  # end the streamed text's line: "interrupted" goes on its own
+        raise
     print(streamer.finish())
 
 
