@@ -1,10 +1,11 @@
-"""Benchmark the kv-slot memory's chunked training form, forward and backward, over T.
+"""Benchmark the kv-slot memory's training forms, forward and backward, over T.
 
 The op alone (heads folded into the batch), with random q, k, v of (batch x heads, T, d),
 gates ``logsigmoid(z) / 8`` of (batch x heads, T, slots) and an initial state that needs a
-gradient (as the layer's memory bank), in two forms side by side in the same run:
+gradient (as the layer's memory bank), in forms side by side in the same run:
 ``kv_memory_chunked_autograd`` (the chunk form differentiated by autograd, every
-intermediate kept) and ``kv_memory_chunked`` (its hand-written backward). For each T, the
+intermediate kept), ``kv_memory_chunked`` (its hand-written backward) and ``fused`` (the
+C kernel of the recurrence, ``kv_memory_fused``: slots a multiple of 16). For each T, the
 median forward time and backward time of each (one warm-up excluded; the forms take turns
 each repeat, so that a change of load reaches both), the time per token, which should stay
 flat in T, the memory each keeps for its backward (distinct storages of the saved tensors,
@@ -26,6 +27,7 @@ Usage::
     python benchmarks/bench_kv_memory.py                                   # 8 x T x 64, 64 slots
     python benchmarks/bench_kv_memory.py --batch-heads 256 --dim 16 --slots 64 --lengths 256
     python benchmarks/bench_kv_memory.py --forms baseline,hand-written --baseline old.py --dtype bf16
+    python benchmarks/bench_kv_memory.py --forms hand-written,fused --dtype bf16 --threads 2
 """
 
 from __future__ import annotations
@@ -44,9 +46,16 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from gam.bench.speed import tune_cpu_allocator  # noqa: E402
-from gam.ops.kv_memory import kv_memory_chunked, kv_memory_chunked_autograd, kv_memory_recurrent  # noqa: E402
+from gam.ops import native  # noqa: E402
+from gam.ops.kv_memory import (  # noqa: E402
+    fused_applies,
+    kv_memory_chunked,
+    kv_memory_chunked_autograd,
+    kv_memory_fused,
+    kv_memory_recurrent,
+)
 
-FORMS = {"autograd": kv_memory_chunked_autograd, "hand-written": kv_memory_chunked}
+FORMS = {"autograd": kv_memory_chunked_autograd, "hand-written": kv_memory_chunked, "fused": kv_memory_fused}
 
 
 def load_baseline(path: str):
@@ -150,11 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--forms must be comma-separated names of {', '.join(FORMS)}, got {args.forms!r}")
     if min(lengths) < 1 or min(args.batch_heads, args.dim, args.slots, args.repeats, args.threads) < 1:
         p.error("lengths, --batch-heads, --dim, --slots, --repeats and --threads must be >= 1")
+    if "fused" in forms and not fused_applies(torch.zeros(()), args.slots):
+        reason = native.unavailable_reason("kv_memory_cpu") or f"--slots {args.slots} is not one of 16, 32, ..., 128"
+        p.error(f"form 'fused' cannot run: {reason}")
     torch.set_num_threads(args.threads)
     malloc = "default malloc" if args.no_tune_malloc else f"malloc tuned: {tune_cpu_allocator()}"
     check = (min(args.batch_heads, 4), min(min(lengths), 40), args.dim, args.slots)
     errors = ", ".join(f"{name} {max_error_vs_recurrence(FORMS[name], *check):.1e}" for name in forms)
-    print(f"kv-slot memory, chunked form: batch x heads {args.batch_heads}, d {args.dim}, {args.slots} slots, "
+    print(f"kv-slot memory, training forms: batch x heads {args.batch_heads}, d {args.dim}, {args.slots} slots, "
           f"{args.threads} thread(s), {args.dtype}, {malloc}; median of {args.repeats} after 1 warm-up")
     print(f"max relative error vs the recurrence (outputs and gradients, T <= 40, fp32): {errors}")
     print("| T | form | forward ms | backward ms | µs per token (fwd + bwd) | kept for backward MiB "

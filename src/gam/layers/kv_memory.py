@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from gam.ops import decode
 from gam.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
-from gam.ops.kv_memory import kv_memory_chunked, kv_memory_final_state, kv_memory_recurrent, kv_memory_step
+from gam.ops.kv_memory import kv_memory, kv_memory_final_state, kv_memory_recurrent, kv_memory_step
 
 RETENTION_TOKENS = (4.0, 256.0)  # initial retention times of each head's slots, shortest and longest (the default)
 
@@ -158,7 +158,7 @@ class KVSlotMemory(nn.Module):
         if reference:
             reads, _ = kv_memory_recurrent(q, k, v, log_alpha, state)
         else:
-            reads, _ = kv_memory_chunked(q, k, v, log_alpha, state, self.chunk_size)
+            reads, _ = kv_memory(q, k, v, log_alpha, state, self.chunk_size)
         return self._output(reads, h)
 
     def final_state(self, h: torch.Tensor, key_source: torch.Tensor, memory_bank: torch.Tensor,

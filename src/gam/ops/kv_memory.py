@@ -43,12 +43,19 @@ a quarter in the exponent). Forms of the same function:
   transcendental passes, and recomputes the cheap rest.
 - :func:`kv_memory_chunked_autograd`: the same chunk form in plain PyTorch,
   differentiated by autograd: the reference for the hand-written backward.
+- :func:`kv_memory_fused`: the recurrence itself, token by token, as one C kernel
+  for CPUs (``csrc/kv_memory_cpu.c``, built on first use by :mod:`gam.ops.native`),
+  forward and backward (:class:`KVMemoryFused`): the state stays in the cache,
+  where the chunked form makes a few dozen passes over (T, S) tensors in memory.
+- :func:`kv_memory`: the training form a call should take: the fused kernel on a
+  CPU where it builds, else the chunked form.
 - :func:`kv_memory_step`: one decoding step on the state;
   :func:`kv_memory_final_state`: the state after a prompt, without the reads.
 """
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 from typing import NamedTuple
 
@@ -56,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from gam.ops import native
 from gam.ops.memory_read import compute_dtype
 
 State = tuple[torch.Tensor, torch.Tensor]
@@ -497,3 +505,154 @@ def kv_memory_final_state(k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Ten
     K, V = state
     weights, a = weights.to(k.dtype).transpose(1, 2), total.to(k.dtype).transpose(1, 2)  # (B, S, T), (B, S, 1)
     return a * K + weights @ k, a * V + weights @ v
+
+
+# ----------------------------------------------------------------------------- the fused CPU kernel
+
+class _Strides(ctypes.Structure):
+    """Element strides of a (rows, T, d) operand whose row r is (batch r // heads, head r % heads)."""
+
+    _fields_ = [("sb", ctypes.c_int64), ("sh", ctypes.c_int64), ("st", ctypes.c_int64)]
+
+
+_I64, _INT, _PTR, _FLOAT = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+_SIZES = [_I64] * 6 + [_INT]  # rows, heads, T, d, S, span, bf16
+_FORWARD_ARGS = _SIZES + [_PTR, _Strides] * 3 + [_PTR, _FLOAT] + [_PTR] * 2 + [_PTR, _Strides] + [_PTR] * 4 + [_INT]
+_BACKWARD_ARGS = (_SIZES + [_PTR, _Strides] * 3 + [_PTR, _FLOAT] + [_PTR] * 2 + [_PTR, _Strides]
+                  + [_PTR] * 2 + [_PTR, _Strides] * 3 + [_PTR] * 3 + [_INT])
+
+
+def fused_kernel() -> ctypes.CDLL | None:
+    """The fused kernel's library, or None where it cannot be built
+    (:func:`gam.ops.native.unavailable_reason` says why)."""
+    lib = native.library("kv_memory_cpu")
+    if lib is not None and lib.kv_memory_forward.argtypes is None:
+        lib.kv_memory_forward.argtypes, lib.kv_memory_forward.restype = _FORWARD_ARGS, ctypes.c_int
+        lib.kv_memory_backward.argtypes, lib.kv_memory_backward.restype = _BACKWARD_ARGS, ctypes.c_int
+    return lib
+
+
+FUSED_SLOTS = range(16, 129, 16)  # the kernel holds a token's slots in vectors of 16, at most 8 of them
+
+
+def fused_applies(q: torch.Tensor, slots: int) -> bool:
+    """Whether :func:`kv_memory` takes the fused kernel for inputs like ``q`` and ``slots`` slots per
+    head: a CPU tensor in fp32 or bf16 (compute dtype), slots in :data:`FUSED_SLOTS`, not while
+    ``torch.compile`` traces, and the kernel built."""
+    return (q.device.type == "cpu" and compute_dtype(q) in (torch.float32, torch.bfloat16) and slots in FUSED_SLOTS
+            and not torch.compiler.is_compiling() and fused_kernel() is not None)
+
+
+FUSED_SPAN = 32
+
+
+def fused_span(T: int) -> int:
+    """Tokens between the forward's checkpoints of the state, which the backward recomputes a
+    span at a time: :data:`FUSED_SPAN` (16 and 64 were 1.1-1.4x slower in the forward at
+    both benchmark shapes, Xeon host), or T if shorter."""
+    return max(1, min(FUSED_SPAN, T))
+
+
+def _operand(x: torch.Tensor) -> tuple[int, _Strides, int]:
+    """(heads, strides, data pointer) of a (rows, T, d) or (B, H, T, d) operand, unit feature stride."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.dim() == 3:
+        return 1, _Strides(x.stride(0), 0, x.stride(1)), x.data_ptr()
+    return x.shape[1], _Strides(x.stride(0), x.stride(1), x.stride(2)), x.data_ptr()
+
+
+def _transposed_slots(state: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, S, 2d) -> the key and the value slots as the kernel holds them, (rows, d, S) fp32."""
+    return tuple(half.transpose(1, 2).float().contiguous() for half in (state[..., :d], state[..., d:]))
+
+
+class KVMemoryFused(torch.autograd.Function):
+    """:func:`kv_memory_recurrent` as one C kernel per pass: q, k, v (rows, T, d), or
+    (B, H, T, d) views of any strides with unit feature stride (rows = B H, head-major),
+    fp32 or bf16 alike; ``log_alpha`` (rows, T, S); the initial state (rows, S, 2d: key
+    and value slots side by side). Returns the reads (rows, T, d, in q's dtype) and the
+    final state (in the initial state's dtype). fp32 arithmetic throughout.
+
+    Keeps the inputs (the gates in fp32), the softmax of every token (rows, T, S) and the
+    state every :func:`fused_span` tokens (fp32); the kernel computes the bounded gates'
+    ``alpha`` and ``1 - alpha`` from ``log_alpha`` as it goes. The backward
+    recomputes each span's states from its checkpoint and runs the recurrence in reverse,
+    with ``g`` the carried gradient of a state: through the read ``o = V_t^T p``,
+    ``dp = V_t do``, ``dV_t += p do^T``, ``dz = p (dp - p . dp)``, ``dq = K_t^T dz``,
+    ``dK_t += dz q^T``; through the write ``K_t = alpha K_{t-1} + (1 - alpha) k^T``,
+    ``dk = dK_t^T (1 - alpha)``, ``d log alpha = alpha (dK_t . (K_{t-1} - k) + dV_t . (V_{t-1} - v))``
+    per slot, ``dK_{t-1} = alpha dK_t`` (and the same for V)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_alpha, initial):
+        lib = fused_kernel()
+        T, d = q.shape[-2:]
+        rows, S = log_alpha.shape[0], log_alpha.shape[-1]
+        if lib is None:
+            raise RuntimeError(f"the fused kv-memory kernel is unavailable: {native.unavailable_reason('kv_memory_cpu')}")
+        if S not in FUSED_SLOTS:
+            raise ValueError(f"the fused kv-memory kernel takes 16, 32, ..., 128 slots per head, got {S}")
+        span = fused_span(T)
+        raw = log_alpha.float().contiguous()
+        K0, V0 = _transposed_slots(initial, d)
+        p = q.new_empty(rows, T, S, dtype=torch.float32)
+        checkpoints = q.new_empty(rows, -(-T // span), 2, d, S, dtype=torch.float32)
+        K_final, V_final = torch.empty_like(K0), torch.empty_like(V0)
+        out = q.new_empty(q.shape[:-2] + (T, d)) if q.dim() == 4 else q.new_empty(rows, T, d)
+        heads, sq, pq = _operand(q)
+        _, sk, pk = _operand(k)
+        _, sv, pv = _operand(v)
+        _, so, po = _operand(out)
+        assert 0 == lib.kv_memory_forward(rows, heads, T, d, S, span, int(q.dtype == torch.bfloat16), pq, sq, pk, sk, pv, sv,
+                              raw.data_ptr(), LOG_ALPHA_MIN, K0.data_ptr(), V0.data_ptr(), po, so,
+                              p.data_ptr(), checkpoints.data_ptr(), K_final.data_ptr(), V_final.data_ptr(),
+                              torch.get_num_threads())
+        ctx.save_for_backward(q, k, v, raw, p, checkpoints)
+        ctx.span, ctx.initial_dtype, ctx.gate_dtype = span, initial.dtype, log_alpha.dtype
+        final = torch.cat([K_final.transpose(1, 2), V_final.transpose(1, 2)], dim=-1)
+        return out, final.to(initial.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_final):
+        q, k, v, raw, p, checkpoints = ctx.saved_tensors
+        lib = fused_kernel()
+        T, d = q.shape[-2:]
+        rows, S = raw.shape[0], raw.shape[-1]
+        d_out = d_out.to(q.dtype)
+        dK_final, dV_final = _transposed_slots(d_final, d)
+        dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+        d_log_alpha = torch.empty_like(raw)
+        dK0, dV0 = torch.empty_like(dK_final), torch.empty_like(dV_final)
+        heads, sq, pq = _operand(q)
+        operands = [_operand(x)[1:] for x in (k, v, d_out, dq, dk, dv)]
+        (sk, pk), (sv, pv), (sdo, pdo), (sdq, pdq), (sdk, pdk), (sdv, pdv) = operands
+        assert 0 == lib.kv_memory_backward(rows, heads, T, d, S, ctx.span, int(q.dtype == torch.bfloat16), pq, sq, pk, sk,
+                               pv, sv, raw.data_ptr(), LOG_ALPHA_MIN,
+                               p.data_ptr(), checkpoints.data_ptr(), pdo, sdo, dK_final.data_ptr(),
+                               dV_final.data_ptr(), pdq, sdq, pdk, sdk, pdv, sdv, d_log_alpha.data_ptr(),
+                               dK0.data_ptr(), dV0.data_ptr(), torch.get_num_threads())
+        d_initial = torch.cat([dK0.transpose(1, 2), dV0.transpose(1, 2)], dim=-1)
+        return dq, dk, dv, d_log_alpha.to(ctx.gate_dtype), d_initial.to(ctx.initial_dtype)
+
+
+def kv_memory_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
+                    state: State) -> tuple[torch.Tensor, State]:
+    """:func:`kv_memory_recurrent` (same arguments and results) as the fused CPU kernel
+    (:class:`KVMemoryFused`; :func:`fused_applies` says where it runs). Under autocast,
+    q, k and v are cast to the autocast dtype; the arithmetic is fp32."""
+    dtype, d = compute_dtype(q), q.shape[-1]
+    with torch.autocast(q.device.type, enabled=False):
+        out, final = KVMemoryFused.apply(q.to(dtype), k.to(dtype), v.to(dtype), log_alpha, torch.cat(state, dim=-1))
+    return out, (final[..., :d], final[..., d:])
+
+
+def kv_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
+              state: State, chunk_size: int | None = None) -> tuple[torch.Tensor, State]:
+    """The kv-slot memory's training form for these inputs: :func:`kv_memory_fused` where
+    :func:`fused_applies`, else :func:`kv_memory_chunked` (GPUs, fp16, ``torch.compile``,
+    no C compiler). Same arguments and results as :func:`kv_memory_recurrent`."""
+    if fused_applies(q, log_alpha.shape[-1]):
+        return kv_memory_fused(q, k, v, log_alpha, state)
+    return kv_memory_chunked(q, k, v, log_alpha, state, chunk_size)

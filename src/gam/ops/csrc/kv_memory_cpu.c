@@ -1,0 +1,447 @@
+/* The kv-slot memory's recurrence, fused, for CPUs: forward and backward.
+ *
+ * Per row (a batch row and head), token by token, with the slots held in fp32
+ * and transposed, (d, S): every inner loop runs over the S slots in vectors of
+ * 16 (S a multiple of 16, at most 128), whatever the head width d, and the
+ * per-slot quantities of a token (gates, scores, their gradients) stay in
+ * registers: the kernels are written for a compile-time number of blocks NB and
+ * instantiated for each. At token t, with the bounded gate
+ * g_t = clamp(log alpha_t, log_alpha_min, 0), alpha_t = exp(g_t) and
+ * w_t = 1 - alpha_t (per slot, computed here from log alpha):
+ *
+ *     K_t = alpha_t K_{t-1} + w_t k_t^T,   V_t likewise      (the write)
+ *     p_t = softmax(K_t q_t),   o_t = V_t^T p_t                 (the read)
+ *
+ * The state never leaves the cache (d x S x 4 bytes per matrix: 6 KiB at d = 24,
+ * 32 KiB at d = 128), where the chunked PyTorch form makes a few dozen passes
+ * over (T, S) tensors in memory. The forward keeps the state every `span`
+ * tokens and the softmax p_t; the backward recomputes each span's states from
+ * its checkpoint into a buffer and runs the recurrence in reverse, carrying the
+ * gradient of the state (gam/ops/kv_memory.py, KVMemoryFused, has the maths).
+ *
+ * q, k, v, the reads and their gradients are fp32 or bf16 (`bf16` flag), with
+ * strides: element (r, t, j) of a tensor with strides (sb, sh, st) and `heads`
+ * H sits at (r / H) sb + (r % H) sh + t st + j. Everything else is fp32 and
+ * contiguous. Rows run in parallel (OpenMP); the arithmetic is fp32 throughout.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    int64_t sb, sh, st;
+} Strides;
+
+static inline int64_t offset(const Strides *s, int64_t heads, int64_t r, int64_t t) {
+    return (r / heads) * s->sb + (r % heads) * s->sh + t * s->st;
+}
+
+static inline float bf16_to_float(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static void load(const void *base, int bf16, int64_t at, int64_t n, float *out) {
+    if (bf16) {
+        const uint16_t *x = (const uint16_t *)base + at;
+        for (int64_t j = 0; j < n; j++) out[j] = bf16_to_float(x[j]);
+    } else {
+        memcpy(out, (const float *)base + at, n * sizeof(float));
+    }
+}
+
+static void store(void *base, int bf16, int64_t at, int64_t n, const float *x) {
+    if (bf16) {
+        uint16_t *out = (uint16_t *)base + at;
+        for (int64_t j = 0; j < n; j++) out[j] = float_to_bf16(x[j]);
+    } else {
+        memcpy((float *)base + at, x, n * sizeof(float));
+    }
+}
+
+typedef float v16 __attribute__((vector_size(64), aligned(4))); /* 16 lanes; unaligned loads allowed */
+#define LOAD(p) (*(const v16 *)(p))
+#define STORE(p, x) (*(v16 *)(p) = (x))
+#define MAX_BLOCKS 8
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+/* The sum of the lanes as a tree (a loop over lanes is a chain of 15 dependent adds) */
+static inline float hsum(v16 x) {
+    v8 h = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4 f = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return (f[0] + f[2]) + (f[1] + f[3]);
+}
+
+typedef int32_t i16 __attribute__((vector_size(64)));
+
+/* Lane-wise mask ? a : b, for masks from vector comparisons (C has no vector ?:) */
+static inline v16 select(i16 mask, v16 a, v16 b) { return (v16)((mask & (i16)a) | (~mask & (i16)b)); }
+static inline v16 vmax(v16 a, v16 b) { return select(a > b, a, b); }
+
+static inline float hmax(v16 x) {
+    v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7), b = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+    typedef int32_t i8 __attribute__((vector_size(32)));
+    i8 m = a > b;
+    a = (v8)((m & (i8)a) | (~m & (i8)b));
+    const float x0 = a[0] > a[4] ? a[0] : a[4], x1 = a[1] > a[5] ? a[1] : a[5];
+    const float x2 = a[2] > a[6] ? a[2] : a[6], x3 = a[3] > a[7] ? a[3] : a[7];
+    const float y0 = x0 > x2 ? x0 : x2, y1 = x1 > x3 ? x1 : x3;
+    return y0 > y1 ? y0 : y1;
+}
+
+/* exp(x) for x <= 0, to about 2 ulp: 2^n e^r with n = round(x / ln 2), |r| <= ln2 / 2, a
+   degree-7 polynomial for e^r; on whole vectors (libm's expf is a call per element) */
+static inline v16 exp_nonpositive(v16 x) {
+    const v16 zero = x * 0.0f;
+    x = vmax(x, zero - 87.0f);
+    const v16 shifter = zero + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const v16 n = (x * 1.44269504088896341f + shifter) - shifter;
+    const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f; /* ln 2 in two parts */
+    const v16 p = 1.0f + r * (1.0f + r * (0.5f + r * (1.66666672e-1f + r * (4.16666679e-2f
+                  + r * (8.33333377e-3f + r * (1.38888892e-3f + r * 1.98412701e-4f))))));
+    return p * (v16)((__builtin_convertvector(n, i16) + 127) << 23);
+}
+
+/* The bounded gate of 16 slots: alpha = exp(g) and w = 1 - alpha, g = clamp(log alpha, lowest, 0);
+   w from a series where |g| < 1/2 (1 - exp(g) would lose its leading digits as g -> 0) */
+static inline void gates(v16 log_alpha, float lowest, v16 *alpha, v16 *w) {
+    const v16 zero = log_alpha * 0.0f;
+    const v16 g = vmax(select(log_alpha > zero, zero, log_alpha), zero + lowest);
+    *alpha = exp_nonpositive(g);
+    const v16 series = -g * (1.0f + g * (1.0f / 2 + g * (1.0f / 6 + g * (1.0f / 24 + g * (1.0f / 120 + g * (1.0f / 720
+                       + g * (1.0f / 5040 + g * (1.0f / 40320))))))));
+    *w = select(g > zero - 0.5f, series, 1.0f - *alpha);
+}
+
+/* p = softmax(z) over NB blocks, in place */
+static inline __attribute__((always_inline)) void softmax(const int NB, v16 *z) {
+    v16 m = z[0];
+    for (int b = 1; b < NB; b++) m = vmax(m, z[b]);
+    const float top = hmax(m);
+    v16 sum = z[0] * 0.0f;
+    for (int b = 0; b < NB; b++) {
+        z[b] = exp_nonpositive(z[b] - top);
+        sum += z[b];
+    }
+    const float inv = 1.0f / hsum(sum);
+    for (int b = 0; b < NB; b++) z[b] *= inv;
+}
+
+/* Per span of tokens, the state is swept in groups of `rows_per_group` rows j (a slice of the
+   (d, S) matrix, contiguous): a group's slice stays in the L1 cache while the span's tokens pass
+   over it, and the per-token sums over j (the scores, their gradients) are accumulated group by
+   group in small per-span buffers. The span's gates, inputs and those buffers are fp32 arrays of
+   (n, S) or (n, d) in a per-thread workspace. */
+typedef struct {
+    float *a, *w, *z, *dalpha; /* (span, S) */
+    float *q, *k, *v, *o;      /* (span, d): inputs, and the reads or the read's gradient */
+    float *dq, *dk, *dv;       /* (span, d) */
+    float *states;             /* (span, rows_per_group, S): a group's states after each token */
+    float *K, *V;              /* (d, S): the state, or its gradient */
+} Workspace;
+
+static Workspace workspace(float *buf, int64_t span, int64_t d, int64_t S, int64_t rows_per_group) {
+    Workspace ws;
+    ws.a = buf; ws.w = ws.a + span * S; ws.z = ws.w + span * S; ws.dalpha = ws.z + span * S;
+    ws.q = ws.dalpha + span * S; ws.k = ws.q + span * d; ws.v = ws.k + span * d; ws.o = ws.v + span * d;
+    ws.dq = ws.o + span * d; ws.dk = ws.dq + span * d; ws.dv = ws.dk + span * d;
+    ws.states = ws.dv + span * d; ws.K = ws.states + span * rows_per_group * S; ws.V = ws.K + d * S;
+    return ws;
+}
+
+static int64_t workspace_floats(int64_t span, int64_t d, int64_t S, int64_t rows_per_group) {
+    return 4 * span * S + 7 * span * d + span * rows_per_group * S + 2 * d * S + 16;
+}
+
+/* The span's gates, and its inputs (q, k, v: any of them NULL to skip) as fp32 rows. */
+static inline __attribute__((always_inline)) void load_span(
+        const int NB, const Workspace *ws, int64_t r, int64_t t0, int64_t n, int64_t heads, int64_t T, int64_t d,
+        int bf16, const float *log_alpha, float log_alpha_min, const void *q, const Strides *sq, const void *k,
+        const Strides *sk, const void *v, const Strides *sv) {
+    const int64_t S = NB * 16;
+    for (int64_t i = 0; i < n; i++) {
+        for (int b = 0; b < NB; b++) {
+            v16 a, w;
+            gates(LOAD(log_alpha + (r * T + t0 + i) * S + b * 16), log_alpha_min, &a, &w);
+            STORE(ws->a + i * S + b * 16, a);
+            STORE(ws->w + i * S + b * 16, w);
+        }
+        if (q) load(q, bf16, offset(sq, heads, r, t0 + i), d, ws->q + i * d);
+        if (k) load(k, bf16, offset(sk, heads, r, t0 + i), d, ws->k + i * d);
+        if (v) load(v, bf16, offset(sv, heads, r, t0 + i), d, ws->v + i * d);
+    }
+}
+
+/* The states of rows j0 .. j1 - 1 after each of the span's n tokens, from M (d, S) at its start,
+   written with x (n, d): into ws->states (n, j1 - j0, S) */
+static inline __attribute__((always_inline)) void group_states(const int NB, const Workspace *ws, const float *M,
+                                                               int64_t j0, int64_t j1, int64_t n, int64_t d,
+                                                               const float *x) {
+    const int64_t S = NB * 16, rows = j1 - j0;
+    for (int64_t i = 0; i < n; i++) {
+        const float *prev = i == 0 ? M + j0 * S : ws->states + (i - 1) * rows * S;
+        float *next = ws->states + i * rows * S;
+        const float *a = ws->a + i * S, *w = ws->w + i * S, *xi = x + i * d + j0;
+        for (int64_t j = 0; j < rows; j++)
+            for (int b = 0; b < NB; b++) {
+                const int64_t at = j * S + b * 16;
+                STORE(next + at, LOAD(a + b * 16) * LOAD(prev + at) + LOAD(w + b * 16) * xi[j]);
+            }
+    }
+}
+
+static inline __attribute__((always_inline)) void forward_row(
+        const int NB, int64_t r, int64_t heads, int64_t T, int64_t d, int64_t span, int64_t rows_per_group,
+        int bf16, const void *q, const Strides *sq, const void *k, const Strides *sk, const void *v,
+        const Strides *sv, const float *log_alpha, float log_alpha_min, const float *K0, const float *V0,
+        void *out, const Strides *so, float *p_kept, float *checkpoints, float *K_final, float *V_final,
+        const Workspace *ws) {
+    const int64_t S = NB * 16, dS = d * S, spans = (T + span - 1) / span;
+    float *K = ws->K, *V = ws->V;
+    memcpy(K, K0 + r * dS, sizeof(float) * dS);
+    memcpy(V, V0 + r * dS, sizeof(float) * dS);
+    for (int64_t c = 0; c < spans; c++) {
+        const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
+        float *checkpoint = checkpoints + (r * spans + c) * 2 * dS;
+        memcpy(checkpoint, K, sizeof(float) * dS);
+        memcpy(checkpoint + dS, V, sizeof(float) * dS);
+        load_span(NB, ws, r, t0, n, heads, T, d, bf16, log_alpha, log_alpha_min, q, sq, k, sk, v, sv);
+        memset(ws->z, 0, sizeof(float) * n * S);
+        for (int64_t j0 = 0; j0 < d; j0 += rows_per_group) { /* the key writes and the scores K_t q_t */
+            const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d;
+            for (int64_t i = 0; i < n; i++) {
+                v16 a[MAX_BLOCKS], w[MAX_BLOCKS], z[MAX_BLOCKS];
+                for (int b = 0; b < NB; b++) {
+                    a[b] = LOAD(ws->a + i * S + b * 16);
+                    w[b] = LOAD(ws->w + i * S + b * 16);
+                    z[b] = LOAD(ws->z + i * S + b * 16);
+                }
+                const float *qi = ws->q + i * d, *ki = ws->k + i * d;
+                for (int64_t j = j0; j < j1; j++)
+                    for (int b = 0; b < NB; b++) {
+                        float *row = K + j * S + b * 16;
+                        const v16 x = a[b] * LOAD(row) + w[b] * ki[j];
+                        STORE(row, x);
+                        z[b] += x * qi[j];
+                    }
+                for (int b = 0; b < NB; b++) STORE(ws->z + i * S + b * 16, z[b]);
+            }
+        }
+        for (int64_t i = 0; i < n; i++) {
+            v16 z[MAX_BLOCKS];
+            for (int b = 0; b < NB; b++) z[b] = LOAD(ws->z + i * S + b * 16);
+            softmax(NB, z);
+            for (int b = 0; b < NB; b++) {
+                STORE(ws->z + i * S + b * 16, z[b]);
+                STORE(p_kept + (r * T + t0 + i) * S + b * 16, z[b]);
+            }
+        }
+        for (int64_t j0 = 0; j0 < d; j0 += rows_per_group) { /* the value writes and the reads */
+            const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d;
+            for (int64_t i = 0; i < n; i++) {
+                v16 a[MAX_BLOCKS], w[MAX_BLOCKS], p[MAX_BLOCKS];
+                for (int b = 0; b < NB; b++) {
+                    a[b] = LOAD(ws->a + i * S + b * 16);
+                    w[b] = LOAD(ws->w + i * S + b * 16);
+                    p[b] = LOAD(ws->z + i * S + b * 16);
+                }
+                const float *vi = ws->v + i * d;
+                for (int64_t j = j0; j < j1; j++) {
+                    v16 acc = a[0] * 0.0f;
+                    for (int b = 0; b < NB; b++) {
+                        float *row = V + j * S + b * 16;
+                        const v16 x = a[b] * LOAD(row) + w[b] * vi[j];
+                        STORE(row, x);
+                        acc += x * p[b];
+                    }
+                    ws->o[i * d + j] = hsum(acc);
+                }
+            }
+        }
+        for (int64_t i = 0; i < n; i++) store(out, bf16, offset(so, heads, r, t0 + i), d, ws->o + i * d);
+    }
+    memcpy(K_final + r * dS, K, sizeof(float) * dS);
+    memcpy(V_final + r * dS, V, sizeof(float) * dS);
+}
+
+/* Through a write M_t = alpha M_{t-1} + w x^T with the gradient dM of M_t carried in, at one token
+   and row j of the group: g = dM_t (plus what the read adds), dx_j = g . w,
+   d log alpha += g . (M_t - x_j) (= alpha g . (M_{t-1} - x_j), as w = 1 - alpha: no M_{t-1}
+   needed), and dM_{t-1} = alpha g. */
+static inline __attribute__((always_inline)) void backward_row(
+        const int NB, int64_t r, int64_t heads, int64_t T, int64_t d, int64_t span, int64_t rows_per_group,
+        int bf16, const void *q, const Strides *sq, const void *k, const Strides *sk, const void *v,
+        const Strides *sv, const float *log_alpha, float log_alpha_min, const float *p_kept,
+        const float *checkpoints, const void *d_out, const Strides *sdo, const float *dK_final,
+        const float *dV_final, void *dq, const Strides *sdq, void *dk, const Strides *sdk, void *dv,
+        const Strides *sdv, float *d_log_alpha, float *dK0, float *dV0, const Workspace *ws) {
+    const int64_t S = NB * 16, dS = d * S, spans = (T + span - 1) / span;
+    float *dK = ws->K, *dV = ws->V;
+    memcpy(dK, dK_final + r * dS, sizeof(float) * dS);
+    memcpy(dV, dV_final + r * dS, sizeof(float) * dS);
+    for (int64_t c = spans - 1; c >= 0; c--) {
+        const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
+        const float *checkpoint = checkpoints + (r * spans + c) * 2 * dS;
+        load_span(NB, ws, r, t0, n, heads, T, d, bf16, log_alpha, log_alpha_min, q, sq, k, sk, v, sv);
+        for (int64_t i = 0; i < n; i++) load(d_out, bf16, offset(sdo, heads, r, t0 + i), d, ws->o + i * d);
+        float *dp = ws->z; /* (n, S): the read's gradient of p, then of the scores */
+        memset(dp, 0, sizeof(float) * n * S);
+        memset(ws->dalpha, 0, sizeof(float) * n * S);
+        /* o = V_t^T p: dp = V_t do, dV_t += p do^T; then through the value write */
+        for (int64_t j0 = 0; j0 < d; j0 += rows_per_group) {
+            const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d, rows = j1 - j0;
+            group_states(NB, ws, checkpoint + dS, j0, j1, n, d, ws->v);
+            for (int64_t i = n - 1; i >= 0; i--) {
+                const float *Vt = ws->states + i * rows * S, *p = p_kept + (r * T + t0 + i) * S;
+                const float *doi = ws->o + i * d, *vi = ws->v + i * d;
+                v16 a[MAX_BLOCKS], w[MAX_BLOCKS], pb[MAX_BLOCKS], dpb[MAX_BLOCKS], da[MAX_BLOCKS];
+                for (int b = 0; b < NB; b++) {
+                    a[b] = LOAD(ws->a + i * S + b * 16);
+                    w[b] = LOAD(ws->w + i * S + b * 16);
+                    pb[b] = LOAD(p + b * 16);
+                    dpb[b] = LOAD(dp + i * S + b * 16);
+                    da[b] = LOAD(ws->dalpha + i * S + b * 16);
+                }
+                for (int64_t j = j0; j < j1; j++) {
+                    const float doj = doi[j], vj = vi[j];
+                    v16 acc = a[0] * 0.0f;
+                    for (int b = 0; b < NB; b++) {
+                        const v16 Vjb = LOAD(Vt + (j - j0) * S + b * 16);
+                        float *grad = dV + j * S + b * 16;
+                        dpb[b] += Vjb * doj;
+                        const v16 g = LOAD(grad) + pb[b] * doj;
+                        acc += w[b] * g;
+                        da[b] += g * (Vjb - vj);
+                        STORE(grad, a[b] * g);
+                    }
+                    ws->dv[i * d + j] = hsum(acc);
+                }
+                for (int b = 0; b < NB; b++) {
+                    STORE(dp + i * S + b * 16, dpb[b]);
+                    STORE(ws->dalpha + i * S + b * 16, da[b]);
+                }
+            }
+        }
+        for (int64_t i = 0; i < n; i++) { /* the softmax's backward: dz = p (dp - p . dp), into dp */
+            const float *p = p_kept + (r * T + t0 + i) * S;
+            v16 lanes = LOAD(p) * 0.0f;
+            for (int b = 0; b < NB; b++) lanes += LOAD(p + b * 16) * LOAD(dp + i * S + b * 16);
+            const float pdp = hsum(lanes);
+            for (int b = 0; b < NB; b++)
+                STORE(dp + i * S + b * 16, LOAD(p + b * 16) * (LOAD(dp + i * S + b * 16) - pdp));
+        }
+        /* z = K_t q: dq = K_t^T dz, dK_t += dz q^T; then through the key write */
+        for (int64_t j0 = 0; j0 < d; j0 += rows_per_group) {
+            const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d, rows = j1 - j0;
+            group_states(NB, ws, checkpoint, j0, j1, n, d, ws->k);
+            for (int64_t i = n - 1; i >= 0; i--) {
+                const float *Kt = ws->states + i * rows * S, *qi = ws->q + i * d, *ki = ws->k + i * d;
+                v16 a[MAX_BLOCKS], w[MAX_BLOCKS], dz[MAX_BLOCKS], da[MAX_BLOCKS];
+                for (int b = 0; b < NB; b++) {
+                    a[b] = LOAD(ws->a + i * S + b * 16);
+                    w[b] = LOAD(ws->w + i * S + b * 16);
+                    dz[b] = LOAD(dp + i * S + b * 16);
+                    da[b] = LOAD(ws->dalpha + i * S + b * 16);
+                }
+                for (int64_t j = j0; j < j1; j++) {
+                    const float qj = qi[j], kj = ki[j];
+                    v16 acc_q = a[0] * 0.0f, acc_k = acc_q;
+                    for (int b = 0; b < NB; b++) {
+                        const v16 Kjb = LOAD(Kt + (j - j0) * S + b * 16);
+                        float *grad = dK + j * S + b * 16;
+                        acc_q += dz[b] * Kjb;
+                        const v16 g = LOAD(grad) + dz[b] * qj;
+                        acc_k += w[b] * g;
+                        da[b] += g * (Kjb - kj);
+                        STORE(grad, a[b] * g);
+                    }
+                    ws->dq[i * d + j] = hsum(acc_q);
+                    ws->dk[i * d + j] = hsum(acc_k);
+                }
+                for (int b = 0; b < NB; b++) STORE(ws->dalpha + i * S + b * 16, da[b]);
+            }
+        }
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t t = t0 + i;
+            store(dq, bf16, offset(sdq, heads, r, t), d, ws->dq + i * d);
+            store(dk, bf16, offset(sdk, heads, r, t), d, ws->dk + i * d);
+            store(dv, bf16, offset(sdv, heads, r, t), d, ws->dv + i * d);
+            /* none where the bound clamped the gate, as torch.clamp's gradient */
+            for (int b = 0; b < NB; b++) {
+                const v16 g = LOAD(log_alpha + (r * T + t) * S + b * 16), zero = g * 0.0f;
+                STORE(d_log_alpha + (r * T + t) * S + b * 16,
+                      select((g >= zero + log_alpha_min) & (g <= zero), LOAD(ws->dalpha + i * S + b * 16), zero));
+            }
+        }
+    }
+    memcpy(dK0 + r * dS, dK, sizeof(float) * dS);
+    memcpy(dV0 + r * dS, dV, sizeof(float) * dS);
+}
+
+/* The number of 16-slot blocks as a constant in each instance (registers, unrolled loops). */
+#define BY_BLOCKS(NB, CALL) switch (NB) { \
+    case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
+    case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); break; }
+
+/* Rows of a group: a span's states of the group fill about 32 KiB (the L1 cache) */
+static int64_t group_rows(int64_t span, int64_t d, int64_t S) {
+    int64_t rows = 32768 / (int64_t)(span * S * sizeof(float));
+    return rows < 1 ? 1 : (rows > d ? d : rows);
+}
+
+/* Both return 0, or -1 where S is not a multiple of 16 in 16..128 (nothing written). */
+int kv_memory_forward(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_t S, int64_t span, int bf16,
+                      const void *q, Strides sq, const void *k, Strides sk, const void *v, Strides sv,
+                      const float *log_alpha, float log_alpha_min, const float *K0, const float *V0,
+                      void *out, Strides so, float *p_kept, float *checkpoints, float *K_final, float *V_final,
+                      int threads) {
+    if (S % 16 != 0 || S < 16 || S > 16 * MAX_BLOCKS) return -1;
+    const int NB = (int)(S / 16);
+    const int64_t per_group = group_rows(span, d, S);
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = aligned_alloc(64, sizeof(float) * ((workspace_floats(span, d, S, per_group) + 15) / 16 * 16));
+        const Workspace ws = workspace(buf, span, d, S, per_group);
+#define FORWARD(N) forward_row(N, r, heads, T, d, span, per_group, bf16, q, &sq, k, &sk, v, &sv, log_alpha, \
+                               log_alpha_min, K0, V0, out, &so, p_kept, checkpoints, K_final, V_final, &ws)
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) BY_BLOCKS(NB, FORWARD)
+        free(buf);
+    }
+    return 0;
+}
+
+int kv_memory_backward(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_t S, int64_t span, int bf16,
+                       const void *q, Strides sq, const void *k, Strides sk, const void *v, Strides sv,
+                       const float *log_alpha, float log_alpha_min, const float *p_kept, const float *checkpoints,
+                       const void *d_out, Strides sdo, const float *dK_final, const float *dV_final,
+                       void *dq, Strides sdq, void *dk, Strides sdk, void *dv, Strides sdv,
+                       float *d_log_alpha, float *dK0, float *dV0, int threads) {
+    if (S % 16 != 0 || S < 16 || S > 16 * MAX_BLOCKS) return -1;
+    const int NB = (int)(S / 16);
+    const int64_t per_group = group_rows(span, d, S);
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = aligned_alloc(64, sizeof(float) * ((workspace_floats(span, d, S, per_group) + 15) / 16 * 16));
+        const Workspace ws = workspace(buf, span, d, S, per_group);
+#define BACKWARD(N) backward_row(N, r, heads, T, d, span, per_group, bf16, q, &sq, k, &sk, v, &sv, log_alpha, \
+                                 log_alpha_min, p_kept, checkpoints, d_out, &sdo, dK_final, dV_final, dq, &sdq, \
+                                 dk, &sdk, dv, &sdv, d_log_alpha, dK0, dV0, &ws)
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) BY_BLOCKS(NB, BACKWARD)
+        free(buf);
+    }
+    return 0;
+}

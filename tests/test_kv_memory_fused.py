@@ -1,0 +1,176 @@
+"""The kv-slot memory's fused CPU kernel (gam/ops/csrc/kv_memory_cpu.c): outputs and
+gradients equal the recurrence's (fp64 reference, fp32 tight, bf16 by relative RMS), over
+span boundaries, slot counts and strided inputs; the gate's clamp passes no gradient; the
+layer takes it where it applies and the chunked form elsewhere; a missing or failing
+compiler leaves the kernel unavailable with its reason, never a traceback."""
+
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gam.ops.kv_memory as kv_ops
+import gam.ops.native as native
+from conftest import rel_rms
+from gam import GAMConfig
+from gam.layers.gam import GAMBlock
+from gam.ops.kv_memory import FUSED_SPAN, fused_applies, fused_kernel, kv_memory, kv_memory_fused, kv_memory_recurrent
+
+needs_kernel = pytest.mark.skipif(fused_kernel() is None, reason=f"no fused kernel: "
+                                  f"{native.unavailable_reason('kv_memory_cpu')}")
+
+
+def inputs(B=3, T=37, d=5, S=16, seed=0, dtype=torch.float32, gate_low=-5.0):
+    """Gates from ``gate_low`` to 0.5: some below the bound and some above 0 (clamped)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, T, d, generator=g, dtype=dtype) for _ in range(3))
+    log_alpha = torch.rand(B, T, S, generator=g, dtype=dtype) * (0.5 - gate_low) + gate_low
+    K0, V0 = (torch.randn(B, S, d, generator=g, dtype=dtype) for _ in range(2))
+    return [x.requires_grad_() for x in (q, k, v, log_alpha, K0, V0)]
+
+
+def run(fn, leaves, seed=1):
+    q, k, v, log_alpha, K0, V0 = leaves
+    out, (K, V) = fn(q, k, v, log_alpha, (K0, V0))
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (out, K, V)]
+    loss = sum((t.double() * w).sum() for t, w in zip((out, K, V), weights))
+    return [out, K, V], list(torch.autograd.grad(loss, leaves))
+
+
+def reference(leaves):
+    """The recurrence in fp64 on the same (rounded) inputs."""
+    return run(kv_memory_recurrent, [x.detach().double().requires_grad_() for x in leaves])
+
+
+@needs_kernel
+@pytest.mark.parametrize("T", [1, 5, FUSED_SPAN - 1, FUSED_SPAN, FUSED_SPAN + 1, 2 * FUSED_SPAN + 7])
+@pytest.mark.parametrize("S,d", [(16, 5), (64, 24), (48, 3)])
+def test_fused_matches_the_recurrence_in_fp32(T, S, d):
+    leaves = inputs(T=T, S=S, d=d)
+    (outs, grads), (ref_outs, ref_grads) = run(kv_memory_fused, leaves), reference(leaves)
+    for got, want in zip(outs + grads, ref_outs + ref_grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, atol=1e-5 * max(1.0, want.abs().max().item()), rtol=0)
+
+
+@needs_kernel
+def test_fused_bf16_is_close_to_the_fp64_reference_of_its_inputs():
+    leaves = inputs(T=45, S=32, d=16)
+    leaves = [x.detach().to(torch.bfloat16 if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(leaves)]
+    (outs, grads), (ref_outs, ref_grads) = run(kv_memory_fused, leaves), reference(leaves)
+    assert outs[0].dtype == torch.bfloat16 and grads[0].dtype == torch.bfloat16
+    for got, want in zip(outs + grads, ref_outs + ref_grads):
+        assert rel_rms(got.double(), want) < 1e-2
+
+
+@needs_kernel
+def test_the_clamped_gate_gets_no_gradient_and_the_bound_is_the_chunked_forms():
+    leaves = inputs(T=20, S=16, gate_low=-8.0)
+    log_alpha = leaves[3]
+    _, grads = run(kv_memory_fused, leaves)
+    outside = (log_alpha < kv_ops.LOG_ALPHA_MIN) | (log_alpha > 0)
+    assert outside.any() and (~outside).any()
+    assert (grads[3][outside] == 0).all() and (grads[3][~outside] != 0).all()
+    _, chunked = run(kv_ops.kv_memory_chunked, leaves)
+    torch.testing.assert_close(grads[3], chunked[3], atol=1e-5, rtol=0)
+
+
+@needs_kernel
+def test_strided_head_views_read_and_write_in_place_of_copies():
+    """(B, H, T, d) views of a (B, T, H, d) layout: the same results as contiguous (B H, T, d)
+    rows, and the reads come back in the views' layout."""
+    B, H, T, d, S = 2, 3, 40, 8, 16
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(3, B, T, H, d, generator=g).requires_grad_()
+    log_alpha = F.logsigmoid(torch.randn(B * H, T, S, generator=g)).requires_grad_()
+    state = torch.randn(B * H, S, 2 * d, generator=g).requires_grad_()
+    views = [x.transpose(1, 2) for x in qkv.unbind(0)]  # (B, H, T, d), strided
+    out, final = kv_ops.KVMemoryFused.apply(*views, log_alpha, state)
+    rows = [x.reshape(B * H, T, d) for x in views]
+    out_rows, final_rows = kv_ops.KVMemoryFused.apply(*rows, log_alpha, state)
+    assert out.shape == (B, H, T, d)
+    torch.testing.assert_close(out.reshape(B * H, T, d), out_rows, atol=0, rtol=0)
+    torch.testing.assert_close(final, final_rows, atol=0, rtol=0)
+    w = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * w).sum() + final.sum(), (qkv, log_alpha, state))
+    grads_rows = torch.autograd.grad((out_rows * w.reshape(B * H, T, d)).sum() + final_rows.sum(),
+                                     (qkv, log_alpha, state))
+    for a, b in zip(grads, grads_rows):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@needs_kernel
+def test_kv_memory_takes_the_kernel_where_it_applies_and_the_chunked_form_elsewhere(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kv_ops, "kv_memory_fused", lambda *a: calls.append("fused") or kv_memory_recurrent(*a))
+    monkeypatch.setattr(kv_ops, "kv_memory_chunked", lambda *a: calls.append("chunked") or kv_memory_recurrent(*a[:5]))
+    for S in (16, 8):
+        q, k, v, log_alpha, K0, V0 = inputs(T=4, S=S)
+        kv_memory(q, k, v, log_alpha, (K0, V0))
+    q16 = inputs(T=4, S=16)
+    kv_memory(*[x.half() for x in q16[:4]], (q16[4].half(), q16[5].half()))
+    assert calls == ["fused", "chunked", "chunked"]
+    assert not fused_applies(torch.zeros(1, dtype=torch.float16), 16) and not fused_applies(torch.zeros(1), 130)
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", ["full", "global_only"])
+def test_kv_slot_block_with_the_kernel_equals_its_recurrent_reference(variant):
+    """A block with 16 slots per head takes the kernel; its memory's reads and the block's
+    gradients equal those of the step-by-step reference."""
+    torch.manual_seed(0)
+    config = GAMConfig(vocab_size=50, block_size=64, n_embd=16, n_layer=1, num_memory_slots=16, memory_heads=2,
+                       dropout=0.0, memory="kv_slots", variant=variant)
+    block = GAMBlock(config)
+    x = torch.randn(2, 37, 16, requires_grad=True)
+    h = block.ln1(x)
+    local = block.local_context(h) if block.has_local else h
+    mem = block.kv_memory
+    assert fused_applies(h, mem.num_slots)
+    fused = mem(h, local, block.memory_bank)
+    recurrent = mem(h, local, block.memory_bank, reference=True)
+    torch.testing.assert_close(fused, recurrent, atol=1e-5, rtol=0)
+    params = [block.memory_bank, mem.forget.weight, mem.key.weight, x]
+    g = torch.randn(fused.shape)
+    for a, b in zip(torch.autograd.grad(fused, params, g, retain_graph=True),
+                    torch.autograd.grad(recurrent, params, g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    fast = block(x)  # the fused path of the whole block runs the kernel as well
+    assert torch.isfinite(torch.autograd.grad(fast.sum(), x)[0]).all()
+
+
+def test_without_a_compiler_the_kernel_is_unavailable_with_its_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_reasons", {})
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert native.library("kv_memory_cpu") is None
+    assert "no C compiler" in native.unavailable_reason("kv_memory_cpu")
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("GAM_NATIVE", "0")
+    assert native.library("kv_memory_cpu") is None and native.unavailable_reason("kv_memory_cpu") == "GAM_NATIVE=0"
+    q = torch.zeros(1, 2, 4)
+    assert not fused_applies(q, 16)  # and so kv_memory takes the chunked form
+
+
+def test_a_failing_build_leaves_no_library_and_says_why(monkeypatch, tmp_path):
+    if shutil.which("false") is None:
+        pytest.skip("no `false` command")
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_reasons", {})
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    assert native.library("kv_memory_cpu") is None
+    assert native.unavailable_reason("kv_memory_cpu").startswith("could not build kv_memory_cpu: false failed")
+    assert list((tmp_path / "native").iterdir()) == []  # no half-written library left
+
+
+@pytest.mark.skipif(shutil.which("cc") is None or os.environ.get("GAM_NATIVE") == "0",
+                    reason="no C compiler, or GAM_NATIVE=0")
+def test_the_kernel_builds_where_a_compiler_is_found():
+    """With ``cc`` on PATH (as in CI), the kernel must build: a silent fallback would hide a
+    broken source."""
+    assert fused_kernel() is not None, native.unavailable_reason("kv_memory_cpu")
