@@ -332,12 +332,13 @@ def test_design_choices_change_what_they_say():
         memory = block.kv_memory
         expected = F.logsigmoid(F.linear(z, memory.forget.weight, memory.forget.bias)) / normalizer
         log_alpha = memory.inputs(z, z)[3]
-        torch.testing.assert_close(log_alpha, expected.view(1, 5, 2, 6).transpose(1, 2).reshape(2, 5, 6))
+        torch.testing.assert_close(log_alpha, expected.view(1, 5, 2, 6).transpose(1, 2))  # (B, H, T, S) views
     # the feature map: swish on the projected queries and keys, before the heads split
     memory, plain_memory = blocks["swish"].kv_memory, blocks["keys_input"].kv_memory
     q, k = memory.inputs(z, z)[:2]
-    torch.testing.assert_close(q, memory._heads(F.silu(F.linear(z, memory.query.weight))) * memory.head_dim ** -0.5)
-    torch.testing.assert_close(k, memory._heads(F.silu(F.linear(z, memory.key.weight))))
+    heads = memory._head_views
+    torch.testing.assert_close(q, heads(F.silu(F.linear(z, memory.query.weight))) * memory.head_dim ** -0.5)
+    torch.testing.assert_close(k, heads(F.silu(F.linear(z, memory.key.weight))))
     assert plain_memory.feature_map is None
     plain = build_model("gam", memory="kv_slots", **TINY)
     gated = build_model("gam", memory="kv_slots", memory_output_gate=True, **TINY)

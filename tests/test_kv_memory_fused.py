@@ -174,3 +174,25 @@ def test_the_kernel_builds_where_a_compiler_is_found():
     """With ``cc`` on PATH (as in CI), the kernel must build: a silent fallback would hide a
     broken source."""
     assert fused_kernel() is not None, native.unavailable_reason("kv_memory_cpu")
+
+
+@needs_kernel
+def test_without_gradients_nothing_is_kept_and_the_reads_are_the_same(monkeypatch):
+    leaves = inputs(T=70, S=16)
+    with torch.no_grad():
+        out, (K, V) = kv_memory_fused(*leaves[:4], (leaves[4], leaves[5]))
+    kept = []
+    real_forward = kv_ops.KVMemoryFused.forward
+
+    def spy(ctx, *args):
+        result = real_forward(ctx, *args)
+        kept.append(args[-1])
+        return result
+
+    monkeypatch.setattr(kv_ops.KVMemoryFused, "forward", staticmethod(spy))
+    with torch.no_grad():
+        kv_memory_fused(*leaves[:4], (leaves[4], leaves[5]))
+    grad_out, (grad_K, grad_V) = kv_memory_fused(*leaves[:4], (leaves[4], leaves[5]))
+    assert kept == [False, True]
+    for a, b in ((out, grad_out), (K, grad_K), (V, grad_V)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

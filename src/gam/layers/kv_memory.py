@@ -101,6 +101,16 @@ class KVSlotMemory(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2).reshape(B * self.num_heads, T, -1)
 
+    def _head_views(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, H X) -> (B, H, T, X), a view: the fused kernel reads it in place."""
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, -1).transpose(1, 2)
+
+    @staticmethod
+    def _rows(x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, X) -> (B*H, T, X), the layout of the step-by-step forms (a copy)."""
+        return x.reshape(-1, *x.shape[2:])
+
     def input_projections(self) -> list[nn.Linear]:
         """The projections that read h, in the order :meth:`from_projections` takes their
         outputs (the block's fast path runs them as one matmul)."""
@@ -108,22 +118,21 @@ class KVSlotMemory(nn.Module):
 
     def from_projections(self, projected: list[torch.Tensor], keys: torch.Tensor,
                          real: torch.Tensor | None = None):
-        """q, k, v (B*H, T, d) and log_alpha (B*H, T, S) from the outputs (B, T, .) of
-        :meth:`input_projections` and the key projection. With a padding mask ``real``
-        (B, T), pad positions get alpha = 1: they write nothing."""
+        """q, k, v (B, H, T, d) and log_alpha (B, H, T, S), views of (B, T, H, .) tensors, from
+        the outputs (B, T, .) of :meth:`input_projections` and the key projection. With a
+        padding mask ``real`` (B, T), pad positions get alpha = 1: they write nothing."""
         q, v, forget = projected
         if self.feature_map is not None:
             q, keys = self.feature_map(q), self.feature_map(keys)
-        B, T, _ = q.shape
-        log_alpha = F.logsigmoid(forget) / self.gate_normalizer
+        log_alpha = F.logsigmoid(forget)
+        if self.gate_normalizer != 1:  # a division by 1 is a pass over (B, T, H S) for nothing
+            log_alpha = log_alpha / self.gate_normalizer
         if real is not None:
             log_alpha = log_alpha * real.unsqueeze(-1).to(log_alpha.dtype)
-        log_alpha = log_alpha.view(B, T, self.num_heads, self.num_slots).transpose(1, 2).reshape(
-            B * self.num_heads, T, self.num_slots)
-        return self._heads(q) * self.head_dim ** -0.5, self._heads(keys), self._heads(v), log_alpha
+        return tuple(self._head_views(x) for x in (q * self.head_dim ** -0.5, keys, v, log_alpha))
 
     def inputs(self, h: torch.Tensor, key_source: torch.Tensor, real: torch.Tensor | None = None):
-        """q, k, v (B*H, T, d) and log_alpha (B*H, T, S) for normalized input h and the key source."""
+        """:meth:`from_projections` for normalized input h and the key source."""
         projected = [decode.linear(h, m.weight, m.bias) for m in self.input_projections()]
         return self.from_projections(projected, decode.linear(key_source, self.key.weight), real)
 
@@ -134,11 +143,13 @@ class KVSlotMemory(nn.Module):
         return bank, bank
 
     def _output(self, reads: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """(B*H, T, d) -> (B, T, C): per-head RMSNorm, heads concatenated, (gated by
-        swish(W_g h) with the output gate,) projected."""
-        reads = self.norm(reads.to(self.norm.weight.dtype))  # as the weight (fp32 under autocast): one fused kernel
+        """(B, H, T, d) or (B*H, T, d) -> (B, T, C): per-head RMSNorm, heads concatenated,
+        (gated by swish(W_g h) with the output gate,) projected. The fused kernel's reads
+        lie in (B, T, H, d) memory: they concatenate without a copy."""
         batch, T = h.shape[:2]
-        heads = reads.view(batch, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(batch, T, -1)
+        reads = reads.view(batch, self.num_heads, T, self.head_dim).transpose(1, 2)  # (B, T, H, d)
+        reads = self.norm(reads.to(self.norm.weight.dtype))  # as the weight (fp32 under autocast): one fused kernel
+        heads = reads.reshape(batch, T, -1)
         if self.out_gate is not None:
             heads = heads * F.silu(decode.linear(h, self.out_gate.weight))
         return decode.linear(heads, self.out.weight)
@@ -156,7 +167,7 @@ class KVSlotMemory(nn.Module):
         q, k, v, log_alpha = inputs
         state = self.initial_state(memory_bank, h.shape[0])
         if reference:
-            reads, _ = kv_memory_recurrent(q, k, v, log_alpha, state)
+            reads, _ = kv_memory_recurrent(*map(self._rows, inputs), state)
         else:
             reads, _ = kv_memory(q, k, v, log_alpha, state, self.chunk_size)
         return self._output(reads, h)
@@ -165,7 +176,7 @@ class KVSlotMemory(nn.Module):
                     real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The slots after a prompt, (B, H, S, d) each (the cache's layout), without the reads."""
         B = h.shape[0]
-        _, k, v, log_alpha = self.inputs(h, key_source, real)
+        _, k, v, log_alpha = map(self._rows, self.inputs(h, key_source, real))
         K, V = kv_memory_final_state(k, v, log_alpha, self.initial_state(memory_bank, B))
         return K.view(B, self.num_heads, self.num_slots, -1), V.view(B, self.num_heads, self.num_slots, -1)
 
@@ -189,9 +200,9 @@ class KVSlotMemory(nn.Module):
         """One token per row, (B, 1, C); updates the cache's slots in place."""
         key_slots, value_slots = cache["key_slots"], cache["value_slots"]
         B = h.shape[0]
-        q, k, v, log_alpha = self.inputs(h, key_source)
+        q, k, v, log_alpha = (x[:, :, 0].reshape(B * self.num_heads, -1) for x in self.inputs(h, key_source))
         flat = (B * self.num_heads, self.num_slots, self.head_dim)
-        out, (K, V) = kv_memory_step(q[:, 0], k[:, 0], v[:, 0], log_alpha[:, 0],
+        out, (K, V) = kv_memory_step(q, k, v, log_alpha,
                                      (key_slots.reshape(flat).to(h.dtype), value_slots.reshape(flat).to(h.dtype)))
         key_slots.copy_(K.view_as(key_slots))
         value_slots.copy_(V.view_as(value_slots))

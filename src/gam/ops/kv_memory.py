@@ -517,9 +517,9 @@ class _Strides(ctypes.Structure):
 
 _I64, _INT, _PTR, _FLOAT = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 _SIZES = [_I64] * 6 + [_INT]  # rows, heads, T, d, S, span, bf16
-_FORWARD_ARGS = _SIZES + [_PTR, _Strides] * 3 + [_PTR, _FLOAT] + [_PTR] * 2 + [_PTR, _Strides] + [_PTR] * 4 + [_INT]
-_BACKWARD_ARGS = (_SIZES + [_PTR, _Strides] * 3 + [_PTR, _FLOAT] + [_PTR] * 2 + [_PTR, _Strides]
-                  + [_PTR] * 2 + [_PTR, _Strides] * 3 + [_PTR] * 3 + [_INT])
+_FORWARD_ARGS = _SIZES + [_PTR, _Strides] * 4 + [_FLOAT] + [_PTR] * 2 + [_PTR, _Strides] + [_PTR] * 4 + [_INT]
+_BACKWARD_ARGS = (_SIZES + [_PTR, _Strides] * 4 + [_FLOAT] + [_PTR] * 2 + [_PTR, _Strides]
+                  + [_PTR] * 2 + [_PTR, _Strides] * 4 + [_PTR] * 2 + [_INT])
 
 
 def fused_kernel() -> ctypes.CDLL | None:
@@ -553,13 +553,13 @@ def fused_span(T: int) -> int:
     return max(1, min(FUSED_SPAN, T))
 
 
-def _operand(x: torch.Tensor) -> tuple[int, _Strides, int]:
-    """(heads, strides, data pointer) of a (rows, T, d) or (B, H, T, d) operand, unit feature stride."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+def _operand(x: torch.Tensor, heads: int) -> tuple[_Strides, int]:
+    """(strides, data pointer) of a (rows, T, X) or (B, H, T, X) operand with unit feature stride,
+    for the kernel's addressing of row r as (r // heads, r % heads)."""
+    assert x.stride(-1) == 1
     if x.dim() == 3:
-        return 1, _Strides(x.stride(0), 0, x.stride(1)), x.data_ptr()
-    return x.shape[1], _Strides(x.stride(0), x.stride(1), x.stride(2)), x.data_ptr()
+        return _Strides(heads * x.stride(0), x.stride(0), x.stride(1)), x.data_ptr()
+    return _Strides(x.stride(0), x.stride(1), x.stride(2)), x.data_ptr()
 
 
 def _transposed_slots(state: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -568,46 +568,53 @@ def _transposed_slots(state: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.
 
 
 class KVMemoryFused(torch.autograd.Function):
-    """:func:`kv_memory_recurrent` as one C kernel per pass: q, k, v (rows, T, d), or
-    (B, H, T, d) views of any strides with unit feature stride (rows = B H, head-major),
-    fp32 or bf16 alike; ``log_alpha`` (rows, T, S); the initial state (rows, S, 2d: key
-    and value slots side by side). Returns the reads (rows, T, d, in q's dtype) and the
-    final state (in the initial state's dtype). fp32 arithmetic throughout.
+    """:func:`kv_memory_recurrent` as one C kernel per pass: q, k, v (rows, T, d) in fp32 or
+    bf16 alike, and ``log_alpha`` (rows, T, S); or all four (B, H, T, X) views of any strides
+    with unit feature stride (rows = B H, head-major: the heads of a (B, T, H X) projection
+    without copies); the initial state (rows, S, 2d: key and value slots side by side).
+    Returns the reads (rows, T, d; for views, (B, H, T, d) over (B, T, H, d) memory, so that
+    the heads concatenate without a copy) in q's dtype and the final state (in the initial
+    state's dtype). fp32 arithmetic throughout.
 
     Keeps the inputs (the gates in fp32), the softmax of every token (rows, T, S) and the
-    state every :func:`fused_span` tokens (fp32); the kernel computes the bounded gates'
+    state every :func:`fused_span` tokens (fp32), unless ``keep`` is False (no backward will
+    run: :func:`kv_memory_fused` decides); the kernel computes the bounded gates'
     ``alpha`` and ``1 - alpha`` from ``log_alpha`` as it goes. The backward
     recomputes each span's states from its checkpoint and runs the recurrence in reverse,
     with ``g`` the carried gradient of a state: through the read ``o = V_t^T p``,
     ``dp = V_t do``, ``dV_t += p do^T``, ``dz = p (dp - p . dp)``, ``dq = K_t^T dz``,
     ``dK_t += dz q^T``; through the write ``K_t = alpha K_{t-1} + (1 - alpha) k^T``,
-    ``dk = dK_t^T (1 - alpha)``, ``d log alpha = alpha (dK_t . (K_{t-1} - k) + dV_t . (V_{t-1} - v))``
-    per slot, ``dK_{t-1} = alpha dK_t`` (and the same for V)."""
+    ``dk = dK_t^T (1 - alpha)``, ``d log alpha = alpha (dK_t . (K_{t-1} - k) + ...)``
+    per slot, which is ``dK_t . (K_t - k) + dV_t . (V_t - v)`` (as ``1 - alpha`` and ``alpha`` sum
+    to one; no earlier state needed), and ``dK_{t-1} = alpha dK_t`` (and the same for V)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_alpha, initial):
+    def forward(ctx, q, k, v, log_alpha, initial, keep: bool = True):
         lib = fused_kernel()
         T, d = q.shape[-2:]
-        rows, S = log_alpha.shape[0], log_alpha.shape[-1]
+        rows, S = initial.shape[0], log_alpha.shape[-1]
         if lib is None:
             raise RuntimeError(f"the fused kv-memory kernel is unavailable: {native.unavailable_reason('kv_memory_cpu')}")
         if S not in FUSED_SLOTS:
             raise ValueError(f"the fused kv-memory kernel takes 16, 32, ..., 128 slots per head, got {S}")
         span = fused_span(T)
-        raw = log_alpha.float().contiguous()
+        raw = log_alpha.float()
         K0, V0 = _transposed_slots(initial, d)
-        p = q.new_empty(rows, T, S, dtype=torch.float32)
-        checkpoints = q.new_empty(rows, -(-T // span), 2, d, S, dtype=torch.float32)
+        # kept for the backward only if one can run (``keep``; an evaluation at long T would
+        # otherwise hold T / span states per row)
+        p = q.new_empty(rows, T, S, dtype=torch.float32) if keep else None
+        checkpoints = q.new_empty(rows, -(-T // span), 2, d, S, dtype=torch.float32) if keep else None
         K_final, V_final = torch.empty_like(K0), torch.empty_like(V0)
-        out = q.new_empty(q.shape[:-2] + (T, d)) if q.dim() == 4 else q.new_empty(rows, T, d)
-        heads, sq, pq = _operand(q)
-        _, sk, pk = _operand(k)
-        _, sv, pv = _operand(v)
-        _, so, po = _operand(out)
-        assert 0 == lib.kv_memory_forward(rows, heads, T, d, S, span, int(q.dtype == torch.bfloat16), pq, sq, pk, sk, pv, sv,
-                              raw.data_ptr(), LOG_ALPHA_MIN, K0.data_ptr(), V0.data_ptr(), po, so,
-                              p.data_ptr(), checkpoints.data_ptr(), K_final.data_ptr(), V_final.data_ptr(),
-                              torch.get_num_threads())
+        out = q.new_empty(q.shape[0], T, q.shape[1], d).transpose(1, 2) if q.dim() == 4 else q.new_empty(rows, T, d)
+        heads = q.shape[1] if q.dim() == 4 else 1
+        (sq, pq), (sk, pk), (sv, pv), (sla, pla), (so, po) = (_operand(x, heads) for x in (q, k, v, raw, out))
+        status = lib.kv_memory_forward(rows, heads, T, d, S, span, int(q.dtype == torch.bfloat16), pq, sq, pk, sk,
+                                       pv, sv, pla, sla, LOG_ALPHA_MIN, K0.data_ptr(), V0.data_ptr(), po, so,
+                                       None if p is None else p.data_ptr(),
+                                       None if checkpoints is None else checkpoints.data_ptr(),
+                                       K_final.data_ptr(), V_final.data_ptr(),
+                                       torch.get_num_threads())
+        assert status == 0, status
         ctx.save_for_backward(q, k, v, raw, p, checkpoints)
         ctx.span, ctx.initial_dtype, ctx.gate_dtype = span, initial.dtype, log_alpha.dtype
         final = torch.cat([K_final.transpose(1, 2), V_final.transpose(1, 2)], dim=-1)
@@ -619,22 +626,22 @@ class KVMemoryFused(torch.autograd.Function):
         q, k, v, raw, p, checkpoints = ctx.saved_tensors
         lib = fused_kernel()
         T, d = q.shape[-2:]
-        rows, S = raw.shape[0], raw.shape[-1]
+        rows, S = p.shape[0], p.shape[-1]
         d_out = d_out.to(q.dtype)
         dK_final, dV_final = _transposed_slots(d_final, d)
         dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
         d_log_alpha = torch.empty_like(raw)
         dK0, dV0 = torch.empty_like(dK_final), torch.empty_like(dV_final)
-        heads, sq, pq = _operand(q)
-        operands = [_operand(x)[1:] for x in (k, v, d_out, dq, dk, dv)]
-        (sk, pk), (sv, pv), (sdo, pdo), (sdq, pdq), (sdk, pdk), (sdv, pdv) = operands
-        assert 0 == lib.kv_memory_backward(rows, heads, T, d, S, ctx.span, int(q.dtype == torch.bfloat16), pq, sq, pk, sk,
-                               pv, sv, raw.data_ptr(), LOG_ALPHA_MIN,
-                               p.data_ptr(), checkpoints.data_ptr(), pdo, sdo, dK_final.data_ptr(),
-                               dV_final.data_ptr(), pdq, sdq, pdk, sdk, pdv, sdv, d_log_alpha.data_ptr(),
-                               dK0.data_ptr(), dV0.data_ptr(), torch.get_num_threads())
+        heads = q.shape[1] if q.dim() == 4 else 1
+        operands = [_operand(x, heads) for x in (q, k, v, raw, d_out, dq, dk, dv, d_log_alpha)]
+        (sq, pq), (sk, pk), (sv, pv), (sla, pla), (sdo, pdo), (sdq, pdq), (sdk, pdk), (sdv, pdv), (sdla, pdla) = operands
+        status = lib.kv_memory_backward(rows, heads, T, d, S, ctx.span, int(q.dtype == torch.bfloat16), pq, sq, pk,
+                                        sk, pv, sv, pla, sla, LOG_ALPHA_MIN, p.data_ptr(), checkpoints.data_ptr(),
+                                        pdo, sdo, dK_final.data_ptr(), dV_final.data_ptr(), pdq, sdq, pdk, sdk, pdv,
+                                        sdv, pdla, sdla, dK0.data_ptr(), dV0.data_ptr(), torch.get_num_threads())
+        assert status == 0, status
         d_initial = torch.cat([dK0.transpose(1, 2), dV0.transpose(1, 2)], dim=-1)
-        return dq, dk, dv, d_log_alpha.to(ctx.gate_dtype), d_initial.to(ctx.initial_dtype)
+        return dq, dk, dv, d_log_alpha.to(ctx.gate_dtype), d_initial.to(ctx.initial_dtype), None
 
 
 def kv_memory_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
@@ -644,15 +651,29 @@ def kv_memory_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha
     q, k and v are cast to the autocast dtype; the arithmetic is fp32."""
     dtype, d = compute_dtype(q), q.shape[-1]
     with torch.autocast(q.device.type, enabled=False):
-        out, final = KVMemoryFused.apply(q.to(dtype), k.to(dtype), v.to(dtype), log_alpha, torch.cat(state, dim=-1))
+        q, k, v, log_alpha = _unit_feature_stride(q.to(dtype), k.to(dtype), v.to(dtype), log_alpha.float())
+        initial = torch.cat(state, dim=-1)
+        keep = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, log_alpha, initial))
+        out, final = KVMemoryFused.apply(q, k, v, log_alpha, initial, keep)
     return out, (final[..., :d], final[..., d:])
+
+
+def _unit_feature_stride(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [x if x.stride(-1) == 1 else x.contiguous() for x in tensors]
 
 
 def kv_memory(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
               state: State, chunk_size: int | None = None) -> tuple[torch.Tensor, State]:
     """The kv-slot memory's training form for these inputs: :func:`kv_memory_fused` where
     :func:`fused_applies`, else :func:`kv_memory_chunked` (GPUs, fp16, ``torch.compile``,
-    no C compiler). Same arguments and results as :func:`kv_memory_recurrent`."""
+    no C compiler). Same arguments and results as :func:`kv_memory_recurrent`; q, k, v and
+    ``log_alpha`` may also be (B, H, T, X) views (the reads then (B, H, T, d)): the kernel
+    reads them in place, the chunked form from copies."""
     if fused_applies(q, log_alpha.shape[-1]):
         return kv_memory_fused(q, k, v, log_alpha, state)
+    if q.dim() == 4:
+        B, H = q.shape[:2]
+        rows = [x.reshape(B * H, *x.shape[2:]) for x in (q, k, v, log_alpha)]
+        out, final = kv_memory_chunked(*rows, state, chunk_size)
+        return out.view(B, H, *out.shape[1:]), final
     return kv_memory_chunked(q, k, v, log_alpha, state, chunk_size)

@@ -21,8 +21,8 @@
  *
  * q, k, v, the reads and their gradients are fp32 or bf16 (`bf16` flag), with
  * strides: element (r, t, j) of a tensor with strides (sb, sh, st) and `heads`
- * H sits at (r / H) sb + (r % H) sh + t st + j. Everything else is fp32 and
- * contiguous. Rows run in parallel (OpenMP); the arithmetic is fp32 throughout.
+ * H sits at (r / H) sb + (r % H) sh + t st + j; the gates log alpha and their
+ * gradient are fp32 with strides likewise. Everything else is fp32 and contiguous. Rows run in parallel (OpenMP); the arithmetic is fp32 throughout.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -168,13 +168,13 @@ static int64_t workspace_floats(int64_t span, int64_t d, int64_t S, int64_t rows
 /* The span's gates, and its inputs (q, k, v: any of them NULL to skip) as fp32 rows. */
 static inline __attribute__((always_inline)) void load_span(
         const int NB, const Workspace *ws, int64_t r, int64_t t0, int64_t n, int64_t heads, int64_t T, int64_t d,
-        int bf16, const float *log_alpha, float log_alpha_min, const void *q, const Strides *sq, const void *k,
-        const Strides *sk, const void *v, const Strides *sv) {
+        int bf16, const float *log_alpha, const Strides *sla, float log_alpha_min, const void *q, const Strides *sq,
+        const void *k, const Strides *sk, const void *v, const Strides *sv) {
     const int64_t S = NB * 16;
     for (int64_t i = 0; i < n; i++) {
         for (int b = 0; b < NB; b++) {
             v16 a, w;
-            gates(LOAD(log_alpha + (r * T + t0 + i) * S + b * 16), log_alpha_min, &a, &w);
+            gates(LOAD(log_alpha + offset(sla, heads, r, t0 + i) + b * 16), log_alpha_min, &a, &w);
             STORE(ws->a + i * S + b * 16, a);
             STORE(ws->w + i * S + b * 16, w);
         }
@@ -205,8 +205,8 @@ static inline __attribute__((always_inline)) void group_states(const int NB, con
 static inline __attribute__((always_inline)) void forward_row(
         const int NB, int64_t r, int64_t heads, int64_t T, int64_t d, int64_t span, int64_t rows_per_group,
         int bf16, const void *q, const Strides *sq, const void *k, const Strides *sk, const void *v,
-        const Strides *sv, const float *log_alpha, float log_alpha_min, const float *K0, const float *V0,
-        void *out, const Strides *so, float *p_kept, float *checkpoints, float *K_final, float *V_final,
+        const Strides *sv, const float *log_alpha, const Strides *sla, float log_alpha_min, const float *K0,
+        const float *V0, void *out, const Strides *so, float *p_kept, float *checkpoints, float *K_final, float *V_final,
         const Workspace *ws) {
     const int64_t S = NB * 16, dS = d * S, spans = (T + span - 1) / span;
     float *K = ws->K, *V = ws->V;
@@ -214,10 +214,12 @@ static inline __attribute__((always_inline)) void forward_row(
     memcpy(V, V0 + r * dS, sizeof(float) * dS);
     for (int64_t c = 0; c < spans; c++) {
         const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
-        float *checkpoint = checkpoints + (r * spans + c) * 2 * dS;
-        memcpy(checkpoint, K, sizeof(float) * dS);
-        memcpy(checkpoint + dS, V, sizeof(float) * dS);
-        load_span(NB, ws, r, t0, n, heads, T, d, bf16, log_alpha, log_alpha_min, q, sq, k, sk, v, sv);
+        if (checkpoints) { /* NULL when no backward will run */
+            float *checkpoint = checkpoints + (r * spans + c) * 2 * dS;
+            memcpy(checkpoint, K, sizeof(float) * dS);
+            memcpy(checkpoint + dS, V, sizeof(float) * dS);
+        }
+        load_span(NB, ws, r, t0, n, heads, T, d, bf16, log_alpha, sla, log_alpha_min, q, sq, k, sk, v, sv);
         memset(ws->z, 0, sizeof(float) * n * S);
         for (int64_t j0 = 0; j0 < d; j0 += rows_per_group) { /* the key writes and the scores K_t q_t */
             const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d;
@@ -245,7 +247,7 @@ static inline __attribute__((always_inline)) void forward_row(
             softmax(NB, z);
             for (int b = 0; b < NB; b++) {
                 STORE(ws->z + i * S + b * 16, z[b]);
-                STORE(p_kept + (r * T + t0 + i) * S + b * 16, z[b]);
+                if (p_kept) STORE(p_kept + (r * T + t0 + i) * S + b * 16, z[b]);
             }
         }
         for (int64_t j0 = 0; j0 < d; j0 += rows_per_group) { /* the value writes and the reads */
@@ -283,10 +285,10 @@ static inline __attribute__((always_inline)) void forward_row(
 static inline __attribute__((always_inline)) void backward_row(
         const int NB, int64_t r, int64_t heads, int64_t T, int64_t d, int64_t span, int64_t rows_per_group,
         int bf16, const void *q, const Strides *sq, const void *k, const Strides *sk, const void *v,
-        const Strides *sv, const float *log_alpha, float log_alpha_min, const float *p_kept,
+        const Strides *sv, const float *log_alpha, const Strides *sla, float log_alpha_min, const float *p_kept,
         const float *checkpoints, const void *d_out, const Strides *sdo, const float *dK_final,
         const float *dV_final, void *dq, const Strides *sdq, void *dk, const Strides *sdk, void *dv,
-        const Strides *sdv, float *d_log_alpha, float *dK0, float *dV0, const Workspace *ws) {
+        const Strides *sdv, float *d_log_alpha, const Strides *sdla, float *dK0, float *dV0, const Workspace *ws) {
     const int64_t S = NB * 16, dS = d * S, spans = (T + span - 1) / span;
     float *dK = ws->K, *dV = ws->V;
     memcpy(dK, dK_final + r * dS, sizeof(float) * dS);
@@ -294,7 +296,7 @@ static inline __attribute__((always_inline)) void backward_row(
     for (int64_t c = spans - 1; c >= 0; c--) {
         const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
         const float *checkpoint = checkpoints + (r * spans + c) * 2 * dS;
-        load_span(NB, ws, r, t0, n, heads, T, d, bf16, log_alpha, log_alpha_min, q, sq, k, sk, v, sv);
+        load_span(NB, ws, r, t0, n, heads, T, d, bf16, log_alpha, sla, log_alpha_min, q, sq, k, sk, v, sv);
         for (int64_t i = 0; i < n; i++) load(d_out, bf16, offset(sdo, heads, r, t0 + i), d, ws->o + i * d);
         float *dp = ws->z; /* (n, S): the read's gradient of p, then of the scores */
         memset(dp, 0, sizeof(float) * n * S);
@@ -380,8 +382,8 @@ static inline __attribute__((always_inline)) void backward_row(
             store(dv, bf16, offset(sdv, heads, r, t), d, ws->dv + i * d);
             /* none where the bound clamped the gate, as torch.clamp's gradient */
             for (int b = 0; b < NB; b++) {
-                const v16 g = LOAD(log_alpha + (r * T + t) * S + b * 16), zero = g * 0.0f;
-                STORE(d_log_alpha + (r * T + t) * S + b * 16,
+                const v16 g = LOAD(log_alpha + offset(sla, heads, r, t) + b * 16), zero = g * 0.0f;
+                STORE(d_log_alpha + offset(sdla, heads, r, t) + b * 16,
                       select((g >= zero + log_alpha_min) & (g <= zero), LOAD(ws->dalpha + i * S + b * 16), zero));
             }
         }
@@ -395,16 +397,22 @@ static inline __attribute__((always_inline)) void backward_row(
     case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
     case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); break; }
 
-/* Rows of a group: a span's states of the group fill about 32 KiB (the L1 cache) */
+#ifndef GROUP_ROWS
+#define GROUP_ROWS 32
+#endif
+/* Rows of a group: GROUP_ROWS (the group's slice of the state, and of its gradient, stays in
+   the L1 cache while the span's tokens pass; the backward's states of a group, a span of them,
+   in L2) */
 static int64_t group_rows(int64_t span, int64_t d, int64_t S) {
-    int64_t rows = 32768 / (int64_t)(span * S * sizeof(float));
-    return rows < 1 ? 1 : (rows > d ? d : rows);
+    (void)span, (void)S;
+    return GROUP_ROWS < d ? GROUP_ROWS : d;
 }
 
-/* Both return 0, or -1 where S is not a multiple of 16 in 16..128 (nothing written). */
+/* The forward keeps p and the checkpoints for the backward; either may be NULL, when none will run.
+   Both return 0, or -1 where S is not a multiple of 16 in 16..128 (nothing written). */
 int kv_memory_forward(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_t S, int64_t span, int bf16,
                       const void *q, Strides sq, const void *k, Strides sk, const void *v, Strides sv,
-                      const float *log_alpha, float log_alpha_min, const float *K0, const float *V0,
+                      const float *log_alpha, Strides sla, float log_alpha_min, const float *K0, const float *V0,
                       void *out, Strides so, float *p_kept, float *checkpoints, float *K_final, float *V_final,
                       int threads) {
     if (S % 16 != 0 || S < 16 || S > 16 * MAX_BLOCKS) return -1;
@@ -414,7 +422,7 @@ int kv_memory_forward(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_t
     {
         float *buf = aligned_alloc(64, sizeof(float) * ((workspace_floats(span, d, S, per_group) + 15) / 16 * 16));
         const Workspace ws = workspace(buf, span, d, S, per_group);
-#define FORWARD(N) forward_row(N, r, heads, T, d, span, per_group, bf16, q, &sq, k, &sk, v, &sv, log_alpha, \
+#define FORWARD(N) forward_row(N, r, heads, T, d, span, per_group, bf16, q, &sq, k, &sk, v, &sv, log_alpha, &sla, \
                                log_alpha_min, K0, V0, out, &so, p_kept, checkpoints, K_final, V_final, &ws)
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) BY_BLOCKS(NB, FORWARD)
@@ -425,10 +433,10 @@ int kv_memory_forward(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_t
 
 int kv_memory_backward(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_t S, int64_t span, int bf16,
                        const void *q, Strides sq, const void *k, Strides sk, const void *v, Strides sv,
-                       const float *log_alpha, float log_alpha_min, const float *p_kept, const float *checkpoints,
-                       const void *d_out, Strides sdo, const float *dK_final, const float *dV_final,
-                       void *dq, Strides sdq, void *dk, Strides sdk, void *dv, Strides sdv,
-                       float *d_log_alpha, float *dK0, float *dV0, int threads) {
+                       const float *log_alpha, Strides sla, float log_alpha_min, const float *p_kept,
+                       const float *checkpoints, const void *d_out, Strides sdo, const float *dK_final,
+                       const float *dV_final, void *dq, Strides sdq, void *dk, Strides sdk, void *dv, Strides sdv,
+                       float *d_log_alpha, Strides sdla, float *dK0, float *dV0, int threads) {
     if (S % 16 != 0 || S < 16 || S > 16 * MAX_BLOCKS) return -1;
     const int NB = (int)(S / 16);
     const int64_t per_group = group_rows(span, d, S);
@@ -436,9 +444,9 @@ int kv_memory_backward(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_
     {
         float *buf = aligned_alloc(64, sizeof(float) * ((workspace_floats(span, d, S, per_group) + 15) / 16 * 16));
         const Workspace ws = workspace(buf, span, d, S, per_group);
-#define BACKWARD(N) backward_row(N, r, heads, T, d, span, per_group, bf16, q, &sq, k, &sk, v, &sv, log_alpha, \
+#define BACKWARD(N) backward_row(N, r, heads, T, d, span, per_group, bf16, q, &sq, k, &sk, v, &sv, log_alpha, &sla, \
                                  log_alpha_min, p_kept, checkpoints, d_out, &sdo, dK_final, dV_final, dq, &sdq, \
-                                 dk, &sdk, dv, &sdv, d_log_alpha, dK0, dV0, &ws)
+                                 dk, &sdk, dv, &sdv, d_log_alpha, &sdla, dK0, dV0, &ws)
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) BY_BLOCKS(NB, BACKWARD)
         free(buf);
