@@ -102,8 +102,15 @@ def test_strided_head_views_read_and_write_in_place_of_copies():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.fixture
+def avx512(monkeypatch):
+    """The kernel's CPU as far as :func:`fused_applies` can tell, on any host (the kernel runs
+    anywhere; it is taken only where it is fast)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: kv_ops.FUSED_CPU_CAPABILITY)
+
+
 @needs_kernel
-def test_kv_memory_takes_the_kernel_where_it_applies_and_the_chunked_form_elsewhere(monkeypatch):
+def test_kv_memory_takes_the_kernel_where_it_applies_and_the_chunked_form_elsewhere(monkeypatch, avx512):
     calls = []
     monkeypatch.setattr(kv_ops, "kv_memory_fused", lambda *a: calls.append("fused") or kv_memory_recurrent(*a))
     monkeypatch.setattr(kv_ops, "kv_memory_chunked", lambda *a: calls.append("chunked") or kv_memory_recurrent(*a[:5]))
@@ -114,11 +121,13 @@ def test_kv_memory_takes_the_kernel_where_it_applies_and_the_chunked_form_elsewh
     kv_memory(*[x.half() for x in q16[:4]], (q16[4].half(), q16[5].half()))
     assert calls == ["fused", "chunked", "chunked"]
     assert not fused_applies(torch.zeros(1, dtype=torch.float16), 16) and not fused_applies(torch.zeros(1), 130)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not fused_applies(torch.zeros(1), 16)
 
 
 @needs_kernel
 @pytest.mark.parametrize("variant", ["full", "global_only"])
-def test_kv_slot_block_with_the_kernel_equals_its_recurrent_reference(variant):
+def test_kv_slot_block_with_the_kernel_equals_its_recurrent_reference(variant, avx512):
     """A block with 16 slots per head takes the kernel; its memory's reads and the block's
     gradients equal those of the step-by-step reference."""
     torch.manual_seed(0)
@@ -142,7 +151,7 @@ def test_kv_slot_block_with_the_kernel_equals_its_recurrent_reference(variant):
     assert torch.isfinite(torch.autograd.grad(fast.sum(), x)[0]).all()
 
 
-def test_without_a_compiler_the_kernel_is_unavailable_with_its_reason(monkeypatch, tmp_path):
+def test_without_a_compiler_the_kernel_is_unavailable_with_its_reason(monkeypatch, tmp_path, avx512):
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setattr(native, "_reasons", {})
     monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path))

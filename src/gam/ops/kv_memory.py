@@ -535,11 +535,19 @@ def fused_kernel() -> ctypes.CDLL | None:
 FUSED_SLOTS = range(16, 129, 16)  # the kernel holds a token's slots in vectors of 16, at most 8 of them
 
 
+# The kernel is written for 16-lane vectors: built without AVX-512 (its vectors then split in
+# two AVX2 halves, short of registers) its backward ran 2.9x slower than with it (C harness,
+# paper shape, 1 thread, Xeon host: 88.5 vs 30.5 ms), so other CPUs keep the chunked form.
+FUSED_CPU_CAPABILITY = "AVX512"
+
+
 def fused_applies(q: torch.Tensor, slots: int) -> bool:
     """Whether :func:`kv_memory` takes the fused kernel for inputs like ``q`` and ``slots`` slots per
-    head: a CPU tensor in fp32 or bf16 (compute dtype), slots in :data:`FUSED_SLOTS`, not while
-    ``torch.compile`` traces, and the kernel built."""
+    head: a CPU tensor in fp32 or bf16 (compute dtype) on a CPU with AVX-512
+    (:data:`FUSED_CPU_CAPABILITY`), slots in :data:`FUSED_SLOTS`, not while ``torch.compile``
+    traces, and the kernel built."""
     return (q.device.type == "cpu" and compute_dtype(q) in (torch.float32, torch.bfloat16) and slots in FUSED_SLOTS
+            and torch.backends.cpu.get_cpu_capability() == FUSED_CPU_CAPABILITY
             and not torch.compiler.is_compiling() and fused_kernel() is not None)
 
 
