@@ -88,10 +88,13 @@ def test_strided_head_views_read_and_write_in_place_of_copies():
     log_alpha = F.logsigmoid(torch.randn(B * H, T, S, generator=g)).requires_grad_()
     state = torch.randn(B * H, S, 2 * d, generator=g).requires_grad_()
     views = [x.transpose(1, 2) for x in qkv.unbind(0)]  # (B, H, T, d), strided
-    out, final = kv_ops.KVMemoryFused.apply(*views, log_alpha, state)
+    gate_views = log_alpha.view(B, H, T, S)
+    out, (K, V) = kv_memory_fused(*views, gate_views, (state[..., :d], state[..., d:]))
+    final = torch.cat([K, V], dim=-1)
     rows = [x.reshape(B * H, T, d) for x in views]
-    out_rows, final_rows = kv_ops.KVMemoryFused.apply(*rows, log_alpha, state)
-    assert out.shape == (B, H, T, d)
+    out_rows, (K, V) = kv_memory_fused(*rows, log_alpha, (state[..., :d], state[..., d:]))
+    final_rows = torch.cat([K, V], dim=-1)
+    assert out.shape == (B, H, T, d) and out.transpose(1, 2).is_contiguous()  # heads concatenate as a view
     torch.testing.assert_close(out.reshape(B * H, T, d), out_rows, atol=0, rtol=0)
     torch.testing.assert_close(final, final_rows, atol=0, rtol=0)
     w = torch.randn(out.shape, generator=g)
@@ -106,7 +109,7 @@ def test_strided_head_views_read_and_write_in_place_of_copies():
 def avx512(monkeypatch):
     """The kernel's CPU as far as :func:`fused_applies` can tell, on any host (the kernel runs
     anywhere; it is taken only where it is fast)."""
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: kv_ops.FUSED_CPU_CAPABILITY)
+    monkeypatch.setattr(kv_ops, "CPU_CAPABILITY", kv_ops.FUSED_CPU_CAPABILITY)
 
 
 @needs_kernel
@@ -121,7 +124,7 @@ def test_kv_memory_takes_the_kernel_where_it_applies_and_the_chunked_form_elsewh
     kv_memory(*[x.half() for x in q16[:4]], (q16[4].half(), q16[5].half()))
     assert calls == ["fused", "chunked", "chunked"]
     assert not fused_applies(torch.zeros(1, dtype=torch.float16), 16) and not fused_applies(torch.zeros(1), 130)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(kv_ops, "CPU_CAPABILITY", "AVX2")
     assert not fused_applies(torch.zeros(1), 16)
 
 
@@ -191,17 +194,41 @@ def test_without_gradients_nothing_is_kept_and_the_reads_are_the_same(monkeypatc
     with torch.no_grad():
         out, (K, V) = kv_memory_fused(*leaves[:4], (leaves[4], leaves[5]))
     kept = []
-    real_forward = kv_ops.KVMemoryFused.forward
+    real_forward = kv_ops._fused_forward
 
-    def spy(ctx, *args):
-        result = real_forward(ctx, *args)
-        kept.append(args[-1])
+    def spy(*args):
+        result = real_forward(*args)
+        kept.append((args[-1], result[2].numel() > 0, result[3].numel() > 0))
         return result
 
-    monkeypatch.setattr(kv_ops.KVMemoryFused, "forward", staticmethod(spy))
+    monkeypatch.setattr(kv_ops, "_fused_forward", spy)
     with torch.no_grad():
         kv_memory_fused(*leaves[:4], (leaves[4], leaves[5]))
     grad_out, (grad_K, grad_V) = kv_memory_fused(*leaves[:4], (leaves[4], leaves[5]))
-    assert kept == [False, True]
+    assert kept == [(False, False, False), (True, True, True)]
     for a, b in ((out, grad_out), (K, grad_K), (V, grad_V)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@needs_kernel
+def test_the_kernel_compiles_whole_into_the_blocks_graph(avx512):
+    """The custom ops under torch.compile: the 16-slot block's forward is one graph without
+    breaks, and compiled (fullgraph, AOT autograd on the eager backend, so the backward is
+    traced too) its outputs and gradients equal the eager block's."""
+    torch.manual_seed(0)
+    config = GAMConfig(vocab_size=50, block_size=64, n_embd=32, n_layer=1, num_memory_slots=16, memory_heads=2,
+                       dropout=0.0, memory="kv_slots")
+    block = GAMBlock(config)
+    x = torch.randn(2, 37, 32, requires_grad=True)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(block)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert any("kv_memory_fused" in str(node.target) for graph in explained.graphs for node in graph.graph.nodes)
+    leaves = (x, block.memory_bank, block.kv_memory.forget.weight, block.kv_memory.query.weight)
+    eager = block(x)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    g = torch.randn(eager.shape)
+    for a, b in zip(torch.autograd.grad(compiled, leaves, g), torch.autograd.grad(eager, leaves, g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

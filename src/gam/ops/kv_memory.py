@@ -539,16 +539,16 @@ FUSED_SLOTS = range(16, 129, 16)  # the kernel holds a token's slots in vectors 
 # two AVX2 halves, short of registers) its backward ran 2.9x slower than with it (C harness,
 # paper shape, 1 thread, Xeon host: 88.5 vs 30.5 ms), so other CPUs keep the chunked form.
 FUSED_CPU_CAPABILITY = "AVX512"
+CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()  # read once: a call breaks torch.compile's graph
 
 
 def fused_applies(q: torch.Tensor, slots: int) -> bool:
     """Whether :func:`kv_memory` takes the fused kernel for inputs like ``q`` and ``slots`` slots per
     head: a CPU tensor in fp32 or bf16 (compute dtype) on a CPU with AVX-512
-    (:data:`FUSED_CPU_CAPABILITY`), slots in :data:`FUSED_SLOTS`, not while ``torch.compile``
-    traces, and the kernel built."""
+    (:data:`FUSED_CPU_CAPABILITY`), slots in :data:`FUSED_SLOTS`, and the kernel built
+    (eager or under ``torch.compile``: a custom op, whole in the graph)."""
     return (q.device.type == "cpu" and compute_dtype(q) in (torch.float32, torch.bfloat16) and slots in FUSED_SLOTS
-            and torch.backends.cpu.get_cpu_capability() == FUSED_CPU_CAPABILITY
-            and not torch.compiler.is_compiling() and fused_kernel() is not None)
+            and CPU_CAPABILITY == FUSED_CPU_CAPABILITY and fused_kernel() is not None)
 
 
 FUSED_SPAN = 32
@@ -575,94 +575,137 @@ def _transposed_slots(state: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.
     return tuple(half.transpose(1, 2).float().contiguous() for half in (state[..., :d], state[..., d:]))
 
 
-class KVMemoryFused(torch.autograd.Function):
-    """:func:`kv_memory_recurrent` as one C kernel per pass: q, k, v (rows, T, d) in fp32 or
-    bf16 alike, and ``log_alpha`` (rows, T, S); or all four (B, H, T, X) views of any strides
-    with unit feature stride (rows = B H, head-major: the heads of a (B, T, H X) projection
-    without copies); the initial state (rows, S, 2d: key and value slots side by side).
-    Returns the reads (rows, T, d; for views, (B, H, T, d) over (B, T, H, d) memory, so that
-    the heads concatenate without a copy) in q's dtype and the final state (in the initial
-    state's dtype). fp32 arithmetic throughout.
+def _like(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor like ``x`` (its layout where that is dense), with unit feature stride."""
+    y = torch.empty_like(x)
+    return y if y.stride(-1) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
-    Keeps the inputs (the gates in fp32), the softmax of every token (rows, T, S) and the
-    state every :func:`fused_span` tokens (fp32), unless ``keep`` is False (no backward will
-    run: :func:`kv_memory_fused` decides); the kernel computes the bounded gates'
-    ``alpha`` and ``1 - alpha`` from ``log_alpha`` as it goes. The backward
-    recomputes each span's states from its checkpoint and runs the recurrence in reverse,
-    with ``g`` the carried gradient of a state: through the read ``o = V_t^T p``,
-    ``dp = V_t do``, ``dV_t += p do^T``, ``dz = p (dp - p . dp)``, ``dq = K_t^T dz``,
-    ``dK_t += dz q^T``; through the write ``K_t = alpha K_{t-1} + (1 - alpha) k^T``,
-    ``dk = dK_t^T (1 - alpha)``, ``d log alpha = alpha (dK_t . (K_{t-1} - k) + ...)``
-    per slot, which is ``dK_t . (K_t - k) + dV_t . (V_t - v)`` (as ``1 - alpha`` and ``alpha`` sum
-    to one; no earlier state needed), and ``dK_{t-1} = alpha dK_t`` (and the same for V)."""
 
-    @staticmethod
-    def forward(ctx, q, k, v, log_alpha, initial, keep: bool = True):
-        lib = fused_kernel()
-        T, d = q.shape[-2:]
-        rows, S = initial.shape[0], log_alpha.shape[-1]
-        if lib is None:
-            raise RuntimeError(f"the fused kv-memory kernel is unavailable: {native.unavailable_reason('kv_memory_cpu')}")
-        if S not in FUSED_SLOTS:
-            raise ValueError(f"the fused kv-memory kernel takes 16, 32, ..., 128 slots per head, got {S}")
-        span = fused_span(T)
-        raw = log_alpha.float()
-        K0, V0 = _transposed_slots(initial, d)
-        # kept for the backward only if one can run (``keep``; an evaluation at long T would
-        # otherwise hold T / span states per row)
-        p = q.new_empty(rows, T, S, dtype=torch.float32) if keep else None
-        checkpoints = q.new_empty(rows, -(-T // span), 2, d, S, dtype=torch.float32) if keep else None
-        K_final, V_final = torch.empty_like(K0), torch.empty_like(V0)
-        out = q.new_empty(q.shape[0], T, q.shape[1], d).transpose(1, 2) if q.dim() == 4 else q.new_empty(rows, T, d)
-        heads = q.shape[1] if q.dim() == 4 else 1
-        (sq, pq), (sk, pk), (sv, pv), (sla, pla), (so, po) = (_operand(x, heads) for x in (q, k, v, raw, out))
-        status = lib.kv_memory_forward(rows, heads, T, d, S, span, int(q.dtype == torch.bfloat16), pq, sq, pk, sk,
-                                       pv, sv, pla, sla, LOG_ALPHA_MIN, K0.data_ptr(), V0.data_ptr(), po, so,
-                                       None if p is None else p.data_ptr(),
-                                       None if checkpoints is None else checkpoints.data_ptr(),
-                                       K_final.data_ptr(), V_final.data_ptr(),
-                                       torch.get_num_threads())
-        assert status == 0, status
-        ctx.save_for_backward(q, k, v, raw, p, checkpoints)
-        ctx.span, ctx.initial_dtype, ctx.gate_dtype = span, initial.dtype, log_alpha.dtype
-        final = torch.cat([K_final.transpose(1, 2), V_final.transpose(1, 2)], dim=-1)
-        return out, final.to(initial.dtype)
+def _fused_shapes(q: torch.Tensor, log_alpha: torch.Tensor, initial: torch.Tensor, keep: bool):
+    """The fused op's results, allocated (empty): reads, final state, softmax, checkpoints."""
+    T, d = q.shape[-2:]
+    rows, S = initial.shape[0], log_alpha.shape[-1]
+    span = fused_span(T)
+    out = q.new_empty(q.shape[0], T, q.shape[1], d).transpose(1, 2) if q.dim() == 4 else q.new_empty(rows, T, d)
+    final = initial.new_empty(rows, S, 2 * d, dtype=torch.float32)
+    p = q.new_empty((rows, T, S) if keep else (0,), dtype=torch.float32)
+    checkpoints = q.new_empty((rows, -(-T // span), 2, d, S) if keep else (0,), dtype=torch.float32)
+    return out, final, p, checkpoints
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out, d_final):
-        q, k, v, raw, p, checkpoints = ctx.saved_tensors
-        lib = fused_kernel()
-        T, d = q.shape[-2:]
-        rows, S = p.shape[0], p.shape[-1]
-        d_out = d_out.to(q.dtype)
-        dK_final, dV_final = _transposed_slots(d_final, d)
-        dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-        d_log_alpha = torch.empty_like(raw)
-        dK0, dV0 = torch.empty_like(dK_final), torch.empty_like(dV_final)
-        heads = q.shape[1] if q.dim() == 4 else 1
-        operands = [_operand(x, heads) for x in (q, k, v, raw, d_out, dq, dk, dv, d_log_alpha)]
-        (sq, pq), (sk, pk), (sv, pv), (sla, pla), (sdo, pdo), (sdq, pdq), (sdk, pdk), (sdv, pdv), (sdla, pdla) = operands
-        status = lib.kv_memory_backward(rows, heads, T, d, S, ctx.span, int(q.dtype == torch.bfloat16), pq, sq, pk,
-                                        sk, pv, sv, pla, sla, LOG_ALPHA_MIN, p.data_ptr(), checkpoints.data_ptr(),
-                                        pdo, sdo, dK_final.data_ptr(), dV_final.data_ptr(), pdq, sdq, pdk, sdk, pdv,
-                                        sdv, pdla, sdla, dK0.data_ptr(), dV0.data_ptr(), torch.get_num_threads())
-        assert status == 0, status
-        d_initial = torch.cat([dK0.transpose(1, 2), dV0.transpose(1, 2)], dim=-1)
-        return dq, dk, dv, d_log_alpha.to(ctx.gate_dtype), d_initial.to(ctx.initial_dtype), None
+
+@torch.library.custom_op("gam::kv_memory_fused", mutates_args=())
+def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
+                   initial: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    lib = fused_kernel()
+    T, d = q.shape[-2:]
+    rows, S = initial.shape[0], log_alpha.shape[-1]
+    if lib is None:
+        raise RuntimeError(f"the fused kv-memory kernel is unavailable: {native.unavailable_reason('kv_memory_cpu')}")
+    if S not in FUSED_SLOTS:
+        raise ValueError(f"the fused kv-memory kernel takes 16, 32, ..., 128 slots per head, got {S}")
+    q, k, v, log_alpha = _unit_feature_stride(q, k, v, log_alpha)
+    out, final, p, checkpoints = _fused_shapes(q, log_alpha, initial, keep)
+    K0, V0 = _transposed_slots(initial, d)
+    K_final, V_final = torch.empty_like(K0), torch.empty_like(V0)
+    heads = q.shape[1] if q.dim() == 4 else 1
+    (sq, pq), (sk, pk), (sv, pv), (sla, pla), (so, po) = (_operand(x, heads) for x in (q, k, v, log_alpha, out))
+    status = lib.kv_memory_forward(rows, heads, T, d, S, fused_span(T), int(q.dtype == torch.bfloat16), pq, sq, pk,
+                                   sk, pv, sv, pla, sla, LOG_ALPHA_MIN, K0.data_ptr(), V0.data_ptr(), po, so,
+                                   p.data_ptr() if keep else None, checkpoints.data_ptr() if keep else None,
+                                   K_final.data_ptr(), V_final.data_ptr(), torch.get_num_threads())
+    assert status == 0, status
+    final.copy_(torch.cat([K_final.transpose(1, 2), V_final.transpose(1, 2)], dim=-1))
+    return out, final, p, checkpoints
+
+
+@_fused_forward.register_fake
+def _(q, k, v, log_alpha, initial, keep):
+    return _fused_shapes(q, log_alpha, initial, keep)
+
+
+@torch.library.custom_op("gam::kv_memory_fused_backward", mutates_args=())
+def _fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
+                    p: torch.Tensor, checkpoints: torch.Tensor, d_out: torch.Tensor,
+                    d_final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    lib = fused_kernel()
+    T, d = q.shape[-2:]
+    rows, S = p.shape[0], p.shape[-1]
+    dq, dk, dv, d_log_alpha = (_like(x) for x in (q, k, v, log_alpha))
+    q, k, v, log_alpha, d_out = _unit_feature_stride(q, k, v, log_alpha, d_out.to(q.dtype))
+    dK_final, dV_final = _transposed_slots(d_final, d)
+    dK0, dV0 = torch.empty_like(dK_final), torch.empty_like(dV_final)
+    heads = q.shape[1] if q.dim() == 4 else 1
+    operands = [_operand(x, heads) for x in (q, k, v, log_alpha, d_out, dq, dk, dv, d_log_alpha)]
+    (sq, pq), (sk, pk), (sv, pv), (sla, pla), (sdo, pdo), (sdq, pdq), (sdk, pdk), (sdv, pdv), (sdla, pdla) = operands
+    status = lib.kv_memory_backward(rows, heads, T, d, S, fused_span(T), int(q.dtype == torch.bfloat16), pq, sq, pk,
+                                    sk, pv, sv, pla, sla, LOG_ALPHA_MIN, p.data_ptr(), checkpoints.data_ptr(), pdo,
+                                    sdo, dK_final.data_ptr(), dV_final.data_ptr(), pdq, sdq, pdk, sdk, pdv, sdv, pdla,
+                                    sdla, dK0.data_ptr(), dV0.data_ptr(), torch.get_num_threads())
+    assert status == 0, status
+    return dq, dk, dv, d_log_alpha, torch.cat([dK0.transpose(1, 2), dV0.transpose(1, 2)], dim=-1)
+
+
+@_fused_backward.register_fake
+def _(q, k, v, log_alpha, p, checkpoints, d_out, d_final):
+    rows, S = p.shape[0], p.shape[-1]
+    return (*(_like(x) for x in (q, k, v, log_alpha)),
+            log_alpha.new_empty(rows, S, 2 * q.shape[-1], dtype=torch.float32))
+
+
+def _fused_setup_context(ctx, inputs, output):
+    q, k, v, log_alpha, _, keep = inputs
+    _, _, p, checkpoints = output
+    ctx.save_for_backward(q, k, v, log_alpha, p, checkpoints)
+    ctx.keep = keep
+
+
+def _fused_autograd(ctx, d_out, d_final, _d_p, _d_checkpoints):
+    if not ctx.keep:
+        raise RuntimeError("gam::kv_memory_fused ran with keep=False: nothing was kept for a backward")
+    q, k, v, log_alpha, p, checkpoints = ctx.saved_tensors
+    if d_out is None:
+        d_out = torch.zeros_like(q)
+    if d_final is None:
+        d_final = q.new_zeros(p.shape[0], p.shape[-1], 2 * q.shape[-1], dtype=torch.float32)
+    return (*_fused_backward(q, k, v, log_alpha, p, checkpoints, d_out, d_final), None)
+
+
+torch.library.register_autograd("gam::kv_memory_fused", _fused_autograd, setup_context=_fused_setup_context)
 
 
 def kv_memory_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
                     state: State) -> tuple[torch.Tensor, State]:
     """:func:`kv_memory_recurrent` (same arguments and results) as the fused CPU kernel
-    (:class:`KVMemoryFused`; :func:`fused_applies` says where it runs). Under autocast,
-    q, k and v are cast to the autocast dtype; the arithmetic is fp32."""
+    (:func:`fused_applies` says where it runs). Under autocast, q, k and v are cast to the
+    autocast dtype; the final state has the initial state's dtype.
+
+    The recurrence as one C kernel per pass, registered as the custom ops
+    ``gam::kv_memory_fused`` and ``gam::kv_memory_fused_backward`` (so that ``torch.compile``
+    keeps them whole in its graph, and autograd runs the second for the first): q, k, v
+    (rows, T, d) in fp32 or bf16 alike and ``log_alpha`` (rows, T, S, fp32); or all four
+    (B, H, T, X) views of any strides with unit feature stride (rows = B H, head-major: the
+    heads of a (B, T, H X) projection without copies); the initial state (rows, S, 2d: key and
+    value slots side by side, fp32). Returns the reads (rows, T, d; for views, (B, H, T, d)
+    over (B, T, H, d) memory, so that the heads concatenate without a copy) in q's dtype, the
+    final state (fp32), and what the backward needs: the softmax of every token (rows, T, S)
+    and the state every :func:`fused_span` tokens (fp32; both empty unless ``keep``: this
+    function keeps them only if a backward can run). The kernel computes the bounded
+    gates' ``alpha`` and ``1 - alpha`` from ``log_alpha`` as it goes. fp32 arithmetic throughout.
+
+    The backward recomputes each span's states from its checkpoint and runs the recurrence
+    in reverse, with ``g`` the carried gradient of a state: through the read ``o = V_t^T p``,
+    ``dp = V_t do``, ``dV_t += p do^T``, ``dz = p (dp - p . dp)``, ``dq = K_t^T dz``,
+    ``dK_t += dz q^T``; through the write ``K_t = alpha K_{t-1} + (1 - alpha) k^T``,
+    ``dk = dK_t^T (1 - alpha)``, ``d log alpha = alpha (dK_t . (K_{t-1} - k) + ...)``
+    per slot, which is ``dK_t . (K_t - k) + dV_t . (V_t - v)`` (as ``1 - alpha`` and ``alpha`` sum
+    to one; no earlier state needed), and ``dK_{t-1} = alpha dK_t`` (and the same for V)."""
     dtype, d = compute_dtype(q), q.shape[-1]
     with torch.autocast(q.device.type, enabled=False):
-        q, k, v, log_alpha = _unit_feature_stride(q.to(dtype), k.to(dtype), v.to(dtype), log_alpha.float())
+        q, k, v, log_alpha = q.to(dtype), k.to(dtype), v.to(dtype), log_alpha.float()
         initial = torch.cat(state, dim=-1)
         keep = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, log_alpha, initial))
-        out, final = KVMemoryFused.apply(q, k, v, log_alpha, initial, keep)
+        out, final, _, _ = _fused_forward(q, k, v, log_alpha, initial.float(), keep)
+        final = final.to(initial.dtype)
     return out, (final[..., :d], final[..., d:])
 
 
