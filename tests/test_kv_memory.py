@@ -373,18 +373,22 @@ def test_block_chunked_matches_reference_recurrence(variant):
     assert torch.isfinite(g_fast).all()
 
 
-@pytest.mark.parametrize("variant", ["full", "global_only"])
-def test_kv_slot_block_compiles_without_graph_breaks(variant):
-    """torch._dynamo.explain of the block's forward: one graph, no break (the
-    hand-written Function traced whole, one tile). Compiled with fullgraph and AOT
-    autograd on the eager backend (no C++ compiler needed), so that its backward is
-    traced too: outputs and gradients equal the eager block's."""
+@pytest.mark.parametrize("variant,slots", [("full", 6), ("global_only", 6), ("full", 16)])
+def test_kv_slot_block_compiles_without_graph_breaks(variant, slots, monkeypatch):
+    """torch._dynamo.explain of the block's forward: one graph, no break (6 slots: the
+    hand-written Function traced whole, one tile; 16: the fused kernel's custom op, where
+    it is built, inside the graph). Compiled with fullgraph and AOT autograd on the eager
+    backend (no C++ compiler needed), so that its backward is traced too: outputs and
+    gradients equal the eager block's."""
+    monkeypatch.setattr(kv_ops, "CPU_CAPABILITY", kv_ops.FUSED_CPU_CAPABILITY)  # the kernel on any host
     torch.manual_seed(0)
-    block = GAMBlock(GAMConfig(**TINY, memory="kv_slots", variant=variant))
+    block = GAMBlock(GAMConfig(**{**TINY, "num_memory_slots": slots}, memory="kv_slots", variant=variant))
     x = torch.randn(2, 21, 16, requires_grad=True)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(block)(x)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    nodes = [str(node.target) for graph in explained.graphs for node in graph.graph.nodes]
+    assert any("kv_memory_fused" in n for n in nodes) == kv_ops.fused_applies(x, slots)
     leaves = (x, block.memory_bank, block.kv_memory.forget.weight, block.kv_memory.query.weight)
     eager = block(x)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x)

@@ -209,26 +209,3 @@ def test_without_gradients_nothing_is_kept_and_the_reads_are_the_same(monkeypatc
     for a, b in ((out, grad_out), (K, grad_K), (V, grad_V)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
-
-@needs_kernel
-def test_the_kernel_compiles_whole_into_the_blocks_graph(avx512):
-    """The custom ops under torch.compile: the 16-slot block's forward is one graph without
-    breaks, and compiled (fullgraph, AOT autograd on the eager backend, so the backward is
-    traced too) its outputs and gradients equal the eager block's."""
-    torch.manual_seed(0)
-    config = GAMConfig(vocab_size=50, block_size=64, n_embd=32, n_layer=1, num_memory_slots=16, memory_heads=2,
-                       dropout=0.0, memory="kv_slots")
-    block = GAMBlock(config)
-    x = torch.randn(2, 37, 32, requires_grad=True)
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(block)(x)
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-    assert any("kv_memory_fused" in str(node.target) for graph in explained.graphs for node in graph.graph.nodes)
-    leaves = (x, block.memory_bank, block.kv_memory.forget.weight, block.kv_memory.query.weight)
-    eager = block(x)
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
-    torch._dynamo.reset()
-    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
-    g = torch.randn(eager.shape)
-    for a, b in zip(torch.autograd.grad(compiled, leaves, g), torch.autograd.grad(eager, leaves, g)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

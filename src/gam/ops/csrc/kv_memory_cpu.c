@@ -196,6 +196,11 @@ static inline __attribute__((always_inline)) void load_span(
     }
 }
 
+/* x[b] = the b-th 16 slots of src, b < NB */
+static inline __attribute__((always_inline)) void load_slots(const int NB, const float *src, v16 *x) {
+    for (int b = 0; b < NB; b++) x[b] = LOAD(src + b * 16);
+}
+
 /* The states of rows j0 .. j1 - 1 after each of the span's n tokens, from M (d, S) at its start,
    written with x (n, d): into ws->states (n, j1 - j0, S) */
 static inline __attribute__((always_inline)) void group_states(const int NB, const Workspace *ws, const float *M,
@@ -237,11 +242,9 @@ static inline __attribute__((always_inline)) void forward_row(
             const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d;
             for (int64_t i = 0; i < n; i++) {
                 v16 a[MAX_BLOCKS], w[MAX_BLOCKS], z[MAX_BLOCKS];
-                for (int b = 0; b < NB; b++) {
-                    a[b] = LOAD(ws->a + i * S + b * 16);
-                    w[b] = LOAD(ws->w + i * S + b * 16);
-                    z[b] = LOAD(ws->z + i * S + b * 16);
-                }
+                load_slots(NB, ws->a + i * S, a);
+                load_slots(NB, ws->w + i * S, w);
+                load_slots(NB, ws->z + i * S, z);
                 const float *qi = ws->q + i * d, *ki = ws->k + i * d;
                 for (int64_t j = j0; j < j1; j++)
                     for (int b = 0; b < NB; b++) {
@@ -255,7 +258,7 @@ static inline __attribute__((always_inline)) void forward_row(
         }
         for (int64_t i = 0; i < n; i++) {
             v16 z[MAX_BLOCKS];
-            for (int b = 0; b < NB; b++) z[b] = LOAD(ws->z + i * S + b * 16);
+            load_slots(NB, ws->z + i * S, z);
             softmax(NB, z);
             for (int b = 0; b < NB; b++) {
                 STORE(ws->z + i * S + b * 16, z[b]);
@@ -266,11 +269,9 @@ static inline __attribute__((always_inline)) void forward_row(
             const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d;
             for (int64_t i = 0; i < n; i++) {
                 v16 a[MAX_BLOCKS], w[MAX_BLOCKS], p[MAX_BLOCKS];
-                for (int b = 0; b < NB; b++) {
-                    a[b] = LOAD(ws->a + i * S + b * 16);
-                    w[b] = LOAD(ws->w + i * S + b * 16);
-                    p[b] = LOAD(ws->z + i * S + b * 16);
-                }
+                load_slots(NB, ws->a + i * S, a);
+                load_slots(NB, ws->w + i * S, w);
+                load_slots(NB, ws->z + i * S, p);
                 const float *vi = ws->v + i * d;
                 for (int64_t j = j0; j < j1; j++) {
                     v16 acc = a[0] * 0.0f;
@@ -321,13 +322,11 @@ static inline __attribute__((always_inline)) void backward_row(
                 const float *Vt = ws->states + i * rows * S, *p = p_kept + (r * T + t0 + i) * S;
                 const float *doi = ws->o + i * d, *vi = ws->v + i * d;
                 v16 a[MAX_BLOCKS], w[MAX_BLOCKS], pb[MAX_BLOCKS], dpb[MAX_BLOCKS], da[MAX_BLOCKS];
-                for (int b = 0; b < NB; b++) {
-                    a[b] = LOAD(ws->a + i * S + b * 16);
-                    w[b] = LOAD(ws->w + i * S + b * 16);
-                    pb[b] = LOAD(p + b * 16);
-                    dpb[b] = LOAD(dp + i * S + b * 16);
-                    da[b] = LOAD(ws->dalpha + i * S + b * 16);
-                }
+                load_slots(NB, ws->a + i * S, a);
+                load_slots(NB, ws->w + i * S, w);
+                load_slots(NB, p, pb);
+                load_slots(NB, dp + i * S, dpb);
+                load_slots(NB, ws->dalpha + i * S, da);
                 for (int64_t j = j0; j < j1; j++) {
                     const float doj = doi[j], vj = vi[j];
                     v16 acc = a[0] * 0.0f;
@@ -363,12 +362,10 @@ static inline __attribute__((always_inline)) void backward_row(
             for (int64_t i = n - 1; i >= 0; i--) {
                 const float *Kt = ws->states + i * rows * S, *qi = ws->q + i * d, *ki = ws->k + i * d;
                 v16 a[MAX_BLOCKS], w[MAX_BLOCKS], dz[MAX_BLOCKS], da[MAX_BLOCKS];
-                for (int b = 0; b < NB; b++) {
-                    a[b] = LOAD(ws->a + i * S + b * 16);
-                    w[b] = LOAD(ws->w + i * S + b * 16);
-                    dz[b] = LOAD(dp + i * S + b * 16);
-                    da[b] = LOAD(ws->dalpha + i * S + b * 16);
-                }
+                load_slots(NB, ws->a + i * S, a);
+                load_slots(NB, ws->w + i * S, w);
+                load_slots(NB, dp + i * S, dz);
+                load_slots(NB, ws->dalpha + i * S, da);
                 for (int64_t j = j0; j < j1; j++) {
                     const float qj = qi[j], kj = ki[j];
                     v16 acc_q = a[0] * 0.0f, acc_k = acc_q;
@@ -420,29 +417,33 @@ static int64_t group_rows(int64_t span, int64_t d, int64_t S) {
     return GROUP_ROWS < d ? GROUP_ROWS : d;
 }
 
-/* The forward keeps p and the checkpoints for the backward; either may be NULL, when none will run.
-   Both return 0, or -1 where S is not a multiple of 16 in 16..128 (nothing written). */
+/* Each entry point: the rows in parallel, each thread with its workspace, denormals flushed,
+   every row through CALL(NB) with the number of 16-slot blocks as a constant; returns 0, or -1
+   where S is not a multiple of 16 in 16..128 (nothing written). */
+#define FOR_EACH_ROW(CALL)                                                                             \
+    if (S % 16 != 0 || S < 16 || S > 16 * MAX_BLOCKS) return -1;                                       \
+    const int NB = (int)(S / 16);                                                                      \
+    const int64_t per_group = group_rows(span, d, S);                                                  \
+    _Pragma("omp parallel num_threads(threads)") {                                                     \
+        FLUSH_DENORMALS                                                                                \
+        float *buf = aligned_alloc(64, sizeof(float) * ((workspace_floats(span, d, S, per_group) + 15) / 16 * 16)); \
+        const Workspace ws = workspace(buf, span, d, S, per_group);                                    \
+        _Pragma("omp for schedule(static)")                                                            \
+        for (int64_t r = 0; r < rows; r++) BY_BLOCKS(NB, CALL)                                         \
+        free(buf);                                                                                     \
+        RESTORE_DENORMALS                                                                              \
+    }                                                                                                  \
+    return 0;
+
+/* The forward keeps p and the checkpoints for the backward; either may be NULL, when none will run. */
 int kv_memory_forward(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_t S, int64_t span, int bf16,
                       const void *q, Strides sq, const void *k, Strides sk, const void *v, Strides sv,
                       const float *log_alpha, Strides sla, float log_alpha_min, const float *K0, const float *V0,
                       void *out, Strides so, float *p_kept, float *checkpoints, float *K_final, float *V_final,
                       int threads) {
-    if (S % 16 != 0 || S < 16 || S > 16 * MAX_BLOCKS) return -1;
-    const int NB = (int)(S / 16);
-    const int64_t per_group = group_rows(span, d, S);
-#pragma omp parallel num_threads(threads)
-    {
-        FLUSH_DENORMALS
-        float *buf = aligned_alloc(64, sizeof(float) * ((workspace_floats(span, d, S, per_group) + 15) / 16 * 16));
-        const Workspace ws = workspace(buf, span, d, S, per_group);
 #define FORWARD(N) forward_row(N, r, heads, T, d, span, per_group, bf16, q, &sq, k, &sk, v, &sv, log_alpha, &sla, \
                                log_alpha_min, K0, V0, out, &so, p_kept, checkpoints, K_final, V_final, &ws)
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) BY_BLOCKS(NB, FORWARD)
-        free(buf);
-        RESTORE_DENORMALS
-    }
-    return 0;
+    FOR_EACH_ROW(FORWARD)
 }
 
 int kv_memory_backward(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_t S, int64_t span, int bf16,
@@ -451,21 +452,8 @@ int kv_memory_backward(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_
                        const float *checkpoints, const void *d_out, Strides sdo, const float *dK_final,
                        const float *dV_final, void *dq, Strides sdq, void *dk, Strides sdk, void *dv, Strides sdv,
                        float *d_log_alpha, Strides sdla, float *dK0, float *dV0, int threads) {
-    if (S % 16 != 0 || S < 16 || S > 16 * MAX_BLOCKS) return -1;
-    const int NB = (int)(S / 16);
-    const int64_t per_group = group_rows(span, d, S);
-#pragma omp parallel num_threads(threads)
-    {
-        FLUSH_DENORMALS
-        float *buf = aligned_alloc(64, sizeof(float) * ((workspace_floats(span, d, S, per_group) + 15) / 16 * 16));
-        const Workspace ws = workspace(buf, span, d, S, per_group);
 #define BACKWARD(N) backward_row(N, r, heads, T, d, span, per_group, bf16, q, &sq, k, &sk, v, &sv, log_alpha, &sla, \
                                  log_alpha_min, p_kept, checkpoints, d_out, &sdo, dK_final, dV_final, dq, &sdq, \
                                  dk, &sdk, dv, &sdv, d_log_alpha, &sdla, dK0, dV0, &ws)
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) BY_BLOCKS(NB, BACKWARD)
-        free(buf);
-        RESTORE_DENORMALS
-    }
-    return 0;
+    FOR_EACH_ROW(BACKWARD)
 }
