@@ -531,3 +531,13 @@ def test_bench_kv_memory_script_times_both_forms_and_checks_the_recurrence():
     assert bf16.returncode == 0 and "| 20 | hand-written |" in bf16.stdout and "bf16" in bf16.stdout, bf16.stderr
     bad = subprocess.run([sys.executable, str(script), "--lengths", "long"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--lengths must be comma-separated integers" in bad.stderr
+    if kv_ops.fused_kernel() is not None:  # the fused kernel's form: checked against the recurrence too
+        fused = subprocess.run([sys.executable, str(script), "--batch-heads", "2", "--dim", "8", "--slots", "16",
+                                "--lengths", "20", "--repeats", "1", "--forms", "hand-written,fused"],
+                               capture_output=True, text=True, timeout=300)
+        assert fused.returncode == 0, fused.stderr[-2000:]
+        error = fused.stdout.split("fp32): ")[1].splitlines()[0].split("fused ")[1]
+        assert float(error) < 1e-5 and "| 20 | fused |" in fused.stdout
+    wrong = subprocess.run([sys.executable, str(script), "--slots", "4", "--forms", "fused", "--lengths", "8"],
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "form 'fused' cannot run" in wrong.stderr

@@ -6,6 +6,7 @@ compiler leaves the kernel unavailable with its reason, never a traceback."""
 
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -159,11 +160,18 @@ def test_without_a_compiler_the_kernel_is_unavailable_with_its_reason(monkeypatc
     monkeypatch.setattr(native, "_reasons", {})
     monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    assert native.library("kv_memory_cpu") is None
+    with pytest.warns(RuntimeWarning, match="kv_memory_cpu is unavailable .no C compiler"):
+        assert native.library("kv_memory_cpu") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once a process: no second warning
+        assert native.library("kv_memory_cpu") is None
     assert "no C compiler" in native.unavailable_reason("kv_memory_cpu")
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv("GAM_NATIVE", "0")
-    assert native.library("kv_memory_cpu") is None and native.unavailable_reason("kv_memory_cpu") == "GAM_NATIVE=0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: no warning
+        assert native.library("kv_memory_cpu") is None
+    assert native.unavailable_reason("kv_memory_cpu") == "GAM_NATIVE=0"
     q = torch.zeros(1, 2, 4)
     assert not fused_applies(q, 16)  # and so kv_memory takes the chunked form
 
@@ -175,7 +183,8 @@ def test_a_failing_build_leaves_no_library_and_says_why(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_reasons", {})
     monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")
-    assert native.library("kv_memory_cpu") is None
+    with pytest.warns(RuntimeWarning, match="could not build"):
+        assert native.library("kv_memory_cpu") is None
     assert native.unavailable_reason("kv_memory_cpu").startswith("could not build kv_memory_cpu: false failed")
     assert list((tmp_path / "native").iterdir()) == []  # no half-written library left
 

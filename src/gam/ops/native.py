@@ -6,7 +6,8 @@ another) into ``$GAM_CACHE_DIR/native`` (default ``~/.cache/gam/native``), by a
 temporary file renamed into place, so that concurrent first uses cannot load a
 half-written library. No compiler, a failed build or ``GAM_NATIVE=0`` leave the
 kernel unavailable: :func:`library` returns None and :func:`unavailable_reason`
-says why; callers keep their PyTorch forms. Nothing here imports torch's C++
+says why (with a ``RuntimeWarning``, once a process, unless ``GAM_NATIVE=0`` asked
+for it); callers keep their PyTorch forms. Nothing here imports torch's C++
 extension machinery (no ninja, no torch headers: a build takes about a second).
 """
 
@@ -19,6 +20,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 SOURCES = Path(__file__).parent / "csrc"
@@ -89,6 +91,9 @@ def library(name: str) -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(_build(name, compiler)))
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             _reasons[name] = f"could not build {name}: {err}"
+    if lib is None and _reasons[name] != "GAM_NATIVE=0":  # once a process; slower, not wrong
+        warnings.warn(f"gam: the C kernel {name} is unavailable ({_reasons[name]}); the PyTorch forms run instead",
+                      RuntimeWarning, stacklevel=2)
     _loaded[name] = lib
     return lib
 
