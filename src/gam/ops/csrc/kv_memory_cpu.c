@@ -17,12 +17,13 @@
  * over (T, S) tensors in memory. The forward keeps the state every `span`
  * tokens and the softmax p_t; the backward recomputes each span's states from
  * its checkpoint into a buffer and runs the recurrence in reverse, carrying the
- * gradient of the state (gam/ops/kv_memory.py, KVMemoryFused, has the maths).
+ * gradient of the state (gam/ops/kv_memory.py, kv_memory_fused, has the maths).
  *
  * q, k, v, the reads and their gradients are fp32 or bf16 (`bf16` flag), with
  * strides: element (r, t, j) of a tensor with strides (sb, sh, st) and `heads`
  * H sits at (r / H) sb + (r % H) sh + t st + j; the gates log alpha and their
- * gradient are fp32 with strides likewise. Everything else is fp32 and contiguous. Rows run in parallel (OpenMP); the arithmetic is fp32 throughout.
+ * gradient are fp32 with strides likewise. Everything else is fp32 and
+ * contiguous. Rows run in parallel (OpenMP); the arithmetic is fp32 throughout.
  */
 #include <stdint.h>
 #include <stdlib.h>
