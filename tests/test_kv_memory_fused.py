@@ -6,6 +6,8 @@ compiler leaves the kernel unavailable with its reason, never a traceback."""
 
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -155,10 +157,16 @@ def test_kv_slot_block_with_the_kernel_equals_its_recurrent_reference(variant, a
     assert torch.isfinite(torch.autograd.grad(fast.sum(), x)[0]).all()
 
 
-def test_without_a_compiler_the_kernel_is_unavailable_with_its_reason(monkeypatch, tmp_path, avx512):
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """gam.ops.native as in a new process, caching into an empty folder (returned)."""
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setattr(native, "_reasons", {})
     monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path))
+    return tmp_path / "native"
+
+
+def test_without_a_compiler_the_kernel_is_unavailable_with_its_reason(monkeypatch, fresh_native, avx512):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     with pytest.warns(RuntimeWarning, match="kv_memory_cpu is unavailable .no C compiler"):
         assert native.library("kv_memory_cpu") is None
@@ -176,17 +184,14 @@ def test_without_a_compiler_the_kernel_is_unavailable_with_its_reason(monkeypatc
     assert not fused_applies(q, 16)  # and so kv_memory takes the chunked form
 
 
-def test_a_failing_build_leaves_no_library_and_says_why(monkeypatch, tmp_path):
+def test_a_failing_build_leaves_no_library_and_says_why(monkeypatch, fresh_native):
     if shutil.which("false") is None:
         pytest.skip("no `false` command")
-    monkeypatch.setattr(native, "_loaded", {})
-    monkeypatch.setattr(native, "_reasons", {})
-    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")
     with pytest.warns(RuntimeWarning, match="could not build"):
         assert native.library("kv_memory_cpu") is None
     assert native.unavailable_reason("kv_memory_cpu").startswith("could not build kv_memory_cpu: false failed")
-    assert list((tmp_path / "native").iterdir()) == []  # no half-written library left
+    assert list(fresh_native.iterdir()) == []  # no half-written library left
 
 
 @pytest.mark.skipif(shutil.which("cc") is None or os.environ.get("GAM_NATIVE") == "0",
@@ -218,3 +223,26 @@ def test_without_gradients_nothing_is_kept_and_the_reads_are_the_same(monkeypatc
     for a, b in ((out, grad_out), (K, grad_K), (V, grad_V)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
+
+
+@needs_kernel
+def test_a_corrupt_cached_library_is_built_again(fresh_native):
+    """A cached library that does not load (a truncated file) is replaced, not kept broken;
+    in a new process, as the next run would find it (this one has the library open)."""
+    assert native.library("kv_memory_cpu") is not None
+    (cached,) = fresh_native.glob("kv_memory_cpu-*.so")
+    cached.write_bytes(b"not a shared library")
+    code = "import gam.ops.native as n; assert n.library('kv_memory_cpu') is not None, n.unavailable_reason('kv_memory_cpu')"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "GAM_CACHE_DIR": str(fresh_native.parent)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert cached.stat().st_size > 1000
+
+
+@needs_kernel
+def test_an_empty_sequence_reads_nothing_and_passes_the_state_through():
+    leaves = inputs(T=0, S=16)
+    out, (K, V) = kv_memory_fused(*leaves[:4], (leaves[4], leaves[5]))
+    assert out.shape == (3, 0, 5) and torch.equal(K, leaves[4]) and torch.equal(V, leaves[5])
+    grads = torch.autograd.grad(K.sum() + 2 * V.sum(), [leaves[4], leaves[5]])
+    assert (grads[0] == 1).all() and (grads[1] == 2).all()

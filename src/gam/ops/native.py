@@ -52,15 +52,17 @@ def _cpu_identity() -> str:
     return "\n".join(dict.fromkeys(keep))
 
 
-def _build(name: str, compiler: str) -> Path:
-    source = SOURCES / f"{name}.c"
-    text = source.read_bytes()
+def _target(name: str, compiler: str) -> Path:
+    """Where ``name``'s library for this source, compiler, flags and CPU is cached."""
+    text = (SOURCES / f"{name}.c").read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([text, version.encode(), " ".join(FLAGS).encode(),
                                      _cpu_identity().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"{name}-{key}.so"
-    if target.exists():
-        return target
+    return cache_dir() / f"{name}-{key}.so"
+
+
+def _build(name: str, compiler: str, target: Path) -> None:
+    source = SOURCES / f"{name}.c"
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{name}-", suffix=".so.tmp", dir=target.parent)
     os.close(fd)
@@ -74,7 +76,19 @@ def _build(name: str, compiler: str) -> Path:
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
-    return target
+
+
+def _load(name: str, compiler: str) -> ctypes.CDLL:
+    """The cached library, built if missing, and built again if the cached file does not load
+    (truncated by a full disk or a crash: it would otherwise stay broken)."""
+    target = _target(name, compiler)
+    if target.exists():
+        try:
+            return ctypes.CDLL(str(target))
+        except OSError:
+            target.unlink(missing_ok=True)
+    _build(name, compiler, target)
+    return ctypes.CDLL(str(target))
 
 
 def library(name: str) -> ctypes.CDLL | None:
@@ -88,7 +102,7 @@ def library(name: str) -> ctypes.CDLL | None:
         _reasons[name] = f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH"
     else:
         try:
-            lib = ctypes.CDLL(str(_build(name, compiler)))
+            lib = _load(name, compiler)
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             _reasons[name] = f"could not build {name}: {err}"
     if lib is None and _reasons[name] != "GAM_NATIVE=0":  # once a process; slower, not wrong

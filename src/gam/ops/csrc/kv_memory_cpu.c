@@ -32,7 +32,8 @@
 #include <xmmintrin.h>
 /* Denormals flushed to zero (FTZ) and read as zero (DAZ) inside the kernels: a carried gradient
    of a slot that its reads hardly touch decays by alpha every token into the denormal range,
-   where x86 arithmetic is many times slower (a 4x slower backward in one test); results change
+   where x86 arithmetic is many times slower (a test variant with its recomputed states left at
+   zero: backward 108 ms without the flush, 19 with it, paper shape, 1 thread); results change
    only below 1e-38. Restored on the way out. */
 #define FLUSH_DENORMALS unsigned int saved_csr = _mm_getcsr(); _mm_setcsr(saved_csr | 0x8040);
 #define RESTORE_DENORMALS _mm_setcsr(saved_csr);
@@ -202,6 +203,15 @@ static inline __attribute__((always_inline)) void load_slots(const int NB, const
     for (int b = 0; b < NB; b++) x[b] = LOAD(src + b * 16);
 }
 
+/* The i-th token's per-slot vectors of a span: its gates alpha and w, and one more (n, S) buffer's row */
+static inline __attribute__((always_inline)) void load_token(const int NB, const Workspace *ws, int64_t i,
+                                                             const float *more, v16 *a, v16 *w, v16 *x) {
+    const int64_t S = NB * 16;
+    load_slots(NB, ws->a + i * S, a);
+    load_slots(NB, ws->w + i * S, w);
+    load_slots(NB, more + i * S, x);
+}
+
 /* The states of rows j0 .. j1 - 1 after each of the span's n tokens, from M (d, S) at its start,
    written with x (n, d): into ws->states (n, j1 - j0, S) */
 static inline __attribute__((always_inline)) void group_states(const int NB, const Workspace *ws, const float *M,
@@ -243,9 +253,7 @@ static inline __attribute__((always_inline)) void forward_row(
             const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d;
             for (int64_t i = 0; i < n; i++) {
                 v16 a[MAX_BLOCKS], w[MAX_BLOCKS], z[MAX_BLOCKS];
-                load_slots(NB, ws->a + i * S, a);
-                load_slots(NB, ws->w + i * S, w);
-                load_slots(NB, ws->z + i * S, z);
+                load_token(NB, ws, i, ws->z, a, w, z);
                 const float *qi = ws->q + i * d, *ki = ws->k + i * d;
                 for (int64_t j = j0; j < j1; j++)
                     for (int b = 0; b < NB; b++) {
@@ -270,9 +278,7 @@ static inline __attribute__((always_inline)) void forward_row(
             const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d;
             for (int64_t i = 0; i < n; i++) {
                 v16 a[MAX_BLOCKS], w[MAX_BLOCKS], p[MAX_BLOCKS];
-                load_slots(NB, ws->a + i * S, a);
-                load_slots(NB, ws->w + i * S, w);
-                load_slots(NB, ws->z + i * S, p);
+                load_token(NB, ws, i, ws->z, a, w, p);
                 const float *vi = ws->v + i * d;
                 for (int64_t j = j0; j < j1; j++) {
                     v16 acc = a[0] * 0.0f;
@@ -323,11 +329,9 @@ static inline __attribute__((always_inline)) void backward_row(
                 const float *Vt = ws->states + i * rows * S, *p = p_kept + (r * T + t0 + i) * S;
                 const float *doi = ws->o + i * d, *vi = ws->v + i * d;
                 v16 a[MAX_BLOCKS], w[MAX_BLOCKS], pb[MAX_BLOCKS], dpb[MAX_BLOCKS], da[MAX_BLOCKS];
-                load_slots(NB, ws->a + i * S, a);
-                load_slots(NB, ws->w + i * S, w);
+                load_token(NB, ws, i, ws->dalpha, a, w, da);
                 load_slots(NB, p, pb);
                 load_slots(NB, dp + i * S, dpb);
-                load_slots(NB, ws->dalpha + i * S, da);
                 for (int64_t j = j0; j < j1; j++) {
                     const float doj = doi[j], vj = vi[j];
                     v16 acc = a[0] * 0.0f;
@@ -363,10 +367,8 @@ static inline __attribute__((always_inline)) void backward_row(
             for (int64_t i = n - 1; i >= 0; i--) {
                 const float *Kt = ws->states + i * rows * S, *qi = ws->q + i * d, *ki = ws->k + i * d;
                 v16 a[MAX_BLOCKS], w[MAX_BLOCKS], dz[MAX_BLOCKS], da[MAX_BLOCKS];
-                load_slots(NB, ws->a + i * S, a);
-                load_slots(NB, ws->w + i * S, w);
+                load_token(NB, ws, i, ws->dalpha, a, w, da);
                 load_slots(NB, dp + i * S, dz);
-                load_slots(NB, ws->dalpha + i * S, da);
                 for (int64_t j = j0; j < j1; j++) {
                     const float qj = qi[j], kj = ki[j];
                     v16 acc_q = a[0] * 0.0f, acc_k = acc_q;
