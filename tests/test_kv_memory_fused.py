@@ -227,16 +227,18 @@ def test_without_gradients_nothing_is_kept_and_the_reads_are_the_same(monkeypatc
 
 @needs_kernel
 def test_a_corrupt_cached_library_is_built_again(fresh_native):
-    """A cached library that does not load (a truncated file) is replaced, not kept broken;
-    in a new process, as the next run would find it (this one has the library open)."""
-    assert native.library("kv_memory_cpu") is not None
-    (cached,) = fresh_native.glob("kv_memory_cpu-*.so")
+    """A cached library that does not load (a truncated file) is replaced, not kept broken: a
+    new process, as the next run would, finds garbage where the library belongs and builds it
+    again. (This process never loads that file: overwriting a library a process has mapped
+    crashes the process, which is why builds rename a finished file into place.)"""
+    cached = native._target("kv_memory_cpu", native._compiler())
+    cached.parent.mkdir(parents=True)
     cached.write_bytes(b"not a shared library")
     code = "import gam.ops.native as n; assert n.library('kv_memory_cpu') is not None, n.unavailable_reason('kv_memory_cpu')"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "GAM_CACHE_DIR": str(fresh_native.parent)})
     assert run.returncode == 0, run.stderr[-2000:]
-    assert cached.stat().st_size > 1000
+    assert cached.stat().st_size > 1000 and list(fresh_native.iterdir()) == [cached]
 
 
 @needs_kernel
