@@ -69,6 +69,77 @@ def test_fused_bf16_is_close_to_the_fp64_reference_of_its_inputs():
         assert rel_rms(got.double(), want) < 1e-2
 
 
+def read_with_options(fn, q_scale, norm_eps=1e-5):
+    """The layer's read as ``fn`` (q, k, v, z, K0, V0, norm weight) -> (reads, K, V): forget logits z,
+    the query scaled, each read RMS-normalized (weight None: no norm)."""
+    def read(q, k, v, z, K0, V0, weight):
+        if fn is kv_memory_fused:
+            return kv_memory_fused(q, k, v, z, (K0, V0), gate_logits=True, q_scale=q_scale, norm_weight=weight,
+                                   norm_eps=norm_eps)
+        out, state = fn(q * q_scale, k, v, F.logsigmoid(z), (K0, V0))
+        return (out if weight is None else F.rms_norm(out, (out.shape[-1],), weight, norm_eps)), state
+    return read
+
+
+def run_options(fn, leaves, seed=1):
+    """Outputs and gradients (of a random projection of them) of ``fn`` from :func:`read_with_options`."""
+    out, (K, V) = fn(*leaves)
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (out, K, V)]
+    loss = sum((t.double() * w).sum() for t, w in zip((out, K, V), weights))
+    wanted = [x for x in leaves if x is not None]
+    return [out, K, V], list(torch.autograd.grad(loss, wanted))
+
+
+def option_inputs(T, S, d, norm, dtype=torch.float32, seed=0):
+    """q, k, v, forget logits from -6 to 6 (some below the bound), K0, V0, a norm weight or None."""
+    q, k, v, _, K0, V0 = inputs(T=T, S=S, d=d, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    z = (torch.rand(q.shape[0], T, S, generator=g) * 12 - 6).requires_grad_()
+    weight = (torch.rand(d, generator=g) + 0.5).requires_grad_() if norm else None
+    leaves = [q, k, v, z, K0, V0, weight]
+    return [x if x is None else x.detach().to(dtype if i < 4 else torch.float32).requires_grad_()
+            for i, x in enumerate(leaves)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("T", [1, FUSED_SPAN + 1, 2 * FUSED_SPAN + 7])
+@pytest.mark.parametrize("S,d,q_scale,norm", [(16, 5, 1.0, True), (64, 24, 24 ** -0.5, True), (48, 3, 0.5, False)])
+def test_fused_options_match_logsigmoid_scale_and_rms_norm_around_the_recurrence(T, S, d, q_scale, norm):
+    """Logits in, the query scaled and the reads normalized inside the kernel: the same outputs and
+    gradients (the norm's weight's too) as those passes around the fp64 recurrence."""
+    leaves = option_inputs(T, S, d, norm)
+    outs, grads = run_options(read_with_options(kv_memory_fused, q_scale), leaves)
+    reference_leaves = [x if x is None else x.detach().double().requires_grad_() for x in leaves]
+    ref_outs, ref_grads = run_options(read_with_options(kv_memory_recurrent, q_scale), reference_leaves)
+    assert len(grads) == (7 if norm else 6)
+    for got, want in zip(outs + grads, ref_outs + ref_grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, atol=1e-5 * max(1.0, want.abs().max().item()), rtol=0)
+
+
+@needs_kernel
+def test_fused_options_in_bf16_are_close_to_the_fp64_reference():
+    leaves = option_inputs(T=45, S=32, d=16, norm=True, dtype=torch.bfloat16)
+    outs, grads = run_options(read_with_options(kv_memory_fused, 0.25), leaves)
+    reference_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    ref_outs, ref_grads = run_options(read_with_options(kv_memory_recurrent, 0.25), reference_leaves)
+    assert outs[0].dtype == grads[0].dtype == grads[3].dtype == torch.bfloat16
+    for got, want in zip(outs + grads, ref_outs + ref_grads):
+        assert rel_rms(got.double(), want) < 1e-2
+
+
+@needs_kernel
+def test_logits_below_the_bound_get_no_gradient():
+    """The bound on logits is the bound on log alpha: logsigmoid(LOGIT_MIN) = LOG_ALPHA_MIN."""
+    assert abs(F.logsigmoid(torch.tensor(kv_ops.LOGIT_MIN, dtype=torch.float64)).item() - kv_ops.LOG_ALPHA_MIN) < 1e-12
+    leaves = option_inputs(T=20, S=16, d=5, norm=False)
+    _, grads = run_options(read_with_options(kv_memory_fused, 1.0), leaves)
+    below = leaves[3] < kv_ops.LOGIT_MIN
+    assert below.any() and (~below).any()
+    assert (grads[3][below] == 0).all() and (grads[3][~below] != 0).all()
+
+
 @needs_kernel
 def test_the_clamped_gate_gets_no_gradient_and_the_bound_is_the_chunked_forms():
     leaves = inputs(T=20, S=16, gate_low=-8.0)
@@ -132,29 +203,57 @@ def test_kv_memory_takes_the_kernel_where_it_applies_and_the_chunked_form_elsewh
 
 
 @needs_kernel
-@pytest.mark.parametrize("variant", ["full", "global_only"])
-def test_kv_slot_block_with_the_kernel_equals_its_recurrent_reference(variant, avx512):
-    """A block with 16 slots per head takes the kernel; its memory's reads and the block's
-    gradients equal those of the step-by-step reference."""
+@pytest.mark.parametrize("variant,design,fused_read", [
+    ("full", {}, True), ("global_only", {}, True), ("full", {"memory_feature_map": "swish"}, True),
+    ("full", {"memory_gate_normalizer": 8.0}, False)])
+def test_kv_slot_block_with_the_kernel_equals_its_recurrent_reference(variant, design, fused_read, avx512):
+    """A block with 16 slots per head takes the kernel (with the gate's logsigmoid, the query's
+    scale and the RMSNorm inside it, unless the gate is normalized); its memory's reads and the
+    gradients of the input and of every parameter of the memory equal the step-by-step
+    reference's."""
     torch.manual_seed(0)
     config = GAMConfig(vocab_size=50, block_size=64, n_embd=16, n_layer=1, num_memory_slots=16, memory_heads=2,
-                       dropout=0.0, memory="kv_slots", variant=variant)
+                       dropout=0.0, memory="kv_slots", variant=variant, **design)
     block = GAMBlock(config)
     x = torch.randn(2, 37, 16, requires_grad=True)
     h = block.ln1(x)
     local = block.local_context(h) if block.has_local else h
     mem = block.kv_memory
-    assert fused_applies(h, mem.num_slots)
+    assert fused_applies(h, mem.num_slots) and mem.fused_read_applies(h) == fused_read
     fused = mem(h, local, block.memory_bank)
     recurrent = mem(h, local, block.memory_bank, reference=True)
     torch.testing.assert_close(fused, recurrent, atol=1e-5, rtol=0)
-    params = [block.memory_bank, mem.forget.weight, mem.key.weight, x]
+    params = [x, block.memory_bank, *mem.parameters()]
     g = torch.randn(fused.shape)
     for a, b in zip(torch.autograd.grad(fused, params, g, retain_graph=True),
                     torch.autograd.grad(recurrent, params, g)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     fast = block(x)  # the fused path of the whole block runs the kernel as well
     assert torch.isfinite(torch.autograd.grad(fast.sum(), x)[0]).all()
+
+
+@needs_kernel
+def test_kv_slot_block_fast_path_under_bf16_autocast_is_close_to_the_fp32_reference(avx512):
+    """The block's fast path in bf16 (bf16 logits, q, k, v into the kernel; bf16 normalized reads
+    out) against the same block's fp32 reference path with the recurrence."""
+    torch.manual_seed(0)
+    config = GAMConfig(vocab_size=50, block_size=64, n_embd=32, n_layer=1, num_memory_slots=16, memory_heads=2,
+                       dropout=0.0, memory="kv_slots")
+    block = GAMBlock(config)
+    x = torch.randn(2, 45, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = block.forward_fast(x)
+    h = block.ln1(x)
+    local = block.local_context(h)
+    g_local, g_global = block.gate(h).chunk(2, dim=-1)
+    reads = block.kv_memory(h, local, block.memory_bank, reference=True)
+    reference = x + torch.sigmoid(g_local) * local + torch.sigmoid(g_global) * reads
+    reference = reference + block.ffn(block.ln2(reference))
+    assert rel_rms((fast - x).double(), (reference - x).double()) < 1e-2  # the block's own part
+    params = [x, *block.kv_memory.parameters()]
+    w = torch.randn(fast.shape)
+    for a, b in zip(torch.autograd.grad(fast, params, w), torch.autograd.grad(reference, params, w)):
+        assert rel_rms(a.double(), b.double()) < 2e-2
 
 
 @pytest.fixture
@@ -212,7 +311,7 @@ def test_without_gradients_nothing_is_kept_and_the_reads_are_the_same(monkeypatc
 
     def spy(*args):
         result = real_forward(*args)
-        kept.append((args[-1], result[2].numel() > 0, result[3].numel() > 0))
+        kept.append((args[5], result[2].numel() > 0, result[3].numel() > 0))
         return result
 
     monkeypatch.setattr(kv_ops, "_fused_forward", spy)

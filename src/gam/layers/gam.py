@@ -171,7 +171,7 @@ class GAMBlock(nn.Module):
         projection that reads it (the gate and the memory's query, value and gates) as
         one matmul, and the convolution as shifted multiply-adds in (B, T, C) layout
         (:func:`gam.ops.fused_block.causal_depthwise_conv`: no transposed copies).
-        The memory's own op is the same chunked form."""
+        The memory reads as in :meth:`gam.layers.kv_memory.KVSlotMemory.read_projections`."""
         memory = self.kv_memory
         h = self.ln1(x).to(compute_dtype(x))
         linears = ([self.gate] if self.variant == "full" else []) + memory.input_projections()
@@ -181,7 +181,7 @@ class GAMBlock(nn.Module):
         gates = projected.pop(0).chunk(2, dim=-1) if self.variant == "full" else None
         local = causal_depthwise_conv(h, self.causal_conv.weight, self.causal_conv.bias) if self.has_local else None
         keys = self.keys_from(h, local)
-        glob = memory.read(memory.from_projections(projected, F.linear(keys, memory.key.weight)), h, self.memory_bank)
+        glob = memory.read_projections(projected, F.linear(keys, memory.key.weight), h, self.memory_bank)
         if gates is not None:
             return torch.sigmoid(gates[0]) * local + torch.sigmoid(gates[1]) * glob
         return glob if local is None else local + glob

@@ -52,7 +52,14 @@ import torch.nn.functional as F
 
 from gam.ops import decode
 from gam.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
-from gam.ops.kv_memory import kv_memory, kv_memory_final_state, kv_memory_recurrent, kv_memory_step
+from gam.ops.kv_memory import (
+    fused_applies,
+    kv_memory,
+    kv_memory_final_state,
+    kv_memory_fused,
+    kv_memory_recurrent,
+    kv_memory_step,
+)
 
 RETENTION_TOKENS = (4.0, 256.0)  # initial retention times of each head's slots, shortest and longest (the default)
 
@@ -143,23 +150,51 @@ class KVSlotMemory(nn.Module):
         return bank, bank
 
     def _output(self, reads: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """(B, H, T, d) or (B*H, T, d) -> (B, T, C): per-head RMSNorm, heads concatenated,
-        (gated by swish(W_g h) with the output gate,) projected. The fused kernel's reads
-        lie in (B, T, H, d) memory: they concatenate without a copy."""
+        """(B, H, T, d) or (B*H, T, d) -> (B, T, C): per-head RMSNorm, then :meth:`_project`. The
+        fused kernel's reads lie in (B, T, H, d) memory: they concatenate without a copy."""
+        reads = reads.view(h.shape[0], self.num_heads, h.shape[1], self.head_dim)
+        return self._project(self.norm(reads.to(self.norm.weight.dtype)), h)  # fp32 under autocast: one kernel
+
+    def _project(self, reads: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Normalized reads (B, H, T, d) -> (B, T, C): heads concatenated, (gated by swish(W_g h)
+        with the output gate,) projected."""
         batch, T = h.shape[:2]
-        reads = reads.view(batch, self.num_heads, T, self.head_dim).transpose(1, 2)  # (B, T, H, d)
-        reads = self.norm(reads.to(self.norm.weight.dtype))  # as the weight (fp32 under autocast): one fused kernel
-        heads = reads.reshape(batch, T, -1)
+        heads = reads.transpose(1, 2).reshape(batch, T, -1)
         if self.out_gate is not None:
             heads = heads * F.silu(decode.linear(h, self.out_gate.weight))
         return decode.linear(heads, self.out.weight)
 
     def forward(self, h: torch.Tensor, key_source: torch.Tensor, memory_bank: torch.Tensor,
                 reference: bool = False, real: torch.Tensor | None = None) -> torch.Tensor:
-        """Reads (B, T, C) for normalized input h and the key source (B, T, C): the
-        chunked form with its hand-written backward, or with ``reference`` the
-        step-by-step recurrence."""
-        return self.read(self.inputs(h, key_source, real), h, memory_bank, reference)
+        """Reads (B, T, C) for normalized input h and the key source (B, T, C): the training
+        form (:meth:`read_projections`; with a padding mask, :meth:`read`), or with
+        ``reference`` the step-by-step recurrence."""
+        if reference or real is not None:
+            return self.read(self.inputs(h, key_source, real), h, memory_bank, reference)
+        projected = [decode.linear(h, m.weight, m.bias) for m in self.input_projections()]
+        return self.read_projections(projected, decode.linear(key_source, self.key.weight), h, memory_bank)
+
+    def fused_read_applies(self, q: torch.Tensor) -> bool:
+        """Whether :meth:`read_projections` takes the fused kernel with the gate's logsigmoid, the
+        query's scale and the RMSNorm inside it: where the kernel applies
+        (:func:`gam.ops.kv_memory.fused_applies`) and the gate is a plain sigmoid (normalizer 1)."""
+        return self.gate_normalizer == 1 and fused_applies(q, self.num_slots)
+
+    def read_projections(self, projected: list[torch.Tensor], keys: torch.Tensor, h: torch.Tensor,
+                         memory_bank: torch.Tensor) -> torch.Tensor:
+        """Reads (B, T, C) from the outputs (B, T, .) of :meth:`input_projections` and the key
+        projection, no padding: where :meth:`fused_read_applies`, one kernel from the forget
+        logits to the normalized reads (no passes for the logsigmoid, the query's scale, the
+        norm or their gradients); else :meth:`from_projections` and :meth:`read`."""
+        q, v, forget = projected
+        if not self.fused_read_applies(q):
+            return self.read(self.from_projections(projected, keys), h, memory_bank)
+        if self.feature_map is not None:
+            q, keys = self.feature_map(q), self.feature_map(keys)
+        q, keys, v, forget = (self._head_views(x) for x in (q, keys, v, forget))
+        reads, _ = kv_memory_fused(q, keys, v, forget, self.initial_state(memory_bank, h.shape[0]), gate_logits=True,
+                                   q_scale=self.head_dim ** -0.5, norm_weight=self.norm.weight, norm_eps=self.norm.eps)
+        return self._project(reads, h)
 
     def read(self, inputs: tuple, h: torch.Tensor, memory_bank: torch.Tensor,
              reference: bool = False) -> torch.Tensor:
@@ -250,6 +285,7 @@ class DeltaRuleMemory(nn.Module):
 
     _heads = KVSlotMemory._heads
     _output = KVSlotMemory._output
+    _project = KVSlotMemory._project
 
     def _per_head(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, H) -> (B*H, T)."""
@@ -277,6 +313,11 @@ class DeltaRuleMemory(nn.Module):
         return q, k, self._heads(v), self._per_head(log_alpha), self._per_head(beta)
 
     inputs = KVSlotMemory.inputs
+
+    def read_projections(self, projected: list[torch.Tensor], keys: torch.Tensor, h: torch.Tensor,
+                         memory_bank: None = None) -> torch.Tensor:
+        """Reads (B, T, C) from the outputs of :meth:`input_projections` and the key projection."""
+        return self.read(self.from_projections(projected, keys), h, memory_bank)
 
     def _empty_state(self, batch: int, like: torch.Tensor) -> torch.Tensor:
         return like.new_zeros(batch * self.num_heads, self.head_dim, self.head_dim)

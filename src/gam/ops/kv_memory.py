@@ -56,6 +56,7 @@ a quarter in the exponent). Forms of the same function:
 from __future__ import annotations
 
 import ctypes
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -515,11 +516,20 @@ class _Strides(ctypes.Structure):
     _fields_ = [("sb", ctypes.c_int64), ("sh", ctypes.c_int64), ("st", ctypes.c_int64)]
 
 
-_I64, _INT, _PTR, _FLOAT = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+class _Options(ctypes.Structure):
+    """The kernel's ``Options``: the gate operand's kind and bound, the query's scale, the norm."""
+
+    _fields_ = [("gate_logits", ctypes.c_int), ("gate_bf16", ctypes.c_int), ("gate_min", ctypes.c_float),
+                ("q_scale", ctypes.c_float), ("norm_weight", ctypes.c_void_p), ("norm_eps", ctypes.c_float)]
+
+
+_I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIZES = [_I64] * 6 + [_INT]  # rows, heads, T, d, S, span, bf16
-_FORWARD_ARGS = _SIZES + [_PTR, _Strides] * 4 + [_FLOAT] + [_PTR] * 2 + [_PTR, _Strides] + [_PTR] * 4 + [_INT]
-_BACKWARD_ARGS = (_SIZES + [_PTR, _Strides] * 4 + [_FLOAT] + [_PTR] * 2 + [_PTR, _Strides]
-                  + [_PTR] * 2 + [_PTR, _Strides] * 4 + [_PTR] * 2 + [_INT])
+_FORWARD_ARGS = _SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR] * 2 + [_PTR, _Strides] + [_PTR] * 6 + [_INT]
+_BACKWARD_ARGS = (_SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR] * 4 + [_PTR, _Strides]
+                  + [_PTR] * 2 + [_PTR, _Strides] * 4 + [_PTR] * 3 + [_INT])
+# The lowest forget logit: logsigmoid(z) >= LOG_ALPHA_MIN where z >= logit(exp(LOG_ALPHA_MIN))
+LOGIT_MIN = LOG_ALPHA_MIN - math.log(-math.expm1(LOG_ALPHA_MIN))
 
 
 def fused_kernel() -> ctypes.CDLL | None:
@@ -581,103 +591,141 @@ def _like(x: torch.Tensor) -> torch.Tensor:
     return y if y.stride(-1) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _fused_shapes(q: torch.Tensor, log_alpha: torch.Tensor, initial: torch.Tensor, keep: bool):
-    """The fused op's results, allocated (empty): reads, final state, softmax, checkpoints."""
+def _fused_shapes(q: torch.Tensor, gate: torch.Tensor, initial: torch.Tensor, keep: bool, norm: bool):
+    """The fused op's results, allocated (empty): reads, final state, and what a backward needs:
+    softmax, checkpoints, and with the norm the raw reads and their rsqrt (empty unless ``keep``)."""
     T, d = q.shape[-2:]
-    rows, S = initial.shape[0], log_alpha.shape[-1]
+    rows, S = initial.shape[0], gate.shape[-1]
     span = fused_span(T)
     out = q.new_empty(q.shape[0], T, q.shape[1], d).transpose(1, 2) if q.dim() == 4 else q.new_empty(rows, T, d)
     final = initial.new_empty(rows, S, 2 * d, dtype=torch.float32)
-    p = q.new_empty((rows, T, S) if keep else (0,), dtype=torch.float32)
-    checkpoints = q.new_empty((rows, -(-T // span), 2, d, S) if keep else (0,), dtype=torch.float32)
-    return out, final, p, checkpoints
+
+    def kept(*shape):
+        return q.new_empty(shape if keep else (0,), dtype=torch.float32)
+
+    return (out, final, kept(rows, T, S), kept(rows, -(-T // span), 2, d, S),
+            kept(rows, T, d) if norm else kept(0), kept(rows, T) if norm else kept(0))
 
 
-@torch.library.custom_op("gam::kv_memory_fused", mutates_args=())
-def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
-                   initial: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _options(gate: torch.Tensor, gate_logits: bool, q_scale: float, norm_weight: torch.Tensor | None,
+             norm_eps: float) -> _Options:
+    return _Options(int(gate_logits), int(gate.dtype == torch.bfloat16), LOGIT_MIN if gate_logits else LOG_ALPHA_MIN,
+                    q_scale, None if norm_weight is None else norm_weight.data_ptr(), norm_eps)
+
+
+def _checked_kernel(S: int) -> ctypes.CDLL:
     lib = fused_kernel()
-    T, d = q.shape[-2:]
-    rows, S = initial.shape[0], log_alpha.shape[-1]
     if lib is None:
         raise RuntimeError(f"the fused kv-memory kernel is unavailable: {native.unavailable_reason('kv_memory_cpu')}")
     if S not in FUSED_SLOTS:
         raise ValueError(f"the fused kv-memory kernel takes 16, 32, ..., 128 slots per head, got {S}")
-    q, k, v, log_alpha = _unit_feature_stride(q, k, v, log_alpha)
-    out, final, p, checkpoints = _fused_shapes(q, log_alpha, initial, keep)
+    return lib
+
+
+def _pointer(x: torch.Tensor) -> int | None:
+    return x.data_ptr() if x.numel() else None
+
+
+@torch.library.custom_op("gam::kv_memory_fused", mutates_args=())
+def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, initial: torch.Tensor,
+                   keep: bool, gate_logits: bool, q_scale: float, norm_weight: torch.Tensor | None,
+                   norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                             torch.Tensor]:
+    T, d = q.shape[-2:]
+    rows, S = initial.shape[0], gate.shape[-1]
+    lib = _checked_kernel(S)
+    q, k, v, gate = _unit_feature_stride(q, k, v, gate)
+    norm_weight = None if norm_weight is None else norm_weight.float().contiguous()
+    out, final, p, checkpoints, reads, rstd = _fused_shapes(q, gate, initial, keep, norm_weight is not None)
     K0, V0 = _transposed_slots(initial, d)
     K_final, V_final = torch.empty_like(K0), torch.empty_like(V0)
     heads = q.shape[1] if q.dim() == 4 else 1
-    (sq, pq), (sk, pk), (sv, pv), (sla, pla), (so, po) = (_operand(x, heads) for x in (q, k, v, log_alpha, out))
+    (sq, pq), (sk, pk), (sv, pv), (sg, pg), (so, po) = (_operand(x, heads) for x in (q, k, v, gate, out))
     status = lib.kv_memory_forward(rows, heads, T, d, S, fused_span(T), int(q.dtype == torch.bfloat16), pq, sq, pk,
-                                   sk, pv, sv, pla, sla, LOG_ALPHA_MIN, K0.data_ptr(), V0.data_ptr(), po, so,
-                                   p.data_ptr() if keep else None, checkpoints.data_ptr() if keep else None,
+                                   sk, pv, sv, pg, sg, _options(gate, gate_logits, q_scale, norm_weight, norm_eps),
+                                   K0.data_ptr(), V0.data_ptr(), po, so, *map(_pointer, (p, checkpoints, reads, rstd)),
                                    K_final.data_ptr(), V_final.data_ptr(), torch.get_num_threads())
     assert status == 0, status
     final.copy_(torch.cat([K_final.transpose(1, 2), V_final.transpose(1, 2)], dim=-1))
-    return out, final, p, checkpoints
+    return out, final, p, checkpoints, reads, rstd
 
 
 @_fused_forward.register_fake
-def _(q, k, v, log_alpha, initial, keep):
-    return _fused_shapes(q, log_alpha, initial, keep)
+def _(q, k, v, gate, initial, keep, gate_logits, q_scale, norm_weight, norm_eps):
+    return _fused_shapes(q, gate, initial, keep, norm_weight is not None)
 
 
 @torch.library.custom_op("gam::kv_memory_fused_backward", mutates_args=())
-def _fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
-                    p: torch.Tensor, checkpoints: torch.Tensor, d_out: torch.Tensor,
-                    d_final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    lib = fused_kernel()
+def _fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, p: torch.Tensor,
+                    checkpoints: torch.Tensor, reads: torch.Tensor, rstd: torch.Tensor, d_out: torch.Tensor,
+                    d_final: torch.Tensor, gate_logits: bool, q_scale: float, norm_weight: torch.Tensor | None,
+                    norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                              torch.Tensor]:
     T, d = q.shape[-2:]
     rows, S = p.shape[0], p.shape[-1]
-    dq, dk, dv, d_log_alpha = (_like(x) for x in (q, k, v, log_alpha))
-    q, k, v, log_alpha, d_out = _unit_feature_stride(q, k, v, log_alpha, d_out.to(q.dtype))
+    lib = _checked_kernel(S)
+    dq, dk, dv, d_gate = (_like(x) for x in (q, k, v, gate))
+    q, k, v, gate, d_out = _unit_feature_stride(q, k, v, gate, d_out.to(q.dtype))
+    norm_weight = None if norm_weight is None else norm_weight.float().contiguous()
+    threads = torch.get_num_threads()
+    d_norm_weight = q.new_zeros((threads, d) if norm_weight is not None else (0,), dtype=torch.float32)
     dK_final, dV_final = _transposed_slots(d_final, d)
     dK0, dV0 = torch.empty_like(dK_final), torch.empty_like(dV_final)
     heads = q.shape[1] if q.dim() == 4 else 1
-    operands = [_operand(x, heads) for x in (q, k, v, log_alpha, d_out, dq, dk, dv, d_log_alpha)]
-    (sq, pq), (sk, pk), (sv, pv), (sla, pla), (sdo, pdo), (sdq, pdq), (sdk, pdk), (sdv, pdv), (sdla, pdla) = operands
+    operands = [_operand(x, heads) for x in (q, k, v, gate, d_out, dq, dk, dv, d_gate)]
+    (sq, pq), (sk, pk), (sv, pv), (sg, pg), (sdo, pdo), (sdq, pdq), (sdk, pdk), (sdv, pdv), (sdg, pdg) = operands
     status = lib.kv_memory_backward(rows, heads, T, d, S, fused_span(T), int(q.dtype == torch.bfloat16), pq, sq, pk,
-                                    sk, pv, sv, pla, sla, LOG_ALPHA_MIN, p.data_ptr(), checkpoints.data_ptr(), pdo,
-                                    sdo, dK_final.data_ptr(), dV_final.data_ptr(), pdq, sdq, pdk, sdk, pdv, sdv, pdla,
-                                    sdla, dK0.data_ptr(), dV0.data_ptr(), torch.get_num_threads())
+                                    sk, pv, sv, pg, sg, _options(gate, gate_logits, q_scale, norm_weight, norm_eps),
+                                    *map(_pointer, (p, checkpoints, reads, rstd)), pdo, sdo, dK_final.data_ptr(),
+                                    dV_final.data_ptr(), pdq, sdq, pdk, sdk, pdv, sdv, pdg, sdg,
+                                    _pointer(d_norm_weight), dK0.data_ptr(), dV0.data_ptr(), threads)
     assert status == 0, status
-    return dq, dk, dv, d_log_alpha, torch.cat([dK0.transpose(1, 2), dV0.transpose(1, 2)], dim=-1)
+    return (dq, dk, dv, d_gate, torch.cat([dK0.transpose(1, 2), dV0.transpose(1, 2)], dim=-1),
+            d_norm_weight.sum(0) if norm_weight is not None else d_norm_weight)
 
 
 @_fused_backward.register_fake
-def _(q, k, v, log_alpha, p, checkpoints, d_out, d_final):
+def _(q, k, v, gate, p, checkpoints, reads, rstd, d_out, d_final, gate_logits, q_scale, norm_weight, norm_eps):
     rows, S = p.shape[0], p.shape[-1]
-    return (*(_like(x) for x in (q, k, v, log_alpha)),
-            log_alpha.new_empty(rows, S, 2 * q.shape[-1], dtype=torch.float32))
+    d_norm_weight = q.new_empty(q.shape[-1] if norm_weight is not None else 0, dtype=torch.float32)
+    return (*(_like(x) for x in (q, k, v, gate)), gate.new_empty(rows, S, 2 * q.shape[-1], dtype=torch.float32),
+            d_norm_weight)
 
 
 def _fused_setup_context(ctx, inputs, output):
-    q, k, v, log_alpha, _, keep = inputs
-    _, _, p, checkpoints = output
-    ctx.save_for_backward(q, k, v, log_alpha, p, checkpoints)
+    q, k, v, gate, _, keep, ctx.gate_logits, ctx.q_scale, norm_weight, ctx.norm_eps = inputs
+    ctx.save_for_backward(q, k, v, gate, norm_weight, *output[2:])
     ctx.keep = keep
 
 
-def _fused_autograd(ctx, d_out, d_final, _d_p, _d_checkpoints):
+def _fused_autograd(ctx, d_out, d_final, *_d_kept):
     if not ctx.keep:
         raise RuntimeError("gam::kv_memory_fused ran with keep=False: nothing was kept for a backward")
-    q, k, v, log_alpha, p, checkpoints = ctx.saved_tensors
+    q, k, v, gate, norm_weight, p, checkpoints, reads, rstd = ctx.saved_tensors
     if d_out is None:
         d_out = torch.zeros_like(q)
     if d_final is None:
         d_final = q.new_zeros(p.shape[0], p.shape[-1], 2 * q.shape[-1], dtype=torch.float32)
-    return (*_fused_backward(q, k, v, log_alpha, p, checkpoints, d_out, d_final), None)
+    *grads, d_norm_weight = _fused_backward(q, k, v, gate, p, checkpoints, reads, rstd, d_out, d_final,
+                                            ctx.gate_logits, ctx.q_scale, norm_weight, ctx.norm_eps)
+    return (*grads, None, None, None, None if norm_weight is None else d_norm_weight, None)
 
 
 torch.library.register_autograd("gam::kv_memory_fused", _fused_autograd, setup_context=_fused_setup_context)
 
 
 def kv_memory_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
-                    state: State) -> tuple[torch.Tensor, State]:
+                    state: State, *, gate_logits: bool = False, q_scale: float = 1.0,
+                    norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-5) -> tuple[torch.Tensor, State]:
     """:func:`kv_memory_recurrent` (same arguments and results) as the fused CPU kernel
     (:func:`fused_applies` says where it runs). Under autocast, q, k and v are cast to the
     autocast dtype; the final state has the initial state's dtype.
+
+    Three options fold the layer's neighbouring passes into the kernel (all off: the
+    recurrence as above): with ``gate_logits`` the fourth argument holds the forget logits
+    ``z`` (fp32 or bf16), ``log_alpha = logsigmoid(z)``; ``q_scale`` reads ``q_scale * q``;
+    with ``norm_weight`` (d,) each token's read leaves as ``F.rms_norm(read, (d,), norm_weight,
+    norm_eps)`` (computed from the fp32 read, before any rounding to bf16).
 
     The recurrence as one C kernel per pass, registered as the custom ops
     ``gam::kv_memory_fused`` and ``gam::kv_memory_fused_backward`` (so that ``torch.compile``
@@ -686,11 +734,12 @@ def kv_memory_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha
     (B, H, T, X) views of any strides with unit feature stride (rows = B H, head-major: the
     heads of a (B, T, H X) projection without copies); the initial state (rows, S, 2d: key and
     value slots side by side, fp32). Returns the reads (rows, T, d; for views, (B, H, T, d)
-    over (B, T, H, d) memory, so that the heads concatenate without a copy) in q's dtype, the
-    final state (fp32), and what the backward needs: the softmax of every token (rows, T, S)
-    and the state every :func:`fused_span` tokens (fp32; both empty unless ``keep``: this
-    function keeps them only if a backward can run). The kernel computes the bounded
-    gates' ``alpha`` and ``1 - alpha`` from ``log_alpha`` as it goes. fp32 arithmetic throughout.
+    over (B, T, H, d) memory, so that the heads concatenate without a copy) in q's dtype and the
+    final state (fp32); the op also returns what the backward needs: the softmax of every
+    token (rows, T, S), the state every :func:`fused_span` tokens, and with the norm the raw
+    reads and their rsqrt (fp32; empty unless a backward can run). The kernel computes the
+    bounded gates' ``alpha`` and ``1 - alpha`` from ``log_alpha`` (or the logits) as it goes.
+    fp32 arithmetic throughout.
 
     The backward recomputes each span's states from its checkpoint and runs the recurrence
     in reverse, with ``g`` the carried gradient of a state: through the read ``o = V_t^T p``,
@@ -698,13 +747,18 @@ def kv_memory_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha
     ``dK_t += dz q^T``; through the write ``K_t = alpha K_{t-1} + (1 - alpha) k^T``,
     ``dk = dK_t^T (1 - alpha)``, ``d log alpha = alpha (dK_t . (K_{t-1} - k) + ...)``
     per slot, which is ``dK_t . (K_t - k) + dV_t . (V_t - v)`` (as ``1 - alpha`` and ``alpha`` sum
-    to one; no earlier state needed), and ``dK_{t-1} = alpha dK_t`` (and the same for V)."""
+    to one; no earlier state needed), and ``dK_{t-1} = alpha dK_t`` (and the same for V); for
+    logits, ``dz = d log alpha * sigmoid(-z) = d log alpha * (1 - alpha)``; through the norm
+    the usual RMSNorm backward per token."""
     dtype, d = compute_dtype(q), q.shape[-1]
     with torch.autocast(q.device.type, enabled=False):
-        q, k, v, log_alpha = q.to(dtype), k.to(dtype), v.to(dtype), log_alpha.float()
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        gate = log_alpha if gate_logits and log_alpha.dtype in (torch.float32, torch.bfloat16) else log_alpha.float()
         initial = torch.cat(state, dim=-1)
-        keep = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, log_alpha, initial))
-        out, final, _, _ = _fused_forward(q, k, v, log_alpha, initial.float(), keep)
+        inputs = (q, k, v, gate, initial, norm_weight)
+        keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+        out, final, *_ = _fused_forward(q, k, v, gate, initial.float(), keep, gate_logits, q_scale, norm_weight,
+                                        norm_eps)
         final = final.to(initial.dtype)
     return out, (final[..., :d], final[..., d:])
 

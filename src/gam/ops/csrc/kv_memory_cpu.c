@@ -6,11 +6,16 @@
  * per-slot quantities of a token (gates, scores, their gradients) stay in
  * registers: the kernels are written for a compile-time number of blocks NB and
  * instantiated for each. At token t, with the bounded gate
- * g_t = clamp(log alpha_t, log_alpha_min, 0), alpha_t = exp(g_t) and
+ * g_t = clamp(log alpha_t, gate_min, 0), alpha_t = exp(g_t) and
  * w_t = 1 - alpha_t (per slot, computed here from log alpha):
  *
  *     K_t = alpha_t K_{t-1} + w_t k_t^T,   V_t likewise      (the write)
  *     p_t = softmax(K_t q_t),   o_t = V_t^T p_t                 (the read)
+ *
+ * Options (the layer's read, fused): the gate operand may hold the forget logits z instead
+ * of log alpha (log alpha = logsigmoid(z): alpha = sigmoid(z), w = sigmoid(-z), computed
+ * without a log; the bound on log alpha is then a bound on z); q is read scaled; and the
+ * reads may leave RMS-normalized per token, times a weight (nn.RMSNorm of each head's read).
  *
  * The state never leaves the cache (d x S x 4 bytes per matrix: 6 KiB at d = 24,
  * 32 KiB at d = 128), where the chunked PyTorch form makes a few dozen passes
@@ -25,6 +30,8 @@
  * gradient are fp32 with strides likewise. Everything else is fp32 and
  * contiguous. Rows run in parallel (OpenMP); the arithmetic is fp32 throughout.
  */
+#include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,6 +53,15 @@ typedef struct {
     int64_t sb, sh, st;
 } Strides;
 
+typedef struct {
+    int gate_logits;          /* the gate operand holds forget logits z (log alpha = logsigmoid(z)), else log alpha */
+    int gate_bf16;            /* the gate operand and its gradient are bf16, else fp32 */
+    float gate_min;           /* the bound: the lowest log alpha, or the lowest logit (the same alpha) */
+    float q_scale;            /* q is read as q_scale * q */
+    const float *norm_weight; /* not NULL: each token's read is RMS-normalized and scaled by it (d) */
+    float norm_eps;
+} Options;
+
 static inline int64_t offset(const Strides *s, int64_t heads, int64_t r, int64_t t) {
     return (r / heads) * s->sb + (r % heads) * s->sh + t * s->st;
 }
@@ -60,9 +76,8 @@ static inline float bf16_to_float(uint16_t x) {
 static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as torch does */
     uint32_t bits;
     memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return (uint16_t)((bits & 0x7fffffffu) > 0x7f800000u ? (bits >> 16) | 0x40 : rounded); /* NaN stays NaN */
 }
 
 static void load(const void *base, int bf16, int64_t at, int64_t n, float *out) {
@@ -139,6 +154,37 @@ static inline void gates(v16 log_alpha, float lowest, v16 *alpha, v16 *w) {
     *w = select(g > zero - 0.5f, series, 1.0f - *alpha);
 }
 
+/* The same from forget logits z (log alpha = logsigmoid(z)), z bounded below by `lowest`: with
+   u = exp(-|z|), alpha = sigmoid(z) and w = sigmoid(-z) are 1 / (1 + u) and u / (1 + u), one way round
+   or the other, each to full precision (no 1 - alpha) */
+static inline void logit_gates(v16 z, float lowest, v16 *alpha, v16 *w) {
+    const v16 zero = z * 0.0f;
+    z = vmax(z, zero + lowest);
+    const v16 u = exp_nonpositive(select(z > zero, -z, z)), inv = 1.0f / (1.0f + u);
+    *alpha = select(z > zero, inv, u * inv);
+    *w = select(z > zero, u * inv, inv);
+}
+
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+
+/* 16 lanes at element `at` of an fp32 or bf16 array */
+static inline v16 load16(const void *base, int bf16, int64_t at) {
+    if (!bf16) return LOAD((const float *)base + at);
+    return (v16)(__builtin_convertvector(*(const u16x16 *)((const uint16_t *)base + at), i16) << 16);
+}
+
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+static inline void store16(void *base, int bf16, int64_t at, v16 x) { /* bf16: as float_to_bf16, lane-wise */
+    if (!bf16) {
+        STORE((float *)base + at, x);
+        return;
+    }
+    const u32x16 bits = (u32x16)x, nan = (u32x16)((bits & 0x7fffffffu) > 0x7f800000u);
+    const u32x16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    *(u16x16 *)((uint16_t *)base + at) = __builtin_convertvector((nan & ((bits >> 16) | 0x40u)) | (~nan & rounded), u16x16);
+}
+
 /* p = softmax(z) over NB blocks, in place */
 static inline __attribute__((always_inline)) void softmax(const int NB, v16 *z) {
     v16 m = z[0];
@@ -182,17 +228,26 @@ static int64_t workspace_floats(int64_t span, int64_t d, int64_t S, int64_t rows
 /* The span's gates, and its inputs (q, k, v: any of them NULL to skip) as fp32 rows. */
 static inline __attribute__((always_inline)) void load_span(
         const int NB, const Workspace *ws, int64_t r, int64_t t0, int64_t n, int64_t heads, int64_t T, int64_t d,
-        int bf16, const float *log_alpha, const Strides *sla, float log_alpha_min, const void *q, const Strides *sq,
+        int bf16, const void *gate, const Strides *sg, const Options *opt, const void *q, const Strides *sq,
         const void *k, const Strides *sk, const void *v, const Strides *sv) {
     const int64_t S = NB * 16;
     for (int64_t i = 0; i < n; i++) {
         for (int b = 0; b < NB; b++) {
             v16 a, w;
-            gates(LOAD(log_alpha + offset(sla, heads, r, t0 + i) + b * 16), log_alpha_min, &a, &w);
+            const v16 g = load16(gate, opt->gate_bf16, offset(sg, heads, r, t0 + i) + b * 16);
+            if (opt->gate_logits)
+                logit_gates(g, opt->gate_min, &a, &w);
+            else
+                gates(g, opt->gate_min, &a, &w);
             STORE(ws->a + i * S + b * 16, a);
             STORE(ws->w + i * S + b * 16, w);
         }
-        if (q) load(q, bf16, offset(sq, heads, r, t0 + i), d, ws->q + i * d);
+        if (q) {
+            float *qi = ws->q + i * d;
+            load(q, bf16, offset(sq, heads, r, t0 + i), d, qi);
+            if (opt->q_scale != 1.0f)
+                for (int64_t j = 0; j < d; j++) qi[j] *= opt->q_scale;
+        }
         if (k) load(k, bf16, offset(sk, heads, r, t0 + i), d, ws->k + i * d);
         if (v) load(v, bf16, offset(sv, heads, r, t0 + i), d, ws->v + i * d);
     }
@@ -233,9 +288,9 @@ static inline __attribute__((always_inline)) void group_states(const int NB, con
 static inline __attribute__((always_inline)) void forward_row(
         const int NB, int64_t r, int64_t heads, int64_t T, int64_t d, int64_t span, int64_t rows_per_group,
         int bf16, const void *q, const Strides *sq, const void *k, const Strides *sk, const void *v,
-        const Strides *sv, const float *log_alpha, const Strides *sla, float log_alpha_min, const float *K0,
-        const float *V0, void *out, const Strides *so, float *p_kept, float *checkpoints, float *K_final, float *V_final,
-        const Workspace *ws) {
+        const Strides *sv, const void *gate, const Strides *sg, const Options *opt, const float *K0,
+        const float *V0, void *out, const Strides *so, float *p_kept, float *checkpoints, float *reads_kept,
+        float *rstd_kept, float *K_final, float *V_final, const Workspace *ws) {
     const int64_t S = NB * 16, dS = d * S, spans = (T + span - 1) / span;
     float *K = ws->K, *V = ws->V;
     memcpy(K, K0 + r * dS, sizeof(float) * dS);
@@ -247,7 +302,7 @@ static inline __attribute__((always_inline)) void forward_row(
             memcpy(checkpoint, K, sizeof(float) * dS);
             memcpy(checkpoint + dS, V, sizeof(float) * dS);
         }
-        load_span(NB, ws, r, t0, n, heads, T, d, bf16, log_alpha, sla, log_alpha_min, q, sq, k, sk, v, sv);
+        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv);
         memset(ws->z, 0, sizeof(float) * n * S);
         for (int64_t j0 = 0; j0 < d; j0 += rows_per_group) { /* the key writes and the scores K_t q_t */
             const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d;
@@ -292,7 +347,20 @@ static inline __attribute__((always_inline)) void forward_row(
                 }
             }
         }
-        for (int64_t i = 0; i < n; i++) store(out, bf16, offset(so, heads, r, t0 + i), d, ws->o + i * d);
+        for (int64_t i = 0; i < n; i++) {
+            float *o = ws->o + i * d;
+            if (opt->norm_weight) { /* o * rsqrt(mean(o^2) + eps) * weight; the raw read and rsqrt kept */
+                float sum = 0.0f;
+                for (int64_t j = 0; j < d; j++) sum += o[j] * o[j];
+                const float rstd = 1.0f / sqrtf(sum / (float)d + opt->norm_eps);
+                if (reads_kept) {
+                    memcpy(reads_kept + (r * T + t0 + i) * d, o, sizeof(float) * d);
+                    rstd_kept[r * T + t0 + i] = rstd;
+                }
+                for (int64_t j = 0; j < d; j++) o[j] *= rstd * opt->norm_weight[j];
+            }
+            store(out, bf16, offset(so, heads, r, t0 + i), d, o);
+        }
     }
     memcpy(K_final + r * dS, K, sizeof(float) * dS);
     memcpy(V_final + r * dS, V, sizeof(float) * dS);
@@ -305,10 +373,11 @@ static inline __attribute__((always_inline)) void forward_row(
 static inline __attribute__((always_inline)) void backward_row(
         const int NB, int64_t r, int64_t heads, int64_t T, int64_t d, int64_t span, int64_t rows_per_group,
         int bf16, const void *q, const Strides *sq, const void *k, const Strides *sk, const void *v,
-        const Strides *sv, const float *log_alpha, const Strides *sla, float log_alpha_min, const float *p_kept,
-        const float *checkpoints, const void *d_out, const Strides *sdo, const float *dK_final,
-        const float *dV_final, void *dq, const Strides *sdq, void *dk, const Strides *sdk, void *dv,
-        const Strides *sdv, float *d_log_alpha, const Strides *sdla, float *dK0, float *dV0, const Workspace *ws) {
+        const Strides *sv, const void *gate, const Strides *sg, const Options *opt, const float *p_kept,
+        const float *checkpoints, const float *reads_kept, const float *rstd_kept, const void *d_out,
+        const Strides *sdo, const float *dK_final, const float *dV_final, void *dq, const Strides *sdq, void *dk,
+        const Strides *sdk, void *dv, const Strides *sdv, void *d_gate, const Strides *sdg, float *d_norm_weight,
+        float *dK0, float *dV0, const Workspace *ws) {
     const int64_t S = NB * 16, dS = d * S, spans = (T + span - 1) / span;
     float *dK = ws->K, *dV = ws->V;
     memcpy(dK, dK_final + r * dS, sizeof(float) * dS);
@@ -316,8 +385,22 @@ static inline __attribute__((always_inline)) void backward_row(
     for (int64_t c = spans - 1; c >= 0; c--) {
         const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
         const float *checkpoint = checkpoints + (r * spans + c) * 2 * dS;
-        load_span(NB, ws, r, t0, n, heads, T, d, bf16, log_alpha, sla, log_alpha_min, q, sq, k, sk, v, sv);
-        for (int64_t i = 0; i < n; i++) load(d_out, bf16, offset(sdo, heads, r, t0 + i), d, ws->o + i * d);
+        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv);
+        for (int64_t i = 0; i < n; i++) {
+            float *g = ws->o + i * d;
+            load(d_out, bf16, offset(sdo, heads, r, t0 + i), d, g);
+            if (opt->norm_weight) { /* through the norm: with x = o rstd and h = g weight, do = rstd (h - x mean(x h)) */
+                const float *o = reads_kept + (r * T + t0 + i) * d, rstd = rstd_kept[r * T + t0 + i];
+                float dot = 0.0f;
+                for (int64_t j = 0; j < d; j++) {
+                    const float x = o[j] * rstd;
+                    dot += x * g[j] * opt->norm_weight[j];
+                    d_norm_weight[j] += g[j] * x;
+                }
+                dot /= (float)d;
+                for (int64_t j = 0; j < d; j++) g[j] = rstd * (g[j] * opt->norm_weight[j] - o[j] * rstd * dot);
+            }
+        }
         float *dp = ws->z; /* (n, S): the read's gradient of p, then of the scores */
         memset(dp, 0, sizeof(float) * n * S);
         memset(ws->dalpha, 0, sizeof(float) * n * S);
@@ -389,14 +472,19 @@ static inline __attribute__((always_inline)) void backward_row(
         }
         for (int64_t i = 0; i < n; i++) {
             const int64_t t = t0 + i;
+            if (opt->q_scale != 1.0f)
+                for (int64_t j = 0; j < d; j++) ws->dq[i * d + j] *= opt->q_scale;
             store(dq, bf16, offset(sdq, heads, r, t), d, ws->dq + i * d);
             store(dk, bf16, offset(sdk, heads, r, t), d, ws->dk + i * d);
             store(dv, bf16, offset(sdv, heads, r, t), d, ws->dv + i * d);
-            /* none where the bound clamped the gate, as torch.clamp's gradient */
+            /* none where the bound clamped the gate, as torch.clamp's gradient; for logits, times
+               d logsigmoid(z) / dz = sigmoid(-z) = w */
             for (int b = 0; b < NB; b++) {
-                const v16 g = LOAD(log_alpha + offset(sla, heads, r, t) + b * 16), zero = g * 0.0f;
-                STORE(d_log_alpha + offset(sdla, heads, r, t) + b * 16,
-                      select((g >= zero + log_alpha_min) & (g <= zero), LOAD(ws->dalpha + i * S + b * 16), zero));
+                const v16 g = load16(gate, opt->gate_bf16, offset(sg, heads, r, t) + b * 16), zero = g * 0.0f;
+                const v16 grad = LOAD(ws->dalpha + i * S + b * 16);
+                const v16 d_g = opt->gate_logits ? select(g >= zero + opt->gate_min, grad * LOAD(ws->w + i * S + b * 16), zero)
+                                                 : select((g >= zero + opt->gate_min) & (g <= zero), grad, zero);
+                store16(d_gate, opt->gate_bf16, offset(sdg, heads, r, t) + b * 16, d_g);
             }
         }
     }
@@ -429,8 +517,10 @@ static int64_t group_rows(int64_t span, int64_t d, int64_t S) {
     const int64_t per_group = group_rows(span, d, S);                                                  \
     _Pragma("omp parallel num_threads(threads)") {                                                     \
         FLUSH_DENORMALS                                                                                \
+        const int thread = omp_get_thread_num();                                                       \
         float *buf = aligned_alloc(64, sizeof(float) * ((workspace_floats(span, d, S, per_group) + 15) / 16 * 16)); \
         const Workspace ws = workspace(buf, span, d, S, per_group);                                    \
+        (void)thread;                                                                                  \
         _Pragma("omp for schedule(static)")                                                            \
         for (int64_t r = 0; r < rows; r++) BY_BLOCKS(NB, CALL)                                         \
         free(buf);                                                                                     \
@@ -438,25 +528,29 @@ static int64_t group_rows(int64_t span, int64_t d, int64_t S) {
     }                                                                                                  \
     return 0;
 
-/* The forward keeps p and the checkpoints for the backward; either may be NULL, when none will run. */
+/* The forward keeps p and the checkpoints for the backward (and with the norm, the raw reads and
+   their rsqrt); any may be NULL, when none will run. */
 int kv_memory_forward(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_t S, int64_t span, int bf16,
                       const void *q, Strides sq, const void *k, Strides sk, const void *v, Strides sv,
-                      const float *log_alpha, Strides sla, float log_alpha_min, const float *K0, const float *V0,
-                      void *out, Strides so, float *p_kept, float *checkpoints, float *K_final, float *V_final,
-                      int threads) {
-#define FORWARD(N) forward_row(N, r, heads, T, d, span, per_group, bf16, q, &sq, k, &sk, v, &sv, log_alpha, &sla, \
-                               log_alpha_min, K0, V0, out, &so, p_kept, checkpoints, K_final, V_final, &ws)
+                      const void *gate, Strides sg, Options opt, const float *K0, const float *V0,
+                      void *out, Strides so, float *p_kept, float *checkpoints, float *reads_kept, float *rstd_kept,
+                      float *K_final, float *V_final, int threads) {
+#define FORWARD(N) forward_row(N, r, heads, T, d, span, per_group, bf16, q, &sq, k, &sk, v, &sv, gate, &sg, &opt, \
+                               K0, V0, out, &so, p_kept, checkpoints, reads_kept, rstd_kept, K_final, V_final, &ws)
     FOR_EACH_ROW(FORWARD)
 }
 
+/* d_norm_weight: (threads, d) fp32, zeros, each thread's sum over its rows' tokens (with the norm) */
 int kv_memory_backward(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_t S, int64_t span, int bf16,
                        const void *q, Strides sq, const void *k, Strides sk, const void *v, Strides sv,
-                       const float *log_alpha, Strides sla, float log_alpha_min, const float *p_kept,
-                       const float *checkpoints, const void *d_out, Strides sdo, const float *dK_final,
-                       const float *dV_final, void *dq, Strides sdq, void *dk, Strides sdk, void *dv, Strides sdv,
-                       float *d_log_alpha, Strides sdla, float *dK0, float *dV0, int threads) {
-#define BACKWARD(N) backward_row(N, r, heads, T, d, span, per_group, bf16, q, &sq, k, &sk, v, &sv, log_alpha, &sla, \
-                                 log_alpha_min, p_kept, checkpoints, d_out, &sdo, dK_final, dV_final, dq, &sdq, \
-                                 dk, &sdk, dv, &sdv, d_log_alpha, &sdla, dK0, dV0, &ws)
+                       const void *gate, Strides sg, Options opt, const float *p_kept, const float *checkpoints,
+                       const float *reads_kept, const float *rstd_kept, const void *d_out, Strides sdo,
+                       const float *dK_final, const float *dV_final, void *dq, Strides sdq, void *dk, Strides sdk,
+                       void *dv, Strides sdv, void *d_gate, Strides sdg, float *d_norm_weight, float *dK0, float *dV0,
+                       int threads) {
+#define BACKWARD(N) backward_row(N, r, heads, T, d, span, per_group, bf16, q, &sq, k, &sk, v, &sv, gate, &sg, &opt, \
+                                 p_kept, checkpoints, reads_kept, rstd_kept, d_out, &sdo, dK_final, dV_final, dq, \
+                                 &sdq, dk, &sdk, dv, &sdv, d_gate, &sdg, d_norm_weight ? d_norm_weight + thread * d : NULL, dK0, \
+                                 dV0, &ws)
     FOR_EACH_ROW(BACKWARD)
 }
