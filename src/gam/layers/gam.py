@@ -30,7 +30,13 @@ import torch.nn.functional as F
 from gam.config import GAMConfig
 from gam.layers import short_conv
 from gam.ops import decode
-from gam.ops.fused_block import causal_depthwise_conv, ffn_residual, gam_mixer_residual, use_fast_path
+from gam.ops.fused_block import (
+    causal_depthwise_conv,
+    ffn_residual,
+    gam_mixer_residual,
+    kv_mixer_residual,
+    use_fast_path,
+)
 from gam.ops.memory_read import compute_dtype
 
 
@@ -82,6 +88,10 @@ class GAMBlock(nn.Module):
             else:
                 self.kv_memory = KVSlotMemory(C, config.num_memory_slots, config.memory_heads, **design)
             self.key_source = config.memory_key_source
+        # the kv-slot mixer that runs as one function (KVMixerResidual) where the fused kernel applies
+        self.fused_kv_mixer = (self.memory == "kv_slots" and not delta and config.variant == "full"
+                               and config.memory_key_source == "conv" and config.memory_feature_map == "none"
+                               and not config.memory_output_gate)
         if config.variant == "full":
             self.gate = nn.Linear(C, 2 * C)
         self.ln2 = nn.LayerNorm(C)
@@ -148,8 +158,9 @@ class GAMBlock(nn.Module):
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         """The same function as :meth:`forward_reference` (unpadded input) on the fused
-        ops of :mod:`gam.ops.fused_block`; with ``memory="kv_slots"``, :meth:`mix_kv_fast`.
-        The FFN is fused."""
+        ops of :mod:`gam.ops.fused_block`; with ``memory="kv_slots"``, its full mixer with keys
+        from the convolution as one function where the fused kernel applies
+        (:func:`gam.ops.fused_block.kv_mixer_residual`), else :meth:`mix_kv_fast`. The FFN is fused."""
         if self.memory == "static":
             x = gam_mixer_residual(
                 x, self.ln1.weight, self.ln1.bias, self.ln1.eps,
@@ -158,6 +169,15 @@ class GAMBlock(nn.Module):
                 gate_weight=self.gate.weight if self.variant == "full" else None,
                 gate_bias=self.gate.bias if self.variant == "full" else None,
                 memory_bank=self.memory_bank if self.has_global else None)
+        elif self.fused_kv_mixer and self.kv_memory.fused_read_applies(x):
+            memory = self.kv_memory
+            x = kv_mixer_residual(
+                x, self.ln1.weight, self.ln1.bias, self.ln1.eps, conv_weight=self.causal_conv.weight,
+                conv_bias=self.causal_conv.bias, gate_weight=self.gate.weight, gate_bias=self.gate.bias,
+                query_weight=memory.query.weight, value_weight=memory.value.weight,
+                forget_weight=memory.forget.weight, forget_bias=memory.forget.bias, key_weight=memory.key.weight,
+                memory_bank=self.memory_bank, norm_weight=memory.norm.weight, norm_eps=memory.norm.eps,
+                out_weight=memory.out.weight, heads=memory.num_heads)
         else:  # kv_slots: every variant it allows has a memory (local_only is refused)
             x = x + self.mix_kv_fast(x)
         linear1, linear2, dropout = self.ffn[0], self.ffn[2], self.ffn[3]

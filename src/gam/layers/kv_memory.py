@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from gam.ops import decode
 from gam.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
+from gam.ops.fused_block import bank_slots
 from gam.ops.kv_memory import (
     fused_applies,
     kv_memory,
@@ -192,8 +193,9 @@ class KVSlotMemory(nn.Module):
         if self.feature_map is not None:
             q, keys = self.feature_map(q), self.feature_map(keys)
         q, keys, v, forget = (self._head_views(x) for x in (q, keys, v, forget))
-        reads, _ = kv_memory_fused(q, keys, v, forget, self.initial_state(memory_bank, h.shape[0]), gate_logits=True,
-                                   q_scale=self.head_dim ** -0.5, norm_weight=self.norm.weight, norm_eps=self.norm.eps)
+        slots = bank_slots(memory_bank, h.shape[0], self.num_heads)  # a view: the kernel reads the bank in place
+        reads, _ = kv_memory_fused(q, keys, v, forget, (slots, slots), gate_logits=True, q_scale=self.head_dim ** -0.5,
+                                   norm_weight=self.norm.weight, norm_eps=self.norm.eps)
         return self._project(reads, h)
 
     def read(self, inputs: tuple, h: torch.Tensor, memory_bank: torch.Tensor,

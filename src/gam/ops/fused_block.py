@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import gam.ops.kv_memory as kv_ops
 import gam.ops.memory_read as memory_read_ops
 from gam.ops.memory_read import acc_dtype, compute_dtype, memory_read, read_backward, read_forward
 
@@ -165,6 +166,104 @@ class GatedMixerResidual(torch.autograd.Function):
             dbg = dg2.sum(0).to(acc_dtype(dg.dtype)) if ctx.has_gate_bias and needs[3] else None
             dM = read_backward(h2, M, dglob.view(-1, C), ctx.chunk, dh2, accumulate=True)
         return dout, dh, dWg, dbg, dw, db, dM.to(ctx.dtypes[1]), None
+
+
+class KVMixerResidual(torch.autograd.Function):
+    """``x + sigmoid(g[..., :C]) * conv(h) + sigmoid(g[..., C:]) * W_o read(h)`` with the
+    kv-slot memory's read (:func:`gam.ops.kv_memory.kv_memory_fused`: forget logits in,
+    query scaled and reads RMS-normalized inside the kernel; keys from the convolution's
+    output): the kv-slot block's full mixer, as :class:`GatedMixerResidual` is the paper's.
+
+    One matmul projects ``h`` for the gate, the query, the value and the forget logits (their
+    weights cast and joined into one buffer); the gate's sigmoid is taken in place in that
+    matmul's output, whose column slices the kernel reads as (B, H, T, X) views. Keeps ``h``,
+    that output, the keys, the normalized reads, the memory's output and what the kernel keeps
+    for its backward; the convolution is recomputed in backward. Backward: the gradients of
+    the four projections are joined into one buffer, so that one matmul gives their share of
+    ``dh`` and one their weights'; the keys' share of ``dh`` goes through the convolution's
+    backward with the gate's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h, gate_weight, gate_bias, query_weight, value_weight, forget_weight, forget_bias,
+                conv_weight, conv_bias, key_weight, memory_bank, norm_weight, out_weight, heads: int,
+                norm_eps: float):
+        B, T, C = h.shape
+        N, dtype, d = B * T, h.dtype, C // heads
+        h2 = h.reshape(N, C)
+        weights = [gate_weight, query_weight, value_weight, forget_weight]
+        W = torch.cat([w.to(dtype) for w in weights])
+        bias = torch.cat([gate_bias.to(dtype), h.new_zeros(2 * C), forget_bias.to(dtype)])
+        P = torch.addmm(bias, h2, W.t())  # (N, 2C | C | C | H S): gate, query, value, forget logits
+        gates = P[:, : 2 * C].sigmoid_()
+        local = _conv_forward(h, conv_weight, conv_bias).view(N, C)
+        Wk, Wo = key_weight.to(dtype), out_weight.to(dtype)
+        keys = local @ Wk.t()
+        q, k, v, z = (_head_view(y, B, T, heads) for y in (P[:, 2 * C: 3 * C], keys, P[:, 3 * C: 4 * C], P[:, 4 * C:]))
+        slots = bank_slots(memory_bank, B, heads)
+        keep = any(ctx.needs_input_grad)
+        reads, _, _, *kept = kv_ops.fused_forward_op(q, k, v, z, slots, slots, keep, True, d ** -0.5, norm_weight,
+                                                     norm_eps)
+        reads = reads.transpose(1, 2).reshape(N, C)  # (B, T, H, d) memory: a view
+        glob = reads @ Wo.t()
+        mix = local.mul_(gates[:, :C])
+        mix.addcmul_(gates[:, C:], glob)
+        ctx.save_for_backward(h, P, keys, reads, glob, W, Wk, Wo, conv_weight, conv_bias, norm_weight, slots, *kept)
+        ctx.shapes = (heads, norm_eps, [w.shape[0] for w in weights])
+        ctx.dtypes = [w.dtype for w in (*weights, forget_bias, key_weight, memory_bank, out_weight)]
+        return x + mix.view(B, T, C)
+
+    @staticmethod
+    def backward(ctx, dout):
+        h, P, keys, reads, glob, W, Wk, Wo, conv_weight, conv_bias, norm_weight, slots, *kept = ctx.saved_tensors
+        heads, norm_eps, widths = ctx.shapes
+        needs = ctx.needs_input_grad
+        B, T, C = h.shape
+        N, d = B * T, C // heads
+        with _no_autocast(h.device.type):
+            dy = dout.to(h.dtype).reshape(N, C)
+            sl, sg = P[:, :C], P[:, C: 2 * C]
+            local = _conv_forward(h, conv_weight, conv_bias).view(N, C)  # recomputed
+            dg = torch.empty(N, 2 * C, dtype=h.dtype, device=h.device)
+            tmp = local * dy
+            torch.ops.aten.sigmoid_backward.grad_input(tmp, sl, grad_input=dg[:, :C])
+            torch.mul(dy, glob, out=tmp)
+            torch.ops.aten.sigmoid_backward.grad_input(tmp, sg, grad_input=dg[:, C:])
+            dglob = sg * dy
+            dlocal = torch.mul(sl, dy, out=tmp)
+            d_reads = dglob @ Wo
+            dWo = dglob.t() @ reads
+            q, k, v, z = (_head_view(y, B, T, heads) for y in (P[:, 2 * C: 3 * C], keys, P[:, 3 * C: 4 * C],
+                                                                P[:, 4 * C:]))
+            d_final = slots.new_zeros(B * heads, *slots.shape[2:])  # the final slots are not used
+            dq, dk, dv, dz, dK0, dV0, d_norm = kv_ops.fused_backward_op(
+                q, k, v, z, slots, *kept, _head_view(d_reads, B, T, heads), d_final, d_final, True, d ** -0.5,
+                norm_weight, norm_eps)
+            d_keys = dk.transpose(1, 2).reshape(N, C)
+            dlocal.addmm_(d_keys, Wk)
+            dWk = d_keys.t() @ local
+            dh, dw, db = _conv_backward(dlocal.view(B, T, C), h, conv_weight, conv_bias is not None and needs[9],
+                                        True, needs[8])
+            dP = torch.cat([dg, *(y.transpose(1, 2).reshape(N, -1) for y in (dq, dv, dz))], dim=1)
+            dh.view(N, C).addmm_(dP, W)
+            dW = (dP.t() @ h.reshape(N, C)).split(widths)
+            d_bias = dP.sum(0).to(acc_dtype(dP.dtype))
+            d_bank = (dK0 + dV0).sum(0).transpose(0, 1).reshape(-1, C)  # (B, H, S, d) -> (S, C)
+        dtypes = ctx.dtypes
+        return (dout, dh, dW[0].to(dtypes[0]), d_bias[: 2 * C], dW[1].to(dtypes[1]), dW[2].to(dtypes[2]),
+                dW[3].to(dtypes[3]), d_bias[4 * C:].to(dtypes[4]), dw, db, dWk.to(dtypes[5]), d_bank.to(dtypes[6]),
+                d_norm, dWo.to(dtypes[7]), None, None)
+
+
+def _head_view(y: torch.Tensor, B: int, T: int, heads: int) -> torch.Tensor:
+    """(B T, H X) columns -> (B, H, T, X), a view."""
+    return y.view(B, T, heads, -1).transpose(1, 2)
+
+
+def bank_slots(memory_bank: torch.Tensor, B: int, heads: int) -> torch.Tensor:
+    """The bank (S, C) as every row's initial slots, (B, H, S, C / H) fp32: a view (batch stride 0)."""
+    S, C = memory_bank.shape
+    return memory_bank.float().view(S, heads, C // heads).transpose(0, 1).expand(B, -1, -1, -1)
 
 
 # ---------------------------------------------------------------- FFN
@@ -345,6 +444,26 @@ def gam_mixer_residual(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias:
         if local is not None and glob is not None:
             return x + (local + glob)
         return x + (glob if local is None else local)
+
+
+def kv_mixer_residual(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, ln_eps: float,
+                      *, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, gate_weight: torch.Tensor,
+                      gate_bias: torch.Tensor, query_weight: torch.Tensor, value_weight: torch.Tensor,
+                      forget_weight: torch.Tensor, forget_bias: torch.Tensor, key_weight: torch.Tensor,
+                      memory_bank: torch.Tensor, norm_weight: torch.Tensor, norm_eps: float, out_weight: torch.Tensor,
+                      heads: int) -> torch.Tensor:
+    """``x`` + the kv-slot block's full mixer of ``h = LayerNorm(x)``, fused
+    (:class:`KVMixerResidual`): keys from the convolution, a plain sigmoid forget gate
+    (logits ``forget_weight h + forget_bias``), per-head RMSNorm of the reads, no feature map
+    and no output gate, on the fused CPU kernel (where :func:`gam.ops.kv_memory.fused_applies`).
+    Matmuls run in the compute dtype (autocast's, else the input's), the residual keeps its dtype.
+    """
+    dtype = compute_dtype(x)
+    with _no_autocast(x.device.type):
+        h = _layer_norm(x, ln_weight, ln_bias, ln_eps, dtype)
+        return KVMixerResidual.apply(x, h, gate_weight, gate_bias, query_weight, value_weight, forget_weight,
+                                     forget_bias, conv_weight, conv_bias, key_weight, memory_bank, norm_weight,
+                                     out_weight, heads, norm_eps)
 
 
 def ffn_residual(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, ln_eps: float,

@@ -67,7 +67,8 @@ from torch.autograd.function import once_differentiable
 from gam.ops import native
 from gam.ops.memory_read import compute_dtype
 
-State = tuple[torch.Tensor, torch.Tensor]
+Tensor = torch.Tensor
+State = tuple[Tensor, Tensor]
 
 LOG_ALPHA_MIN = -4.0  # alpha >= 0.018
 MAX_CHUNK = 32
@@ -525,7 +526,7 @@ class _Options(ctypes.Structure):
 
 _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIZES = [_I64] * 6 + [_INT]  # rows, heads, T, d, S, span, bf16
-_FORWARD_ARGS = _SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR] * 2 + [_PTR, _Strides] + [_PTR] * 6 + [_INT]
+_FORWARD_ARGS = _SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR, _Strides] * 3 + [_PTR] * 6 + [_INT]
 _BACKWARD_ARGS = (_SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR] * 4 + [_PTR, _Strides]
                   + [_PTR] * 2 + [_PTR, _Strides] * 4 + [_PTR] * 3 + [_INT])
 # The lowest forget logit: logsigmoid(z) >= LOG_ALPHA_MIN where z >= logit(exp(LOG_ALPHA_MIN))
@@ -580,31 +581,35 @@ def _operand(x: torch.Tensor, heads: int) -> tuple[_Strides, int]:
     return _Strides(x.stride(0), x.stride(1), x.stride(2)), x.data_ptr()
 
 
-def _transposed_slots(state: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, S, 2d) -> the key and the value slots as the kernel holds them, (rows, d, S) fp32."""
-    return tuple(half.transpose(1, 2).float().contiguous() for half in (state[..., :d], state[..., d:]))
-
-
 def _like(x: torch.Tensor) -> torch.Tensor:
-    """An empty tensor like ``x`` (its layout where that is dense), with unit feature stride."""
+    """An empty tensor like ``x`` with unit feature stride: (B, H, T, X) over (B, T, H, X) memory,
+    the layout of the projections the layer's head views come from (its gradients then join
+    theirs without a transposing copy); else ``x``'s layout where that is dense."""
+    if x.dim() == 4:
+        B, H, T, X = x.shape
+        return x.new_empty(B, T, H, X).transpose(1, 2)
     y = torch.empty_like(x)
     return y if y.stride(-1) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _fused_shapes(q: torch.Tensor, gate: torch.Tensor, initial: torch.Tensor, keep: bool, norm: bool):
-    """The fused op's results, allocated (empty): reads, final state, and what a backward needs:
-    softmax, checkpoints, and with the norm the raw reads and their rsqrt (empty unless ``keep``)."""
+def _fused_shapes(q: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor, keep: bool, norm: bool):
+    """The fused op's results, allocated (empty): reads, final key and value slots (rows, S, d),
+    and what a backward needs: softmax, checkpoints, and with the norm the raw reads and their
+    rsqrt (empty unless ``keep``)."""
     T, d = q.shape[-2:]
-    rows, S = initial.shape[0], gate.shape[-1]
+    S = gate.shape[-1]
+    rows = q.shape[0] * q.shape[1] if q.dim() == 4 else q.shape[0]
     span = fused_span(T)
     out = q.new_empty(q.shape[0], T, q.shape[1], d).transpose(1, 2) if q.dim() == 4 else q.new_empty(rows, T, d)
-    final = initial.new_empty(rows, S, 2 * d, dtype=torch.float32)
+
+    def fp32(*shape):
+        return q.new_empty(shape, dtype=torch.float32)
 
     def kept(*shape):
-        return q.new_empty(shape if keep else (0,), dtype=torch.float32)
+        return fp32(*shape) if keep else fp32(0)
 
-    return (out, final, kept(rows, T, S), kept(rows, -(-T // span), 2, d, S),
-            kept(rows, T, d) if norm else kept(0), kept(rows, T) if norm else kept(0))
+    return (out, fp32(rows, S, d), fp32(rows, S, d), kept(rows, T, S), kept(rows, -(-T // span), 2, d, S),
+            kept(rows, T, d) if norm else fp32(0), kept(rows, T) if norm else fp32(0))
 
 
 def _options(gate: torch.Tensor, gate_logits: bool, q_scale: float, norm_weight: torch.Tensor | None,
@@ -626,52 +631,61 @@ def _pointer(x: torch.Tensor) -> int | None:
     return x.data_ptr() if x.numel() else None
 
 
+def _heads(x: torch.Tensor) -> int:
+    return x.shape[1] if x.dim() == 4 else 1
+
+
 @torch.library.custom_op("gam::kv_memory_fused", mutates_args=())
-def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, initial: torch.Tensor,
-                   keep: bool, gate_logits: bool, q_scale: float, norm_weight: torch.Tensor | None,
-                   norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                             torch.Tensor]:
+def fused_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor,
+                     V0: torch.Tensor, keep: bool, gate_logits: bool, q_scale: float,
+                     norm_weight: torch.Tensor | None, norm_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                                Tensor, Tensor]:
+    """The kernel's forward (:func:`kv_memory_fused` has the arguments): reads, final key and
+    value slots, and what its backward needs (softmax, checkpoints, raw reads, rsqrt)."""
     T, d = q.shape[-2:]
-    rows, S = initial.shape[0], gate.shape[-1]
+    S = gate.shape[-1]
     lib = _checked_kernel(S)
-    q, k, v, gate = _unit_feature_stride(q, k, v, gate)
+    if K0.dim() == 4 and q.dim() == 3:  # slots per (batch, head), rows per row: as rows
+        K0, V0 = K0.reshape(-1, *K0.shape[2:]), V0.reshape(-1, *V0.shape[2:])
+    q, k, v, gate, K0, V0 = _unit_feature_stride(q, k, v, gate, K0, V0)
     norm_weight = None if norm_weight is None else norm_weight.float().contiguous()
-    out, final, p, checkpoints, reads, rstd = _fused_shapes(q, gate, initial, keep, norm_weight is not None)
-    K0, V0 = _transposed_slots(initial, d)
-    K_final, V_final = torch.empty_like(K0), torch.empty_like(V0)
-    heads = q.shape[1] if q.dim() == 4 else 1
-    (sq, pq), (sk, pk), (sv, pv), (sg, pg), (so, po) = (_operand(x, heads) for x in (q, k, v, gate, out))
-    status = lib.kv_memory_forward(rows, heads, T, d, S, fused_span(T), int(q.dtype == torch.bfloat16), pq, sq, pk,
-                                   sk, pv, sv, pg, sg, _options(gate, gate_logits, q_scale, norm_weight, norm_eps),
-                                   K0.data_ptr(), V0.data_ptr(), po, so, *map(_pointer, (p, checkpoints, reads, rstd)),
-                                   K_final.data_ptr(), V_final.data_ptr(), torch.get_num_threads())
+    out, K_final, V_final, p, checkpoints, reads, rstd = _fused_shapes(q, gate, K0, keep, norm_weight is not None)
+    heads = _heads(q)
+    (sq, pq), (sk, pk), (sv, pv), (sg, pg), (sK, pK), (sV, pV), (so, po) = (
+        _operand(x, heads) for x in (q, k, v, gate, K0, V0, out))
+    status = lib.kv_memory_forward(K_final.shape[0], heads, T, d, S, fused_span(T), int(q.dtype == torch.bfloat16),
+                                   pq, sq, pk, sk, pv, sv, pg, sg,
+                                   _options(gate, gate_logits, q_scale, norm_weight, norm_eps), pK, sK, pV, sV, po, so,
+                                   *map(_pointer, (p, checkpoints, reads, rstd)), K_final.data_ptr(),
+                                   V_final.data_ptr(), torch.get_num_threads())
     assert status == 0, status
-    final.copy_(torch.cat([K_final.transpose(1, 2), V_final.transpose(1, 2)], dim=-1))
-    return out, final, p, checkpoints, reads, rstd
+    return out, K_final, V_final, p, checkpoints, reads, rstd
 
 
-@_fused_forward.register_fake
-def _(q, k, v, gate, initial, keep, gate_logits, q_scale, norm_weight, norm_eps):
-    return _fused_shapes(q, gate, initial, keep, norm_weight is not None)
+@fused_forward_op.register_fake
+def _(q, k, v, gate, K0, V0, keep, gate_logits, q_scale, norm_weight, norm_eps):
+    return _fused_shapes(q, gate, K0, keep, norm_weight is not None)
 
 
 @torch.library.custom_op("gam::kv_memory_fused_backward", mutates_args=())
-def _fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, p: torch.Tensor,
-                    checkpoints: torch.Tensor, reads: torch.Tensor, rstd: torch.Tensor, d_out: torch.Tensor,
-                    d_final: torch.Tensor, gate_logits: bool, q_scale: float, norm_weight: torch.Tensor | None,
-                    norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                              torch.Tensor]:
+def fused_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor,
+                      p: torch.Tensor, checkpoints: torch.Tensor, reads: torch.Tensor, rstd: torch.Tensor,
+                      d_out: torch.Tensor, dK_final: torch.Tensor, dV_final: torch.Tensor, gate_logits: bool,
+                      q_scale: float, norm_weight: torch.Tensor | None,
+                      norm_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The kernel's backward: gradients of q, k, v, the gate, the initial key and value slots
+    (``K0``'s shape, fp32; the value slots' like it) and the norm's weight (empty without it)."""
     T, d = q.shape[-2:]
     rows, S = p.shape[0], p.shape[-1]
     lib = _checked_kernel(S)
     dq, dk, dv, d_gate = (_like(x) for x in (q, k, v, gate))
+    dK0, dV0 = (K0.new_empty(K0.shape, dtype=torch.float32) for _ in range(2))
     q, k, v, gate, d_out = _unit_feature_stride(q, k, v, gate, d_out.to(q.dtype))
+    dK_final, dV_final = (x.float().contiguous() for x in (dK_final, dV_final))
     norm_weight = None if norm_weight is None else norm_weight.float().contiguous()
     threads = torch.get_num_threads()
     d_norm_weight = q.new_zeros((threads, d) if norm_weight is not None else (0,), dtype=torch.float32)
-    dK_final, dV_final = _transposed_slots(d_final, d)
-    dK0, dV0 = torch.empty_like(dK_final), torch.empty_like(dV_final)
-    heads = q.shape[1] if q.dim() == 4 else 1
+    heads = _heads(q)
     operands = [_operand(x, heads) for x in (q, k, v, gate, d_out, dq, dk, dv, d_gate)]
     (sq, pq), (sk, pk), (sv, pv), (sg, pg), (sdo, pdo), (sdq, pdq), (sdk, pdk), (sdv, pdv), (sdg, pdg) = operands
     status = lib.kv_memory_backward(rows, heads, T, d, S, fused_span(T), int(q.dtype == torch.bfloat16), pq, sq, pk,
@@ -680,34 +694,32 @@ def _fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: tor
                                     dV_final.data_ptr(), pdq, sdq, pdk, sdk, pdv, sdv, pdg, sdg,
                                     _pointer(d_norm_weight), dK0.data_ptr(), dV0.data_ptr(), threads)
     assert status == 0, status
-    return (dq, dk, dv, d_gate, torch.cat([dK0.transpose(1, 2), dV0.transpose(1, 2)], dim=-1),
-            d_norm_weight.sum(0) if norm_weight is not None else d_norm_weight)
+    return dq, dk, dv, d_gate, dK0, dV0, d_norm_weight.sum(0) if norm_weight is not None else d_norm_weight
 
 
-@_fused_backward.register_fake
-def _(q, k, v, gate, p, checkpoints, reads, rstd, d_out, d_final, gate_logits, q_scale, norm_weight, norm_eps):
-    rows, S = p.shape[0], p.shape[-1]
+@fused_backward_op.register_fake
+def _(q, k, v, gate, K0, p, checkpoints, reads, rstd, d_out, dK_final, dV_final, gate_logits, q_scale, norm_weight,
+      norm_eps):
+    d_state = [K0.new_empty(K0.shape, dtype=torch.float32) for _ in range(2)]
     d_norm_weight = q.new_empty(q.shape[-1] if norm_weight is not None else 0, dtype=torch.float32)
-    return (*(_like(x) for x in (q, k, v, gate)), gate.new_empty(rows, S, 2 * q.shape[-1], dtype=torch.float32),
-            d_norm_weight)
+    return (*(_like(x) for x in (q, k, v, gate)), *d_state, d_norm_weight)
 
 
 def _fused_setup_context(ctx, inputs, output):
-    q, k, v, gate, _, keep, ctx.gate_logits, ctx.q_scale, norm_weight, ctx.norm_eps = inputs
-    ctx.save_for_backward(q, k, v, gate, norm_weight, *output[2:])
+    q, k, v, gate, K0, _, keep, ctx.gate_logits, ctx.q_scale, norm_weight, ctx.norm_eps = inputs
+    ctx.save_for_backward(q, k, v, gate, K0, norm_weight, *output[3:])
     ctx.keep = keep
 
 
-def _fused_autograd(ctx, d_out, d_final, *_d_kept):
+def _fused_autograd(ctx, d_out, dK_final, dV_final, *_d_kept):
     if not ctx.keep:
         raise RuntimeError("gam::kv_memory_fused ran with keep=False: nothing was kept for a backward")
-    q, k, v, gate, norm_weight, p, checkpoints, reads, rstd = ctx.saved_tensors
-    if d_out is None:
-        d_out = torch.zeros_like(q)
-    if d_final is None:
-        d_final = q.new_zeros(p.shape[0], p.shape[-1], 2 * q.shape[-1], dtype=torch.float32)
-    *grads, d_norm_weight = _fused_backward(q, k, v, gate, p, checkpoints, reads, rstd, d_out, d_final,
-                                            ctx.gate_logits, ctx.q_scale, norm_weight, ctx.norm_eps)
+    q, k, v, gate, K0, norm_weight, p, checkpoints, reads, rstd = ctx.saved_tensors
+    rows, S, d = p.shape[0], p.shape[-1], q.shape[-1]
+    d_out = torch.zeros_like(q) if d_out is None else d_out
+    dK_final, dV_final = (p.new_zeros(rows, S, d) if x is None else x for x in (dK_final, dV_final))
+    *grads, d_norm_weight = fused_backward_op(q, k, v, gate, K0, p, checkpoints, reads, rstd, d_out, dK_final,
+                                              dV_final, ctx.gate_logits, ctx.q_scale, norm_weight, ctx.norm_eps)
     return (*grads, None, None, None, None if norm_weight is None else d_norm_weight, None)
 
 
@@ -732,14 +744,14 @@ def kv_memory_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha
     keeps them whole in its graph, and autograd runs the second for the first): q, k, v
     (rows, T, d) in fp32 or bf16 alike and ``log_alpha`` (rows, T, S, fp32); or all four
     (B, H, T, X) views of any strides with unit feature stride (rows = B H, head-major: the
-    heads of a (B, T, H X) projection without copies); the initial state (rows, S, 2d: key and
-    value slots side by side, fp32). Returns the reads (rows, T, d; for views, (B, H, T, d)
-    over (B, T, H, d) memory, so that the heads concatenate without a copy) in q's dtype and the
-    final state (fp32); the op also returns what the backward needs: the softmax of every
-    token (rows, T, S), the state every :func:`fused_span` tokens, and with the norm the raw
-    reads and their rsqrt (fp32; empty unless a backward can run). The kernel computes the
-    bounded gates' ``alpha`` and ``1 - alpha`` from ``log_alpha`` (or the logits) as it goes.
-    fp32 arithmetic throughout.
+    heads of a (B, T, H X) projection without copies); the initial key and value slots
+    (rows, S, d), or (B, H, S, d) views (a bank shared by the batch: an expanded view, read in
+    place). Returns the reads (rows, T, d; for views, (B, H, T, d) over (B, T, H, d) memory, so
+    that the heads concatenate without a copy) in q's dtype and the final slots (rows, S, d);
+    the op also returns what the backward needs: the softmax of every token (rows, T, S), the
+    state every :func:`fused_span` tokens, and with the norm the raw reads and their rsqrt
+    (fp32; empty unless a backward can run). The kernel computes the bounded gates' ``alpha``
+    and ``1 - alpha`` from ``log_alpha`` (or the logits) as it goes. fp32 arithmetic throughout.
 
     The backward recomputes each span's states from its checkpoint and runs the recurrence
     in reverse, with ``g`` the carried gradient of a state: through the read ``o = V_t^T p``,
@@ -750,17 +762,16 @@ def kv_memory_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha
     to one; no earlier state needed), and ``dK_{t-1} = alpha dK_t`` (and the same for V); for
     logits, ``dz = d log alpha * sigmoid(-z) = d log alpha * (1 - alpha)``; through the norm
     the usual RMSNorm backward per token."""
-    dtype, d = compute_dtype(q), q.shape[-1]
+    dtype = compute_dtype(q)
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         gate = log_alpha if gate_logits and log_alpha.dtype in (torch.float32, torch.bfloat16) else log_alpha.float()
-        initial = torch.cat(state, dim=-1)
-        inputs = (q, k, v, gate, initial, norm_weight)
+        K0, V0 = state
+        inputs = (q, k, v, gate, K0, V0, norm_weight)
         keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
-        out, final, *_ = _fused_forward(q, k, v, gate, initial.float(), keep, gate_logits, q_scale, norm_weight,
-                                        norm_eps)
-        final = final.to(initial.dtype)
-    return out, (final[..., :d], final[..., d:])
+        out, K, V, *_ = fused_forward_op(q, k, v, gate, K0.float(), V0.float(), keep, gate_logits, q_scale,
+                                         norm_weight, norm_eps)
+    return out, (K.to(K0.dtype), V.to(V0.dtype))
 
 
 def _unit_feature_stride(*tensors: torch.Tensor) -> list[torch.Tensor]:

@@ -26,9 +26,12 @@
  *
  * q, k, v, the reads and their gradients are fp32 or bf16 (`bf16` flag), with
  * strides: element (r, t, j) of a tensor with strides (sb, sh, st) and `heads`
- * H sits at (r / H) sb + (r % H) sh + t st + j; the gates log alpha and their
- * gradient are fp32 with strides likewise. Everything else is fp32 and
- * contiguous. Rows run in parallel (OpenMP); the arithmetic is fp32 throughout.
+ * H sits at (r / H) sb + (r % H) sh + t st + j; the gates and their gradient are
+ * fp32 or bf16 (`gate_bf16`) with strides likewise; the initial key and value
+ * slots are fp32 (S, d) per row with strides likewise (slot s in place of token t:
+ * a bank shared by the batch has sb = 0). The final slots and the gradients of the
+ * initial ones are (rows, S, d); everything else is fp32 and contiguous. Rows run
+ * in parallel (OpenMP); the arithmetic is fp32 throughout.
  */
 #include <math.h>
 #include <omp.h>
@@ -285,16 +288,29 @@ static inline __attribute__((always_inline)) void group_states(const int NB, con
     }
 }
 
+/* M (d, S), the kernel's layout, from slots (S, d) at src, `slot_stride` apart */
+static void slots_to_state(const float *src, int64_t slot_stride, int64_t S, int64_t d, float *M) {
+    for (int64_t s = 0; s < S; s++)
+        for (int64_t j = 0; j < d; j++) M[j * S + s] = src[s * slot_stride + j];
+}
+
+/* slots (S, d), contiguous, from M (d, S) */
+static void state_to_slots(const float *M, int64_t S, int64_t d, float *dst) {
+    for (int64_t s = 0; s < S; s++)
+        for (int64_t j = 0; j < d; j++) dst[s * d + j] = M[j * S + s];
+}
+
 static inline __attribute__((always_inline)) void forward_row(
         const int NB, int64_t r, int64_t heads, int64_t T, int64_t d, int64_t span, int64_t rows_per_group,
         int bf16, const void *q, const Strides *sq, const void *k, const Strides *sk, const void *v,
         const Strides *sv, const void *gate, const Strides *sg, const Options *opt, const float *K0,
-        const float *V0, void *out, const Strides *so, float *p_kept, float *checkpoints, float *reads_kept,
-        float *rstd_kept, float *K_final, float *V_final, const Workspace *ws) {
+        const Strides *sK0, const float *V0, const Strides *sV0, void *out, const Strides *so, float *p_kept,
+        float *checkpoints, float *reads_kept, float *rstd_kept, float *K_final, float *V_final,
+        const Workspace *ws) {
     const int64_t S = NB * 16, dS = d * S, spans = (T + span - 1) / span;
     float *K = ws->K, *V = ws->V;
-    memcpy(K, K0 + r * dS, sizeof(float) * dS);
-    memcpy(V, V0 + r * dS, sizeof(float) * dS);
+    slots_to_state(K0 + offset(sK0, heads, r, 0), sK0->st, S, d, K);
+    slots_to_state(V0 + offset(sV0, heads, r, 0), sV0->st, S, d, V);
     for (int64_t c = 0; c < spans; c++) {
         const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
         if (checkpoints) { /* NULL when no backward will run */
@@ -362,8 +378,8 @@ static inline __attribute__((always_inline)) void forward_row(
             store(out, bf16, offset(so, heads, r, t0 + i), d, o);
         }
     }
-    memcpy(K_final + r * dS, K, sizeof(float) * dS);
-    memcpy(V_final + r * dS, V, sizeof(float) * dS);
+    state_to_slots(K, S, d, K_final + r * dS);
+    state_to_slots(V, S, d, V_final + r * dS);
 }
 
 /* Through a write M_t = alpha M_{t-1} + w x^T with the gradient dM of M_t carried in, at one token
@@ -380,8 +396,8 @@ static inline __attribute__((always_inline)) void backward_row(
         float *dK0, float *dV0, const Workspace *ws) {
     const int64_t S = NB * 16, dS = d * S, spans = (T + span - 1) / span;
     float *dK = ws->K, *dV = ws->V;
-    memcpy(dK, dK_final + r * dS, sizeof(float) * dS);
-    memcpy(dV, dV_final + r * dS, sizeof(float) * dS);
+    slots_to_state(dK_final + r * dS, d, S, d, dK);
+    slots_to_state(dV_final + r * dS, d, S, d, dV);
     for (int64_t c = spans - 1; c >= 0; c--) {
         const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
         const float *checkpoint = checkpoints + (r * spans + c) * 2 * dS;
@@ -488,8 +504,8 @@ static inline __attribute__((always_inline)) void backward_row(
             }
         }
     }
-    memcpy(dK0 + r * dS, dK, sizeof(float) * dS);
-    memcpy(dV0 + r * dS, dV, sizeof(float) * dS);
+    state_to_slots(dK, S, d, dK0 + r * dS);
+    state_to_slots(dV, S, d, dV0 + r * dS);
 }
 
 /* The number of 16-slot blocks as a constant in each instance (registers, unrolled loops). */
@@ -532,11 +548,11 @@ static int64_t group_rows(int64_t span, int64_t d, int64_t S) {
    their rsqrt); any may be NULL, when none will run. */
 int kv_memory_forward(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_t S, int64_t span, int bf16,
                       const void *q, Strides sq, const void *k, Strides sk, const void *v, Strides sv,
-                      const void *gate, Strides sg, Options opt, const float *K0, const float *V0,
-                      void *out, Strides so, float *p_kept, float *checkpoints, float *reads_kept, float *rstd_kept,
-                      float *K_final, float *V_final, int threads) {
+                      const void *gate, Strides sg, Options opt, const float *K0, Strides sK0, const float *V0,
+                      Strides sV0, void *out, Strides so, float *p_kept, float *checkpoints, float *reads_kept,
+                      float *rstd_kept, float *K_final, float *V_final, int threads) {
 #define FORWARD(N) forward_row(N, r, heads, T, d, span, per_group, bf16, q, &sq, k, &sk, v, &sv, gate, &sg, &opt, \
-                               K0, V0, out, &so, p_kept, checkpoints, reads_kept, rstd_kept, K_final, V_final, &ws)
+                               K0, &sK0, V0, &sV0, out, &so, p_kept, checkpoints, reads_kept, rstd_kept, K_final, V_final, &ws)
     FOR_EACH_ROW(FORWARD)
 }
 
