@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gam.ops.fused_block as fused_block
 import gam.ops.kv_memory as kv_ops
 import gam.ops.native as native
 from conftest import rel_rms
@@ -233,26 +234,39 @@ def test_kv_slot_block_with_the_kernel_equals_its_recurrent_reference(variant, d
 
 
 @needs_kernel
-def test_kv_slot_block_fast_path_under_bf16_autocast_is_close_to_the_fp32_reference(avx512):
-    """The block's fast path in bf16 (bf16 logits, q, k, v into the kernel; bf16 normalized reads
-    out) against the same block's fp32 reference path with the recurrence."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_kv_slot_blocks_fused_mixer_matches_the_recurrent_reference(precision, avx512, monkeypatch):
+    """The block's fast path with its mixer as one function (KVMixerResidual: bf16 logits, q, k,
+    v into the kernel and bf16 normalized reads out under autocast) against the same block
+    written with plain ops and the step-by-step recurrence: outputs and the gradients of the
+    input and of every parameter, fp32 within 1e-5, bf16 by relative RMS."""
     torch.manual_seed(0)
     config = GAMConfig(vocab_size=50, block_size=64, n_embd=32, n_layer=1, num_memory_slots=16, memory_heads=2,
                        dropout=0.0, memory="kv_slots")
     block = GAMBlock(config)
     x = torch.randn(2, 45, 32, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    calls = []
+    real = fused_block.KVMixerResidual.apply
+    monkeypatch.setattr(fused_block.KVMixerResidual, "apply", lambda *a: calls.append(1) or real(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         fast = block.forward_fast(x)
+    assert calls == [1]
     h = block.ln1(x)
     local = block.local_context(h)
     g_local, g_global = block.gate(h).chunk(2, dim=-1)
     reads = block.kv_memory(h, local, block.memory_bank, reference=True)
     reference = x + torch.sigmoid(g_local) * local + torch.sigmoid(g_global) * reads
     reference = reference + block.ffn(block.ln2(reference))
-    assert rel_rms((fast - x).double(), (reference - x).double()) < 1e-2  # the block's own part
-    params = [x, *block.kv_memory.parameters()]
+    params = [x, *block.parameters()]
     w = torch.randn(fast.shape)
-    for a, b in zip(torch.autograd.grad(fast, params, w), torch.autograd.grad(reference, params, w)):
+    grads = zip(torch.autograd.grad(fast, params, w), torch.autograd.grad(reference, params, w))
+    if precision == "fp32":
+        torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
+        for a, b in grads:
+            torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=0)
+        return
+    assert rel_rms((fast - x).double(), (reference - x).double()) < 1e-2  # the block's own part
+    for a, b in grads:
         assert rel_rms(a.double(), b.double()) < 2e-2
 
 
