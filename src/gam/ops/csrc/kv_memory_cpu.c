@@ -300,6 +300,54 @@ static void state_to_slots(const float *M, int64_t S, int64_t d, float *dst) {
         for (int64_t j = 0; j < d; j++) dst[s * d + j] = M[j * S + s];
 }
 
+/* The forward's two sweeps over a group's rows j0 .. j1 - 1, for TOKENS (1 or 2) tokens from the
+   span's i-th at a time: each row is loaded and stored once for them (the state's traffic halves;
+   with 2 tokens a token's per-slot vectors take 3 NB registers each, so only for NB <= PAIR_BLOCKS). */
+#define PAIR_BLOCKS 4
+
+/* The key writes and the scores: K_t = alpha K_{t-1} + w k^T, z_t += K_t q (row by row) */
+static inline __attribute__((always_inline)) void key_writes(const int NB, const int TOKENS, const Workspace *ws,
+                                                             float *K, int64_t i, int64_t j0, int64_t j1, int64_t d) {
+    const int64_t S = NB * 16;
+    v16 a[2][MAX_BLOCKS], w[2][MAX_BLOCKS], z[2][MAX_BLOCKS];
+    for (int u = 0; u < TOKENS; u++) load_token(NB, ws, i + u, ws->z, a[u], w[u], z[u]);
+    const float *qi = ws->q + i * d, *ki = ws->k + i * d;
+    for (int64_t j = j0; j < j1; j++)
+        for (int b = 0; b < NB; b++) {
+            float *row = K + j * S + b * 16;
+            v16 x = LOAD(row);
+            for (int u = 0; u < TOKENS; u++) {
+                x = a[u][b] * x + w[u][b] * ki[u * d + j];
+                z[u][b] += x * qi[u * d + j];
+            }
+            STORE(row, x);
+        }
+    for (int u = 0; u < TOKENS; u++)
+        for (int b = 0; b < NB; b++) STORE(ws->z + (i + u) * S + b * 16, z[u][b]);
+}
+
+/* The value writes and the reads: V_t = alpha V_{t-1} + w v^T, o_t = V_t^T p_t (p in ws->z) */
+static inline __attribute__((always_inline)) void value_reads(const int NB, const int TOKENS, const Workspace *ws,
+                                                              float *V, int64_t i, int64_t j0, int64_t j1, int64_t d) {
+    const int64_t S = NB * 16;
+    v16 a[2][MAX_BLOCKS], w[2][MAX_BLOCKS], p[2][MAX_BLOCKS];
+    for (int u = 0; u < TOKENS; u++) load_token(NB, ws, i + u, ws->z, a[u], w[u], p[u]);
+    const float *vi = ws->v + i * d;
+    for (int64_t j = j0; j < j1; j++) {
+        v16 acc[2] = {a[0][0] * 0.0f, a[0][0] * 0.0f};
+        for (int b = 0; b < NB; b++) {
+            float *row = V + j * S + b * 16;
+            v16 x = LOAD(row);
+            for (int u = 0; u < TOKENS; u++) {
+                x = a[u][b] * x + w[u][b] * vi[u * d + j];
+                acc[u] += x * p[u][b];
+            }
+            STORE(row, x);
+        }
+        for (int u = 0; u < TOKENS; u++) ws->o[(i + u) * d + j] = hsum(acc[u]);
+    }
+}
+
 static inline __attribute__((always_inline)) void forward_row(
         const int NB, int64_t r, int64_t heads, int64_t T, int64_t d, int64_t span, int64_t rows_per_group,
         int bf16, const void *q, const Strides *sq, const void *k, const Strides *sk, const void *v,
@@ -322,19 +370,10 @@ static inline __attribute__((always_inline)) void forward_row(
         memset(ws->z, 0, sizeof(float) * n * S);
         for (int64_t j0 = 0; j0 < d; j0 += rows_per_group) { /* the key writes and the scores K_t q_t */
             const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d;
-            for (int64_t i = 0; i < n; i++) {
-                v16 a[MAX_BLOCKS], w[MAX_BLOCKS], z[MAX_BLOCKS];
-                load_token(NB, ws, i, ws->z, a, w, z);
-                const float *qi = ws->q + i * d, *ki = ws->k + i * d;
-                for (int64_t j = j0; j < j1; j++)
-                    for (int b = 0; b < NB; b++) {
-                        float *row = K + j * S + b * 16;
-                        const v16 x = a[b] * LOAD(row) + w[b] * ki[j];
-                        STORE(row, x);
-                        z[b] += x * qi[j];
-                    }
-                for (int b = 0; b < NB; b++) STORE(ws->z + i * S + b * 16, z[b]);
-            }
+            int64_t i = 0;
+            if (NB <= PAIR_BLOCKS)
+                for (; i + 1 < n; i += 2) key_writes(NB, 2, ws, K, i, j0, j1, d);
+            for (; i < n; i++) key_writes(NB, 1, ws, K, i, j0, j1, d);
         }
         for (int64_t i = 0; i < n; i++) {
             v16 z[MAX_BLOCKS];
@@ -347,26 +386,16 @@ static inline __attribute__((always_inline)) void forward_row(
         }
         for (int64_t j0 = 0; j0 < d; j0 += rows_per_group) { /* the value writes and the reads */
             const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d;
-            for (int64_t i = 0; i < n; i++) {
-                v16 a[MAX_BLOCKS], w[MAX_BLOCKS], p[MAX_BLOCKS];
-                load_token(NB, ws, i, ws->z, a, w, p);
-                const float *vi = ws->v + i * d;
-                for (int64_t j = j0; j < j1; j++) {
-                    v16 acc = a[0] * 0.0f;
-                    for (int b = 0; b < NB; b++) {
-                        float *row = V + j * S + b * 16;
-                        const v16 x = a[b] * LOAD(row) + w[b] * vi[j];
-                        STORE(row, x);
-                        acc += x * p[b];
-                    }
-                    ws->o[i * d + j] = hsum(acc);
-                }
-            }
+            int64_t i = 0;
+            if (NB <= PAIR_BLOCKS)
+                for (; i + 1 < n; i += 2) value_reads(NB, 2, ws, V, i, j0, j1, d);
+            for (; i < n; i++) value_reads(NB, 1, ws, V, i, j0, j1, d);
         }
         for (int64_t i = 0; i < n; i++) {
             float *o = ws->o + i * d;
             if (opt->norm_weight) { /* o * rsqrt(mean(o^2) + eps) * weight; the raw read and rsqrt kept */
                 float sum = 0.0f;
+                _Pragma("omp simd reduction(+ : sum)") /* a vector sum: C may not reorder a float sum itself */
                 for (int64_t j = 0; j < d; j++) sum += o[j] * o[j];
                 const float rstd = 1.0f / sqrtf(sum / (float)d + opt->norm_eps);
                 if (reads_kept) {
@@ -408,6 +437,7 @@ static inline __attribute__((always_inline)) void backward_row(
             if (opt->norm_weight) { /* through the norm: with x = o rstd and h = g weight, do = rstd (h - x mean(x h)) */
                 const float *o = reads_kept + (r * T + t0 + i) * d, rstd = rstd_kept[r * T + t0 + i];
                 float dot = 0.0f;
+                _Pragma("omp simd reduction(+ : dot)")
                 for (int64_t j = 0; j < d; j++) {
                     const float x = o[j] * rstd;
                     dot += x * g[j] * opt->norm_weight[j];
