@@ -51,7 +51,7 @@ def reference(leaves):
 
 @needs_kernel
 @pytest.mark.parametrize("T", [1, 5, FUSED_SPAN - 1, FUSED_SPAN, FUSED_SPAN + 1, 2 * FUSED_SPAN + 7])
-@pytest.mark.parametrize("S,d", [(16, 5), (64, 24), (48, 3)])
+@pytest.mark.parametrize("S,d", [(16, 5), (64, 24), (48, 3), (128, 8)])  # 128: one token a sweep
 def test_fused_matches_the_recurrence_in_fp32(T, S, d):
     leaves = inputs(T=T, S=S, d=d)
     (outs, grads), (ref_outs, ref_grads) = run(kv_memory_fused, leaves), reference(leaves)
