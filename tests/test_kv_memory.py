@@ -373,11 +373,12 @@ def test_block_chunked_matches_reference_recurrence(variant):
     assert torch.isfinite(g_fast).all()
 
 
-@pytest.mark.parametrize("variant,slots", [("full", 6), ("global_only", 6), ("full", 16)])
+@pytest.mark.parametrize("variant,slots", [("full", 6), ("global_only", 6), ("full", 16), ("global_only", 16)])
 def test_kv_slot_block_compiles_without_graph_breaks(variant, slots, monkeypatch):
     """torch._dynamo.explain of the block's forward: one graph, no break (6 slots: the
     hand-written Function traced whole, one tile; 16: the fused kernel's custom op, where
-    it is built, inside the graph). Compiled with fullgraph and AOT autograd on the eager
+    it is built, inside the graph: in the full mixer's function, or alone in the read of
+    global_only). Compiled with fullgraph and AOT autograd on the eager
     backend (no C++ compiler needed), so that its backward is traced too: outputs and
     gradients equal the eager block's."""
     monkeypatch.setattr(kv_ops, "CPU_CAPABILITY", kv_ops.FUSED_CPU_CAPABILITY)  # the kernel on any host
