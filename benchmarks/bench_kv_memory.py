@@ -18,7 +18,7 @@ version's ``src/gam/ops/kv_memory.py`` (``git show REV:src/gam/ops/kv_memory.py 
 timed in the same turns, so a change of the op is measured before and after in one run.
 
 ``--dtype bf16`` runs both under bf16 autocast with the state in fp32, as the layer trains.
-glibc's malloc keeps freed memory (``gam.bench.speed.tune_cpu_allocator``, as ``gam bench
+glibc's malloc keeps freed memory (``gam.resources.tune_cpu_allocator``, as ``gam bench
 speed`` does) unless ``--no-tune-malloc``: otherwise every large buffer is page-faulted in
 afresh, a cost that lands unevenly on the two forms.
 
@@ -45,7 +45,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from gam.bench.speed import tune_cpu_allocator  # noqa: E402
 from gam.ops import native  # noqa: E402
 from gam.ops.kv_memory import (  # noqa: E402
     fused_applies,
@@ -54,6 +53,7 @@ from gam.ops.kv_memory import (  # noqa: E402
     kv_memory_fused,
     kv_memory_recurrent,
 )
+from gam.resources import tune_cpu_allocator  # noqa: E402
 
 FORMS = {"autograd": kv_memory_chunked_autograd, "hand-written": kv_memory_chunked, "fused": kv_memory_fused}
 

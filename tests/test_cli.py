@@ -463,3 +463,30 @@ def test_progress_reaches_a_log_file_line_by_line(tmp_path):
         finally:
             proc.kill()
             proc.wait()
+
+
+
+def test_train_and_bench_tune_the_allocator_unless_told_not_to(monkeypatch):
+    """`gam train` and `gam bench` keep freed memory in glibc's heap for their process
+    (gam.resources.tune_cpu_allocator), `gam bench speed --no-tune-malloc` does not, and the
+    benches' environment records which."""
+    import gam.resources as resources
+    import gam.train
+    from gam.bench import speed
+    from gam.bench.common import environment
+
+    tuned = []
+    monkeypatch.setattr(resources, "tune_cpu_allocator", lambda: tuned.append(True) or True)
+    monkeypatch.setattr(gam.train, "train", lambda *a, **k: (_ for _ in ()).throw(ValueError("stop here")))
+    assert main(["train"]) == 2 and tuned == [True]
+    runs = []
+    monkeypatch.setattr(speed, "run", lambda config: runs.append(config.no_tune_malloc) or (_ for _ in ()).throw(
+        ValueError("stop here")))
+    tuned.clear()
+    assert main(["bench", "speed", "--no-tune-malloc"]) == 2 and runs == [True] and tuned == []
+    assert main(["bench", "speed"]) == 2 and runs == [True, False] and tuned == [True]
+    monkeypatch.undo()
+    monkeypatch.setattr(resources, "_allocator_tuned", False)
+    assert environment()["malloc_tuned"] is False
+    if resources.tune_cpu_allocator():  # glibc: it takes effect and says so
+        assert resources.cpu_allocator_tuned() and environment()["malloc_tuned"] is True

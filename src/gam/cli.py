@@ -243,6 +243,10 @@ def cmd_bench(bench, args: argparse.Namespace) -> None:
         fields["model_overrides"], fields["train_overrides"] = train_cli.parse_overrides(
             list(getattr(args, "overrides", None) or []))
     config = bench.Config(**fields)
+    if not getattr(config, "no_tune_malloc", False):  # `gam bench speed --no-tune-malloc` measures without
+        from gam.resources import tune_cpu_allocator
+
+        tune_cpu_allocator()
     result = bench.run(config)
     paths = bench.write(result, args.out)
     print(bench.summary(result))

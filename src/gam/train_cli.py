@@ -99,7 +99,10 @@ def parse_overrides(tokens: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from gam.resources import tune_cpu_allocator
     from gam.train import train
+
+    tune_cpu_allocator()  # freed activations stay in the heap (see there): 10-20% faster CPU steps
 
     allow_change = _allow_change(args.allow_change)
     if allow_change and not args.resume:

@@ -87,6 +87,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     import torch
 
     from gam.ops.kv_memory import l2_cache_bytes
+    from gam.resources import cpu_allocator_tuned
 
     env: dict[str, Any] = {
         "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -102,6 +103,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
                      ("gam", "torch", "numpy", "tokenizers", "matplotlib", "mamba-ssm", "triton")},
         "git": git_revision(),
         "argv": list(sys.argv),
+        "malloc_tuned": cpu_allocator_tuned(),  # gam.resources.tune_cpu_allocator
     }
     env["load_average"] = load_average()
     try:

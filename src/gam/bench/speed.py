@@ -44,7 +44,6 @@ rounds. Also reported:
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import os
@@ -119,23 +118,6 @@ GOALS = {
 
 
 # ----------------------------------------------------------------------------- environment
-
-def tune_cpu_allocator() -> bool:
-    """Keep freed memory in glibc's heap instead of returning it to the OS.
-
-    PyTorch's CPU allocator does not cache: every large activation is a fresh
-    ``malloc``, which glibc serves with ``mmap`` and page-faults in on first
-    touch (several ms per step at this size). Raising the mmap and trim
-    thresholds lets the heap reuse freed blocks. Process-wide; glibc only.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1
-    return bool(ok and libc.mallopt(m_trim_threshold, (1 << 31) - 1) == 1)
-
 
 # ----------------------------------------------------------------------------- FLOPs
 
@@ -265,7 +247,7 @@ class SpeedConfig:
     rows: tuple[str, ...] = described(ROW_KEYS, "rows to measure", choices=ROW_KEYS)
     memory_seq: int = described(8192, "T of the block memory test (0: skip)")
     memory_batch: int = described(1, "batch of the block memory test")
-    no_tune_malloc: bool = described(False, "keep glibc's default malloc thresholds (see tune_cpu_allocator)")
+    no_tune_malloc: bool = described(False, "keep glibc's default malloc thresholds (gam.resources.tune_cpu_allocator)")
     seed: int = described(0, "seed of the models and the random tokens")
     overrides: dict[str, Any] = field(default_factory=dict)  # config fields for every model (smoke tests)
 
@@ -299,6 +281,8 @@ def _run(config: SpeedConfig, log) -> dict[str, Any]:
     rounds, warmup, threads, seed = config.rounds, config.warmup, config.threads, config.seed
     memory_seq, memory_batch, overrides = config.memory_seq, config.memory_batch, config.overrides
     import torch
+
+    from gam.resources import tune_cpu_allocator  # (here: `gam --help` imports this module, never torch)
 
     if threads:
         torch.set_num_threads(threads)
