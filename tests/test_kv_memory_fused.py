@@ -361,3 +361,22 @@ def test_an_empty_sequence_reads_nothing_and_passes_the_state_through():
     assert out.shape == (3, 0, 5) and torch.equal(K, leaves[4]) and torch.equal(V, leaves[5])
     grads = torch.autograd.grad(K.sum() + 2 * V.sum(), [leaves[4], leaves[5]])
     assert (grads[0] == 1).all() and (grads[1] == 2).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", ["norm", "slots", "gate", "qkv"])
+def test_mismatched_operands_are_refused_before_the_kernel_reads_them(case):
+    """The kernel addresses memory by the shapes it is told: a mismatch is a one-line ValueError,
+    never an out-of-bounds read."""
+    q, k, v, log_alpha, K0, V0 = (x.detach() for x in inputs(T=9, S=16, d=5))
+    weight = torch.ones(5)
+    if case == "norm":
+        weight = torch.ones(4)
+    elif case == "slots":
+        K0 = K0[:, :8]
+    elif case == "gate":
+        log_alpha = log_alpha[:, :5]
+    else:
+        v = v[..., :4]
+    with pytest.raises(ValueError, match="gam::kv_memory_fused: .*must"):
+        kv_memory_fused(q, k, v, log_alpha, (K0, V0), norm_weight=weight)

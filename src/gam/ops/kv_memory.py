@@ -618,6 +618,28 @@ def _options(gate: torch.Tensor, gate_logits: bool, q_scale: float, norm_weight:
                     q_scale, None if norm_weight is None else norm_weight.data_ptr(), norm_eps)
 
 
+def _check_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor,
+                    V0: torch.Tensor, norm_weight: torch.Tensor | None) -> None:
+    """The shapes the kernel addresses memory by, checked before it runs (a mismatch would read
+    out of bounds): q, k, v alike, (rows, T, d) or (B, H, T, d); the gate (.., T, S); the slots
+    (rows, S, d) or (B, H, S, d); the norm's weight (d,); all on the CPU."""
+    rows, d, S = math.prod(q.shape[:-2]), q.shape[-1], gate.shape[-1]
+    problems = []
+    if q.dim() not in (3, 4) or k.shape != q.shape or v.shape != q.shape:
+        problems.append(f"q, k, v must be alike, (rows, T, d) or (B, H, T, d): {[tuple(x.shape) for x in (q, k, v)]}")
+    if tuple(gate.shape[:-1]) != tuple(q.shape[:-1]):
+        problems.append(f"the gate must be (.., T, S) with q's leading dims {tuple(q.shape[:-1])}: {tuple(gate.shape)}")
+    for name, x in (("K0", K0), ("V0", V0)):
+        if tuple(x.shape[-2:]) != (S, d) or math.prod(x.shape[:-2]) != rows or x.dim() not in (3, q.dim()):
+            problems.append(f"{name} must be (rows, S, d) or q's (B, H, S, d) with S = {S}, d = {d}: {tuple(x.shape)}")
+    if norm_weight is not None and tuple(norm_weight.shape) != (d,):
+        problems.append(f"norm_weight must be ({d},): {tuple(norm_weight.shape)}")
+    if any(x is not None and x.device.type != "cpu" for x in (q, k, v, gate, K0, V0, norm_weight)):
+        problems.append("every operand must be on the CPU")
+    if problems:
+        raise ValueError("gam::kv_memory_fused: " + "; ".join(problems))
+
+
 def _checked_kernel(S: int) -> ctypes.CDLL:
     lib = fused_kernel()
     if lib is None:
@@ -644,6 +666,7 @@ def fused_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: to
     value slots, and what its backward needs (softmax, checkpoints, raw reads, rsqrt)."""
     T, d = q.shape[-2:]
     S = gate.shape[-1]
+    _check_operands(q, k, v, gate, K0, V0, norm_weight)
     lib = _checked_kernel(S)
     if K0.dim() == 4 and q.dim() == 3:  # slots per (batch, head), rows per row: as rows
         K0, V0 = K0.reshape(-1, *K0.shape[2:]), V0.reshape(-1, *V0.shape[2:])
@@ -677,6 +700,10 @@ def fused_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: t
     (``K0``'s shape, fp32; the value slots' like it) and the norm's weight (empty without it)."""
     T, d = q.shape[-2:]
     rows, S = p.shape[0], p.shape[-1]
+    _check_operands(q, k, v, gate, K0, K0, norm_weight)
+    if d_out.shape != q.shape or dK_final.shape != (rows, S, d) or dV_final.shape != (rows, S, d):
+        raise ValueError(f"gam::kv_memory_fused_backward: the gradients must be q's shape and (rows, S, d) = "
+                         f"{(rows, S, d)}: {tuple(d_out.shape)}, {tuple(dK_final.shape)}, {tuple(dV_final.shape)}")
     lib = _checked_kernel(S)
     dq, dk, dv, d_gate = (_like(x) for x in (q, k, v, gate))
     dK0, dV0 = (K0.new_empty(K0.shape, dtype=torch.float32) for _ in range(2))
