@@ -16,6 +16,10 @@ mixing half is :func:`gam_mixer_residual`, the FFN half :func:`ffn_residual`.
   values, not their pre-activations, recomputes the convolution output in
   backward, and adds the three gradients of the shared LayerNorm output into one
   buffer by the matmuls themselves.
+- The kv-slot block's full mixer likewise (:class:`KVMixerResidual`,
+  :func:`kv_mixer_residual`): its memory read is the fused CPU kernel with the gate's
+  logsigmoid, the query's scale and the per-head RMSNorm inside
+  (:func:`gam.ops.kv_memory.kv_memory_fused`).
 - FFN as one function that keeps the GELU input only and recomputes the GELU in
   backward, over chunks of tokens (so the (T, 4C) hidden activations and their
   gradients exist one chunk at a time); its dropout mask comes from 16 random bits per element (about 8x
