@@ -348,6 +348,29 @@ static inline __attribute__((always_inline)) void value_reads(const int NB, cons
     }
 }
 
+/* A forward sweep of the span's n tokens over the state M, group by group: the key writes and
+   scores (VALUES = 0) or the value writes and reads (VALUES = 1), two tokens at a time where NB allows */
+static inline __attribute__((always_inline)) void sweep(const int NB, const int VALUES, const Workspace *ws, float *M,
+                                                        int64_t n, int64_t d, int64_t rows_per_group) {
+    for (int64_t j0 = 0; j0 < d; j0 += rows_per_group) {
+        const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d;
+        int64_t i = 0;
+        if (NB <= PAIR_BLOCKS)
+            for (; i + 1 < n; i += 2) {
+                if (VALUES)
+                    value_reads(NB, 2, ws, M, i, j0, j1, d);
+                else
+                    key_writes(NB, 2, ws, M, i, j0, j1, d);
+            }
+        for (; i < n; i++) {
+            if (VALUES)
+                value_reads(NB, 1, ws, M, i, j0, j1, d);
+            else
+                key_writes(NB, 1, ws, M, i, j0, j1, d);
+        }
+    }
+}
+
 static inline __attribute__((always_inline)) void forward_row(
         const int NB, int64_t r, int64_t heads, int64_t T, int64_t d, int64_t span, int64_t rows_per_group,
         int bf16, const void *q, const Strides *sq, const void *k, const Strides *sk, const void *v,
@@ -368,13 +391,7 @@ static inline __attribute__((always_inline)) void forward_row(
         }
         load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv);
         memset(ws->z, 0, sizeof(float) * n * S);
-        for (int64_t j0 = 0; j0 < d; j0 += rows_per_group) { /* the key writes and the scores K_t q_t */
-            const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d;
-            int64_t i = 0;
-            if (NB <= PAIR_BLOCKS)
-                for (; i + 1 < n; i += 2) key_writes(NB, 2, ws, K, i, j0, j1, d);
-            for (; i < n; i++) key_writes(NB, 1, ws, K, i, j0, j1, d);
-        }
+        sweep(NB, 0, ws, K, n, d, rows_per_group); /* the key writes and the scores K_t q_t */
         for (int64_t i = 0; i < n; i++) {
             v16 z[MAX_BLOCKS];
             load_slots(NB, ws->z + i * S, z);
@@ -384,13 +401,7 @@ static inline __attribute__((always_inline)) void forward_row(
                 if (p_kept) STORE(p_kept + (r * T + t0 + i) * S + b * 16, z[b]);
             }
         }
-        for (int64_t j0 = 0; j0 < d; j0 += rows_per_group) { /* the value writes and the reads */
-            const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d;
-            int64_t i = 0;
-            if (NB <= PAIR_BLOCKS)
-                for (; i + 1 < n; i += 2) value_reads(NB, 2, ws, V, i, j0, j1, d);
-            for (; i < n; i++) value_reads(NB, 1, ws, V, i, j0, j1, d);
-        }
+        sweep(NB, 1, ws, V, n, d, rows_per_group); /* the value writes and the reads */
         for (int64_t i = 0; i < n; i++) {
             float *o = ws->o + i * d;
             if (opt->norm_weight) { /* o * rsqrt(mean(o^2) + eps) * weight; the raw read and rsqrt kept */
