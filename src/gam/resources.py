@@ -64,9 +64,8 @@ def tune_cpu_allocator() -> bool:
 
     PyTorch's CPU allocator does not cache: every large activation is a fresh
     ``malloc``, which glibc serves with ``mmap`` and page-faults in on first
-    touch (several ms per training step at the benches' sizes: the width-96 GAM
-    trained 13-19% slower without this, the kv-slot GAM 7-14%, `gam bench speed
-    --no-tune-malloc` against the default, docs/speed.md). Raising the mmap and trim
+    touch (several ms per training step: at the cpu preset's size 1.08-1.17x the
+    tokens/s with it, four models, docs/speed.md "Recommended settings"). Raising the mmap and trim
     thresholds lets the heap reuse freed blocks. Process-wide and glibc only, so
     the command line calls it (`gam train`, `gam bench`), never an import; returns
     whether it took effect."""
