@@ -24,6 +24,7 @@ from gam.ops.kv_memory import FUSED_SPAN, fused_applies, fused_kernel, kv_memory
 
 needs_kernel = pytest.mark.skipif(fused_kernel() is None, reason=f"no fused kernel: "
                                   f"{native.unavailable_reason('kv_memory_cpu')}")
+needs_tiles = pytest.mark.skipif(not kv_ops.tiles_available(), reason="the kernel's tiles form needs a CPU with AMX-BF16")
 
 
 def inputs(B=3, T=37, d=5, S=16, seed=0, dtype=torch.float32, gate_low=-5.0):
@@ -234,19 +235,21 @@ def test_kv_slot_block_with_the_kernel_equals_its_recurrent_reference(variant, d
 
 
 @needs_kernel
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_kv_slot_blocks_fused_mixer_matches_the_recurrent_reference(precision, avx512, monkeypatch):
+@pytest.mark.parametrize("precision,width", [("fp32", 32), ("bf16", 32), ("bf16", 96)])
+def test_kv_slot_blocks_fused_mixer_matches_the_recurrent_reference(precision, width, avx512, monkeypatch):
     """The block's fast path with its mixer as one function (KVMixerResidual: bf16 logits, q, k,
     v into the kernel and bf16 normalized reads out under autocast) against the same block
     written with plain ops and the step-by-step recurrence: outputs and the gradients of the
-    input and of every parameter, fp32 within 1e-5, bf16 by relative RMS."""
+    input and of every parameter, fp32 within 1e-5, bf16 by relative RMS (heads of 48 features:
+    the tiles' form where the CPU has it)."""
     torch.manual_seed(0)
-    config = GAMConfig(vocab_size=50, block_size=64, n_embd=32, n_layer=1, num_memory_slots=16, memory_heads=2,
+    config = GAMConfig(vocab_size=50, block_size=64, n_embd=width, n_layer=1, num_memory_slots=16, memory_heads=2,
                        dropout=0.0, memory="kv_slots")
     block = GAMBlock(config)
-    x = torch.randn(2, 45, 32, requires_grad=True)
+    x = torch.randn(2, 45, width, requires_grad=True)
     calls = []
     real = fused_block.KVMixerResidual.apply
+    assert kv_ops.tiles_apply(torch.zeros(1, width // 2, dtype=torch.bfloat16)) == (width == 96 and kv_ops.tiles_available())
     monkeypatch.setattr(fused_block.KVMixerResidual, "apply", lambda *a: calls.append(1) or real(*a))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         fast = block.forward_fast(x)
@@ -380,3 +383,78 @@ def test_mismatched_operands_are_refused_before_the_kernel_reads_them(case):
         v = v[..., :4]
     with pytest.raises(ValueError, match="gam::kv_memory_fused: .*must"):
         kv_memory_fused(q, k, v, log_alpha, (K0, V0), norm_weight=weight)
+
+
+# ---------------------------------------------------------------- the chunked form on AMX tiles
+
+
+def tiles_read(tiles, gate_logits, q_scale):
+    """The kernel's read with the forget gate as logits (or log alpha), forced to one of its forms."""
+    def read(q, k, v, z, K0, V0, weight):
+        return kv_memory_fused(q, k, v, z, (K0, V0), gate_logits=gate_logits, q_scale=q_scale, norm_weight=weight,
+                               tiles=tiles)
+    return read
+
+
+def reference_read(gate_logits, q_scale):
+    """The same read around the fp64 recurrence."""
+    def read(q, k, v, z, K0, V0, weight):
+        log_alpha = F.logsigmoid(z) if gate_logits else z
+        out, state = kv_memory_recurrent(q * q_scale, k, v, log_alpha, (K0, V0))
+        return (out if weight is None else F.rms_norm(out, (out.shape[-1],), weight, 1e-5)), state
+    return read
+
+
+@needs_tiles
+@pytest.mark.parametrize("T", [1, FUSED_SPAN - 1, FUSED_SPAN, FUSED_SPAN + 1, 2 * FUSED_SPAN + 7])
+@pytest.mark.parametrize("S,d,options", [(16, 5, False), (64, 64, True), (48, 24, True), (128, 8, False),
+                                         (32, 128, True)])
+def test_tiles_are_close_to_the_fp64_recurrence_in_bf16(T, S, d, options):
+    """The chunked form on the tiles (bf16 products with fp32 sums, bf16 pairs where the decays
+    make terms cancel): outputs, final slots and every gradient within 1% relative RMS of the fp64
+    recurrence on the same bf16 inputs, where the fp32 recurrence kernel is within 0.3%; lengths
+    that are and are not multiples of the chunk, and one token."""
+    leaves = option_inputs(T, S, d, norm=options, dtype=torch.bfloat16)
+    if not options:  # log alpha from -5 to 0.5: some clamped at each end
+        leaves[3] = (leaves[3].detach().float() / 12 * 5.5 - 2.25).requires_grad_()
+    scale = d ** -0.5 if options else 1.0
+    outs, grads = run_options(tiles_read(True, options, scale), leaves)
+    reference_leaves = [x if x is None else x.detach().double().requires_grad_() for x in leaves]
+    ref_outs, ref_grads = run_options(reference_read(options, scale), reference_leaves)
+    assert outs[0].dtype == grads[0].dtype == torch.bfloat16 and outs[1].dtype == torch.float32
+    for name, got, want in zip(["out", "K", "V", "q", "k", "v", "gate", "K0", "V0", "norm"], outs + grads,
+                               ref_outs + ref_grads):
+        assert rel_rms(got.double(), want) < 1e-2, name
+
+
+@needs_tiles
+def test_tiles_keep_nothing_and_give_the_recurrences_gradients_of_clamped_gates():
+    """The tiles' forward keeps nothing for its backward (it recomputes from the inputs); gates
+    outside the bound get no gradient, as the recurrence's."""
+    leaves = [x.detach().to(torch.bfloat16 if i < 3 else torch.float32).requires_grad_()
+              for i, x in enumerate(inputs(T=50, S=16, d=48, gate_low=-8.0))]
+    q, k, v, log_alpha, K0, V0 = leaves
+    result = kv_ops.fused_forward_op(q, k, v, log_alpha, K0, V0, True, False, 1.0, None, 1e-5, True)
+    assert all(x.numel() == 0 for x in result[3:])
+    _, tiles = run(lambda *a: kv_memory_fused(*a, tiles=True), leaves)
+    _, recurrence = run(lambda *a: kv_memory_fused(*a, tiles=False), leaves)
+    outside = (log_alpha < kv_ops.LOG_ALPHA_MIN) | (log_alpha > 0)
+    assert outside.any() and (~outside).any()
+    assert (tiles[3][outside] == 0).all() and (tiles[3][~outside] != 0).all()
+    for a, b in zip(tiles, recurrence):
+        assert rel_rms(a.double(), b.double()) < 1e-2
+
+
+def test_tiles_apply_to_bf16_heads_of_48_to_128_features_where_the_cpu_has_them():
+    bf16 = torch.zeros(2, 3, 64, dtype=torch.bfloat16)
+    assert kv_ops.tiles_apply(bf16) == kv_ops.tiles_available()
+    assert not kv_ops.tiles_apply(torch.zeros(2, 3, 64))  # fp32: the fp32 recurrence
+    assert not kv_ops.tiles_apply(torch.zeros(2, 3, kv_ops.TILES_MIN_DIM - 1, dtype=torch.bfloat16))
+    assert not kv_ops.tiles_apply(torch.zeros(2, 3, kv_ops.TILES_MAX_DIM + 1, dtype=torch.bfloat16))
+
+
+@needs_kernel
+def test_tiles_asked_for_fp32_inputs_are_refused_in_one_line():
+    q, k, v, log_alpha, K0, V0 = (x.detach() for x in inputs(T=9, S=16, d=5))
+    with pytest.raises(ValueError, match="gam::kv_memory_fused: tiles need bf16"):
+        kv_memory_fused(q, k, v, log_alpha, (K0, V0), tiles=True)

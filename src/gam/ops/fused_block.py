@@ -206,21 +206,22 @@ class KVMixerResidual(torch.autograd.Function):
         q, k, v, z = (_head_view(y, B, T, heads) for y in (P[:, 2 * C: 3 * C], keys, P[:, 3 * C: 4 * C], P[:, 4 * C:]))
         slots = bank_slots(memory_bank, B, heads)
         keep = any(ctx.needs_input_grad)
+        tiles = kv_ops.tiles_apply(q)
         reads, _, _, *kept = kv_ops.fused_forward_op(q, k, v, z, slots, slots, keep, True, d ** -0.5, norm_weight,
-                                                     norm_eps)
+                                                     norm_eps, tiles)
         reads = reads.transpose(1, 2).reshape(N, C)  # (B, T, H, d) memory: a view
         glob = reads @ Wo.t()
         mix = local.mul_(gates[:, :C])
         mix.addcmul_(gates[:, C:], glob)
         ctx.save_for_backward(h, P, keys, reads, glob, W, Wk, Wo, conv_weight, conv_bias, norm_weight, slots, *kept)
-        ctx.shapes = (heads, norm_eps, [w.shape[0] for w in weights])
+        ctx.shapes = (heads, norm_eps, [w.shape[0] for w in weights], tiles)
         ctx.dtypes = [w.dtype for w in (*weights, forget_bias, key_weight, memory_bank, out_weight)]
         return x + mix.view(B, T, C)
 
     @staticmethod
     def backward(ctx, dout):
         h, P, keys, reads, glob, W, Wk, Wo, conv_weight, conv_bias, norm_weight, slots, *kept = ctx.saved_tensors
-        heads, norm_eps, widths = ctx.shapes
+        heads, norm_eps, widths, tiles = ctx.shapes
         needs = ctx.needs_input_grad
         B, T, C = h.shape
         N, d = B * T, C // heads
@@ -241,8 +242,8 @@ class KVMixerResidual(torch.autograd.Function):
                                                                 P[:, 4 * C:]))
             d_final = slots.new_zeros(B * heads, *slots.shape[2:])  # the final slots are not used
             dq, dk, dv, dz, dK0, dV0, d_norm = kv_ops.fused_backward_op(
-                q, k, v, z, slots, *kept, _head_view(d_reads, B, T, heads), d_final, d_final, True, d ** -0.5,
-                norm_weight, norm_eps)
+                q, k, v, z, slots, slots, *kept, _head_view(d_reads, B, T, heads), d_final, d_final, True, d ** -0.5,
+                norm_weight, norm_eps, tiles)
             d_keys = dk.transpose(1, 2).reshape(N, C)
             dlocal.addmm_(d_keys, Wk)
             dWk = d_keys.t() @ local

@@ -529,6 +529,10 @@ _SIZES = [_I64] * 6 + [_INT]  # rows, heads, T, d, S, span, bf16
 _FORWARD_ARGS = _SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR, _Strides] * 3 + [_PTR] * 6 + [_INT]
 _BACKWARD_ARGS = (_SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR] * 4 + [_PTR, _Strides]
                   + [_PTR] * 2 + [_PTR, _Strides] * 4 + [_PTR] * 3 + [_INT])
+# The tiles' entry points: the initial slots in place of what the recurrence's forward keeps
+_FORWARD_TILES_ARGS = _SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR, _Strides] * 3 + [_PTR] * 2 + [_INT]
+_BACKWARD_TILES_ARGS = (_SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR, _Strides] * 3 + [_PTR] * 2
+                        + [_PTR, _Strides] * 4 + [_PTR] * 3 + [_INT])
 # The lowest forget logit: logsigmoid(z) >= LOG_ALPHA_MIN where z >= logit(exp(LOG_ALPHA_MIN))
 LOGIT_MIN = LOG_ALPHA_MIN - math.log(-math.expm1(LOG_ALPHA_MIN))
 
@@ -540,7 +544,24 @@ def fused_kernel() -> ctypes.CDLL | None:
     if lib is not None and lib.kv_memory_forward.argtypes is None:
         lib.kv_memory_forward.argtypes, lib.kv_memory_forward.restype = _FORWARD_ARGS, ctypes.c_int
         lib.kv_memory_backward.argtypes, lib.kv_memory_backward.restype = _BACKWARD_ARGS, ctypes.c_int
+        if hasattr(lib, "kv_memory_forward_tiles"):
+            lib.kv_memory_forward_tiles.argtypes = _FORWARD_TILES_ARGS
+            lib.kv_memory_backward_tiles.argtypes = _BACKWARD_TILES_ARGS
+            lib.kv_memory_forward_tiles.restype = lib.kv_memory_backward_tiles.restype = ctypes.c_int
     return lib
+
+
+_tiles_ready: bool | None = None
+
+
+def tiles_available() -> bool:
+    """Whether the kernel's chunked form on AMX tiles runs here: built (the compiler targets a
+    CPU with AMX-BF16) and the process granted the tile registers by Linux (asked once)."""
+    global _tiles_ready
+    if _tiles_ready is None:
+        lib = fused_kernel()
+        _tiles_ready = lib is not None and hasattr(lib, "kv_memory_forward_tiles") and lib.kv_memory_tiles_ready() == 1
+    return _tiles_ready
 
 
 FUSED_SLOTS = range(16, 129, 16)  # the kernel holds a token's slots in vectors of 16, at most 8 of them
@@ -563,6 +584,19 @@ def fused_applies(q: torch.Tensor, slots: int) -> bool:
 
 
 FUSED_SPAN = 32
+TILES_MAX_DIM = 128  # the tiles' form holds d and S padded to at most this
+# Below this head width the recurrence is faster: forward + backward, bf16, 2 threads, Xeon host, the
+# tiles' time against the recurrence's 1.31x faster at d = 64, 1.11x at 48, 1.00x at 32, 0.83x at 24
+# (64 slots; at d = 64, 1.22x with 32 slots and 1.42x with 128; d = 128 1.58x; ad hoc, one run, quiet)
+TILES_MIN_DIM = 48
+
+
+def tiles_apply(q: torch.Tensor) -> bool:
+    """Whether :func:`kv_memory_fused` takes the kernel's chunked form on AMX tiles for inputs like
+    ``q`` by default: bf16 (compute dtype; fp32 keeps the fp32 recurrence), :data:`TILES_MIN_DIM`
+    to :data:`TILES_MAX_DIM` features a head, and :func:`tiles_available`."""
+    return (compute_dtype(q) == torch.bfloat16 and TILES_MIN_DIM <= q.shape[-1] <= TILES_MAX_DIM
+            and tiles_available())
 
 
 def fused_span(T: int) -> int:
@@ -592,10 +626,10 @@ def _like(x: torch.Tensor) -> torch.Tensor:
     return y if y.stride(-1) == 1 else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _fused_shapes(q: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor, keep: bool, norm: bool):
+def _fused_shapes(q: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor, keep: bool, norm: bool, tiles: bool):
     """The fused op's results, allocated (empty): reads, final key and value slots (rows, S, d),
-    and what a backward needs: softmax, checkpoints, and with the norm the raw reads and their
-    rsqrt (empty unless ``keep``)."""
+    and what the recurrence's backward needs: softmax, checkpoints, and with the norm the raw
+    reads and their rsqrt (empty unless ``keep``; the tiles' backward needs none of them)."""
     T, d = q.shape[-2:]
     S = gate.shape[-1]
     rows = q.shape[0] * q.shape[1] if q.dim() == 4 else q.shape[0]
@@ -606,7 +640,7 @@ def _fused_shapes(q: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor, keep: b
         return q.new_empty(shape, dtype=torch.float32)
 
     def kept(*shape):
-        return fp32(*shape) if keep else fp32(0)
+        return fp32(*shape) if keep and not tiles else fp32(0)
 
     return (out, fp32(rows, S, d), fp32(rows, S, d), kept(rows, T, S), kept(rows, -(-T // span), 2, d, S),
             kept(rows, T, d) if norm else fp32(0), kept(rows, T) if norm else fp32(0))
@@ -619,7 +653,7 @@ def _options(gate: torch.Tensor, gate_logits: bool, q_scale: float, norm_weight:
 
 
 def _check_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor,
-                    V0: torch.Tensor, norm_weight: torch.Tensor | None) -> None:
+                    V0: torch.Tensor, norm_weight: torch.Tensor | None, tiles: bool) -> None:
     """The shapes the kernel addresses memory by, checked before it runs (a mismatch would read
     out of bounds): q, k, v alike, (rows, T, d) or (B, H, T, d); the gate (.., T, S); the slots
     (rows, S, d) or (B, H, S, d); the norm's weight (d,); all on the CPU."""
@@ -636,6 +670,9 @@ def _check_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: tor
         problems.append(f"norm_weight must be ({d},): {tuple(norm_weight.shape)}")
     if any(x is not None and x.device.type != "cpu" for x in (q, k, v, gate, K0, V0, norm_weight)):
         problems.append("every operand must be on the CPU")
+    if tiles and (q.dtype != torch.bfloat16 or d > TILES_MAX_DIM or not tiles_available()):
+        problems.append(f"tiles need bf16 q, k, v (got {q.dtype}), d <= {TILES_MAX_DIM} (got {d}) and a CPU with AMX-BF16 "
+                        f"(available: {tiles_available()})")
     if problems:
         raise ValueError("gam::kv_memory_fused: " + "; ".join(problems))
 
@@ -660,94 +697,112 @@ def _heads(x: torch.Tensor) -> int:
 @torch.library.custom_op("gam::kv_memory_fused", mutates_args=())
 def fused_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor,
                      V0: torch.Tensor, keep: bool, gate_logits: bool, q_scale: float,
-                     norm_weight: torch.Tensor | None, norm_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                                Tensor, Tensor]:
+                     norm_weight: torch.Tensor | None, norm_eps: float,
+                     tiles: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The kernel's forward (:func:`kv_memory_fused` has the arguments): reads, final key and
-    value slots, and what its backward needs (softmax, checkpoints, raw reads, rsqrt)."""
+    value slots, and what the recurrence's backward needs (softmax, checkpoints, raw reads, rsqrt;
+    with ``tiles``, the chunked form on the tiles, nothing)."""
     T, d = q.shape[-2:]
     S = gate.shape[-1]
-    _check_operands(q, k, v, gate, K0, V0, norm_weight)
+    _check_operands(q, k, v, gate, K0, V0, norm_weight, tiles)
     lib = _checked_kernel(S)
     if K0.dim() == 4 and q.dim() == 3:  # slots per (batch, head), rows per row: as rows
         K0, V0 = K0.reshape(-1, *K0.shape[2:]), V0.reshape(-1, *V0.shape[2:])
     q, k, v, gate, K0, V0 = _unit_feature_stride(q, k, v, gate, K0, V0)
     norm_weight = None if norm_weight is None else norm_weight.float().contiguous()
-    out, K_final, V_final, p, checkpoints, reads, rstd = _fused_shapes(q, gate, K0, keep, norm_weight is not None)
+    out, K_final, V_final, p, checkpoints, reads, rstd = _fused_shapes(q, gate, K0, keep, norm_weight is not None,
+                                                                       tiles)
     heads = _heads(q)
     (sq, pq), (sk, pk), (sv, pv), (sg, pg), (sK, pK), (sV, pV), (so, po) = (
         _operand(x, heads) for x in (q, k, v, gate, K0, V0, out))
-    status = lib.kv_memory_forward(K_final.shape[0], heads, T, d, S, fused_span(T), int(q.dtype == torch.bfloat16),
-                                   pq, sq, pk, sk, pv, sv, pg, sg,
-                                   _options(gate, gate_logits, q_scale, norm_weight, norm_eps), pK, sK, pV, sV, po, so,
-                                   *map(_pointer, (p, checkpoints, reads, rstd)), K_final.data_ptr(),
-                                   V_final.data_ptr(), torch.get_num_threads())
+    sizes = (K_final.shape[0], heads, T, d, S, fused_span(T), int(q.dtype == torch.bfloat16))
+    inputs = (pq, sq, pk, sk, pv, sv, pg, sg, _options(gate, gate_logits, q_scale, norm_weight, norm_eps),
+              pK, sK, pV, sV, po, so)
+    if tiles:
+        status = lib.kv_memory_forward_tiles(*sizes, *inputs, K_final.data_ptr(), V_final.data_ptr(),
+                                             torch.get_num_threads())
+    else:
+        status = lib.kv_memory_forward(*sizes, *inputs, *map(_pointer, (p, checkpoints, reads, rstd)),
+                                       K_final.data_ptr(), V_final.data_ptr(), torch.get_num_threads())
     assert status == 0, status
     return out, K_final, V_final, p, checkpoints, reads, rstd
 
 
 @fused_forward_op.register_fake
-def _(q, k, v, gate, K0, V0, keep, gate_logits, q_scale, norm_weight, norm_eps):
-    return _fused_shapes(q, gate, K0, keep, norm_weight is not None)
+def _(q, k, v, gate, K0, V0, keep, gate_logits, q_scale, norm_weight, norm_eps, tiles):
+    return _fused_shapes(q, gate, K0, keep, norm_weight is not None, tiles)
 
 
 @torch.library.custom_op("gam::kv_memory_fused_backward", mutates_args=())
 def fused_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor,
-                      p: torch.Tensor, checkpoints: torch.Tensor, reads: torch.Tensor, rstd: torch.Tensor,
-                      d_out: torch.Tensor, dK_final: torch.Tensor, dV_final: torch.Tensor, gate_logits: bool,
-                      q_scale: float, norm_weight: torch.Tensor | None,
-                      norm_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      V0: torch.Tensor, p: torch.Tensor, checkpoints: torch.Tensor, reads: torch.Tensor,
+                      rstd: torch.Tensor, d_out: torch.Tensor, dK_final: torch.Tensor, dV_final: torch.Tensor,
+                      gate_logits: bool, q_scale: float, norm_weight: torch.Tensor | None, norm_eps: float,
+                      tiles: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The kernel's backward: gradients of q, k, v, the gate, the initial key and value slots
-    (``K0``'s shape, fp32; the value slots' like it) and the norm's weight (empty without it)."""
+    (``K0``'s shape, fp32; the value slots' like it) and the norm's weight (empty without it).
+    The recurrence's reads ``p``, ``checkpoints`` (and ``reads``, ``rstd``) as its forward kept
+    them; with ``tiles`` (the forward's choice) the chunked form recomputes everything from the
+    inputs and the initial slots."""
     T, d = q.shape[-2:]
-    rows, S = p.shape[0], p.shape[-1]
-    _check_operands(q, k, v, gate, K0, K0, norm_weight)
+    rows, S = math.prod(q.shape[:-2]), gate.shape[-1]
+    _check_operands(q, k, v, gate, K0, V0, norm_weight, tiles)
     if d_out.shape != q.shape or dK_final.shape != (rows, S, d) or dV_final.shape != (rows, S, d):
         raise ValueError(f"gam::kv_memory_fused_backward: the gradients must be q's shape and (rows, S, d) = "
                          f"{(rows, S, d)}: {tuple(d_out.shape)}, {tuple(dK_final.shape)}, {tuple(dV_final.shape)}")
     lib = _checked_kernel(S)
     dq, dk, dv, d_gate = (_like(x) for x in (q, k, v, gate))
     dK0, dV0 = (K0.new_empty(K0.shape, dtype=torch.float32) for _ in range(2))
-    q, k, v, gate, d_out = _unit_feature_stride(q, k, v, gate, d_out.to(q.dtype))
+    if K0.dim() == 4 and q.dim() == 3:
+        K0, V0 = K0.reshape(-1, *K0.shape[2:]), V0.reshape(-1, *V0.shape[2:])
+    q, k, v, gate, d_out, K0, V0 = _unit_feature_stride(q, k, v, gate, d_out.to(q.dtype), K0.float(), V0.float())
     dK_final, dV_final = (x.float().contiguous() for x in (dK_final, dV_final))
     norm_weight = None if norm_weight is None else norm_weight.float().contiguous()
     threads = torch.get_num_threads()
     d_norm_weight = q.new_zeros((threads, d) if norm_weight is not None else (0,), dtype=torch.float32)
     heads = _heads(q)
-    operands = [_operand(x, heads) for x in (q, k, v, gate, d_out, dq, dk, dv, d_gate)]
-    (sq, pq), (sk, pk), (sv, pv), (sg, pg), (sdo, pdo), (sdq, pdq), (sdk, pdk), (sdv, pdv), (sdg, pdg) = operands
-    status = lib.kv_memory_backward(rows, heads, T, d, S, fused_span(T), int(q.dtype == torch.bfloat16), pq, sq, pk,
-                                    sk, pv, sv, pg, sg, _options(gate, gate_logits, q_scale, norm_weight, norm_eps),
-                                    *map(_pointer, (p, checkpoints, reads, rstd)), pdo, sdo, dK_final.data_ptr(),
-                                    dV_final.data_ptr(), pdq, sdq, pdk, sdk, pdv, sdv, pdg, sdg,
-                                    _pointer(d_norm_weight), dK0.data_ptr(), dV0.data_ptr(), threads)
+    operands = [_operand(x, heads) for x in (q, k, v, gate, d_out, dq, dk, dv, d_gate, K0, V0)]
+    (sq, pq), (sk, pk), (sv, pv), (sg, pg), (sdo, pdo), (sdq, pdq), (sdk, pdk), (sdv, pdv), (sdg, pdg), (sK, pK), \
+        (sV, pV) = operands
+    sizes = (rows, heads, T, d, S, fused_span(T), int(q.dtype == torch.bfloat16))
+    inputs = (pq, sq, pk, sk, pv, sv, pg, sg, _options(gate, gate_logits, q_scale, norm_weight, norm_eps))
+    results = (dK_final.data_ptr(), dV_final.data_ptr(), pdq, sdq, pdk, sdk, pdv, sdv, pdg, sdg,
+               _pointer(d_norm_weight), dK0.data_ptr(), dV0.data_ptr(), threads)
+    if tiles:
+        status = lib.kv_memory_backward_tiles(*sizes, *inputs, pK, sK, pV, sV, pdo, sdo, *results)
+    else:
+        status = lib.kv_memory_backward(*sizes, *inputs, *map(_pointer, (p, checkpoints, reads, rstd)), pdo, sdo,
+                                        *results)
     assert status == 0, status
     return dq, dk, dv, d_gate, dK0, dV0, d_norm_weight.sum(0) if norm_weight is not None else d_norm_weight
 
 
 @fused_backward_op.register_fake
-def _(q, k, v, gate, K0, p, checkpoints, reads, rstd, d_out, dK_final, dV_final, gate_logits, q_scale, norm_weight,
-      norm_eps):
+def _(q, k, v, gate, K0, V0, p, checkpoints, reads, rstd, d_out, dK_final, dV_final, gate_logits, q_scale,
+      norm_weight, norm_eps, tiles):
     d_state = [K0.new_empty(K0.shape, dtype=torch.float32) for _ in range(2)]
     d_norm_weight = q.new_empty(q.shape[-1] if norm_weight is not None else 0, dtype=torch.float32)
     return (*(_like(x) for x in (q, k, v, gate)), *d_state, d_norm_weight)
 
 
 def _fused_setup_context(ctx, inputs, output):
-    q, k, v, gate, K0, _, keep, ctx.gate_logits, ctx.q_scale, norm_weight, ctx.norm_eps = inputs
-    ctx.save_for_backward(q, k, v, gate, K0, norm_weight, *output[3:])
+    q, k, v, gate, K0, V0, keep, ctx.gate_logits, ctx.q_scale, norm_weight, ctx.norm_eps, ctx.tiles = inputs
+    ctx.save_for_backward(q, k, v, gate, K0, V0, norm_weight, *output[3:])
     ctx.keep = keep
 
 
 def _fused_autograd(ctx, d_out, dK_final, dV_final, *_d_kept):
     if not ctx.keep:
         raise RuntimeError("gam::kv_memory_fused ran with keep=False: nothing was kept for a backward")
-    q, k, v, gate, K0, norm_weight, p, checkpoints, reads, rstd = ctx.saved_tensors
-    rows, S, d = p.shape[0], p.shape[-1], q.shape[-1]
+    q, k, v, gate, K0, V0, norm_weight, p, checkpoints, reads, rstd = ctx.saved_tensors
+    rows, S, d = math.prod(q.shape[:-2]), gate.shape[-1], q.shape[-1]
     d_out = torch.zeros_like(q) if d_out is None else d_out
-    dK_final, dV_final = (p.new_zeros(rows, S, d) if x is None else x for x in (dK_final, dV_final))
-    *grads, d_norm_weight = fused_backward_op(q, k, v, gate, K0, p, checkpoints, reads, rstd, d_out, dK_final,
-                                              dV_final, ctx.gate_logits, ctx.q_scale, norm_weight, ctx.norm_eps)
-    return (*grads, None, None, None, None if norm_weight is None else d_norm_weight, None)
+    dK_final, dV_final = (q.new_zeros(rows, S, d, dtype=torch.float32) if x is None else x
+                          for x in (dK_final, dV_final))
+    *grads, d_norm_weight = fused_backward_op(q, k, v, gate, K0, V0, p, checkpoints, reads, rstd, d_out, dK_final,
+                                              dV_final, ctx.gate_logits, ctx.q_scale, norm_weight, ctx.norm_eps,
+                                              ctx.tiles)
+    return (*grads, None, None, None, None if norm_weight is None else d_norm_weight, None, None)
 
 
 torch.library.register_autograd("gam::kv_memory_fused", _fused_autograd, setup_context=_fused_setup_context)
@@ -755,7 +810,8 @@ torch.library.register_autograd("gam::kv_memory_fused", _fused_autograd, setup_c
 
 def kv_memory_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
                     state: State, *, gate_logits: bool = False, q_scale: float = 1.0,
-                    norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-5) -> tuple[torch.Tensor, State]:
+                    norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-5,
+                    tiles: bool | None = None) -> tuple[torch.Tensor, State]:
     """:func:`kv_memory_recurrent` (same arguments and results) as the fused CPU kernel
     (:func:`fused_applies` says where it runs). Under autocast, q, k and v are cast to the
     autocast dtype; the final state has the initial state's dtype.
@@ -797,7 +853,7 @@ def kv_memory_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha
         inputs = (q, k, v, gate, K0, V0, norm_weight)
         keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
         out, K, V, *_ = fused_forward_op(q, k, v, gate, K0.float(), V0.float(), keep, gate_logits, q_scale,
-                                         norm_weight, norm_eps)
+                                         norm_weight, norm_eps, tiles_apply(q) if tiles is None else tiles)
     return out, (K.to(K0.dtype), V.to(V0.dtype))
 
 

@@ -83,23 +83,6 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as tor
     return (uint16_t)((bits & 0x7fffffffu) > 0x7f800000u ? (bits >> 16) | 0x40 : rounded); /* NaN stays NaN */
 }
 
-static void load(const void *base, int bf16, int64_t at, int64_t n, float *out) {
-    if (bf16) {
-        const uint16_t *x = (const uint16_t *)base + at;
-        for (int64_t j = 0; j < n; j++) out[j] = bf16_to_float(x[j]);
-    } else {
-        memcpy(out, (const float *)base + at, n * sizeof(float));
-    }
-}
-
-static void store(void *base, int bf16, int64_t at, int64_t n, const float *x) {
-    if (bf16) {
-        uint16_t *out = (uint16_t *)base + at;
-        for (int64_t j = 0; j < n; j++) out[j] = float_to_bf16(x[j]);
-    } else {
-        memcpy((float *)base + at, x, n * sizeof(float));
-    }
-}
 
 typedef float v16 __attribute__((vector_size(64), aligned(4))); /* 16 lanes; unaligned loads allowed */
 #define LOAD(p) (*(const v16 *)(p))
@@ -188,6 +171,27 @@ static inline void store16(void *base, int bf16, int64_t at, v16 x) { /* bf16: a
     *(u16x16 *)((uint16_t *)base + at) = __builtin_convertvector((nan & ((bits >> 16) | 0x40u)) | (~nan & rounded), u16x16);
 }
 
+/* n elements at `at` of an fp32 or bf16 array into fp32 `out`, and back: 16 lanes at a time */
+static void load(const void *base, int bf16, int64_t at, int64_t n, float *out) {
+    if (!bf16) {
+        memcpy(out, (const float *)base + at, n * sizeof(float));
+        return;
+    }
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) STORE(out + j, load16(base, 1, at + j));
+    for (; j < n; j++) out[j] = bf16_to_float(((const uint16_t *)base)[at + j]);
+}
+
+static void store(void *base, int bf16, int64_t at, int64_t n, const float *x) {
+    if (!bf16) {
+        memcpy((float *)base + at, x, n * sizeof(float));
+        return;
+    }
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) store16(base, 1, at + j, LOAD(x + j));
+    for (; j < n; j++) ((uint16_t *)base)[at + j] = float_to_bf16(x[j]);
+}
+
 /* p = softmax(z) over NB blocks, in place */
 static inline __attribute__((always_inline)) void softmax(const int NB, v16 *z) {
     v16 m = z[0];
@@ -226,6 +230,35 @@ static Workspace workspace(float *buf, int64_t span, int64_t d, int64_t S, int64
 
 static int64_t workspace_floats(int64_t span, int64_t d, int64_t S, int64_t rows_per_group) {
     return 4 * span * S + 7 * span * d + span * rows_per_group * S + 2 * d * S + 16;
+}
+
+/* Asks the cache for tokens t0 .. t0 + n - 1 of row r of an operand (`width` elements each, fp32 or
+   bf16; NULL: none), for reading or (`write`) writing: the rows of a (B, T, H, X) tensor are
+   strided, so the hardware's prefetcher does not see them coming, and a span waits on memory
+   once per row without this (called a span ahead) */
+static void prefetch_rows(const void *base, int bf16, const Strides *s, int64_t heads, int64_t r, int64_t t0,
+                          int64_t n, int64_t width, int write) {
+    if (!base) return;
+    const int64_t bytes = width * (bf16 ? 2 : 4);
+    for (int64_t i = 0; i < n; i++) {
+        const char *row = (const char *)base + offset(s, heads, r, t0 + i) * (bf16 ? 2 : 4);
+        for (int64_t at = 0; at < bytes; at += 64) {
+            if (write)
+                __builtin_prefetch(row + at, 1, 3);
+            else
+                __builtin_prefetch(row + at, 0, 3);
+        }
+    }
+}
+
+/* The span's inputs (any NULL to skip) asked for, a span ahead of load_span */
+static void prefetch_span(int64_t S, int64_t r, int64_t t0, int64_t n, int64_t heads, int64_t d, int bf16,
+                          const void *gate, const Strides *sg, const Options *opt, const void *q, const Strides *sq,
+                          const void *k, const Strides *sk, const void *v, const Strides *sv) {
+    prefetch_rows(gate, opt->gate_bf16, sg, heads, r, t0, n, S, 0);
+    prefetch_rows(q, bf16, sq, heads, r, t0, n, d, 0);
+    prefetch_rows(k, bf16, sk, heads, r, t0, n, d, 0);
+    prefetch_rows(v, bf16, sv, heads, r, t0, n, d, 0);
 }
 
 /* The span's gates, and its inputs (q, k, v: any of them NULL to skip) as fp32 rows. */
@@ -371,6 +404,77 @@ static inline __attribute__((always_inline)) void sweep(const int NB, const int 
     }
 }
 
+/* The span's n reads (fp32 in ws->o) out, each RMS-normalized first with the norm (o * rsqrt(mean(o^2)
+   + eps) * weight; the raw read and its rsqrt kept where reads_kept is not NULL) */
+static void store_reads(const Workspace *ws, int64_t r, int64_t t0, int64_t n, int64_t heads, int64_t T, int64_t d,
+                        int bf16, const Options *opt, float *reads_kept, float *rstd_kept, void *out,
+                        const Strides *so) {
+    for (int64_t i = 0; i < n; i++) {
+        float *o = ws->o + i * d;
+        if (opt->norm_weight) {
+            float sum = 0.0f;
+            _Pragma("omp simd reduction(+ : sum)") /* a vector sum: C may not reorder a float sum itself */
+            for (int64_t j = 0; j < d; j++) sum += o[j] * o[j];
+            const float rstd = 1.0f / sqrtf(sum / (float)d + opt->norm_eps);
+            if (reads_kept) {
+                memcpy(reads_kept + (r * T + t0 + i) * d, o, sizeof(float) * d);
+                rstd_kept[r * T + t0 + i] = rstd;
+            }
+            for (int64_t j = 0; j < d; j++) o[j] *= rstd * opt->norm_weight[j];
+        }
+        store(out, bf16, offset(so, heads, r, t0 + i), d, o);
+    }
+}
+
+/* The gradients of the span's n reads into ws->o (fp32), through the norm where there is one (the
+   raw reads rows `ld` apart from `reads`, their rsqrt from `rstd`): with x = o rstd and h = g weight,
+   do = rstd (h - x mean(x h)); the norm weight's gradient summed in */
+static void load_read_grads(const Workspace *ws, int64_t r, int64_t t0, int64_t n, int64_t heads, int64_t d,
+                            int bf16, const Options *opt, const float *reads, int64_t ld, const float *rstds,
+                            const void *d_out, const Strides *sdo, float *d_norm_weight) {
+    for (int64_t i = 0; i < n; i++) {
+        float *g = ws->o + i * d;
+        load(d_out, bf16, offset(sdo, heads, r, t0 + i), d, g);
+        if (opt->norm_weight) {
+            const float *o = reads + i * ld, rstd = rstds[i];
+            float dot = 0.0f;
+            _Pragma("omp simd reduction(+ : dot)")
+            for (int64_t j = 0; j < d; j++) {
+                const float x = o[j] * rstd;
+                dot += x * g[j] * opt->norm_weight[j];
+                d_norm_weight[j] += g[j] * x;
+            }
+            dot /= (float)d;
+            for (int64_t j = 0; j < d; j++) g[j] = rstd * (g[j] * opt->norm_weight[j] - o[j] * rstd * dot);
+        }
+    }
+}
+
+/* The span's gradients of q, k, v (fp32 in ws->dq, dk, dv; dq times q's scale on the way) and of
+   the gates (d log alpha in ws->dalpha) out: none where the bound clamped the gate, as
+   torch.clamp's gradient; for logits, times d logsigmoid(z) / dz = sigmoid(-z) = w */
+static inline __attribute__((always_inline)) void store_grads(
+        const int NB, const Workspace *ws, int64_t r, int64_t t0, int64_t n, int64_t heads, int64_t d, int bf16,
+        const Options *opt, const void *gate, const Strides *sg, void *dq, const Strides *sdq, void *dk,
+        const Strides *sdk, void *dv, const Strides *sdv, void *d_gate, const Strides *sdg) {
+    const int64_t S = NB * 16;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t t = t0 + i;
+        if (opt->q_scale != 1.0f)
+            for (int64_t j = 0; j < d; j++) ws->dq[i * d + j] *= opt->q_scale;
+        store(dq, bf16, offset(sdq, heads, r, t), d, ws->dq + i * d);
+        store(dk, bf16, offset(sdk, heads, r, t), d, ws->dk + i * d);
+        store(dv, bf16, offset(sdv, heads, r, t), d, ws->dv + i * d);
+        for (int b = 0; b < NB; b++) {
+            const v16 g = load16(gate, opt->gate_bf16, offset(sg, heads, r, t) + b * 16), zero = g * 0.0f;
+            const v16 grad = LOAD(ws->dalpha + i * S + b * 16);
+            const v16 d_g = opt->gate_logits ? select(g >= zero + opt->gate_min, grad * LOAD(ws->w + i * S + b * 16), zero)
+                                             : select((g >= zero + opt->gate_min) & (g <= zero), grad, zero);
+            store16(d_gate, opt->gate_bf16, offset(sdg, heads, r, t) + b * 16, d_g);
+        }
+    }
+}
+
 static inline __attribute__((always_inline)) void forward_row(
         const int NB, int64_t r, int64_t heads, int64_t T, int64_t d, int64_t span, int64_t rows_per_group,
         int bf16, const void *q, const Strides *sq, const void *k, const Strides *sk, const void *v,
@@ -402,21 +506,7 @@ static inline __attribute__((always_inline)) void forward_row(
             }
         }
         sweep(NB, 1, ws, V, n, d, rows_per_group); /* the value writes and the reads */
-        for (int64_t i = 0; i < n; i++) {
-            float *o = ws->o + i * d;
-            if (opt->norm_weight) { /* o * rsqrt(mean(o^2) + eps) * weight; the raw read and rsqrt kept */
-                float sum = 0.0f;
-                _Pragma("omp simd reduction(+ : sum)") /* a vector sum: C may not reorder a float sum itself */
-                for (int64_t j = 0; j < d; j++) sum += o[j] * o[j];
-                const float rstd = 1.0f / sqrtf(sum / (float)d + opt->norm_eps);
-                if (reads_kept) {
-                    memcpy(reads_kept + (r * T + t0 + i) * d, o, sizeof(float) * d);
-                    rstd_kept[r * T + t0 + i] = rstd;
-                }
-                for (int64_t j = 0; j < d; j++) o[j] *= rstd * opt->norm_weight[j];
-            }
-            store(out, bf16, offset(so, heads, r, t0 + i), d, o);
-        }
+        store_reads(ws, r, t0, n, heads, T, d, bf16, opt, reads_kept, rstd_kept, out, so);
     }
     state_to_slots(K, S, d, K_final + r * dS);
     state_to_slots(V, S, d, V_final + r * dS);
@@ -442,22 +532,9 @@ static inline __attribute__((always_inline)) void backward_row(
         const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
         const float *checkpoint = checkpoints + (r * spans + c) * 2 * dS;
         load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv);
-        for (int64_t i = 0; i < n; i++) {
-            float *g = ws->o + i * d;
-            load(d_out, bf16, offset(sdo, heads, r, t0 + i), d, g);
-            if (opt->norm_weight) { /* through the norm: with x = o rstd and h = g weight, do = rstd (h - x mean(x h)) */
-                const float *o = reads_kept + (r * T + t0 + i) * d, rstd = rstd_kept[r * T + t0 + i];
-                float dot = 0.0f;
-                _Pragma("omp simd reduction(+ : dot)")
-                for (int64_t j = 0; j < d; j++) {
-                    const float x = o[j] * rstd;
-                    dot += x * g[j] * opt->norm_weight[j];
-                    d_norm_weight[j] += g[j] * x;
-                }
-                dot /= (float)d;
-                for (int64_t j = 0; j < d; j++) g[j] = rstd * (g[j] * opt->norm_weight[j] - o[j] * rstd * dot);
-            }
-        }
+        const int norm = opt->norm_weight != NULL;
+        load_read_grads(ws, r, t0, n, heads, d, bf16, opt, norm ? reads_kept + (r * T + t0) * d : NULL, d,
+                        norm ? rstd_kept + r * T + t0 : NULL, d_out, sdo, d_norm_weight);
         float *dp = ws->z; /* (n, S): the read's gradient of p, then of the scores */
         memset(dp, 0, sizeof(float) * n * S);
         memset(ws->dalpha, 0, sizeof(float) * n * S);
@@ -527,23 +604,7 @@ static inline __attribute__((always_inline)) void backward_row(
                 for (int b = 0; b < NB; b++) STORE(ws->dalpha + i * S + b * 16, da[b]);
             }
         }
-        for (int64_t i = 0; i < n; i++) {
-            const int64_t t = t0 + i;
-            if (opt->q_scale != 1.0f)
-                for (int64_t j = 0; j < d; j++) ws->dq[i * d + j] *= opt->q_scale;
-            store(dq, bf16, offset(sdq, heads, r, t), d, ws->dq + i * d);
-            store(dk, bf16, offset(sdk, heads, r, t), d, ws->dk + i * d);
-            store(dv, bf16, offset(sdv, heads, r, t), d, ws->dv + i * d);
-            /* none where the bound clamped the gate, as torch.clamp's gradient; for logits, times
-               d logsigmoid(z) / dz = sigmoid(-z) = w */
-            for (int b = 0; b < NB; b++) {
-                const v16 g = load16(gate, opt->gate_bf16, offset(sg, heads, r, t) + b * 16), zero = g * 0.0f;
-                const v16 grad = LOAD(ws->dalpha + i * S + b * 16);
-                const v16 d_g = opt->gate_logits ? select(g >= zero + opt->gate_min, grad * LOAD(ws->w + i * S + b * 16), zero)
-                                                 : select((g >= zero + opt->gate_min) & (g <= zero), grad, zero);
-                store16(d_gate, opt->gate_bf16, offset(sdg, heads, r, t) + b * 16, d_g);
-            }
-        }
+        store_grads(NB, ws, r, t0, n, heads, d, bf16, opt, gate, sg, dq, sdq, dk, sdk, dv, sdv, d_gate, sdg);
     }
     state_to_slots(dK, S, d, dK0 + r * dS);
     state_to_slots(dV, S, d, dV0 + r * dS);
@@ -611,3 +672,596 @@ int kv_memory_backward(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_
                                  dV0, &ws)
     FOR_EACH_ROW(BACKWARD)
 }
+
+/* ============================================================================================
+ * The chunked form on AMX tiles: bf16 inputs on CPUs with AMX-BF16 (Intel Sapphire Rapids on).
+ *
+ * The same function, chunk by chunk instead of token by token: per chunk of n <= 32 tokens, with
+ * the decays from the chunk's start A_i = prod_{l <= i} alpha_l, the same centred on its middle
+ * token m, C_i = A_i / A_m, u_j = w_j / C_j (so C_i u_j is the weight token j's write keeps at
+ * token i) and E_j = C_{n-1} u_j (its weight at the chunk's end), with K, V the state at the
+ * chunk's start (d x S) and s the query's scale:
+ *
+ *     qk = s tril(q k^T),  scores = A * (s q K) + C * (qk u),  p = softmax(scores)
+ *     o = (p * A) V^T + tril((p * C) u^T) v
+ *     K' = A_{n-1} * K + k^T E,   V' likewise with v
+ *
+ * (kv_memory.py's chunked form, the same algebra; here the decays are running products, no
+ * logs.) Every product is a bf16 matmul on the tiles with fp32 sums; the decays, the softmax
+ * and the gates' gradient are fp32. Where a product's fp32 operand (a state, u, a gradient)
+ * rounded to bf16 moved the results off the fp64 reference by more than a third (the products
+ * with u, where terms cancel in the gates' gradient, and those with the states or the reads'
+ * gradient), that operand is carried as a bf16 pair (hi + lo, about 16 bits of mantissa): the
+ * outputs and gradients then sit within 1.5x the fp32 recurrence kernel's error (both under
+ * 0.4% relative RMS); the chunk-start states carry bf16 writes (1.4e-3 relative). The forward
+ * keeps nothing; the backward first recomputes the chunk-start states, then runs the chunks in
+ * reverse, carrying the state's gradient, each recomputed and differentiated as KVMemoryChunked's.
+ * ============================================================================================ */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+long syscall(long number, ...); /* unistd.h declares it only with _GNU_SOURCE, which would also declare select() */
+
+#define CHUNK 32
+
+/* Linux hands a process the tile registers only on request; 1 when granted */
+int kv_memory_tiles_ready(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0; }
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* Every tile 16 rows of 64 bytes: 16 x 16 fp32 or 16 x 32 bf16 */
+static void configure_tiles(void) {
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        c.colsb[i] = 64;
+        c.rows[i] = 16;
+    }
+    _tile_loadconfig(&c);
+}
+
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+static inline __mmask16 first(int64_t n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
+
+/* 16 floats rounded to bf16 (to nearest even), or with `residual` what that rounding left out, itself
+   rounded: a float is about hi + lo, 16 bits of mantissa */
+static inline __m256i to_bf16(__m512 x, int residual) {
+    const __m256i hi = (__m256i)_mm512_cvtneps_pbh(x);
+    if (!residual) return hi;
+    const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+    return (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, back));
+}
+
+/* dst (Mp x Kp bf16) = src (M x K fp32, rows ld apart), zeros beyond */
+static void bf16_rows(const float *src, int64_t ld, int64_t M, int64_t K, int64_t Mp, int64_t Kp, uint16_t *dst,
+                      int residual) {
+    for (int64_t m = 0; m < Mp; m++)
+        for (int64_t k = 0; k < Kp; k += 16) {
+            const __m512 x = m < M ? _mm512_maskz_loadu_ps(first(K - k), src + m * ld + k) : _mm512_setzero_ps();
+            _mm256_storeu_si256((__m256i *)(dst + m * Kp + k), to_bf16(x, residual));
+        }
+}
+
+/* dst ((Kp / 2) x Np pairs of bf16) = src (K x N fp32, rows ld apart) with rows 2i and 2i + 1 interleaved:
+   the pair (src[2i][n], src[2i + 1][n]) at (i, n), the tiles' layout of a right-hand operand */
+static void bf16_row_pairs(const float *src, int64_t ld, int64_t K, int64_t N, int64_t Kp, int64_t Np,
+                           uint16_t *dst, int residual) {
+    static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i interleave = _mm512_loadu_si512(order);
+    for (int64_t i = 0; i < Kp / 2; i++)
+        for (int64_t n = 0; n < Np; n += 16) {
+            const __mmask16 mask = first(N - n);
+            const __m512 even = 2 * i < K ? _mm512_maskz_loadu_ps(mask, src + 2 * i * ld + n) : _mm512_setzero_ps();
+            const __m512 odd = 2 * i + 1 < K ? _mm512_maskz_loadu_ps(mask, src + (2 * i + 1) * ld + n) : _mm512_setzero_ps();
+            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16(even, residual)), to_bf16(odd, residual), 1);
+            _mm512_storeu_si512(dst + i * 2 * Np + 2 * n, _mm512_permutexvar_epi16(interleave, both));
+        }
+}
+
+/* dst (C x R, rows ld_dst apart) = src (R x C, rows ld_src apart) transposed: 32-bit words, R and C
+   multiples of 16, 16 x 16 blocks in registers */
+static void transpose_words(const uint32_t *src, int64_t ld_src, int64_t R, int64_t C, uint32_t *dst, int64_t ld_dst) {
+    for (int64_t r0 = 0; r0 < R; r0 += 16)
+        for (int64_t c0 = 0; c0 < C; c0 += 16) {
+            __m512i x[16], t[16];
+            for (int i = 0; i < 16; i++) x[i] = _mm512_loadu_si512(src + (r0 + i) * ld_src + c0);
+            for (int i = 0; i < 8; i++) {
+                t[2 * i] = _mm512_unpacklo_epi32(x[2 * i], x[2 * i + 1]);
+                t[2 * i + 1] = _mm512_unpackhi_epi32(x[2 * i], x[2 * i + 1]);
+            }
+            for (int i = 0; i < 4; i++) {
+                x[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+                x[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+                x[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+                x[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+            }
+            uint32_t *out = dst + c0 * ld_dst + r0;
+            for (int c = 0; c < 4; c++) {
+                const __m512i v0 = _mm512_shuffle_i32x4(x[c], x[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(x[c], x[4 + c], 0xEE);
+                const __m512i w0 = _mm512_shuffle_i32x4(x[8 + c], x[12 + c], 0x44), w1 = _mm512_shuffle_i32x4(x[8 + c], x[12 + c], 0xEE);
+                _mm512_storeu_si512(out + c * ld_dst, _mm512_shuffle_i32x4(v0, w0, 0x88));
+                _mm512_storeu_si512(out + (c + 4) * ld_dst, _mm512_shuffle_i32x4(v0, w0, 0xDD));
+                _mm512_storeu_si512(out + (c + 8) * ld_dst, _mm512_shuffle_i32x4(v1, w1, 0x88));
+                _mm512_storeu_si512(out + (c + 12) * ld_dst, _mm512_shuffle_i32x4(v1, w1, 0xDD));
+            }
+        }
+}
+
+/* An operand of a product: fp32, rows ld apart, read as stored (ROWS) or transposed (COLS) */
+enum { ROWS = 0, COLS = 1 };
+typedef struct {
+    const float *x;
+    int64_t ld;
+    int layout;
+} Operand;
+
+#define TILE_MAX 128 /* d and S padded at most */
+typedef struct {
+    uint16_t *a[2], *b[2], *scratch; /* the packed operands (hi, lo), and the transposes' (TILE_MAX^2 bf16 each) */
+} Packs;
+
+/* The left operand A (M x K) as bf16 rows of Kp into dst: as stored, or from (K x M) rows by pairs then transposed */
+static void pack_left(Operand A, int64_t M, int64_t K, int64_t Mp, int64_t Kp, uint16_t *dst, uint16_t *scratch,
+                      int residual) {
+    if (A.layout == ROWS) {
+        bf16_rows(A.x, A.ld, M, K, Mp, Kp, dst, residual);
+        return;
+    }
+    bf16_row_pairs(A.x, A.ld, K, M, Kp, Mp, scratch, residual);                           /* (Kp / 2) x Mp words */
+    transpose_words((const uint32_t *)scratch, Mp, Kp / 2, Mp, (uint32_t *)dst, Kp / 2); /* Mp x (Kp / 2) words */
+}
+
+/* The right operand B (K x N) as pairs of rows into dst: from (K x N) rows, or from (N x K) rows transposed */
+static void pack_right(Operand B, int64_t K, int64_t N, int64_t Kp, int64_t Np, uint16_t *dst, uint16_t *scratch,
+                       int residual) {
+    if (B.layout == ROWS) {
+        bf16_row_pairs(B.x, B.ld, K, N, Kp, Np, dst, residual);
+        return;
+    }
+    bf16_rows(B.x, B.ld, N, K, Np, Kp, scratch, residual);                                /* Np x (Kp / 2) words */
+    transpose_words((const uint32_t *)scratch, Kp / 2, Np, Kp / 2, (uint32_t *)dst, Np); /* (Kp / 2) x Np words */
+}
+
+/* One block of up to 2 x 2 output tiles (tiles 0-3; A's in 4-5, B's in 6-7): independent sums in
+   flight, where one tile's chain of products would wait on each product's latency */
+#define TILE_BLOCK(MT, NT)                                                                              \
+    do {                                                                                                \
+        float *c = C + m * ldc + n;                                                                     \
+        if (accumulate) {                                                                               \
+            _tile_loadd(0, c, ldc * 4);                                                                 \
+            if (NT > 1) _tile_loadd(1, c + 16, ldc * 4);                                                \
+            if (MT > 1) _tile_loadd(2, c + 16 * ldc, ldc * 4);                                          \
+            if (MT > 1 && NT > 1) _tile_loadd(3, c + 16 * ldc + 16, ldc * 4);                           \
+        } else {                                                                                        \
+            _tile_zero(0);                                                                              \
+            if (NT > 1) _tile_zero(1);                                                                  \
+            if (MT > 1) _tile_zero(2);                                                                  \
+            if (MT > 1 && NT > 1) _tile_zero(3);                                                        \
+        }                                                                                               \
+        for (int64_t k = 0; k < Kp; k += 32) {                                                          \
+            _tile_loadd(4, A + m * Kp + k, Kp * 2);                                                     \
+            _tile_loadd(6, B + k * Np + 2 * n, Np * 4);                                                 \
+            _tile_dpbf16ps(0, 4, 6);                                                                    \
+            if (NT > 1) {                                                                               \
+                _tile_loadd(7, B + k * Np + 2 * (n + 16), Np * 4);                                      \
+                _tile_dpbf16ps(1, 4, 7);                                                                \
+            }                                                                                           \
+            if (MT > 1) {                                                                               \
+                _tile_loadd(5, A + (m + 16) * Kp + k, Kp * 2);                                          \
+                _tile_dpbf16ps(2, 5, 6);                                                                \
+                if (NT > 1) _tile_dpbf16ps(3, 5, 7);                                                    \
+            }                                                                                           \
+        }                                                                                               \
+        _tile_stored(0, c, ldc * 4);                                                                    \
+        if (NT > 1) _tile_stored(1, c + 16, ldc * 4);                                                   \
+        if (MT > 1) _tile_stored(2, c + 16 * ldc, ldc * 4);                                             \
+        if (MT > 1 && NT > 1) _tile_stored(3, c + 16 * ldc + 16, ldc * 4);                              \
+    } while (0)
+
+/* C (Mp x Np fp32, rows ldc apart) = (C if accumulate) + A B on the tiles, A as bf16 rows of Kp,
+   B as pairs of rows; Mp, Np multiples of 16, Kp of 32 */
+static void tile_product(int64_t Mp, int64_t Np, int64_t Kp, const uint16_t *A, const uint16_t *B, float *C,
+                         int64_t ldc, int accumulate) {
+    for (int64_t m = 0; m < Mp; m += 32)
+        for (int64_t n = 0; n < Np; n += 32) {
+            const int two_m = m + 32 <= Mp, two_n = n + 32 <= Np;
+            if (two_m && two_n)
+                TILE_BLOCK(2, 2);
+            else if (two_m)
+                TILE_BLOCK(2, 1);
+            else if (two_n)
+                TILE_BLOCK(1, 2);
+            else
+                TILE_BLOCK(1, 1);
+        }
+}
+
+/* Which operands of a product are carried as bf16 pairs (hi + lo: about 16 bits of mantissa) */
+enum { ONE = 0, SPLIT_A = 1, SPLIT_B = 2, SPLIT_BOTH = 3 };
+
+/* C (M x N fp32, rows ldc apart; its padding to multiples of 16 overwritten) = (C if accumulate) + A B,
+   A (M x K) and B (K x N) rounded to bf16, or as pairs where `split` says (A B ~ hi hi + lo hi + hi lo) */
+static void product(const Packs *pk, int64_t M, int64_t N, int64_t K, Operand A, Operand B, float *C, int64_t ldc,
+                    int accumulate, int split) {
+    const int64_t Mp = round_up(M, 16), Np = round_up(N, 16), Kp = round_up(K, 32);
+    pack_left(A, M, K, Mp, Kp, pk->a[0], pk->scratch, 0);
+    pack_right(B, K, N, Kp, Np, pk->b[0], pk->scratch, 0);
+    tile_product(Mp, Np, Kp, pk->a[0], pk->b[0], C, ldc, accumulate);
+    if (split & SPLIT_A) {
+        pack_left(A, M, K, Mp, Kp, pk->a[1], pk->scratch, 1);
+        tile_product(Mp, Np, Kp, pk->a[1], pk->b[0], C, ldc, 1);
+    }
+    if (split & SPLIT_B) {
+        pack_right(B, K, N, Kp, Np, pk->b[1], pk->scratch, 1);
+        tile_product(Mp, Np, Kp, pk->a[0], pk->b[1], C, ldc, 1);
+    }
+}
+
+static inline Operand rows_of(const float *x, int64_t ld) { return (Operand){x, ld, ROWS}; }
+static inline Operand cols_of(const float *x, int64_t ld) { return (Operand){x, ld, COLS}; }
+
+/* A chunk's fp32 arrays, CHUNK x L (L = ld: d and S padded) unless said, and its packs */
+typedef struct {
+    int64_t ld;
+    float *A, *C, *u, *E;                        /* the decays (n x S) */
+    float *qk, *X, *Y, *scores, *r, *rc, *mix, *o; /* the forward's products; r = p A, rc = p C; the reads */
+    float *d_mix, *dr, *dp, *pdp, *dsc, *dX, *dY, *d_qk, *dq, *dk, *dv, *du, *dE; /* the backward's */
+    float *rstd;                                 /* CHUNK */
+    float *state;                                /* TILE_MAX x L: a product of a state's size */
+    float *gK, *gV;                              /* TILE_MAX x L: the chunk-start states' own gradients */
+    Packs packs;
+} Chunk;
+
+#define CHUNK_ARRAYS 26
+static int64_t chunk_floats(int64_t ld) { return (int64_t)CHUNK_ARRAYS * CHUNK * ld + CHUNK + 3 * TILE_MAX * ld; }
+static int64_t chunk_halves(void) { return 5 * TILE_MAX * TILE_MAX; }
+
+static Chunk chunk_work(float *buf, uint16_t *halves, int64_t ld) {
+    Chunk w;
+    float **arrays[CHUNK_ARRAYS] = {&w.A, &w.C, &w.u, &w.E, &w.qk, &w.X, &w.Y, &w.scores, &w.r, &w.rc, &w.mix, &w.o,
+                                    &w.d_mix, &w.dr, &w.dp, &w.pdp, &w.dsc, &w.dX, &w.dY, &w.d_qk, &w.dq, &w.dk,
+                                    &w.dv, &w.du, &w.dE, &w.rstd};
+    w.ld = ld;
+    for (int i = 0; i < CHUNK_ARRAYS; i++) *arrays[i] = buf + i * CHUNK * ld; /* rstd: the last, CHUNK more after it */
+    w.state = buf + CHUNK_ARRAYS * CHUNK * ld + CHUNK;
+    w.gK = w.state + TILE_MAX * ld;
+    w.gV = w.gK + TILE_MAX * ld;
+    for (int i = 0; i < 2; i++) {
+        w.packs.a[i] = halves + i * TILE_MAX * TILE_MAX;
+        w.packs.b[i] = halves + (2 + i) * TILE_MAX * TILE_MAX;
+    }
+    w.packs.scratch = halves + 4 * TILE_MAX * TILE_MAX;
+    return w;
+}
+
+/* The chunk's decays from its gates (ws->a, ws->w: alpha and 1 - alpha, n x S): A, C, u, E as above,
+   by running products (alpha >= e^-4: C and u stay within e^+-64 over half a chunk) */
+static inline __attribute__((always_inline)) void chunk_decays(const int NB, const Workspace *ws, const Chunk *w,
+                                                               int64_t n) {
+    const int64_t S = NB * 16, L = w->ld, m = n / 2;
+    for (int b = 0; b < NB; b++) {
+        const int64_t s = b * 16;
+        v16 prod = LOAD(ws->a + s) * 0.0f + 1.0f;
+        for (int64_t i = 0; i < n; i++) { /* A_i from the chunk's start */
+            prod *= LOAD(ws->a + i * S + s);
+            STORE(w->A + i * L + s, prod);
+        }
+        v16 ahead = prod * 0.0f + 1.0f; /* C_i = prod_{m < l <= i} alpha_l for i >= m */
+        for (int64_t i = m; i < n; i++) {
+            if (i > m) ahead *= LOAD(ws->a + i * S + s);
+            STORE(w->C + i * L + s, ahead);
+            STORE(w->u + i * L + s, LOAD(ws->w + i * S + s) / ahead);
+        }
+        v16 behind = ahead * 0.0f + 1.0f; /* C_i = 1 / prod_{i < l <= m} alpha_l for i < m, u_i = w_i prod */
+        for (int64_t i = m - 1; i >= 0; i--) {
+            behind *= LOAD(ws->a + (i + 1) * S + s);
+            STORE(w->C + i * L + s, 1.0f / behind);
+            STORE(w->u + i * L + s, LOAD(ws->w + i * S + s) * behind);
+        }
+        v16 after = behind * 0.0f + 1.0f; /* E_j = w_j prod_{j < l < n} alpha_l */
+        for (int64_t j = n - 1; j >= 0; j--) {
+            STORE(w->E + j * L + s, LOAD(ws->w + j * S + s) * after);
+            after *= LOAD(ws->a + j * S + s);
+        }
+    }
+}
+
+/* Zeros above the diagonal of an n x n array (rows L apart), as tril */
+static void lower_triangle(float *x, int64_t n, int64_t L) {
+    for (int64_t i = 0; i < n; i++) memset(x + i * L + i + 1, 0, sizeof(float) * (n - i - 1));
+}
+
+/* The products every pass needs, from q, k (ws, n x d) and the chunk-start key state K (d x S):
+   qk = s tril(q k^T), X = s q K, Y = qk u and scores = A X + C Y */
+static inline __attribute__((always_inline)) void chunk_scores(const int NB, const Workspace *ws, const Chunk *w,
+                                                               const float *K, int64_t n, int64_t d, float scale) {
+    const int64_t S = NB * 16, L = w->ld;
+    product(&w->packs, n, n, d, rows_of(ws->q, d), cols_of(ws->k, d), w->qk, L, 0, ONE);
+    product(&w->packs, n, S, d, rows_of(ws->q, d), rows_of(K, S), w->X, L, 0, SPLIT_B);
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t j = 0; j <= i; j++) w->qk[i * L + j] *= scale;
+        memset(w->qk + i * L + i + 1, 0, sizeof(float) * (n - i - 1));
+    }
+    product(&w->packs, n, S, n, rows_of(w->qk, L), rows_of(w->u, L), w->Y, L, 0, SPLIT_BOTH);
+    for (int64_t i = 0; i < n; i++)
+        for (int b = 0; b < NB; b++) {
+            const int64_t at = i * L + b * 16;
+            STORE(w->scores + at, LOAD(w->A + at) * (scale * LOAD(w->X + at)) + LOAD(w->C + at) * LOAD(w->Y + at));
+        }
+}
+
+/* r = p A and rc = p C (p: n x S rows S apart) */
+static inline __attribute__((always_inline)) void chunk_weights(const int NB, const Chunk *w, const float *p, int64_t n) {
+    const int64_t S = NB * 16, L = w->ld;
+    for (int64_t i = 0; i < n; i++)
+        for (int b = 0; b < NB; b++) {
+            const int64_t at = i * L + b * 16;
+            const v16 pi = LOAD(p + i * S + b * 16);
+            STORE(w->r + at, pi * LOAD(w->A + at));
+            STORE(w->rc + at, pi * LOAD(w->C + at));
+        }
+}
+
+/* M (d x S) = A_{n-1} M + x^T E: a state carried over the chunk, x (n x d) its writes */
+static inline __attribute__((always_inline)) void chunk_carry(const int NB, const Chunk *w, float *M, const float *x,
+                                                              int64_t n, int64_t d) {
+    const int64_t S = NB * 16, L = w->ld;
+    product(&w->packs, d, S, n, cols_of(x, d), rows_of(w->E, L), w->state, L, 0, ONE);
+    for (int64_t j = 0; j < d; j++)
+        for (int b = 0; b < NB; b++)
+            STORE(M + j * S + b * 16, LOAD(w->A + (n - 1) * L + b * 16) * LOAD(M + j * S + b * 16) + LOAD(w->state + j * L + b * 16));
+}
+
+/* The chunk's softmax p (into ws->z, n x S) and r, rc; with `reads`, its reads too (into w->o) */
+static inline __attribute__((always_inline)) void chunk_reads(const int NB, const Workspace *ws, const Chunk *w,
+                                                              const float *V, int64_t n, int64_t d, int reads) {
+    const int64_t S = NB * 16, L = w->ld;
+    for (int64_t i = 0; i < n; i++) {
+        v16 z[MAX_BLOCKS];
+        load_slots(NB, w->scores + i * L, z);
+        softmax(NB, z);
+        for (int b = 0; b < NB; b++) {
+            STORE(ws->z + i * S + b * 16, z[b]);
+            STORE(w->r + i * L + b * 16, z[b] * LOAD(w->A + i * L + b * 16));
+            STORE(w->rc + i * L + b * 16, z[b] * LOAD(w->C + i * L + b * 16));
+        }
+    }
+    product(&w->packs, n, n, S, rows_of(w->rc, L), cols_of(w->u, L), w->mix, L, 0, ONE);
+    lower_triangle(w->mix, n, L);
+    if (!reads) return;
+    product(&w->packs, n, d, S, rows_of(w->r, L), cols_of(V, S), w->o, L, 0, ONE);
+    product(&w->packs, n, d, n, rows_of(w->mix, L), rows_of(ws->v, d), w->o, L, 1, SPLIT_A);
+}
+
+/* The forward on the tiles: kv_memory_forward's, keeping nothing (the backward recomputes it all) */
+static inline __attribute__((always_inline)) void forward_row_tiles(
+        const int NB, int64_t r, int64_t heads, int64_t T, int64_t d, int64_t span, int bf16, const void *q,
+        const Strides *sq, const void *k, const Strides *sk, const void *v, const Strides *sv, const void *gate,
+        const Strides *sg, const Options *opt, const float *K0, const Strides *sK0, const float *V0, const Strides *sV0,
+        void *out, const Strides *so, float *K_final, float *V_final, const Workspace *ws, const Chunk *w) {
+    const int64_t S = NB * 16, dS = d * S, spans = (T + span - 1) / span, L = w->ld;
+    Options unscaled = *opt; /* q as it is (bf16: exact); its scale goes on the products */
+    unscaled.q_scale = 1.0f;
+    float *K = ws->K, *V = ws->V;
+    slots_to_state(K0 + offset(sK0, heads, r, 0), sK0->st, S, d, K);
+    slots_to_state(V0 + offset(sV0, heads, r, 0), sV0->st, S, d, V);
+    for (int64_t c = 0; c < spans; c++) {
+        const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
+        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, &unscaled, q, sq, k, sk, v, sv);
+        if (c + 1 < spans)
+            prefetch_span(S, r, t0 + span, t0 + 2 * span < T ? span : T - t0 - span, heads, d, bf16, gate, sg, opt,
+                          q, sq, k, sk, v, sv);
+        prefetch_rows(out, bf16, so, heads, r, t0, n, d, 1);
+        chunk_decays(NB, ws, w, n);
+        chunk_scores(NB, ws, w, K, n, d, opt->q_scale);
+        chunk_reads(NB, ws, w, V, n, d, 1);
+        for (int64_t i = 0; i < n; i++) memcpy(ws->o + i * d, w->o + i * L, sizeof(float) * d);
+        store_reads(ws, r, t0, n, heads, T, d, bf16, opt, NULL, NULL, out, so);
+        chunk_carry(NB, w, K, ws->k, n, d);
+        chunk_carry(NB, w, V, ws->v, n, d);
+    }
+    state_to_slots(K, S, d, K_final + r * dS);
+    state_to_slots(V, S, d, V_final + r * dS);
+}
+
+/* The backward on the tiles. First the chunk-start states, forward (into `starts`, spans x 2 x d x S);
+   then the chunks in reverse, each recomputed (scores, softmax, reads) and differentiated, with
+   gK, gV the gradients of the state at the chunk's end, carried (d x S):
+       dp = A (dO V) + C (tril(dO v^T) u),  dscores = p (dp - p . dp),  dX = dscores A,  dY = dscores C
+       dq = s (tril(dY u^T) k + dX K^T),  dk = s tril(dY u^T)^T q + E gK^T,  dv = mix^T dO + E gV^T
+   and for the gates, with du = qk^T dY + tril(dO v^T)^T rc (u's gradient) and dE = k gK + v gV (E's),
+   d a_i = p dp + dscores scores - (du + C_{n-1} dE) u (a_i = sum_{l <= i} log alpha_l), the last token's
+   plus A_{n-1} (K . gK + V . gV) + sum_j dE_j E_j; then d log alpha_l = sum_{i >= l} d a_i
+   - (du + C_{n-1} dE)_l alpha_l / C_l (u_l's own dependence through w_l); the carried gradients become
+   A_{n-1} g + the chunk-start states' own (s q^T dX, dO^T r). */
+static inline __attribute__((always_inline)) void backward_row_tiles(
+        const int NB, int64_t r, int64_t heads, int64_t T, int64_t d, int64_t span, int bf16, const void *q,
+        const Strides *sq, const void *k, const Strides *sk, const void *v, const Strides *sv, const void *gate,
+        const Strides *sg, const Options *opt, const float *K0, const Strides *sK0, const float *V0, const Strides *sV0,
+        const void *d_out, const Strides *sdo, const float *dK_final, const float *dV_final, void *dq,
+        const Strides *sdq, void *dk, const Strides *sdk, void *dv, const Strides *sdv, void *d_gate,
+        const Strides *sdg, float *d_norm_weight, float *dK0, float *dV0, const Workspace *ws, const Chunk *w,
+        float *starts) {
+    const int64_t S = NB * 16, dS = d * S, spans = (T + span - 1) / span, L = w->ld;
+    const float scale = opt->q_scale;
+    Options unscaled = *opt;
+    unscaled.q_scale = 1.0f;
+    slots_to_state(K0 + offset(sK0, heads, r, 0), sK0->st, S, d, starts);
+    slots_to_state(V0 + offset(sV0, heads, r, 0), sV0->st, S, d, starts + dS);
+    for (int64_t c = 0; c + 1 < spans; c++) {
+        const int64_t t0 = c * span;
+        float *next = starts + (c + 1) * 2 * dS;
+        load_span(NB, ws, r, t0, span, heads, T, d, bf16, gate, sg, &unscaled, NULL, sq, k, sk, v, sv);
+        if (c + 2 < spans)
+            prefetch_span(S, r, t0 + span, span, heads, d, bf16, gate, sg, opt, NULL, sq, k, sk, v, sv);
+        chunk_decays(NB, ws, w, span);
+        memcpy(next, next - 2 * dS, sizeof(float) * 2 * dS);
+        chunk_carry(NB, w, next, ws->k, span, d);
+        chunk_carry(NB, w, next + dS, ws->v, span, d);
+    }
+    float *gK = ws->K, *gV = ws->V;
+    slots_to_state(dK_final + r * dS, d, S, d, gK);
+    slots_to_state(dV_final + r * dS, d, S, d, gV);
+    for (int64_t c = spans - 1; c >= 0; c--) {
+        const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
+        const float *K = starts + c * 2 * dS, *V = K + dS, *p = ws->z, *dO = ws->o;
+        const int norm = opt->norm_weight != NULL;
+        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, &unscaled, q, sq, k, sk, v, sv);
+        if (c > 0) { /* the next span's inputs, and where this one's gradients go */
+            prefetch_span(S, r, t0 - span, span, heads, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv);
+            prefetch_rows(d_out, bf16, sdo, heads, r, t0 - span, span, d, 0);
+        }
+        prefetch_rows(dq, bf16, sdq, heads, r, t0, n, d, 1);
+        prefetch_rows(dk, bf16, sdk, heads, r, t0, n, d, 1);
+        prefetch_rows(dv, bf16, sdv, heads, r, t0, n, d, 1);
+        prefetch_rows(d_gate, opt->gate_bf16, sdg, heads, r, t0, n, S, 1);
+        chunk_decays(NB, ws, w, n);
+        chunk_scores(NB, ws, w, K, n, d, scale);
+        chunk_reads(NB, ws, w, V, n, d, norm);
+        if (norm)
+            for (int64_t i = 0; i < n; i++) {
+                float sum = 0.0f;
+                _Pragma("omp simd reduction(+ : sum)")
+                for (int64_t j = 0; j < d; j++) sum += w->o[i * L + j] * w->o[i * L + j];
+                w->rstd[i] = 1.0f / sqrtf(sum / (float)d + opt->norm_eps);
+            }
+        load_read_grads(ws, r, t0, n, heads, d, bf16, opt, w->o, L, w->rstd, d_out, sdo, d_norm_weight);
+
+        product(&w->packs, n, n, d, rows_of(dO, d), cols_of(ws->v, d), w->d_mix, L, 0, ONE);
+        lower_triangle(w->d_mix, n, L);
+        product(&w->packs, n, S, d, rows_of(dO, d), rows_of(V, S), w->dp, L, 0, SPLIT_B);
+        product(&w->packs, n, S, n, rows_of(w->d_mix, L), rows_of(w->u, L), w->dr, L, 0, SPLIT_BOTH);
+        for (int64_t i = 0; i < n; i++) { /* dp, and the softmax's backward */
+            v16 dpb[MAX_BLOCKS], pdp[MAX_BLOCKS], lanes = LOAD(p) * 0.0f;
+            for (int b = 0; b < NB; b++) {
+                const int64_t at = i * L + b * 16;
+                dpb[b] = LOAD(w->A + at) * LOAD(w->dp + at) + LOAD(w->C + at) * LOAD(w->dr + at);
+                pdp[b] = LOAD(p + i * S + b * 16) * dpb[b];
+                lanes += pdp[b];
+            }
+            const float total = hsum(lanes);
+            for (int b = 0; b < NB; b++) {
+                const int64_t at = i * L + b * 16;
+                const v16 dsc = pdp[b] - LOAD(p + i * S + b * 16) * total;
+                STORE(w->pdp + at, pdp[b]);
+                STORE(w->dsc + at, dsc);
+                STORE(w->dX + at, dsc * LOAD(w->A + at));
+                STORE(w->dY + at, dsc * LOAD(w->C + at));
+            }
+        }
+        product(&w->packs, n, n, S, rows_of(w->dY, L), cols_of(w->u, L), w->d_qk, L, 0, ONE);
+        lower_triangle(w->d_qk, n, L);
+        product(&w->packs, n, d, n, rows_of(w->d_qk, L), rows_of(ws->k, d), w->dq, L, 0, ONE);
+        product(&w->packs, n, d, S, rows_of(w->dX, L), cols_of(K, S), w->dq, L, 1, ONE);
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t j = 0; j <= i; j++) w->d_qk[i * L + j] *= scale;
+        product(&w->packs, n, d, n, cols_of(w->d_qk, L), rows_of(ws->q, d), w->dk, L, 0, ONE);
+        product(&w->packs, n, d, S, rows_of(w->E, L), cols_of(gK, S), w->dk, L, 1, ONE);
+        product(&w->packs, n, d, n, cols_of(w->mix, L), rows_of(dO, d), w->dv, L, 0, ONE);
+        product(&w->packs, n, d, S, rows_of(w->E, L), cols_of(gV, S), w->dv, L, 1, ONE);
+        product(&w->packs, n, S, n, cols_of(w->qk, L), rows_of(w->dY, L), w->du, L, 0, SPLIT_BOTH);
+        product(&w->packs, n, S, n, cols_of(w->d_mix, L), rows_of(w->rc, L), w->du, L, 1, SPLIT_BOTH);
+        product(&w->packs, n, S, d, rows_of(ws->k, d), rows_of(gK, S), w->dE, L, 0, ONE);
+        product(&w->packs, n, S, d, rows_of(ws->v, d), rows_of(gV, S), w->dE, L, 1, ONE);
+        for (int64_t i = 0; i < n; i++) {
+            memcpy(ws->dq + i * d, w->dq + i * L, sizeof(float) * d);
+            memcpy(ws->dk + i * d, w->dk + i * L, sizeof(float) * d);
+            memcpy(ws->dv + i * d, w->dv + i * L, sizeof(float) * d);
+        }
+        for (int b = 0; b < NB; b++) { /* the gates, 16 slots at a time */
+            const int64_t s = b * 16;
+            v16 carried = LOAD(gK + s) * 0.0f, from_E = carried, sum = carried;
+            for (int64_t j = 0; j < d; j++)
+                carried += LOAD(K + j * S + s) * LOAD(gK + j * S + s) + LOAD(V + j * S + s) * LOAD(gV + j * S + s);
+            const v16 C_last = LOAD(w->C + (n - 1) * L + s);
+            for (int64_t j = 0; j < n; j++) {
+                const int64_t at = j * L + s;
+                from_E += LOAD(w->dE + at) * LOAD(w->E + at);
+                STORE(w->du + at, LOAD(w->du + at) + C_last * LOAD(w->dE + at)); /* all of u's gradient */
+            }
+            for (int64_t i = n - 1; i >= 0; i--) {
+                const int64_t at = i * L + s;
+                v16 da = LOAD(w->pdp + at) + LOAD(w->dsc + at) * LOAD(w->scores + at) - LOAD(w->du + at) * LOAD(w->u + at);
+                if (i == n - 1) da += LOAD(w->A + at) * carried + from_E;
+                sum += da;
+                STORE(ws->dalpha + i * S + s, sum - LOAD(w->du + at) * LOAD(ws->a + i * S + s) / LOAD(w->C + at));
+            }
+        }
+        product(&w->packs, d, S, n, cols_of(ws->q, d), rows_of(w->dX, L), w->gK, L, 0, SPLIT_B);
+        product(&w->packs, d, S, n, cols_of(dO, d), rows_of(w->r, L), w->gV, L, 0, SPLIT_B);
+        for (int64_t j = 0; j < d; j++)
+            for (int b = 0; b < NB; b++) {
+                const v16 decay = LOAD(w->A + (n - 1) * L + b * 16);
+                STORE(gK + j * S + b * 16, decay * LOAD(gK + j * S + b * 16) + scale * LOAD(w->gK + j * L + b * 16));
+                STORE(gV + j * S + b * 16, decay * LOAD(gV + j * S + b * 16) + LOAD(w->gV + j * L + b * 16));
+            }
+        store_grads(NB, ws, r, t0, n, heads, d, bf16, opt, gate, sg, dq, sdq, dk, sdk, dv, sdv, d_gate, sdg);
+    }
+    state_to_slots(gK, S, d, dK0 + r * dS);
+    state_to_slots(gV, S, d, dV0 + r * dS);
+}
+
+/* The entry points' loop over rows as FOR_EACH_ROW's, each thread with the tiles configured, a
+   chunk's arrays and (STARTS) room for a row's chunk-start states */
+#define FOR_EACH_ROW_TILES(STARTS, CALL)                                                               \
+    if (S % 16 != 0 || S < 16 || S > 16 * MAX_BLOCKS || d > TILE_MAX || span > CHUNK) return -1;     \
+    const int NB = (int)(S / 16);                                                                      \
+    const int64_t L = round_up(d > S ? d : S, 32), starts_floats = (STARTS) ? (T + span - 1) / span * 2 * d * S : 0; \
+    _Pragma("omp parallel num_threads(threads)") {                                                     \
+        FLUSH_DENORMALS                                                                                \
+        configure_tiles();                                                                             \
+        const int thread = omp_get_thread_num();                                                       \
+        float *buf = aligned_alloc(64, sizeof(float) * ((workspace_floats(span, d, S, 1) + 15) / 16 * 16)); \
+        float *floats = aligned_alloc(64, sizeof(float) * chunk_floats(L));                            \
+        uint16_t *halves = aligned_alloc(64, sizeof(uint16_t) * chunk_halves());                       \
+        float *starts = aligned_alloc(64, sizeof(float) * (starts_floats + 16));                       \
+        memset(floats, 0, sizeof(float) * chunk_floats(L));                                            \
+        const Workspace ws = workspace(buf, span, d, S, 1);                                            \
+        const Chunk chunk = chunk_work(floats, halves, L);                                             \
+        (void)thread, (void)starts;                                                                    \
+        _Pragma("omp for schedule(static)")                                                            \
+        for (int64_t r = 0; r < rows; r++) BY_BLOCKS(NB, CALL)                                         \
+        free(starts);                                                                                  \
+        free(halves);                                                                                  \
+        free(floats);                                                                                  \
+        free(buf);                                                                                     \
+        _tile_release();                                                                               \
+        RESTORE_DENORMALS                                                                              \
+    }                                                                                                  \
+    return 0;
+
+/* kv_memory_forward's contract for bf16 q, k, v (the `bf16` flag set) and spans of at most CHUNK tokens,
+   keeping nothing (the p, checkpoint and read pointers are not taken) */
+int kv_memory_forward_tiles(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_t S, int64_t span, int bf16,
+                            const void *q, Strides sq, const void *k, Strides sk, const void *v, Strides sv,
+                            const void *gate, Strides sg, Options opt, const float *K0, Strides sK0, const float *V0,
+                            Strides sV0, void *out, Strides so, float *K_final, float *V_final, int threads) {
+#define FORWARD_TILES(N) forward_row_tiles(N, r, heads, T, d, span, bf16, q, &sq, k, &sk, v, &sv, gate, &sg, &opt, \
+                                           K0, &sK0, V0, &sV0, out, &so, K_final, V_final, &ws, &chunk)
+    FOR_EACH_ROW_TILES(0, FORWARD_TILES)
+}
+
+/* kv_memory_backward's contract from the forward's inputs alone (the initial slots in place of what the
+   recurrence's forward keeps) */
+int kv_memory_backward_tiles(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_t S, int64_t span, int bf16,
+                             const void *q, Strides sq, const void *k, Strides sk, const void *v, Strides sv,
+                             const void *gate, Strides sg, Options opt, const float *K0, Strides sK0,
+                             const float *V0, Strides sV0, const void *d_out, Strides sdo, const float *dK_final,
+                             const float *dV_final, void *dq, Strides sdq, void *dk, Strides sdk, void *dv,
+                             Strides sdv, void *d_gate, Strides sdg, float *d_norm_weight, float *dK0, float *dV0,
+                             int threads) {
+#define BACKWARD_TILES(N) backward_row_tiles(N, r, heads, T, d, span, bf16, q, &sq, k, &sk, v, &sv, gate, &sg, &opt, \
+                                             K0, &sK0, V0, &sV0, d_out, &sdo, dK_final, dV_final, dq, &sdq, dk, &sdk, \
+                                             dv, &sdv, d_gate, &sdg, d_norm_weight ? d_norm_weight + thread * d : NULL, \
+                                             dK0, dV0, &ws, &chunk, starts)
+    FOR_EACH_ROW_TILES(1, BACKWARD_TILES)
+}
+#else
+int kv_memory_tiles_ready(void) { return 0; }
+#endif
