@@ -232,42 +232,39 @@ static int64_t workspace_floats(int64_t span, int64_t d, int64_t S, int64_t rows
     return 4 * span * S + 7 * span * d + span * rows_per_group * S + 2 * d * S + 16;
 }
 
-/* Asks the cache for tokens t0 .. t0 + n - 1 of row r of an operand (`width` elements each, fp32 or
-   bf16; NULL: none), for reading or (`write`) writing: the rows of a (B, T, H, X) tensor are
-   strided, so the hardware's prefetcher does not see them coming, and a span waits on memory
-   once per row without this (called a span ahead) */
-static void prefetch_rows(const void *base, int bf16, const Strides *s, int64_t heads, int64_t r, int64_t t0,
-                          int64_t n, int64_t width, int write) {
-    if (!base) return;
+/* Asks the cache for token t of row r of an operand (`width` elements, fp32 or bf16; NULL, or t
+   outside 0 .. T - 1: nothing), for reading or (`write`) writing. The rows of a (B, T, H, X) tensor
+   are strided, so the hardware's prefetcher does not see them coming: the passes that read or write
+   a span's tokens ask for the next span's, token by token (a burst of a span's requests at once
+   overflows the cache's queue and most are dropped) */
+static inline void prefetch_token(const void *base, int bf16, const Strides *s, int64_t heads, int64_t r, int64_t t,
+                                  int64_t T, int64_t width, int write) {
+    if (!base || t < 0 || t >= T) return;
     const int64_t bytes = width * (bf16 ? 2 : 4);
-    for (int64_t i = 0; i < n; i++) {
-        const char *row = (const char *)base + offset(s, heads, r, t0 + i) * (bf16 ? 2 : 4);
-        for (int64_t at = 0; at < bytes; at += 64) {
-            if (write)
-                __builtin_prefetch(row + at, 1, 3);
-            else
-                __builtin_prefetch(row + at, 0, 3);
-        }
+    const char *row = (const char *)base + offset(s, heads, r, t) * (bf16 ? 2 : 4);
+    for (int64_t at = 0; at < bytes; at += 64) {
+        if (write)
+            __builtin_prefetch(row + at, 1, 3);
+        else
+            __builtin_prefetch(row + at, 0, 3);
     }
 }
 
-/* The span's inputs (any NULL to skip) asked for, a span ahead of load_span */
-static void prefetch_span(int64_t S, int64_t r, int64_t t0, int64_t n, int64_t heads, int64_t d, int bf16,
-                          const void *gate, const Strides *sg, const Options *opt, const void *q, const Strides *sq,
-                          const void *k, const Strides *sk, const void *v, const Strides *sv) {
-    prefetch_rows(gate, opt->gate_bf16, sg, heads, r, t0, n, S, 0);
-    prefetch_rows(q, bf16, sq, heads, r, t0, n, d, 0);
-    prefetch_rows(k, bf16, sk, heads, r, t0, n, d, 0);
-    prefetch_rows(v, bf16, sv, heads, r, t0, n, d, 0);
-}
-
-/* The span's gates, and its inputs (q, k, v: any of them NULL to skip) as fp32 rows. */
+/* The span's gates, and its inputs (q, k, v: any of them NULL to skip) as fp32 rows; those of the
+   token `ahead` tokens on asked for (0: none) */
 static inline __attribute__((always_inline)) void load_span(
         const int NB, const Workspace *ws, int64_t r, int64_t t0, int64_t n, int64_t heads, int64_t T, int64_t d,
         int bf16, const void *gate, const Strides *sg, const Options *opt, const void *q, const Strides *sq,
-        const void *k, const Strides *sk, const void *v, const Strides *sv) {
+        const void *k, const Strides *sk, const void *v, const Strides *sv, int64_t ahead) {
     const int64_t S = NB * 16;
     for (int64_t i = 0; i < n; i++) {
+        if (ahead) {
+            const int64_t t = t0 + i + ahead;
+            prefetch_token(gate, opt->gate_bf16, sg, heads, r, t, T, S, 0);
+            prefetch_token(q, bf16, sq, heads, r, t, T, d, 0);
+            prefetch_token(k, bf16, sk, heads, r, t, T, d, 0);
+            prefetch_token(v, bf16, sv, heads, r, t, T, d, 0);
+        }
         for (int b = 0; b < NB; b++) {
             v16 a, w;
             const v16 g = load16(gate, opt->gate_bf16, offset(sg, heads, r, t0 + i) + b * 16);
@@ -405,12 +402,14 @@ static inline __attribute__((always_inline)) void sweep(const int NB, const int 
 }
 
 /* The span's n reads (fp32 in ws->o) out, each RMS-normalized first with the norm (o * rsqrt(mean(o^2)
-   + eps) * weight; the raw read and its rsqrt kept where reads_kept is not NULL) */
+   + eps) * weight; the raw read and its rsqrt kept where reads_kept is not NULL); where those `ahead`
+   tokens on go asked for */
 static void store_reads(const Workspace *ws, int64_t r, int64_t t0, int64_t n, int64_t heads, int64_t T, int64_t d,
                         int bf16, const Options *opt, float *reads_kept, float *rstd_kept, void *out,
-                        const Strides *so) {
+                        const Strides *so, int64_t ahead) {
     for (int64_t i = 0; i < n; i++) {
         float *o = ws->o + i * d;
+        if (ahead) prefetch_token(out, bf16, so, heads, r, t0 + i + ahead, T, d, 1);
         if (opt->norm_weight) {
             float sum = 0.0f;
             _Pragma("omp simd reduction(+ : sum)") /* a vector sum: C may not reorder a float sum itself */
@@ -428,12 +427,14 @@ static void store_reads(const Workspace *ws, int64_t r, int64_t t0, int64_t n, i
 
 /* The gradients of the span's n reads into ws->o (fp32), through the norm where there is one (the
    raw reads rows `ld` apart from `reads`, their rsqrt from `rstd`): with x = o rstd and h = g weight,
-   do = rstd (h - x mean(x h)); the norm weight's gradient summed in */
-static void load_read_grads(const Workspace *ws, int64_t r, int64_t t0, int64_t n, int64_t heads, int64_t d,
-                            int bf16, const Options *opt, const float *reads, int64_t ld, const float *rstds,
-                            const void *d_out, const Strides *sdo, float *d_norm_weight) {
+   do = rstd (h - x mean(x h)); the norm weight's gradient summed in; those `ahead` tokens on asked for */
+static void load_read_grads(const Workspace *ws, int64_t r, int64_t t0, int64_t n, int64_t heads, int64_t T,
+                            int64_t d, int bf16, const Options *opt, const float *reads, int64_t ld,
+                            const float *rstds, const void *d_out, const Strides *sdo, float *d_norm_weight,
+                            int64_t ahead) {
     for (int64_t i = 0; i < n; i++) {
         float *g = ws->o + i * d;
+        if (ahead) prefetch_token(d_out, bf16, sdo, heads, r, t0 + i + ahead, T, d, 0);
         load(d_out, bf16, offset(sdo, heads, r, t0 + i), d, g);
         if (opt->norm_weight) {
             const float *o = reads + i * ld, rstd = rstds[i];
@@ -452,14 +453,21 @@ static void load_read_grads(const Workspace *ws, int64_t r, int64_t t0, int64_t 
 
 /* The span's gradients of q, k, v (fp32 in ws->dq, dk, dv; dq times q's scale on the way) and of
    the gates (d log alpha in ws->dalpha) out: none where the bound clamped the gate, as
-   torch.clamp's gradient; for logits, times d logsigmoid(z) / dz = sigmoid(-z) = w */
+   torch.clamp's gradient; for logits, times d logsigmoid(z) / dz = sigmoid(-z) = w; where those of
+   the token `ahead` tokens on go asked for */
 static inline __attribute__((always_inline)) void store_grads(
-        const int NB, const Workspace *ws, int64_t r, int64_t t0, int64_t n, int64_t heads, int64_t d, int bf16,
-        const Options *opt, const void *gate, const Strides *sg, void *dq, const Strides *sdq, void *dk,
-        const Strides *sdk, void *dv, const Strides *sdv, void *d_gate, const Strides *sdg) {
+        const int NB, const Workspace *ws, int64_t r, int64_t t0, int64_t n, int64_t heads, int64_t T, int64_t d,
+        int bf16, const Options *opt, const void *gate, const Strides *sg, void *dq, const Strides *sdq, void *dk,
+        const Strides *sdk, void *dv, const Strides *sdv, void *d_gate, const Strides *sdg, int64_t ahead) {
     const int64_t S = NB * 16;
     for (int64_t i = 0; i < n; i++) {
         const int64_t t = t0 + i;
+        if (ahead) {
+            prefetch_token(dq, bf16, sdq, heads, r, t + ahead, T, d, 1);
+            prefetch_token(dk, bf16, sdk, heads, r, t + ahead, T, d, 1);
+            prefetch_token(dv, bf16, sdv, heads, r, t + ahead, T, d, 1);
+            prefetch_token(d_gate, opt->gate_bf16, sdg, heads, r, t + ahead, T, S, 1);
+        }
         if (opt->q_scale != 1.0f)
             for (int64_t j = 0; j < d; j++) ws->dq[i * d + j] *= opt->q_scale;
         store(dq, bf16, offset(sdq, heads, r, t), d, ws->dq + i * d);
@@ -493,7 +501,7 @@ static inline __attribute__((always_inline)) void forward_row(
             memcpy(checkpoint, K, sizeof(float) * dS);
             memcpy(checkpoint + dS, V, sizeof(float) * dS);
         }
-        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv);
+        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv, span);
         memset(ws->z, 0, sizeof(float) * n * S);
         sweep(NB, 0, ws, K, n, d, rows_per_group); /* the key writes and the scores K_t q_t */
         for (int64_t i = 0; i < n; i++) {
@@ -506,7 +514,7 @@ static inline __attribute__((always_inline)) void forward_row(
             }
         }
         sweep(NB, 1, ws, V, n, d, rows_per_group); /* the value writes and the reads */
-        store_reads(ws, r, t0, n, heads, T, d, bf16, opt, reads_kept, rstd_kept, out, so);
+        store_reads(ws, r, t0, n, heads, T, d, bf16, opt, reads_kept, rstd_kept, out, so, span);
     }
     state_to_slots(K, S, d, K_final + r * dS);
     state_to_slots(V, S, d, V_final + r * dS);
@@ -531,10 +539,10 @@ static inline __attribute__((always_inline)) void backward_row(
     for (int64_t c = spans - 1; c >= 0; c--) {
         const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
         const float *checkpoint = checkpoints + (r * spans + c) * 2 * dS;
-        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv);
+        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv, -span);
         const int norm = opt->norm_weight != NULL;
-        load_read_grads(ws, r, t0, n, heads, d, bf16, opt, norm ? reads_kept + (r * T + t0) * d : NULL, d,
-                        norm ? rstd_kept + r * T + t0 : NULL, d_out, sdo, d_norm_weight);
+        load_read_grads(ws, r, t0, n, heads, T, d, bf16, opt, norm ? reads_kept + (r * T + t0) * d : NULL, d,
+                        norm ? rstd_kept + r * T + t0 : NULL, d_out, sdo, d_norm_weight, -span);
         float *dp = ws->z; /* (n, S): the read's gradient of p, then of the scores */
         memset(dp, 0, sizeof(float) * n * S);
         memset(ws->dalpha, 0, sizeof(float) * n * S);
@@ -604,7 +612,7 @@ static inline __attribute__((always_inline)) void backward_row(
                 for (int b = 0; b < NB; b++) STORE(ws->dalpha + i * S + b * 16, da[b]);
             }
         }
-        store_grads(NB, ws, r, t0, n, heads, d, bf16, opt, gate, sg, dq, sdq, dk, sdk, dv, sdv, d_gate, sdg);
+        store_grads(NB, ws, r, t0, n, heads, T, d, bf16, opt, gate, sg, dq, sdq, dk, sdk, dv, sdv, d_gate, sdg, -span);
     }
     state_to_slots(dK, S, d, dK0 + r * dS);
     state_to_slots(dV, S, d, dV0 + r * dS);
@@ -1053,16 +1061,12 @@ static inline __attribute__((always_inline)) void forward_row_tiles(
     slots_to_state(V0 + offset(sV0, heads, r, 0), sV0->st, S, d, V);
     for (int64_t c = 0; c < spans; c++) {
         const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
-        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, &unscaled, q, sq, k, sk, v, sv);
-        if (c + 1 < spans)
-            prefetch_span(S, r, t0 + span, t0 + 2 * span < T ? span : T - t0 - span, heads, d, bf16, gate, sg, opt,
-                          q, sq, k, sk, v, sv);
-        prefetch_rows(out, bf16, so, heads, r, t0, n, d, 1);
+        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, &unscaled, q, sq, k, sk, v, sv, span);
         chunk_decays(NB, ws, w, n);
         chunk_scores(NB, ws, w, K, n, d, opt->q_scale);
         chunk_reads(NB, ws, w, V, n, d, 1);
         for (int64_t i = 0; i < n; i++) memcpy(ws->o + i * d, w->o + i * L, sizeof(float) * d);
-        store_reads(ws, r, t0, n, heads, T, d, bf16, opt, NULL, NULL, out, so);
+        store_reads(ws, r, t0, n, heads, T, d, bf16, opt, NULL, NULL, out, so, span);
         chunk_carry(NB, w, K, ws->k, n, d);
         chunk_carry(NB, w, V, ws->v, n, d);
     }
@@ -1097,9 +1101,7 @@ static inline __attribute__((always_inline)) void backward_row_tiles(
     for (int64_t c = 0; c + 1 < spans; c++) {
         const int64_t t0 = c * span;
         float *next = starts + (c + 1) * 2 * dS;
-        load_span(NB, ws, r, t0, span, heads, T, d, bf16, gate, sg, &unscaled, NULL, sq, k, sk, v, sv);
-        if (c + 2 < spans)
-            prefetch_span(S, r, t0 + span, span, heads, d, bf16, gate, sg, opt, NULL, sq, k, sk, v, sv);
+        load_span(NB, ws, r, t0, span, heads, T, d, bf16, gate, sg, &unscaled, NULL, sq, k, sk, v, sv, span);
         chunk_decays(NB, ws, w, span);
         memcpy(next, next - 2 * dS, sizeof(float) * 2 * dS);
         chunk_carry(NB, w, next, ws->k, span, d);
@@ -1112,15 +1114,7 @@ static inline __attribute__((always_inline)) void backward_row_tiles(
         const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
         const float *K = starts + c * 2 * dS, *V = K + dS, *p = ws->z, *dO = ws->o;
         const int norm = opt->norm_weight != NULL;
-        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, &unscaled, q, sq, k, sk, v, sv);
-        if (c > 0) { /* the next span's inputs, and where this one's gradients go */
-            prefetch_span(S, r, t0 - span, span, heads, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv);
-            prefetch_rows(d_out, bf16, sdo, heads, r, t0 - span, span, d, 0);
-        }
-        prefetch_rows(dq, bf16, sdq, heads, r, t0, n, d, 1);
-        prefetch_rows(dk, bf16, sdk, heads, r, t0, n, d, 1);
-        prefetch_rows(dv, bf16, sdv, heads, r, t0, n, d, 1);
-        prefetch_rows(d_gate, opt->gate_bf16, sdg, heads, r, t0, n, S, 1);
+        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, &unscaled, q, sq, k, sk, v, sv, -span);
         chunk_decays(NB, ws, w, n);
         chunk_scores(NB, ws, w, K, n, d, scale);
         chunk_reads(NB, ws, w, V, n, d, norm);
@@ -1131,7 +1125,7 @@ static inline __attribute__((always_inline)) void backward_row_tiles(
                 for (int64_t j = 0; j < d; j++) sum += w->o[i * L + j] * w->o[i * L + j];
                 w->rstd[i] = 1.0f / sqrtf(sum / (float)d + opt->norm_eps);
             }
-        load_read_grads(ws, r, t0, n, heads, d, bf16, opt, w->o, L, w->rstd, d_out, sdo, d_norm_weight);
+        load_read_grads(ws, r, t0, n, heads, T, d, bf16, opt, w->o, L, w->rstd, d_out, sdo, d_norm_weight, -span);
 
         product(&w->packs, n, n, d, rows_of(dO, d), cols_of(ws->v, d), w->d_mix, L, 0, ONE);
         lower_triangle(w->d_mix, n, L);
@@ -1201,7 +1195,7 @@ static inline __attribute__((always_inline)) void backward_row_tiles(
                 STORE(gK + j * S + b * 16, decay * LOAD(gK + j * S + b * 16) + scale * LOAD(w->gK + j * L + b * 16));
                 STORE(gV + j * S + b * 16, decay * LOAD(gV + j * S + b * 16) + LOAD(w->gV + j * L + b * 16));
             }
-        store_grads(NB, ws, r, t0, n, heads, d, bf16, opt, gate, sg, dq, sdq, dk, sdk, dv, sdv, d_gate, sdg);
+        store_grads(NB, ws, r, t0, n, heads, T, d, bf16, opt, gate, sg, dq, sdq, dk, sdk, dv, sdv, d_gate, sdg, -span);
     }
     state_to_slots(gK, S, d, dK0 + r * dS);
     state_to_slots(gV, S, d, dV0 + r * dS);
