@@ -229,7 +229,8 @@ class KVMixerResidual(torch.autograd.Function):
             dy = dout.to(h.dtype).reshape(N, C)
             sl, sg = P[:, :C], P[:, C: 2 * C]
             local = _conv_forward(h, conv_weight, conv_bias).view(N, C)  # recomputed
-            dg = torch.empty(N, 2 * C, dtype=h.dtype, device=h.device)
+            dP = torch.empty_like(P)  # the four projections' gradients, side by side: written in place
+            dg = dP[:, : 2 * C]
             tmp = local * dy
             torch.ops.aten.sigmoid_backward.grad_input(tmp, sl, grad_input=dg[:, :C])
             torch.mul(dy, glob, out=tmp)
@@ -241,15 +242,15 @@ class KVMixerResidual(torch.autograd.Function):
             q, k, v, z = (_head_view(y, B, T, heads) for y in (P[:, 2 * C: 3 * C], keys, P[:, 3 * C: 4 * C],
                                                                 P[:, 4 * C:]))
             d_final = slots.new_zeros(B * heads, *slots.shape[2:])  # the final slots are not used
-            dq, dk, dv, dz, dK0, dV0, d_norm = kv_ops.fused_backward_op(
+            dq, dv, dz = (_head_view(y, B, T, heads) for y in (dP[:, 2 * C: 3 * C], dP[:, 3 * C: 4 * C], dP[:, 4 * C:]))
+            dk, dK0, dV0, d_norm = kv_ops.fused_backward_into_op(
                 q, k, v, z, slots, slots, *kept, _head_view(d_reads, B, T, heads), d_final, d_final, True, d ** -0.5,
-                norm_weight, norm_eps, tiles)
+                norm_weight, norm_eps, tiles, dq, dv, dz)
             d_keys = dk.transpose(1, 2).reshape(N, C)
             dlocal.addmm_(d_keys, Wk)
             dWk = d_keys.t() @ local
             dh, dw, db = _conv_backward(dlocal.view(B, T, C), h, conv_weight, conv_bias is not None and needs[9],
                                         True, needs[8])
-            dP = torch.cat([dg, *(y.transpose(1, 2).reshape(N, -1) for y in (dq, dv, dz))], dim=1)
             dh.view(N, C).addmm_(dP, W)
             dW = (dP.t() @ h.reshape(N, C)).split(widths)
             d_bias = dP.sum(0).to(acc_dtype(dP.dtype))

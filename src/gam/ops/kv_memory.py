@@ -733,25 +733,26 @@ def _(q, k, v, gate, K0, V0, keep, gate_logits, q_scale, norm_weight, norm_eps, 
     return _fused_shapes(q, gate, K0, keep, norm_weight is not None, tiles)
 
 
-@torch.library.custom_op("gam::kv_memory_fused_backward", mutates_args=())
-def fused_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor,
-                      V0: torch.Tensor, p: torch.Tensor, checkpoints: torch.Tensor, reads: torch.Tensor,
-                      rstd: torch.Tensor, d_out: torch.Tensor, dK_final: torch.Tensor, dV_final: torch.Tensor,
-                      gate_logits: bool, q_scale: float, norm_weight: torch.Tensor | None, norm_eps: float,
-                      tiles: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The kernel's backward: gradients of q, k, v, the gate, the initial key and value slots
-    (``K0``'s shape, fp32; the value slots' like it) and the norm's weight (empty without it).
-    The recurrence's reads ``p``, ``checkpoints`` (and ``reads``, ``rstd``) as its forward kept
-    them; with ``tiles`` (the forward's choice) the chunked form recomputes everything from the
-    inputs and the initial slots."""
+def _fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor,
+                    V0: torch.Tensor, p: torch.Tensor, checkpoints: torch.Tensor, reads: torch.Tensor,
+                    rstd: torch.Tensor, d_out: torch.Tensor, dK_final: torch.Tensor, dV_final: torch.Tensor,
+                    gate_logits: bool, q_scale: float, norm_weight: torch.Tensor | None, norm_eps: float,
+                    tiles: bool, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+                    d_gate: torch.Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel's backward into ``dq``, ``dk``, ``dv``, ``d_gate`` (q's and the gate's shapes, any
+    strides with unit feature stride); returns the gradients of the initial key and value slots
+    and of the norm's weight."""
     T, d = q.shape[-2:]
     rows, S = math.prod(q.shape[:-2]), gate.shape[-1]
     _check_operands(q, k, v, gate, K0, V0, norm_weight, tiles)
     if d_out.shape != q.shape or dK_final.shape != (rows, S, d) or dV_final.shape != (rows, S, d):
         raise ValueError(f"gam::kv_memory_fused_backward: the gradients must be q's shape and (rows, S, d) = "
                          f"{(rows, S, d)}: {tuple(d_out.shape)}, {tuple(dK_final.shape)}, {tuple(dV_final.shape)}")
+    if any(x.shape != y.shape or x.dtype != y.dtype or x.stride(-1) != 1
+           for x, y in ((dq, q), (dk, k), (dv, v), (d_gate, gate))):
+        raise ValueError("gam::kv_memory_fused_backward: the gradients' buffers must be q's and the gate's shapes and "
+                         "dtypes, with unit feature stride")
     lib = _checked_kernel(S)
-    dq, dk, dv, d_gate = (_like(x) for x in (q, k, v, gate))
     dK0, dV0 = (K0.new_empty(K0.shape, dtype=torch.float32) for _ in range(2))
     if K0.dim() == 4 and q.dim() == 3:
         K0, V0 = K0.reshape(-1, *K0.shape[2:]), V0.reshape(-1, *V0.shape[2:])
@@ -774,15 +775,58 @@ def fused_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: t
         status = lib.kv_memory_backward(*sizes, *inputs, *map(_pointer, (p, checkpoints, reads, rstd)), pdo, sdo,
                                         *results)
     assert status == 0, status
-    return dq, dk, dv, d_gate, dK0, dV0, d_norm_weight.sum(0) if norm_weight is not None else d_norm_weight
+    return dK0, dV0, d_norm_weight.sum(0) if norm_weight is not None else d_norm_weight
+
+
+def _fake_state_grads(q, K0, norm_weight):
+    d_state = [K0.new_empty(K0.shape, dtype=torch.float32) for _ in range(2)]
+    return (*d_state, q.new_empty(q.shape[-1] if norm_weight is not None else 0, dtype=torch.float32))
+
+
+@torch.library.custom_op("gam::kv_memory_fused_backward", mutates_args=())
+def fused_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor,
+                      V0: torch.Tensor, p: torch.Tensor, checkpoints: torch.Tensor, reads: torch.Tensor,
+                      rstd: torch.Tensor, d_out: torch.Tensor, dK_final: torch.Tensor, dV_final: torch.Tensor,
+                      gate_logits: bool, q_scale: float, norm_weight: torch.Tensor | None, norm_eps: float,
+                      tiles: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The kernel's backward: gradients of q, k, v, the gate, the initial key and value slots
+    (``K0``'s shape, fp32; the value slots' like it) and the norm's weight (empty without it).
+    The recurrence's reads ``p``, ``checkpoints`` (and ``reads``, ``rstd``) as its forward kept
+    them; with ``tiles`` (the forward's choice) the chunked form recomputes everything from the
+    inputs and the initial slots."""
+    dq, dk, dv, d_gate = (_like(x) for x in (q, k, v, gate))
+    state_grads = _fused_backward(q, k, v, gate, K0, V0, p, checkpoints, reads, rstd, d_out, dK_final, dV_final,
+                                  gate_logits, q_scale, norm_weight, norm_eps, tiles, dq, dk, dv, d_gate)
+    return dq, dk, dv, d_gate, *state_grads
 
 
 @fused_backward_op.register_fake
 def _(q, k, v, gate, K0, V0, p, checkpoints, reads, rstd, d_out, dK_final, dV_final, gate_logits, q_scale,
       norm_weight, norm_eps, tiles):
-    d_state = [K0.new_empty(K0.shape, dtype=torch.float32) for _ in range(2)]
-    d_norm_weight = q.new_empty(q.shape[-1] if norm_weight is not None else 0, dtype=torch.float32)
-    return (*(_like(x) for x in (q, k, v, gate)), *d_state, d_norm_weight)
+    return (*(_like(x) for x in (q, k, v, gate)), *_fake_state_grads(q, K0, norm_weight))
+
+
+@torch.library.custom_op("gam::kv_memory_fused_backward_into", mutates_args=("dq", "dv", "d_gate"))
+def fused_backward_into_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor,
+                           V0: torch.Tensor, p: torch.Tensor, checkpoints: torch.Tensor, reads: torch.Tensor,
+                           rstd: torch.Tensor, d_out: torch.Tensor, dK_final: torch.Tensor, dV_final: torch.Tensor,
+                           gate_logits: bool, q_scale: float, norm_weight: torch.Tensor | None, norm_eps: float,
+                           tiles: bool, dq: torch.Tensor, dv: torch.Tensor,
+                           d_gate: torch.Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`fused_backward_op` writing the gradients of q, v and the gate into the given
+    buffers (views of a caller's larger one: the block's mixer has the kernel write them into
+    its joined projection gradient, no concatenating copy); returns those of k, the initial
+    slots and the norm's weight."""
+    dk = _like(k)
+    state_grads = _fused_backward(q, k, v, gate, K0, V0, p, checkpoints, reads, rstd, d_out, dK_final, dV_final,
+                                  gate_logits, q_scale, norm_weight, norm_eps, tiles, dq, dk, dv, d_gate)
+    return dk, *state_grads
+
+
+@fused_backward_into_op.register_fake
+def _(q, k, v, gate, K0, V0, p, checkpoints, reads, rstd, d_out, dK_final, dV_final, gate_logits, q_scale,
+      norm_weight, norm_eps, tiles, dq, dv, d_gate):
+    return _like(k), *_fake_state_grads(q, K0, norm_weight)
 
 
 def _fused_setup_context(ctx, inputs, output):
