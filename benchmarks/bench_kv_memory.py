@@ -4,14 +4,17 @@ The op alone (heads folded into the batch), with random q, k, v of (batch x head
 gates ``logsigmoid(z) / 8`` of (batch x heads, T, slots) and an initial state that needs a
 gradient (as the layer's memory bank), in forms side by side in the same run:
 ``kv_memory_chunked_autograd`` (the chunk form differentiated by autograd, every
-intermediate kept), ``kv_memory_chunked`` (its hand-written backward) and ``fused`` (the
-C kernel of the recurrence, ``kv_memory_fused``: slots a multiple of 16). For each T, the
+intermediate kept), ``kv_memory_chunked`` (its hand-written backward), ``fused`` (the C kernel,
+``kv_memory_fused``: slots a multiple of 16, the form it picks), ``recurrence`` and ``tiles``
+(the kernel forced to its token-by-token recurrence or to its chunked form on AMX tiles, bf16
+only). For each T, the
 median forward time and backward time of each (one warm-up excluded; the forms take turns
 each repeat, so that a change of load reaches both), the time per token, which should stay
 flat in T, the memory each keeps for its backward (distinct storages of the saved tensors,
 inputs included) and the first form's time over each one's. Also checks each
-form's output and gradients against the step-by-step recurrence at the shortest T (fp32),
-so a fast but wrong form cannot pass unnoticed.
+form's output and gradients against the step-by-step recurrence at the shortest T (in the
+run's dtype: with bf16, against the fp64 recurrence of the bf16-rounded inputs), so a fast
+but wrong form cannot pass unnoticed.
 
 ``--baseline FILE`` adds a third form, ``baseline``: ``kv_memory_chunked`` of another
 version's ``src/gam/ops/kv_memory.py`` (``git show REV:src/gam/ops/kv_memory.py > old.py``),
@@ -28,12 +31,14 @@ Usage::
     python benchmarks/bench_kv_memory.py --batch-heads 256 --dim 16 --slots 64 --lengths 256
     python benchmarks/bench_kv_memory.py --forms baseline,hand-written --baseline old.py --dtype bf16
     python benchmarks/bench_kv_memory.py --forms hand-written,fused --dtype bf16 --threads 2
+    python benchmarks/bench_kv_memory.py --forms recurrence,tiles --dtype bf16 --threads 2 --batch-heads 64 --lengths 256
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import os
 import statistics
@@ -47,15 +52,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from gam.ops import native  # noqa: E402
 from gam.ops.kv_memory import (  # noqa: E402
+    TILES_MAX_DIM,
     fused_applies,
     kv_memory_chunked,
     kv_memory_chunked_autograd,
     kv_memory_fused,
     kv_memory_recurrent,
+    tiles_available,
 )
 from gam.resources import tune_cpu_allocator  # noqa: E402
 
-FORMS = {"autograd": kv_memory_chunked_autograd, "hand-written": kv_memory_chunked, "fused": kv_memory_fused}
+FORMS = {"autograd": kv_memory_chunked_autograd, "hand-written": kv_memory_chunked, "fused": kv_memory_fused,
+         "recurrence": functools.partial(kv_memory_fused, tiles=False),
+         "tiles": functools.partial(kv_memory_fused, tiles=True)}
 
 
 def load_baseline(path: str):
@@ -76,14 +85,25 @@ def inputs(bh: int, T: int, d: int, slots: int, seed: int = 0):
     return q, k, v, log_alpha, state
 
 
-def max_error_vs_recurrence(form, bh: int, T: int, d: int, slots: int) -> float:
+def max_error_vs_recurrence(form, bh: int, T: int, d: int, slots: int, bf16: bool) -> float:
+    """The largest error over the output and every gradient, relative to the largest entry: against
+    the fp32 recurrence, or with ``bf16`` (the form under autocast) against the fp64 recurrence of
+    the bf16-rounded q, k, v."""
     results = []
     for f in (form, kv_memory_recurrent):
         q, k, v, log_alpha, state = inputs(bh, T, d, slots)
-        out, _ = f(q, k, v, log_alpha, state)
-        out.square().sum().backward()
+        if bf16:
+            rounded = [x.detach().bfloat16().to(torch.float64 if f is kv_memory_recurrent else torch.float32)
+                       for x in (q, k, v)]
+            q, k, v = (x.requires_grad_() for x in rounded)
+            if f is kv_memory_recurrent:
+                log_alpha, state = log_alpha.detach().double().requires_grad_(), tuple(
+                    x.detach().double().requires_grad_() for x in state)
+        with autocast(bf16 and f is not kv_memory_recurrent):
+            out, _ = f(q, k, v, log_alpha, state)
+        out.double().square().sum().backward()
         results.append([out.detach(), q.grad, k.grad, v.grad, log_alpha.grad, state[0].grad, state[1].grad])
-    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(*results))
+    return max(((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(*results))
 
 
 def autocast(bf16: bool):
@@ -159,16 +179,23 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--forms must be comma-separated names of {', '.join(FORMS)}, got {args.forms!r}")
     if min(lengths) < 1 or min(args.batch_heads, args.dim, args.slots, args.repeats, args.threads) < 1:
         p.error("lengths, --batch-heads, --dim, --slots, --repeats and --threads must be >= 1")
-    if "fused" in forms and not fused_applies(torch.zeros(()), args.slots):
-        reason = native.unavailable_reason("kv_memory_cpu") or f"--slots {args.slots} is not one of 16, 32, ..., 128"
-        p.error(f"form 'fused' cannot run: {reason}")
+    for name in {"fused", "recurrence", "tiles"} & set(forms):
+        if not fused_applies(torch.zeros(()), args.slots):
+            reason = (native.unavailable_reason("kv_memory_cpu")
+                      or f"--slots {args.slots} is not one of 16, 32, ..., 128")
+            p.error(f"form {name!r} cannot run: {reason}")
+    if "tiles" in forms and (args.dtype != "bf16" or args.dim > TILES_MAX_DIM or not tiles_available()):
+        p.error(f"form 'tiles' needs --dtype bf16, --dim <= {TILES_MAX_DIM} and a CPU with AMX-BF16 "
+                f"(available: {tiles_available()})")
     torch.set_num_threads(args.threads)
     malloc = "default malloc" if args.no_tune_malloc else f"malloc tuned: {tune_cpu_allocator()}"
     check = (min(args.batch_heads, 4), min(min(lengths), 40), args.dim, args.slots)
-    errors = ", ".join(f"{name} {max_error_vs_recurrence(FORMS[name], *check):.1e}" for name in forms)
+    errors = ", ".join(f"{name} {max_error_vs_recurrence(FORMS[name], *check, args.dtype == 'bf16'):.1e}"
+                       for name in forms)
     print(f"kv-slot memory, training forms: batch x heads {args.batch_heads}, d {args.dim}, {args.slots} slots, "
           f"{args.threads} thread(s), {args.dtype}, {malloc}; median of {args.repeats} after 1 warm-up")
-    print(f"max relative error vs the recurrence (outputs and gradients, T <= 40, fp32): {errors}")
+    against = "fp32" if args.dtype == "fp32" else "fp64, of the bf16-rounded inputs"
+    print(f"max relative error vs the recurrence (outputs and gradients, T <= 40, {against}): {errors}")
     print("| T | form | forward ms | backward ms | µs per token (fwd + bwd) | kept for backward MiB "
           f"| {forms[0]} time / this |")
     print("|---:|---|---:|---:|---:|---:|---:|")

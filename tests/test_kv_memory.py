@@ -543,3 +543,14 @@ def test_bench_kv_memory_script_times_both_forms_and_checks_the_recurrence():
     wrong = subprocess.run([sys.executable, str(script), "--slots", "4", "--forms", "fused", "--lengths", "8"],
                            capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "form 'fused' cannot run" in wrong.stderr
+    if kv_ops.tiles_available():  # the kernel's two forms side by side in bf16, each checked against fp64
+        forms = subprocess.run([sys.executable, str(script), "--batch-heads", "2", "--dim", "48", "--slots", "16",
+                                "--lengths", "40", "--repeats", "1", "--dtype", "bf16", "--forms", "recurrence,tiles"],
+                               capture_output=True, text=True, timeout=300)
+        assert forms.returncode == 0, forms.stderr[-2000:]
+        errors = forms.stdout.split("bf16-rounded inputs): ")[1].splitlines()[0]
+        errors = {name: float(e) for name, e in (x.rsplit(" ", 1) for x in errors.split(", "))}
+        assert set(errors) == {"recurrence", "tiles"} and all(e < 3e-2 for e in errors.values()), errors
+    fp32_tiles = subprocess.run([sys.executable, str(script), "--slots", "16", "--forms", "tiles", "--lengths", "8"],
+                                capture_output=True, text=True, timeout=60)
+    assert fp32_tiles.returncode == 2 and "form 'tiles' needs --dtype bf16" in fp32_tiles.stderr
