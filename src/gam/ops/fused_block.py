@@ -244,7 +244,7 @@ class KVMixerResidual(torch.autograd.Function):
             d_final = slots.new_zeros(B * heads, *slots.shape[2:])  # the final slots are not used
             dq, dv, dz = (_head_view(y, B, T, heads) for y in (dP[:, 2 * C: 3 * C], dP[:, 3 * C: 4 * C], dP[:, 4 * C:]))
             dk, dK0, dV0, d_norm = kv_ops.fused_backward_into_op(
-                q, k, v, z, slots, slots, *kept, _head_view(d_reads, B, T, heads), d_final, d_final, True, d ** -0.5,
+                q, k, v, z, slots, *kept, _head_view(d_reads, B, T, heads), d_final, d_final, True, d ** -0.5,
                 norm_weight, norm_eps, tiles, dq, dv, dz)
             d_keys = dk.transpose(1, 2).reshape(N, C)
             dlocal.addmm_(d_keys, Wk)

@@ -529,9 +529,9 @@ _SIZES = [_I64] * 6 + [_INT]  # rows, heads, T, d, S, span, bf16
 _FORWARD_ARGS = _SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR, _Strides] * 3 + [_PTR] * 6 + [_INT]
 _BACKWARD_ARGS = (_SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR] * 4 + [_PTR, _Strides]
                   + [_PTR] * 2 + [_PTR, _Strides] * 4 + [_PTR] * 3 + [_INT])
-# The tiles' entry points: the initial slots in place of what the recurrence's forward keeps
-_FORWARD_TILES_ARGS = _SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR, _Strides] * 3 + [_PTR] * 2 + [_INT]
-_BACKWARD_TILES_ARGS = (_SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR, _Strides] * 3 + [_PTR] * 2
+# The tiles' entry points: the checkpoints alone in place of what the recurrence's forward keeps
+_FORWARD_TILES_ARGS = _SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR, _Strides] * 3 + [_PTR] * 3 + [_INT]
+_BACKWARD_TILES_ARGS = (_SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR] + [_PTR, _Strides] + [_PTR] * 2
                         + [_PTR, _Strides] * 4 + [_PTR] * 3 + [_INT])
 # The lowest forget logit: logsigmoid(z) >= LOG_ALPHA_MIN where z >= logit(exp(LOG_ALPHA_MIN))
 LOGIT_MIN = LOG_ALPHA_MIN - math.log(-math.expm1(LOG_ALPHA_MIN))
@@ -628,8 +628,8 @@ def _like(x: torch.Tensor) -> torch.Tensor:
 
 def _fused_shapes(q: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor, keep: bool, norm: bool, tiles: bool):
     """The fused op's results, allocated (empty): reads, final key and value slots (rows, S, d),
-    and what the recurrence's backward needs: softmax, checkpoints, and with the norm the raw
-    reads and their rsqrt (empty unless ``keep``; the tiles' backward needs none of them)."""
+    and what the backward needs: the checkpoints, and for the recurrence's the softmax and with
+    the norm the raw reads and their rsqrt (empty unless ``keep``; the tiles' recomputes them)."""
     T, d = q.shape[-2:]
     S = gate.shape[-1]
     rows = q.shape[0] * q.shape[1] if q.dim() == 4 else q.shape[0]
@@ -639,10 +639,11 @@ def _fused_shapes(q: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor, keep: b
     def fp32(*shape):
         return q.new_empty(shape, dtype=torch.float32)
 
-    def kept(*shape):
-        return fp32(*shape) if keep and not tiles else fp32(0)
+    def kept(*shape, recurrence_only=True):
+        return fp32(*shape) if keep and not (tiles and recurrence_only) else fp32(0)
 
-    return (out, fp32(rows, S, d), fp32(rows, S, d), kept(rows, T, S), kept(rows, -(-T // span), 2, d, S),
+    return (out, fp32(rows, S, d), fp32(rows, S, d), kept(rows, T, S),
+            kept(rows, -(-T // span), 2, d, S, recurrence_only=False),
             kept(rows, T, d) if norm else fp32(0), kept(rows, T) if norm else fp32(0))
 
 
@@ -700,8 +701,8 @@ def fused_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: to
                      norm_weight: torch.Tensor | None, norm_eps: float,
                      tiles: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The kernel's forward (:func:`kv_memory_fused` has the arguments): reads, final key and
-    value slots, and what the recurrence's backward needs (softmax, checkpoints, raw reads, rsqrt;
-    with ``tiles``, the chunked form on the tiles, nothing)."""
+    value slots, and what the backward needs (checkpoints; for the recurrence's also the softmax,
+    raw reads, rsqrt; with ``tiles``, the chunked form on the tiles, empty)."""
     T, d = q.shape[-2:]
     S = gate.shape[-1]
     _check_operands(q, k, v, gate, K0, V0, norm_weight, tiles)
@@ -719,8 +720,8 @@ def fused_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: to
     inputs = (pq, sq, pk, sk, pv, sv, pg, sg, _options(gate, gate_logits, q_scale, norm_weight, norm_eps),
               pK, sK, pV, sV, po, so)
     if tiles:
-        status = lib.kv_memory_forward_tiles(*sizes, *inputs, K_final.data_ptr(), V_final.data_ptr(),
-                                             torch.get_num_threads())
+        status = lib.kv_memory_forward_tiles(*sizes, *inputs, _pointer(checkpoints), K_final.data_ptr(),
+                                             V_final.data_ptr(), torch.get_num_threads())
     else:
         status = lib.kv_memory_forward(*sizes, *inputs, *map(_pointer, (p, checkpoints, reads, rstd)),
                                        K_final.data_ptr(), V_final.data_ptr(), torch.get_num_threads())
@@ -734,7 +735,7 @@ def _(q, k, v, gate, K0, V0, keep, gate_logits, q_scale, norm_weight, norm_eps, 
 
 
 def _fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor,
-                    V0: torch.Tensor, p: torch.Tensor, checkpoints: torch.Tensor, reads: torch.Tensor,
+                    p: torch.Tensor, checkpoints: torch.Tensor, reads: torch.Tensor,
                     rstd: torch.Tensor, d_out: torch.Tensor, dK_final: torch.Tensor, dV_final: torch.Tensor,
                     gate_logits: bool, q_scale: float, norm_weight: torch.Tensor | None, norm_eps: float,
                     tiles: bool, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
@@ -744,7 +745,7 @@ def _fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: tor
     and of the norm's weight."""
     T, d = q.shape[-2:]
     rows, S = math.prod(q.shape[:-2]), gate.shape[-1]
-    _check_operands(q, k, v, gate, K0, V0, norm_weight, tiles)
+    _check_operands(q, k, v, gate, K0, K0, norm_weight, tiles)
     if d_out.shape != q.shape or dK_final.shape != (rows, S, d) or dV_final.shape != (rows, S, d):
         raise ValueError(f"gam::kv_memory_fused_backward: the gradients must be q's shape and (rows, S, d) = "
                          f"{(rows, S, d)}: {tuple(d_out.shape)}, {tuple(dK_final.shape)}, {tuple(dV_final.shape)}")
@@ -754,23 +755,20 @@ def _fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: tor
                          "dtypes, with unit feature stride")
     lib = _checked_kernel(S)
     dK0, dV0 = (K0.new_empty(K0.shape, dtype=torch.float32) for _ in range(2))
-    if K0.dim() == 4 and q.dim() == 3:
-        K0, V0 = K0.reshape(-1, *K0.shape[2:]), V0.reshape(-1, *V0.shape[2:])
-    q, k, v, gate, d_out, K0, V0 = _unit_feature_stride(q, k, v, gate, d_out.to(q.dtype), K0.float(), V0.float())
+    q, k, v, gate, d_out = _unit_feature_stride(q, k, v, gate, d_out.to(q.dtype))
     dK_final, dV_final = (x.float().contiguous() for x in (dK_final, dV_final))
     norm_weight = None if norm_weight is None else norm_weight.float().contiguous()
     threads = torch.get_num_threads()
     d_norm_weight = q.new_zeros((threads, d) if norm_weight is not None else (0,), dtype=torch.float32)
     heads = _heads(q)
-    operands = [_operand(x, heads) for x in (q, k, v, gate, d_out, dq, dk, dv, d_gate, K0, V0)]
-    (sq, pq), (sk, pk), (sv, pv), (sg, pg), (sdo, pdo), (sdq, pdq), (sdk, pdk), (sdv, pdv), (sdg, pdg), (sK, pK), \
-        (sV, pV) = operands
+    operands = [_operand(x, heads) for x in (q, k, v, gate, d_out, dq, dk, dv, d_gate)]
+    (sq, pq), (sk, pk), (sv, pv), (sg, pg), (sdo, pdo), (sdq, pdq), (sdk, pdk), (sdv, pdv), (sdg, pdg) = operands
     sizes = (rows, heads, T, d, S, fused_span(T), int(q.dtype == torch.bfloat16))
     inputs = (pq, sq, pk, sk, pv, sv, pg, sg, _options(gate, gate_logits, q_scale, norm_weight, norm_eps))
     results = (dK_final.data_ptr(), dV_final.data_ptr(), pdq, sdq, pdk, sdk, pdv, sdv, pdg, sdg,
                _pointer(d_norm_weight), dK0.data_ptr(), dV0.data_ptr(), threads)
     if tiles:
-        status = lib.kv_memory_backward_tiles(*sizes, *inputs, pK, sK, pV, sV, pdo, sdo, *results)
+        status = lib.kv_memory_backward_tiles(*sizes, *inputs, _pointer(checkpoints), pdo, sdo, *results)
     else:
         status = lib.kv_memory_backward(*sizes, *inputs, *map(_pointer, (p, checkpoints, reads, rstd)), pdo, sdo,
                                         *results)
@@ -785,31 +783,30 @@ def _fake_state_grads(q, K0, norm_weight):
 
 @torch.library.custom_op("gam::kv_memory_fused_backward", mutates_args=())
 def fused_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor,
-                      V0: torch.Tensor, p: torch.Tensor, checkpoints: torch.Tensor, reads: torch.Tensor,
-                      rstd: torch.Tensor, d_out: torch.Tensor, dK_final: torch.Tensor, dV_final: torch.Tensor,
+                      p: torch.Tensor, checkpoints: torch.Tensor, reads: torch.Tensor, rstd: torch.Tensor, d_out: torch.Tensor, dK_final: torch.Tensor, dV_final: torch.Tensor,
                       gate_logits: bool, q_scale: float, norm_weight: torch.Tensor | None, norm_eps: float,
                       tiles: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The kernel's backward: gradients of q, k, v, the gate, the initial key and value slots
     (``K0``'s shape, fp32; the value slots' like it) and the norm's weight (empty without it).
-    The recurrence's reads ``p``, ``checkpoints`` (and ``reads``, ``rstd``) as its forward kept
-    them; with ``tiles`` (the forward's choice) the chunked form recomputes everything from the
-    inputs and the initial slots."""
+    What the forward kept: for the recurrence ``p``, ``checkpoints`` (and ``reads``, ``rstd``);
+    with ``tiles`` (the forward's choice) the checkpoints alone, the chunked form recomputing the
+    rest from the inputs."""
     dq, dk, dv, d_gate = (_like(x) for x in (q, k, v, gate))
-    state_grads = _fused_backward(q, k, v, gate, K0, V0, p, checkpoints, reads, rstd, d_out, dK_final, dV_final,
+    state_grads = _fused_backward(q, k, v, gate, K0, p, checkpoints, reads, rstd, d_out, dK_final, dV_final,
                                   gate_logits, q_scale, norm_weight, norm_eps, tiles, dq, dk, dv, d_gate)
     return dq, dk, dv, d_gate, *state_grads
 
 
 @fused_backward_op.register_fake
-def _(q, k, v, gate, K0, V0, p, checkpoints, reads, rstd, d_out, dK_final, dV_final, gate_logits, q_scale,
-      norm_weight, norm_eps, tiles):
+def _(q, k, v, gate, K0, p, checkpoints, reads, rstd, d_out, dK_final, dV_final, gate_logits, q_scale, norm_weight,
+      norm_eps, tiles):
     return (*(_like(x) for x in (q, k, v, gate)), *_fake_state_grads(q, K0, norm_weight))
 
 
 @torch.library.custom_op("gam::kv_memory_fused_backward_into", mutates_args=("dq", "dv", "d_gate"))
 def fused_backward_into_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor,
-                           V0: torch.Tensor, p: torch.Tensor, checkpoints: torch.Tensor, reads: torch.Tensor,
-                           rstd: torch.Tensor, d_out: torch.Tensor, dK_final: torch.Tensor, dV_final: torch.Tensor,
+                           p: torch.Tensor, checkpoints: torch.Tensor, reads: torch.Tensor, rstd: torch.Tensor,
+                           d_out: torch.Tensor, dK_final: torch.Tensor, dV_final: torch.Tensor,
                            gate_logits: bool, q_scale: float, norm_weight: torch.Tensor | None, norm_eps: float,
                            tiles: bool, dq: torch.Tensor, dv: torch.Tensor,
                            d_gate: torch.Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -818,32 +815,32 @@ def fused_backward_into_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ga
     its joined projection gradient, no concatenating copy); returns those of k, the initial
     slots and the norm's weight."""
     dk = _like(k)
-    state_grads = _fused_backward(q, k, v, gate, K0, V0, p, checkpoints, reads, rstd, d_out, dK_final, dV_final,
+    state_grads = _fused_backward(q, k, v, gate, K0, p, checkpoints, reads, rstd, d_out, dK_final, dV_final,
                                   gate_logits, q_scale, norm_weight, norm_eps, tiles, dq, dk, dv, d_gate)
     return dk, *state_grads
 
 
 @fused_backward_into_op.register_fake
-def _(q, k, v, gate, K0, V0, p, checkpoints, reads, rstd, d_out, dK_final, dV_final, gate_logits, q_scale,
-      norm_weight, norm_eps, tiles, dq, dv, d_gate):
+def _(q, k, v, gate, K0, p, checkpoints, reads, rstd, d_out, dK_final, dV_final, gate_logits, q_scale, norm_weight,
+      norm_eps, tiles, dq, dv, d_gate):
     return _like(k), *_fake_state_grads(q, K0, norm_weight)
 
 
 def _fused_setup_context(ctx, inputs, output):
-    q, k, v, gate, K0, V0, keep, ctx.gate_logits, ctx.q_scale, norm_weight, ctx.norm_eps, ctx.tiles = inputs
-    ctx.save_for_backward(q, k, v, gate, K0, V0, norm_weight, *output[3:])
+    q, k, v, gate, K0, _, keep, ctx.gate_logits, ctx.q_scale, norm_weight, ctx.norm_eps, ctx.tiles = inputs
+    ctx.save_for_backward(q, k, v, gate, K0, norm_weight, *output[3:])
     ctx.keep = keep
 
 
 def _fused_autograd(ctx, d_out, dK_final, dV_final, *_d_kept):
     if not ctx.keep:
         raise RuntimeError("gam::kv_memory_fused ran with keep=False: nothing was kept for a backward")
-    q, k, v, gate, K0, V0, norm_weight, p, checkpoints, reads, rstd = ctx.saved_tensors
+    q, k, v, gate, K0, norm_weight, p, checkpoints, reads, rstd = ctx.saved_tensors
     rows, S, d = math.prod(q.shape[:-2]), gate.shape[-1], q.shape[-1]
     d_out = torch.zeros_like(q) if d_out is None else d_out
     dK_final, dV_final = (q.new_zeros(rows, S, d, dtype=torch.float32) if x is None else x
                           for x in (dK_final, dV_final))
-    *grads, d_norm_weight = fused_backward_op(q, k, v, gate, K0, V0, p, checkpoints, reads, rstd, d_out, dK_final,
+    *grads, d_norm_weight = fused_backward_op(q, k, v, gate, K0, p, checkpoints, reads, rstd, d_out, dK_final,
                                               dV_final, ctx.gate_logits, ctx.q_scale, norm_weight, ctx.norm_eps,
                                               ctx.tiles)
     return (*grads, None, None, None, None if norm_weight is None else d_norm_weight, None, None)

@@ -1047,12 +1047,14 @@ static inline __attribute__((always_inline)) void chunk_reads(const int NB, cons
     product(&w->packs, n, d, n, rows_of(w->mix, L), rows_of(ws->v, d), w->o, L, 1, SPLIT_A);
 }
 
-/* The forward on the tiles: kv_memory_forward's, keeping nothing (the backward recomputes it all) */
+/* The forward on the tiles: kv_memory_forward's, keeping only the chunk-start states (`checkpoints`,
+   as the recurrence's; NULL where no backward will run); the backward recomputes the rest */
 static inline __attribute__((always_inline)) void forward_row_tiles(
         const int NB, int64_t r, int64_t heads, int64_t T, int64_t d, int64_t span, int bf16, const void *q,
         const Strides *sq, const void *k, const Strides *sk, const void *v, const Strides *sv, const void *gate,
         const Strides *sg, const Options *opt, const float *K0, const Strides *sK0, const float *V0, const Strides *sV0,
-        void *out, const Strides *so, float *K_final, float *V_final, const Workspace *ws, const Chunk *w) {
+        void *out, const Strides *so, float *checkpoints, float *K_final, float *V_final, const Workspace *ws,
+        const Chunk *w) {
     const int64_t S = NB * 16, dS = d * S, spans = (T + span - 1) / span, L = w->ld;
     Options unscaled = *opt; /* q as it is (bf16: exact); its scale goes on the products */
     unscaled.q_scale = 1.0f;
@@ -1061,6 +1063,10 @@ static inline __attribute__((always_inline)) void forward_row_tiles(
     slots_to_state(V0 + offset(sV0, heads, r, 0), sV0->st, S, d, V);
     for (int64_t c = 0; c < spans; c++) {
         const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
+        if (checkpoints) {
+            memcpy(checkpoints + (r * spans + c) * 2 * dS, K, sizeof(float) * dS);
+            memcpy(checkpoints + (r * spans + c) * 2 * dS + dS, V, sizeof(float) * dS);
+        }
         load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, &unscaled, q, sq, k, sk, v, sv, span);
         chunk_decays(NB, ws, w, n);
         chunk_scores(NB, ws, w, K, n, d, opt->q_scale);
@@ -1074,8 +1080,8 @@ static inline __attribute__((always_inline)) void forward_row_tiles(
     state_to_slots(V, S, d, V_final + r * dS);
 }
 
-/* The backward on the tiles. First the chunk-start states, forward (into `starts`, spans x 2 x d x S);
-   then the chunks in reverse, each recomputed (scores, softmax, reads) and differentiated, with
+/* The backward on the tiles: from the chunk-start states the forward kept (checkpoints, spans x 2 x d x S
+   a row), the chunks in reverse, each recomputed (scores, softmax, reads) and differentiated, with
    gK, gV the gradients of the state at the chunk's end, carried (d x S):
        dp = A (dO V) + C (tril(dO v^T) u),  dscores = p (dp - p . dp),  dX = dscores A,  dY = dscores C
        dq = s (tril(dY u^T) k + dX K^T),  dk = s tril(dY u^T)^T q + E gK^T,  dv = mix^T dO + E gV^T
@@ -1087,26 +1093,15 @@ static inline __attribute__((always_inline)) void forward_row_tiles(
 static inline __attribute__((always_inline)) void backward_row_tiles(
         const int NB, int64_t r, int64_t heads, int64_t T, int64_t d, int64_t span, int bf16, const void *q,
         const Strides *sq, const void *k, const Strides *sk, const void *v, const Strides *sv, const void *gate,
-        const Strides *sg, const Options *opt, const float *K0, const Strides *sK0, const float *V0, const Strides *sV0,
-        const void *d_out, const Strides *sdo, const float *dK_final, const float *dV_final, void *dq,
+        const Strides *sg, const Options *opt, const float *checkpoints, const void *d_out, const Strides *sdo,
+        const float *dK_final, const float *dV_final, void *dq,
         const Strides *sdq, void *dk, const Strides *sdk, void *dv, const Strides *sdv, void *d_gate,
-        const Strides *sdg, float *d_norm_weight, float *dK0, float *dV0, const Workspace *ws, const Chunk *w,
-        float *starts) {
+        const Strides *sdg, float *d_norm_weight, float *dK0, float *dV0, const Workspace *ws, const Chunk *w) {
     const int64_t S = NB * 16, dS = d * S, spans = (T + span - 1) / span, L = w->ld;
     const float scale = opt->q_scale;
     Options unscaled = *opt;
     unscaled.q_scale = 1.0f;
-    slots_to_state(K0 + offset(sK0, heads, r, 0), sK0->st, S, d, starts);
-    slots_to_state(V0 + offset(sV0, heads, r, 0), sV0->st, S, d, starts + dS);
-    for (int64_t c = 0; c + 1 < spans; c++) {
-        const int64_t t0 = c * span;
-        float *next = starts + (c + 1) * 2 * dS;
-        load_span(NB, ws, r, t0, span, heads, T, d, bf16, gate, sg, &unscaled, NULL, sq, k, sk, v, sv, span);
-        chunk_decays(NB, ws, w, span);
-        memcpy(next, next - 2 * dS, sizeof(float) * 2 * dS);
-        chunk_carry(NB, w, next, ws->k, span, d);
-        chunk_carry(NB, w, next + dS, ws->v, span, d);
-    }
+    const float *starts = checkpoints + r * spans * 2 * dS;
     float *gK = ws->K, *gV = ws->V;
     slots_to_state(dK_final + r * dS, d, S, d, gK);
     slots_to_state(dV_final + r * dS, d, S, d, gV);
@@ -1201,12 +1196,12 @@ static inline __attribute__((always_inline)) void backward_row_tiles(
     state_to_slots(gV, S, d, dV0 + r * dS);
 }
 
-/* The entry points' loop over rows as FOR_EACH_ROW's, each thread with the tiles configured, a
-   chunk's arrays and (STARTS) room for a row's chunk-start states */
-#define FOR_EACH_ROW_TILES(STARTS, CALL)                                                               \
+/* The entry points' loop over rows as FOR_EACH_ROW's, each thread with the tiles configured and a
+   chunk's arrays */
+#define FOR_EACH_ROW_TILES(CALL)                                                                       \
     if (S % 16 != 0 || S < 16 || S > 16 * MAX_BLOCKS || d > TILE_MAX || span > CHUNK) return -1;     \
     const int NB = (int)(S / 16);                                                                      \
-    const int64_t L = round_up(d > S ? d : S, 32), starts_floats = (STARTS) ? (T + span - 1) / span * 2 * d * S : 0; \
+    const int64_t L = round_up(d > S ? d : S, 32);                                                     \
     _Pragma("omp parallel num_threads(threads)") {                                                     \
         FLUSH_DENORMALS                                                                                \
         configure_tiles();                                                                             \
@@ -1214,14 +1209,12 @@ static inline __attribute__((always_inline)) void backward_row_tiles(
         float *buf = aligned_alloc(64, sizeof(float) * ((workspace_floats(span, d, S, 1) + 15) / 16 * 16)); \
         float *floats = aligned_alloc(64, sizeof(float) * chunk_floats(L));                            \
         uint16_t *halves = aligned_alloc(64, sizeof(uint16_t) * chunk_halves());                       \
-        float *starts = aligned_alloc(64, sizeof(float) * (starts_floats + 16));                       \
         memset(floats, 0, sizeof(float) * chunk_floats(L));                                            \
         const Workspace ws = workspace(buf, span, d, S, 1);                                            \
         const Chunk chunk = chunk_work(floats, halves, L);                                             \
-        (void)thread, (void)starts;                                                                    \
+        (void)thread;                                                                                  \
         _Pragma("omp for schedule(static)")                                                            \
         for (int64_t r = 0; r < rows; r++) BY_BLOCKS(NB, CALL)                                         \
-        free(starts);                                                                                  \
         free(halves);                                                                                  \
         free(floats);                                                                                  \
         free(buf);                                                                                     \
@@ -1231,30 +1224,30 @@ static inline __attribute__((always_inline)) void backward_row_tiles(
     return 0;
 
 /* kv_memory_forward's contract for bf16 q, k, v (the `bf16` flag set) and spans of at most CHUNK tokens,
-   keeping nothing (the p, checkpoint and read pointers are not taken) */
+   keeping the checkpoints only (no p, reads or rsqrt) */
 int kv_memory_forward_tiles(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_t S, int64_t span, int bf16,
                             const void *q, Strides sq, const void *k, Strides sk, const void *v, Strides sv,
                             const void *gate, Strides sg, Options opt, const float *K0, Strides sK0, const float *V0,
-                            Strides sV0, void *out, Strides so, float *K_final, float *V_final, int threads) {
+                            Strides sV0, void *out, Strides so, float *checkpoints, float *K_final, float *V_final,
+                            int threads) {
 #define FORWARD_TILES(N) forward_row_tiles(N, r, heads, T, d, span, bf16, q, &sq, k, &sk, v, &sv, gate, &sg, &opt, \
-                                           K0, &sK0, V0, &sV0, out, &so, K_final, V_final, &ws, &chunk)
-    FOR_EACH_ROW_TILES(0, FORWARD_TILES)
+                                           K0, &sK0, V0, &sV0, out, &so, checkpoints, K_final, V_final, &ws, &chunk)
+    FOR_EACH_ROW_TILES(FORWARD_TILES)
 }
 
-/* kv_memory_backward's contract from the forward's inputs alone (the initial slots in place of what the
-   recurrence's forward keeps) */
+/* kv_memory_backward's contract with the forward's checkpoints in place of all the recurrence's keeps */
 int kv_memory_backward_tiles(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_t S, int64_t span, int bf16,
                              const void *q, Strides sq, const void *k, Strides sk, const void *v, Strides sv,
-                             const void *gate, Strides sg, Options opt, const float *K0, Strides sK0,
-                             const float *V0, Strides sV0, const void *d_out, Strides sdo, const float *dK_final,
+                             const void *gate, Strides sg, Options opt, const float *checkpoints, const void *d_out,
+                             Strides sdo, const float *dK_final,
                              const float *dV_final, void *dq, Strides sdq, void *dk, Strides sdk, void *dv,
                              Strides sdv, void *d_gate, Strides sdg, float *d_norm_weight, float *dK0, float *dV0,
                              int threads) {
 #define BACKWARD_TILES(N) backward_row_tiles(N, r, heads, T, d, span, bf16, q, &sq, k, &sk, v, &sv, gate, &sg, &opt, \
-                                             K0, &sK0, V0, &sV0, d_out, &sdo, dK_final, dV_final, dq, &sdq, dk, &sdk, \
+                                             checkpoints, d_out, &sdo, dK_final, dV_final, dq, &sdq, dk, &sdk, \
                                              dv, &sdv, d_gate, &sdg, d_norm_weight ? d_norm_weight + thread * d : NULL, \
-                                             dK0, dV0, &ws, &chunk, starts)
-    FOR_EACH_ROW_TILES(1, BACKWARD_TILES)
+                                             dK0, dV0, &ws, &chunk)
+    FOR_EACH_ROW_TILES(BACKWARD_TILES)
 }
 #else
 int kv_memory_tiles_ready(void) { return 0; }
