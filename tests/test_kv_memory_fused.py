@@ -447,6 +447,12 @@ def test_tiles_keep_only_the_checkpoints_and_give_the_recurrences_gradients_of_c
         assert rel_rms(a.double(), b.double()) < 1e-2
 
 
+def test_gam_kv_tiles_0_turns_the_tiles_off(monkeypatch):
+    monkeypatch.setattr(kv_ops, "_tiles_ready", None)
+    monkeypatch.setenv("GAM_KV_TILES", "0")
+    assert not kv_ops.tiles_available() and not kv_ops.tiles_apply(torch.zeros(2, 3, 64, dtype=torch.bfloat16))
+
+
 def test_tiles_apply_to_bf16_heads_of_48_to_128_features_where_the_cpu_has_them():
     bf16 = torch.zeros(2, 3, 64, dtype=torch.bfloat16)
     assert kv_ops.tiles_apply(bf16) == kv_ops.tiles_available()

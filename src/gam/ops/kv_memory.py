@@ -43,10 +43,12 @@ a quarter in the exponent). Forms of the same function:
   transcendental passes, and recomputes the cheap rest.
 - :func:`kv_memory_chunked_autograd`: the same chunk form in plain PyTorch,
   differentiated by autograd: the reference for the hand-written backward.
-- :func:`kv_memory_fused`: the recurrence itself, token by token, as one C kernel
-  for CPUs (``csrc/kv_memory_cpu.c``, built on first use by :mod:`gam.ops.native`),
-  forward and backward (:class:`KVMemoryFused`): the state stays in the cache,
-  where the chunked form makes a few dozen passes over (T, S) tensors in memory.
+- :func:`kv_memory_fused`: one C kernel for CPUs (``csrc/kv_memory_cpu.c``, built on
+  first use by :mod:`gam.ops.native`), forward and backward, as custom ops, in two forms:
+  the recurrence itself, token by token (fp32 arithmetic; the state stays in the cache,
+  where the chunked form makes a few dozen passes over (T, S) tensors in memory), and for
+  bf16 on CPUs with AMX the chunk form above on the matrix tiles (:func:`tiles_apply`
+  says where it is taken: bf16 products with fp32 sums, bf16 pairs where terms cancel).
 - :func:`kv_memory`: the training form a call should take: the fused kernel on a
   CPU where it builds, else the chunked form.
 - :func:`kv_memory_step`: one decoding step on the state;
@@ -57,6 +59,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -556,10 +559,11 @@ _tiles_ready: bool | None = None
 
 def tiles_available() -> bool:
     """Whether the kernel's chunked form on AMX tiles runs here: built (the compiler targets a
-    CPU with AMX-BF16) and the process granted the tile registers by Linux (asked once)."""
+    CPU with AMX-BF16), the process granted the tile registers by Linux (asked once), and not
+    turned off with ``GAM_KV_TILES=0`` (bf16 then takes the recurrence, as on CPUs without AMX)."""
     global _tiles_ready
     if _tiles_ready is None:
-        lib = fused_kernel()
+        lib = fused_kernel() if os.environ.get("GAM_KV_TILES", "1") != "0" else None
         _tiles_ready = lib is not None and hasattr(lib, "kv_memory_forward_tiles") and lib.kv_memory_tiles_ready() == 1
     return _tiles_ready
 
