@@ -206,6 +206,22 @@ static inline __attribute__((always_inline)) void softmax(const int NB, v16 *z) 
     for (int b = 0; b < NB; b++) z[b] *= inv;
 }
 
+/* The softmax of n rows of S = 16 NB scores (rows `ld` apart) into dst (rows S apart), and into
+   `kept` likewise where it is not NULL; src may be dst */
+static inline __attribute__((always_inline)) void softmax_rows(const int NB, const float *src, int64_t ld, int64_t n,
+                                                               float *dst, float *kept) {
+    const int64_t S = NB * 16;
+    for (int64_t i = 0; i < n; i++) {
+        v16 z[MAX_BLOCKS];
+        for (int b = 0; b < NB; b++) z[b] = LOAD(src + i * ld + b * 16);
+        softmax(NB, z);
+        for (int b = 0; b < NB; b++) {
+            STORE(dst + i * S + b * 16, z[b]);
+            if (kept) STORE(kept + i * S + b * 16, z[b]);
+        }
+    }
+}
+
 /* Per span of tokens, the state is swept in groups of `rows_per_group` rows j (a slice of the
    (d, S) matrix, contiguous): a group's slice stays in the L1 cache while the span's tokens pass
    over it, and the per-token sums over j (the scores, their gradients) are accumulated group by
@@ -504,15 +520,7 @@ static inline __attribute__((always_inline)) void forward_row(
         load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv, span);
         memset(ws->z, 0, sizeof(float) * n * S);
         sweep(NB, 0, ws, K, n, d, rows_per_group); /* the key writes and the scores K_t q_t */
-        for (int64_t i = 0; i < n; i++) {
-            v16 z[MAX_BLOCKS];
-            load_slots(NB, ws->z + i * S, z);
-            softmax(NB, z);
-            for (int b = 0; b < NB; b++) {
-                STORE(ws->z + i * S + b * 16, z[b]);
-                if (p_kept) STORE(p_kept + (r * T + t0 + i) * S + b * 16, z[b]);
-            }
-        }
+        softmax_rows(NB, ws->z, S, n, ws->z, p_kept ? p_kept + (r * T + t0) * S : NULL);
         sweep(NB, 1, ws, V, n, d, rows_per_group); /* the value writes and the reads */
         store_reads(ws, r, t0, n, heads, T, d, bf16, opt, reads_kept, rstd_kept, out, so, span);
     }
@@ -1030,16 +1038,13 @@ static inline __attribute__((always_inline)) void chunk_carry(const int NB, cons
 static inline __attribute__((always_inline)) void chunk_reads(const int NB, const Workspace *ws, const Chunk *w,
                                                               const float *V, int64_t n, int64_t d, int reads) {
     const int64_t S = NB * 16, L = w->ld;
-    for (int64_t i = 0; i < n; i++) {
-        v16 z[MAX_BLOCKS];
-        load_slots(NB, w->scores + i * L, z);
-        softmax(NB, z);
+    softmax_rows(NB, w->scores, L, n, ws->z, NULL);
+    for (int64_t i = 0; i < n; i++)
         for (int b = 0; b < NB; b++) {
-            STORE(ws->z + i * S + b * 16, z[b]);
-            STORE(w->r + i * L + b * 16, z[b] * LOAD(w->A + i * L + b * 16));
-            STORE(w->rc + i * L + b * 16, z[b] * LOAD(w->C + i * L + b * 16));
+            const v16 z = LOAD(ws->z + i * S + b * 16);
+            STORE(w->r + i * L + b * 16, z * LOAD(w->A + i * L + b * 16));
+            STORE(w->rc + i * L + b * 16, z * LOAD(w->C + i * L + b * 16));
         }
-    }
     product(&w->packs, n, n, S, rows_of(w->rc, L), cols_of(w->u, L), w->mix, L, 0, ONE);
     lower_triangle(w->mix, n, L);
     if (!reads) return;
