@@ -466,3 +466,21 @@ def test_tiles_asked_for_fp32_inputs_are_refused_in_one_line():
     q, k, v, log_alpha, K0, V0 = (x.detach() for x in inputs(T=9, S=16, d=5))
     with pytest.raises(ValueError, match="gam::kv_memory_fused: tiles need bf16"):
         kv_memory_fused(q, k, v, log_alpha, (K0, V0), tiles=True)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tiles", [False, True])
+def test_a_backward_without_what_its_forward_kept_is_refused_in_one_line(tiles):
+    """The backward op reads what the forward kept by the shapes it is told: empty or mismatched
+    kept tensors (another form's, a forward that kept nothing) are a ValueError, never a read
+    through a null or short buffer."""
+    if tiles and not kv_ops.tiles_available():
+        pytest.skip("the kernel's tiles form needs a CPU with AMX-BF16")
+    dtype = torch.bfloat16 if tiles else torch.float32
+    q, k, v, log_alpha, K0, _ = (x.detach().to(dtype if i < 3 else torch.float32)
+                                 for i, x in enumerate(inputs(T=9, S=16, d=48)))
+    _, _, _, *kept = kv_ops.fused_forward_op(q, k, v, log_alpha, K0, K0, False, False, 1.0, None, 1e-5, tiles)
+    d_final = torch.zeros(3, 16, 48)
+    with pytest.raises(ValueError, match="what the forward kept does not match"):
+        kv_ops.fused_backward_op(q, k, v, log_alpha, K0, *kept, torch.zeros_like(q), d_final, d_final, False, 1.0,
+                                 None, 1e-5, tiles)

@@ -757,6 +757,16 @@ def _fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: tor
            for x, y in ((dq, q), (dk, k), (dv, v), (d_gate, gate))):
         raise ValueError("gam::kv_memory_fused_backward: the gradients' buffers must be q's and the gate's shapes and "
                          "dtypes, with unit feature stride")
+    kept = {"checkpoints": (checkpoints, (rows, -(-T // fused_span(T)), 2, d, S))}
+    if not tiles:
+        kept["p"] = (p, (rows, T, S))
+        if norm_weight is not None:
+            kept.update(reads=(reads, (rows, T, d)), rstd=(rstd, (rows, T)))
+    wrong = [f"{name} {tuple(x.shape)} (wanted {shape})" for name, (x, shape) in kept.items()
+             if tuple(x.shape) != shape or x.dtype != torch.float32 or not x.is_contiguous()]
+    if wrong:
+        raise ValueError("gam::kv_memory_fused_backward: what the forward kept does not match "
+                         f"({'tiles' if tiles else 'the recurrence'}): " + ", ".join(wrong))
     lib = _checked_kernel(S)
     dK0, dV0 = (K0.new_empty(K0.shape, dtype=torch.float32) for _ in range(2))
     q, k, v, gate, d_out = _unit_feature_stride(q, k, v, gate, d_out.to(q.dtype))
@@ -787,7 +797,8 @@ def _fake_state_grads(q, K0, norm_weight):
 
 @torch.library.custom_op("gam::kv_memory_fused_backward", mutates_args=())
 def fused_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor,
-                      p: torch.Tensor, checkpoints: torch.Tensor, reads: torch.Tensor, rstd: torch.Tensor, d_out: torch.Tensor, dK_final: torch.Tensor, dV_final: torch.Tensor,
+                      p: torch.Tensor, checkpoints: torch.Tensor, reads: torch.Tensor, rstd: torch.Tensor,
+                      d_out: torch.Tensor, dK_final: torch.Tensor, dV_final: torch.Tensor,
                       gate_logits: bool, q_scale: float, norm_weight: torch.Tensor | None, norm_eps: float,
                       tiles: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The kernel's backward: gradients of q, k, v, the gate, the initial key and value slots
