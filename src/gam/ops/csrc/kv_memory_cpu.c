@@ -744,40 +744,51 @@ static void configure_tiles(void) {
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 static inline __mmask16 first(int64_t n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
-/* 16 floats rounded to bf16 (to nearest even), or with `residual` what that rounding left out, itself
-   rounded: a float is about hi + lo, 16 bits of mantissa */
-static inline __m256i to_bf16(__m512 x, int residual) {
-    const __m256i hi = (__m256i)_mm512_cvtneps_pbh(x);
-    if (!residual) return hi;
-    const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
-    return (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, back));
-}
-
-/* dst (Mp x Kp bf16) = src (M x K fp32, rows ld apart), zeros beyond */
+/* dst (Mp x Kp bf16) = src (M x K fp32, rows ld apart), zeros beyond; 32 lanes a conversion (Kp is a
+   multiple of 32) */
 static void bf16_rows(const float *src, int64_t ld, int64_t M, int64_t K, int64_t Mp, int64_t Kp, uint16_t *dst,
                       int residual) {
-    for (int64_t m = 0; m < Mp; m++)
-        for (int64_t k = 0; k < Kp; k += 16) {
-            const __m512 x = m < M ? _mm512_maskz_loadu_ps(first(K - k), src + m * ld + k) : _mm512_setzero_ps();
-            _mm256_storeu_si256((__m256i *)(dst + m * Kp + k), to_bf16(x, residual));
+    for (int64_t m = 0; m < Mp; m++) {
+        const float *row = m < M ? src + m * ld : NULL;
+        for (int64_t k = 0; k < Kp; k += 32) {
+            __m512 lo = row ? _mm512_maskz_loadu_ps(first(K - k), row + k) : _mm512_setzero_ps();
+            __m512 hi = row ? _mm512_maskz_loadu_ps(first(K - k - 16), row + k + 16) : _mm512_setzero_ps();
+            __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+            if (residual) {
+                lo = _mm512_sub_ps(lo, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(both)), 16)));
+                hi = _mm512_sub_ps(hi, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(both, 1)), 16)));
+                both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+            }
+            _mm512_storeu_si512(dst + m * Kp + k, both);
         }
+    }
 }
 
 /* dst ((Kp / 2) x Np pairs of bf16) = src (K x N fp32, rows ld apart) with rows 2i and 2i + 1 interleaved:
-   the pair (src[2i][n], src[2i + 1][n]) at (i, n), the tiles' layout of a right-hand operand */
+   the pair (src[2i][n], src[2i + 1][n]) at (i, n), the tiles' layout of a right-hand operand. Both rows'
+   16 lanes convert in one instruction, one permutation interleaves them */
 static void bf16_row_pairs(const float *src, int64_t ld, int64_t K, int64_t N, int64_t Kp, int64_t Np,
                            uint16_t *dst, int residual) {
     static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     const __m512i interleave = _mm512_loadu_si512(order);
-    for (int64_t i = 0; i < Kp / 2; i++)
+    for (int64_t i = 0; i < Kp / 2; i++) {
+        const float *even_row = 2 * i < K ? src + 2 * i * ld : NULL, *odd_row = 2 * i + 1 < K ? src + (2 * i + 1) * ld : NULL;
         for (int64_t n = 0; n < Np; n += 16) {
             const __mmask16 mask = first(N - n);
-            const __m512 even = 2 * i < K ? _mm512_maskz_loadu_ps(mask, src + 2 * i * ld + n) : _mm512_setzero_ps();
-            const __m512 odd = 2 * i + 1 < K ? _mm512_maskz_loadu_ps(mask, src + (2 * i + 1) * ld + n) : _mm512_setzero_ps();
-            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16(even, residual)), to_bf16(odd, residual), 1);
+            __m512 even = even_row ? _mm512_maskz_loadu_ps(mask, even_row + n) : _mm512_setzero_ps();
+            __m512 odd = odd_row ? _mm512_maskz_loadu_ps(mask, odd_row + n) : _mm512_setzero_ps();
+            __m512i both = (__m512i)_mm512_cvtne2ps_pbh(odd, even); /* even's 16 in the low half, odd's in the high */
+            if (residual) {
+                const __m512i low = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(both));
+                const __m512i high = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(both, 1));
+                even = _mm512_sub_ps(even, _mm512_castsi512_ps(_mm512_slli_epi32(low, 16)));
+                odd = _mm512_sub_ps(odd, _mm512_castsi512_ps(_mm512_slli_epi32(high, 16)));
+                both = (__m512i)_mm512_cvtne2ps_pbh(odd, even);
+            }
             _mm512_storeu_si512(dst + i * 2 * Np + 2 * n, _mm512_permutexvar_epi16(interleave, both));
         }
+    }
 }
 
 /* dst (C x R, rows ld_dst apart) = src (R x C, rows ld_src apart) transposed: 32-bit words, R and C
