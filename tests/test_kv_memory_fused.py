@@ -428,16 +428,19 @@ def test_tiles_are_close_to_the_fp64_recurrence_in_bf16(T, S, d, options):
 
 
 @needs_tiles
-def test_tiles_keep_only_the_checkpoints_and_give_the_recurrences_gradients_of_clamped_gates():
-    """The tiles' forward keeps only the chunk-start states for its backward (it recomputes the
-    softmax and the reads from the inputs); gates outside the bound get no gradient, as the
-    recurrence's."""
+def test_tiles_keep_the_scores_in_place_of_p_and_give_the_recurrences_gradients_of_clamped_gates():
+    """The tiles' forward keeps the chunk-start states and the scores before the softmax (where
+    the recurrence keeps the softmax: the backward needs both, and recomputes p from them); gates
+    outside the bound get no gradient, as the recurrence's."""
     leaves = [x.detach().to(torch.bfloat16 if i < 3 else torch.float32).requires_grad_()
               for i, x in enumerate(inputs(T=50, S=16, d=48, gate_low=-8.0))]
     q, k, v, log_alpha, K0, V0 = leaves
-    result = kv_ops.fused_forward_op(q, k, v, log_alpha, K0, V0, True, False, 1.0, None, 1e-5, True)
-    p, checkpoints, reads, rstd = result[3:]
-    assert checkpoints.shape == (3, 2, 2, 48, 16) and p.numel() == reads.numel() == rstd.numel() == 0
+    scores, checkpoints, reads, rstd = kv_ops.fused_forward_op(q, k, v, log_alpha, K0, V0, True, False, 1.0, None,
+                                                               1e-5, True)[3:]
+    p, *_ = kv_ops.fused_forward_op(q, k, v, log_alpha, K0, V0, True, False, 1.0, None, 1e-5, False)[3:]
+    assert checkpoints.shape == (3, 2, 2, 48, 16) and scores.shape == p.shape == (3, 50, 16)
+    assert reads.numel() == rstd.numel() == 0  # without the norm
+    assert rel_rms(scores.softmax(-1).double(), p.double()) < 1e-2 and not torch.allclose(scores, p)
     _, tiles = run(lambda *a: kv_memory_fused(*a, tiles=True), leaves)
     _, recurrence = run(lambda *a: kv_memory_fused(*a, tiles=False), leaves)
     outside = (log_alpha < kv_ops.LOG_ALPHA_MIN) | (log_alpha > 0)

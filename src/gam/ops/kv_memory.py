@@ -532,10 +532,6 @@ _SIZES = [_I64] * 6 + [_INT]  # rows, heads, T, d, S, span, bf16
 _FORWARD_ARGS = _SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR, _Strides] * 3 + [_PTR] * 6 + [_INT]
 _BACKWARD_ARGS = (_SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR] * 4 + [_PTR, _Strides]
                   + [_PTR] * 2 + [_PTR, _Strides] * 4 + [_PTR] * 3 + [_INT])
-# The tiles' entry points: the checkpoints alone in place of what the recurrence's forward keeps
-_FORWARD_TILES_ARGS = _SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR, _Strides] * 3 + [_PTR] * 3 + [_INT]
-_BACKWARD_TILES_ARGS = (_SIZES + [_PTR, _Strides] * 4 + [_Options] + [_PTR] + [_PTR, _Strides] + [_PTR] * 2
-                        + [_PTR, _Strides] * 4 + [_PTR] * 3 + [_INT])
 # The lowest forget logit: logsigmoid(z) >= LOG_ALPHA_MIN where z >= logit(exp(LOG_ALPHA_MIN))
 LOGIT_MIN = LOG_ALPHA_MIN - math.log(-math.expm1(LOG_ALPHA_MIN))
 
@@ -547,9 +543,9 @@ def fused_kernel() -> ctypes.CDLL | None:
     if lib is not None and lib.kv_memory_forward.argtypes is None:
         lib.kv_memory_forward.argtypes, lib.kv_memory_forward.restype = _FORWARD_ARGS, ctypes.c_int
         lib.kv_memory_backward.argtypes, lib.kv_memory_backward.restype = _BACKWARD_ARGS, ctypes.c_int
-        if hasattr(lib, "kv_memory_forward_tiles"):
-            lib.kv_memory_forward_tiles.argtypes = _FORWARD_TILES_ARGS
-            lib.kv_memory_backward_tiles.argtypes = _BACKWARD_TILES_ARGS
+        if hasattr(lib, "kv_memory_forward_tiles"):  # the recurrence's contracts, the scores kept in place of p
+            lib.kv_memory_forward_tiles.argtypes = _FORWARD_ARGS
+            lib.kv_memory_backward_tiles.argtypes = _BACKWARD_ARGS
             lib.kv_memory_forward_tiles.restype = lib.kv_memory_backward_tiles.restype = ctypes.c_int
     return lib
 
@@ -632,8 +628,8 @@ def _like(x: torch.Tensor) -> torch.Tensor:
 
 def _fused_shapes(q: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor, keep: bool, norm: bool, tiles: bool):
     """The fused op's results, allocated (empty): reads, final key and value slots (rows, S, d),
-    and what the backward needs: the checkpoints, and for the recurrence's the softmax and with
-    the norm the raw reads and their rsqrt (empty unless ``keep``; the tiles' recomputes them)."""
+    and what the backward needs (empty unless ``keep``): the softmax p (the tiles: the scores
+    before it), the checkpoints, and with the norm the raw reads and their rsqrt."""
     T, d = q.shape[-2:]
     S = gate.shape[-1]
     rows = q.shape[0] * q.shape[1] if q.dim() == 4 else q.shape[0]
@@ -643,11 +639,10 @@ def _fused_shapes(q: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor, keep: b
     def fp32(*shape):
         return q.new_empty(shape, dtype=torch.float32)
 
-    def kept(*shape, recurrence_only=True):
-        return fp32(*shape) if keep and not (tiles and recurrence_only) else fp32(0)
+    def kept(*shape):
+        return fp32(*shape) if keep else fp32(0)
 
-    return (out, fp32(rows, S, d), fp32(rows, S, d), kept(rows, T, S),
-            kept(rows, -(-T // span), 2, d, S, recurrence_only=False),
+    return (out, fp32(rows, S, d), fp32(rows, S, d), kept(rows, T, S), kept(rows, -(-T // span), 2, d, S),
             kept(rows, T, d) if norm else fp32(0), kept(rows, T) if norm else fp32(0))
 
 
@@ -705,8 +700,8 @@ def fused_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: to
                      norm_weight: torch.Tensor | None, norm_eps: float,
                      tiles: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The kernel's forward (:func:`kv_memory_fused` has the arguments): reads, final key and
-    value slots, and what the backward needs (checkpoints; for the recurrence's also the softmax,
-    raw reads, rsqrt; with ``tiles``, the chunked form on the tiles, empty)."""
+    value slots, and what the backward needs: the softmax (with ``tiles``, the chunked form on the
+    tiles, the scores before it), checkpoints, and with the norm the raw reads and their rsqrt."""
     T, d = q.shape[-2:]
     S = gate.shape[-1]
     _check_operands(q, k, v, gate, K0, V0, norm_weight, tiles)
@@ -723,12 +718,9 @@ def fused_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: to
     sizes = (K_final.shape[0], heads, T, d, S, fused_span(T), int(q.dtype == torch.bfloat16))
     inputs = (pq, sq, pk, sk, pv, sv, pg, sg, _options(gate, gate_logits, q_scale, norm_weight, norm_eps),
               pK, sK, pV, sV, po, so)
-    if tiles:
-        status = lib.kv_memory_forward_tiles(*sizes, *inputs, _pointer(checkpoints), K_final.data_ptr(),
-                                             V_final.data_ptr(), torch.get_num_threads())
-    else:
-        status = lib.kv_memory_forward(*sizes, *inputs, *map(_pointer, (p, checkpoints, reads, rstd)),
-                                       K_final.data_ptr(), V_final.data_ptr(), torch.get_num_threads())
+    forward = lib.kv_memory_forward_tiles if tiles else lib.kv_memory_forward
+    status = forward(*sizes, *inputs, *map(_pointer, (p, checkpoints, reads, rstd)), K_final.data_ptr(),
+                     V_final.data_ptr(), torch.get_num_threads())
     assert status == 0, status
     return out, K_final, V_final, p, checkpoints, reads, rstd
 
@@ -757,11 +749,9 @@ def _fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: tor
            for x, y in ((dq, q), (dk, k), (dv, v), (d_gate, gate))):
         raise ValueError("gam::kv_memory_fused_backward: the gradients' buffers must be q's and the gate's shapes and "
                          "dtypes, with unit feature stride")
-    kept = {"checkpoints": (checkpoints, (rows, -(-T // fused_span(T)), 2, d, S))}
-    if not tiles:
-        kept["p"] = (p, (rows, T, S))
-        if norm_weight is not None:
-            kept.update(reads=(reads, (rows, T, d)), rstd=(rstd, (rows, T)))
+    kept = {"p": (p, (rows, T, S)), "checkpoints": (checkpoints, (rows, -(-T // fused_span(T)), 2, d, S))}
+    if norm_weight is not None:
+        kept.update(reads=(reads, (rows, T, d)), rstd=(rstd, (rows, T)))
     wrong = [f"{name} {tuple(x.shape)} (wanted {shape})" for name, (x, shape) in kept.items()
              if tuple(x.shape) != shape or x.dtype != torch.float32 or not x.is_contiguous()]
     if wrong:
@@ -781,11 +771,8 @@ def _fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: tor
     inputs = (pq, sq, pk, sk, pv, sv, pg, sg, _options(gate, gate_logits, q_scale, norm_weight, norm_eps))
     results = (dK_final.data_ptr(), dV_final.data_ptr(), pdq, sdq, pdk, sdk, pdv, sdv, pdg, sdg,
                _pointer(d_norm_weight), dK0.data_ptr(), dV0.data_ptr(), threads)
-    if tiles:
-        status = lib.kv_memory_backward_tiles(*sizes, *inputs, _pointer(checkpoints), pdo, sdo, *results)
-    else:
-        status = lib.kv_memory_backward(*sizes, *inputs, *map(_pointer, (p, checkpoints, reads, rstd)), pdo, sdo,
-                                        *results)
+    backward = lib.kv_memory_backward_tiles if tiles else lib.kv_memory_backward
+    status = backward(*sizes, *inputs, *map(_pointer, (p, checkpoints, reads, rstd)), pdo, sdo, *results)
     assert status == 0, status
     return dK0, dV0, d_norm_weight.sum(0) if norm_weight is not None else d_norm_weight
 
@@ -803,9 +790,8 @@ def fused_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: t
                       tiles: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The kernel's backward: gradients of q, k, v, the gate, the initial key and value slots
     (``K0``'s shape, fp32; the value slots' like it) and the norm's weight (empty without it).
-    What the forward kept: for the recurrence ``p``, ``checkpoints`` (and ``reads``, ``rstd``);
-    with ``tiles`` (the forward's choice) the checkpoints alone, the chunked form recomputing the
-    rest from the inputs."""
+    What the forward kept: ``p`` (with ``tiles``, the forward's choice, the scores before the
+    softmax), ``checkpoints`` and with the norm ``reads`` and ``rstd``."""
     dq, dk, dv, d_gate = (_like(x) for x in (q, k, v, gate))
     state_grads = _fused_backward(q, k, v, gate, K0, p, checkpoints, reads, rstd, d_out, dK_final, dV_final,
                                   gate_logits, q_scale, norm_weight, norm_eps, tiles, dq, dk, dv, d_gate)

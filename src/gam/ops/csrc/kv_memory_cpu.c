@@ -39,7 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
+#include <immintrin.h>
 /* Denormals flushed to zero (FTZ) and read as zero (DAZ) inside the kernels: a carried gradient
    of a slot that its reads hardly touch decays by alpha every token into the denormal range,
    where x86 arithmetic is many times slower (a test variant with its recomputed states left at
@@ -190,6 +190,27 @@ static void store(void *base, int bf16, int64_t at, int64_t n, const float *x) {
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) store16(base, 1, at + j, LOAD(x + j));
     for (; j < n; j++) ((uint16_t *)base)[at + j] = float_to_bf16(x[j]);
+}
+
+/* dst = src, n floats, for the backward: written past the caches (non-temporal stores) where both
+   are 64-byte aligned and n is a multiple of 16 (the backward reads it after the rest of the model's
+   forward, so caching it only evicts the working set and reads each line in before writing it: the
+   tiles' forward 1.1x faster at the paper's shape, C harness); callers fence before their results
+   are read (keep_fence) */
+static inline void keep_copy(float *dst, const float *src, int64_t n) {
+#if defined(__AVX512F__)
+    if ((((uintptr_t)dst | (uintptr_t)src) & 63) == 0 && n % 16 == 0) {
+        for (int64_t e = 0; e < n; e += 16) _mm512_stream_ps(dst + e, _mm512_load_ps(src + e));
+        return;
+    }
+#endif
+    memcpy(dst, src, sizeof(float) * n);
+}
+
+static inline void keep_fence(void) {
+#if defined(__AVX512F__)
+    _mm_sfence();
+#endif
 }
 
 /* p = softmax(z) over NB blocks, in place */
@@ -431,10 +452,8 @@ static void store_reads(const Workspace *ws, int64_t r, int64_t t0, int64_t n, i
             _Pragma("omp simd reduction(+ : sum)") /* a vector sum: C may not reorder a float sum itself */
             for (int64_t j = 0; j < d; j++) sum += o[j] * o[j];
             const float rstd = 1.0f / sqrtf(sum / (float)d + opt->norm_eps);
-            if (reads_kept) {
-                memcpy(reads_kept + (r * T + t0 + i) * d, o, sizeof(float) * d);
-                rstd_kept[r * T + t0 + i] = rstd;
-            }
+            if (reads_kept) memcpy(reads_kept + (r * T + t0 + i) * d, o, sizeof(float) * d);
+            if (rstd_kept) rstd_kept[r * T + t0 + i] = rstd;
             for (int64_t j = 0; j < d; j++) o[j] *= rstd * opt->norm_weight[j];
         }
         store(out, bf16, offset(so, heads, r, t0 + i), d, o);
@@ -514,8 +533,8 @@ static inline __attribute__((always_inline)) void forward_row(
         const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
         if (checkpoints) { /* NULL when no backward will run */
             float *checkpoint = checkpoints + (r * spans + c) * 2 * dS;
-            memcpy(checkpoint, K, sizeof(float) * dS);
-            memcpy(checkpoint + dS, V, sizeof(float) * dS);
+            keep_copy(checkpoint, K, dS);
+            keep_copy(checkpoint + dS, V, dS);
         }
         load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv, span);
         memset(ws->z, 0, sizeof(float) * n * S);
@@ -526,6 +545,7 @@ static inline __attribute__((always_inline)) void forward_row(
     }
     state_to_slots(K, S, d, K_final + r * dS);
     state_to_slots(V, S, d, V_final + r * dS);
+    keep_fence();
 }
 
 /* Through a write M_t = alpha M_{t-1} + w x^T with the gradient dM of M_t carried in, at one token
@@ -711,8 +731,9 @@ int kv_memory_backward(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_
  * gradient), that operand is carried as a bf16 pair (hi + lo, about 16 bits of mantissa): the
  * outputs and gradients then sit within 1.7x the fp32 recurrence kernel's error (both under
  * 0.4% relative RMS); the chunk-start states carry bf16 writes (1.4e-3 relative). The forward
- * keeps nothing; the backward first recomputes the chunk-start states, then runs the chunks in
- * reverse, carrying the state's gradient, each recomputed and differentiated as KVMemoryChunked's.
+ * keeps the chunk-start states, the scores and (with the norm) the raw reads and their rsqrt; the
+ * backward runs the chunks in reverse, carrying the state's gradient, each chunk's softmax and
+ * products recomputed from what was kept and differentiated as KVMemoryChunked's.
  * ============================================================================================ */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -940,24 +961,23 @@ typedef struct {
     float *A, *C, *u, *E;                        /* the decays (n x S) */
     float *qk, *X, *Y, *scores, *r, *rc, *mix, *o; /* the forward's products; r = p A, rc = p C; the reads */
     float *d_mix, *dr, *dp, *pdp, *dsc, *dX, *dY, *d_qk, *dq, *dk, *dv, *du, *dE; /* the backward's */
-    float *rstd;                                 /* CHUNK */
     float *state;                                /* TILE_MAX x L: a product of a state's size */
     float *gK, *gV;                              /* TILE_MAX x L: the chunk-start states' own gradients */
     Packs packs;
 } Chunk;
 
-#define CHUNK_ARRAYS 26
-static int64_t chunk_floats(int64_t ld) { return (int64_t)CHUNK_ARRAYS * CHUNK * ld + CHUNK + 3 * TILE_MAX * ld; }
+#define CHUNK_ARRAYS 25
+static int64_t chunk_floats(int64_t ld) { return (int64_t)CHUNK_ARRAYS * CHUNK * ld + 3 * TILE_MAX * ld; }
 static int64_t chunk_halves(void) { return 5 * TILE_MAX * TILE_MAX; }
 
 static Chunk chunk_work(float *buf, uint16_t *halves, int64_t ld) {
     Chunk w;
     float **arrays[CHUNK_ARRAYS] = {&w.A, &w.C, &w.u, &w.E, &w.qk, &w.X, &w.Y, &w.scores, &w.r, &w.rc, &w.mix, &w.o,
                                     &w.d_mix, &w.dr, &w.dp, &w.pdp, &w.dsc, &w.dX, &w.dY, &w.d_qk, &w.dq, &w.dk,
-                                    &w.dv, &w.du, &w.dE, &w.rstd};
+                                    &w.dv, &w.du, &w.dE};
     w.ld = ld;
-    for (int i = 0; i < CHUNK_ARRAYS; i++) *arrays[i] = buf + i * CHUNK * ld; /* rstd: the last, CHUNK more after it */
-    w.state = buf + CHUNK_ARRAYS * CHUNK * ld + CHUNK;
+    for (int i = 0; i < CHUNK_ARRAYS; i++) *arrays[i] = buf + i * CHUNK * ld;
+    w.state = buf + CHUNK_ARRAYS * CHUNK * ld;
     w.gK = w.state + TILE_MAX * ld;
     w.gV = w.gK + TILE_MAX * ld;
     for (int i = 0; i < 2; i++) {
@@ -1005,17 +1025,22 @@ static void lower_triangle(float *x, int64_t n, int64_t L) {
     for (int64_t i = 0; i < n; i++) memset(x + i * L + i + 1, 0, sizeof(float) * (n - i - 1));
 }
 
-/* The products every pass needs, from q, k (ws, n x d) and the chunk-start key state K (d x S):
-   qk = s tril(q k^T), X = s q K, Y = qk u and scores = A X + C Y */
-static inline __attribute__((always_inline)) void chunk_scores(const int NB, const Workspace *ws, const Chunk *w,
-                                                               const float *K, int64_t n, int64_t d, float scale) {
-    const int64_t S = NB * 16, L = w->ld;
+/* qk = s tril(q k^T), from q, k (ws, n x d): both passes need it */
+static void chunk_qk(const Workspace *ws, const Chunk *w, int64_t n, int64_t d, float scale) {
+    const int64_t L = w->ld;
     product(&w->packs, n, n, d, rows_of(ws->q, d), cols_of(ws->k, d), w->qk, L, 0, ONE);
-    product(&w->packs, n, S, d, rows_of(ws->q, d), rows_of(K, S), w->X, L, 0, SPLIT_B);
     for (int64_t i = 0; i < n; i++) {
         for (int64_t j = 0; j <= i; j++) w->qk[i * L + j] *= scale;
         memset(w->qk + i * L + i + 1, 0, sizeof(float) * (n - i - 1));
     }
+}
+
+/* The forward's scores from q (ws, n x d), qk and the chunk-start key state K (d x S):
+   X = s q K, Y = qk u and scores = A X + C Y */
+static inline __attribute__((always_inline)) void chunk_scores(const int NB, const Workspace *ws, const Chunk *w,
+                                                               const float *K, int64_t n, int64_t d, float scale) {
+    const int64_t S = NB * 16, L = w->ld;
+    product(&w->packs, n, S, d, rows_of(ws->q, d), rows_of(K, S), w->X, L, 0, SPLIT_B);
     product(&w->packs, n, S, n, rows_of(w->qk, L), rows_of(w->u, L), w->Y, L, 0, SPLIT_BOTH);
     for (int64_t i = 0; i < n; i++)
         for (int b = 0; b < NB; b++) {
@@ -1046,11 +1071,13 @@ static inline __attribute__((always_inline)) void chunk_carry(const int NB, cons
             STORE(M + j * S + b * 16, LOAD(w->A + (n - 1) * L + b * 16) * LOAD(M + j * S + b * 16) + LOAD(w->state + j * L + b * 16));
 }
 
-/* The chunk's softmax p (into ws->z, n x S) and r, rc; with `reads`, its reads too (into w->o) */
+/* The chunk's softmax p of its scores (rows ld apart; into ws->z, n x S), r, rc and mix; with `reads`,
+   its reads too (into w->o) */
 static inline __attribute__((always_inline)) void chunk_reads(const int NB, const Workspace *ws, const Chunk *w,
-                                                              const float *V, int64_t n, int64_t d, int reads) {
+                                                              const float *scores, int64_t ld, const float *V,
+                                                              int64_t n, int64_t d, int reads) {
     const int64_t S = NB * 16, L = w->ld;
-    softmax_rows(NB, w->scores, L, n, ws->z, NULL);
+    softmax_rows(NB, scores, ld, n, ws->z, NULL);
     for (int64_t i = 0; i < n; i++)
         for (int b = 0; b < NB; b++) {
             const v16 z = LOAD(ws->z + i * S + b * 16);
@@ -1064,14 +1091,16 @@ static inline __attribute__((always_inline)) void chunk_reads(const int NB, cons
     product(&w->packs, n, d, n, rows_of(w->mix, L), rows_of(ws->v, d), w->o, L, 1, SPLIT_A);
 }
 
-/* The forward on the tiles: kv_memory_forward's, keeping only the chunk-start states (`checkpoints`,
-   as the recurrence's; NULL where no backward will run); the backward recomputes the rest */
+/* The forward on the tiles: kv_memory_forward's, keeping for the backward the chunk-start states
+   (`checkpoints`, as the recurrence's), the scores before the softmax (`scores_kept`, rows x T x S, in
+   place of the recurrence's p: the backward needs both) and with the norm the raw reads and their
+   rsqrt; each NULL where no backward will run */
 static inline __attribute__((always_inline)) void forward_row_tiles(
         const int NB, int64_t r, int64_t heads, int64_t T, int64_t d, int64_t span, int bf16, const void *q,
         const Strides *sq, const void *k, const Strides *sk, const void *v, const Strides *sv, const void *gate,
         const Strides *sg, const Options *opt, const float *K0, const Strides *sK0, const float *V0, const Strides *sV0,
-        void *out, const Strides *so, float *checkpoints, float *K_final, float *V_final, const Workspace *ws,
-        const Chunk *w) {
+        void *out, const Strides *so, float *scores_kept, float *checkpoints, float *reads_kept, float *rstd_kept,
+        float *K_final, float *V_final, const Workspace *ws, const Chunk *w) {
     const int64_t S = NB * 16, dS = d * S, spans = (T + span - 1) / span, L = w->ld;
     Options unscaled = *opt; /* q as it is (bf16: exact); its scale goes on the products */
     unscaled.q_scale = 1.0f;
@@ -1081,24 +1110,28 @@ static inline __attribute__((always_inline)) void forward_row_tiles(
     for (int64_t c = 0; c < spans; c++) {
         const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
         if (checkpoints) {
-            memcpy(checkpoints + (r * spans + c) * 2 * dS, K, sizeof(float) * dS);
-            memcpy(checkpoints + (r * spans + c) * 2 * dS + dS, V, sizeof(float) * dS);
+            keep_copy(checkpoints + (r * spans + c) * 2 * dS, K, dS);
+            keep_copy(checkpoints + (r * spans + c) * 2 * dS + dS, V, dS);
         }
         load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, &unscaled, q, sq, k, sk, v, sv, span);
         chunk_decays(NB, ws, w, n);
+        chunk_qk(ws, w, n, d, opt->q_scale);
         chunk_scores(NB, ws, w, K, n, d, opt->q_scale);
-        chunk_reads(NB, ws, w, V, n, d, 1);
+        if (scores_kept)
+            for (int64_t i = 0; i < n; i++) keep_copy(scores_kept + (r * T + t0 + i) * S, w->scores + i * L, S);
+        chunk_reads(NB, ws, w, w->scores, L, V, n, d, 1);
         for (int64_t i = 0; i < n; i++) memcpy(ws->o + i * d, w->o + i * L, sizeof(float) * d);
-        store_reads(ws, r, t0, n, heads, T, d, bf16, opt, NULL, NULL, out, so, span);
+        store_reads(ws, r, t0, n, heads, T, d, bf16, opt, reads_kept, rstd_kept, out, so, span);
         chunk_carry(NB, w, K, ws->k, n, d);
         chunk_carry(NB, w, V, ws->v, n, d);
     }
     state_to_slots(K, S, d, K_final + r * dS);
     state_to_slots(V, S, d, V_final + r * dS);
+    keep_fence();
 }
 
 /* The backward on the tiles: from the chunk-start states the forward kept (checkpoints, spans x 2 x d x S
-   a row), the chunks in reverse, each recomputed (scores, softmax, reads) and differentiated, with
+   a row) and its scores, the chunks in reverse, each recomputed (qk, the softmax, mix) and differentiated, with
    gK, gV the gradients of the state at the chunk's end, carried (d x S):
        dp = A (dO V) + C (tril(dO v^T) u),  dscores = p (dp - p . dp),  dX = dscores A,  dY = dscores C
        dq = s (tril(dY u^T) k + dX K^T),  dk = s tril(dY u^T)^T q + E gK^T,  dv = mix^T dO + E gV^T
@@ -1110,7 +1143,8 @@ static inline __attribute__((always_inline)) void forward_row_tiles(
 static inline __attribute__((always_inline)) void backward_row_tiles(
         const int NB, int64_t r, int64_t heads, int64_t T, int64_t d, int64_t span, int bf16, const void *q,
         const Strides *sq, const void *k, const Strides *sk, const void *v, const Strides *sv, const void *gate,
-        const Strides *sg, const Options *opt, const float *checkpoints, const void *d_out, const Strides *sdo,
+        const Strides *sg, const Options *opt, const float *scores_kept, const float *checkpoints,
+        const float *reads_kept, const float *rstd_kept, const void *d_out, const Strides *sdo,
         const float *dK_final, const float *dV_final, void *dq,
         const Strides *sdq, void *dk, const Strides *sdk, void *dv, const Strides *sdv, void *d_gate,
         const Strides *sdg, float *d_norm_weight, float *dK0, float *dV0, const Workspace *ws, const Chunk *w) {
@@ -1125,19 +1159,14 @@ static inline __attribute__((always_inline)) void backward_row_tiles(
     for (int64_t c = spans - 1; c >= 0; c--) {
         const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
         const float *K = starts + c * 2 * dS, *V = K + dS, *p = ws->z, *dO = ws->o;
+        const float *scores = scores_kept + (r * T + t0) * S; /* n x S */
         const int norm = opt->norm_weight != NULL;
         load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, &unscaled, q, sq, k, sk, v, sv, -span);
         chunk_decays(NB, ws, w, n);
-        chunk_scores(NB, ws, w, K, n, d, scale);
-        chunk_reads(NB, ws, w, V, n, d, norm);
-        if (norm)
-            for (int64_t i = 0; i < n; i++) {
-                float sum = 0.0f;
-                _Pragma("omp simd reduction(+ : sum)")
-                for (int64_t j = 0; j < d; j++) sum += w->o[i * L + j] * w->o[i * L + j];
-                w->rstd[i] = 1.0f / sqrtf(sum / (float)d + opt->norm_eps);
-            }
-        load_read_grads(ws, r, t0, n, heads, T, d, bf16, opt, w->o, L, w->rstd, d_out, sdo, d_norm_weight, -span);
+        chunk_qk(ws, w, n, d, scale);
+        chunk_reads(NB, ws, w, scores, S, V, n, d, 0);
+        load_read_grads(ws, r, t0, n, heads, T, d, bf16, opt, norm ? reads_kept + (r * T + t0) * d : NULL, d,
+                        norm ? rstd_kept + r * T + t0 : NULL, d_out, sdo, d_norm_weight, -span);
 
         product(&w->packs, n, n, d, rows_of(dO, d), cols_of(ws->v, d), w->d_mix, L, 0, ONE);
         lower_triangle(w->d_mix, n, L);
@@ -1193,7 +1222,7 @@ static inline __attribute__((always_inline)) void backward_row_tiles(
             }
             for (int64_t i = n - 1; i >= 0; i--) {
                 const int64_t at = i * L + s;
-                v16 da = LOAD(w->pdp + at) + LOAD(w->dsc + at) * LOAD(w->scores + at) - LOAD(w->du + at) * LOAD(w->u + at);
+                v16 da = LOAD(w->pdp + at) + LOAD(w->dsc + at) * LOAD(scores + i * S + s) - LOAD(w->du + at) * LOAD(w->u + at);
                 if (i == n - 1) da += LOAD(w->A + at) * carried + from_E;
                 sum += da;
                 STORE(ws->dalpha + i * S + s, sum - LOAD(w->du + at) * LOAD(ws->a + i * S + s) / LOAD(w->C + at));
@@ -1241,27 +1270,30 @@ static inline __attribute__((always_inline)) void backward_row_tiles(
     return 0;
 
 /* kv_memory_forward's contract for bf16 q, k, v (the `bf16` flag set) and spans of at most CHUNK tokens,
-   keeping the checkpoints only (no p, reads or rsqrt) */
+   keeping the scores (before the softmax) in place of p */
 int kv_memory_forward_tiles(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_t S, int64_t span, int bf16,
                             const void *q, Strides sq, const void *k, Strides sk, const void *v, Strides sv,
                             const void *gate, Strides sg, Options opt, const float *K0, Strides sK0, const float *V0,
-                            Strides sV0, void *out, Strides so, float *checkpoints, float *K_final, float *V_final,
-                            int threads) {
+                            Strides sV0, void *out, Strides so, float *scores_kept, float *checkpoints,
+                            float *reads_kept, float *rstd_kept, float *K_final, float *V_final, int threads) {
 #define FORWARD_TILES(N) forward_row_tiles(N, r, heads, T, d, span, bf16, q, &sq, k, &sk, v, &sv, gate, &sg, &opt, \
-                                           K0, &sK0, V0, &sV0, out, &so, checkpoints, K_final, V_final, &ws, &chunk)
+                                           K0, &sK0, V0, &sV0, out, &so, scores_kept, checkpoints, reads_kept, \
+                                           rstd_kept, K_final, V_final, &ws, &chunk)
     FOR_EACH_ROW_TILES(FORWARD_TILES)
 }
 
-/* kv_memory_backward's contract with the forward's checkpoints in place of all the recurrence's keeps */
+/* kv_memory_backward's contract, with the scores the tiles' forward kept in place of p */
 int kv_memory_backward_tiles(int64_t rows, int64_t heads, int64_t T, int64_t d, int64_t S, int64_t span, int bf16,
                              const void *q, Strides sq, const void *k, Strides sk, const void *v, Strides sv,
-                             const void *gate, Strides sg, Options opt, const float *checkpoints, const void *d_out,
-                             Strides sdo, const float *dK_final,
+                             const void *gate, Strides sg, Options opt, const float *scores_kept,
+                             const float *checkpoints, const float *reads_kept, const float *rstd_kept,
+                             const void *d_out, Strides sdo, const float *dK_final,
                              const float *dV_final, void *dq, Strides sdq, void *dk, Strides sdk, void *dv,
                              Strides sdv, void *d_gate, Strides sdg, float *d_norm_weight, float *dK0, float *dV0,
                              int threads) {
 #define BACKWARD_TILES(N) backward_row_tiles(N, r, heads, T, d, span, bf16, q, &sq, k, &sk, v, &sv, gate, &sg, &opt, \
-                                             checkpoints, d_out, &sdo, dK_final, dV_final, dq, &sdq, dk, &sdk, \
+                                             scores_kept, checkpoints, reads_kept, rstd_kept, d_out, &sdo, \
+                                             dK_final, dV_final, dq, &sdq, dk, &sdk, \
                                              dv, &sdv, d_gate, &sdg, d_norm_weight ? d_norm_weight + thread * d : NULL, \
                                              dK0, dV0, &ws, &chunk)
     FOR_EACH_ROW_TILES(BACKWARD_TILES)
