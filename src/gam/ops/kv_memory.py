@@ -694,7 +694,16 @@ def _heads(x: torch.Tensor) -> int:
     return x.shape[1] if x.dim() == 4 else 1
 
 
-@torch.library.custom_op("gam::kv_memory_fused", mutates_args=())
+# Inductor's on-disk cache keys a compiled graph on the names of the custom ops in it, not on
+# their Python (the shapes their fake implementations give): a change to what these ops take or
+# return comes with a new revision in their names, else a graph compiled with the old ops is served
+# for the new ones (seen: when the tiles' forward began keeping the scores, graphs cached before
+# failed to compile, "mismatch in length of strides and shape", until the cache was cleared).
+OPS_REVISION = 2
+FORWARD_OP = f"gam::kv_memory_fused_v{OPS_REVISION}"
+
+
+@torch.library.custom_op(FORWARD_OP, mutates_args=())
 def fused_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor,
                      V0: torch.Tensor, keep: bool, gate_logits: bool, q_scale: float,
                      norm_weight: torch.Tensor | None, norm_eps: float,
@@ -782,7 +791,7 @@ def _fake_state_grads(q, K0, norm_weight):
     return (*d_state, q.new_empty(q.shape[-1] if norm_weight is not None else 0, dtype=torch.float32))
 
 
-@torch.library.custom_op("gam::kv_memory_fused_backward", mutates_args=())
+@torch.library.custom_op(f"gam::kv_memory_fused_backward_v{OPS_REVISION}", mutates_args=())
 def fused_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor,
                       p: torch.Tensor, checkpoints: torch.Tensor, reads: torch.Tensor, rstd: torch.Tensor,
                       d_out: torch.Tensor, dK_final: torch.Tensor, dV_final: torch.Tensor,
@@ -804,7 +813,7 @@ def _(q, k, v, gate, K0, p, checkpoints, reads, rstd, d_out, dK_final, dV_final,
     return (*(_like(x) for x in (q, k, v, gate)), *_fake_state_grads(q, K0, norm_weight))
 
 
-@torch.library.custom_op("gam::kv_memory_fused_backward_into", mutates_args=("dq", "dv", "d_gate"))
+@torch.library.custom_op(f"gam::kv_memory_fused_backward_into_v{OPS_REVISION}", mutates_args=("dq", "dv", "d_gate"))
 def fused_backward_into_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, K0: torch.Tensor,
                            p: torch.Tensor, checkpoints: torch.Tensor, reads: torch.Tensor, rstd: torch.Tensor,
                            d_out: torch.Tensor, dK_final: torch.Tensor, dV_final: torch.Tensor,
@@ -847,7 +856,7 @@ def _fused_autograd(ctx, d_out, dK_final, dV_final, *_d_kept):
     return (*grads, None, None, None, None if norm_weight is None else d_norm_weight, None, None)
 
 
-torch.library.register_autograd("gam::kv_memory_fused", _fused_autograd, setup_context=_fused_setup_context)
+torch.library.register_autograd(FORWARD_OP, _fused_autograd, setup_context=_fused_setup_context)
 
 
 def kv_memory_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
@@ -865,7 +874,7 @@ def kv_memory_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha
     norm_eps)`` (computed from the fp32 read, before any rounding to bf16).
 
     The recurrence as one C kernel per pass, registered as the custom ops
-    ``gam::kv_memory_fused`` and ``gam::kv_memory_fused_backward`` (so that ``torch.compile``
+    ``gam::kv_memory_fused_v2`` and ``gam::kv_memory_fused_backward_v2`` (:data:`OPS_REVISION`; so that ``torch.compile``
     keeps them whole in its graph, and autograd runs the second for the first): q, k, v
     (rows, T, d) in fp32 or bf16 alike and ``log_alpha`` (rows, T, S, fp32); or all four
     (B, H, T, X) views of any strides with unit feature stride (rows = B H, head-major: the
