@@ -287,12 +287,12 @@ static inline void prefetch_token(const void *base, int bf16, const Strides *s, 
     }
 }
 
-/* The span's gates, and its inputs (q, k, v: any of them NULL to skip) as fp32 rows; those of the
-   token `ahead` tokens on asked for (0: none) */
+/* The span's gates, and with `inputs` its inputs (q, k, v: any of them NULL to skip) as fp32 rows; those
+   of the token `ahead` tokens on asked for (0: none) */
 static inline __attribute__((always_inline)) void load_span(
         const int NB, const Workspace *ws, int64_t r, int64_t t0, int64_t n, int64_t heads, int64_t T, int64_t d,
         int bf16, const void *gate, const Strides *sg, const Options *opt, const void *q, const Strides *sq,
-        const void *k, const Strides *sk, const void *v, const Strides *sv, int64_t ahead) {
+        const void *k, const Strides *sk, const void *v, const Strides *sv, int inputs, int64_t ahead) {
     const int64_t S = NB * 16;
     for (int64_t i = 0; i < n; i++) {
         if (ahead) {
@@ -312,6 +312,7 @@ static inline __attribute__((always_inline)) void load_span(
             STORE(ws->a + i * S + b * 16, a);
             STORE(ws->w + i * S + b * 16, w);
         }
+        if (!inputs) continue;
         if (q) {
             float *qi = ws->q + i * d;
             load(q, bf16, offset(sq, heads, r, t0 + i), d, qi);
@@ -536,7 +537,7 @@ static inline __attribute__((always_inline)) void forward_row(
             keep_copy(checkpoint, K, dS);
             keep_copy(checkpoint + dS, V, dS);
         }
-        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv, span);
+        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv, 1, span);
         memset(ws->z, 0, sizeof(float) * n * S);
         sweep(NB, 0, ws, K, n, d, rows_per_group); /* the key writes and the scores K_t q_t */
         softmax_rows(NB, ws->z, S, n, ws->z, p_kept ? p_kept + (r * T + t0) * S : NULL);
@@ -567,7 +568,7 @@ static inline __attribute__((always_inline)) void backward_row(
     for (int64_t c = spans - 1; c >= 0; c--) {
         const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
         const float *checkpoint = checkpoints + (r * spans + c) * 2 * dS;
-        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv, -span);
+        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv, 1, -span);
         const int norm = opt->norm_weight != NULL;
         load_read_grads(ws, r, t0, n, heads, T, d, bf16, opt, norm ? reads_kept + (r * T + t0) * d : NULL, d,
                         norm ? rstd_kept + r * T + t0 : NULL, d_out, sdo, d_norm_weight, -span);
@@ -786,6 +787,16 @@ static void bf16_rows(const float *src, int64_t ld, int64_t M, int64_t K, int64_
     }
 }
 
+/* The same from a bf16 src (its values exact in bf16: no residual): the rows copied */
+static void bf16_rows_of_bf16(const uint16_t *src, int64_t ld, int64_t M, int64_t K, int64_t Mp, int64_t Kp,
+                              uint16_t *dst) {
+    for (int64_t m = 0; m < Mp; m++)
+        for (int64_t k = 0; k < Kp; k += 32) {
+            const __mmask32 mask = m < M ? (K - k >= 32 ? 0xffffffffu : K - k <= 0 ? 0 : (1u << (K - k)) - 1) : 0;
+            _mm512_storeu_si512(dst + m * Kp + k, _mm512_maskz_loadu_epi16(mask, src + m * ld + k));
+        }
+}
+
 /* dst ((Kp / 2) x Np pairs of bf16) = src (K x N fp32, rows ld apart) with rows 2i and 2i + 1 interleaved:
    the pair (src[2i][n], src[2i + 1][n]) at (i, n), the tiles' layout of a right-hand operand. Both rows'
    16 lanes convert in one instruction, one permutation interleaves them */
@@ -811,6 +822,23 @@ static void bf16_row_pairs(const float *src, int64_t ld, int64_t K, int64_t N, i
             _mm512_storeu_si512(dst + i * 2 * Np + 2 * n, _mm512_permutexvar_epi16(interleave, both));
         }
     }
+}
+
+/* The same from a bf16 src: each pair of rows' 16 lanes side by side, one permutation interleaves them */
+static void bf16_row_pairs_of_bf16(const uint16_t *src, int64_t ld, int64_t K, int64_t N, int64_t Kp, int64_t Np,
+                                   uint16_t *dst) {
+    static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i interleave = _mm512_loadu_si512(order);
+    for (int64_t i = 0; i < Kp / 2; i++)
+        for (int64_t n = 0; n < Np; n += 16) {
+            const __mmask16 mask = first(N - n);
+            const __m256i even = 2 * i < K ? _mm256_maskz_loadu_epi16(mask, src + 2 * i * ld + n) : _mm256_setzero_si256();
+            const __m256i odd = 2 * i + 1 < K ? _mm256_maskz_loadu_epi16(mask, src + (2 * i + 1) * ld + n)
+                                              : _mm256_setzero_si256();
+            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(even), odd, 1);
+            _mm512_storeu_si512(dst + i * 2 * Np + 2 * n, _mm512_permutexvar_epi16(interleave, both));
+        }
 }
 
 /* dst (C x R, rows ld_dst apart) = src (R x C, rows ld_src apart) transposed: 32-bit words, R and C
@@ -842,10 +870,12 @@ static void transpose_words(const uint32_t *src, int64_t ld_src, int64_t R, int6
         }
 }
 
-/* An operand of a product: fp32, rows ld apart, read as stored (ROWS) or transposed (COLS) */
+/* An operand of a product: fp32 (x) or bf16 (h, exact: never split), rows ld apart, read as stored
+   (ROWS) or transposed (COLS) */
 enum { ROWS = 0, COLS = 1 };
 typedef struct {
     const float *x;
+    const uint16_t *h;
     int64_t ld;
     int layout;
 } Operand;
@@ -859,10 +889,16 @@ typedef struct {
 static void pack_left(Operand A, int64_t M, int64_t K, int64_t Mp, int64_t Kp, uint16_t *dst, uint16_t *scratch,
                       int residual) {
     if (A.layout == ROWS) {
-        bf16_rows(A.x, A.ld, M, K, Mp, Kp, dst, residual);
+        if (A.h)
+            bf16_rows_of_bf16(A.h, A.ld, M, K, Mp, Kp, dst);
+        else
+            bf16_rows(A.x, A.ld, M, K, Mp, Kp, dst, residual);
         return;
     }
-    bf16_row_pairs(A.x, A.ld, K, M, Kp, Mp, scratch, residual);                           /* (Kp / 2) x Mp words */
+    if (A.h)
+        bf16_row_pairs_of_bf16(A.h, A.ld, K, M, Kp, Mp, scratch);
+    else
+        bf16_row_pairs(A.x, A.ld, K, M, Kp, Mp, scratch, residual);                       /* (Kp / 2) x Mp words */
     transpose_words((const uint32_t *)scratch, Mp, Kp / 2, Mp, (uint32_t *)dst, Kp / 2); /* Mp x (Kp / 2) words */
 }
 
@@ -870,10 +906,16 @@ static void pack_left(Operand A, int64_t M, int64_t K, int64_t Mp, int64_t Kp, u
 static void pack_right(Operand B, int64_t K, int64_t N, int64_t Kp, int64_t Np, uint16_t *dst, uint16_t *scratch,
                        int residual) {
     if (B.layout == ROWS) {
-        bf16_row_pairs(B.x, B.ld, K, N, Kp, Np, dst, residual);
+        if (B.h)
+            bf16_row_pairs_of_bf16(B.h, B.ld, K, N, Kp, Np, dst);
+        else
+            bf16_row_pairs(B.x, B.ld, K, N, Kp, Np, dst, residual);
         return;
     }
-    bf16_rows(B.x, B.ld, N, K, Np, Kp, scratch, residual);                                /* Np x (Kp / 2) words */
+    if (B.h)
+        bf16_rows_of_bf16(B.h, B.ld, N, K, Np, Kp, scratch);
+    else
+        bf16_rows(B.x, B.ld, N, K, Np, Kp, scratch, residual);                            /* Np x (Kp / 2) words */
     transpose_words((const uint32_t *)scratch, Kp / 2, Np, Kp / 2, (uint32_t *)dst, Np); /* (Kp / 2) x Np words */
 }
 
@@ -952,8 +994,20 @@ static void product(const Packs *pk, int64_t M, int64_t N, int64_t K, Operand A,
     }
 }
 
-static inline Operand rows_of(const float *x, int64_t ld) { return (Operand){x, ld, ROWS}; }
-static inline Operand cols_of(const float *x, int64_t ld) { return (Operand){x, ld, COLS}; }
+static inline Operand rows_of(const float *x, int64_t ld) { return (Operand){x, NULL, ld, ROWS}; }
+static inline Operand cols_of(const float *x, int64_t ld) { return (Operand){x, NULL, ld, COLS}; }
+static inline Operand rows(Operand a) { a.layout = ROWS; return a; }
+static inline Operand cols(Operand a) { a.layout = COLS; return a; }
+
+/* A chunk's rows of a bf16 input (q, k or v) where they sit, its tokens st apart, as an operand */
+static inline Operand input_rows(const void *x, const Strides *sx, int64_t heads, int64_t r, int64_t t0) {
+    return (Operand){NULL, (const uint16_t *)x + offset(sx, heads, r, t0), sx->st, ROWS};
+}
+
+/* The chunk's inputs as operands */
+typedef struct {
+    Operand q, k, v;
+} Inputs;
 
 /* A chunk's fp32 arrays, CHUNK x L (L = ld: d and S padded) unless said, and its packs */
 typedef struct {
@@ -1025,22 +1079,22 @@ static void lower_triangle(float *x, int64_t n, int64_t L) {
     for (int64_t i = 0; i < n; i++) memset(x + i * L + i + 1, 0, sizeof(float) * (n - i - 1));
 }
 
-/* qk = s tril(q k^T), from q, k (ws, n x d): both passes need it */
-static void chunk_qk(const Workspace *ws, const Chunk *w, int64_t n, int64_t d, float scale) {
+/* qk = s tril(q k^T), from the chunk's q, k (n x d): both passes need it */
+static void chunk_qk(const Inputs *in, const Chunk *w, int64_t n, int64_t d, float scale) {
     const int64_t L = w->ld;
-    product(&w->packs, n, n, d, rows_of(ws->q, d), cols_of(ws->k, d), w->qk, L, 0, ONE);
+    product(&w->packs, n, n, d, in->q, cols(in->k), w->qk, L, 0, ONE);
     for (int64_t i = 0; i < n; i++) {
         for (int64_t j = 0; j <= i; j++) w->qk[i * L + j] *= scale;
         memset(w->qk + i * L + i + 1, 0, sizeof(float) * (n - i - 1));
     }
 }
 
-/* The forward's scores from q (ws, n x d), qk and the chunk-start key state K (d x S):
+/* The forward's scores from q (n x d), qk and the chunk-start key state K (d x S):
    X = s q K, Y = qk u and scores = A X + C Y */
-static inline __attribute__((always_inline)) void chunk_scores(const int NB, const Workspace *ws, const Chunk *w,
+static inline __attribute__((always_inline)) void chunk_scores(const int NB, const Inputs *in, const Chunk *w,
                                                                const float *K, int64_t n, int64_t d, float scale) {
     const int64_t S = NB * 16, L = w->ld;
-    product(&w->packs, n, S, d, rows_of(ws->q, d), rows_of(K, S), w->X, L, 0, SPLIT_B);
+    product(&w->packs, n, S, d, in->q, rows_of(K, S), w->X, L, 0, SPLIT_B);
     product(&w->packs, n, S, n, rows_of(w->qk, L), rows_of(w->u, L), w->Y, L, 0, SPLIT_BOTH);
     for (int64_t i = 0; i < n; i++)
         for (int b = 0; b < NB; b++) {
@@ -1062,10 +1116,10 @@ static inline __attribute__((always_inline)) void chunk_weights(const int NB, co
 }
 
 /* M (d x S) = A_{n-1} M + x^T E: a state carried over the chunk, x (n x d) its writes */
-static inline __attribute__((always_inline)) void chunk_carry(const int NB, const Chunk *w, float *M, const float *x,
+static inline __attribute__((always_inline)) void chunk_carry(const int NB, const Chunk *w, float *M, Operand x,
                                                               int64_t n, int64_t d) {
     const int64_t S = NB * 16, L = w->ld;
-    product(&w->packs, d, S, n, cols_of(x, d), rows_of(w->E, L), w->state, L, 0, ONE);
+    product(&w->packs, d, S, n, cols(x), rows_of(w->E, L), w->state, L, 0, ONE);
     for (int64_t j = 0; j < d; j++)
         for (int b = 0; b < NB; b++)
             STORE(M + j * S + b * 16, LOAD(w->A + (n - 1) * L + b * 16) * LOAD(M + j * S + b * 16) + LOAD(w->state + j * L + b * 16));
@@ -1073,9 +1127,9 @@ static inline __attribute__((always_inline)) void chunk_carry(const int NB, cons
 
 /* The chunk's softmax p of its scores (rows ld apart; into ws->z, n x S), r, rc and mix; with `reads`,
    its reads too (into w->o) */
-static inline __attribute__((always_inline)) void chunk_reads(const int NB, const Workspace *ws, const Chunk *w,
-                                                              const float *scores, int64_t ld, const float *V,
-                                                              int64_t n, int64_t d, int reads) {
+static inline __attribute__((always_inline)) void chunk_reads(const int NB, const Workspace *ws, const Inputs *in,
+                                                              const Chunk *w, const float *scores, int64_t ld,
+                                                              const float *V, int64_t n, int64_t d, int reads) {
     const int64_t S = NB * 16, L = w->ld;
     softmax_rows(NB, scores, ld, n, ws->z, NULL);
     for (int64_t i = 0; i < n; i++)
@@ -1088,7 +1142,7 @@ static inline __attribute__((always_inline)) void chunk_reads(const int NB, cons
     lower_triangle(w->mix, n, L);
     if (!reads) return;
     product(&w->packs, n, d, S, rows_of(w->r, L), cols_of(V, S), w->o, L, 0, ONE);
-    product(&w->packs, n, d, n, rows_of(w->mix, L), rows_of(ws->v, d), w->o, L, 1, SPLIT_A);
+    product(&w->packs, n, d, n, rows_of(w->mix, L), in->v, w->o, L, 1, SPLIT_A);
 }
 
 /* The forward on the tiles: kv_memory_forward's, keeping for the backward the chunk-start states
@@ -1113,17 +1167,19 @@ static inline __attribute__((always_inline)) void forward_row_tiles(
             keep_copy(checkpoints + (r * spans + c) * 2 * dS, K, dS);
             keep_copy(checkpoints + (r * spans + c) * 2 * dS + dS, V, dS);
         }
-        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, &unscaled, q, sq, k, sk, v, sv, span);
+        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, &unscaled, q, sq, k, sk, v, sv, 0, span);
+        const Inputs in = {input_rows(q, sq, heads, r, t0), input_rows(k, sk, heads, r, t0),
+                           input_rows(v, sv, heads, r, t0)};
         chunk_decays(NB, ws, w, n);
-        chunk_qk(ws, w, n, d, opt->q_scale);
-        chunk_scores(NB, ws, w, K, n, d, opt->q_scale);
+        chunk_qk(&in, w, n, d, opt->q_scale);
+        chunk_scores(NB, &in, w, K, n, d, opt->q_scale);
         if (scores_kept)
             for (int64_t i = 0; i < n; i++) keep_copy(scores_kept + (r * T + t0 + i) * S, w->scores + i * L, S);
-        chunk_reads(NB, ws, w, w->scores, L, V, n, d, 1);
+        chunk_reads(NB, ws, &in, w, w->scores, L, V, n, d, 1);
         for (int64_t i = 0; i < n; i++) memcpy(ws->o + i * d, w->o + i * L, sizeof(float) * d);
         store_reads(ws, r, t0, n, heads, T, d, bf16, opt, reads_kept, rstd_kept, out, so, span);
-        chunk_carry(NB, w, K, ws->k, n, d);
-        chunk_carry(NB, w, V, ws->v, n, d);
+        chunk_carry(NB, w, K, in.k, n, d);
+        chunk_carry(NB, w, V, in.v, n, d);
     }
     state_to_slots(K, S, d, K_final + r * dS);
     state_to_slots(V, S, d, V_final + r * dS);
@@ -1161,14 +1217,16 @@ static inline __attribute__((always_inline)) void backward_row_tiles(
         const float *K = starts + c * 2 * dS, *V = K + dS, *p = ws->z, *dO = ws->o;
         const float *scores = scores_kept + (r * T + t0) * S; /* n x S */
         const int norm = opt->norm_weight != NULL;
-        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, &unscaled, q, sq, k, sk, v, sv, -span);
+        load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, &unscaled, q, sq, k, sk, v, sv, 0, -span);
+        const Inputs in = {input_rows(q, sq, heads, r, t0), input_rows(k, sk, heads, r, t0),
+                           input_rows(v, sv, heads, r, t0)};
         chunk_decays(NB, ws, w, n);
-        chunk_qk(ws, w, n, d, scale);
-        chunk_reads(NB, ws, w, scores, S, V, n, d, 0);
+        chunk_qk(&in, w, n, d, scale);
+        chunk_reads(NB, ws, &in, w, scores, S, V, n, d, 0);
         load_read_grads(ws, r, t0, n, heads, T, d, bf16, opt, norm ? reads_kept + (r * T + t0) * d : NULL, d,
                         norm ? rstd_kept + r * T + t0 : NULL, d_out, sdo, d_norm_weight, -span);
 
-        product(&w->packs, n, n, d, rows_of(dO, d), cols_of(ws->v, d), w->d_mix, L, 0, ONE);
+        product(&w->packs, n, n, d, rows_of(dO, d), cols(in.v), w->d_mix, L, 0, ONE);
         lower_triangle(w->d_mix, n, L);
         product(&w->packs, n, S, d, rows_of(dO, d), rows_of(V, S), w->dp, L, 0, SPLIT_B);
         product(&w->packs, n, S, n, rows_of(w->d_mix, L), rows_of(w->u, L), w->dr, L, 0, SPLIT_BOTH);
@@ -1192,18 +1250,18 @@ static inline __attribute__((always_inline)) void backward_row_tiles(
         }
         product(&w->packs, n, n, S, rows_of(w->dY, L), cols_of(w->u, L), w->d_qk, L, 0, ONE);
         lower_triangle(w->d_qk, n, L);
-        product(&w->packs, n, d, n, rows_of(w->d_qk, L), rows_of(ws->k, d), w->dq, L, 0, ONE);
+        product(&w->packs, n, d, n, rows_of(w->d_qk, L), in.k, w->dq, L, 0, ONE);
         product(&w->packs, n, d, S, rows_of(w->dX, L), cols_of(K, S), w->dq, L, 1, ONE);
         for (int64_t i = 0; i < n; i++)
             for (int64_t j = 0; j <= i; j++) w->d_qk[i * L + j] *= scale;
-        product(&w->packs, n, d, n, cols_of(w->d_qk, L), rows_of(ws->q, d), w->dk, L, 0, ONE);
+        product(&w->packs, n, d, n, cols_of(w->d_qk, L), in.q, w->dk, L, 0, ONE);
         product(&w->packs, n, d, S, rows_of(w->E, L), cols_of(gK, S), w->dk, L, 1, ONE);
         product(&w->packs, n, d, n, cols_of(w->mix, L), rows_of(dO, d), w->dv, L, 0, ONE);
         product(&w->packs, n, d, S, rows_of(w->E, L), cols_of(gV, S), w->dv, L, 1, ONE);
         product(&w->packs, n, S, n, cols_of(w->qk, L), rows_of(w->dY, L), w->du, L, 0, SPLIT_BOTH);
         product(&w->packs, n, S, n, cols_of(w->d_mix, L), rows_of(w->rc, L), w->du, L, 1, SPLIT_BOTH);
-        product(&w->packs, n, S, d, rows_of(ws->k, d), rows_of(gK, S), w->dE, L, 0, ONE);
-        product(&w->packs, n, S, d, rows_of(ws->v, d), rows_of(gV, S), w->dE, L, 1, ONE);
+        product(&w->packs, n, S, d, in.k, rows_of(gK, S), w->dE, L, 0, ONE);
+        product(&w->packs, n, S, d, in.v, rows_of(gV, S), w->dE, L, 1, ONE);
         for (int64_t i = 0; i < n; i++) {
             memcpy(ws->dq + i * d, w->dq + i * L, sizeof(float) * d);
             memcpy(ws->dk + i * d, w->dk + i * L, sizeof(float) * d);
@@ -1228,7 +1286,7 @@ static inline __attribute__((always_inline)) void backward_row_tiles(
                 STORE(ws->dalpha + i * S + s, sum - LOAD(w->du + at) * LOAD(ws->a + i * S + s) / LOAD(w->C + at));
             }
         }
-        product(&w->packs, d, S, n, cols_of(ws->q, d), rows_of(w->dX, L), w->gK, L, 0, SPLIT_B);
+        product(&w->packs, d, S, n, cols(in.q), rows_of(w->dX, L), w->gK, L, 0, SPLIT_B);
         product(&w->packs, d, S, n, cols_of(dO, d), rows_of(w->r, L), w->gV, L, 0, SPLIT_B);
         for (int64_t j = 0; j < d; j++)
             for (int b = 0; b < NB; b++) {
@@ -1245,7 +1303,7 @@ static inline __attribute__((always_inline)) void backward_row_tiles(
 /* The entry points' loop over rows as FOR_EACH_ROW's, each thread with the tiles configured and a
    chunk's arrays */
 #define FOR_EACH_ROW_TILES(CALL)                                                                       \
-    if (S % 16 != 0 || S < 16 || S > 16 * MAX_BLOCKS || d > TILE_MAX || span > CHUNK) return -1;     \
+    if (S % 16 != 0 || S < 16 || S > 16 * MAX_BLOCKS || d > TILE_MAX || span > CHUNK || !bf16) return -1; \
     const int NB = (int)(S / 16);                                                                      \
     const int64_t L = round_up(d > S ? d : S, 32);                                                     \
     _Pragma("omp parallel num_threads(threads)") {                                                     \
