@@ -39,7 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
+#include <xmmintrin.h>
 /* Denormals flushed to zero (FTZ) and read as zero (DAZ) inside the kernels: a carried gradient
    of a slot that its reads hardly touch decays by alpha every token into the denormal range,
    where x86 arithmetic is many times slower (a test variant with its recomputed states left at
@@ -190,27 +190,6 @@ static void store(void *base, int bf16, int64_t at, int64_t n, const float *x) {
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) store16(base, 1, at + j, LOAD(x + j));
     for (; j < n; j++) ((uint16_t *)base)[at + j] = float_to_bf16(x[j]);
-}
-
-/* dst = src, n floats, for the backward: written past the caches (non-temporal stores) where both
-   are 64-byte aligned and n is a multiple of 16 (the backward reads it after the rest of the model's
-   forward, so caching it only evicts the working set and reads each line in before writing it: the
-   tiles' forward 1.1x faster at the paper's shape, C harness); callers fence before their results
-   are read (keep_fence) */
-static inline void keep_copy(float *dst, const float *src, int64_t n) {
-#if defined(__AVX512F__)
-    if ((((uintptr_t)dst | (uintptr_t)src) & 63) == 0 && n % 16 == 0) {
-        for (int64_t e = 0; e < n; e += 16) _mm512_stream_ps(dst + e, _mm512_load_ps(src + e));
-        return;
-    }
-#endif
-    memcpy(dst, src, sizeof(float) * n);
-}
-
-static inline void keep_fence(void) {
-#if defined(__AVX512F__)
-    _mm_sfence();
-#endif
 }
 
 /* p = softmax(z) over NB blocks, in place */
@@ -534,8 +513,8 @@ static inline __attribute__((always_inline)) void forward_row(
         const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
         if (checkpoints) { /* NULL when no backward will run */
             float *checkpoint = checkpoints + (r * spans + c) * 2 * dS;
-            keep_copy(checkpoint, K, dS);
-            keep_copy(checkpoint + dS, V, dS);
+            memcpy(checkpoint, K, sizeof(float) * dS);
+            memcpy(checkpoint + dS, V, sizeof(float) * dS);
         }
         load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv, 1, span);
         memset(ws->z, 0, sizeof(float) * n * S);
@@ -546,7 +525,6 @@ static inline __attribute__((always_inline)) void forward_row(
     }
     state_to_slots(K, S, d, K_final + r * dS);
     state_to_slots(V, S, d, V_final + r * dS);
-    keep_fence();
 }
 
 /* Through a write M_t = alpha M_{t-1} + w x^T with the gradient dM of M_t carried in, at one token
@@ -763,6 +741,21 @@ static void configure_tiles(void) {
     }
     _tile_loadconfig(&c);
 }
+
+/* dst = src, n floats, for the backward: written past the caches (non-temporal stores) where both
+   are 64-byte aligned and n is a multiple of 16 (the backward reads it after the rest of the model's
+   forward, so caching it only evicts the working set and reads each line in before writing it: with
+   the chunk-start states so written the tiles' forward ran 1.1x faster at the paper's shape, C harness;
+   the recurrence's keeps, a few KiB a span, ran no faster so); callers fence (_mm_sfence) before their
+   results are read */
+static inline void keep_copy(float *dst, const float *src, int64_t n) {
+    if ((((uintptr_t)dst | (uintptr_t)src) & 63) == 0 && n % 16 == 0) {
+        for (int64_t e = 0; e < n; e += 16) _mm512_stream_ps(dst + e, _mm512_load_ps(src + e));
+        return;
+    }
+    memcpy(dst, src, sizeof(float) * n);
+}
+
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 static inline __mmask16 first(int64_t n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
@@ -1183,7 +1176,7 @@ static inline __attribute__((always_inline)) void forward_row_tiles(
     }
     state_to_slots(K, S, d, K_final + r * dS);
     state_to_slots(V, S, d, V_final + r * dS);
-    keep_fence();
+    _mm_sfence(); /* keep_copy's stores, before the backward reads them */
 }
 
 /* The backward on the tiles: from the chunk-start states the forward kept (checkpoints, spans x 2 x d x S
