@@ -487,3 +487,30 @@ def test_a_backward_without_what_its_forward_kept_is_refused_in_one_line(tiles):
     with pytest.raises(ValueError, match="what the forward kept does not match"):
         kv_ops.fused_backward_op(q, k, v, log_alpha, K0, *kept, torch.zeros_like(q), d_final, d_final, False, 1.0,
                                  None, 1e-5, tiles)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tiles", [False, True])
+def test_the_ops_fake_implementations_give_the_real_results_shapes(tiles):
+    """torch.library.opcheck of the forward and both backward ops, both forms, with and without the
+    norm: the schema holds, and the fake implementations (what torch.compile traces) give the
+    real results' shapes, dtypes and strides. A change to what an op returns must pass this
+    and raise OPS_REVISION (Inductor's cache keys compiled graphs on the ops' names)."""
+    if tiles and not kv_ops.tiles_available():
+        pytest.skip("the kernel's tiles form needs a CPU with AMX-BF16")
+    dtype = torch.bfloat16 if tiles else torch.float32
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 37, 48, generator=g).to(dtype) for _ in range(3))
+    z = torch.randn(2, 2, 37, 16, generator=g).to(dtype)
+    K0 = torch.randn(2, 2, 16, 48, generator=g)
+    checks = ("test_schema", "test_faketensor")
+    for norm in (None, torch.rand(48, generator=g) + 0.5):
+        args = (q, k, v, z, K0, K0, True, True, 0.2, norm, 1e-5, tiles)
+        torch.library.opcheck(kv_ops.fused_forward_op, args, test_utils=checks)
+        _, _, _, *kept = kv_ops.fused_forward_op(*args)
+        d_final = torch.randn(4, 16, 48, generator=g)
+        backward_args = (q, k, v, z, K0, *kept, torch.randn_like(q), d_final, d_final, True, 0.2, norm, 1e-5, tiles)
+        torch.library.opcheck(kv_ops.fused_backward_op, backward_args, test_utils=checks)
+        buffers = tuple(torch.empty_like(x) for x in (q, v, z))
+        torch.library.opcheck(kv_ops.fused_backward_into_op, (*backward_args, *buffers), test_utils=checks)
+    assert kv_ops.FORWARD_OP == f"gam::kv_memory_fused_v{kv_ops.OPS_REVISION}"
