@@ -475,8 +475,9 @@ def test_tiles_asked_for_fp32_inputs_are_refused_in_one_line():
 @pytest.mark.parametrize("tiles", [False, True])
 def test_a_backward_without_what_its_forward_kept_is_refused_in_one_line(tiles):
     """The backward op reads what the forward kept by the shapes it is told: empty or mismatched
-    kept tensors (another form's, a forward that kept nothing) are a ValueError, never a read
-    through a null or short buffer."""
+    kept tensors (a forward that kept nothing) are a ValueError, never a read through a null or
+    short buffer. (Both forms keep the same shapes; which one ran is the forward's ``tiles``,
+    which autograd and the block's mixer hand to the backward.)"""
     if tiles and not kv_ops.tiles_available():
         pytest.skip("the kernel's tiles form needs a CPU with AMX-BF16")
     dtype = torch.bfloat16 if tiles else torch.float32

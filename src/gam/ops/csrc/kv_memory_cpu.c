@@ -756,7 +756,6 @@ static inline void keep_copy(float *dst, const float *src, int64_t n) {
     memcpy(dst, src, sizeof(float) * n);
 }
 
-
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 static inline __mmask16 first(int64_t n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
@@ -989,8 +988,7 @@ static void product(const Packs *pk, int64_t M, int64_t N, int64_t K, Operand A,
 
 static inline Operand rows_of(const float *x, int64_t ld) { return (Operand){x, NULL, ld, ROWS}; }
 static inline Operand cols_of(const float *x, int64_t ld) { return (Operand){x, NULL, ld, COLS}; }
-static inline Operand rows(Operand a) { a.layout = ROWS; return a; }
-static inline Operand cols(Operand a) { a.layout = COLS; return a; }
+static inline Operand cols(Operand a) { a.layout = COLS; return a; } /* an operand read transposed */
 
 /* A chunk's rows of a bf16 input (q, k or v) where they sit, its tokens st apart, as an operand */
 static inline Operand input_rows(const void *x, const Strides *sx, int64_t heads, int64_t r, int64_t t0) {
