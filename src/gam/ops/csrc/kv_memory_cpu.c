@@ -877,20 +877,30 @@ typedef struct {
     uint16_t *a[2], *b[2], *scratch; /* the packed operands (hi, lo), and the transposes' (TILE_MAX^2 bf16 each) */
 } Packs;
 
+/* An operand's rows (M x K) as bf16 rows of Kp, or its rows by pairs (K x N as (Kp / 2) x Np pairs), from
+   its fp32 (x) or bf16 (h) source */
+static void operand_rows(Operand a, int64_t M, int64_t K, int64_t Mp, int64_t Kp, uint16_t *dst, int residual) {
+    if (a.h)
+        bf16_rows_of_bf16(a.h, a.ld, M, K, Mp, Kp, dst);
+    else
+        bf16_rows(a.x, a.ld, M, K, Mp, Kp, dst, residual);
+}
+
+static void operand_row_pairs(Operand a, int64_t K, int64_t N, int64_t Kp, int64_t Np, uint16_t *dst, int residual) {
+    if (a.h)
+        bf16_row_pairs_of_bf16(a.h, a.ld, K, N, Kp, Np, dst);
+    else
+        bf16_row_pairs(a.x, a.ld, K, N, Kp, Np, dst, residual);
+}
+
 /* The left operand A (M x K) as bf16 rows of Kp into dst: as stored, or from (K x M) rows by pairs then transposed */
 static void pack_left(Operand A, int64_t M, int64_t K, int64_t Mp, int64_t Kp, uint16_t *dst, uint16_t *scratch,
                       int residual) {
     if (A.layout == ROWS) {
-        if (A.h)
-            bf16_rows_of_bf16(A.h, A.ld, M, K, Mp, Kp, dst);
-        else
-            bf16_rows(A.x, A.ld, M, K, Mp, Kp, dst, residual);
+        operand_rows(A, M, K, Mp, Kp, dst, residual);
         return;
     }
-    if (A.h)
-        bf16_row_pairs_of_bf16(A.h, A.ld, K, M, Kp, Mp, scratch);
-    else
-        bf16_row_pairs(A.x, A.ld, K, M, Kp, Mp, scratch, residual);                       /* (Kp / 2) x Mp words */
+    operand_row_pairs(A, K, M, Kp, Mp, scratch, residual);                                /* (Kp / 2) x Mp words */
     transpose_words((const uint32_t *)scratch, Mp, Kp / 2, Mp, (uint32_t *)dst, Kp / 2); /* Mp x (Kp / 2) words */
 }
 
@@ -898,16 +908,10 @@ static void pack_left(Operand A, int64_t M, int64_t K, int64_t Mp, int64_t Kp, u
 static void pack_right(Operand B, int64_t K, int64_t N, int64_t Kp, int64_t Np, uint16_t *dst, uint16_t *scratch,
                        int residual) {
     if (B.layout == ROWS) {
-        if (B.h)
-            bf16_row_pairs_of_bf16(B.h, B.ld, K, N, Kp, Np, dst);
-        else
-            bf16_row_pairs(B.x, B.ld, K, N, Kp, Np, dst, residual);
+        operand_row_pairs(B, K, N, Kp, Np, dst, residual);
         return;
     }
-    if (B.h)
-        bf16_rows_of_bf16(B.h, B.ld, N, K, Np, Kp, scratch);
-    else
-        bf16_rows(B.x, B.ld, N, K, Np, Kp, scratch, residual);                            /* Np x (Kp / 2) words */
+    operand_rows(B, N, K, Np, Kp, scratch, residual);                                     /* Np x (Kp / 2) words */
     transpose_words((const uint32_t *)scratch, Kp / 2, Np, Kp / 2, (uint32_t *)dst, Np); /* (Kp / 2) x Np words */
 }
 
