@@ -207,8 +207,8 @@ class KVMixerResidual(torch.autograd.Function):
         slots = bank_slots(memory_bank, B, heads)
         keep = any(ctx.needs_input_grad)
         tiles = kv_ops.tiles_apply(q)
-        reads, _, _, *kept = kv_ops.fused_forward_op(q, k, v, z, slots, slots, keep, True, d ** -0.5, norm_weight,
-                                                     norm_eps, tiles)
+        reads, _, _, *kept = kv_ops.fused_forward(q, k, v, z, slots, slots, keep, True, d ** -0.5, norm_weight,
+                                                  norm_eps, tiles)
         reads = reads.transpose(1, 2).reshape(N, C)  # (B, T, H, d) memory: a view
         glob = reads @ Wo.t()
         mix = local.mul_(gates[:, :C])
@@ -243,7 +243,7 @@ class KVMixerResidual(torch.autograd.Function):
                                                                 P[:, 4 * C:]))
             d_final = slots.new_zeros(B * heads, *slots.shape[2:])  # the final slots are not used
             dq, dv, dz = (_head_view(y, B, T, heads) for y in (dP[:, 2 * C: 3 * C], dP[:, 3 * C: 4 * C], dP[:, 4 * C:]))
-            dk, dK0, dV0, d_norm = kv_ops.fused_backward_into_op(
+            dk, dK0, dV0, d_norm = kv_ops.fused_backward_into(
                 q, k, v, z, slots, *kept, _head_view(d_reads, B, T, heads), d_final, d_final, True, d ** -0.5,
                 norm_weight, norm_eps, tiles, dq, dv, dz)
             d_keys = dk.transpose(1, 2).reshape(N, C)

@@ -161,35 +161,73 @@ static inline v16 load16(const void *base, int bf16, int64_t at) {
 
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
-static inline void store16(void *base, int bf16, int64_t at, v16 x) { /* bf16: as float_to_bf16, lane-wise */
-    if (!bf16) {
-        STORE((float *)base + at, x);
-        return;
-    }
+/* 16 lanes rounded to bf16 as float_to_bf16 */
+static inline u16x16 bf16_lanes(v16 x) {
     const u32x16 bits = (u32x16)x, nan = (u32x16)((bits & 0x7fffffffu) > 0x7f800000u);
     const u32x16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    *(u16x16 *)((uint16_t *)base + at) = __builtin_convertvector((nan & ((bits >> 16) | 0x40u)) | (~nan & rounded), u16x16);
+    return __builtin_convertvector((nan & ((bits >> 16) | 0x40u)) | (~nan & rounded), u16x16);
 }
 
-/* n elements at `at` of an fp32 or bf16 array into fp32 `out`, and back: 16 lanes at a time */
-static void load(const void *base, int bf16, int64_t at, int64_t n, float *out) {
-    if (!bf16) {
-        memcpy(out, (const float *)base + at, n * sizeof(float));
-        return;
-    }
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16) STORE(out + j, load16(base, 1, at + j));
-    for (; j < n; j++) out[j] = bf16_to_float(((const uint16_t *)base)[at + j]);
+static inline void store16(void *base, int bf16, int64_t at, v16 x) {
+    if (!bf16)
+        STORE((float *)base + at, x);
+    else
+        *(u16x16 *)((uint16_t *)base + at) = bf16_lanes(x);
 }
 
-static void store(void *base, int bf16, int64_t at, int64_t n, const float *x) {
+/* n elements at `at` of an fp32 or bf16 array, times `scale`, into fp32 `out`; and `scale` times
+   fp32 x back: 16 lanes at a time, the last n % 16 under a mask where AVX-512 has one (a head
+   width of 24 leaves 8: element by element, their stores stalled the vector loads that read them
+   back, a store-forwarding miss per row) */
+#if defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define MASKED_TAILS 1
+#endif
+
+static void load(const void *base, int bf16, int64_t at, int64_t n, float scale, float *out) {
+    int64_t j = 0;
     if (!bf16) {
-        memcpy((float *)base + at, x, n * sizeof(float));
+        if (scale == 1.0f) {
+            memcpy(out, (const float *)base + at, n * sizeof(float));
+            return;
+        }
+        for (; j + 16 <= n; j += 16) STORE(out + j, LOAD((const float *)base + at + j) * scale);
+        for (; j < n; j++) out[j] = ((const float *)base)[at + j] * scale;
         return;
     }
+    for (; j + 16 <= n; j += 16) STORE(out + j, load16(base, 1, at + j) * scale);
+#ifdef MASKED_TAILS
+    if (j < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - j)) - 1);
+        const __m512i x = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)base + at + j)), 16);
+        _mm512_mask_storeu_ps(out + j, m, (__m512)((v16)_mm512_castsi512_ps(x) * scale));
+    }
+#else
+    for (; j < n; j++) out[j] = bf16_to_float(((const uint16_t *)base)[at + j]) * scale;
+#endif
+}
+
+static void store(void *base, int bf16, int64_t at, int64_t n, float scale, const float *x) {
     int64_t j = 0;
-    for (; j + 16 <= n; j += 16) store16(base, 1, at + j, LOAD(x + j));
-    for (; j < n; j++) ((uint16_t *)base)[at + j] = float_to_bf16(x[j]);
+    if (!bf16) {
+        if (scale == 1.0f) {
+            memcpy((float *)base + at, x, n * sizeof(float));
+            return;
+        }
+        for (; j + 16 <= n; j += 16) STORE((float *)base + at + j, LOAD(x + j) * scale);
+        for (; j < n; j++) ((float *)base)[at + j] = x[j] * scale;
+        return;
+    }
+    for (; j + 16 <= n; j += 16) store16(base, 1, at + j, LOAD(x + j) * scale);
+#ifdef MASKED_TAILS
+    if (j < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - j)) - 1);
+        const v16 y = (v16)_mm512_maskz_loadu_ps(m, x + j) * scale;
+        _mm256_mask_storeu_epi16((uint16_t *)base + at + j, m, (__m256i)bf16_lanes(y));
+    }
+#else
+    for (; j < n; j++) ((uint16_t *)base)[at + j] = float_to_bf16(x[j] * scale);
+#endif
 }
 
 /* p = softmax(z) over NB blocks, in place */
@@ -292,14 +330,9 @@ static inline __attribute__((always_inline)) void load_span(
             STORE(ws->w + i * S + b * 16, w);
         }
         if (!inputs) continue;
-        if (q) {
-            float *qi = ws->q + i * d;
-            load(q, bf16, offset(sq, heads, r, t0 + i), d, qi);
-            if (opt->q_scale != 1.0f)
-                for (int64_t j = 0; j < d; j++) qi[j] *= opt->q_scale;
-        }
-        if (k) load(k, bf16, offset(sk, heads, r, t0 + i), d, ws->k + i * d);
-        if (v) load(v, bf16, offset(sv, heads, r, t0 + i), d, ws->v + i * d);
+        if (q) load(q, bf16, offset(sq, heads, r, t0 + i), d, opt->q_scale, ws->q + i * d);
+        if (k) load(k, bf16, offset(sk, heads, r, t0 + i), d, 1.0f, ws->k + i * d);
+        if (v) load(v, bf16, offset(sv, heads, r, t0 + i), d, 1.0f, ws->v + i * d);
     }
 }
 
@@ -436,7 +469,7 @@ static void store_reads(const Workspace *ws, int64_t r, int64_t t0, int64_t n, i
             if (rstd_kept) rstd_kept[r * T + t0 + i] = rstd;
             for (int64_t j = 0; j < d; j++) o[j] *= rstd * opt->norm_weight[j];
         }
-        store(out, bf16, offset(so, heads, r, t0 + i), d, o);
+        store(out, bf16, offset(so, heads, r, t0 + i), d, 1.0f, o);
     }
 }
 
@@ -450,7 +483,7 @@ static void load_read_grads(const Workspace *ws, int64_t r, int64_t t0, int64_t 
     for (int64_t i = 0; i < n; i++) {
         float *g = ws->o + i * d;
         if (ahead) prefetch_token(d_out, bf16, sdo, heads, r, t0 + i + ahead, T, d, 0);
-        load(d_out, bf16, offset(sdo, heads, r, t0 + i), d, g);
+        load(d_out, bf16, offset(sdo, heads, r, t0 + i), d, 1.0f, g);
         if (opt->norm_weight) {
             const float *o = reads + i * ld, rstd = rstds[i];
             float dot = 0.0f;
@@ -483,11 +516,9 @@ static inline __attribute__((always_inline)) void store_grads(
             prefetch_token(dv, bf16, sdv, heads, r, t + ahead, T, d, 1);
             prefetch_token(d_gate, opt->gate_bf16, sdg, heads, r, t + ahead, T, S, 1);
         }
-        if (opt->q_scale != 1.0f)
-            for (int64_t j = 0; j < d; j++) ws->dq[i * d + j] *= opt->q_scale;
-        store(dq, bf16, offset(sdq, heads, r, t), d, ws->dq + i * d);
-        store(dk, bf16, offset(sdk, heads, r, t), d, ws->dk + i * d);
-        store(dv, bf16, offset(sdv, heads, r, t), d, ws->dv + i * d);
+        store(dq, bf16, offset(sdq, heads, r, t), d, opt->q_scale, ws->dq + i * d);
+        store(dk, bf16, offset(sdk, heads, r, t), d, 1.0f, ws->dk + i * d);
+        store(dv, bf16, offset(sdv, heads, r, t), d, 1.0f, ws->dv + i * d);
         for (int b = 0; b < NB; b++) {
             const v16 g = load16(gate, opt->gate_bf16, offset(sg, heads, r, t) + b * 16), zero = g * 0.0f;
             const v16 grad = LOAD(ws->dalpha + i * S + b * 16);
