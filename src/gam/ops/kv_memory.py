@@ -914,13 +914,18 @@ def kv_memory_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha
     (fp32; empty unless a backward can run). The kernel computes the bounded gates' ``alpha``
     and ``1 - alpha`` from ``log_alpha`` (or the logits) as it goes. fp32 arithmetic throughout.
 
-    The backward recomputes each span's states from its checkpoint and runs the recurrence
-    in reverse, with ``g`` the carried gradient of a state: through the read ``o = V_t^T p``,
+    The backward runs each span forward from its checkpoint twice (the states updated in place,
+    for ``dp`` and then ``dq`` and the scores below), then the recurrence in reverse, with ``g``
+    the carried gradient of a state: through the read ``o = V_t^T p``,
     ``dp = V_t do``, ``dV_t += p do^T``, ``dz = p (dp - p . dp)``, ``dq = K_t^T dz``,
     ``dK_t += dz q^T``; through the write ``K_t = alpha K_{t-1} + (1 - alpha) k^T``,
     ``dk = dK_t^T (1 - alpha)``, ``d log alpha = alpha (dK_t . (K_{t-1} - k) + ...)``
     per slot, which is ``dK_t . (K_t - k) + dV_t . (V_t - v)`` (as ``1 - alpha`` and ``alpha`` sum
-    to one; no earlier state needed), and ``dK_{t-1} = alpha dK_t`` (and the same for V); for
+    to one; no earlier state needed), taken as ``Z_t - R_t`` with ``R_t = dK_t . k + dV_t . v``
+    (swept with the gradients) and ``Z_t = dK_t . K_t + dV_t . V_t``, which runs back as
+    ``Z_{t-1} = Z_t - (1 - alpha_t) R_t + F_{t-1}``, ``F = p * dp + dz * (K q)`` (what a read
+    adds to the gradients, against its state), from its value at the span's end: no state is
+    kept per token. ``dK_{t-1} = alpha dK_t`` (and the same for V); for
     logits, ``dz = d log alpha * sigmoid(-z) = d log alpha * (1 - alpha)``; through the norm
     the usual RMSNorm backward per token."""
     dtype = compute_dtype(q)

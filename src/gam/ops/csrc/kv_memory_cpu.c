@@ -20,9 +20,11 @@
  * The state never leaves the cache (d x S x 4 bytes per matrix: 6 KiB at d = 24,
  * 32 KiB at d = 128), where the chunked PyTorch form makes a few dozen passes
  * over (T, S) tensors in memory. The forward keeps the state every `span`
- * tokens and the softmax p_t; the backward recomputes each span's states from
- * its checkpoint into a buffer and runs the recurrence in reverse, carrying the
- * gradient of the state (gam/ops/kv_memory.py, kv_memory_fused, has the maths).
+ * tokens and the softmax p_t; the backward runs two passes forward from each
+ * span's checkpoint for what the reads' gradients need of the states (updated in
+ * place, none stored per token), then the recurrence in reverse, carrying the
+ * gradient of the state, and takes the gate's gradient from a running sum
+ * (backward_row has the identity; gam/ops/kv_memory.py, kv_memory_fused, the maths).
  *
  * q, k, v, the reads and their gradients are fp32 or bf16 (`bf16` flag), with
  * strides: element (r, t, j) of a tensor with strides (sb, sh, st) and `heads`
@@ -267,23 +269,25 @@ static inline __attribute__((always_inline)) void softmax_rows(const int NB, con
    (n, S) or (n, d) in a per-thread workspace. */
 typedef struct {
     float *a, *w, *z, *dalpha; /* (span, S) */
+    float *scores, *f;         /* (span, S): the backward's recomputed scores, and what each token's read adds to Z */
     float *q, *k, *v, *o;      /* (span, d): inputs, and the reads or the read's gradient */
     float *dq, *dk, *dv;       /* (span, d) */
-    float *states;             /* (span, rows_per_group, S): a group's states after each token */
     float *K, *V;              /* (d, S): the state, or its gradient */
+    float *Ks, *Vs;            /* (d, S): the backward's recomputed state */
 } Workspace;
 
-static Workspace workspace(float *buf, int64_t span, int64_t d, int64_t S, int64_t rows_per_group) {
+static Workspace workspace(float *buf, int64_t span, int64_t d, int64_t S) {
     Workspace ws;
     ws.a = buf; ws.w = ws.a + span * S; ws.z = ws.w + span * S; ws.dalpha = ws.z + span * S;
-    ws.q = ws.dalpha + span * S; ws.k = ws.q + span * d; ws.v = ws.k + span * d; ws.o = ws.v + span * d;
+    ws.scores = ws.dalpha + span * S; ws.f = ws.scores + span * S;
+    ws.q = ws.f + span * S; ws.k = ws.q + span * d; ws.v = ws.k + span * d; ws.o = ws.v + span * d;
     ws.dq = ws.o + span * d; ws.dk = ws.dq + span * d; ws.dv = ws.dk + span * d;
-    ws.states = ws.dv + span * d; ws.K = ws.states + span * rows_per_group * S; ws.V = ws.K + d * S;
+    ws.K = ws.dv + span * d; ws.V = ws.K + d * S; ws.Ks = ws.V + d * S; ws.Vs = ws.Ks + d * S;
     return ws;
 }
 
-static int64_t workspace_floats(int64_t span, int64_t d, int64_t S, int64_t rows_per_group) {
-    return 4 * span * S + 7 * span * d + span * rows_per_group * S + 2 * d * S + 16;
+static int64_t workspace_floats(int64_t span, int64_t d, int64_t S) {
+    return 6 * span * S + 7 * span * d + 4 * d * S + 16;
 }
 
 /* Asks the cache for token t of row r of an operand (`width` elements, fp32 or bf16; NULL, or t
@@ -341,33 +345,6 @@ static inline __attribute__((always_inline)) void load_slots(const int NB, const
     for (int b = 0; b < NB; b++) x[b] = LOAD(src + b * 16);
 }
 
-/* The i-th token's per-slot vectors of a span: its gates alpha and w, and one more (n, S) buffer's row */
-static inline __attribute__((always_inline)) void load_token(const int NB, const Workspace *ws, int64_t i,
-                                                             const float *more, v16 *a, v16 *w, v16 *x) {
-    const int64_t S = NB * 16;
-    load_slots(NB, ws->a + i * S, a);
-    load_slots(NB, ws->w + i * S, w);
-    load_slots(NB, more + i * S, x);
-}
-
-/* The states of rows j0 .. j1 - 1 after each of the span's n tokens, from M (d, S) at its start,
-   written with x (n, d): into ws->states (n, j1 - j0, S) */
-static inline __attribute__((always_inline)) void group_states(const int NB, const Workspace *ws, const float *M,
-                                                               int64_t j0, int64_t j1, int64_t n, int64_t d,
-                                                               const float *x) {
-    const int64_t S = NB * 16, rows = j1 - j0;
-    for (int64_t i = 0; i < n; i++) {
-        const float *prev = i == 0 ? M + j0 * S : ws->states + (i - 1) * rows * S;
-        float *next = ws->states + i * rows * S;
-        const float *a = ws->a + i * S, *w = ws->w + i * S, *xi = x + i * d + j0;
-        for (int64_t j = 0; j < rows; j++)
-            for (int b = 0; b < NB; b++) {
-                const int64_t at = j * S + b * 16;
-                STORE(next + at, LOAD(a + b * 16) * LOAD(prev + at) + LOAD(w + b * 16) * xi[j]);
-            }
-    }
-}
-
 /* M (d, S), the kernel's layout, from slots (S, d) at src, `slot_stride` apart */
 static void slots_to_state(const float *src, int64_t slot_stride, int64_t S, int64_t d, float *M) {
     for (int64_t s = 0; s < S; s++)
@@ -385,69 +362,56 @@ static void state_to_slots(const float *M, int64_t S, int64_t d, float *dst) {
    with 2 tokens a token's per-slot vectors take 3 NB registers each, so only for NB <= PAIR_BLOCKS). */
 #define PAIR_BLOCKS 4
 
-/* The key writes and the scores: K_t = alpha K_{t-1} + w k^T, z_t += K_t q (row by row) */
-static inline __attribute__((always_inline)) void key_writes(const int NB, const int TOKENS, const Workspace *ws,
-                                                             float *K, int64_t i, int64_t j0, int64_t j1, int64_t d) {
+/* The writes M_t = alpha M_{t-1} + w x^T of tokens i .. i + TOKENS - 1 on rows j0 .. j1 - 1 of M, in
+   place, and with each state M_t: with WEIGH, acc_t += M_t y_t (an S-vector: the rows' sum, as the
+   scores K_t q_t); with READ, out_t = M_t^T p_t (a d-vector: each row's sum over the slots, as the reads
+   V_t^T p_t). x, y, out are (n, d) and acc, p (n, S) buffers of the workspace */
+static inline __attribute__((always_inline)) void write_rows(const int NB, const int TOKENS, const int WEIGH,
+                                                             const int READ, const Workspace *ws, float *M,
+                                                             const float *x, const float *y, float *acc,
+                                                             const float *p, float *out, int64_t i, int64_t j0,
+                                                             int64_t j1, int64_t d) {
     const int64_t S = NB * 16;
-    v16 a[2][MAX_BLOCKS], w[2][MAX_BLOCKS], z[2][MAX_BLOCKS];
-    for (int u = 0; u < TOKENS; u++) load_token(NB, ws, i + u, ws->z, a[u], w[u], z[u]);
-    const float *qi = ws->q + i * d, *ki = ws->k + i * d;
-    for (int64_t j = j0; j < j1; j++)
-        for (int b = 0; b < NB; b++) {
-            float *row = K + j * S + b * 16;
-            v16 x = LOAD(row);
-            for (int u = 0; u < TOKENS; u++) {
-                x = a[u][b] * x + w[u][b] * ki[u * d + j];
-                z[u][b] += x * qi[u * d + j];
-            }
-            STORE(row, x);
-        }
-    for (int u = 0; u < TOKENS; u++)
-        for (int b = 0; b < NB; b++) STORE(ws->z + (i + u) * S + b * 16, z[u][b]);
-}
-
-/* The value writes and the reads: V_t = alpha V_{t-1} + w v^T, o_t = V_t^T p_t (p in ws->z) */
-static inline __attribute__((always_inline)) void value_reads(const int NB, const int TOKENS, const Workspace *ws,
-                                                              float *V, int64_t i, int64_t j0, int64_t j1, int64_t d) {
-    const int64_t S = NB * 16;
-    v16 a[2][MAX_BLOCKS], w[2][MAX_BLOCKS], p[2][MAX_BLOCKS];
-    for (int u = 0; u < TOKENS; u++) load_token(NB, ws, i + u, ws->z, a[u], w[u], p[u]);
-    const float *vi = ws->v + i * d;
-    for (int64_t j = j0; j < j1; j++) {
-        v16 acc[2] = {a[0][0] * 0.0f, a[0][0] * 0.0f};
-        for (int b = 0; b < NB; b++) {
-            float *row = V + j * S + b * 16;
-            v16 x = LOAD(row);
-            for (int u = 0; u < TOKENS; u++) {
-                x = a[u][b] * x + w[u][b] * vi[u * d + j];
-                acc[u] += x * p[u][b];
-            }
-            STORE(row, x);
-        }
-        for (int u = 0; u < TOKENS; u++) ws->o[(i + u) * d + j] = hsum(acc[u]);
+    v16 a[2][MAX_BLOCKS], w[2][MAX_BLOCKS], sum[2][MAX_BLOCKS], weight[2][MAX_BLOCKS];
+    for (int u = 0; u < TOKENS; u++) {
+        load_slots(NB, ws->a + (i + u) * S, a[u]);
+        load_slots(NB, ws->w + (i + u) * S, w[u]);
+        if (WEIGH) load_slots(NB, acc + (i + u) * S, sum[u]);
+        if (READ) load_slots(NB, p + (i + u) * S, weight[u]);
     }
+    const float *xi = x + i * d, *yi = y + i * d;
+    for (int64_t j = j0; j < j1; j++) {
+        v16 dot[2] = {a[0][0] * 0.0f, a[0][0] * 0.0f};
+        for (int b = 0; b < NB; b++) {
+            float *row = M + j * S + b * 16;
+            v16 m = LOAD(row);
+            for (int u = 0; u < TOKENS; u++) {
+                m = a[u][b] * m + w[u][b] * xi[u * d + j];
+                if (WEIGH) sum[u][b] += m * yi[u * d + j];
+                if (READ) dot[u] += m * weight[u][b];
+            }
+            STORE(row, m);
+        }
+        if (READ)
+            for (int u = 0; u < TOKENS; u++) out[(i + u) * d + j] = hsum(dot[u]);
+    }
+    if (WEIGH)
+        for (int u = 0; u < TOKENS; u++)
+            for (int b = 0; b < NB; b++) STORE(acc + (i + u) * S + b * 16, sum[u][b]);
 }
 
-/* A forward sweep of the span's n tokens over the state M, group by group: the key writes and
-   scores (VALUES = 0) or the value writes and reads (VALUES = 1), two tokens at a time where NB allows */
-static inline __attribute__((always_inline)) void sweep(const int NB, const int VALUES, const Workspace *ws, float *M,
-                                                        int64_t n, int64_t d, int64_t rows_per_group) {
+/* A sweep of the span's n tokens over the state M, group by group (write_rows): two tokens at a time
+   where their per-slot vectors fit the registers (3 NB each with WEIGH or READ: NB <= PAIR_BLOCKS) */
+static inline __attribute__((always_inline)) void sweep(const int NB, const int WEIGH, const int READ,
+                                                        const Workspace *ws, float *M, const float *x, const float *y,
+                                                        float *acc, const float *p, float *out, int64_t n, int64_t d,
+                                                        int64_t rows_per_group) {
     for (int64_t j0 = 0; j0 < d; j0 += rows_per_group) {
         const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d;
         int64_t i = 0;
-        if (NB <= PAIR_BLOCKS)
-            for (; i + 1 < n; i += 2) {
-                if (VALUES)
-                    value_reads(NB, 2, ws, M, i, j0, j1, d);
-                else
-                    key_writes(NB, 2, ws, M, i, j0, j1, d);
-            }
-        for (; i < n; i++) {
-            if (VALUES)
-                value_reads(NB, 1, ws, M, i, j0, j1, d);
-            else
-                key_writes(NB, 1, ws, M, i, j0, j1, d);
-        }
+        if (NB <= PAIR_BLOCKS && !(WEIGH && READ))
+            for (; i + 1 < n; i += 2) write_rows(NB, 2, WEIGH, READ, ws, M, x, y, acc, p, out, i, j0, j1, d);
+        for (; i < n; i++) write_rows(NB, 1, WEIGH, READ, ws, M, x, y, acc, p, out, i, j0, j1, d);
     }
 }
 
@@ -549,19 +513,26 @@ static inline __attribute__((always_inline)) void forward_row(
         }
         load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv, 1, span);
         memset(ws->z, 0, sizeof(float) * n * S);
-        sweep(NB, 0, ws, K, n, d, rows_per_group); /* the key writes and the scores K_t q_t */
+        sweep(NB, 1, 0, ws, K, ws->k, ws->q, ws->z, NULL, NULL, n, d, rows_per_group); /* the key writes, the scores K_t q_t */
         softmax_rows(NB, ws->z, S, n, ws->z, p_kept ? p_kept + (r * T + t0) * S : NULL);
-        sweep(NB, 1, ws, V, n, d, rows_per_group); /* the value writes and the reads */
+        sweep(NB, 0, 1, ws, V, ws->v, NULL, NULL, ws->z, ws->o, n, d, rows_per_group); /* the value writes, the reads */
         store_reads(ws, r, t0, n, heads, T, d, bf16, opt, reads_kept, rstd_kept, out, so, span);
     }
     state_to_slots(K, S, d, K_final + r * dS);
     state_to_slots(V, S, d, V_final + r * dS);
 }
 
-/* Through a write M_t = alpha M_{t-1} + w x^T with the gradient dM of M_t carried in, at one token
-   and row j of the group: g = dM_t (plus what the read adds), dx_j = g . w,
-   d log alpha += g . (M_t - x_j) (= alpha g . (M_{t-1} - x_j), as w = 1 - alpha: no M_{t-1}
-   needed), and dM_{t-1} = alpha g. */
+/* The backward, span by span in reverse, with the gradients G_t of the states carried back through
+   the writes M_t = alpha M_{t-1} + w x^T: G_t = alpha_{t+1} G_{t+1} + E_t, where E_t is what token t's
+   read adds (p_t do_t^T for V, dz_t q_t^T for K), dx_t = G_t^T w_t and dM_{t-1} = alpha_t G_t.
+   The gate's gradient d log alpha_t = sum_j G_t (M_t - x_t) (per slot, both matrices) needs the
+   states with the gradients; as Z_t - R_t, with R_t = sum_j G_t x_t^T (swept with the gradients) and
+   Z_t = sum_j G_t M_t, which obeys Z_{t-1} = Z_t - w_t R_t + F_{t-1}, F_t = sum_j E_t M_t = p_t dp_t
+   + dz_t z_t (from a_t M_{t-1} = M_t - w_t x_t^T), it needs them only where the reads meet them.
+   Per span: two passes forward from the span's checkpoint, the state updated in place in the L1
+   cache (no per-token states stored), give dp_t = V_t do_t, then dz_t (the softmax's backward), and
+   dq_t = K_t^T dz_t with the scores z_t = K_t q_t; the reverse sweep carries G, gives dv, dk and R;
+   Z starts at the span's end from sum_j G M (the state the passes leave) and runs back with R. */
 static inline __attribute__((always_inline)) void backward_row(
         const int NB, int64_t r, int64_t heads, int64_t T, int64_t d, int64_t span, int64_t rows_per_group,
         int bf16, const void *q, const Strides *sq, const void *k, const Strides *sk, const void *v,
@@ -576,80 +547,77 @@ static inline __attribute__((always_inline)) void backward_row(
     slots_to_state(dV_final + r * dS, d, S, d, dV);
     for (int64_t c = spans - 1; c >= 0; c--) {
         const int64_t t0 = c * span, n = t0 + span < T ? span : T - t0;
-        const float *checkpoint = checkpoints + (r * spans + c) * 2 * dS;
+        const float *checkpoint = checkpoints + (r * spans + c) * 2 * dS, *p = p_kept + (r * T + t0) * S;
         load_span(NB, ws, r, t0, n, heads, T, d, bf16, gate, sg, opt, q, sq, k, sk, v, sv, 1, -span);
         const int norm = opt->norm_weight != NULL;
         load_read_grads(ws, r, t0, n, heads, T, d, bf16, opt, norm ? reads_kept + (r * T + t0) * d : NULL, d,
                         norm ? rstd_kept + r * T + t0 : NULL, d_out, sdo, d_norm_weight, -span);
-        float *dp = ws->z; /* (n, S): the read's gradient of p, then of the scores */
-        memset(dp, 0, sizeof(float) * n * S);
-        memset(ws->dalpha, 0, sizeof(float) * n * S);
-        /* o = V_t^T p: dp = V_t do, dV_t += p do^T; then through the value write */
-        for (int64_t j0 = 0; j0 < d; j0 += rows_per_group) {
-            const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d, rows = j1 - j0;
-            group_states(NB, ws, checkpoint + dS, j0, j1, n, d, ws->v);
-            for (int64_t i = n - 1; i >= 0; i--) {
-                const float *Vt = ws->states + i * rows * S, *p = p_kept + (r * T + t0 + i) * S;
-                const float *doi = ws->o + i * d, *vi = ws->v + i * d;
-                v16 a[MAX_BLOCKS], w[MAX_BLOCKS], pb[MAX_BLOCKS], dpb[MAX_BLOCKS], da[MAX_BLOCKS];
-                load_token(NB, ws, i, ws->dalpha, a, w, da);
-                load_slots(NB, p, pb);
-                load_slots(NB, dp + i * S, dpb);
-                for (int64_t j = j0; j < j1; j++) {
-                    const float doj = doi[j], vj = vi[j];
-                    v16 acc = a[0] * 0.0f;
-                    for (int b = 0; b < NB; b++) {
-                        const v16 Vjb = LOAD(Vt + (j - j0) * S + b * 16);
-                        float *grad = dV + j * S + b * 16;
-                        dpb[b] += Vjb * doj;
-                        const v16 g = LOAD(grad) + pb[b] * doj;
-                        acc += w[b] * g;
-                        da[b] += g * (Vjb - vj);
-                        STORE(grad, a[b] * g);
-                    }
-                    ws->dv[i * d + j] = hsum(acc);
-                }
-                for (int b = 0; b < NB; b++) {
-                    STORE(dp + i * S + b * 16, dpb[b]);
-                    STORE(ws->dalpha + i * S + b * 16, da[b]);
-                }
+        /* forward: V_t in place, dp_t = V_t do_t (into ws->z) */
+        memcpy(ws->Vs, checkpoint + dS, sizeof(float) * dS);
+        memset(ws->z, 0, sizeof(float) * n * S);
+        sweep(NB, 1, 0, ws, ws->Vs, ws->v, ws->o, ws->z, NULL, NULL, n, d, rows_per_group);
+        for (int64_t i = 0; i < n; i++) { /* F_t = p dp; the softmax's backward dz = p (dp - p . dp), into ws->z */
+            v16 lanes = LOAD(p) * 0.0f;
+            for (int b = 0; b < NB; b++) lanes += LOAD(p + i * S + b * 16) * LOAD(ws->z + i * S + b * 16);
+            const float pdp = hsum(lanes);
+            for (int b = 0; b < NB; b++) {
+                const v16 pb = LOAD(p + i * S + b * 16), dpb = LOAD(ws->z + i * S + b * 16);
+                STORE(ws->f + i * S + b * 16, pb * dpb);
+                STORE(ws->z + i * S + b * 16, pb * (dpb - pdp));
             }
         }
-        for (int64_t i = 0; i < n; i++) { /* the softmax's backward: dz = p (dp - p . dp), into dp */
-            const float *p = p_kept + (r * T + t0 + i) * S;
-            v16 lanes = LOAD(p) * 0.0f;
-            for (int b = 0; b < NB; b++) lanes += LOAD(p + b * 16) * LOAD(dp + i * S + b * 16);
-            const float pdp = hsum(lanes);
-            for (int b = 0; b < NB; b++)
-                STORE(dp + i * S + b * 16, LOAD(p + b * 16) * (LOAD(dp + i * S + b * 16) - pdp));
-        }
-        /* z = K_t q: dq = K_t^T dz, dK_t += dz q^T; then through the key write */
+        /* forward: K_t in place, the scores z_t = K_t q_t (into ws->scores) and dq_t = K_t^T dz_t */
+        memcpy(ws->Ks, checkpoint, sizeof(float) * dS);
+        memset(ws->scores, 0, sizeof(float) * n * S);
+        sweep(NB, 1, 1, ws, ws->Ks, ws->k, ws->q, ws->scores, ws->z, ws->dq, n, d, rows_per_group);
+        /* Z at the span's last token: sum_j G M with the gradients carried in and the states the passes left */
+        v16 Z[MAX_BLOCKS];
+        for (int b = 0; b < NB; b++) Z[b] = LOAD(p) * 0.0f;
+        for (int64_t j = 0; j < d; j++)
+            for (int b = 0; b < NB; b++) {
+                const int64_t at = j * S + b * 16;
+                Z[b] += LOAD(dK + at) * LOAD(ws->Ks + at) + LOAD(dV + at) * LOAD(ws->Vs + at);
+            }
+        /* reverse: the carried gradients, dv, dk, and R_t (into ws->dalpha) */
+        memset(ws->dalpha, 0, sizeof(float) * n * S);
         for (int64_t j0 = 0; j0 < d; j0 += rows_per_group) {
-            const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d, rows = j1 - j0;
-            group_states(NB, ws, checkpoint, j0, j1, n, d, ws->k);
+            const int64_t j1 = j0 + rows_per_group < d ? j0 + rows_per_group : d;
             for (int64_t i = n - 1; i >= 0; i--) {
-                const float *Kt = ws->states + i * rows * S, *qi = ws->q + i * d, *ki = ws->k + i * d;
-                v16 a[MAX_BLOCKS], w[MAX_BLOCKS], dz[MAX_BLOCKS], da[MAX_BLOCKS];
-                load_token(NB, ws, i, ws->dalpha, a, w, da);
-                load_slots(NB, dp + i * S, dz);
+                const float *doi = ws->o + i * d, *vi = ws->v + i * d, *qi = ws->q + i * d, *ki = ws->k + i * d;
+                v16 a[MAX_BLOCKS], w[MAX_BLOCKS], pb[MAX_BLOCKS], dz[MAX_BLOCKS], R[MAX_BLOCKS];
+                load_slots(NB, ws->a + i * S, a);
+                load_slots(NB, ws->w + i * S, w);
+                load_slots(NB, p + i * S, pb);
+                load_slots(NB, ws->z + i * S, dz);
+                load_slots(NB, ws->dalpha + i * S, R);
                 for (int64_t j = j0; j < j1; j++) {
-                    const float qj = qi[j], kj = ki[j];
-                    v16 acc_q = a[0] * 0.0f, acc_k = acc_q;
+                    const float doj = doi[j], vj = vi[j], qj = qi[j], kj = ki[j];
+                    v16 acc_v = a[0] * 0.0f, acc_k = acc_v;
                     for (int b = 0; b < NB; b++) {
-                        const v16 Kjb = LOAD(Kt + (j - j0) * S + b * 16);
-                        float *grad = dK + j * S + b * 16;
-                        acc_q += dz[b] * Kjb;
-                        const v16 g = LOAD(grad) + dz[b] * qj;
-                        acc_k += w[b] * g;
-                        da[b] += g * (Kjb - kj);
-                        STORE(grad, a[b] * g);
+                        float *gv = dV + j * S + b * 16, *gk = dK + j * S + b * 16;
+                        const v16 g_v = LOAD(gv) + pb[b] * doj, g_k = LOAD(gk) + dz[b] * qj;
+                        acc_v += w[b] * g_v;
+                        acc_k += w[b] * g_k;
+                        R[b] += g_v * vj + g_k * kj;
+                        STORE(gv, a[b] * g_v);
+                        STORE(gk, a[b] * g_k);
                     }
-                    ws->dq[i * d + j] = hsum(acc_q);
+                    ws->dv[i * d + j] = hsum(acc_v);
                     ws->dk[i * d + j] = hsum(acc_k);
                 }
-                for (int b = 0; b < NB; b++) STORE(ws->dalpha + i * S + b * 16, da[b]);
+                for (int b = 0; b < NB; b++) STORE(ws->dalpha + i * S + b * 16, R[b]);
             }
         }
+        /* d log alpha_t = Z_t - R_t, Z_{t-1} = Z_t - w_t R_t + F_{t-1}, in place of R */
+        v16 R_next[MAX_BLOCKS] = {0};
+        for (int64_t i = n - 1; i >= 0; i--)
+            for (int b = 0; b < NB; b++) {
+                const int64_t at = i * S + b * 16;
+                if (i < n - 1) Z[b] -= LOAD(ws->w + at + S) * R_next[b];
+                Z[b] += LOAD(ws->f + at) + LOAD(ws->z + at) * LOAD(ws->scores + at);
+                R_next[b] = LOAD(ws->dalpha + at);
+                STORE(ws->dalpha + at, Z[b] - R_next[b]);
+            }
         store_grads(NB, ws, r, t0, n, heads, T, d, bf16, opt, gate, sg, dq, sdq, dk, sdk, dv, sdv, d_gate, sdg, -span);
     }
     state_to_slots(dK, S, d, dK0 + r * dS);
@@ -664,9 +632,8 @@ static inline __attribute__((always_inline)) void backward_row(
 #ifndef GROUP_ROWS
 #define GROUP_ROWS 32
 #endif
-/* Rows of a group: GROUP_ROWS (the group's slice of the state, and of its gradient, stays in
-   the L1 cache while the span's tokens pass; the backward's states of a group, a span of them,
-   in L2) */
+/* Rows of a group: GROUP_ROWS (the group's slice of the state, or in the backward's reverse
+   sweep of both states' gradients, stays in the L1 cache while the span's tokens pass) */
 static int64_t group_rows(int64_t span, int64_t d, int64_t S) {
     (void)span, (void)S;
     return GROUP_ROWS < d ? GROUP_ROWS : d;
@@ -682,8 +649,8 @@ static int64_t group_rows(int64_t span, int64_t d, int64_t S) {
     _Pragma("omp parallel num_threads(threads)") {                                                     \
         FLUSH_DENORMALS                                                                                \
         const int thread = omp_get_thread_num();                                                       \
-        float *buf = aligned_alloc(64, sizeof(float) * ((workspace_floats(span, d, S, per_group) + 15) / 16 * 16)); \
-        const Workspace ws = workspace(buf, span, d, S, per_group);                                    \
+        float *buf = aligned_alloc(64, sizeof(float) * ((workspace_floats(span, d, S) + 15) / 16 * 16)); \
+        const Workspace ws = workspace(buf, span, d, S);                                    \
         (void)thread;                                                                                  \
         _Pragma("omp for schedule(static)")                                                            \
         for (int64_t r = 0; r < rows; r++) BY_BLOCKS(NB, CALL)                                         \
@@ -1336,11 +1303,11 @@ static inline __attribute__((always_inline)) void backward_row_tiles(
         FLUSH_DENORMALS                                                                                \
         configure_tiles();                                                                             \
         const int thread = omp_get_thread_num();                                                       \
-        float *buf = aligned_alloc(64, sizeof(float) * ((workspace_floats(span, d, S, 1) + 15) / 16 * 16)); \
+        float *buf = aligned_alloc(64, sizeof(float) * ((workspace_floats(span, d, S) + 15) / 16 * 16)); \
         float *floats = aligned_alloc(64, sizeof(float) * chunk_floats(L));                            \
         uint16_t *halves = aligned_alloc(64, sizeof(uint16_t) * chunk_halves());                       \
         memset(floats, 0, sizeof(float) * chunk_floats(L));                                            \
-        const Workspace ws = workspace(buf, span, d, S, 1);                                            \
+        const Workspace ws = workspace(buf, span, d, S);                                            \
         const Chunk chunk = chunk_work(floats, halves, L);                                             \
         (void)thread;                                                                                  \
         _Pragma("omp for schedule(static)")                                                            \
