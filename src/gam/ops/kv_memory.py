@@ -586,8 +586,9 @@ def fused_applies(q: torch.Tensor, slots: int) -> bool:
 FUSED_SPAN = 32
 TILES_MAX_DIM = 128  # the tiles' form holds d and S padded to at most this
 # Below this head width the recurrence is faster: forward + backward, bf16, 2 threads, Xeon host, the
-# tiles' time against the recurrence's 1.31x faster at d = 64, 1.11x at 48, 1.00x at 32, 0.83x at 24
-# (64 slots; at d = 64, 1.22x with 32 slots and 1.42x with 128; d = 128 1.58x; ad hoc, one run, quiet)
+# tiles 1.14x faster than the recurrence at d = 64, 1.09x at 48, 0.97x at 32 (64 slots, 64 x 256 tokens,
+# benchmarks/bench_kv_memory.py, one run each, ad hoc, git a30b131: the recurrence's backward without
+# stored states; before it, 1.31x, 1.11x, 1.00x and 0.83x at 24)
 TILES_MIN_DIM = 48
 
 
